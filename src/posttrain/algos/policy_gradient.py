@@ -1,0 +1,115 @@
+"""The policy objective of every online method: policy loss + KL loss − entropy bonus.
+
+One function, `policy_objective`, turns one micro-batch into a scalar loss and detached
+metrics by calling `core/`: the policy loss is looked up in `POLICY_LOSSES` (PG, PPO,
+GSPO, CISPO, Kimi), the KL-as-loss estimator in `KL_ESTIMATORS` (k1, k2, k3, k3_is), and
+everything is reduced with one `aggregate(mode)` whose global counts make gradient
+accumulation exact (the sum over micro-batches of this loss equals the loss of the whole
+minibatch).
+
+Objective (to minimise), per token t of sequence b, with m = mask and w the optional
+train/inference importance weight (TIS, Yao et al. 2025):
+
+    L = agg( w · ℓ_policy(logπ, logπ_old, A) + β_kl · k(logπ, logπ_ref) − c_ent · H )
+
+where ℓ_policy is the chosen registry loss (e.g. PPO: −min(r·A, clip(r, 1−ε_low,
+1+ε_high)·A)). Deviation from the GRPO paper (Shao et al. 2024, eq. 3): the KL term is
+aggregated with the same mode as the policy term instead of always per-sequence.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from posttrain.core.kl import KL_ESTIMATORS
+from posttrain.core.masking import aggregate, masked_mean
+from posttrain.core.policy_losses import POLICY_LOSSES
+
+
+def call_with_supported(fn: Callable, *args: Any, **options: Any) -> Any:
+    """Call `fn(*args, **options)` passing only the keyword options `fn` declares.
+
+    The loop offers every option a piece might want (clip bounds, reference log-probs,
+    scores, β) and each registry function takes the ones it documents — so the loop never
+    special-cases a piece's name (DESIGN.md §4). `None` options are dropped so the
+    function's own default applies.
+    """
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kept = {k: v for k, v in options.items() if v is not None}
+    else:
+        kept = {k: v for k, v in options.items() if k in params and v is not None}
+    return fn(*args, **kept)
+
+
+def policy_objective(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    policy_loss: str,
+    loss_options: dict[str, Any],
+    aggregation: str,
+    num_tokens: float,
+    num_seqs: float,
+    max_len: int,
+    is_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_estimator: str | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Policy loss + KL loss − entropy bonus for one micro-batch, aggregated.
+
+    Args:
+        logprobs: [B, T] log π_θ of the sampled tokens, with grad.
+        old_logprobs: [B, T] log π_old (the policy that produced the batch, no grad).
+        advantages: [B, T] per-token advantages (already filtered and masked).
+        mask: [B, T] 1 where a response token counts.
+        policy_loss: name in POLICY_LOSSES.
+        loss_options: keyword options offered to the policy loss (clip bounds, β, scores,
+            ref_logprobs…); each loss takes the ones it declares.
+        aggregation: name in AGGREGATIONS.
+        num_tokens / num_seqs / max_len: GLOBAL counts of the whole optimiser step (all
+            micro-batches), so that summing this over micro-batches is exact.
+        is_weights: [B, T] optional stop-gradient truncated IS weights π_old/μ (TIS).
+        entropy: [B, T] per-token entropy of π_θ (with grad when entropy_coef > 0).
+        entropy_coef: weight of the entropy bonus (subtracted from the loss).
+        ref_logprobs: [B, T] log π_ref; required when kl_coef > 0.
+        kl_estimator: name in KL_ESTIMATORS for the KL-as-loss term.
+        kl_coef: β of the KL loss (0 disables it and its reference forward).
+
+    Returns:
+        (loss scalar with grad, metrics: detached scalar tensors — "policy/loss",
+        "kl/loss", "policy/entropy" plus the policy loss's own metrics).
+    """
+    counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
+    per_token, metrics = call_with_supported(
+        POLICY_LOSSES[policy_loss], logprobs, old_logprobs, advantages, mask, **loss_options
+    )
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
+    pg_loss = aggregate(per_token, mask, aggregation, **counts)
+    loss = pg_loss
+    metrics = {k: v.detach() for k, v in metrics.items()}
+    metrics["policy/loss"] = pg_loss.detach()
+
+    if kl_coef > 0.0:
+        if ref_logprobs is None or kl_estimator is None:
+            raise ValueError("policy_objective: kl_coef > 0 needs ref_logprobs and kl_estimator")
+        kl = KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs, old_logprobs=old_logprobs)  # [B, T]
+        kl_loss = aggregate(kl, mask, aggregation, **counts)
+        loss = loss + kl_coef * kl_loss
+        metrics["kl/loss"] = kl_loss.detach()
+
+    if entropy is not None:
+        metrics["policy/entropy"] = masked_mean(entropy.detach(), mask)
+        if entropy_coef > 0.0:
+            loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, **counts)
+    return loss, metrics

@@ -1,0 +1,243 @@
+"""Named online-RL methods as settings of the one RL loop (DESIGN.md §2).
+
+A method is not code: it is a choice of pieces — which advantage estimator, which policy
+loss, where the KL goes, which aggregation, whether a critic or a teacher exists, which
+filters run. `RLConfig.algo.method = "grpo"` fills every piece the user left unset
+(`None`) from `METHODS["grpo"]`; any explicit `algo.<piece>` override wins. Pieces no
+preset sets come from `PIECE_DEFAULTS`.
+
+Sources for each preset (the seeds in /work/shared/seeds cite the equations):
+  reinforce            Williams 1992; baseline = running mean of past scores.
+  rloo                 Ahmadian et al. 2024 (leave-one-out baseline, KL in the reward).
+  reinforce_pp         Hu 2025, REINFORCE++ (batch-normalised returns, PPO clip, k1 KL in reward).
+  reinforce_pp_baseline REINFORCE++-baseline (group mean, batch std, k3 KL as a loss).
+  a2c                  Mnih et al. 2016 synchronous actor-critic: GAE advantages, one update.
+  ppo                  Schulman et al. 2017 / Ouyang et al. 2022: critic + GAE, clipped ratio,
+                       value clipping, entropy bonus, epochs × minibatches, k1 KL in the reward.
+  grpo                 Shao et al. 2024 (DeepSeekMath): group z-score, PPO clip, k3 KL as a
+                       loss, per-sequence token mean.
+  dr_grpo              Liu et al. 2025 (Dr. GRPO): no std scaling, constant length normaliser.
+  dapo                 Yu et al. 2025: clip-higher (0.2/0.28), dynamic sampling, token-level
+                       mean, overlong masking, no KL.
+  gspo                 Zheng et al. 2025: sequence-level, length-normalised ratio clip.
+  cispo                MiniMax-M1 2025: clipped, stop-gradient IS weight times log-prob.
+  kimi                 Kimi k1.5 2025: squared loss to the reward-implied log-ratio, group mean
+                       baseline, length reward enabled late (via `rewards[].start_step`).
+  on_policy_distill    Agarwal et al. 2024 / Thinking Machines 2025: the student samples, the
+                       teacher scores every token; −(log π − log π_teacher) is the dense reward.
+  kdrl                 Xu et al. 2025 (KDRL): GRPO − β·k2(π ‖ π_teacher), β annealed, KD only on
+                       low-reward samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.core.registry import Registry
+
+# Every piece of the loop with the value used when neither the preset nor the user sets it.
+PIECE_DEFAULTS: dict[str, Any] = {
+    "advantage": "grpo",
+    "advantage_options": {},
+    "policy_loss": "ppo",
+    "policy_loss_options": {},
+    "clip_eps_low": 0.2,
+    "clip_eps_high": 0.2,
+    "dual_clip": None,
+    "aggregation": "token-mean",
+    "kl_placement": "none",  # "none" | "reward" | "loss"
+    "kl_estimator": "k3",
+    "kl_coef": 0.0,
+    "kl_target": None,  # adaptive controller target KL; None = fixed coefficient
+    "kl_horizon": 10000,
+    "entropy_coef": 0.0,
+    "update_epochs": 1,
+    "num_minibatches": 1,
+    "critic": False,
+    "value_coef": 0.5,
+    "value_clip": None,
+    "gamma": 1.0,
+    "lam": 0.95,
+    "baseline_momentum": 0.9,
+    "dynamic_sampling": False,
+    "max_gen_rounds": 3,
+    "overlong": "none",  # "none" | "mask" (drop truncated samples from the loss)
+    "teacher_mode": "none",  # "none" | "reward" (on-policy distillation) | "loss" (KDRL)
+    "teacher_reward_weight": 1.0,
+    "kd_coef_start": 0.0,
+    "kd_coef_end": 0.0,
+    "kd_anneal_steps": 0,
+    "kd_anneal": "linear",
+    "kd_reward_threshold": 0.5,
+    "tis_cap": None,
+    "tis_level": "token",
+    "off_policy_kl_threshold": None,
+    "keep_sampling_mask": False,
+}
+
+
+METHODS: Registry = Registry("RL method")
+
+
+def _preset(name: str, settings: dict[str, Any]) -> None:
+    unknown = set(settings) - set(PIECE_DEFAULTS)
+    if unknown:  # a typo here would silently fall back to a default
+        raise ValueError(f"preset {name!r} sets unknown pieces {sorted(unknown)}")
+    METHODS.register(name)(lambda: dict(settings))
+
+
+_preset("reinforce", {"advantage": "reinforce", "policy_loss": "pg", "aggregation": "token-mean"})
+_preset(
+    "rloo",
+    {
+        "advantage": "rloo",
+        "policy_loss": "pg",
+        "kl_placement": "reward",
+        "kl_estimator": "k1",
+        "kl_coef": 0.01,
+    },
+)
+_preset(
+    "reinforce_pp",
+    {
+        "advantage": "reinforce_pp",
+        "policy_loss": "ppo",
+        "kl_placement": "reward",
+        "kl_estimator": "k1",
+        "kl_coef": 0.01,
+    },
+)
+_preset(
+    "reinforce_pp_baseline",
+    {
+        "advantage": "reinforce_pp_baseline",
+        "policy_loss": "ppo",
+        "kl_placement": "loss",
+        "kl_estimator": "k3",
+        "kl_coef": 0.01,
+    },
+)
+_preset("a2c", {"advantage": "gae", "policy_loss": "pg", "critic": True, "gamma": 1.0, "lam": 1.0})
+_preset(
+    "ppo",
+    {
+        "advantage": "gae",
+        "policy_loss": "ppo",
+        "critic": True,
+        "value_clip": 0.2,
+        "entropy_coef": 0.01,
+        "update_epochs": 2,
+        "num_minibatches": 2,
+        "kl_placement": "reward",
+        "kl_estimator": "k1",
+        "kl_coef": 0.02,
+        "lam": 0.95,
+    },
+)
+_preset(
+    "grpo",
+    {
+        "advantage": "grpo",
+        "advantage_options": {"scale": "group"},
+        "policy_loss": "ppo",
+        "aggregation": "seq-mean-token-mean",
+        "kl_placement": "loss",
+        "kl_estimator": "k3",
+        "kl_coef": 0.01,
+    },
+)
+_preset("dr_grpo", {"advantage": "dr_grpo", "policy_loss": "ppo", "aggregation": "seq-mean-token-sum-norm"})
+_preset(
+    "dapo",
+    {
+        "advantage": "grpo",
+        "advantage_options": {"scale": "group"},
+        "policy_loss": "ppo",
+        "clip_eps_low": 0.2,
+        "clip_eps_high": 0.28,
+        "aggregation": "token-mean",
+        "dynamic_sampling": True,
+        "overlong": "mask",
+    },
+)
+_preset(
+    "gspo",
+    {
+        "advantage": "grpo",
+        "advantage_options": {"scale": "group"},
+        "policy_loss": "gspo",
+        "clip_eps_low": 3e-4,
+        "clip_eps_high": 4e-4,
+        "aggregation": "seq-mean-token-mean",
+    },
+)
+_preset(
+    "cispo",
+    {
+        "advantage": "grpo",
+        "advantage_options": {"scale": "group"},
+        "policy_loss": "cispo",
+        "clip_eps_low": 1.0,  # MiniMax-M1 leaves the lower bound open in practice
+        "clip_eps_high": 4.0,
+        "aggregation": "token-mean",
+    },
+)
+_preset(
+    "kimi",
+    {
+        "advantage": "kimi",
+        "policy_loss": "kimi",
+        "policy_loss_options": {"beta": 1.0},
+        "aggregation": "seq-mean-token-sum",
+    },
+)
+_preset(
+    "on_policy_distill",
+    {
+        "advantage": "reinforce",
+        "advantage_options": {"per_token": True},
+        "policy_loss": "pg",
+        "aggregation": "token-mean",
+        "teacher_mode": "reward",
+    },
+)
+_preset(
+    "kdrl",
+    {
+        "advantage": "grpo",
+        "advantage_options": {"scale": "group"},
+        "policy_loss": "ppo",
+        "aggregation": "token-mean",
+        "teacher_mode": "loss",
+        "kd_coef_start": 0.1,
+        "kd_coef_end": 0.01,
+        "kd_anneal_steps": 100,
+        "kd_anneal": "cosine",
+        "kd_reward_threshold": 0.5,
+    },
+)
+
+
+def resolve_pieces(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge piece settings: explicit override (not None) > method preset > PIECE_DEFAULTS.
+
+    Args:
+        method: a name in METHODS (unknown names raise ConfigError with suggestions).
+        overrides: piece -> value from `RLConfig.algo`; None means "not set by the user".
+            Dict-valued pieces (`advantage_options`, `policy_loss_options`) are merged
+            key by key over the preset's, so setting one option keeps the others.
+
+    Returns:
+        piece -> value for every key of PIECE_DEFAULTS.
+    """
+    preset = METHODS[method]()
+    out: dict[str, Any] = {}
+    for piece, default in PIECE_DEFAULTS.items():
+        value = preset.get(piece, default)
+        given = overrides.get(piece)
+        if isinstance(default, dict):
+            value = {**value, **(given or {})}
+        elif given is not None:
+            value = given
+        out[piece] = value
+    return out

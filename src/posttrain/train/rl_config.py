@@ -1,0 +1,367 @@
+"""`posttrain rl` configuration: one dataclass, every field documented, validated up front.
+
+`RLConfig.algo.method` picks a named preset (posttrain.algos.presets.METHODS); every
+`algo.<piece>` left at null takes the preset's value, and any piece set explicitly wins.
+`validate(cfg)` turns every bad combination into a one-line ConfigError before any model
+is built (unknown method/piece names with suggestions, PPO without a critic, GRPO with
+G < 2, batch sizes that do not divide, an unknown KL estimator, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from posttrain.algos.presets import PIECE_DEFAULTS, resolve_pieces
+from posttrain.errors import ConfigError
+from posttrain.train.config import ModelSection, OptimSection, RunSection
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class RLDataSection:
+    """Where prompts come from: a synthetic task or a prompt-only dataset file."""
+
+    task: str | None = field(
+        default="arithmetic",
+        metadata=_h(
+            "Synthetic task name (arithmetic | countdown | sorting | word_problems); ignored when `path` is set."
+        ),
+    )
+    task_options: dict[str, Any] = field(
+        default_factory=dict, metadata=_h("Keyword options passed to get_task(name, **options).")
+    )
+    difficulty: int | None = field(
+        default=None, metadata=_h("Task difficulty level; null = the task's mix of levels.")
+    )
+    n_train: int = field(default=1000, metadata=_h("Number of training prompts generated from the task."))
+    n_test: int = field(
+        default=100, metadata=_h("Number of held-out prompts (task test split) for evaluation.")
+    )
+    path: str | None = field(
+        default=None,
+        metadata=_h(
+            "Prompt-only dataset (JSONL / Parquet / CSV / HF dir) with an `answer` column; extra columns go to rewards."
+        ),
+    )
+    test_path: str | None = field(
+        default=None, metadata=_h("Held-out prompt file for evaluation when `path` is used.")
+    )
+    prompt_column: str = field(default="prompt", metadata=_h("Column holding the prompt text."))
+    max_prompt_tokens: int = field(
+        default=256, metadata=_h("Longest prompt allowed after the chat template.")
+    )
+    long_prompts: Literal["error", "skip"] = field(
+        default="error", metadata=_h("What to do with prompts over max_prompt_tokens.")
+    )
+    chat_template: bool = field(
+        default=True, metadata=_h("Apply the tokenizer's chat template to each prompt.")
+    )
+    enable_thinking: bool = field(
+        default=True,
+        metadata=_h("Thinking mode of the chat template (false inserts an empty <think></think>)."),
+    )
+    selection: Literal["shuffle", "curriculum", "success_rate"] = field(
+        default="shuffle",
+        metadata=_h("Prompt order: shuffled epochs, easy->hard curriculum, or Kimi success-rate sampling."),
+    )
+
+
+@dataclass
+class RolloutSection:
+    """How responses are sampled."""
+
+    engine: str = field(
+        default="native", metadata=_h("Rollout engine: native (shares the policy module) | hf | vllm.")
+    )
+    prompts_per_step: int = field(
+        default=8, metadata=_h("Prompts per RL step; the batch is prompts_per_step x group_size sequences.")
+    )
+    group_size: int = field(default=4, metadata=_h("G: samples per prompt."))
+    temperature: float = field(
+        default=1.0, metadata=_h("Sampling temperature (also used by the training log-prob forward).")
+    )
+    top_p: float = field(default=1.0, metadata=_h("Nucleus sampling; 1.0 disables."))
+    top_k: int = field(default=0, metadata=_h("Top-k sampling; 0 disables."))
+    max_new_tokens: int = field(default=64, metadata=_h("Response length budget (the overlong threshold)."))
+    stop_strings: list[str] = field(default_factory=list, metadata=_h("Decoded strings that end a response."))
+    repetition_ngram: int = field(
+        default=0, metadata=_h("Kimi early stop: n-gram size for repetition detection; 0 disables.")
+    )
+
+
+@dataclass
+class AlgoSection:
+    """The method preset and its pieces; null pieces take the preset's value."""
+
+    method: str = field(
+        default="grpo",
+        metadata=_h(
+            "Named preset: reinforce | rloo | reinforce_pp | reinforce_pp_baseline | a2c | ppo | grpo | dr_grpo | dapo | gspo | cispo | kimi | on_policy_distill | kdrl."
+        ),
+    )
+    advantage: str | None = field(
+        default=None,
+        metadata=_h(
+            "Advantage estimator (core ADVANTAGES): gae | grpo | dr_grpo | rloo | reinforce | reinforce_pp | reinforce_pp_baseline | kimi."
+        ),
+    )
+    advantage_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_h("Extra estimator options (e.g. scale, std_eps), merged over the preset's."),
+    )
+    policy_loss: str | None = field(
+        default=None, metadata=_h("Policy loss (core POLICY_LOSSES): pg | ppo | gspo | cispo | kimi.")
+    )
+    policy_loss_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_h("Extra policy-loss options (e.g. beta for kimi), merged over the preset's."),
+    )
+    clip_eps_low: float | None = field(default=None, metadata=_h("Lower ratio clip epsilon."))
+    clip_eps_high: float | None = field(
+        default=None, metadata=_h("Upper ratio clip epsilon (DAPO clip-higher: 0.28).")
+    )
+    dual_clip: float | None = field(
+        default=None, metadata=_h("Dual-clip constant c > 1 for negative advantages; null disables.")
+    )
+    aggregation: str | None = field(
+        default=None,
+        metadata=_h(
+            "Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."
+        ),
+    )
+    kl_placement: Literal["none", "reward", "loss"] | None = field(
+        default=None,
+        metadata=_h("Where the KL to the reference goes: none, in the reward (k1 per token) or as a loss."),
+    )
+    kl_estimator: str | None = field(default=None, metadata=_h("KL-as-loss estimator: k1 | k2 | k3 | k3_is."))
+    kl_coef: float | None = field(
+        default=None, metadata=_h("KL coefficient beta (initial value when adaptive).")
+    )
+    kl_target: float | None = field(
+        default=None, metadata=_h("Adaptive KL controller target; null = fixed coefficient.")
+    )
+    kl_horizon: int | None = field(
+        default=None, metadata=_h("Adaptive KL controller horizon (Ziegler et al. 2019).")
+    )
+    entropy_coef: float | None = field(default=None, metadata=_h("Entropy bonus weight."))
+    update_epochs: int | None = field(
+        default=None, metadata=_h("Passes over each rollout batch (PPO epochs).")
+    )
+    num_minibatches: int | None = field(
+        default=None, metadata=_h("Optimizer steps per epoch; the batch is split into this many minibatches.")
+    )
+    micro_batch_size: int = field(
+        default=0, metadata=_h("Sequences per forward/backward (gradient accumulation); 0 = whole minibatch.")
+    )
+    critic: bool | None = field(
+        default=None, metadata=_h("Train a value model (required by the gae estimator).")
+    )
+    value_coef: float | None = field(default=None, metadata=_h("Weight of the value loss."))
+    value_clip: float | None = field(default=None, metadata=_h("Value clipping range; null disables."))
+    gamma: float | None = field(default=None, metadata=_h("Discount for GAE / token-level returns."))
+    lam: float | None = field(default=None, metadata=_h("GAE lambda."))
+    baseline_momentum: float | None = field(
+        default=None, metadata=_h("REINFORCE running-mean baseline momentum (EMA).")
+    )
+    dynamic_sampling: bool | None = field(
+        default=None,
+        metadata=_h("DAPO: drop zero-variance groups and keep generating until the batch is full."),
+    )
+    max_gen_rounds: int | None = field(
+        default=None, metadata=_h("Extra generation rounds allowed to refill a dynamic-sampling batch.")
+    )
+    overlong: Literal["none", "mask"] | None = field(
+        default=None,
+        metadata=_h(
+            "Overlong responses (hit max_new_tokens): none, or mask them out of the loss (DAPO). For soft shaping add the dapo_overlong reward."
+        ),
+    )
+    teacher_mode: Literal["none", "reward", "loss"] | None = field(
+        default=None,
+        metadata=_h("Teacher use: none, dense reverse-KL reward (on-policy distillation), or KDRL k2 loss."),
+    )
+    teacher_reward_weight: float | None = field(
+        default=None, metadata=_h("Scale of the dense distillation reward.")
+    )
+    kd_coef_start: float | None = field(default=None, metadata=_h("KDRL beta at step 0."))
+    kd_coef_end: float | None = field(default=None, metadata=_h("KDRL beta after kd_anneal_steps."))
+    kd_anneal_steps: int | None = field(default=None, metadata=_h("KDRL annealing length in steps."))
+    kd_anneal: Literal["linear", "cosine"] | None = field(default=None, metadata=_h("KDRL annealing shape."))
+    kd_reward_threshold: float | None = field(
+        default=None, metadata=_h("KDRL: KD only on samples whose reward is below this.")
+    )
+    tis_cap: float | None = field(
+        default=None,
+        metadata=_h("Truncated importance sampling cap for sampler/trainer mismatch; null disables."),
+    )
+    tis_level: Literal["token", "sequence"] | None = field(
+        default=None, metadata=_h("TIS weights per token or per sequence.")
+    )
+    off_policy_kl_threshold: float | None = field(
+        default=None, metadata=_h("DeepSeek-V3.2 off-policy sequence masking threshold; null disables.")
+    )
+    keep_sampling_mask: bool | None = field(
+        default=None, metadata=_h("Train over the sampler's kept top-p/top-k support (DeepSeek-V3.2).")
+    )
+
+    def pieces(self) -> dict[str, Any]:
+        """The resolved piece settings (user override > preset > default)."""
+        return resolve_pieces(self.method, {k: getattr(self, k) for k in PIECE_DEFAULTS})
+
+
+@dataclass
+class RewardSpec:
+    """One reward function of the weighted sum."""
+
+    name: str = field(
+        default="task",
+        metadata=_h("Reward name in REWARDS (task, accuracy, format, kimi_length, dapo_overlong, ...)."),
+    )
+    weight: float = field(default=1.0, metadata=_h("Weight in the summed score."))
+    options: dict[str, Any] = field(default_factory=dict, metadata=_h("Keyword options for build_reward."))
+    start_step: int = field(
+        default=0, metadata=_h("Step from which the reward counts (Kimi: length reward switched on late).")
+    )
+
+
+@dataclass
+class RewardsSection:
+    """Reward execution."""
+
+    timeout_s: float = field(default=10.0, metadata=_h("Per-call reward timeout."))
+    max_workers: int = field(default=2, metadata=_h("Parallel reward workers."))
+    max_error_rate: float = field(
+        default=0.5, metadata=_h("Fraction of failed reward calls tolerated per step before RewardError.")
+    )
+
+
+@dataclass
+class AuxModelSection:
+    """A second model (critic initialisation or teacher)."""
+
+    path: str | None = field(
+        default=None, metadata=_h("Model path; null = from the policy (critic) / required (teacher).")
+    )
+    preset: str | None = field(default=None, metadata=_h("Random-init preset instead of a path (tests)."))
+    lr: float | None = field(default=None, metadata=_h("Critic learning rate; null = optim.lr."))
+
+
+@dataclass
+class RLEvalSection:
+    """Held-out evaluation during training."""
+
+    every: int = field(
+        default=0, metadata=_h("Evaluate every N steps; 0 = only before/after when `before_after`.")
+    )
+    before_after: bool = field(
+        default=False, metadata=_h("Evaluate before the first and after the last step.")
+    )
+    n: int = field(default=64, metadata=_h("Held-out prompts per evaluation."))
+    temperature: float = field(default=0.0, metadata=_h("Evaluation sampling temperature (0 = greedy)."))
+    max_new_tokens: int = field(
+        default=0, metadata=_h("Evaluation length budget; 0 = rollout.max_new_tokens.")
+    )
+
+
+@dataclass
+class RLConfig:
+    """Online RL (`posttrain rl`): PPO, GRPO and relatives as settings of one loop."""
+
+    steps: int = field(default=100, metadata=_h("RL steps (each: generate, reward, score, update)."))
+    model: ModelSection = field(default_factory=ModelSection, metadata=_h("The policy model."))
+    optim: OptimSection = field(
+        default_factory=lambda: OptimSection(lr=1e-5), metadata=_h("Policy optimizer.")
+    )
+    run: RunSection = field(
+        default_factory=lambda: RunSection(output_dir="runs/rl"),
+        metadata=_h("Run directory, seed, checkpoints, logging."),
+    )
+    data: RLDataSection = field(default_factory=RLDataSection, metadata=_h("Prompts."))
+    rollout: RolloutSection = field(default_factory=RolloutSection, metadata=_h("Sampling."))
+    algo: AlgoSection = field(default_factory=AlgoSection, metadata=_h("Method and pieces."))
+    rewards: list[RewardSpec] = field(
+        default_factory=lambda: [RewardSpec()], metadata=_h("Reward functions, summed with weights.")
+    )
+    reward_exec: RewardsSection = field(
+        default_factory=RewardsSection, metadata=_h("Reward execution limits.")
+    )
+    critic: AuxModelSection = field(default_factory=AuxModelSection, metadata=_h("Value model (PPO/A2C)."))
+    teacher: AuxModelSection = field(
+        default_factory=AuxModelSection, metadata=_h("Teacher model (on-policy distillation, KDRL).")
+    )
+    eval: RLEvalSection = field(default_factory=RLEvalSection, metadata=_h("Held-out evaluation."))
+    sample_log_every: int = field(
+        default=1, metadata=_h("Write rollouts with rewards to samples.jsonl every N steps; 0 disables.")
+    )
+    samples_per_log: int = field(default=4, metadata=_h("Rollouts written per samples.jsonl entry."))
+
+
+def _registry_check(registry, name: str, what: str) -> None:
+    if name not in registry:
+        raise ConfigError(f"{what}: {registry.unknown_message(name)}")
+
+
+def validate(cfg: RLConfig) -> dict[str, Any]:
+    """Check an RLConfig before any work; return the resolved pieces.
+
+    Raises ConfigError (one line, naming the key) for the problems listed in the module doc.
+    """
+    from posttrain.core.advantages import ADVANTAGES
+    from posttrain.core.kl import KL_ESTIMATORS
+    from posttrain.core.masking import AGGREGATIONS
+    from posttrain.core.policy_losses import POLICY_LOSSES
+
+    p = cfg.algo.pieces()  # unknown method -> ConfigError with suggestion
+    _registry_check(ADVANTAGES, p["advantage"], "algo.advantage")
+    _registry_check(POLICY_LOSSES, p["policy_loss"], "algo.policy_loss")
+    _registry_check(AGGREGATIONS, p["aggregation"], "algo.aggregation")
+    _registry_check(KL_ESTIMATORS, p["kl_estimator"], "algo.kl_estimator")
+    ro = cfg.rollout
+    if cfg.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
+    if ro.prompts_per_step < 1 or ro.group_size < 1:
+        raise ConfigError(
+            f"rollout.prompts_per_step and rollout.group_size must be >= 1, got {ro.prompts_per_step}, {ro.group_size}"
+        )
+    if p["advantage"] in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline") and ro.group_size < 2:
+        raise ConfigError(
+            f"algo.advantage {p['advantage']!r} compares samples of one prompt: rollout.group_size must be >= 2, got {ro.group_size}"
+        )
+    if p["dynamic_sampling"] and ro.group_size < 2:
+        raise ConfigError("algo.dynamic_sampling drops zero-variance groups: rollout.group_size must be >= 2")
+    if p["advantage"] == "gae" and not p["critic"]:
+        raise ConfigError(
+            f"algo.method {cfg.algo.method!r} with advantage 'gae' needs a critic: set algo.critic=true"
+        )
+    batch = ro.prompts_per_step * ro.group_size
+    mb = p["num_minibatches"]
+    if mb < 1 or batch % mb:
+        raise ConfigError(
+            f"algo.num_minibatches={mb} must divide the batch of {batch} sequences (prompts_per_step x group_size)"
+        )
+    micro = cfg.algo.micro_batch_size
+    if micro < 0 or (micro and (batch // mb) % micro):
+        raise ConfigError(
+            f"algo.micro_batch_size={micro} must divide the minibatch of {batch // mb} sequences"
+        )
+    if p["update_epochs"] < 1:
+        raise ConfigError(f"algo.update_epochs must be >= 1, got {p['update_epochs']}")
+    if p["kl_placement"] not in ("none", "reward", "loss"):
+        raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {p['kl_placement']!r}")
+    if p["kl_coef"] < 0:
+        raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
+    if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
+        raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")
+    if cfg.data.path is None and not cfg.data.task:
+        raise ConfigError("data: set data.task or data.path")
+    if not cfg.rewards and p["teacher_mode"] != "reward":
+        raise ConfigError(
+            "rewards: at least one reward is needed (only on-policy distillation runs without one)"
+        )
+    if p["keep_sampling_mask"] and ro.engine != "native":
+        raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
+    return p
