@@ -1,0 +1,313 @@
+"""Atomic, resumable checkpoints: models in Hugging Face format, optimizer/scheduler
+state, every RNG, and a JSON training state.
+
+Layout of ``run_dir/checkpoints/``::
+
+    step-000120/            a complete checkpoint (never modified after the rename)
+      policy/               model.save_pretrained(safe_serialization=True) + tokenizer,
+                            so ``AutoModelForCausalLM.from_pretrained(".../policy")`` works
+      optimizers/<name>.pt  optimizer.state_dict() (tensors + numbers only)
+      schedulers/<name>.pt  scheduler.state_dict()
+      rng.json, rng.safetensors   python / numpy / torch (CPU, every CUDA device) RNG states
+      state.json            the caller's counters, data position, controllers
+      meta.json             written last inside the temp dir: marks the checkpoint complete
+    latest                  text file naming the newest complete checkpoint
+
+Crash safety: a checkpoint is assembled in ``.tmp-step-...`` and renamed into place
+(`os.replace`, atomic on POSIX); ``latest`` is rewritten via temp file + rename only after
+that; older checkpoints are pruned only after ``latest`` points at the new one. A process
+killed at any instant therefore leaves the previous checkpoint loadable.
+
+Loading never unpickles arbitrary objects: weights come from safetensors, state and
+python/numpy RNG from JSON, optimizer state through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file, save_model
+
+from posttrain.errors import ConfigError, TrainingError
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+FORMAT_VERSION = 1
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename durable across power loss; harmless where directories can't be opened.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same directory + `os.replace`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Capture every global RNG: (JSON-able python/numpy state, torch state tensors)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    py = {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return py, tensors
+
+
+def set_rng_state(py: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the states captured by `rng_state` (CUDA states only for devices present)."""
+    p = py["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    n = py["numpy"]
+    np.random.set_state(
+        (n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [
+            tensors[k]
+            for k in sorted(tensors, key=lambda k: int(k.rsplit("_", 1)[-1]))
+            if k.startswith("torch_cuda_")
+        ]
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device=i)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _save_module(module: torch.nn.Module, path: Path, tokenizer: Any) -> None:
+    path.mkdir(parents=True)
+    if hasattr(module, "save_pretrained"):
+        module.save_pretrained(path, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    else:
+        # save_model dedups shared tensors (tied weights) that save_file would reject.
+        save_model(module, str(path / "model.safetensors"))
+
+
+def _load_module(module: torch.nn.Module, path: Path, name: str) -> None:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise TrainingError(f"checkpoint {path.parent}: model {name!r} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    result = module.load_state_dict(state, strict=False)
+    # save_pretrained / save_model drop one name of each tied pair; a missing key is fine
+    # only when another name of the very same Parameter was loaded.
+    owners: dict[int, set[str]] = {}
+    for pname, p in module.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), set()).add(pname)
+    by_name = {pname: id(p) for pname, p in module.named_parameters(remove_duplicate=False)}
+    missing = [k for k in result.missing_keys if k not in by_name or not (owners[by_name[k]] & state.keys())]
+    if missing or result.unexpected_keys:
+        raise TrainingError(
+            f"checkpoint {path}: weights do not match model {name!r} "
+            f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})"
+        )
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """Writes and finds checkpoints under ``run_dir/checkpoints``; keeps the newest `keep`."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2):
+        if keep < 1:
+            raise ConfigError(f"run.keep_checkpoints must be >= 1, got {keep}")
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.keep = keep
+
+    # ------------------------------------------------------------------ listing
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints (meta.json present), oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and p.is_dir() and (p / "meta.json").is_file():
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint: the `latest` pointer, else the highest step dir."""
+        pointer = self.dir / "latest"
+        if pointer.is_file():
+            target = self.dir / pointer.read_text().strip()
+            if (target / "meta.json").is_file():
+                return target
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    @staticmethod
+    def step_of(path: str | os.PathLike) -> int:
+        """The step number encoded in a checkpoint directory name."""
+        m = _STEP_RE.match(Path(path).name)
+        if not m:
+            raise ConfigError(f"not a checkpoint directory (expected step-NNNNNN): {path}")
+        return int(m.group(1))
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self,
+        step: int,
+        *,
+        models: dict[str, torch.nn.Module],
+        tokenizer: Any = None,
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
+        schedulers: dict[str, Any] | None = None,
+        state: dict | None = None,
+    ) -> Path:
+        """Write checkpoint `step` atomically and return its directory.
+
+        models: name -> module (HF models via save_pretrained + tokenizer; other modules as
+            a single model.safetensors).
+        tokenizer: saved inside every HF model directory so each loads standalone.
+        optimizers / schedulers: name -> object with state_dict().
+        state: JSON-serialisable dict (counters, data position, controller states).
+        """
+        state = dict(state or {})
+        try:
+            state_text = json.dumps(state, indent=1, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"checkpoint state for step {step} is not JSON-serialisable: {e}") from None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temps()
+        name = f"step-{step:06d}"
+        final = self.dir / name
+        tmp = self.dir / f".tmp-{name}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            for mname, module in models.items():
+                _save_module(module, tmp / mname, tokenizer)
+            for sub, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
+                (tmp / sub).mkdir()
+                for oname, obj in objs.items():
+                    torch.save(obj.state_dict(), tmp / sub / f"{oname}.pt")
+            py, tensors = rng_state()
+            (tmp / "rng.json").write_text(json.dumps(py))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(state_text)
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync_file(f)
+            meta = {
+                "step": step,
+                "format": FORMAT_VERSION,
+                "models": sorted(models),
+                "optimizers": sorted(optimizers or {}),
+                "schedulers": sorted(schedulers or {}),
+            }
+            atomic_write_text(tmp / "meta.json", json.dumps(meta))
+            if final.exists():
+                # Re-saving a step (e.g. after resuming from it): move the old copy aside so
+                # the rename below is a plain atomic replace of a non-existent name.
+                old = self.dir / f".old-{name}-{os.getpid()}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(self.dir / "latest", name + "\n")
+        self._prune(keep_also=final)
+        return final
+
+    def _remove_stale_temps(self) -> None:
+        # Left behind by a process killed mid-save; never a complete checkpoint.
+        for p in self.dir.glob(".tmp-step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.dir.glob(".old-step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _prune(self, keep_also: Path) -> None:
+        found = self.checkpoints()
+        for p in found[: max(0, len(found) - self.keep)]:
+            if p != keep_also:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(
+        self,
+        path: str | os.PathLike,
+        *,
+        models: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
+        schedulers: dict[str, Any] | None = None,
+        restore_rng: bool = True,
+    ) -> dict:
+        """Load weights/optimizer/scheduler state in place, restore RNGs, return state.json.
+
+        Every name asked for must exist in the checkpoint (a TrainingError names the one
+        that does not); names in the checkpoint that are not asked for are ignored, so e.g.
+        evaluation can load only the policy.
+        """
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"not a complete checkpoint (no meta.json): {path}")
+        meta = json.loads((path / "meta.json").read_text())
+        for mname, module in models.items():
+            if mname not in meta["models"]:
+                raise TrainingError(f"checkpoint {path} has no model {mname!r} (has {meta['models']})")
+            _load_module(module, path / mname, mname)
+        for sub, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
+            for oname, obj in objs.items():
+                f = path / sub / f"{oname}.pt"
+                if not f.is_file():
+                    raise TrainingError(f"checkpoint {path} has no {sub[:-1]} {oname!r}")
+                obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+        if restore_rng:
+            set_rng_state(
+                json.loads((path / "rng.json").read_text()), load_file(str(path / "rng.safetensors"))
+            )
+        return json.loads((path / "state.json").read_text())

@@ -1,0 +1,205 @@
+"""Optimizer, learning-rate schedule and a guarded optimizer step.
+
+`guarded_step` is the only place a training loop should call `optimizer.step()`: it
+measures (and clips) the global gradient norm and refuses to apply an update whose loss or
+gradient is non-finite, so one bad batch can never write NaN into the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.errors import ConfigError, ModelError, TrainingError
+from posttrain.train.config import OptimSection
+
+
+@dataclass
+class StepResult:
+    """Outcome of one `guarded_step`.
+
+    ok: True when the update was applied; False when it was skipped (non-finite loss/grad).
+    grad_norm: global L2 norm of the gradients before clipping (inf / nan when non-finite).
+    lr: learning rate of the first param group used for this step (before the scheduler
+        advanced).
+    """
+
+    ok: bool
+    grad_norm: float
+    lr: float = 0.0
+
+
+def _trainable(params: Iterable) -> list:
+    items = list(params)
+    if items and isinstance(items[0], dict):  # explicit param groups
+        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in items]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ModelError("the optimizer got no trainable parameters (every requires_grad is False)")
+        return groups
+    plist = [p for p in items if p.requires_grad]
+    if not plist:
+        raise ModelError("the optimizer got no trainable parameters (every requires_grad is False)")
+    return plist
+
+
+def build_optimizer(params: Iterable, cfg: OptimSection) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) over the trainable tensors in `params`.
+
+    params: parameters or param-group dicts; those with requires_grad=False are dropped
+        (frozen bases under LoRA).
+    cfg: lr, betas, eps, weight_decay from the `optim` config section.
+    The fused kernel is used only when every parameter lives on CUDA; on CPU `fused=False`
+    (the fused CPU path is slower and less portable for the tiny models used there).
+    """
+    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+        raise ConfigError(f"optim.lr must be a positive finite number, got {cfg.lr}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0, got {cfg.weight_decay}")
+    if not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ConfigError(f"optim.betas must lie in [0, 1), got {list(cfg.betas)}")
+    groups = _trainable(params)
+    flat = [p for g in groups for p in g["params"]] if isinstance(groups[0], dict) else groups
+    on_cuda = all(p.is_cuda for p in flat)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=True if on_cuda else False,
+    )
+
+
+def lr_factor(
+    step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float = 0.0
+) -> float:
+    """Multiplier on the peak LR for optimizer step `step` (0-based).
+
+    Warmup: factor (step + 1) / warmup_steps for the first `warmup_steps` updates, so the
+    very first update already moves (HF's step / warmup gives lr 0 on step 0, a wasted
+    batch). Afterwards, with progress p = (step - warmup) / (total - warmup) in [0, 1]:
+    constant 1; linear 1 - (1 - min_lr_ratio) p; cosine (Loshchilov & Hutter 2017, no
+    restarts) min_lr_ratio + (1 - min_lr_ratio) (1 + cos(pi p)) / 2.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ConfigError(f"optim.schedule: unknown schedule {schedule!r}; valid: constant, linear, cosine")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimSection, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR following `lr_factor`; call `.step()` once per applied optimizer update.
+
+    total_steps: number of optimizer updates planned for the run (the decay horizon).
+    The lambda is a closure, so the scheduler's state_dict holds only plain numbers and
+    loads with `torch.load(weights_only=True)`.
+    """
+    if total_steps <= 0:
+        raise ConfigError(f"total optimizer steps must be positive, got {total_steps}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {cfg.min_lr_ratio}")
+    lr_factor(0, warmup_steps=0, total_steps=1, schedule=cfg.schedule)  # validate the name now
+    warmup, schedule, floor = cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step, warmup_steps=warmup, total_steps=total_steps, schedule=schedule, min_lr_ratio=floor
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _params_of(model_params: Iterable) -> list[torch.Tensor]:
+    out = []
+    for p in model_params:
+        if isinstance(p, dict):
+            out.extend(p["params"])
+        else:
+            out.append(p)
+    return out
+
+
+def guarded_step(
+    model_params: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    max_grad_norm: float,
+    *,
+    loss: float | torch.Tensor | None = None,
+) -> StepResult:
+    """Clip gradients and apply one update, unless the loss or gradient is non-finite.
+
+    model_params: the parameters whose `.grad` was filled by backward (params or groups).
+    max_grad_norm: clip threshold for the global L2 norm; <= 0 only measures the norm.
+    loss: the (detached or not) loss of this step; a NaN/inf loss skips the update even if
+        the gradients happen to be finite.
+    On skip: gradients are zeroed, neither optimizer nor scheduler steps, weights and
+    optimizer moments stay bit-identical. On success: optimizer and scheduler step and
+    gradients are zeroed (set to None) for the next accumulation.
+    """
+    params = [p for p in _params_of(model_params) if p.requires_grad]
+    lr = float(optimizer.param_groups[0]["lr"])
+    # error_if_nonfinite=False: we want to *observe* a bad norm and skip, not crash.
+    limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
+    grad_norm = float(norm)
+    loss_ok = True
+    if loss is not None:
+        loss_ok = bool(torch.isfinite(torch.as_tensor(loss, dtype=torch.float64)).all())
+    if not (loss_ok and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(ok=False, grad_norm=grad_norm, lr=lr)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(ok=True, grad_norm=grad_norm, lr=lr)
+
+
+class BadStepGuard:
+    """Counts consecutive skipped steps and stops training past `max_bad_steps`.
+
+    A single NaN batch is tolerated (the step is skipped); a run that keeps producing
+    non-finite gradients has diverged and should stop with a clear error instead of
+    silently logging skipped steps forever. `max_bad_steps` <= 0 disables the limit.
+    """
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.consecutive = 0
+        self.total = 0
+
+    def update(self, result: StepResult, step: int) -> None:
+        """Record `result` of optimizer step `step`; raise TrainingError past the limit."""
+        if result.ok:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        if 0 < self.max_bad_steps < self.consecutive:
+            raise TrainingError(
+                f"step {step}: {self.consecutive} consecutive non-finite steps (grad norm "
+                f"{result.grad_norm}) exceed run.max_bad_steps={self.max_bad_steps}; lower optim.lr or check the data"
+            )
+
+    def state_dict(self) -> dict:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive = int(state["consecutive"])
+        self.total = int(state["total"])
