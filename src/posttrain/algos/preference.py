@@ -1,0 +1,102 @@
+"""Offline preference optimization: DPO, IPO, SimPO, length-normalized DPO, hinge.
+
+Shapes: B preference pairs, T completion tokens. A batch holds 2B rows: the chosen
+completions first, then the rejected ones of the same prompts, so one forward scores both.
+
+The losses themselves live in `posttrain.core.preference.PREFERENCE_LOSSES` and are picked
+by name; this module only turns per-token log-probs into the sequence quantities they
+take (summed log-probs and lengths) and into metrics:
+
+* implicit reward r(x, y) = β · (log π_θ(y|x) − log π_ref(y|x)) (Rafailov et al. 2023,
+  eq. 5), or β · log π_θ(y|x) / |y| for a reference-free loss (SimPO, Meng et al. 2024,
+  eq. 4) — whatever `core.preference.implicit_rewards` defines for the chosen loss;
+* preference accuracy: share of pairs with r_chosen > r_rejected;
+* KL to the reference, estimated on the dataset's completions:
+  mean over completion tokens of log π_θ − log π_ref (the k1 estimator evaluated on
+  off-policy data — a drift indicator, not an unbiased KL(π_θ‖π_ref)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.core.preference import PREFERENCE_LOSSES, implicit_rewards
+
+
+def sequence_logps(logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and lengths of each completion.
+
+    logprobs: [N, T] per-token log π(y_t | x, y_<t); mask: [N, T] 1 on completion tokens.
+    Returns (logps [N] = Σ_t mask·logprobs, lengths [N] = Σ_t mask, float32).
+    """
+    mask = mask.to(logprobs.dtype)
+    return (logprobs * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def preference_loss(
+    logps: torch.Tensor,
+    lengths: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    *,
+    loss_name: str,
+    beta: float,
+    num_pairs: int,
+    options: dict | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean preference loss of a micro-batch's share of one optimizer step.
+
+    logps: [2B] summed policy log-probs (chosen rows then rejected rows, with grad).
+    lengths: [2B] completion token counts.
+    ref_logps: [2B] summed reference log-probs (cached, no grad) or None for a
+        reference-free loss.
+    loss_name: a key of PREFERENCE_LOSSES ("dpo", "ipo", "simpo", "ln_dpo", "hinge").
+    beta: the loss's inverse temperature β.
+    num_pairs: GLOBAL number of pairs in the optimizer step (all micro-batches), so that
+        summing micro-batch losses gives the step mean (accumulation invariance).
+    options: extra keyword options of the loss (label_smoothing, gamma, ...).
+
+    Returns (scalar loss, detached metric sums over the pairs: "pref/correct",
+    "pref/reward_chosen_sum", "pref/reward_rejected_sum", "pref/margin_sum",
+    "pref/logps_chosen_sum", "pref/logps_rejected_sum", and when a reference is given
+    "kl/ref_logratio_sum" with "kl/tokens").
+    """
+    fn = PREFERENCE_LOSSES[loss_name]
+    n = logps.shape[0] // 2
+    chosen, rejected = logps[:n], logps[n:]  # [B], [B]
+    ref_chosen = ref_rejected = None
+    if ref_logps is not None:
+        ref_logps = ref_logps.to(logps)
+        ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
+    loss, _ = fn(
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=beta,
+        chosen_lengths=lengths[:n],
+        rejected_lengths=lengths[n:],
+        **(options or {}),
+    )  # [B]
+    with torch.no_grad():
+        r_chosen, r_rejected = implicit_rewards(
+            chosen.detach(),
+            rejected.detach(),
+            ref_chosen,
+            ref_rejected,
+            beta=beta,
+            chosen_lengths=lengths[:n],
+            rejected_lengths=lengths[n:],
+            loss=loss_name,
+        )
+        metrics = {
+            "pref/correct": (r_chosen > r_rejected).float().sum(),
+            "pref/reward_chosen_sum": r_chosen.sum(),
+            "pref/reward_rejected_sum": r_rejected.sum(),
+            "pref/margin_sum": (r_chosen - r_rejected).sum(),
+            "pref/logps_chosen_sum": chosen.detach().sum(),
+            "pref/logps_rejected_sum": rejected.detach().sum(),
+        }
+        if ref_logps is not None:
+            metrics["kl/ref_logratio_sum"] = (logps.detach() - ref_logps).sum()
+            metrics["kl/tokens"] = lengths.sum()
+    return loss.sum() / num_pairs, metrics

@@ -1,0 +1,208 @@
+"""Process reward model: a scalar head scoring each reasoning step.
+
+Shapes: B traces, S steps (padded), L sequence length, T completion tokens.
+
+A stepwise trace is a prompt and a list of step strings with one correctness label per
+step (TRL-style `completions` / `labels`; the synthetic tasks' `steps` / `step_labels`).
+The completion the PRM reads is every step followed by a step separator:
+
+    step_1 SEP step_2 SEP ... step_S SEP
+
+and the head's logit at each SEP token (the token that ends a step, so it has seen the
+whole prefix y_≤t) is trained with binary cross-entropy against that step's label
+(Lightman et al. 2023, "Let's Verify Step by Step": per-step correctness classification;
+Math-Shepherd, Wang et al. 2024, uses the same placement). σ(logit) = PRM(x, y_≤t), the
+probability the reasoning is still correct after step t. Its marginals
+r_t = PRM(≤t) − PRM(≤t−1) are the dense rewards of `core.advantages.prm_token_rewards`
+(seed: grpo-kl-estimators-distillation-prm-longcot.md, "PRM reward for RL").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.core.masking import aggregate
+from posttrain.engines.batching import SequenceBatch, build_sequences
+from posttrain.errors import DataError
+
+
+@dataclass
+class StepBatch:
+    """A batch of stepwise traces.
+
+    seqs: the token layout (prompts left-padded, completions right-padded).
+    step_index: [B, S] long, column in the completion (0-based, add seqs.response_start
+        for the input column) of the separator token ending each step; 0 where padded.
+    labels: [B, S] float, 1.0 for a correct step, 0.0 for a wrong one (0 where padded).
+    step_mask: [B, S] float, 1 where the step exists.
+    """
+
+    seqs: SequenceBatch
+    step_index: torch.Tensor
+    labels: torch.Tensor
+    step_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.step_index.shape[0]
+
+
+def build_step_batch(
+    prompt_ids: list[list[int]],
+    step_ids: list[list[list[int]]],
+    labels: list[list[bool]] | None,
+    *,
+    separator_ids: list[int],
+    pad_id: int,
+) -> StepBatch:
+    """Lay out B traces: completion_b = concat(step + separator for each step).
+
+    prompt_ids: B prompt token lists (chat template already applied).
+    step_ids: B lists of S_b token lists, one per step (no separator inside).
+    labels: B lists of S_b booleans, or None when only scoring.
+    separator_ids: the separator's tokens; the LAST one is where a step is scored.
+    """
+    if not separator_ids:
+        raise DataError("PRM step separator tokenizes to nothing; choose a non-empty prm.step_separator")
+    completions: list[list[int]] = []
+    ends: list[list[int]] = []
+    for b, steps in enumerate(step_ids):
+        if not steps:
+            raise DataError(f"trace {b}: no steps")
+        if labels is not None and len(labels[b]) != len(steps):
+            raise DataError(f"trace {b}: {len(steps)} steps but {len(labels[b])} labels")
+        ids: list[int] = []
+        end: list[int] = []
+        for step in steps:
+            ids.extend(step)
+            ids.extend(separator_ids)
+            end.append(len(ids) - 1)
+        completions.append(ids)
+        ends.append(end)
+    B, S = len(completions), max(len(e) for e in ends)
+    T = max(len(c) for c in completions)
+    response_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.float32)
+    step_index = torch.zeros((B, S), dtype=torch.long)
+    label_t = torch.zeros((B, S), dtype=torch.float32)
+    step_mask = torch.zeros((B, S), dtype=torch.float32)
+    for b, (ids, end) in enumerate(zip(completions, ends)):
+        response_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        response_mask[b, : len(ids)] = 1.0
+        step_index[b, : len(end)] = torch.tensor(end, dtype=torch.long)
+        step_mask[b, : len(end)] = 1.0
+        if labels is not None:
+            label_t[b, : len(end)] = torch.tensor([float(x) for x in labels[b]])
+    seqs = build_sequences(prompt_ids, response_ids, response_mask, pad_id)
+    return StepBatch(seqs=seqs, step_index=step_index, labels=label_t, step_mask=step_mask)
+
+
+def step_logits(value_model: torch.nn.Module, batch: StepBatch) -> torch.Tensor:
+    """Head logit at each step's separator token: [B, S] (garbage where step_mask is 0)."""
+    s = batch.seqs
+    values = value_model(
+        input_ids=s.input_ids, attention_mask=s.attention_mask, position_ids=s.position_ids
+    )  # [B, L]
+    cols = (batch.step_index + s.response_start).to(values.device)  # [B, S]
+    return values.gather(1, cols).float()
+
+
+def prm_loss(
+    value_model: torch.nn.Module,
+    batch: StepBatch,
+    *,
+    num_steps: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Step-level binary cross-entropy, averaged over every labelled step of the step.
+
+    num_steps: GLOBAL number of labelled steps in the optimizer step (all micro-batches),
+        so micro-batch losses sum to the full-batch mean (accumulation invariance).
+
+    Returns (scalar loss, detached sums: "prm/bce_sum", "prm/steps", "prm/correct" (steps
+    whose σ(logit) > 0.5 agrees with the label)).
+    """
+    logits = step_logits(value_model, batch)  # [B, S]
+    bce = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")  # [B, S]
+    loss = aggregate(bce, batch.step_mask, "token-mean", num_tokens=num_steps)
+    pred = (logits.detach() > 0).float()
+    metrics = {
+        "prm/bce_sum": (bce.detach() * batch.step_mask).sum(),
+        "prm/steps": batch.step_mask.sum(),
+        "prm/correct": ((pred == batch.labels).float() * batch.step_mask).sum(),
+    }
+    return loss, metrics
+
+
+def first_wrong_step(step_scores: Sequence[float], threshold: float = 0.5) -> int | None:
+    """Index of the first step whose score is below `threshold`, or None if none is.
+
+    step_scores: per-step PRM(≤t) probabilities of one trace.
+    threshold: decision boundary on σ(logit); 0.5 is the BCE-calibrated choice.
+    """
+    for i, score in enumerate(step_scores):
+        if score < threshold:
+            return i
+    return None
+
+
+@torch.no_grad()
+def score_steps(
+    prm_model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    step_lists: Sequence[Sequence[str]],
+    *,
+    step_separator: str = "\n",
+    apply_chat_template: bool = True,
+    enable_thinking: bool = True,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Per-step scores PRM(x, y_≤t) ∈ (0, 1) for each trace, as plain floats.
+
+    prm_model: a trained PRM (`ScalarHeadModel`, e.g. from `load_prm`).
+    prompts: B user prompts; with apply_chat_template=True they are rendered exactly as
+        during PRM training (chat template, generation prompt, thinking mode on).
+    step_lists: B lists of step strings (without separators).
+    step_separator: must be the separator the PRM was trained with (saved in the PRM's
+        output dir as prm.json by `posttrain prm`).
+
+    Used by the "prm" reward (marginals r_t = s_t − s_{t−1}) and PRM best-of-N (min or
+    last step score). An empty step list gives an empty score list.
+    """
+    from posttrain.algos.sft import render_prompt
+
+    if len(prompts) != len(step_lists):
+        raise DataError(f"score_steps: {len(prompts)} prompts but {len(step_lists)} step lists")
+    was_training = prm_model.training
+    prm_model.eval()
+    pad_id = tokenizer.pad_token_id
+    sep_ids = tokenizer(step_separator, add_special_tokens=False)["input_ids"]
+    device = next(prm_model.parameters()).device
+    out: list[list[float]] = [[] for _ in prompts]
+    todo = [i for i, steps in enumerate(step_lists) if len(steps) > 0]
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        p_ids = []
+        for i in idx:
+            text = (
+                render_prompt(tokenizer, prompts[i], enable_thinking) if apply_chat_template else prompts[i]
+            )
+            p_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        s_ids = [[tokenizer(s, add_special_tokens=False)["input_ids"] for s in step_lists[i]] for i in idx]
+        batch = build_step_batch(p_ids, s_ids, None, separator_ids=sep_ids, pad_id=pad_id)
+        batch.seqs = _to_device(batch.seqs, device)
+        batch.step_index = batch.step_index.to(device)
+        probs = torch.sigmoid(step_logits(prm_model, batch)).cpu()  # [b, S]
+        for row, i in enumerate(idx):
+            out[i] = probs[row, : len(step_lists[i])].tolist()
+    prm_model.train(was_training)
+    return out
+
+
+def _to_device(seqs: SequenceBatch, device: torch.device) -> SequenceBatch:
+    for name in ("input_ids", "attention_mask", "position_ids", "response_mask"):
+        setattr(seqs, name, getattr(seqs, name).to(device))
+    return seqs

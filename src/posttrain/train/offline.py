@@ -1,0 +1,498 @@
+"""`posttrain sft | rm | prm | dpo`: configs and entry points of the offline trainers.
+
+All four commands share one loop (train/offline_loop.py); each builds its model(s), turns
+rows into token ids (train/offline_data.py) and hands a method object
+(train/offline_methods.py) to the loop. Entry points used by the CLI:
+
+    SFTConfig / run_sft(cfg) -> dict      supervised fine-tuning, completion-only loss
+    RMConfig  / run_rm(cfg)  -> dict      Bradley–Terry outcome reward model
+    PRMConfig / run_prm(cfg) -> dict      step-level process reward model
+    DPOConfig / run_dpo(cfg) -> dict      DPO / IPO / SimPO / LN-DPO / hinge
+    plan(cfg) -> str                      what a run would do (for --dry-run)
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from posttrain.data.tasks.base import STEP_SEPARATOR
+from posttrain.train.config import ModelSection, OptimSection, RunSection
+from posttrain.train.offline_data import KIND, encode_pairs, encode_sft, encode_steps, load_split
+
+# --------------------------------------------------------------------------- config sections
+
+
+@dataclass
+class OfflineDataSection:
+    """Training data: a dataset file or a synthetic task, and its held-out split."""
+
+    path: str | None = field(
+        default=None,
+        metadata={"help": "Dataset file/dir (JSONL, Parquet, CSV, HF save_to_disk); overrides task."},
+    )
+    eval_path: str | None = field(
+        default=None, metadata={"help": "Held-out dataset; null = hold out eval_fraction of `path`."}
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Share of `path` rows held out when eval_path is null."}
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in `path`."})
+    messages: bool = field(
+        default=False, metadata={"help": "SFT only: `path` rows are conversations in a `messages` column."}
+    )
+    task: str | None = field(
+        default="arithmetic",
+        metadata={
+            "help": "Synthetic task (arithmetic | countdown | sorting | word_problems) when path is "
+            "null; with a path, only used for held-out task accuracy."
+        },
+    )
+    difficulty: int | None = field(
+        default=1, metadata={"help": "Task difficulty level; null = mix of all levels."}
+    )
+    n_train: int = field(default=2000, metadata={"help": "Synthetic training examples."})
+    n_eval: int = field(default=128, metadata={"help": "Synthetic held-out examples (test split)."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of task generation, file hold-out and no-think choice."}
+    )
+    max_prompt_tokens: int = field(
+        default=512, metadata={"help": "Prompt length limit in tokens after the chat template (0 = none)."}
+    )
+    too_long: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "What to do with a prompt over max_prompt_tokens (never truncated)."},
+    )
+    max_length: int = field(default=1024, metadata={"help": "SFT packing: tokens per packed row."})
+    no_think_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "SFT thinking-mode fusion: share of rows trained in no-think mode (empty <think></think>, "
+            "reasoning stripped from the completion)."
+        },
+    )
+
+
+@dataclass
+class OfflineTrainSection:
+    """Steps, batch sizes and held-out evaluation."""
+
+    steps: int = field(default=300, metadata={"help": "Optimizer steps; 0 = derive from epochs."})
+    epochs: float = field(default=0.0, metadata={"help": "Passes over the training rows when steps is 0."})
+    batch_size: int = field(default=32, metadata={"help": "Examples (pairs, traces) per optimizer step."})
+    micro_batch_size: int = field(
+        default=16, metadata={"help": "Examples per forward/backward; gradients accumulate to batch_size."}
+    )
+    eval_every: int = field(
+        default=100, metadata={"help": "Held-out evaluation every N steps (and at the end); 0 = never."}
+    )
+    eval_at_start: bool = field(
+        default=True, metadata={"help": "Also evaluate before the first step (logged at step 0)."}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "Examples per forward during evaluation."})
+    eval_generations: int = field(
+        default=64,
+        metadata={"help": "Held-out task prompts generated greedily for accuracy (SFT, DPO); 0 = skip."},
+    )
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "Generation length cap for the accuracy evaluation."}
+    )
+
+
+@dataclass
+class SFTAlgoSection:
+    """Supervised fine-tuning options."""
+
+    packing: bool = field(
+        default=False, metadata={"help": "Pack several examples per row (block-diagonal attention)."}
+    )
+    aggregation: str = field(
+        default="token-mean",
+        metadata={
+            "help": "Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."
+        },
+    )
+
+
+@dataclass
+class RMAlgoSection:
+    """Reward-model options."""
+
+    margin_column: str | None = field(
+        default=None,
+        metadata={"help": "Column with a per-pair margin m in −log σ(r_w − r_l − m); null = no margin."},
+    )
+    head_init_std: float | None = field(
+        default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
+    )
+
+
+@dataclass
+class PRMAlgoSection:
+    """Process-reward-model options."""
+
+    step_separator: str = field(
+        default=STEP_SEPARATOR, metadata={"help": "Text appended after every step; its last token is scored."}
+    )
+    threshold: float = field(
+        default=0.5, metadata={"help": "A step counts as wrong when PRM(≤t) is below this."}
+    )
+    head_init_std: float | None = field(
+        default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
+    )
+
+
+@dataclass
+class PreferenceAlgoSection:
+    """Preference-loss options."""
+
+    loss: str = field(
+        default="dpo", metadata={"help": "Preference loss: dpo | ipo | simpo | ln_dpo | hinge."}
+    )
+    beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of the loss."})
+    options: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Extra loss options, e.g. {label_smoothing: 0.1} for dpo or {gamma: 0.5} for simpo."
+        },
+    )
+
+
+@dataclass
+class ReferenceSection:
+    """The frozen reference policy and its log-prob cache."""
+
+    path: str | None = field(
+        default=None, metadata={"help": "Reference model; null = the initial policy (model.*)."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Reference log-prob cache dir; null = $POSTTRAIN_CACHE/reference_logps."},
+    )
+    micro_batch_size: int = field(
+        default=32, metadata={"help": "Pairs per reference forward when filling the cache."}
+    )
+
+
+def _optim(lr: float, warmup: int = 10) -> OptimSection:
+    return OptimSection(lr=lr, warmup_steps=warmup, schedule="cosine", min_lr_ratio=0.1)
+
+
+def _run(name: str) -> RunSection:
+    return RunSection(output_dir=f"runs/{name}")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning with a completion-only loss (posttrain sft)."""
+
+    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Model to train."})
+    data: OfflineDataSection = field(default_factory=OfflineDataSection, metadata={"help": "Training data."})
+    train: OfflineTrainSection = field(
+        default_factory=OfflineTrainSection, metadata={"help": "Steps and batches."}
+    )
+    algo: SFTAlgoSection = field(default_factory=SFTAlgoSection, metadata={"help": "SFT options."})
+    optim: OptimSection = field(default_factory=lambda: _optim(2e-3), metadata={"help": "Optimizer."})
+    run: RunSection = field(default_factory=lambda: _run("sft"), metadata={"help": "Outputs and logging."})
+
+
+@dataclass
+class RMConfig:
+    """Bradley–Terry outcome reward model on prompt/chosen/rejected pairs (posttrain rm)."""
+
+    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Backbone to start from."})
+    data: OfflineDataSection = field(
+        default_factory=OfflineDataSection, metadata={"help": "Preference data."}
+    )
+    train: OfflineTrainSection = field(
+        default_factory=lambda: OfflineTrainSection(steps=200, eval_generations=0),
+        metadata={"help": "Steps and batches."},
+    )
+    algo: RMAlgoSection = field(default_factory=RMAlgoSection, metadata={"help": "Reward-model options."})
+    optim: OptimSection = field(default_factory=lambda: _optim(1e-3), metadata={"help": "Optimizer."})
+    run: RunSection = field(default_factory=lambda: _run("rm"), metadata={"help": "Outputs and logging."})
+
+
+@dataclass
+class PRMConfig:
+    """Process reward model trained on stepwise labels (posttrain prm)."""
+
+    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Backbone to start from."})
+    data: OfflineDataSection = field(
+        default_factory=lambda: OfflineDataSection(difficulty=3), metadata={"help": "Stepwise data."}
+    )
+    train: OfflineTrainSection = field(
+        default_factory=lambda: OfflineTrainSection(steps=200, eval_generations=0),
+        metadata={"help": "Steps and batches."},
+    )
+    algo: PRMAlgoSection = field(default_factory=PRMAlgoSection, metadata={"help": "PRM options."})
+    optim: OptimSection = field(default_factory=lambda: _optim(1e-3), metadata={"help": "Optimizer."})
+    run: RunSection = field(default_factory=lambda: _run("prm"), metadata={"help": "Outputs and logging."})
+
+
+@dataclass
+class DPOConfig:
+    """Offline preference optimization: DPO, IPO, SimPO, LN-DPO, hinge (posttrain dpo)."""
+
+    model: ModelSection = field(
+        default_factory=ModelSection, metadata={"help": "Policy to train (usually an SFT model)."}
+    )
+    ref: ReferenceSection = field(
+        default_factory=ReferenceSection, metadata={"help": "Reference model and cache."}
+    )
+    data: OfflineDataSection = field(
+        default_factory=OfflineDataSection, metadata={"help": "Preference data."}
+    )
+    train: OfflineTrainSection = field(
+        default_factory=lambda: OfflineTrainSection(steps=100, eval_every=50),
+        metadata={"help": "Steps and batches."},
+    )
+    algo: PreferenceAlgoSection = field(
+        default_factory=PreferenceAlgoSection, metadata={"help": "Loss options."}
+    )
+    optim: OptimSection = field(
+        default_factory=lambda: _optim(1e-4, warmup=5), metadata={"help": "Optimizer."}
+    )
+    run: RunSection = field(default_factory=lambda: _run("dpo"), metadata={"help": "Outputs and logging."})
+
+
+# --------------------------------------------------------------------------- shared setup
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _tokenizer(m: ModelSection):
+    from posttrain.engines.models import load_tokenizer
+    from posttrain.engines.tokenizer import build_char_tokenizer
+
+    if m.tokenizer:
+        return load_tokenizer(m.tokenizer)
+    if m.path:
+        return load_tokenizer(m.path)
+    return build_char_tokenizer()
+
+
+def _lora(m: ModelSection) -> dict | None:
+    if m.lora_r <= 0:
+        return None
+    return {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
+
+
+def _policy(m: ModelSection, tokenizer):
+    from posttrain.engines.models import load_model
+
+    return load_model(
+        m.path or m.preset,
+        dtype=m.dtype,
+        device=m.device,
+        attn_implementation=m.attn_implementation,
+        gradient_checkpointing=m.gradient_checkpointing,
+        lora=_lora(m),
+        tokenizer=tokenizer,
+    )
+
+
+def _value_model(m: ModelSection, tokenizer, head_init_std):
+    from posttrain.engines.models import build_value_model
+
+    model = build_value_model(
+        m.path or m.preset, dtype=m.dtype, device=m.device, head_init_std=head_init_std, tokenizer=tokenizer
+    )
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def _tag(items: list[dict], split: str) -> list[dict]:
+    for i, it in enumerate(items):
+        it["split"], it["idx"] = split, i
+    return items
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Supervised fine-tuning; returns the loop summary (losses, eval, output paths)."""
+    from posttrain.train.offline_loop import train_offline
+    from posttrain.train.offline_methods import SFTMethod
+
+    _seed_everything(cfg.run.seed)
+    tokenizer = _tokenizer(cfg.model)
+    split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages)
+    train_items = encode_sft(split.train, tokenizer, cfg.data, split.source)
+    eval_items = encode_sft(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
+    model = _policy(cfg.model, tokenizer)
+    method = SFTMethod(
+        cfg, model, tokenizer, train_items, eval_items, task=split.task, eval_examples=split.eval_examples
+    )
+    return train_offline(cfg, method, tokenizer=tokenizer)
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    """Bradley–Terry reward model; run_dir/final loads with AutoModelForSequenceClassification."""
+    from posttrain.train.offline_loop import train_offline
+    from posttrain.train.offline_methods import RewardModelMethod
+
+    _seed_everything(cfg.run.seed)
+    tokenizer = _tokenizer(cfg.model)
+    split = load_split(cfg.data, KIND["rm"])
+    margin = cfg.algo.margin_column
+    train_items = encode_pairs(split.train, tokenizer, cfg.data, split.source, margin_column=margin)
+    eval_items = (
+        encode_pairs(split.eval, tokenizer, cfg.data, split.source + " (eval)", margin_column=margin)
+        if split.eval
+        else []
+    )
+    model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
+    method = RewardModelMethod(cfg, model, tokenizer, train_items, eval_items)
+    return train_offline(cfg, method, tokenizer=tokenizer)
+
+
+def run_prm(cfg: PRMConfig) -> dict:
+    """Process reward model; run_dir/final holds the model and prm.json (separator)."""
+    from posttrain.train.offline_loop import train_offline
+    from posttrain.train.offline_methods import PRMMethod
+
+    _seed_everything(cfg.run.seed)
+    tokenizer = _tokenizer(cfg.model)
+    split = load_split(cfg.data, KIND["prm"])
+    train_items = encode_steps(split.train, tokenizer, cfg.data, split.source)
+    eval_items = encode_steps(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
+    model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
+    method = PRMMethod(cfg, model, tokenizer, train_items, eval_items)
+    return train_offline(cfg, method, tokenizer=tokenizer)
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    """Preference optimization against reference log-probs cached on disk.
+
+    The reference is loaded (or copied from the initial policy) only when the cache has no
+    entry for this (reference, data) pair; summary["reference_cache_hit"] says which.
+    """
+    from posttrain.core.preference import PREFERENCE_LOSSES
+    from posttrain.train.offline_loop import train_offline
+    from posttrain.train.offline_methods import PreferenceMethod
+
+    loss_fn = PREFERENCE_LOSSES[cfg.algo.loss]  # fail on a typo before any work
+    _seed_everything(cfg.run.seed)
+    tokenizer = _tokenizer(cfg.model)
+    split = load_split(cfg.data, KIND["dpo"])
+    train_items = _tag(encode_pairs(split.train, tokenizer, cfg.data, split.source), "train")
+    eval_items = (
+        _tag(encode_pairs(split.eval, tokenizer, cfg.data, split.source + " (eval)"), "eval")
+        if split.eval
+        else []
+    )
+    model = _policy(cfg.model, tokenizer)
+    ref_train = ref_eval = None
+    hit = None
+    if getattr(loss_fn, "needs_reference", True):
+        ref_train, ref_eval, hit = _reference_logps(cfg, model, tokenizer, train_items, eval_items)
+    method = PreferenceMethod(
+        cfg,
+        model,
+        tokenizer,
+        train_items,
+        eval_items,
+        ref_train,
+        ref_eval,
+        task=split.task,
+        eval_examples=split.eval_examples,
+    )
+    summary = train_offline(cfg, method, tokenizer=tokenizer)
+    summary["reference_cache_hit"] = hit
+    return summary
+
+
+def _reference_logps(cfg: DPOConfig, policy, tokenizer, train_items, eval_items):
+    """(ref_train [2N], ref_eval [2M], cache_hit) from the cache or one reference pass."""
+    from posttrain.train.offline_methods import reference_logps
+    from posttrain.train.offline_ref import (
+        cache_key,
+        data_digest,
+        default_cache_dir,
+        load_or_compute,
+        model_identity,
+    )
+
+    source = cfg.ref.path or cfg.model.path
+    # A preset policy is random-init: identify it by its weights (built from run.seed).
+    identity = model_identity(source) if source else model_identity(policy)
+    seqs = [[it["prompt"], it["chosen"], it["rejected"]] for it in train_items + eval_items]
+    digest = data_digest(seqs, {"n_train": len(train_items), "dtype": cfg.model.dtype, "temperature": 1.0})
+    key = cache_key(identity, digest)
+
+    def compute() -> dict[str, torch.Tensor]:
+        if cfg.ref.path:
+            from posttrain.engines.models import load_model
+
+            ref = load_model(
+                cfg.ref.path, dtype=cfg.model.dtype, device=cfg.model.device, tokenizer=tokenizer
+            )
+        else:
+            ref = copy.deepcopy(policy)  # the policy before any update
+        pad = tokenizer.pad_token_id
+        out = {"train": reference_logps(ref, train_items, pad, cfg.ref.micro_batch_size)}
+        if eval_items:
+            out["eval"] = reference_logps(ref, eval_items, pad, cfg.ref.micro_batch_size)
+        del ref
+        return out
+
+    tensors, hit = load_or_compute(cfg.ref.cache_dir or default_cache_dir(), key, compute)
+    return tensors["train"], tensors.get("eval"), hit
+
+
+def plan(cfg) -> str:
+    """A human-readable plan of an offline run (printed by `posttrain <cmd> --dry-run`)."""
+    kind = {SFTConfig: "sft", RMConfig: "rm", PRMConfig: "prm", DPOConfig: "dpo"}.get(type(cfg), "offline")
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    data = (
+        f"file {d.path}"
+        + (f" (held-out {d.eval_path})" if d.eval_path else f" (hold out {d.eval_fraction:.0%})")
+        if d.path
+        else f"task {d.task} difficulty {d.difficulty}: {d.n_train} train / {d.n_eval} held-out examples"
+    )
+    steps = f"{t.steps} steps" if t.steps > 0 else f"{t.epochs} epochs"
+    accum = max(1, -(-t.batch_size // t.micro_batch_size))
+    lines = [
+        f"posttrain {kind}",
+        f"  model:  {m.path or 'preset ' + m.preset} ({m.dtype}, {m.device})"
+        + (f", LoRA r={m.lora_r}" if m.lora_r else ""),
+        f"  data:   {data} [{KIND.get(kind, '?')} rows]",
+        f"  train:  {steps}, batch {t.batch_size} = {accum} x micro-batch {t.micro_batch_size}; eval every {t.eval_every}",
+        f"  optim:  AdamW lr {o.lr:g} ({o.schedule}, warmup {o.warmup_steps}), clip {o.max_grad_norm:g}",
+    ]
+    if kind == "sft":
+        lines.append(
+            f"  algo:   completion-only NLL ({cfg.algo.aggregation})"
+            + (", packed" if cfg.algo.packing else "")
+            + (f", no-think share {d.no_think_fraction:g}" if d.no_think_fraction else "")
+        )
+    elif kind == "rm":
+        lines.append(
+            "  algo:   Bradley-Terry"
+            + (f" with margin column {cfg.algo.margin_column!r}" if cfg.algo.margin_column else "")
+        )
+    elif kind == "prm":
+        lines.append(
+            f"  algo:   step BCE at separator {cfg.algo.step_separator!r}, threshold {cfg.algo.threshold:g}"
+        )
+    elif kind == "dpo":
+        opts = ", ".join(f"{k}={v:g}" for k, v in cfg.algo.options.items())
+        lines.append(f"  algo:   {cfg.algo.loss} beta={cfg.algo.beta:g}" + (f" ({opts})" if opts else ""))
+        lines.append(
+            f"  ref:    {cfg.ref.path or 'initial policy'}; log-probs cached in "
+            f"{cfg.ref.cache_dir or '$POSTTRAIN_CACHE/reference_logps'}"
+        )
+    lines.append(f"  output: {cfg.run.output_dir} (metrics.jsonl, checkpoints/, final/)")
+    return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""Rows -> token ids for the offline trainers (SFT, RM, PRM, preference).
+
+Rows come from a dataset file (`posttrain.data.datasets.load_rows`) or from a synthetic
+task (`posttrain.data.tasks.task_rows`) in the same row format, so the trainers never
+care where the data came from. This module renders prompts with the tokenizer's chat
+template (thinking mode on, or off for the no-think share of an SFT mix), appends EOS to
+completions so the model learns to stop, and validates what the trainers rely on with
+one-line DataErrors naming the source and row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from posttrain.algos.sft import render_prompt, strip_thinking
+from posttrain.errors import ConfigError, DataError
+
+# Row kinds of data/datasets.load_rows and data/tasks.task_rows used by each trainer.
+KIND = {"sft": "completion", "rm": "preference", "prm": "stepwise", "dpo": "preference"}
+
+
+@dataclass
+class Split:
+    """Training and held-out rows plus where they came from (for error messages)."""
+
+    train: list[dict]
+    eval: list[dict]
+    source: str
+    task: object | None = None  # a data.tasks Task when accuracy can be measured
+    eval_examples: list = field(default_factory=list)  # task Examples for accuracy
+
+
+def load_split(data, kind: str, *, messages: bool = False) -> Split:
+    """Load train / held-out rows for one trainer from `data` (an offline DataSection).
+
+    Precedence: data.path (file; held-out = data.eval_path, else the last
+    data.eval_fraction of the shuffled rows) over data.task (synthetic; train / test
+    splits of the task, disjoint by construction). With a file, data.task (if set) is
+    still used for held-out task accuracy.
+    """
+    task = None
+    eval_examples: list = []
+    if data.task:
+        from posttrain.data.tasks import get_task
+
+        task = get_task(data.task)
+        eval_examples = task.examples("test", data.n_eval, seed=data.seed, difficulty=data.difficulty)
+    if data.path:
+        from posttrain.data.datasets import load_rows
+
+        file_kind = "messages" if messages else kind
+        rows = load_rows(data.path, file_kind, prompt_column=data.prompt_column)
+        if data.eval_path:
+            eval_rows = load_rows(data.eval_path, file_kind, prompt_column=data.prompt_column)
+            train_rows = rows
+        else:
+            if not 0.0 <= data.eval_fraction < 1.0:
+                raise ConfigError(f"data.eval_fraction must be in [0, 1), got {data.eval_fraction}")
+            order = sorted(range(len(rows)), key=lambda i: _hash(f"{data.seed}:{i}"))
+            n_eval = int(round(len(rows) * data.eval_fraction))
+            eval_rows = [rows[i] for i in sorted(order[:n_eval])]
+            train_rows = [rows[i] for i in sorted(order[n_eval:])]
+        if not train_rows:
+            raise DataError(f"{data.path}: no training rows")
+        return Split(train_rows, eval_rows, str(data.path), task, eval_examples)
+    if task is None:
+        raise ConfigError("set data.path (a dataset file) or data.task (a synthetic task name)")
+    from posttrain.data.tasks import task_rows
+
+    train_rows = task_rows(task, "train", data.n_train, seed=data.seed, kind=kind, difficulty=data.difficulty)
+    eval_rows = task_rows(task, "test", data.n_eval, seed=data.seed, kind=kind, difficulty=data.difficulty)
+    return Split(train_rows, eval_rows, f"task {data.task}", task, eval_examples)
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _text(value, where: str, column: str) -> str:
+    """A completion given as a string or as assistant message(s) -> the string."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return "".join(str(m.get("content", "")) for m in value if m.get("role", "assistant") == "assistant")
+    raise DataError(
+        f"{where}: column {column!r} must be a string or a list of messages, got {type(value).__name__}"
+    )
+
+
+def _prompt_ids(
+    tokenizer, prompt, where: str, *, enable_thinking: bool, max_prompt_tokens: int
+) -> list[int] | None:
+    if (
+        prompt is None
+        or (isinstance(prompt, str) and not prompt.strip())
+        or (isinstance(prompt, list) and not prompt)
+    ):
+        raise DataError(f"{where}: empty prompt")
+    ids = _ids(tokenizer, render_prompt(tokenizer, prompt, enable_thinking))
+    if max_prompt_tokens and len(ids) > max_prompt_tokens:
+        return None
+    return ids
+
+
+def _too_long(where: str, n: int, limit: int, policy: str) -> None:
+    if policy == "error":
+        raise DataError(
+            f"{where}: prompt has {n} tokens (chat template applied) > data.max_prompt_tokens={limit}; "
+            "raise the limit or set data.too_long=skip"
+        )
+
+
+def encode_sft(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
+    """SFT items {"prompt": ids, "completion": ids + [eos], "think": bool}.
+
+    A row is either prompt/completion or conversational `messages` (the last assistant
+    message is the completion, everything before it the prompt). A deterministic
+    data.no_think_fraction of rows is rendered in no-think mode (the template pre-fills an
+    empty <think></think>) with the reasoning block stripped from the completion: the
+    Qwen3 thinking-mode-fusion mix in one run.
+    """
+    eos = tokenizer.eos_token_id
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}"
+        if "messages" in row and "completion" not in row:
+            msgs = row["messages"]
+            last = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+            if last is None:
+                raise DataError(f"{where}: no assistant message to train on")
+            prompt, completion = msgs[:last], str(msgs[last].get("content", ""))
+        else:
+            prompt, completion = row.get("prompt"), _text(row.get("completion"), where, "completion")
+        think = _hash(f"think:{data.seed}:{i}") / 2**64 >= data.no_think_fraction
+        if not think:
+            completion = strip_thinking(completion)
+        if not completion.strip():
+            raise DataError(f"{where}: empty completion")
+        p = _prompt_ids(
+            tokenizer, prompt, where, enable_thinking=think, max_prompt_tokens=data.max_prompt_tokens
+        )
+        if p is None:
+            _too_long(
+                where,
+                len(_ids(tokenizer, render_prompt(tokenizer, prompt, think))),
+                data.max_prompt_tokens,
+                data.too_long,
+            )
+            continue
+        items.append({"prompt": p, "completion": _ids(tokenizer, completion) + [eos], "think": think})
+    if not items:
+        raise DataError(f"{source}: no usable rows")
+    return items
+
+
+def encode_pairs(
+    rows: list[dict], tokenizer, data, source: str, *, margin_column: str | None = None
+) -> list[dict]:
+    """Preference items {"prompt", "chosen", "rejected" (ids, completions end in eos), "margin"}.
+
+    Errors (one line, with the row): missing/empty chosen or rejected, chosen == rejected
+    (a pair that carries no preference), missing margin when a margin column is asked for.
+    """
+    eos = tokenizer.eos_token_id
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}"
+        for col in ("chosen", "rejected"):
+            if col not in row or row[col] is None:
+                raise DataError(f"{where}: column {col!r} is missing")
+        chosen, rejected = _text(row["chosen"], where, "chosen"), _text(row["rejected"], where, "rejected")
+        if not chosen.strip() or not rejected.strip():
+            raise DataError(f"{where}: empty {'chosen' if not chosen.strip() else 'rejected'} completion")
+        if chosen == rejected:
+            raise DataError(f"{where}: chosen and rejected are identical")
+        margin = 0.0
+        if margin_column:
+            if row.get(margin_column) is None:
+                raise DataError(f"{where}: margin column {margin_column!r} is missing")
+            margin = float(row[margin_column])
+        p = _prompt_ids(
+            tokenizer,
+            row.get("prompt"),
+            where,
+            enable_thinking=True,
+            max_prompt_tokens=data.max_prompt_tokens,
+        )
+        if p is None:
+            _too_long(
+                where,
+                len(_ids(tokenizer, render_prompt(tokenizer, row["prompt"]))),
+                data.max_prompt_tokens,
+                data.too_long,
+            )
+            continue
+        items.append(
+            {
+                "prompt": p,
+                "chosen": _ids(tokenizer, chosen) + [eos],
+                "rejected": _ids(tokenizer, rejected) + [eos],
+                "margin": margin,
+            }
+        )
+    if not items:
+        raise DataError(f"{source}: no usable rows")
+    return items
+
+
+def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
+    """Stepwise items {"prompt": ids, "steps": [ids per step], "labels": [bool per step]}.
+
+    Accepts TRL-style `completions` / `labels` and the synthetic tasks' `steps` /
+    `step_labels`. Errors: no steps, an empty step, a label count that does not match
+    the step count, a non-boolean label.
+    """
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}"
+        steps = row.get("completions", row.get("steps"))
+        labels = row.get("labels", row.get("step_labels"))
+        if not isinstance(steps, list) or not steps:
+            raise DataError(f"{where}: column 'completions' must be a non-empty list of step strings")
+        if not isinstance(labels, list) or len(labels) != len(steps):
+            n = len(labels) if isinstance(labels, list) else "no"
+            raise DataError(
+                f"{where}: {len(steps)} steps but {n} labels; stepwise labels must match steps one to one"
+            )
+        if any(not isinstance(s, str) or not s.strip() for s in steps):
+            raise DataError(f"{where}: empty step in 'completions'")
+        if any(not isinstance(x, (bool, int)) or x not in (0, 1) for x in labels):
+            raise DataError(f"{where}: 'labels' must be booleans")
+        p = _prompt_ids(
+            tokenizer,
+            row.get("prompt"),
+            where,
+            enable_thinking=True,
+            max_prompt_tokens=data.max_prompt_tokens,
+        )
+        if p is None:
+            _too_long(
+                where,
+                len(_ids(tokenizer, render_prompt(tokenizer, row["prompt"]))),
+                data.max_prompt_tokens,
+                data.too_long,
+            )
+            continue
+        items.append(
+            {"prompt": p, "steps": [_ids(tokenizer, s) for s in steps], "labels": [bool(x) for x in labels]}
+        )
+    if not items:
+        raise DataError(f"{source}: no usable rows")
+    return items

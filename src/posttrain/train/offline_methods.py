@@ -1,0 +1,422 @@
+"""The four offline methods driven by train/offline_loop.py.
+
+Each method holds its model(s) and tokenized data and implements the `OfflineMethod`
+protocol: global step counts, micro-batch loss (via algos/), metric summaries, held-out
+evaluation and the final Hugging Face export. Only train/ code calls .item() / float().
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from posttrain.algos.preference import preference_loss, sequence_logps
+from posttrain.algos.prm import build_step_batch, first_wrong_step, prm_loss, step_logits
+from posttrain.algos.reward_model import reward_model_loss
+from posttrain.algos.sft import pack_examples, packed_logprobs, render_prompt, sft_loss
+from posttrain.engines.batching import SequenceBatch, build_sequences
+from posttrain.engines.logprobs import sequence_logprobs
+from posttrain.errors import ConfigError
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B token lists -> (ids [B, T] right-padded with pad_id, mask [B, T] float)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.float32)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1.0
+    return ids, mask
+
+
+def completion_batch(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device
+) -> SequenceBatch:
+    """build_sequences over token lists, moved to `device`."""
+    ids, mask = _pad(completions, pad_id)
+    return build_sequences(prompts, ids, mask, pad_id).to(device)
+
+
+def pair_batch(items: list[dict], pad_id: int, device) -> SequenceBatch:
+    """2B rows: chosen completions of the B items, then their rejected completions."""
+    prompts = [it["prompt"] for it in items] * 2
+    completions = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+    return completion_batch(prompts, completions, pad_id, device)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
+def task_accuracy(
+    model,
+    tokenizer,
+    task,
+    examples,
+    *,
+    max_new_tokens: int,
+    enable_thinking: bool = True,
+    engine: str = "native",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Greedy pass@1 of `model` on task `examples`, with the training chat template.
+
+    Returns {"accuracy", "format_rate" (an <answer> tag was produced), "length_mean"
+    (response tokens)} and the first few (prompt, completion, score) rows under "samples".
+    """
+    from posttrain.data.tasks.base import extract_answer
+    from posttrain.engines.rollout import make_engine
+    from posttrain.engines.rollout.base import SamplingParams
+
+    was_training = model.training
+    model.eval()
+    gen = make_engine(engine, model, tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+    correct = formatted = tokens = 0.0
+    samples = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            prompts = [render_prompt(tokenizer, ex.prompt, enable_thinking) for ex in chunk]
+            out = gen.generate(prompts, params)
+            tokens += float(out.mask.sum())
+            for ex, text in zip(chunk, out.texts):
+                score = task.score(text, ex.answer)
+                correct += score
+                formatted += extract_answer(text) is not None
+                if len(samples) < 8:
+                    samples.append(
+                        {"prompt": ex.prompt, "completion": text, "answer": ex.answer, "score": score}
+                    )
+    model.train(was_training)
+    n = max(len(examples), 1)
+    return {
+        "accuracy": correct / n,
+        "format_rate": formatted / n,
+        "length_mean": tokens / n,
+        "samples": samples,
+    }
+
+
+class SFTMethod:
+    """Completion-only NLL (algos/sft.py), plain or packed; eval loss + task accuracy."""
+
+    name = "sft"
+
+    def __init__(self, cfg, model, tokenizer, train_items, eval_items, task=None, eval_examples=()):
+        if cfg.algo.packing and cfg.algo.aggregation != "token-mean":
+            raise ConfigError("algo.packing needs algo.aggregation=token-mean (packed rows mix sequences)")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.models = {"policy": model}
+        self.train_items, self.eval_items = train_items, eval_items
+        self.task, self.eval_examples = task, list(eval_examples)
+        self.pad_id = tokenizer.pad_token_id
+        self.samples: list[dict] = []
+
+    @property
+    def model(self):
+        return self.models["policy"]
+
+    def step_counts(self, items):
+        lengths = [len(it["completion"]) for it in items]
+        return {"num_tokens": sum(lengths), "num_seqs": len(items), "max_len": max(lengths)}
+
+    def loss(self, items, counts):
+        prompts = [it["prompt"] for it in items]
+        completions = [it["completion"] for it in items]
+        if self.cfg.algo.packing:
+            packed = pack_examples(
+                prompts, completions, max_length=self.cfg.data.max_length, pad_id=self.pad_id
+            )
+            dev = _device(self.model)
+            packed.input_ids, packed.position_ids = packed.input_ids.to(dev), packed.position_ids.to(dev)
+            logprobs, mask = packed_logprobs(self.model, packed), packed.mask.to(dev)  # [B, L-1]
+        else:
+            batch = completion_batch(prompts, completions, self.pad_id, _device(self.model))
+            logprobs, _ = sequence_logprobs(self.model, batch, with_grad=torch.is_grad_enabled())  # [B, T]
+            mask = batch.response_mask
+        return sft_loss(logprobs, mask, mode=self.cfg.algo.aggregation, **counts)
+
+    def summarize(self, sums, prefix="sft"):
+        return {
+            f"{prefix}/nll": _ratio(sums["sft/nll_sum"], sums["sft/tokens"]),
+            f"{prefix}/tokens": sums["sft/tokens"],
+        }
+
+    def evaluate(self):
+        self.model.eval()
+        loss, sums = _eval_sums(self, self.eval_items)
+        out = {"eval/loss": loss, "eval/nll": _ratio(sums["sft/nll_sum"], sums["sft/tokens"])}
+        out.update(
+            _accuracy(
+                self, self.cfg, think_modes=(True, False) if self.cfg.data.no_think_fraction > 0 else (True,)
+            )
+        )
+        return out
+
+    def save_final(self, path):
+        from posttrain.engines.models import save_model
+
+        save_model(self.model, self.tokenizer, str(path))
+
+
+def _eval_sums(method, items):
+    """(summed loss, summed metrics) over held-out items; (nan, {}) when there are none."""
+    from posttrain.train.offline_loop import run_microbatches
+
+    if not items:
+        return float("nan"), {}
+    return run_microbatches(method, items, method.cfg.train.eval_batch_size, train=False)
+
+
+def _accuracy(method, cfg, think_modes=(True,)) -> dict[str, float]:
+    """Task accuracy of method.model on the held-out task examples (if a task is set)."""
+    if method.task is None or not method.eval_examples or cfg.train.eval_generations <= 0:
+        return {}
+    examples = method.eval_examples[: cfg.train.eval_generations]
+    out = {}
+    for think in think_modes:
+        res = task_accuracy(
+            method.model,
+            method.tokenizer,
+            method.task,
+            examples,
+            max_new_tokens=cfg.train.max_new_tokens,
+            enable_thinking=think,
+            batch_size=cfg.train.eval_batch_size * 4,
+        )
+        suffix = "" if think else "_no_think"
+        out[f"eval/accuracy{suffix}"] = res["accuracy"]
+        out[f"eval/format_rate{suffix}"] = res["format_rate"]
+        out[f"eval/length_mean{suffix}"] = res["length_mean"]
+        method.samples = res["samples"]
+    return out
+
+
+class RewardModelMethod:
+    """Bradley–Terry reward model (algos/reward_model.py); saved as HF sequence classification."""
+
+    name = "rm"
+
+    def __init__(self, cfg, value_model, tokenizer, train_items, eval_items):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.models = {"reward_model": value_model}
+        self.train_items, self.eval_items = train_items, eval_items
+        self.pad_id = tokenizer.pad_token_id
+
+    def step_counts(self, items):
+        return {"num_pairs": len(items)}
+
+    def loss(self, items, counts):
+        model = self.models["reward_model"]
+        batch = pair_batch(items, self.pad_id, _device(model))
+        margin = None
+        if self.cfg.algo.margin_column:
+            margin = torch.tensor([it["margin"] for it in items], dtype=torch.float32, device=_device(model))
+        loss, metrics = reward_model_loss(model, batch, margin=margin)
+        metrics["rm/pairs"] = torch.tensor(float(len(items)))
+        return loss.sum() / counts["num_pairs"], metrics
+
+    def summarize(self, sums, prefix="rm"):
+        n = sums["rm/pairs"]
+        return {
+            f"{prefix}/accuracy": _ratio(sums["rm/correct"], n),
+            f"{prefix}/margin": _ratio(sums["rm/margin_sum"], n),
+            f"{prefix}/chosen_score": _ratio(sums["rm/chosen_sum"], n),
+            f"{prefix}/rejected_score": _ratio(sums["rm/rejected_sum"], n),
+        }
+
+    def evaluate(self):
+        self.models["reward_model"].eval()
+        loss, sums = _eval_sums(self, self.eval_items)
+        out = {"eval/loss": loss}
+        out.update(self.summarize(sums, prefix="eval/rm"))
+        return out
+
+    def save_final(self, path):
+        from posttrain.engines.models import save_value_model
+
+        save_value_model(self.models["reward_model"], self.tokenizer, str(path))
+
+
+class PRMMethod:
+    """Step-level BCE process reward model (algos/prm.py)."""
+
+    name = "prm"
+
+    def __init__(self, cfg, value_model, tokenizer, train_items, eval_items):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.models = {"prm": value_model}
+        self.train_items, self.eval_items = train_items, eval_items
+        self.pad_id = tokenizer.pad_token_id
+        self.sep_ids = tokenizer(cfg.algo.step_separator, add_special_tokens=False)["input_ids"]
+
+    def _batch(self, items, device):
+        batch = build_step_batch(
+            [it["prompt"] for it in items],
+            [it["steps"] for it in items],
+            [it["labels"] for it in items],
+            separator_ids=self.sep_ids,
+            pad_id=self.pad_id,
+        )
+        batch.seqs = batch.seqs.to(device)
+        for name in ("step_index", "labels", "step_mask"):
+            setattr(batch, name, getattr(batch, name).to(device))
+        return batch
+
+    def step_counts(self, items):
+        return {"num_steps": sum(len(it["steps"]) for it in items)}
+
+    def loss(self, items, counts):
+        model = self.models["prm"]
+        return prm_loss(model, self._batch(items, _device(model)), num_steps=counts["num_steps"])
+
+    def summarize(self, sums, prefix="prm"):
+        return {
+            f"{prefix}/bce": _ratio(sums["prm/bce_sum"], sums["prm/steps"]),
+            f"{prefix}/step_accuracy": _ratio(sums["prm/correct"], sums["prm/steps"]),
+        }
+
+    @torch.no_grad()
+    def first_error_rate(self, items) -> dict[str, float]:
+        """How often the first step scored < threshold is the first wrong step.
+
+        Over traces that contain a wrong step. "chance" is the rate of a uniform guess
+        among the trace's steps (mean of 1/S), the baseline to beat.
+        """
+        model = self.models["prm"]
+        model.eval()
+        hits = n = chance = 0.0
+        bs = self.cfg.train.eval_batch_size
+        for start in range(0, len(items), bs):
+            chunk = items[start : start + bs]
+            probs = torch.sigmoid(step_logits(model, self._batch(chunk, _device(model)))).cpu()
+            for row, it in enumerate(chunk):
+                if all(it["labels"]):
+                    continue
+                truth = it["labels"].index(False)
+                pred = first_wrong_step(probs[row, : len(it["steps"])].tolist(), self.cfg.algo.threshold)
+                hits += pred == truth
+                chance += 1.0 / len(it["steps"])
+                n += 1
+        return {"eval/prm_first_error_acc": _ratio(hits, n), "eval/prm_first_error_chance": _ratio(chance, n)}
+
+    def evaluate(self):
+        self.models["prm"].eval()
+        loss, sums = _eval_sums(self, self.eval_items)
+        out = {"eval/loss": loss}
+        out.update(self.summarize(sums, prefix="eval/prm"))
+        out.update(self.first_error_rate(self.eval_items))
+        return out
+
+    def save_final(self, path):
+        from posttrain.engines.models import save_value_model
+
+        save_value_model(self.models["prm"], self.tokenizer, str(path))
+        meta = {"step_separator": self.cfg.algo.step_separator, "threshold": self.cfg.algo.threshold}
+        (Path(path) / "prm.json").write_text(json.dumps(meta))
+
+
+class PreferenceMethod:
+    """DPO-family training (algos/preference.py) against cached reference log-probs.
+
+    ref_train / ref_eval: [2N] reference log-probs per item (chosen at i, rejected at
+    N + i) or None for reference-free losses. Items carry their position as "idx".
+    """
+
+    name = "dpo"
+
+    def __init__(
+        self, cfg, model, tokenizer, train_items, eval_items, ref_train, ref_eval, task=None, eval_examples=()
+    ):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.models = {"policy": model}
+        self.train_items, self.eval_items = train_items, eval_items
+        self.ref = {"train": ref_train, "eval": ref_eval}
+        self.task, self.eval_examples = task, list(eval_examples)
+        self.pad_id = tokenizer.pad_token_id
+        self.samples: list[dict] = []
+
+    @property
+    def model(self):
+        return self.models["policy"]
+
+    def step_counts(self, items):
+        return {"num_pairs": len(items)}
+
+    def _ref_logps(self, items):
+        table = self.ref[items[0]["split"]]
+        if table is None:
+            return None
+        n = table.shape[0] // 2
+        idx = torch.tensor([it["idx"] for it in items], dtype=torch.long)
+        return torch.cat([table[idx], table[n + idx]])  # [2B]
+
+    def loss(self, items, counts):
+        batch = pair_batch(items, self.pad_id, _device(self.model))
+        logprobs, _ = sequence_logprobs(self.model, batch, with_grad=torch.is_grad_enabled())  # [2B, T]
+        logps, lengths = sequence_logps(logprobs, batch.response_mask)  # [2B], [2B]
+        loss, metrics = preference_loss(
+            logps,
+            lengths,
+            self._ref_logps(items),
+            loss_name=self.cfg.algo.loss,
+            beta=self.cfg.algo.beta,
+            num_pairs=counts["num_pairs"],
+            options=dict(self.cfg.algo.options),
+        )
+        metrics["pref/pairs"] = torch.tensor(float(len(items)))
+        return loss, metrics
+
+    def summarize(self, sums, prefix="pref"):
+        n = sums["pref/pairs"]
+        out = {
+            f"{prefix}/accuracy": _ratio(sums["pref/correct"], n),
+            f"{prefix}/reward_chosen": _ratio(sums["pref/reward_chosen_sum"], n),
+            f"{prefix}/reward_rejected": _ratio(sums["pref/reward_rejected_sum"], n),
+            f"{prefix}/margin": _ratio(sums["pref/margin_sum"], n),
+            f"{prefix}/logps_chosen": _ratio(sums["pref/logps_chosen_sum"], n),
+            f"{prefix}/logps_rejected": _ratio(sums["pref/logps_rejected_sum"], n),
+        }
+        if "kl/tokens" in sums:
+            key = "eval/kl_ref" if prefix.startswith("eval") else "kl/ref"
+            out[key] = _ratio(sums["kl/ref_logratio_sum"], sums["kl/tokens"])
+        return out
+
+    def evaluate(self):
+        self.model.eval()
+        loss, sums = _eval_sums(self, self.eval_items)
+        out = {"eval/loss": loss}
+        out.update(self.summarize(sums, prefix="eval/pref"))
+        out.update(_accuracy(self, self.cfg))
+        return out
+
+    def save_final(self, path):
+        from posttrain.engines.models import save_model
+
+        save_model(self.model, self.tokenizer, str(path))
+
+
+def reference_logps(model, items: list[dict], pad_id: int, micro_batch_size: int) -> torch.Tensor:
+    """Summed log-probs of every item's chosen and rejected completion under `model`: [2N].
+
+    Layout: entry i is item i's chosen completion, entry N + i its rejected one.
+    """
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(items), micro_batch_size):
+            chunk = items[start : start + micro_batch_size]
+            batch = pair_batch(chunk, pad_id, _device(model))
+            logprobs, _ = sequence_logprobs(model, batch)
+            logps, _ = sequence_logps(logprobs, batch.response_mask)
+            chosen.append(logps[: len(chunk)].cpu())
+            rejected.append(logps[len(chunk) :].cpu())
+    return torch.cat(chosen + rejected)
