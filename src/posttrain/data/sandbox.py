@@ -1,0 +1,580 @@
+"""Run model-generated Python programs in a contained, disposable process.
+
+Every run gets a fresh process in its own session, an empty temporary working directory,
+an empty environment, resource limits and a wall-clock deadline; stdout/stderr are capped.
+Isolation backends, strongest first (chosen by `detect_backend`, or forced by `backend=`):
+
+- ``"bwrap"``: bubblewrap with every namespace unshared (no network, private /tmp, a
+  read-only view of the host filesystem, its own pid namespace), run as uid 65534-ish.
+- ``"unshare"``: util-linux ``unshare`` (mount, net, pid, ipc, uts namespaces; /tmp and
+  /dev/shm replaced by private tmpfs) and ``setpriv`` to drop to an unprivileged uid with
+  no capabilities and ``no_new_privs``. Needs root or unprivileged user namespaces.
+- ``"rlimits"``: resource limits, a new session, an unprivileged uid when we are root, and
+  nothing else (network is NOT blocked). Used only when neither tool works; a warning is
+  logged once.
+
+With a pid namespace, the program is pid 1 of its namespace: when it exits or we kill the
+launcher, the kernel kills every process it left behind (fork bombs included). Without one
+we kill the process group and, when we dropped to a per-run uid, every process of that uid.
+
+Verdicts (`run_tests`) compare the program's stdout *text*, parsed in the parent after
+the program has exited, with the expected output: nothing the untrusted code constructs
+(objects, exit codes, "PASSED" banners) is ever trusted. A failure of the sandbox itself is
+reported as status ``"sandbox_error"``, never as a wrong answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+STATUSES = (
+    "passed",
+    "wrong_answer",
+    "runtime_error",
+    "timeout",
+    "memory",
+    "output_limit",
+    "sandbox_error",
+)
+BACKENDS = ("bwrap", "unshare", "rlimits")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Per-run limits. Every field is a hard cap enforced by the kernel or the parent.
+
+    cpu_time_s: RLIMIT_CPU (SIGXCPU, then SIGKILL one second later).
+    wall_time_s: the parent kills the whole run after this many seconds of wall clock.
+    memory_mb: RLIMIT_AS, the address-space cap (Python raises MemoryError past it).
+    file_size_mb: RLIMIT_FSIZE, the largest file the program may write.
+    max_open_files: RLIMIT_NOFILE.
+    max_processes: RLIMIT_NPROC for the run's uid (threads count too).
+    max_output_bytes: stdout and stderr are each cut at this size and the run is killed.
+    """
+
+    cpu_time_s: int = 2
+    wall_time_s: float = 4.0
+    memory_mb: int = 512
+    file_size_mb: int = 16
+    max_open_files: int = 64
+    max_processes: int = 32
+    max_output_bytes: int = 1 << 20
+
+
+@dataclass
+class RunResult:
+    """Outcome of one program run (before any comparison with expected output).
+
+    status: "ok" when the program exited 0, else one of "runtime_error", "timeout",
+        "memory", "output_limit", "sandbox_error".
+    """
+
+    status: str
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+    backend: str
+
+
+@dataclass
+class TestReport:
+    """Verdict of a program on a list of tests.
+
+    status: "passed" iff every test passed, else the status of the first failing test.
+    passed/total: counts; score: passed / total (1.0 iff status == "passed").
+    """
+
+    status: str
+    passed: int
+    total: int
+    results: list[dict] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        return self.passed / self.total if self.total else 0.0
+
+
+# ---------------------------------------------------------------- backend detection
+
+_backend_cache: dict[str, str] = {}
+_detect_lock = threading.Lock()
+
+
+def _probe(cmd: list[str]) -> bool:
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
+def detect_backend() -> str:
+    """Return the strongest isolation backend that works on this machine (cached).
+
+    Probes by actually running ``true`` under each tool, because a tool can be installed
+    and still be refused by the kernel (e.g. user namespaces disabled in a container).
+    """
+    with _detect_lock:
+        if "auto" in _backend_cache:
+            return _backend_cache["auto"]
+        choice = "rlimits"
+        true = shutil.which("true") or "/bin/true"
+        bwrap = shutil.which("bwrap")
+        if bwrap and _probe([bwrap, *_bwrap_args(os.getcwd(), 65534), true]):
+            choice = "bwrap"
+        elif shutil.which("unshare") and _probe(
+            _unshare_prefix() + ["/bin/sh", "-c", _MOUNT_SCRIPT, "sh", true]
+        ):
+            choice = "unshare"
+        else:
+            logger.warning(
+                "sandbox: neither bubblewrap nor unshare works here; falling back to rlimits only "
+                "(no network or filesystem isolation). Install bubblewrap for full isolation."
+            )
+        _backend_cache["auto"] = choice
+        return choice
+
+
+# ---------------------------------------------------------------- command building
+
+# Runs as root inside the new mount namespace: hide the host's shared scratch dirs behind
+# private tmpfs mounts. The run's work dir usually lives under /tmp, so it is bind-mounted
+# back at the same path afterwards (with -c, "." is resolved by the kernel against the cwd, which a
+# process keeps even after its path is mounted over).
+_MOUNT_SCRIPT = (
+    'W="$PWD"; mount --make-rprivate / 2>/dev/null; '
+    "for d in /tmp /var/tmp /dev/shm; do "
+    '[ -d "$d" ] && mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$d"; done; '
+    'mkdir -p "$W" && mount -c --bind . "$W" && cd "$W" || exit 125; '
+    # Not exec: this shell stays pid 1 so a signal death of the program comes back as
+    # 128+signo (unshare itself cannot re-raise SIGKILL faithfully).
+    '"$@"; exit $?'
+)
+
+
+def _unshare_prefix() -> list[str]:
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return [
+        "unshare",
+        *user,
+        "--mount",
+        "--net",
+        "--pid",
+        "--ipc",
+        "--uts",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+    ]
+
+
+def _setpriv_prefix(uid: int) -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+    ]
+
+
+def _bwrap_args(workdir: str, uid: int) -> list[str]:
+    return [
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/var/tmp",
+        "--bind",
+        workdir,
+        "/sandbox",
+        "--chdir",
+        "/sandbox",
+        "--uid",
+        str(uid),
+        "--gid",
+        str(uid),
+        "--clearenv",
+    ]
+
+
+# The program's first act is to write one byte to the start pipe and close it. A run whose
+# byte never arrived failed inside the launcher chain (a sandbox error); once it arrived,
+# every outcome belongs to the program, so no exit code it picks can pose as an
+# infrastructure failure.
+_BOOTSTRAP = (
+    "import os as _o; _o.write({fd}, b'S'); _o.close({fd}); del _o; "
+    "__file__ = 'main.py'; exec(compile(open('main.py', encoding='utf-8').read(), 'main.py', 'exec'))"
+)
+
+
+def _command(backend: str, python: str, workdir: str, uid: int, start_fd: int) -> list[str]:
+    # -I: ignore PYTHON* env vars and the user site; -S: no site-packages (stdlib only);
+    # -B: no .pyc writes.
+    prog = [python, "-I", "-S", "-B", "-c", _BOOTSTRAP.format(fd=start_fd)]
+    if backend == "bwrap":
+        return [shutil.which("bwrap") or "bwrap", *_bwrap_args(workdir, uid), *prog]
+    if backend == "unshare":
+        env_clear = [shutil.which("env") or "/usr/bin/env", "-i"]  # drop the shell's PWD/OLDPWD
+        return _unshare_prefix() + [
+            "/bin/sh",
+            "-c",
+            _MOUNT_SCRIPT,
+            "sh",
+            *env_clear,
+            *_setpriv_prefix(uid),
+            *prog,
+        ]
+    return _setpriv_prefix(uid) + prog
+
+
+# ---------------------------------------------------------------- uid allocation
+
+_uid_lock = threading.Lock()
+_uids_in_use: set[int] = set()
+_uid_cursor = (os.getpid() * 7919) % 4096
+
+
+def _acquire_uid(base: int, span: int) -> int:
+    """A uid no other live run of this process uses, so per-uid limits and the final
+    kill-all-of-uid sweep touch only this run. (Runs in other processes may collide; the
+    pid namespace backends do not rely on the sweep.)"""
+    global _uid_cursor
+    with _uid_lock:
+        # Rotate rather than reuse: killed processes of a previous run may linger as
+        # zombies until reaped and would still count against the next run's RLIMIT_NPROC.
+        for _ in range(span):
+            _uid_cursor = (_uid_cursor + 1) % span
+            uid = base + _uid_cursor
+            if uid not in _uids_in_use:
+                _uids_in_use.add(uid)
+                return uid
+    raise RuntimeError("sandbox: no free uid")
+
+
+def _release_uid(uid: int) -> None:
+    with _uid_lock:
+        _uids_in_use.discard(uid)
+
+
+def _kill_uid(uid: int) -> None:
+    """Kill every process owned by `uid` (catches programs that escaped the process group
+    with setsid when no pid namespace contains them)."""
+    if os.geteuid() != 0:
+        return
+    for _ in range(3):
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    os.kill(int(entry), signal.SIGKILL)
+                    found = True
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+        if not found:
+            return
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- running
+
+
+def _preexec(limits: SandboxLimits):
+    mb = 1 << 20
+
+    def apply() -> None:  # runs in the child between fork and exec
+        cpu = max(1, int(limits.cpu_time_s))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        # The launcher tools (unshare, sh, setpriv) run under the same caps; they are small.
+        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_mb * mb, limits.file_size_mb * mb))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+
+    return apply
+
+
+def run_program(
+    code: str,
+    stdin: str = "",
+    *,
+    limits: SandboxLimits = SandboxLimits(),
+    backend: str = "auto",
+    python: str | None = None,
+    uid_base: int = 60000,
+    uid_span: int = 4096,
+) -> RunResult:
+    """Run `code` (a Python program) once with `stdin`, contained; never raises for
+    anything the program does.
+
+    backend: "auto" (see `detect_backend`), "bwrap", "unshare" or "rlimits".
+    python: interpreter for the program (default: this interpreter's real path, run with
+        -I -S so only the standard library is importable).
+    uid_base, uid_span: when running as root, each run drops to its own uid in
+        [uid_base, uid_base + uid_span) so RLIMIT_NPROC (ignored for root) and the final
+        kill sweep are per run.
+    Returns within ``limits.wall_time_s`` plus the kill/reap time (well under 1 s).
+    """
+    backend = detect_backend() if backend == "auto" else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"sandbox backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    python = python or os.path.realpath(sys.executable)
+    t0 = time.monotonic()
+    uid = _acquire_uid(uid_base, uid_span) if os.geteuid() == 0 else os.geteuid()
+    workdir = None
+    start_r = start_w = -1
+    proc = None
+    try:
+        workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
+            f.write(code)
+        if os.geteuid() == 0:
+            os.chown(workdir, uid, uid)
+            os.chmod(workdir, 0o700)
+        start_r, start_w = os.pipe()
+        proc = subprocess.Popen(
+            _command(backend, python, workdir, uid, start_w),
+            pass_fds=(start_w,),
+            cwd=workdir,
+            env={},  # empty environment: nothing of the parent's leaks in
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_preexec(limits),
+            close_fds=True,
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        _close_fds(start_r, start_w)
+        _cleanup(proc, workdir, uid)
+        return RunResult(
+            "sandbox_error", None, "", f"sandbox failed to start: {e}", time.monotonic() - t0, backend
+        )
+    os.close(start_w)
+    try:
+        status, out, err = _communicate(proc, stdin.encode("utf-8", "replace"), limits, t0)
+    except Exception as e:  # an infrastructure fault, not the program's verdict
+        _close_fds(start_r)
+        _cleanup(proc, workdir, uid)
+        return RunResult(
+            "sandbox_error", None, "", f"sandbox I/O failed: {e}", time.monotonic() - t0, backend
+        )
+    rc = proc.returncode
+    _cleanup(proc, workdir, uid)
+    os.set_blocking(start_r, False)
+    try:
+        started = os.read(start_r, 1) == b"S"
+    except BlockingIOError:
+        started = False
+    _close_fds(start_r)
+    stderr = err.decode("utf-8", "replace")
+    if not started and status != "timeout":
+        msg = f"sandbox ({backend}) failed before the program started (exit {rc}): {stderr.strip()[-300:]}"
+        return RunResult("sandbox_error", rc, "", msg, time.monotonic() - t0, backend)
+    if status is None:
+        status = _classify(rc, stderr, limits, time.monotonic() - t0)
+    return RunResult(status, rc, out.decode("utf-8", "replace"), stderr, time.monotonic() - t0, backend)
+
+
+def _communicate(
+    proc: subprocess.Popen, data: bytes, limits: SandboxLimits, t0: float, drain_grace_s: float = 0.2
+):
+    """Feed stdin and drain stdout/stderr with caps and a deadline; kill on violation.
+
+    Returns (forced_status | None, stdout_bytes, stderr_bytes)."""
+    deadline = t0 + limits.wall_time_s
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    sel = selectors.DefaultSelector()
+    for f in (proc.stdout, proc.stderr):
+        os.set_blocking(f.fileno(), False)
+        sel.register(f, selectors.EVENT_READ)
+    if data:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin, selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    view = memoryview(data)
+    status = None
+    open_readers = 2
+    drain_until = None
+    while open_readers:
+        now = time.monotonic()
+        if drain_until is None and proc.poll() is not None:
+            # The program exited but something it spawned still holds the pipes (only
+            # possible without a pid namespace): drain briefly, then it gets killed.
+            drain_until = now + drain_grace_s
+        if drain_until is not None and now >= drain_until:
+            break
+        remaining = deadline - now
+        if remaining <= 0:
+            status = "timeout"
+            break
+        for key, _ in sel.select(timeout=min(remaining, 0.1)):
+            if key.fileobj is proc.stdin:
+                try:
+                    n = os.write(proc.stdin.fileno(), view[:65536])
+                    view = view[n:]
+                except (BrokenPipeError, BlockingIOError, OSError):
+                    view = view[:0]
+                if not view:
+                    sel.unregister(proc.stdin)
+                    proc.stdin.close()
+                continue
+            chunk = os.read(key.fd, 65536)
+            if not chunk:
+                sel.unregister(key.fileobj)
+                open_readers -= 1
+                continue
+            buf = bufs[key.fd]
+            buf += chunk
+            if len(buf) > limits.max_output_bytes:
+                del buf[limits.max_output_bytes :]
+                status = "output_limit"
+        if status:
+            break
+    sel.close()
+    if status:
+        _kill(proc)
+    try:
+        proc.wait(timeout=max(0.05, deadline - time.monotonic()) if not status else 2.0)
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+        _kill(proc)
+        proc.wait(timeout=2.0)
+    return status, bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()])
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _classify(rc: int | None, stderr: str, limits: SandboxLimits, wall: float) -> str:
+    if rc == 0:
+        return "ok"
+    tail = stderr[-2000:]
+    if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGKILL) and wall >= 0:
+        # SIGXCPU (soft CPU limit) or the kernel's SIGKILL at the hard CPU limit / OOM.
+        if "MemoryError" in tail:
+            return "memory"
+        return "timeout" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else "memory"
+    if "MemoryError" in tail or "Cannot allocate memory" in tail:
+        return "memory"
+    return "runtime_error"
+
+
+def _cleanup(proc: subprocess.Popen | None, workdir: str | None, uid: int) -> None:
+    if proc is not None:
+        _kill(proc)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                if f:
+                    f.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+    if os.geteuid() == 0 and uid != 0:
+        _kill_uid(uid)
+        _release_uid(uid)
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def normalize_output(text: str) -> list[str]:
+    """Canonical form of program output for comparison: trailing whitespace stripped from
+    every line and trailing blank lines dropped (the usual judge tolerance). Nothing else
+    is forgiven: a prefix of the expected output is a wrong answer."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def run_tests(
+    code: str,
+    tests: list[dict],
+    *,
+    limits: SandboxLimits = SandboxLimits(),
+    backend: str = "auto",
+    stop_on_failure: bool = True,
+    python: str | None = None,
+) -> TestReport:
+    """Judge `code` on stdin/stdout tests: one fresh sandboxed run per test.
+
+    tests: [{"input": str, "output": str}, ...]. A test passes iff the run exited 0 and its
+    normalized stdout equals the normalized expected output (`normalize_output`).
+    stop_on_failure: skip the remaining tests after the first failure (they count as not
+        passed), which bounds a bad program's cost at one deadline.
+    A sandbox failure makes the whole report "sandbox_error" so callers can tell an
+    infrastructure fault from a wrong program.
+    """
+    results = []
+    passed = 0
+    first_fail = None
+    for i, t in enumerate(tests):
+        if not isinstance(t, dict) or "input" not in t or "output" not in t:
+            raise ValueError(f"test {i} must be a dict with 'input' and 'output' strings, got {t!r:.80}")
+        run = run_program(code, str(t["input"]), limits=limits, backend=backend, python=python)
+        if run.status == "sandbox_error":
+            return TestReport(
+                "sandbox_error", 0, len(tests), results + [{"status": run.status, "stderr": run.stderr}]
+            )
+        if run.status == "ok":
+            ok = normalize_output(run.stdout) == normalize_output(str(t["output"]))
+            status = "passed" if ok else "wrong_answer"
+        else:
+            status = run.status
+        results.append({"status": status, "wall_s": run.wall_s, "stderr": run.stderr[-500:]})
+        if status == "passed":
+            passed += 1
+        elif first_fail is None:
+            first_fail = status
+            if stop_on_failure:
+                break
+    return TestReport(first_fail or "passed", passed, len(tests), results)
