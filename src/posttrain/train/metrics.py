@@ -198,7 +198,7 @@ _POSTFIX = (
     ("acc", lambda k: k in ("eval/accuracy", "reward/accuracy", "train/accuracy")),
     ("kl", lambda k: k.startswith("kl/")),
     ("len", lambda k: k.endswith("length_mean") or k.endswith("/length")),
-    ("loss", lambda k: k in ("loss", "train/loss") or k.endswith("/loss")),
+    ("loss", lambda k: k in ("loss", "loss/total", "train/loss") or k.endswith("/loss")),
 )
 
 

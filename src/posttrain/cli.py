@@ -1,0 +1,256 @@
+"""The `posttrain` command line.
+
+    posttrain <command> [--config recipe.yaml] [--section.key VALUE | section.key=VALUE ...]
+                        [--dry-run] [--resume] [--help]
+    posttrain report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Command modules are imported only when their command runs, so `posttrain --help` is fast
+and a module that fails to import breaks only its own command. Every user-facing failure
+(`PosttrainError`) is printed as one line ``error: ...`` on stderr with exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError, PosttrainError
+
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: where its config class and run function live, and a one-line summary."""
+
+    module: str
+    config_class: str
+    run_function: str
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "sft": Command(
+        "posttrain.train.offline", "SFTConfig", "run_sft", "supervised fine-tuning on completions"
+    ),
+    "rm": Command(
+        "posttrain.train.offline", "RMConfig", "run_rm", "train an outcome reward model (Bradley-Terry)"
+    ),
+    "prm": Command(
+        "posttrain.train.offline", "PRMConfig", "run_prm", "train a process reward model on step labels"
+    ),
+    "dpo": Command(
+        "posttrain.train.offline", "DPOConfig", "run_dpo", "preference optimization (DPO / IPO / SimPO ...)"
+    ),
+    "rl": Command(
+        "posttrain.train.rl", "RLConfig", "run_rl", "online RL: PPO, GRPO, DAPO, GSPO, RLOO, ... one loop"
+    ),
+    "eval": Command("posttrain.train.evaluate", "EvalConfig", "run_eval", "pass@1, pass@k, maj@k, best-of-N"),
+    "demo": Command(
+        "posttrain.train.demo", "DemoConfig", "run_demo", "CPU demo: SFT warm start -> GRPO -> eval"
+    ),
+    "bench": Command(
+        "posttrain.train.bench", "BenchConfig", "run_bench", "benchmarks against other frameworks"
+    ),
+}
+REPORT_SUMMARY = "plots + Markdown/HTML summary of one or more run directories"
+
+
+def _usage() -> str:
+    lines = [
+        "usage: posttrain <command> [--config recipe.yaml] [--section.key VALUE ...] [--dry-run] [--resume]",
+        "       posttrain report RUN_DIR [RUN_DIR ...] [--out DIR]",
+        "",
+        "commands:",
+    ]
+    for name, cmd in COMMANDS.items():
+        lines.append(f"  {name:<7} {cmd.summary}")
+    lines.append(f"  {'report':<7} {REPORT_SUMMARY}")
+    lines += [
+        "",
+        "`posttrain <command> --help` lists every option of a command with its default.",
+        "Overrides: --algo.clip_eps_high 0.28, algo.clip_eps_high=0.28, --run.resume, --model.lora_target '[q_proj, v_proj]'",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _unknown_command(name: str) -> ConfigError:
+    valid = [*COMMANDS, "report"]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" — did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown command {name!r}{hint} (valid: {', '.join(valid)})")
+
+
+def load_command(name: str) -> tuple[Any, type, Any]:
+    """Import a command's module lazily: (module, ConfigClass, run_function)."""
+    if name not in COMMANDS:
+        raise _unknown_command(name)
+    cmd = COMMANDS[name]
+    try:
+        module = importlib.import_module(cmd.module)
+    except ImportError as e:
+        raise ConfigError(f"command {name!r} is unavailable: cannot import {cmd.module} ({e})") from None
+    try:
+        return module, getattr(module, cmd.config_class), getattr(module, cmd.run_function)
+    except AttributeError as e:
+        raise ConfigError(f"command {name!r} is unavailable: {cmd.module} has no {e.name!r}") from None
+
+
+def _split_args(args: list[str]) -> tuple[str | None, bool, bool, bool, list[str]]:
+    """(config_path, dry_run, resume, help, overrides) from a command's argument list."""
+    config, dry, resume, want_help, rest = None, False, False, False, []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--config", "-c"):
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file path")
+            config = args[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        elif a == "--dry-run":
+            dry = True
+        elif a == "--resume":
+            resume = True
+        elif a in ("--help", "-h"):
+            want_help = True
+        else:
+            rest.append(a)
+        i += 1
+    return config, dry, resume, want_help, rest
+
+
+def output_dir_of(cfg: Any) -> Path | None:
+    """The run directory of a config: ``cfg.run.output_dir``, else ``cfg.output_dir``."""
+    run = getattr(cfg, "run", None)
+    out = getattr(run, "output_dir", None) if run is not None else None
+    out = out if out is not None else getattr(cfg, "output_dir", None)
+    return Path(out) if out is not None else None
+
+
+def run_command(name: str, args: list[str]) -> int:
+    """Resolve the config for `name` from `args`, then print a plan or run it."""
+    from posttrain.train.config import config_help, config_to_dict, load_config, save_config
+
+    config_path, dry, resume, want_help, overrides = _split_args(args)
+    module, config_cls, run_fn = load_command(name)
+    if want_help:
+        sys.stdout.write(
+            f"usage: posttrain {name} [--config recipe.yaml] [--key VALUE ...] [--dry-run] [--resume]\n\n"
+        )
+        sys.stdout.write(config_help(config_cls))
+        return 0
+    if resume:
+        overrides = [*overrides, "--run.resume=true"]
+    cfg = load_config(config_cls, config_path, overrides)
+    if dry:
+        plan = getattr(module, "plan", None)
+        if callable(plan):
+            text = plan(cfg)
+        else:
+            import yaml
+
+            text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+        sys.stdout.write(f"# posttrain {name} (dry run: nothing is trained or written)\n{text.rstrip()}\n")
+        return 0
+    out = output_dir_of(cfg)
+    if out is not None:
+        # Written before training so a crashed run still records what it was asked to do.
+        save_config(cfg, out / "config.yaml")
+    summary = run_fn(cfg)
+    if out is not None and isinstance(summary, dict):
+        from posttrain.train.checkpoint import atomic_write_text
+
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    _print_summary(name, summary)
+    return 0
+
+
+def _print_summary(name: str, summary: Any) -> None:
+    if not isinstance(summary, dict):
+        return
+    sys.stdout.write(f"posttrain {name} done\n")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v, default=str)
+            v = v if len(v) <= 200 else v[:197] + "..."
+        sys.stdout.write(f"  {k}: {v}\n")
+
+
+def run_report(args: list[str]) -> int:
+    """`posttrain report RUN_DIR [RUN_DIR ...] [--out DIR]`."""
+    out, run_dirs, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--help", "-h"):
+            sys.stdout.write(
+                "usage: posttrain report RUN_DIR [RUN_DIR ...] [--out DIR]\n\n"
+                "Plots reward, accuracy, KL, response length and loss over steps (runs overlaid)\n"
+                "and writes report.md + report.html. --out defaults to RUN_DIR/report for one run,\n"
+                "./report for several.\n"
+            )
+            return 0
+        if a == "--out":
+            if i + 1 >= len(args):
+                raise ConfigError("--out needs a directory")
+            out = args[i + 1]
+            i += 2
+            continue
+        if a.startswith("--out="):
+            out = a.split("=", 1)[1]
+        elif a.startswith("-"):
+            raise ConfigError(f"report: unknown option {a!r} (valid: --out DIR)")
+        else:
+            run_dirs.append(a)
+        i += 1
+    if not run_dirs:
+        raise ConfigError("report needs at least one run directory: posttrain report RUN_DIR [RUN_DIR ...]")
+    if out is None:
+        out = str(Path(run_dirs[0]) / "report") if len(run_dirs) == 1 else "report"
+    from posttrain.train.report import write_report
+
+    md = write_report(run_dirs, out)
+    sys.stdout.write(f"wrote {md} and {md.with_suffix('.html')}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `posttrain` and `python -m posttrain`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_usage())
+        return 0 if argv else EXIT_USAGE
+    if argv[0] == "--version":
+        from posttrain import __version__
+
+        sys.stdout.write(f"posttrain {__version__}\n")
+        return 0
+    name, rest = argv[0], argv[1:]
+    try:
+        if name == "report":
+            return run_report(rest)
+        return run_command(name, rest)
+    except PosttrainError as e:
+        sys.stderr.write(f"error: {_one_line(e)}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
