@@ -28,6 +28,8 @@ class SamplingParams:
     repetition_ngram / repetition_max_repeats: stop a sequence whose last
         `repetition_ngram`-gram has occurred `repetition_max_repeats` times (Kimi k1.5
         early stop); finish reason "repetition". 0 disables it.
+    ignore_eos: keep generating past EOS (only `stop_token_ids` / stop strings / length
+        end a sequence) — for throughput benchmarks with random-init models.
     """
 
     temperature: float = 1.0
@@ -41,6 +43,7 @@ class SamplingParams:
     return_keep_mask: bool = False
     repetition_ngram: int = 0
     repetition_max_repeats: int = 4
+    ignore_eos: bool = False
 
 
 @dataclass
