@@ -194,8 +194,10 @@ _preset(
 _preset(
     "on_policy_distill",
     {
+        # γ = 0: each token's advantage is its own reverse-KL reward, not a sum of future
+        # ones (the per-token credit assignment of on-policy distillation).
         "advantage": "reinforce",
-        "advantage_options": {"per_token": True},
+        "gamma": 0.0,
         "policy_loss": "pg",
         "aggregation": "token-mean",
         "teacher_mode": "reward",
