@@ -1,0 +1,91 @@
+"""Reward functions for RL: a registry of factories and a parallel, deadline-bound runner.
+
+A reward is a plain or async callable ``f(prompts, completions, **columns) ->
+list[float | None]`` over a batch of B samples (None: not applicable to that sample).
+Extra dataset columns (``answer``, ``tests``, ``group_id``, ``response_length`` …) arrive
+as keyword arguments. `build_reward(name, **options)` builds one by name; `RewardRunner`
+runs several with weights, each under a deadline, and turns failures into counted,
+excluded samples (see runner.py). docs/rewards.md lists every reward and its options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from posttrain.core.registry import Registry
+from posttrain.data.rewards.runner import RewardResult, RewardRunner
+from posttrain.data.rewards.text import (
+    dapo_overlong_reward,
+    format_reward,
+    kimi_length_reward,
+    language_reward,
+    length_linear_reward,
+    repetition_reward,
+    task_reward,
+)
+from posttrain.errors import ConfigError
+
+REWARDS: Registry = Registry("reward")
+
+
+@REWARDS.register("accuracy")
+def _accuracy(**options) -> Callable:
+    from posttrain.data.rewards.accuracy import AccuracyReward
+
+    return AccuracyReward(**options)
+
+
+@REWARDS.register("code")
+def _code(**options) -> Callable:
+    from posttrain.data.rewards.code import code_reward
+
+    return code_reward(**options)
+
+
+@REWARDS.register("reward_model")
+def _reward_model(**options) -> Callable:
+    from posttrain.data.rewards.models import reward_model_reward
+
+    return reward_model_reward(**options)
+
+
+@REWARDS.register("prm")
+def _prm(**options) -> Callable:
+    from posttrain.data.rewards.models import prm_reward
+
+    return prm_reward(**options)
+
+
+@REWARDS.register("kimi_length")
+def _kimi_length(
+    *, correctness: str | Callable | None = None, correctness_options: dict | None = None, **options
+):
+    # A reward name is built here so a YAML config can say correctness: accuracy.
+    if isinstance(correctness, str):
+        correctness = build_reward(correctness, **(correctness_options or {}))
+    return kimi_length_reward(correctness=correctness, **options)
+
+
+REWARDS.register("format")(format_reward)
+REWARDS.register("length_linear")(length_linear_reward)
+REWARDS.register("dapo_overlong")(dapo_overlong_reward)
+REWARDS.register("repetition")(repetition_reward)
+REWARDS.register("language")(language_reward)
+REWARDS.register("task")(task_reward)
+
+
+def build_reward(name: str, **options) -> Callable:
+    """Build the reward registered as `name` with its keyword options.
+
+    An unknown name lists the valid ones; an unknown option names the reward and option.
+    """
+    factory = REWARDS[name]
+    try:
+        return factory(**options)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e) or "missing" in str(e):
+            raise ConfigError(f"reward {name!r}: {str(e).split(') ', 1)[-1]}") from None
+        raise
+
+
+__all__ = ["REWARDS", "RewardResult", "RewardRunner", "build_reward"]

@@ -1,0 +1,254 @@
+"""Run several reward functions on a batch, in parallel, each under a deadline.
+
+A reward is f(prompts, completions, **columns) -> list[float | None], plain or async. The
+runner gives every reward its own thread (async ones share one background event loop) and
+one deadline for the batch. Outcomes per reward and sample:
+
+- a number: weighted into the sample's score;
+- None: the reward does not apply to the sample (adds nothing to its score);
+- an error — the call raised, ran past the deadline, returned something that is not a
+  list of B entries, or an entry that is not a finite number or None: counted and logged,
+  and the sample is *excluded* (valid=False, score NaN), never silently scored 0.
+
+A sample no reward applies to is excluded too (valid=False) but is not an error. When the
+share of samples with an error exceeds `max_error_rate`, `score` raises RewardError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import numbers
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.errors import ConfigError, RewardError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardResult:
+    """Rewards of one batch of B samples.
+
+    scores: [B] float32, Σ_k weight_k · reward_k over the rewards that apply; NaN where the
+        sample is excluded (valid False).
+    per_reward: name -> [B] float32 raw (unweighted) values, NaN where None or error.
+    valid: [B] bool, False where any reward errored or none applied.
+    errors: name -> number of samples on which that reward errored.
+    messages: name -> the first error message of that reward in this batch.
+    time_s: name -> wall seconds the reward took (the deadline when it hung).
+    """
+
+    scores: torch.Tensor
+    per_reward: dict[str, torch.Tensor]
+    valid: torch.Tensor
+    errors: dict[str, int]
+    messages: dict[str, str] = field(default_factory=dict)
+    time_s: dict[str, float] = field(default_factory=dict)
+
+
+class _Loop:
+    """One background asyncio loop shared by async rewards (never the caller's loop, so a
+    caller inside asyncio can call `score` from a worker thread)."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="posttrain-reward-loop", daemon=True).start()
+                cls._loop = loop
+            return cls._loop
+
+
+def _accepted_columns(fn: Callable) -> set[str] | None:
+    """Names of keyword columns fn accepts; None when it takes **kwargs (all of them)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _is_async(fn: Callable) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+class RewardRunner:
+    """Score batches with weighted rewards.
+
+    rewards: [(name, fn, weight), ...]; names must be unique.
+    timeout_s: deadline for the whole batch; a reward still running then is an error on
+        every sample (a hung plain function's thread is abandoned — Python cannot kill a
+        thread — and counted in `abandoned_threads`).
+    max_workers: rewards running at once.
+    max_error_rate: the largest tolerated share of samples with an error in one batch.
+    """
+
+    def __init__(
+        self,
+        rewards: list[tuple[str, Callable, float]],
+        timeout_s: float = 60.0,
+        max_workers: int = 4,
+        max_error_rate: float = 0.1,
+    ):
+        names = [r[0] for r in rewards]
+        if not rewards:
+            raise ConfigError("RewardRunner needs at least one reward")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"reward names must be unique, got {names}")
+        for name, fn, weight in rewards:
+            if not callable(fn):
+                raise ConfigError(f"reward {name!r} is not callable")
+            if not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+                raise ConfigError(f"reward {name!r} weight must be a finite number, got {weight!r}")
+        if timeout_s <= 0 or max_workers < 1 or not 0.0 <= max_error_rate <= 1.0:
+            raise ConfigError("RewardRunner needs timeout_s > 0, max_workers >= 1, 0 <= max_error_rate <= 1")
+        self.rewards = [(n, f, float(w)) for n, f, w in rewards]
+        self.timeout_s = float(timeout_s)
+        self.max_error_rate = float(max_error_rate)
+        self._slots = threading.Semaphore(max_workers)
+        self._columns = {n: _accepted_columns(f) for n, f, _ in rewards}
+        self.abandoned_threads: list[threading.Thread] = []
+
+    def score(
+        self, prompts: list, completions: list[str], columns: dict[str, list] | None = None
+    ) -> RewardResult:
+        """Run every reward on the batch; see the module docstring for the outcomes."""
+        columns = dict(columns or {})
+        b = len(completions)
+        if len(prompts) != b:
+            raise RewardError(f"{len(prompts)} prompts for {b} completions")
+        for k, v in columns.items():
+            if len(v) != b:
+                raise RewardError(f"column {k!r} has {len(v)} entries for {b} completions")
+        deadline = time.monotonic() + self.timeout_s
+        slots = {}
+        for name, fn, _ in self.rewards:
+            accepted = self._columns[name]
+            kw = columns if accepted is None else {k: v for k, v in columns.items() if k in accepted}
+            slots[name] = self._start(name, fn, prompts, completions, kw)
+        per_reward, errors, messages, times = {}, {}, {}, {}
+        err_mask = torch.zeros(b, dtype=torch.bool)
+        applied = torch.zeros(b, dtype=torch.bool)
+        total = torch.zeros(b, dtype=torch.float64)
+        for name, _, weight in self.rewards:
+            values, bad, msg, took = self._collect(slots[name], b, deadline)
+            per_reward[name] = torch.tensor(
+                [math.nan if v is None else v for v in values], dtype=torch.float32
+            )
+            times[name] = took
+            errors[name] = int(bad.sum())
+            if msg:
+                messages[name] = msg
+                logger.warning("reward %r failed on %d/%d samples: %s", name, errors[name], b, msg)
+            err_mask |= bad
+            for i, v in enumerate(values):
+                if v is not None and not bad[i]:
+                    total[i] += weight * v
+                    applied[i] = True
+        valid = applied & ~err_mask
+        scores = torch.where(valid, total, torch.full_like(total, math.nan)).float()
+        n_err = int(err_mask.sum())
+        if b and n_err / b > self.max_error_rate:
+            detail = "; ".join(f"{n}: {errors[n]} ({messages.get(n, '')})" for n in errors if errors[n])
+            raise RewardError(
+                f"rewards failed on {n_err}/{b} samples ({n_err / b:.0%} > max_error_rate {self.max_error_rate:.0%}): {detail}"
+            )
+        return RewardResult(scores, per_reward, valid, errors, messages, times)
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self, name, fn, prompts, completions, kw) -> dict:
+        slot: dict = {"done": threading.Event(), "t0": time.monotonic()}
+        if _is_async(fn):
+            try:
+                coro = fn(prompts, completions, **kw)
+            except BaseException as e:
+                slot["error"] = e
+                slot["done"].set()
+                return slot
+            fut = asyncio.run_coroutine_threadsafe(coro, _Loop.get())
+            slot["future"] = fut
+            fut.add_done_callback(lambda _: slot["done"].set())
+            return slot
+
+        def target():
+            with self._slots:
+                try:
+                    out = fn(prompts, completions, **kw)
+                    if inspect.isawaitable(out):  # a plain callable that returned a coroutine
+                        out = asyncio.run_coroutine_threadsafe(_await(out), _Loop.get()).result()
+                    slot["value"] = out
+                except BaseException as e:  # any failure of user code is the reward's error
+                    slot["error"] = e
+                finally:
+                    slot["done"].set()
+
+        t = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
+        slot["thread"] = t
+        t.start()
+        return slot
+
+    def _collect(self, slot: dict, b: int, deadline: float):
+        """-> (values: list[float|None], bad: Tensor[B] bool, message, seconds)."""
+        finished = slot["done"].wait(timeout=max(0.0, deadline - time.monotonic()))
+        took = time.monotonic() - slot["t0"]
+        all_bad = torch.ones(b, dtype=torch.bool)
+        if not finished:
+            if "future" in slot:
+                slot["future"].cancel()
+            else:
+                self.abandoned_threads = [t for t in self.abandoned_threads if t.is_alive()] + [
+                    slot["thread"]
+                ]
+            return [None] * b, all_bad, f"timed out after {self.timeout_s:g}s", took
+        if "error" in slot:
+            return [None] * b, all_bad, _one_line(slot["error"]), took
+        if "future" in slot:
+            try:
+                out = slot["future"].result(timeout=0)
+            except BaseException as e:
+                return [None] * b, all_bad, _one_line(e), took
+        else:
+            out = slot["value"]
+        if isinstance(out, torch.Tensor):
+            out = out.tolist()
+        if not isinstance(out, (list, tuple)):
+            return [None] * b, all_bad, f"returned {type(out).__name__}, expected a list of {b} numbers", took
+        if len(out) != b:
+            return [None] * b, all_bad, f"returned {len(out)} values for {b} samples", took
+        values: list[float | None] = []
+        bad = torch.zeros(b, dtype=torch.bool)
+        msg = None
+        for i, v in enumerate(out):
+            if v is None:
+                values.append(None)
+            elif isinstance(v, numbers.Real) and math.isfinite(float(v)):
+                values.append(float(v))
+            else:
+                values.append(None)
+                bad[i] = True
+                msg = msg or f"sample {i}: {v!r:.40} is not a finite number or None"
+        return values, bad, msg, took
+
+
+async def _await(aw):
+    return await aw
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
