@@ -328,3 +328,16 @@ def test_prompt_lengths_error_and_skip(caplog):
     assert check_prompt_lengths(rows, tok, 5, policy="skip", render=lambda r: r["prompt"][:1]) == rows
     with pytest.raises(ConfigError, match="policy"):
         check_prompt_lengths(rows, tok, 5, policy="truncate")
+
+
+def test_prompt_lengths_with_the_char_tokenizer():
+    tokenizer_module = pytest.importorskip("posttrain.engines.tokenizer")
+    tok = tokenizer_module.build_char_tokenizer()
+    text_row = {"prompt": "What is 7+5?"}
+    assert count_prompt_tokens(text_row, tok) == len("What is 7+5?")  # one token per character
+    conv_row = {"prompt": [{"role": "user", "content": "What is 7+5?"}]}
+    rendered = tok.apply_chat_template(conv_row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert count_prompt_tokens(conv_row, tok) == len(tok.encode(rendered, add_special_tokens=False))
+    assert count_prompt_tokens(conv_row, tok) > count_prompt_tokens(text_row, tok)
+    limit = count_prompt_tokens(text_row, tok)
+    assert check_prompt_lengths([text_row, conv_row], tok, limit, policy="skip") == [text_row]

@@ -224,7 +224,6 @@ def test_expression_parser_bounds():
 def test_expression_parser_agrees_with_python_precedence(numbers, ops):
     # Property: for + - * over literals, the safe parser agrees with Python's precedence.
     text = "".join(f"{n}{op}" for n, op in zip(numbers, ops)) + "7"
-    expected = 7
     # Compute the reference by hand (no eval): products first, then left-to-right sums.
     tokens = [*numbers[: len(ops)], 7]
     used_ops = ops[: len(tokens) - 1]

@@ -342,10 +342,12 @@ class DecontaminationReport:
 
     @property
     def contaminated_train(self) -> list[int]:
+        """Indices of training prompts with an overlap (the ones to drop)."""
         return sorted({o.train_index for o in self.overlaps})
 
     @property
     def contaminated_eval(self) -> list[int]:
+        """Indices of eval prompts that some training prompt overlaps."""
         return sorted({o.eval_index for o in self.overlaps})
 
     @property
@@ -355,12 +357,14 @@ class DecontaminationReport:
         return [i for i in range(self.n_train) if i not in bad]
 
     def counts(self) -> dict[str, int]:
+        """Number of overlapping training prompts per match kind."""
         out = {"exact": 0, "normalized": 0, "ngram": 0}
         for o in self.overlaps:
             out[o.kind] += 1
         return out
 
     def summary(self) -> str:
+        """One line for logs/reports."""
         c = self.counts()
         return (
             f"{len(self.contaminated_train)} of {self.n_train} training prompts overlap "

@@ -79,6 +79,7 @@ class Arithmetic(Task):
         self.prompt_style = prompt_style
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        """Draw an expression with LEVELS[difficulty] operations and operand sizes."""
         n_ops, operators, digits, factor_digits = LEVELS[difficulty]
         ops = [rng.choice(operators) for _ in range(n_ops)]
         numbers = [_number(rng, digits)]
@@ -103,6 +104,7 @@ class Arithmetic(Task):
         )
 
     def check(self, predicted: str, answer: str) -> bool:
+        """Integer equality; "12", "+12", "12.0" and "1,200"-style thousands separators accepted."""
         try:
             target = int(answer.strip())
         except ValueError:

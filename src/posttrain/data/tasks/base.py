@@ -58,6 +58,7 @@ class Example:
     solution_steps: list[str] = field(default_factory=list)
 
     def to_row(self) -> dict:
+        """All fields as a plain dict (JSON-serialisable)."""
         return asdict(self)
 
 
@@ -128,10 +129,12 @@ class Task:
 
     # -- to implement -------------------------------------------------------------------
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
-        raise NotImplementedError
+        """Draw one problem of level `difficulty` using only `rng` (so seeds reproduce it)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement generate()")
 
     def check(self, predicted: str, answer: str) -> bool:
-        raise NotImplementedError
+        """Whether the extracted answer text `predicted` is right for ground truth `answer`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement check()")
 
     # -- shared behaviour ---------------------------------------------------------------
     def examples(self, split: str, n: int, seed: int = 0, difficulty: int | None = None) -> list[Example]:

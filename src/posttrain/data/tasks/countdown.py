@@ -28,7 +28,7 @@ from fractions import Fraction
 
 from posttrain.data.tasks.base import Problem, Task
 from posttrain.data.tasks.expr import ExpressionError, evaluate_expression
-from posttrain.data.tasks.program import Program, Ref, evaluate, fmt, render_steps
+from posttrain.data.tasks.program import Program, Ref, apply, evaluate, fmt, render_steps
 from posttrain.errors import DataError
 
 LEVELS = {1: (2, 9), 2: (3, 9), 3: (3, 25), 4: (4, 25), 5: (5, 50)}
@@ -78,6 +78,7 @@ class Countdown(Task):
     max_difficulty = 5
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        """Draw numbers, combine all of them by random valid operations; the value is the target."""
         count, high = LEVELS[difficulty]
         while True:
             numbers = [rng.randint(1, high) for _ in range(count)]
@@ -94,7 +95,7 @@ class Countdown(Task):
                 op = rng.choice(_valid_ops(va, vb))
                 program.append((a, op, b))
                 ref = Ref(len(program) - 1)
-                values[ref.index] = evaluate(program)[-1]
+                values[ref.index] = apply(va, op, vb)
                 pool = [x for k, x in enumerate(pool) if k not in (i, j)] + [ref]
             target = values[len(program) - 1]
             if 1 <= target <= MAX_TARGET and target not in numbers:
@@ -136,6 +137,7 @@ class Countdown(Task):
         raise AssertionError("unreachable: a+b, a-b, a*b, a/b cannot all equal one value")
 
     def check(self, predicted: str, answer: str) -> bool:
+        """Safe-parse the expression; literals within the given numbers; value equals the target."""
         target, numbers = parse_answer(answer)
         # Accept "expr" and "expr=target"; the right-hand side, if given, must be the target.
         lhs, _, rhs = predicted.partition("=")

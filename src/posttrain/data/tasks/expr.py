@@ -21,6 +21,7 @@ class ExpressionError(ValueError):
 
 
 def tokenize(text: str, max_length: int) -> list[str]:
+    """Number, operator (aliases mapped to ASCII) and parenthesis tokens; spaces dropped."""
     if len(text) > max_length:
         raise ExpressionError(f"expression longer than {max_length} characters")
     tokens: list[str] = []
@@ -47,6 +48,9 @@ def tokenize(text: str, max_length: int) -> list[str]:
 
 
 class _Parser:
+    """Recursive descent: expr := term ((+|-) term)*; term := factor ((*|/) factor)*;
+    factor := NUMBER | ( expr ). Records the literals it reads."""
+
     def __init__(self, tokens: list[str], max_depth: int):
         self.tokens = tokens
         self.pos = 0

@@ -51,6 +51,7 @@ class Sorting(Task):
         self.operations = tuple(operations)
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        """Draw a list of LENGTHS[difficulty] items and one operation; see the module docstring."""
         kind = self.items if self.items != "mixed" else rng.choice(("digits", "letters"))
         op = rng.choice(self.operations)
         while True:
@@ -75,5 +76,6 @@ class Sorting(Task):
         )
 
     def check(self, predicted: str, answer: str) -> bool:
+        """Item sequences equal, separators (spaces/commas) ignored."""
         # Items may be separated by spaces or commas; case and order must match exactly.
         return _items(predicted) == _items(answer)

@@ -42,6 +42,7 @@ class WordProblems(Task):
     max_difficulty = 4
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        """Draw a story of LEVELS[difficulty] operations on one count; names are cosmetic."""
         n_ops, operators, high = LEVELS[difficulty]
         item = rng.choice(ITEMS)
         start = rng.randint(1, high)
@@ -86,6 +87,7 @@ class WordProblems(Task):
         )
 
     def check(self, predicted: str, answer: str) -> bool:
+        """The first word is the number; an optional second word (the noun) is ignored."""
         # A bare number, optionally followed by the item noun ("7" or "7 apples").
         words = predicted.replace(",", "").split()
         return bool(words) and len(words) <= 2 and words[0] == answer.strip()
