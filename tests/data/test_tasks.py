@@ -285,3 +285,17 @@ def test_generated_problem_counts_are_sane():
     for ex in c.examples("train", 50, seed=5, difficulty=4):
         target, numbers = parse_answer(ex.answer)
         assert len(numbers) == 4 and 1 <= target <= 999 and target not in numbers
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(NAMES), st.integers(0, 10**6), st.integers(1, 5), st.sampled_from(["train", "test"]))
+def test_any_seed_gives_verified_consistent_examples(name, seed, level, split):
+    # Property over seeds and levels: reference right, wrong trace wrong, labels monotone.
+    task = get_task(name)
+    level = min(level, task.max_difficulty)
+    for ex in task.examples(split, 5, seed=seed, difficulty=level):
+        assert task.score(ex.solution, ex.answer) == 1.0
+        assert task.score(ex.wrong_solution, ex.answer) == 0.0
+        labels = ex.step_labels
+        assert False in labels and labels == sorted(labels, reverse=True)
+        assert len(ex.solution_steps) == len(ex.steps)
