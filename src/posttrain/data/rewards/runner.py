@@ -83,7 +83,8 @@ def _accepted_columns(fn: Callable) -> set[str] | None:
 
 
 def _is_async(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    call = type(fn).__call__ if not inspect.isfunction(fn) else None  # a callable object
+    return inspect.iscoroutinefunction(fn) or (call is not None and inspect.iscoroutinefunction(call))
 
 
 class RewardRunner:
