@@ -189,3 +189,14 @@ def test_bf16_and_empty_mask():
     for name in ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "reinforce"):
         adv, ret = ADVANTAGES[name](**kw)
         assert adv.dtype == torch.float32 and torch.isfinite(adv).all() and torch.all(adv == 0)
+
+
+def test_returns_to_go_skip_masked_tokens_both_paths():
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    tr = torch.tensor([[0.5, 7.0, 0.25, 0.0]], dtype=torch.float64)  # 7.0 sits on a masked token
+    scores = torch.tensor([1.0], dtype=torch.float64)
+    _, undiscounted = ADVANTAGES["reinforce"](scores=scores, mask=mask, token_rewards=tr, gamma=1.0)
+    assert torch.allclose(undiscounted, torch.tensor([[1.75, 0.0, 1.25, 1.0]], dtype=torch.float64))
+    _, half = ADVANTAGES["reinforce"](scores=scores, mask=mask, token_rewards=tr, gamma=0.5)
+    # active rewards 0.5, 0.25, 1.0 -> G = [0.5 + 0.5*(0.25 + 0.5*1), -, 0.25 + 0.5, 1.0]
+    assert torch.allclose(half, torch.tensor([[0.875, 0.0, 0.75, 1.0]], dtype=torch.float64))

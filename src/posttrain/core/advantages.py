@@ -50,6 +50,9 @@ def _last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 def _returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """G_t = Σ_{k>=t, mask_k=1} γ^{(#active steps from t to k)} r_k; masked positions are skipped
     (they neither receive nor discount), so interleaved tool/observation tokens are transparent."""
+    if gamma == 1.0:  # undiscounted: a reverse cumulative sum, no loop over T
+        r = rewards * mask
+        return torch.flip(torch.cumsum(torch.flip(r, [1]), 1), [1]) * mask
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in range(rewards.shape[1] - 1, -1, -1):  # sequential in T, vectorised in B
