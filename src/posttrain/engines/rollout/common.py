@@ -246,7 +246,10 @@ def assemble_rollout(
     cols = torch.arange(T, device=response_ids.device)
     mask = (cols[None, :] < lengths[:, None]).float()  # [B, T]
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
-    sampling_logprobs = sampling_logprobs.float() * mask
+    # where, not multiply: a padding step may carry -inf (e.g. a pad token outside top-k)
+    sampling_logprobs = torch.where(
+        mask.bool(), sampling_logprobs.float(), torch.zeros((), device=mask.device)
+    )
     if keep_mask is not None:
         keep_mask = keep_mask & mask.bool()[:, :, None]
     stop_set = set(stop_ids)

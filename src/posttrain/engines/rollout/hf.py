@@ -87,8 +87,10 @@ class HFEngine:
             max_new_tokens=max_new,
             do_sample=sample,
             temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample and params.top_p < 1.0 else None,
-            top_k=params.top_k if sample and params.top_k > 0 else None,
+            # Explicit values even when disabled: transformers otherwise fills in its own
+            # defaults (top_k=50), silently truncating the distribution.
+            top_p=params.top_p if sample else None,
+            top_k=params.top_k if sample else None,
             eos_token_id=stop_ids or None,
             pad_token_id=self.pad_id,
             output_scores=True,
