@@ -153,6 +153,8 @@ def run_command(name: str, args: list[str]) -> int:
         sys.stdout.write(config_help(config_cls))
         return 0
     if resume:
+        if not hasattr(getattr(config_cls(), "run", None), "resume"):
+            raise ConfigError(f"posttrain {name} has no --resume (it keeps no checkpoints)")
         overrides = [*overrides, "--run.resume=true"]
     cfg = load_config(config_cls, config_path, overrides)
     if dry:

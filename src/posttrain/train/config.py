@@ -164,7 +164,10 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _unknown_key_error(key: str, cls: type) -> ConfigError:
     valid = valid_keys(cls)
+    ratio = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in valid}
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    # Only near-ties of the best match: a list of loosely similar keys is noise.
+    close = [c for c in close if ratio[c] >= ratio[close[0]] - 0.05]
     leaf = key.rsplit(".", 1)[-1]
     # A right name in the wrong section ("clip_eps_high" instead of "algo.clip_eps_high").
     close += [k for k in valid if k.rsplit(".", 1)[-1] == leaf and k not in close]

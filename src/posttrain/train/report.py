@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from posttrain.train.checkpoint import atomic_write_text
 from posttrain.train.plots import PANELS, _labels, load_run, panel_keys, plot_run, series
 
 CONFIG_EXCERPT_LINES = 60  # longer configs are cut; the full file sits in the run dir
@@ -194,6 +193,8 @@ def write_report(run_dirs: list[str | os.PathLike] | str | os.PathLike, out_dir:
     A missing run directory (or one without metrics.jsonl) is a one-line ConfigError
     raised before anything is written.
     """
+    from posttrain.train.checkpoint import atomic_write_text  # torch-heavy; after validation
+
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
     paths = [Path(p) for p in run_dirs]

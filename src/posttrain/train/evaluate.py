@@ -1,0 +1,505 @@
+"""Evaluation: pass@1, pass@k, maj@k, best-of-N (ORM or PRM), format rate, length.
+
+`evaluate_policy` is the in-process function the RL loop, the demo and the benchmarks call
+for before/after numbers; `run_eval` is `posttrain eval` (loads a model, evaluates it,
+prints a table and writes ``eval.json``).
+
+Per prompt i with k samples of which c_i are correct (Task.score == 1, or the math-verify
+accuracy reward for a plain dataset):
+- accuracy = pass@1 = mean_i c_i / k (the unbiased pass@1 of Chen et al. 2021, eq. 1)
+- pass@j   = mean_i [1 − C(k − c_i, j) / C(k, j)] for each j ≤ k (same estimator)
+- maj@k    = mean_i 1[the most frequent extracted answer is correct] (self-consistency,
+  Wang et al. 2023). Deviation: answers are grouped by exact string after stripping, not by
+  mathematical equivalence; ties go to the answer seen first; samples without an answer
+  do not vote.
+- best_of_k/orm, best_of_k/prm = mean_i 1[the sample with the highest ORM score / PRM
+  aggregate is correct] (Cobbe et al. 2021; Lightman et al. 2023 use the min step score).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from posttrain.errors import ConfigError, DataError
+from posttrain.train.config import ModelSection
+
+if TYPE_CHECKING:  # torch is imported inside functions so `posttrain eval --help` stays fast
+    import torch
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class EvalDataSection:
+    """What to evaluate on: a synthetic task or a dataset file."""
+
+    task: str | None = field(
+        default="arithmetic",
+        metadata=_h("Synthetic task name (its verifier scores answers); null with `path`."),
+    )
+    path: str | None = field(
+        default=None,
+        metadata=_h("Dataset file/dir with prompt and answer columns; overrides the task's examples."),
+    )
+    split: Literal["train", "test"] = field(default="test", metadata=_h("Task split to evaluate."))
+    n: int = field(default=100, metadata=_h("Number of prompts (0 = every row of `path`)."))
+    difficulty: int | None = field(default=None, metadata=_h("Task difficulty level; null = mixed levels."))
+    prompt_column: str = field(default="prompt", metadata=_h("Prompt column of `path`."))
+    answer_column: str = field(default="answer", metadata=_h("Ground-truth answer column of `path`."))
+    chat_template: bool = field(default=True, metadata=_h("Apply the tokenizer's chat template to prompts."))
+    enable_thinking: bool = field(
+        default=True,
+        metadata=_h("Thinking mode of the chat template (false pre-fills an empty think block)."),
+    )
+
+
+@dataclass
+class EvalSamplingSection:
+    """How completions are sampled."""
+
+    k: int = field(default=4, metadata=_h("Samples per prompt (pass@k, maj@k, best-of-k)."))
+    temperature: float = field(default=1.0, metadata=_h("Sampling temperature (0 = greedy; then use k=1)."))
+    top_p: float = field(default=1.0, metadata=_h("Nucleus sampling mass; 1 disables it."))
+    max_new_tokens: int = field(default=64, metadata=_h("Longest completion in tokens."))
+    engine: str = field(default="native", metadata=_h("Rollout engine: native | hf | vllm."))
+    batch_size: int = field(default=32, metadata=_h("Prompts per generate call."))
+
+
+@dataclass
+class EvalScorerSection:
+    """Optional verifier-free selection of one sample out of k (best-of-N)."""
+
+    orm: str | None = field(
+        default=None, metadata=_h("Reward model directory (from `posttrain rm`) for best-of-k.")
+    )
+    prm: str | None = field(
+        default=None, metadata=_h("Process reward model directory (from `posttrain prm`).")
+    )
+    prm_aggregate: Literal["min", "last", "mean", "prod"] = field(
+        default="min", metadata=_h("How step scores become one trace score (min: Lightman et al. 2023).")
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a model (`posttrain eval`): pass@1, pass@k, maj@k, best-of-N with an ORM/PRM."""
+
+    model: ModelSection = field(default_factory=ModelSection, metadata=_h("The model to evaluate."))
+    data: EvalDataSection = field(default_factory=EvalDataSection, metadata=_h("Evaluation prompts."))
+    sampling: EvalSamplingSection = field(default_factory=EvalSamplingSection, metadata=_h("Sampling."))
+    scorer: EvalScorerSection = field(default_factory=EvalScorerSection, metadata=_h("Best-of-N scorers."))
+    output_dir: str = field(default="runs/eval", metadata=_h("Where eval.json and samples.jsonl go."))
+    seed: int = field(default=0, metadata=_h("Seed for example selection and sampling."))
+    save_samples: bool = field(default=True, metadata=_h("Write every completion to samples.jsonl."))
+
+    def __post_init__(self):
+        if self.sampling.k < 1:
+            raise ValueError(f"sampling.k must be >= 1, got {self.sampling.k}")
+        if self.data.task is None and self.data.path is None:
+            raise ValueError("set data.task or data.path")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def pass_at_k_mean(correct: Sequence[Sequence[bool]], k: int) -> float:
+    """Mean unbiased pass@k over prompts; each prompt's n = its number of samples (n >= k)."""
+    from posttrain.core.evaluation import pass_at_k
+
+    if not correct:
+        return float("nan")
+    return float(sum(pass_at_k(len(c), sum(c), k) for c in correct) / len(correct))
+
+
+def _norm(answer: str | None) -> str | None:
+    answer = answer.strip() if answer is not None else None
+    return answer or None
+
+
+def best_of(scores: Sequence[float], correct: Sequence[bool]) -> bool:
+    """Whether the highest-scored sample (first on ties, NaN lowest) is correct."""
+    keyed = [(-math.inf if (s is None or math.isnan(s)) else s) for s in scores]
+    return bool(correct[max(range(len(keyed)), key=lambda i: (keyed[i], -i))])
+
+
+def format_ok(text: str, *, think_prefilled: bool) -> bool:
+    """R1 format: ``<think>…</think><answer>…</answer>`` (only the answer block when the
+    template pre-filled an empty think block)."""
+    pattern = _ANSWER_ONLY if think_prefilled else _THINK_ANSWER
+    return pattern.fullmatch(text) is not None
+
+
+_THINK_ANSWER = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.S)
+_ANSWER_ONLY = re.compile(r"\s*<answer>.*?</answer>\s*", re.S)
+
+
+# --------------------------------------------------------------------------- core routine
+
+
+def _clean(text: str, tokenizer) -> str:
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and text.endswith(eos):
+        text = text[: -len(eos)]
+    return text
+
+
+def _prompt_ids(tokenizer, prompt: str, chat_template: bool, enable_thinking: bool) -> list[int]:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        from posttrain.algos.sft import render_prompt
+
+        prompt = render_prompt(tokenizer, prompt, enable_thinking)
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def generate_samples(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    engine: str = "native",
+    seed: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    chat_template: bool = True,
+    enable_thinking: bool = True,
+) -> tuple[list[list[str]], list[list[int]], list[list[str]]]:
+    """k completions per prompt: (texts[P][k], token lengths[P][k], finish reasons[P][k]).
+
+    The model is put in eval mode (no dropout) and restored afterwards.
+    """
+    import torch
+
+    from posttrain.engines.rollout import make_engine
+    from posttrain.engines.rollout.base import SamplingParams
+
+    eng = make_engine(engine, model, tokenizer)
+    eng.sync_weights(model)
+    texts: list[list[str]] = []
+    lengths: list[list[int]] = []
+    reasons: list[list[str]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            chunk = prompts[start : start + batch_size]
+            ids = [_prompt_ids(tokenizer, p, chat_template, enable_thinking) for p in chunk]
+            params = SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                n=k,
+                seed=seed * 1_000_003 + b,
+            )
+            with torch.no_grad():
+                ro = eng.generate(ids, params)
+            lens = ro.mask.sum(dim=1).long().tolist()  # [B]
+            for i in range(len(chunk)):
+                rows = range(i * k, (i + 1) * k)  # Rollout contract: sample j is prompt j // n
+                texts.append([_clean(ro.texts[j], tokenizer) for j in rows])
+                lengths.append([int(lens[j]) for j in rows])
+                reasons.append([ro.finish_reason[j] for j in rows])
+    finally:
+        model.train(was_training)
+    return texts, lengths, reasons
+
+
+def evaluate_policy(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Any],
+    task: Any,
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    engine: str = "native",
+    seed: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    chat_template: bool = True,
+    enable_thinking: bool = True,
+    return_samples: bool = False,
+) -> dict[str, Any]:
+    """Sample k completions per example and score them with `task`.
+
+    examples: Example objects (or dicts) with `prompt` and `answer`.
+    task: anything with ``score(completion, answer) -> float`` (1.0 = correct); a Task.
+    Returns {"accuracy" (= pass@1), "pass@k" and "maj@k" (when k > 1), "format_rate",
+    "length_mean" (tokens), "truncated_frac" (finished by length), "n", "k"}; with
+    return_samples also "samples": one dict per completion.
+    """
+    if k < 1:
+        raise ConfigError(f"evaluation needs k >= 1 samples per prompt, got {k}")
+    prompts = [_field(ex, "prompt") for ex in examples]
+    answers = [str(_field(ex, "answer")) for ex in examples]
+    texts, lengths, reasons = generate_samples(
+        model, tokenizer, prompts, k=k, temperature=temperature, max_new_tokens=max_new_tokens, engine=engine,
+        seed=seed, top_p=top_p, batch_size=batch_size, chat_template=chat_template, enable_thinking=enable_thinking,
+    )  # fmt: skip
+    correct = [[task.score(t, a) >= 1.0 for t in ts] for ts, a in zip(texts, answers)]
+    return summarize(
+        prompts, answers, texts, lengths, reasons, correct,
+        think_prefilled=chat_template and not enable_thinking, return_samples=return_samples,
+    )  # fmt: skip
+
+
+def _field(ex: Any, name: str) -> Any:
+    if isinstance(ex, dict):
+        if name not in ex:
+            raise DataError(f"evaluation example has no {name!r} field (fields: {', '.join(ex)})")
+        return ex[name]
+    return getattr(ex, name)
+
+
+def summarize(
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    texts: Sequence[Sequence[str]],
+    lengths: Sequence[Sequence[int]],
+    reasons: Sequence[Sequence[str]],
+    correct: Sequence[Sequence[bool]],
+    *,
+    think_prefilled: bool = False,
+    scores: dict[str, Sequence[Sequence[float]]] | None = None,
+    return_samples: bool = False,
+) -> dict[str, Any]:
+    """The metrics of the module docstring from per-sample texts/lengths/correctness.
+
+    scores: optional name -> [P][k] selection scores (e.g. "orm", "prm") giving
+        ``best_of_k/<name>``.
+    """
+    from posttrain.data.tasks.base import extract_answer
+
+    n, k = len(prompts), len(texts[0]) if texts else 0
+    flat_len = [x for ls in lengths for x in ls]
+    flat_texts = [t for ts in texts for t in ts]
+    out: dict[str, Any] = {
+        "n": n,
+        "k": k,
+        "accuracy": pass_at_k_mean(correct, 1),
+        "format_rate": sum(format_ok(t, think_prefilled=think_prefilled) for t in flat_texts)
+        / max(1, len(flat_texts)),
+        "length_mean": sum(flat_len) / max(1, len(flat_len)),
+        "truncated_frac": sum(r == "length" for rs in reasons for r in rs) / max(1, len(flat_len)),
+    }
+    if k > 1:
+        from posttrain.core.evaluation import maj_at_k
+
+        out[f"pass@{k}"] = pass_at_k_mean(correct, k)
+        votes = [[_norm(extract_answer(t)) for t in ts] for ts in texts]
+
+        def vote_correct(answer: str, i: int) -> bool:
+            # The vote's correctness is that of the first sample carrying that answer.
+            return bool(correct[i][votes[i].index(answer)])
+
+        out[f"maj@{k}"] = maj_at_k(votes, correct_fn=vote_correct)
+    for name, sc in (scores or {}).items():
+        out[f"best_of_{k}/{name}"] = sum(best_of(s, c) for s, c in zip(sc, correct)) / max(1, n)
+    if return_samples:
+        out["samples"] = [
+            {
+                "prompt": p,
+                "answer": a,
+                "sample": j,
+                "completion": t,
+                "correct": bool(c),
+                "length": ln,
+                "finish": r,
+            }
+            for p, a, ts, cs, ls, rs in zip(prompts, answers, texts, correct, lengths, reasons)
+            for j, (t, c, ln, r) in enumerate(zip(ts, cs, ls, rs))
+        ]
+    return out
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+def orm_scores(
+    path: str,
+    prompts: Sequence[str],
+    texts: Sequence[Sequence[str]],
+    *,
+    device: str = "cpu",
+    chat_template: bool = True,
+    enable_thinking: bool = True,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Outcome reward-model score of every completion: [P][k] floats.
+
+    Sequences are built as in RM training (algos/reward_model.py): templated prompt +
+    completion tokens + EOS, scored at the last completion token, with the reward model's
+    own tokenizer.
+    """
+    import torch
+
+    from posttrain.algos.reward_model import sequence_scores
+    from posttrain.engines.batching import build_sequences
+    from posttrain.engines.models import build_value_model, load_tokenizer
+
+    tok = load_tokenizer(path)
+    rm = build_value_model(path, device=device).eval()
+    flat = [(p, t) for p, ts in zip(prompts, texts) for t in ts]
+    out: list[float] = []
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start : start + batch_size]
+        p_ids = [_prompt_ids(tok, p, chat_template, enable_thinking) for p, _ in chunk]
+        r_ids = [list(tok(t, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id] for _, t in chunk]
+        width = max(len(r) for r in r_ids)
+        resp = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width)
+        for i, r in enumerate(r_ids):
+            resp[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1.0
+        batch = build_sequences(p_ids, resp, mask, tok.pad_token_id)
+        batch = batch.to(device)
+        with torch.no_grad():
+            out.extend(sequence_scores(rm, batch).cpu().tolist())
+    k = len(texts[0]) if texts else 0
+    return [out[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def prm_scores(
+    path: str,
+    prompts: Sequence[str],
+    texts: Sequence[Sequence[str]],
+    *,
+    aggregate: str = "min",
+    device: str = "cpu",
+    enable_thinking: bool = True,
+) -> list[list[float]]:
+    """PRM trace score of every completion: [P][k]; steps are the think block split on the
+    PRM's step separator, aggregated by min / last / mean / prod. No steps -> NaN."""
+    from posttrain.algos.prm import load_prm, score_steps
+    from posttrain.engines.models import load_tokenizer
+
+    model, sep = load_prm(path, device=device)
+    tok = load_tokenizer(path)
+    flat_p, flat_steps = [], []
+    for p, ts in zip(prompts, texts):
+        for t in ts:
+            m = _THINK_BODY.search(t)
+            body = m.group(1) if m else ""
+            flat_p.append(p)
+            flat_steps.append([s.strip() for s in body.split(sep) if s.strip()])
+    step_scores = score_steps(
+        model, tok, flat_p, flat_steps, step_separator=sep, enable_thinking=enable_thinking
+    )
+    agg = {"min": min, "last": lambda s: s[-1], "mean": lambda s: sum(s) / len(s), "prod": math.prod}[
+        aggregate
+    ]
+    flat = [agg(s) if s else float("nan") for s in step_scores]
+    k = len(texts[0]) if texts else 0
+    return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+_THINK_BODY = re.compile(r"<think>(.*?)</think>", re.S)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _load_examples(cfg: EvalConfig) -> tuple[list[dict], Any]:
+    d = cfg.data
+    task = None
+    if d.task is not None:
+        from posttrain.data.tasks import get_task
+
+        task = get_task(d.task)
+    if d.path is not None:
+        from posttrain.data.datasets import load_rows
+
+        rows = load_rows(d.path, "prompt", prompt_column=d.prompt_column)
+        for i, r in enumerate(rows):
+            if d.answer_column not in r:
+                raise DataError(f"{d.path} row {i}: no answer column {d.answer_column!r}")
+        rows = [{"prompt": r[d.prompt_column], "answer": str(r[d.answer_column])} for r in rows]
+        rows = rows[: d.n] if d.n > 0 else rows
+    else:
+        rows = [{"prompt": e.prompt, "answer": e.answer}
+                for e in task.examples(d.split, d.n, seed=cfg.seed, difficulty=d.difficulty)]  # fmt: skip
+    if not rows:
+        raise DataError("evaluation set is empty")
+    return rows, task
+
+
+def _verifier(task: Any):
+    """Task.score, or the math-verify accuracy reward for a dataset without a task."""
+    if task is not None:
+        return lambda texts, answers: [task.score(t, a) >= 1.0 for t, a in zip(texts, answers)]
+    from posttrain.data.rewards import build_reward
+
+    reward = build_reward("accuracy")
+
+    def check(texts, answers):
+        return [(s or 0.0) >= 1.0 for s in reward([""] * len(texts), list(texts), answer=list(answers))]
+
+    return check
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Two-column text table of the scalar metrics."""
+    items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
+    width = max((len(k) for k, _ in items), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    lines += [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in items]
+    return "\n".join(lines)
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """`posttrain eval`: load, sample, score, print a table, write eval.json (+ samples.jsonl)."""
+    import torch
+
+    from posttrain.engines.models import load_model, load_tokenizer
+    from posttrain.train.checkpoint import atomic_write_text
+
+    torch.manual_seed(cfg.seed)
+    rows, task = _load_examples(cfg)
+    source = cfg.model.path or cfg.model.preset
+    tokenizer = load_tokenizer(cfg.model.tokenizer or source)
+    model = load_model(source, dtype=cfg.model.dtype, device=cfg.model.device,
+                       attn_implementation=cfg.model.attn_implementation, tokenizer=tokenizer)  # fmt: skip
+    s, d = cfg.sampling, cfg.data
+    t0 = time.perf_counter()
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    texts, lengths, reasons = generate_samples(
+        model, tokenizer, prompts, k=s.k, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
+        engine=s.engine, seed=cfg.seed, top_p=s.top_p, batch_size=s.batch_size,
+        chat_template=d.chat_template, enable_thinking=d.enable_thinking,
+    )  # fmt: skip
+    gen_s = time.perf_counter() - t0
+    check = _verifier(task)
+    correct = [check(ts, [a] * len(ts)) for ts, a in zip(texts, answers)]
+    scores = {}
+    if cfg.scorer.orm:
+        scores["orm"] = orm_scores(cfg.scorer.orm, prompts, texts, device=cfg.model.device,
+                                   chat_template=d.chat_template, enable_thinking=d.enable_thinking)  # fmt: skip
+    if cfg.scorer.prm:
+        scores["prm"] = prm_scores(cfg.scorer.prm, prompts, texts, aggregate=cfg.scorer.prm_aggregate,
+                                   device=cfg.model.device, enable_thinking=d.enable_thinking)  # fmt: skip
+    result = summarize(prompts, answers, texts, lengths, reasons, correct,
+                       think_prefilled=d.chat_template and not d.enable_thinking, scores=scores,
+                       return_samples=cfg.save_samples)  # fmt: skip
+    samples = result.pop("samples", None)
+    result["time/generate_s"] = gen_s
+    result.update({"model": source, "task": d.task, "dataset": d.path, "split": d.split,
+                   "temperature": s.temperature})  # fmt: skip
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
+    if samples is not None:
+        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+    print(format_table(result))
+    return result
