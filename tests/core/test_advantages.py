@@ -200,3 +200,19 @@ def test_returns_to_go_skip_masked_tokens_both_paths():
     _, half = ADVANTAGES["reinforce"](scores=scores, mask=mask, token_rewards=tr, gamma=0.5)
     # active rewards 0.5, 0.25, 1.0 -> G = [0.5 + 0.5*(0.25 + 0.5*1), -, 0.25 + 0.5, 1.0]
     assert torch.allclose(half, torch.tensor([[0.875, 0.0, 0.75, 1.0]], dtype=torch.float64))
+
+
+def test_nan_scores_are_excluded_not_propagated():
+    scores = torch.tensor([1.0, 0.0, float("nan"), 0.5, float("nan")])
+    gid = torch.tensor([0, 0, 0, 1, 1])
+    mask = torch.ones(5, 2)
+    clean = dict(scores=torch.tensor([1.0, 0.0]), mask=torch.ones(2, 2), group_id=torch.tensor([0, 0]))
+    for name in ADVANTAGES.names():
+        kw = dict(scores=scores, mask=mask, group_id=gid, values=torch.zeros(5, 2))
+        adv, ret = ADVANTAGES[name](**kw)
+        assert torch.isfinite(adv).all() and torch.isfinite(ret).all(), name
+        assert torch.all(adv[[2, 4]] == 0) and torch.all(ret[[2, 4]] == 0), name
+        if name in ("grpo", "dr_grpo", "kimi", "rloo"):
+            # the NaN sample neither shifts its group's mean nor its std
+            assert torch.allclose(adv[:2], ADVANTAGES[name](**clean)[0]), name
+            assert torch.all(adv[3] == 0), name  # group 1 has one valid sample

@@ -29,27 +29,31 @@ def group_sum(x: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def group_stats(
-    x: torch.Tensor, index: torch.Tensor, k: int, unbiased: bool = True
+    x: torch.Tensor, index: torch.Tensor, k: int, unbiased: bool = True, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, std, count), each [B]: statistics of each sample's group, broadcast back.
 
+    weight [B] in {0, 1} excludes samples (e.g. failed rewards) from their group's
+    statistics; count is the number of included samples. Excluded samples still get their
+    group's values back (the caller zeroes their advantages).
     For a constant group the mean is returned as exactly x (so x − mean == 0, no rounding).
-
-    The std of a singleton group is defined as 0 (unbiased form: undefined, we pick 0 so
-    the normalised advantage is exactly 0, matching "no comparison, no signal").
+    The std of a group with fewer than 2 included samples is defined as 0 (unbiased form:
+    undefined; 0 makes the normalised advantage exactly 0: no comparison, no signal).
     """
-    count = group_sum(torch.ones_like(x), index, k)  # [B]
-    mean = group_sum(x, index, k) / count
+    w = torch.ones_like(x) if weight is None else weight.to(x.dtype)
+    count = group_sum(w, index, k)  # [B]
+    mean = group_sum(x * w, index, k) / count.clamp_min(1.0)
     # Σx/n need not round back to x when all x are equal; force an exact 0 deviation for
     # constant groups so "zero-variance group -> zero advantage" holds bit-for-bit.
+    inf = torch.full_like(x, float("inf"))
     lo = torch.zeros(k, dtype=x.dtype, device=x.device).scatter_reduce(
-        0, index, x, "amin", include_self=False
+        0, index, torch.where(w > 0, x, inf), "amin", include_self=False
     )
     hi = torch.zeros(k, dtype=x.dtype, device=x.device).scatter_reduce(
-        0, index, x, "amax", include_self=False
+        0, index, torch.where(w > 0, x, -inf), "amax", include_self=False
     )
     mean = torch.where((lo == hi)[index], x, mean)
-    ss = group_sum((x - mean) ** 2, index, k)
-    denom = (count - 1.0).clamp_min(1.0) if unbiased else count
+    ss = group_sum(w * (x - mean) ** 2, index, k)
+    denom = (count - 1.0).clamp_min(1.0) if unbiased else count.clamp_min(1.0)
     var = torch.where(count > 1, ss / denom, torch.zeros_like(ss))
     return mean, var.sqrt(), count

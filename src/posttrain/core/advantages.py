@@ -9,6 +9,9 @@ e.g. -β·k1 KL shaping or PRM step rewards) and values [B, T] (critic). Inputs 
 does not use are ignored. Outputs are 0 where mask is 0 and never NaN (empty masks,
 singleton groups and zero-variance groups are all defined below).
 
+A non-finite score (NaN/inf: the reward failed) excludes that sample: it is left out of
+every group/batch statistic and gets advantage 0 and return 0.
+
 Outcome rewards enter the token stream at the LAST active token of each sequence; a
 sequence's return-to-go G_t = Σ_{k>=t} γ^{k-t} r_k then carries the score to every token.
 For critic-free estimators `returns` is that return-to-go (useful as a logged target);
@@ -22,8 +25,8 @@ from collections.abc import Callable
 import torch
 
 from posttrain.core._checks import choice, compute_dtype, ndim, positive, same_shape
-from posttrain.core._groups import dense_groups, group_stats, group_sum
-from posttrain.core.masking import masked_whiten
+from posttrain.core._groups import dense_groups, group_stats
+from posttrain.core.masking import masked_var, masked_whiten
 from posttrain.core.registry import Registry
 from posttrain.errors import DataError
 
@@ -63,20 +66,30 @@ def _returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> t
 
 
 def _prepare(where, scores, mask, token_rewards):
+    """Upcast, check shapes, and exclude samples whose score is not finite.
+
+    A NaN/inf score marks a failed reward: that sample's mask row is zeroed (advantage and
+    return 0) and its score replaced by 0 so it cannot poison any statistic. Returns
+    (scores [B] | None, m [B, T], token_rewards [B, T] | None, valid [B] in {0, 1}).
+    """
     ndim(where, "mask", mask, 2)
     dt = compute_dtype(scores if scores is not None else token_rewards if token_rewards is not None else mask)
     m = mask.to(dt)
+    valid = torch.ones(mask.shape[0], dtype=dt, device=mask.device)
     if scores is not None:
         ndim(where, "scores", scores, 1)
         if scores.shape[0] != mask.shape[0]:
             raise DataError(
                 f"{where}: scores has {scores.shape[0]} entries but mask has {mask.shape[0]} rows"
             )
-        scores = scores.to(dt)
+        scores = scores.detach().to(dt)
+        valid = torch.isfinite(scores).to(dt)
+        scores = torch.where(valid > 0, scores, torch.zeros_like(scores))
+        m = m * valid[:, None]
     if token_rewards is not None:
         same_shape(where, mask=mask, token_rewards=token_rewards)
-        token_rewards = token_rewards.to(dt)
-    return scores, m, token_rewards
+        token_rewards = torch.where(m > 0, token_rewards.detach().to(dt), torch.zeros_like(m))
+    return scores, m, token_rewards, valid
 
 
 def _rewards(scores, m, token_rewards):
@@ -110,7 +123,7 @@ def gae(
     _need("gae", values=values)
     if scores is None and token_rewards is None:
         raise DataError("advantage estimator 'gae' needs scores or token_rewards, got neither")
-    scores, m, token_rewards = _prepare("gae", scores, mask, token_rewards)
+    scores, m, token_rewards, valid = _prepare("gae", scores, mask, token_rewards)
     same_shape("gae", mask=mask, values=values)
     v = values.detach().to(m.dtype) * m
     r = _rewards(scores, m, token_rewards)
@@ -160,14 +173,14 @@ def grpo(
     _need("grpo", scores=scores, group_id=group_id)
     choice("grpo", "scale", scale, ("group", "batch", "none"))
     positive("grpo", "std_eps", std_eps, allow_zero=scale == "none")
-    scores, m, _tr = _prepare("grpo", scores, mask, None)
+    scores, m, _tr, valid = _prepare("grpo", scores, mask, None)
     idx, k = dense_groups("grpo", group_id, scores.shape[0])
-    mean, std, _count = group_stats(scores, idx, k, unbiased=unbiased_std)
+    mean, std, _count = group_stats(scores, idx, k, unbiased=unbiased_std, weight=valid)
     centred = scores - mean
     if scale == "group":
         a = centred / (std + std_eps)
     elif scale == "batch":
-        a = centred / (scores.std(unbiased=unbiased_std and scores.numel() > 1) + std_eps)
+        a = centred / (masked_var(scores, valid, unbiased=unbiased_std).sqrt() + std_eps)
     else:
         a = centred
     return _broadcast(a, m), _broadcast(scores, m)
@@ -197,10 +210,9 @@ def rloo(*, scores, mask, group_id=None, token_rewards=None, values=None, **_):
     Shapes: scores [B], group_id [B] -> [B, T].
     """
     _need("rloo", scores=scores, group_id=group_id)
-    scores, m, _tr = _prepare("rloo", scores, mask, None)
+    scores, m, _tr, valid = _prepare("rloo", scores, mask, None)
     idx, k = dense_groups("rloo", group_id, scores.shape[0])
-    count = group_sum(torch.ones_like(scores), idx, k)
-    mean, _std, _n = group_stats(scores, idx, k)
+    mean, _std, count = group_stats(scores, idx, k, weight=valid)
     # G/(G-1)·(r − mean) is the same number as r − LOO mean, but is exactly 0 for constant groups.
     a = torch.where(
         count > 1, count / (count - 1.0).clamp_min(1.0) * (scores - mean), torch.zeros_like(scores)
@@ -220,7 +232,7 @@ def reinforce(
     """
     if scores is None and token_rewards is None:
         raise DataError("advantage estimator 'reinforce' needs scores or token_rewards, got neither")
-    scores, m, token_rewards = _prepare("reinforce", scores, mask, token_rewards)
+    scores, m, token_rewards, valid = _prepare("reinforce", scores, mask, token_rewards)
     returns = _returns_to_go(_rewards(scores, m, token_rewards), m, gamma)
     b = torch.as_tensor(baseline, dtype=m.dtype, device=m.device)
     return (returns - b) * m, returns
@@ -235,7 +247,7 @@ def reinforce_pp(
     std_eps: variance epsilon of the whitening."""
     if scores is None and token_rewards is None:
         raise DataError("advantage estimator 'reinforce_pp' needs scores or token_rewards, got neither")
-    scores, m, token_rewards = _prepare("reinforce_pp", scores, mask, token_rewards)
+    scores, m, token_rewards, valid = _prepare("reinforce_pp", scores, mask, token_rewards)
     returns = _returns_to_go(_rewards(scores, m, token_rewards), m, gamma)
     return masked_whiten(returns, m, eps=std_eps), returns
 
@@ -247,9 +259,9 @@ def reinforce_pp_baseline(
     """REINFORCE++-baseline (Hu et al. 2025, §3): subtract the group mean of the scores
     (the per-prompt baseline), add dense token_rewards, take γ-returns, whiten globally."""
     _need("reinforce_pp_baseline", scores=scores, group_id=group_id)
-    scores, m, token_rewards = _prepare("reinforce_pp_baseline", scores, mask, token_rewards)
+    scores, m, token_rewards, valid = _prepare("reinforce_pp_baseline", scores, mask, token_rewards)
     idx, k = dense_groups("reinforce_pp_baseline", group_id, scores.shape[0])
-    mean, _std, _n = group_stats(scores, idx, k)
+    mean, _std, _n = group_stats(scores, idx, k, weight=valid)
     returns = _returns_to_go(_rewards(scores - mean, m, token_rewards), m, gamma)
     return masked_whiten(returns, m, eps=std_eps), returns
 

@@ -112,7 +112,10 @@ def kl_penalized_token_rewards(
     t = torch.arange(m.shape[1], device=m.device).expand_as(m)
     last = torch.where(m > 0, t, torch.full_like(t, -1)).max(dim=1).values  # [B]
     at_last = (t == last[:, None]).to(dt) * m  # [B, T] one-hot of the last active token
-    return (-beta * kl.detach().to(dt) + scores.detach().to(dt)[:, None] * at_last) * m
+    # where() rather than a product: a NaN score (failed reward) stays on its last token
+    # instead of turning the whole row into NaN; the estimators then exclude it.
+    placed = torch.where(at_last > 0, scores.detach().to(dt)[:, None].expand_as(m), torch.zeros_like(m))
+    return torch.where(m > 0, -beta * kl.detach().to(dt) + placed, torch.zeros_like(m))
 
 
 class FixedKLController:
