@@ -1,0 +1,413 @@
+"""Building the RL loop's roles from an RLConfig, and the rollout-collection phase.
+
+`build_components` loads the policy/tokenizer, the rollout engine, the optional reference,
+critic and teacher, the rewards and the prompt source. `collect` runs the generate +
+reward phase of one step, including DAPO dynamic sampling (drop zero-variance groups and
+keep generating, at most `max_gen_rounds` extra rounds, until the batch is full).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from posttrain.engines.batching import build_sequences
+from posttrain.engines.rollout.base import Rollout, SamplingParams
+from posttrain.errors import ConfigError, ModelError
+from posttrain.train.rl_config import RLConfig
+from posttrain.train.rl_roles import (
+    CriticRole,
+    PolicyRole,
+    PromptItem,
+    PromptSource,
+    RewardRole,
+    RLBatch,
+    ScoringRole,
+)
+
+# --------------------------------------------------------------------------- building
+
+
+def _load_policy(cfg: RLConfig):
+    from posttrain.engines.models import load_model, load_tokenizer
+
+    m = cfg.model
+    source = m.path or m.preset
+    tokenizer = load_tokenizer(m.tokenizer or source)
+    lora = None
+    if m.lora_r > 0:
+        lora = {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
+    model = load_model(
+        source,
+        dtype=m.dtype,
+        device=m.device,
+        attn_implementation=m.attn_implementation,
+        gradient_checkpointing=m.gradient_checkpointing,
+        lora=lora,
+        tokenizer=tokenizer,
+    )
+    return tokenizer, model
+
+
+def _template(tokenizer, text: str, cfg: RLConfig) -> list[int]:
+    if cfg.data.chat_template and getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            enable_thinking=cfg.data.enable_thinking,
+            tokenize=False,
+        )
+    else:
+        rendered = text
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def _items_from_examples(examples, tokenizer, cfg: RLConfig) -> list[PromptItem]:
+    return [
+        PromptItem(
+            id=ex.id,
+            text=ex.prompt,
+            prompt_ids=_template(tokenizer, ex.prompt, cfg),
+            answer=ex.answer,
+            difficulty=ex.difficulty,
+            columns={"answer": ex.answer},
+        )
+        for ex in examples
+    ]
+
+
+def _items_from_rows(rows: list[dict], tokenizer, cfg: RLConfig, source: str) -> list[PromptItem]:
+    col = cfg.data.prompt_column
+    items = []
+    for i, row in enumerate(rows):
+        extra = {k: v for k, v in row.items() if k != col}
+        items.append(
+            PromptItem(
+                id=str(row.get("id", f"{source}:{i}")),
+                text=row[col],
+                prompt_ids=_template(tokenizer, row[col], cfg),
+                answer=str(row.get("answer", "")),
+                difficulty=int(row.get("difficulty", 1) or 1),
+                columns=extra,
+            )
+        )
+    return items
+
+
+def _check_lengths(items: list[PromptItem], cfg: RLConfig, where: str) -> list[PromptItem]:
+    limit = cfg.data.max_prompt_tokens
+    long = [it for it in items if len(it.prompt_ids) > limit]
+    if long and cfg.data.long_prompts == "error":
+        it = long[0]
+        raise ConfigError(
+            f"{where}: prompt {it.id!r} has {len(it.prompt_ids)} tokens after the chat template, over "
+            f"data.max_prompt_tokens={limit} (raise it or set data.long_prompts=skip)"
+        )
+    return [it for it in items if len(it.prompt_ids) <= limit]
+
+
+def load_prompts(cfg: RLConfig, tokenizer):
+    """(train items, eval examples or items, task or None) from a task or dataset files."""
+    d = cfg.data
+    if d.path:
+        from posttrain.data.datasets import load_rows
+
+        rows = load_rows(d.path, "prompt", prompt_column=d.prompt_column)
+        train = _check_lengths(_items_from_rows(rows, tokenizer, cfg, d.path), cfg, d.path)
+        test: list = []
+        if d.test_path:
+            test = _items_from_rows(
+                load_rows(d.test_path, "prompt", prompt_column=d.prompt_column), tokenizer, cfg, d.test_path
+            )
+        task = None
+        if d.task:
+            from posttrain.data.tasks import get_task
+
+            task = get_task(d.task, **d.task_options)
+        return train, test, task
+    from posttrain.data.tasks import get_task
+
+    task = get_task(d.task, **d.task_options)
+    train_ex = task.examples("train", d.n_train, seed=cfg.run.seed, difficulty=d.difficulty)
+    test_ex = task.examples("test", d.n_test, seed=cfg.run.seed, difficulty=d.difficulty) if d.n_test else []
+    train = _check_lengths(_items_from_examples(train_ex, tokenizer, cfg), cfg, f"task {d.task!r}")
+    return train, test_ex, task
+
+
+def build_rewards(cfg: RLConfig) -> RewardRole:
+    """Each `cfg.rewards` entry -> build_reward(name, **options), run by a RewardRunner.
+
+    The "task" reward verifies with `cfg.data.task` unless its options name a task.
+    """
+    from posttrain.data.rewards import build_reward
+
+    specs = []
+    for i, spec in enumerate(cfg.rewards):
+        options = dict(spec.options)
+        if spec.name == "task" and "task" not in options and cfg.data.task:
+            options["task"] = cfg.data.task
+        try:
+            fn = build_reward(spec.name, **options)
+        except TypeError as e:
+            raise ConfigError(f"rewards[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
+        specs.append((spec.name, fn, spec.weight, spec.start_step))
+    ex = cfg.reward_exec
+    return RewardRole(
+        specs, timeout_s=ex.timeout_s, max_workers=ex.max_workers, max_error_rate=ex.max_error_rate
+    )
+
+
+def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
+    """Every role of the loop for `cfg` with resolved pieces `p` (see RLTrainer)."""
+    from posttrain.engines.models import build_value_model, load_model
+    from posttrain.engines.rollout import make_engine
+
+    tokenizer, model = _load_policy(cfg)
+    ro = cfg.rollout
+    policy = PolicyRole(model, temperature=ro.temperature)
+    engine = make_engine(ro.engine, model, tokenizer)
+    needs_ref = p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
+    reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
+    critic = None
+    if p["critic"]:
+        source = cfg.critic.path or cfg.critic.preset or model
+        # A zero head makes the critic start at V = 0: returns are learned from a neutral
+        # baseline instead of a random one that would inject noise into the first advantages.
+        critic = CriticRole(
+            build_value_model(source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device)
+        )
+    teacher = None
+    if p["teacher_mode"] != "none":
+        tsrc = cfg.teacher.path or cfg.teacher.preset
+        tmodel = load_model(tsrc, device=cfg.model.device, tokenizer=tokenizer).eval()
+        if tmodel.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
+            raise ModelError(
+                f"teacher {tsrc!r} has a different vocabulary from the policy; distillation needs one tokenizer"
+            )
+        for q in tmodel.parameters():
+            q.requires_grad_(False)
+        teacher = ScoringRole(tmodel, temperature=ro.temperature)
+    train_items, eval_examples, task = load_prompts(cfg, tokenizer)
+    prompts = PromptSource(
+        train_items, selection=cfg.data.selection, seed=cfg.run.seed, total_steps=cfg.steps
+    )
+    rewards = (
+        build_rewards(cfg) if cfg.rewards else RewardRole([], timeout_s=1, max_workers=1, max_error_rate=1)
+    )
+    return {
+        "tokenizer": tokenizer,
+        "policy": policy,
+        "engine": engine,
+        "reference": reference,
+        "critic": critic,
+        "teacher": teacher,
+        "rewards": rewards,
+        "prompts": prompts,
+        "eval_examples": eval_examples,
+        "task": task,
+    }
+
+
+def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
+    """Lines for `plan`: models that will exist, parameter counts, a memory estimate."""
+    from posttrain.engines.models import PRESETS, count_parameters, load_model
+
+    m = cfg.model
+    source = m.path or m.preset
+    if source in PRESETS:
+        n = count_parameters(load_model(source))
+    else:
+        n = None
+    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
+    models = ["policy (trained)"]
+    copies = 1
+    if p["kl_placement"] != "none" and p["kl_coef"] > 0:
+        models.append("reference (frozen copy)" if m.lora_r == 0 else "reference (policy with adapters off)")
+        copies += 1 if m.lora_r == 0 else 0
+    if p["critic"]:
+        models.append("critic (trained)")
+        copies += 1
+    if p["teacher_mode"] != "none":
+        models.append(f"teacher (frozen: {cfg.teacher.path or cfg.teacher.preset})")
+    lines = [f"  models: {', '.join(models)}"]
+    if n is not None:
+        # weights + AdamW moments (2x) + grads for trained models; weights only for frozen ones.
+        trained = 1 + (1 if p["critic"] else 0)
+        est = n * bytes_per * copies + n * 4 * 3 * trained
+        lines.append(f"  policy parameters: {n:,}; rough memory for weights/optimizer: {est / 2**20:.1f} MiB")
+    else:
+        lines.append(f"  policy: {source} (parameter count known after loading)")
+    return lines
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def _pad_cat(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    padded = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors]
+    return torch.cat(padded, dim=0)
+
+
+def _sampling_params(cfg: RLConfig, p: dict, seed: int) -> SamplingParams:
+    ro = cfg.rollout
+    return SamplingParams(
+        temperature=ro.temperature,
+        top_p=ro.top_p,
+        top_k=ro.top_k,
+        max_new_tokens=ro.max_new_tokens,
+        stop_strings=list(ro.stop_strings),
+        n=ro.group_size,
+        seed=seed,
+        return_keep_mask=bool(p["keep_sampling_mask"]),
+        repetition_ngram=ro.repetition_ngram,
+    )
+
+
+def _group_has_signal(
+    scores: torch.Tensor, valid: torch.Tensor, group: torch.Tensor, n_groups: int
+) -> torch.Tensor:
+    """[n_groups] bool: the group has >= 2 valid samples whose scores differ (DAPO filter)."""
+    keep = torch.zeros(n_groups, dtype=torch.bool)
+    for g in range(n_groups):  # over prompts, not tokens: a handful per step
+        s = scores[(group == g) & valid]
+        keep[g] = s.numel() >= 2 and bool((s.max() - s.min()) > 0)
+    return keep
+
+
+def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
+    """Generate and reward one step's batch; returns (RLBatch, metrics)."""
+    cfg, p = trainer.cfg, trainer.p
+    P = cfg.rollout.prompts_per_step
+    source: PromptSource = trainer.prompts
+    parts: list[tuple[list[int], Rollout, Any, torch.Tensor]] = []
+    all_scores, all_valid, per_reward, errors = [], [], {}, {}
+    gen_s = reward_s = 0.0
+    n_tokens = 0
+    kept_groups = rounds = dropped = zero_var = seen_groups = 0
+    while True:
+        idx = source.next(P - kept_groups, step, rounds)
+        items = [source.items[i] for i in idx]
+        params = _sampling_params(cfg, p, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds)
+        t = time.perf_counter()
+        ro = trainer.engine.generate([it.prompt_ids for it in items], params)
+        gen_s += time.perf_counter() - t
+        n_tokens += int(ro.mask.sum())
+        t = time.perf_counter()
+        sample_items = [items[int(g)] for g in ro.group_id]
+        columns: dict[str, list] = {}
+        for key in sorted({k for it in items for k in it.columns}):
+            columns[key] = [it.columns.get(key) for it in sample_items]
+        if trainer.rewards.specs:
+            res = trainer.rewards.score([it.text for it in sample_items], ro.texts, columns, step)
+            scores = res.scores.float()
+            valid = res.valid.bool() & torch.isfinite(scores)
+            for k, v in res.per_reward.items():
+                per_reward.setdefault(k, []).append(v.float())
+            for k, v in res.errors.items():
+                errors[k] = errors.get(k, 0) + int(v)
+        else:  # pure distillation: the teacher's dense reward is the only signal
+            scores = torch.zeros(len(ro))
+            valid = torch.ones(len(ro), dtype=torch.bool)
+        reward_s += time.perf_counter() - t
+        all_scores.append(scores)
+        all_valid.append(valid)
+        n_groups = len(items)
+        signal = _group_has_signal(scores, valid, ro.group_id, n_groups)
+        zero_var += int((~signal).sum())
+        seen_groups += n_groups
+        keep = signal if p["dynamic_sampling"] else torch.ones(n_groups, dtype=torch.bool)
+        rows = keep[ro.group_id]  # [B] samples of kept groups
+        if p["dynamic_sampling"]:
+            dropped += int((~keep).sum())
+        if rows.any():
+            parts.append((idx, ro, rows, torch.where(valid, scores, torch.zeros_like(scores)), valid))
+            kept_groups += int(keep.sum())
+        rounds += 1
+        if not p["dynamic_sampling"] or kept_groups >= P or rounds > p["max_gen_rounds"]:
+            break
+    if not parts:  # nothing had signal: train on the last round (all advantages are 0)
+        parts.append(
+            (
+                idx,
+                ro,
+                torch.ones(len(ro), dtype=torch.bool),
+                torch.where(valid, scores, torch.zeros_like(scores)),
+                valid,
+            )
+        )
+    batch = _merge(parts, trainer.tokenizer.pad_token_id)
+    scores_all = torch.cat(all_scores)
+    valid_all = torch.cat(all_valid)
+    good = scores_all[valid_all]
+    lengths = batch.seq.response_mask.sum(-1)
+    metrics: dict[str, float] = {
+        "reward/mean": float(good.mean()) if good.numel() else float("nan"),
+        "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
+        "reward/valid_frac": float(valid_all.float().mean()),
+        "rollout/zero_var_group_frac": zero_var / max(1, seen_groups),
+        "rollout/gen_rounds": rounds,
+        "rollout/dropped_groups": dropped,
+        "rollout/batch_groups": len({int(g) for g in batch.group_id}),
+        "rollout/batch_size": len(batch),
+        "rollout/length_mean": float(lengths.mean()),
+        "rollout/length_max": float(lengths.max()),
+        "rollout/truncated_frac": sum(r == "length" for r in batch.finish_reason) / max(1, len(batch)),
+        "rollout/tokens_per_s": n_tokens / max(gen_s, 1e-9),
+        "time/generate_s": gen_s,
+        "time/reward_s": reward_s,
+    }
+    for k, vs in per_reward.items():
+        v = torch.cat(vs)
+        v = v[torch.isfinite(v)]
+        metrics[f"reward/{k}"] = float(v.mean()) if v.numel() else float("nan")
+    for k, n in errors.items():
+        metrics[f"reward/errors_{k}"] = n
+    if p["teacher_mode"] == "none" or trainer.rewards.specs:
+        source.update(batch.item_index.tolist(), batch.scores.tolist())
+    return batch, metrics
+
+
+def _merge(parts, pad_id: int) -> RLBatch:
+    """Concatenate the kept rows of every generation round into one RLBatch."""
+    prompt_ids, resp, masks, slp, finish, texts, gids, items, scores, valids, keeps = ([] for _ in range(11))
+    offset = 0
+    for idx, ro, rows, sc, ok in parts:
+        r = rows.nonzero().squeeze(1)
+        prompt_ids += [ro.prompt_ids[i] for i in r.tolist()]
+        resp.append(ro.response_ids[r])
+        masks.append(ro.mask[r].float())
+        slp.append(ro.sampling_logprobs[r].float())
+        finish += [ro.finish_reason[i] for i in r.tolist()]
+        texts += [ro.texts[i] for i in r.tolist()]
+        gids.append(ro.group_id[r] + offset)
+        items.append(torch.tensor([idx[int(g)] for g in ro.group_id[r]], dtype=torch.long))
+        scores.append(sc[r])
+        valids.append(ok[r])
+        if ro.keep_mask is not None:
+            keeps.append(ro.keep_mask[r])
+        offset += len(idx)
+    response_ids = _pad_cat(resp, pad_id).long()
+    mask = _pad_cat(masks, 0.0)
+    seq = build_sequences(prompt_ids, response_ids, mask, pad_id)
+    valid = torch.cat(valids)
+    keep_mask = None
+    if keeps:
+        width = mask.shape[1]
+        keep_mask = torch.cat(
+            [torch.nn.functional.pad(k, (0, 0, 0, width - k.shape[1]), value=True) for k in keeps], dim=0
+        )
+    return RLBatch(
+        seq=seq,
+        mask=mask * valid.to(mask.dtype)[:, None],  # an excluded sample teaches nothing
+        sampling_logprobs=_pad_cat(slp, 0.0),
+        group_id=torch.cat(gids),
+        scores=torch.cat(scores),
+        valid=valid,
+        item_index=torch.cat(items),
+        finish_reason=finish,
+        texts=texts,
+        keep_mask=keep_mask,
+    )
