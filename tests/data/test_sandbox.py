@@ -241,3 +241,9 @@ def test_signals_are_typed():
     assert sandbox._classify(128 + signal.SIGXCPU, "", LIMITS, 1.0) == "timeout"
     assert sandbox._classify(1, "Traceback...\nMemoryError\n", LIMITS, 0.1) == "memory"
     assert sandbox._classify(1, "ZeroDivisionError", LIMITS, 0.1) == "runtime_error"
+
+
+def test_preexec_fallback_applies_the_same_limits(monkeypatch):
+    monkeypatch.setattr(sandbox, "_prlimit_prefix", lambda limits: None)
+    assert _run("x = bytearray(10 * 1024**3)", "rlimits").status == "memory"
+    assert _run("while True: pass", "rlimits").status == "timeout"

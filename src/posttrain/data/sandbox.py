@@ -308,18 +308,37 @@ def _kill_uid(uid: int) -> None:
 # ---------------------------------------------------------------- running
 
 
-def _preexec(limits: SandboxLimits):
+def _rlimit_values(limits: SandboxLimits) -> dict[str, tuple[int, int]]:
     mb = 1 << 20
+    cpu = max(1, int(limits.cpu_time_s))
+    return {
+        "cpu": (cpu, cpu + 1),  # soft: SIGXCPU; hard one second later: SIGKILL
+        "as": (limits.memory_mb * mb,) * 2,
+        "fsize": (limits.file_size_mb * mb,) * 2,
+        "nofile": (limits.max_open_files,) * 2,
+        "core": (0, 0),
+        "nproc": (limits.max_processes,) * 2,
+    }
 
-    def apply() -> None:  # runs in the child between fork and exec
-        cpu = max(1, int(limits.cpu_time_s))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        # The launcher tools (unshare, sh, setpriv) run under the same caps; they are small.
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_mb * mb, limits.file_size_mb * mb))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+
+def _prlimit_prefix(limits: SandboxLimits) -> list[str] | None:
+    """Limits applied by exec'ing through util-linux prlimit (no Python code between fork
+    and exec, which `preexec_fn` would need and which is unsafe in a threaded caller)."""
+    tool = shutil.which("prlimit")
+    if tool is None:
+        return None
+    return [tool, *(f"--{k}={soft}:{hard}" for k, (soft, hard) in _rlimit_values(limits).items()), "--"]
+
+
+def _preexec(limits: SandboxLimits):
+    """Fallback when prlimit is missing: set the same limits between fork and exec."""
+    names = {"cpu": "RLIMIT_CPU", "as": "RLIMIT_AS", "fsize": "RLIMIT_FSIZE", "nofile": "RLIMIT_NOFILE"}
+    names.update(core="RLIMIT_CORE", nproc="RLIMIT_NPROC")
+    values = [(getattr(resource, names[k]), v) for k, v in _rlimit_values(limits).items()]
+
+    def apply() -> None:
+        for res, v in values:
+            resource.setrlimit(res, v)
 
     return apply
 
@@ -362,8 +381,10 @@ def run_program(
             os.chown(workdir, uid, uid)
             os.chmod(workdir, 0o700)
         start_r, start_w = os.pipe()
+        # The launcher tools (unshare, sh, setpriv) run under the same caps; they are small.
+        prefix = _prlimit_prefix(limits)
         proc = subprocess.Popen(
-            _command(backend, python, workdir, uid, start_w),
+            (prefix or []) + _command(backend, python, workdir, uid, start_w),
             pass_fds=(start_w,),
             cwd=workdir,
             env={},  # empty environment: nothing of the parent's leaks in
@@ -371,7 +392,7 @@ def run_program(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_preexec(limits),
+            preexec_fn=None if prefix else _preexec(limits),
             close_fds=True,
         )
     except (OSError, ValueError, subprocess.SubprocessError) as e:

@@ -38,6 +38,7 @@ def code_reward(
     wall_time_s: float = 4.0,
     memory_mb: int = 512,
     backend: str = "auto",
+    python: str | None = None,
 ) -> Callable:
     """Score programs by stdin/stdout tests run in `posttrain.data.sandbox`.
 
@@ -47,6 +48,7 @@ def code_reward(
     A sandbox (infrastructure) failure raises RewardError, so the runner counts it as an
     error and excludes the sample instead of scoring a correct program 0.
     max_parallel: programs judged at once (each is its own sandboxed process).
+    cpu_time_s, wall_time_s, memory_mb, backend, python: see `posttrain.data.sandbox`.
     """
     limits = SandboxLimits(cpu_time_s=cpu_time_s, wall_time_s=wall_time_s, memory_mb=memory_mb)
 
@@ -59,7 +61,12 @@ def code_reward(
         if code is None:
             return 0.0
         report = run_tests(
-            code, list(tests), limits=limits, backend=backend, stop_on_failure=not partial_credit
+            code,
+            list(tests),
+            limits=limits,
+            backend=backend,
+            stop_on_failure=not partial_credit,
+            python=python,
         )
         if report.status == "sandbox_error":
             detail = report.results[-1].get("stderr", "") if report.results else ""

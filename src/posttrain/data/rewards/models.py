@@ -59,11 +59,13 @@ def reward_model_reward(
     if model is None:
         if model_path is None:
             raise ConfigError("reward_model needs model= (+ tokenizer=) or model_path=")
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        from posttrain.engines.models import load_tokenizer  # same tokenizer loading as the trainers
 
         try:
             model = AutoModelForSequenceClassification.from_pretrained(model_path)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+            tokenizer = tokenizer or load_tokenizer(model_path)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load reward model {model_path!r}: {str(e).splitlines()[0]}") from None
     if tokenizer is None:
