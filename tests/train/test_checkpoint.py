@@ -203,3 +203,50 @@ def test_sigkill_mid_save_leaves_previous_loadable(tmp_path):
     mgr.save(2, models={"m": lin}, state={"step": 2})
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert json.loads((mgr.latest() / "meta.json").read_text())["step"] == 2
+
+
+def test_value_model_wrapper_saved_as_hf_sequence_classifier(tmp_path):
+    """A plain nn.Module wrapping a HF model (ScalarHeadModel) is saved as that HF model."""
+    from transformers import AutoModelForSequenceClassification
+
+    models = pytest.importorskip("posttrain.engines.models")
+    critic = models.build_value_model(tiny_lm(), head_init_std=0.5)
+    path = CheckpointManager(tmp_path).save(2, models={"critic": critic})
+    hf = AutoModelForSequenceClassification.from_pretrained(path / "critic")
+    assert torch.equal(hf.score.weight, critic.head.weight)
+    fresh = models.build_value_model(tiny_lm(seed=3), head_init_std=0.1)
+    CheckpointManager(tmp_path).load(path, models={"critic": fresh}, restore_rng=False)
+    for (k, a), b in zip(critic.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+class FakePeft(torch.nn.Module):
+    """Mimics a PEFT model: frozen base + trainable adapter, save_pretrained writes adapters
+    only under renamed keys."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = torch.nn.Linear(3, 3)
+        self.base.requires_grad_(False)
+        torch.manual_seed(seed)
+        self.lora_A = torch.nn.Linear(3, 1, bias=False)
+        self.peft_config = {"default": {}}
+
+    def save_pretrained(self, path, safe_serialization=True):
+        from safetensors.torch import save_file
+
+        save_file(
+            {"adapter.A": self.lora_A.weight.detach().contiguous()}, str(path / "adapter_model.safetensors")
+        )
+
+
+def test_peft_like_models_restore_trainable_weights(tmp_path):
+    model = FakePeft(seed=1)
+    path = CheckpointManager(tmp_path).save(1, models={"policy": model})
+    assert (path / "policy" / "adapter_model.safetensors").is_file()
+    other = FakePeft(seed=2)
+    assert not torch.equal(other.lora_A.weight, model.lora_A.weight)
+    CheckpointManager(tmp_path).load(path, models={"policy": other}, restore_rng=False)
+    assert torch.equal(other.lora_A.weight, model.lora_A.weight)
+    assert torch.equal(other.base.weight, model.base.weight)

@@ -170,3 +170,34 @@ def test_eval_config_validation():
         load_config(ev.EvalConfig, None, ["--sampling.k", "0"])
     with pytest.raises(ConfigError, match="set data.task or data.path"):
         load_config(ev.EvalConfig, None, ["--data.task", "null"])
+
+
+def test_prm_scores_split_think_steps_and_aggregate(tmp_path):
+    from posttrain.algos.prm import load_prm, score_steps
+    from posttrain.engines.models import build_preset, build_value_model, save_value_model
+    from posttrain.engines.tokenizer import build_char_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_char_tokenizer()
+    prm = build_value_model(build_preset("tiny", vocab_size=len(tok)), tokenizer=tok, head_init_std=1.0)
+    save_value_model(prm, tok, str(tmp_path / "prm"))
+    texts = [["<think>1+1=2; 2*3=6</think><answer>6</answer>", "<answer>6</answer>"]]
+    mins = ev.prm_scores(str(tmp_path / "prm"), ["q"], texts, aggregate="min")
+    lasts = ev.prm_scores(str(tmp_path / "prm"), ["q"], texts, aggregate="last")
+    model, sep = load_prm(str(tmp_path / "prm"))
+    (direct,) = score_steps(model, tok, ["q"], [["1+1=2", "2*3=6"]], step_separator=sep)
+    assert len(direct) == 2
+    assert mins[0][0] == pytest.approx(min(direct), abs=1e-6)
+    assert lasts[0][0] == pytest.approx(direct[-1], abs=1e-6)
+    assert mins[0][1] != mins[0][1]  # no think steps -> NaN, never picked by best_of
+
+
+def test_saved_char_tokenizer_keeps_spaces_next_to_a_model_config(tmp_path):
+    from posttrain.engines.models import build_preset, save_model
+    from posttrain.engines.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    save_model(build_preset("tiny", vocab_size=len(tok)), tok, str(tmp_path / "m"))
+    loaded = ev.load_saved_tokenizer(str(tmp_path / "m"))
+    assert loaded("a b; c")["input_ids"] == tok("a b; c")["input_ids"]
+    assert loaded.pad_token_id == tok.pad_token_id

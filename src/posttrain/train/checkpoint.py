@@ -5,7 +5,11 @@ Layout of ``run_dir/checkpoints/``::
 
     step-000120/            a complete checkpoint (never modified after the rename)
       policy/               model.save_pretrained(safe_serialization=True) + tokenizer,
-                            so ``AutoModelForCausalLM.from_pretrained(".../policy")`` works
+                            so ``AutoModelForCausalLM.from_pretrained(".../policy")`` works;
+                            a wrapper holding one HF model (the critic's ScalarHeadModel) is
+                            saved as that inner model; a PEFT model as its adapters plus
+                            trainable.safetensors (what resuming needs); any other module
+                            as a single model.safetensors
       optimizers/<name>.pt  optimizer.state_dict() (tensors + numbers only)
       schedulers/<name>.pt  scheduler.state_dict()
       rng.json, rng.safetensors   python / numpy / torch (CPU, every CUDA device) RNG states
@@ -118,18 +122,70 @@ def set_rng_state(py: dict, tensors: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def _save_module(module: torch.nn.Module, path: Path, tokenizer: Any) -> None:
-    path.mkdir(parents=True)
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def _is_peft(module: torch.nn.Module) -> bool:
+    return hasattr(module, "peft_config") and hasattr(module, "save_pretrained")
+
+
+def _hf_inner(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+    """The Hugging Face model that holds all of `module`'s weights, with its attribute name.
+
+    Wrappers such as the engines' ScalarHeadModel (a `*ForSequenceClassification` inside a
+    plain nn.Module) are saved as their inner HF model so that `from_pretrained` reads the
+    checkpoint directly; "" means `module` itself is the HF model.
+    """
     if hasattr(module, "save_pretrained"):
+        return module, ""
+    own = {id(p) for p in module.parameters()}
+    for name, child in module.named_children():
+        if hasattr(child, "save_pretrained") and {id(p) for p in child.parameters()} == own:
+            return child, name
+    return None
+
+
+def _save_module(module: torch.nn.Module, path: Path, tokenizer: Any) -> dict:
+    """Write one model; returns how it was written (stored in meta.json for loading)."""
+    path.mkdir(parents=True)
+    if _is_peft(module):
+        # PEFT's save_pretrained writes adapters only, under renamed keys (loadable with
+        # PeftModel.from_pretrained); resuming needs the trainable tensors under their
+        # module names, so those go alongside. Frozen base weights come from model.path.
         module.save_pretrained(path, safe_serialization=True)
+        trainable = {k: p.detach().contiguous() for k, p in module.named_parameters() if p.requires_grad}
+        save_file(trainable, str(path / TRAINABLE_FILE))
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-    else:
-        # save_model dedups shared tensors (tied weights) that save_file would reject.
-        save_model(module, str(path / "model.safetensors"))
+        return {"format": "peft"}
+    inner = _hf_inner(module)
+    if inner is not None:
+        hf, attr = inner
+        hf.save_pretrained(path, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        return {"format": "hf", "attr": attr}
+    # save_model dedups shared tensors (tied weights) that save_file would reject.
+    save_model(module, str(path / "model.safetensors"))
+    return {"format": "safetensors"}
 
 
-def _load_module(module: torch.nn.Module, path: Path, name: str) -> None:
+def _load_module(module: torch.nn.Module, path: Path, name: str, how: dict) -> None:
+    if how.get("format") == "peft":
+        state = load_file(str(path / TRAINABLE_FILE))
+        result = module.load_state_dict(state, strict=False)
+        need = {k for k, p in module.named_parameters() if p.requires_grad}
+        if result.unexpected_keys or need - state.keys():
+            raise TrainingError(
+                f"checkpoint {path}: adapter weights do not match model {name!r} "
+                f"(missing {sorted(need - state.keys())[:3]}, unexpected {list(result.unexpected_keys)[:3]})"
+            )
+        return
+    if how.get("format") == "hf" and how.get("attr"):
+        inner = getattr(module, how["attr"], None)
+        if inner is None:
+            raise TrainingError(f"checkpoint {path}: model {name!r} has no submodule {how['attr']!r}")
+        module = inner
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise TrainingError(f"checkpoint {path.parent}: model {name!r} has no .safetensors weights")
@@ -225,8 +281,9 @@ class CheckpointManager:
         tmp = self.dir / f".tmp-{name}-{os.getpid()}"
         tmp.mkdir()
         try:
-            for mname, module in models.items():
-                _save_module(module, tmp / mname, tokenizer)
+            written = {
+                mname: _save_module(module, tmp / mname, tokenizer) for mname, module in models.items()
+            }
             for sub, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
                 (tmp / sub).mkdir()
                 for oname, obj in objs.items():
@@ -242,6 +299,7 @@ class CheckpointManager:
                 "step": step,
                 "format": FORMAT_VERSION,
                 "models": sorted(models),
+                "model_formats": written,
                 "optimizers": sorted(optimizers or {}),
                 "schedulers": sorted(schedulers or {}),
             }
@@ -299,7 +357,7 @@ class CheckpointManager:
         for mname, module in models.items():
             if mname not in meta["models"]:
                 raise TrainingError(f"checkpoint {path} has no model {mname!r} (has {meta['models']})")
-            _load_module(module, path / mname, mname)
+            _load_module(module, path / mname, mname, meta.get("model_formats", {}).get(mname, {}))
         for sub, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
             for oname, obj in objs.items():
                 f = path / sub / f"{oname}.pt"
