@@ -133,8 +133,23 @@ class NativeEngine:
         # Padding queries may attend to themselves so no softmax row is empty (an empty
         # row gives NaN, and NaN times a zero attention weight would leak into real rows).
         mask = (causal[None] & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]
-        hidden = self._forward(inner.embed_tokens(input_ids), positions, mask[:, None], k_cache, v_cache, 0)
-        logits = lm_head(inner.norm(hidden[:, -1]))  # [B, V]
+        plans = self._prepare_layers()
+        final_norm = _norm_fn(inner.norm)
+        embeds = inner.embed_tokens(input_ids)  # [B, P, H]
+        # Rotary tables for every position this call can reach, computed once.
+        cos_t, sin_t = inner.rotary_emb(embeds, torch.arange(S, device=device)[None])  # [1, S, D]
+        cos_t, sin_t = cos_t[0], sin_t[0]
+        hidden = self._forward(
+            plans,
+            embeds,
+            cos_t[positions],
+            sin_t[positions],
+            _additive(mask[:, None], dtype),
+            k_cache,
+            v_cache,
+            0,
+        )
+        logits = lm_head(final_norm(hidden[:, -1]))  # [B, V]
 
         generator = make_generator(params.seed, device)
         stop_ids = eos_ids(self.tokenizer, self.config, params)
@@ -175,14 +190,16 @@ class NativeEngine:
             valid[:, slot] = True
             pos = (active_lens + t)[:, None]  # [b, 1]
             hidden = self._forward(
+                plans,
                 inner.embed_tokens(tokens[:, None]),
-                pos,
-                valid[:, None, None, : slot + 1],
+                cos_t[pos],
+                sin_t[pos],
+                _additive(valid[:, None, None, : slot + 1], dtype),
                 k_cache,
                 v_cache,
                 slot,
             )
-            logits = lm_head(inner.norm(hidden[:, -1]))  # [b, V]
+            logits = lm_head(final_norm(hidden[:, -1]))  # [b, V]
         else:
             lengths[active] = T
             codes[active] = LENGTH  # unreachable in practice: every row finishes by its limit
@@ -202,21 +219,62 @@ class NativeEngine:
             out_keep[:, :steps] if out_keep is not None else None,
         )
 
-    def _forward(self, x, positions, mask, k_cache, v_cache, start: int) -> torch.Tensor:
+    def _prepare_layers(self) -> list[dict]:
+        """Per-layer callables for this generate call, with fused projections where possible.
+
+        When q/k/v (and gate/up) are plain `nn.Linear`s their weights are concatenated once
+        per call (a copy of the attention/MLP input weights, tiny next to generation), so
+        a decode step runs 4 matmuls per layer instead of 7: small models on CPU are
+        bound by per-op overhead, not FLOPs. Re-fusing on every call keeps the engine in
+        step with training. LoRA-wrapped or otherwise custom projections are called as
+        modules instead.
+        """
+        plans = []
+        for layer in self.inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            plan = {
+                "attn": attn,
+                "layer": layer,
+                "ln1": _norm_fn(layer.input_layernorm),
+                "ln2": _norm_fn(layer.post_attention_layernorm),
+            }
+            projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if all(type(m) is nn.Linear for m in projs):
+                w = torch.cat([m.weight for m in projs])
+                b = torch.cat([m.bias for m in projs]) if all(m.bias is not None for m in projs) else None
+                sizes = [m.out_features for m in projs]
+                plan["qkv"] = lambda h, w=w, b=b, sizes=sizes: F.linear(h, w, b).split(sizes, dim=-1)
+            else:
+                plan["qkv"] = lambda h, ps=projs: (ps[0](h), ps[1](h), ps[2](h))
+            gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+            if all(type(m) is nn.Linear for m in (gate, up)) and gate.bias is None and up.bias is None:
+                w_gu, act, size = torch.cat([gate.weight, up.weight]), mlp.act_fn, gate.out_features
+
+                def mlp_fn(h, w_gu=w_gu, act=act, down=down, size=size):
+                    g, u = F.linear(h, w_gu).split(size, dim=-1)
+                    return down(act(g) * u)
+
+                plan["mlp"] = mlp_fn
+            else:
+                plan["mlp"] = mlp
+            plans.append(plan)
+        return plans
+
+    def _forward(self, plans, x, cos, sin, mask, k_cache, v_cache, start: int) -> torch.Tensor:
         """Run the decoder layers on x [b, q, H] whose tokens go to cache slots start..start+q-1.
 
-        positions: [b, q] rotary positions; mask: [b, 1, q|1, start+q] bool, True = attend.
-        Returns the last layer's hidden states [b, q, H] (before the final norm).
+        cos/sin: [b, q, D] rotary tables at the tokens' positions; mask: [b, 1, q|1, start+q]
+        additive float mask (0 = attend, -inf = not). Returns the last layer's hidden
+        states [b, q, H] (before the final norm).
         """
-        cos, sin = self.inner.rotary_emb(x, positions)  # [b, q, D] each
         b, q, _ = x.shape
         end = start + q
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            qs = attn.q_proj(h).view(b, q, -1, attn.head_dim)
-            ks = attn.k_proj(h).view(b, q, -1, attn.head_dim)
-            vs = attn.v_proj(h).view(b, q, -1, attn.head_dim).transpose(1, 2)
+        for i, plan in enumerate(plans):
+            attn = plan["attn"]
+            hd = attn.head_dim
+            qs, ks, vs = plan["qkv"](plan["ln1"](x))
+            qs, ks = qs.view(b, q, -1, hd), ks.view(b, q, -1, hd)
+            vs = vs.view(b, q, -1, hd).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises q/k per head before rotary
                 qs, ks = attn.q_norm(qs), attn.k_norm(ks)
             qs = _rope(qs.transpose(1, 2), cos, sin)  # [b, H, q, D]
@@ -228,14 +286,34 @@ class NativeEngine:
             if q == 1:
                 # Decode: the H/Hkv query heads sharing a KV head become that head's
                 # "query rows", so GQA needs no repeated keys/values.
-                grouped = qs.reshape(b, n_kv, n_heads // n_kv, attn.head_dim)
+                grouped = qs.reshape(b, n_kv, n_heads // n_kv, hd)
                 o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=attn.scaling)
-                o = o.reshape(b, 1, n_heads * attn.head_dim)
+                o = o.reshape(b, 1, n_heads * hd)
             else:
                 o = F.scaled_dot_product_attention(
                     qs, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=n_heads != n_kv
                 )
-                o = o.transpose(1, 2).reshape(b, q, n_heads * attn.head_dim)
+                o = o.transpose(1, 2).reshape(b, q, n_heads * hd)
             x = x + attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + plan["mlp"](plan["ln2"](x))
         return x
+
+
+def _norm_fn(norm: nn.Module):
+    """HF RMSNorm as one fused op when it is the standard one (same formula), else the module."""
+    eps = getattr(norm, "variance_epsilon", None)
+    weight = getattr(norm, "weight", None)
+    if (
+        eps is None
+        or weight is None
+        or type(norm).__name__ not in ("Qwen2RMSNorm", "LlamaRMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+    ):
+        return norm
+    if weight.dtype != torch.float32:
+        return norm  # HF normalises in float32 then casts; keep its exact order for low precision
+    return lambda x: F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool attend-mask -> additive float mask (built once per step, shared by all layers)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
