@@ -1,0 +1,879 @@
+"""`posttrain bench`: measured speed of our GRPO step and rollouts, optionally side by side with TRL.
+
+Three modes (`BenchConfig.mode`):
+
+- ``step``: the same GRPO step in each framework of `frameworks` ("posttrain", "trl"
+  = TRL's GRPOTrainer with gradient checkpointing off, "trl_gc" = TRL with its default
+  gradient checkpointing on): median wall time per step, completion tokens/s, the time
+  split per phase, and every step's mean reward (the reward curve).
+- ``accuracy``: time-to-accuracy. One SFT checkpoint (posttrain's run_sft) is the start
+  for every framework; each trains GRPO and is evaluated greedily on held-out task
+  examples every `accuracy.eval_every` steps with the *same* evaluation code. The clock
+  counts training steps only (evaluation is paused out of it); the result is the training
+  time until held-out accuracy first reaches the target.
+- ``rollout``: tokens/s of our rollout engines alone (no training, no TRL).
+
+Fairness (issue #8): every framework loads the same model directory (weights and
+tokenizer saved once in HF format), sees the same task prompts through the same chat
+template, is rewarded by the same Python verifier (`Task.score`), and runs with the same
+G, prompts per step, max new tokens, temperature, learning rate (constant schedule),
+AdamW settings, gradient clipping, clip range and beta (KL to the reference as k3 in the
+loss, which is what TRL's GRPO does), token-level loss aggregation (TRL's default
+"dapo" loss_type = our "token-mean") and group-std advantage scaling. Each run executes
+in its own subprocess (`isolate=true`) so no framework inherits another's allocator or
+thread state, and frameworks run back to back so they see the same machine load.
+
+Nothing here asserts a speed: numbers are written to `results.json` / `results.md` in the
+run directory and returned as the summary dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from posttrain.errors import ConfigError, TrainingError
+from posttrain.train.config import RunSection, config_to_dict, load_config, save_config
+
+FRAMEWORKS = ("posttrain", "trl", "trl_gc")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class AccuracySection:
+    """Time-to-accuracy mode: SFT warm start, then GRPO until a held-out accuracy is reached."""
+
+    sft_steps: int = field(default=300, metadata={"help": "SFT optimizer steps for the shared warm start."})
+    sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate."})
+    sft_batch_size: int = field(default=32, metadata={"help": "SFT examples per optimizer step."})
+    n_eval: int = field(default=100, metadata={"help": "Held-out test examples for the greedy evaluation."})
+    eval_every: int = field(default=5, metadata={"help": "Evaluate every N GRPO steps (clock paused)."})
+    target: float | None = field(
+        default=None,
+        metadata={"help": "Absolute held-out accuracy to reach; null = SFT accuracy + target_gain."},
+    )
+    target_gain: float = field(
+        default=0.10, metadata={"help": "Accuracy gain over the SFT start that defines the target."}
+    )
+    max_steps: int = field(default=200, metadata={"help": "Give up after this many GRPO steps."})
+    max_seconds: float = field(
+        default=600.0, metadata={"help": "Give up after this much training time (seconds, eval excluded)."}
+    )
+
+
+@dataclass
+class RolloutSection:
+    """Rollout mode: generation throughput of our engines."""
+
+    engines: list[str] = field(
+        default_factory=lambda: ["native"], metadata={"help": "Rollout engines to time (native | hf)."}
+    )
+    batch: int = field(default=64, metadata={"help": "Sequences per generate call."})
+    new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sequence (EOS disabled)."})
+    repeats: int = field(default=3, metadata={"help": "Timed generate calls (after one warm-up call)."})
+
+
+@dataclass
+class BenchConfig:
+    """Benchmark posttrain's GRPO step (and TRL's, when the `bench` extra is installed)."""
+
+    mode: Literal["step", "accuracy", "rollout"] = field(
+        default="step",
+        metadata={
+            "help": "step: time per GRPO step; accuracy: time to a held-out accuracy; rollout: tokens/s."
+        },
+    )
+    frameworks: list[str] = field(
+        default_factory=lambda: ["posttrain"],
+        metadata={
+            "help": "Any of posttrain, trl (TRL, gradient checkpointing off), trl_gc (TRL default, on)."
+        },
+    )
+    presets: list[str] = field(
+        default_factory=lambda: ["small"],
+        metadata={"help": "Model presets to benchmark (tiny | small | base); small is issue #8's config."},
+    )
+    model_path: str | None = field(
+        default=None, metadata={"help": "Benchmark this HF model directory instead of presets."}
+    )
+    task: str = field(
+        default="arithmetic", metadata={"help": "Synthetic task giving prompts and the verifier."}
+    )
+    difficulty: int | None = field(default=None, metadata={"help": "Task difficulty; null = task default."})
+    n_train: int = field(default=2000, metadata={"help": "Training prompts drawn from the task."})
+    prompts_per_step: int = field(default=4, metadata={"help": "Prompts per GRPO step."})
+    group_size: int = field(default=8, metadata={"help": "Samples per prompt (G)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Maximum completion length."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    lr: float = field(default=1e-5, metadata={"help": "Learning rate (constant schedule, AdamW)."})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient (k3 in the loss, as TRL's GRPO)."})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range (both sides)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    thinking: bool = field(default=True, metadata={"help": "Chat template thinking mode for prompts."})
+    steps: int = field(default=10, metadata={"help": "GRPO steps per framework (step mode)."})
+    skip_steps: int = field(
+        default=2, metadata={"help": "First steps excluded from medians (allocator / lazy-init warm-up)."}
+    )
+    repeats: int = field(
+        default=1, metadata={"help": "Back-to-back rounds over all frameworks (medians pool the rounds)."}
+    )
+    threads: int = field(default=2, metadata={"help": "torch.set_num_threads for every framework."})
+    isolate: bool = field(default=True, metadata={"help": "Run each framework in its own subprocess."})
+    sft_init: bool = field(
+        default=False,
+        metadata={
+            "help": "Step mode: start from the SFT warm start (accuracy.sft_*) instead of random init."
+        },
+    )
+    accuracy: AccuracySection = field(
+        default_factory=AccuracySection, metadata={"help": "Time-to-accuracy mode."}
+    )
+    rollout: RolloutSection = field(default_factory=RolloutSection, metadata={"help": "Rollout mode."})
+    run: RunSection = field(
+        default_factory=lambda: RunSection(output_dir="runs/bench"), metadata={"help": "Output and seed."}
+    )
+
+
+def _validate(cfg: BenchConfig) -> None:
+    for name in cfg.frameworks:
+        if name not in FRAMEWORKS:
+            import difflib
+
+            close = difflib.get_close_matches(name, FRAMEWORKS, n=1)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"bench.frameworks: unknown framework {name!r};{hint} valid: {', '.join(FRAMEWORKS)}"
+            )
+    if not cfg.frameworks and cfg.mode != "rollout":
+        raise ConfigError("bench.frameworks is empty: name at least one of " + ", ".join(FRAMEWORKS))
+    if cfg.group_size < 2:
+        raise ConfigError(f"bench.group_size must be >= 2 for GRPO, got {cfg.group_size}")
+    if cfg.steps <= cfg.skip_steps and cfg.mode == "step":
+        raise ConfigError(f"bench.steps ({cfg.steps}) must exceed bench.skip_steps ({cfg.skip_steps})")
+    if any(f.startswith("trl") for f in cfg.frameworks) and cfg.mode != "rollout":
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "bench.frameworks names TRL but trl is not installed: pip install 'posttrain[bench]'"
+            ) from None
+
+
+def plan(cfg: BenchConfig) -> str:
+    """What `posttrain bench` will run (for --dry-run)."""
+    _validate(cfg)
+    models = [cfg.model_path] if cfg.model_path else cfg.presets
+    lines = [f"bench mode={cfg.mode} models={models} frameworks={cfg.frameworks}"]
+    if cfg.mode == "rollout":
+        r = cfg.rollout
+        lines.append(f"engines={r.engines} batch={r.batch} new_tokens={r.new_tokens} repeats={r.repeats}")
+    else:
+        lines.append(
+            f"GRPO: {cfg.prompts_per_step} prompts x G={cfg.group_size}, <= {cfg.max_new_tokens} new tokens, "
+            f"T={cfg.temperature}, lr={cfg.lr}, beta={cfg.beta}, {cfg.threads} threads"
+        )
+        if cfg.mode == "step":
+            lines.append(f"{cfg.steps} steps ({cfg.skip_steps} warm-up) x {cfg.repeats} rounds per framework")
+        else:
+            a = cfg.accuracy
+            lines.append(
+                f"SFT {a.sft_steps} steps, then GRPO <= {a.max_steps} steps / {a.max_seconds}s, eval every "
+                f"{a.eval_every} on {a.n_eval} held-out examples"
+            )
+    lines.append(f"output: {cfg.run.output_dir}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- shared setup
+
+
+def machine_info() -> dict:
+    """CPU model, core count, load average and library versions, recorded with every result."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    for mod in ("transformers", "trl"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    return info
+
+
+def prepare_model(preset: str, out_dir: Path, seed: int) -> Path:
+    """Build a random-init preset with the char tokenizer, save it once in HF format; return the dir.
+
+    Every framework then loads this directory, so all start from bit-identical weights.
+    """
+    from posttrain.engines.models import build_preset, save_model
+    from posttrain.engines.tokenizer import build_char_tokenizer
+
+    path = out_dir / f"init-{preset}"
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = build_preset(preset, vocab_size=len(tokenizer))
+    save_model(model, tokenizer, path)
+    return path
+
+
+def prepare_sft(cfg: BenchConfig, init_dir: Path, out_dir: Path) -> Path:
+    """The shared SFT warm start: posttrain's run_sft on the task's reference solutions."""
+    from posttrain.train.offline import SFTConfig, run_sft
+
+    path = out_dir / "sft"
+    final = path / "final"
+    if (final / "config.json").is_file():
+        return final
+    a = cfg.accuracy
+    sft = load_config(
+        SFTConfig,
+        None,
+        [
+            f"model.path={init_dir}",
+            f"data.task={cfg.task}",
+            f"optim.lr={a.sft_lr}",
+            f"steps={a.sft_steps}",
+            f"batch_size={a.sft_batch_size}",
+            f"run.output_dir={path}",
+            f"run.seed={cfg.run.seed}",
+        ]
+        + ([f"data.difficulty={cfg.difficulty}"] if cfg.difficulty is not None else []),
+    )
+    run_sft(sft)
+    if not (final / "config.json").is_file():
+        raise TrainingError(f"SFT warm start finished but wrote no model at {final}")
+    return final
+
+
+def _train_examples(cfg: BenchConfig):
+    from posttrain.data.tasks import get_task
+
+    task = get_task(cfg.task)
+    return task, task.examples("train", cfg.n_train, seed=cfg.run.seed, difficulty=cfg.difficulty)
+
+
+class HeldOutEval:
+    """Greedy held-out accuracy with one evaluation code path for every framework.
+
+    Calls posttrain's `evaluate_policy` (native engine, temperature 0) on `n_eval` test
+    examples; the model is switched to eval mode for the call and restored afterwards.
+    """
+
+    def __init__(self, cfg: BenchConfig, tokenizer):
+        from posttrain.data.tasks import get_task
+
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.task = get_task(cfg.task)
+        self.examples = self.task.examples(
+            "test", cfg.accuracy.n_eval, seed=cfg.run.seed, difficulty=cfg.difficulty
+        )
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        from posttrain.train.evaluate import evaluate_policy
+
+        was_training = model.training
+        model.eval()
+        try:
+            out = evaluate_policy(
+                model,
+                self.tokenizer,
+                self.examples,
+                self.task,
+                k=1,
+                temperature=0.0,
+                max_new_tokens=self.cfg.max_new_tokens,
+                engine="native",
+                seed=self.cfg.run.seed,
+            )
+        finally:
+            model.train(was_training)
+        return float(out["accuracy"])
+
+
+# --------------------------------------------------------------------------- one framework's run
+
+
+class _Trace:
+    """What one framework's run records, step by step (plain lists, JSON-ready)."""
+
+    def __init__(
+        self,
+        framework: str,
+        evaluator: HeldOutEval | None = None,
+        target: float | None = None,
+        eval_every: int = 0,
+        max_steps: int = 0,
+        max_seconds: float = float("inf"),
+    ):
+        self.framework = framework
+        self.step_s: list[float] = []
+        self.completion_tokens: list[int] = []
+        self.reward_mean: list[float] = []
+        self.phases: dict[str, list[float]] = {}
+        self.evals: list[dict] = []  # {"step", "train_s", "accuracy"}
+        self._evaluator, self._target = evaluator, target
+        self._eval_every, self._max_steps, self._max_seconds = eval_every, max_steps, max_seconds
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self.phases.setdefault(name, []).append(seconds)
+
+    def end_step(self, seconds: float, model: torch.nn.Module | None = None) -> bool:
+        """Record one step's wall time; in accuracy mode maybe evaluate. Returns True to stop."""
+        self.step_s.append(seconds)
+        if self._evaluator is None or model is None:
+            return False
+        step, train_s = len(self.step_s), sum(self.step_s)
+        if step % self._eval_every == 0 or step >= self._max_steps or train_s >= self._max_seconds:
+            acc = self._evaluator(model)
+            self.evals.append({"step": step, "train_s": train_s, "accuracy": acc})
+            if self._target is not None and acc >= self._target:
+                return True
+        return step >= self._max_steps or train_s >= self._max_seconds
+
+    def to_dict(self) -> dict:
+        return {
+            "framework": self.framework,
+            "step_s": self.step_s,
+            "completion_tokens": self.completion_tokens,
+            "reward_mean": self.reward_mean,
+            "phases": self.phases,
+            "evals": self.evals,
+        }
+
+
+def run_trl(
+    cfg: BenchConfig,
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    gradient_checkpointing: bool,
+    trace: _Trace,
+    steps: int,
+) -> None:
+    """TRL 1.16 GRPOTrainer with settings mirrored from `cfg` (see module docstring).
+
+    TRL hyper-parameters set explicitly (defaults differ from ours or from the issue):
+    bf16/fp16 off (fp32), use_cpu on a CPU device, lr_scheduler_type="constant" (TRL's
+    default linearly decays to 0 over max_steps), loss_type="dapo" (token-level mean over
+    the whole batch), scale_rewards="group", num_iterations=1 (strictly on-policy),
+    per_device_train_batch_size = prompts x G completions with gradient_accumulation_steps=1.
+    Generate time is measured by wrapping `GRPOTrainer._generate_single_turn` and
+    generate+reward+reference time by wrapping `_generate_and_score_completions`.
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.data.rewards import build_reward
+
+    _, examples = _train_examples(cfg)
+    rows = [{"prompt": [{"role": "user", "content": ex.prompt}], "answer": ex.answer} for ex in examples]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    # The very reward function posttrain's loop builds for `rewards: [{name: task}]`; it
+    # sees the chat-templated prompt text, as in our loop. TRL hands conversational
+    # completions as [{"role": "assistant", "content": text}].
+    ours = build_reward("task", task_name=cfg.task)
+
+    def task_reward(prompts, completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        prompt_texts = [
+            tokenizer.apply_chat_template(
+                p, add_generation_prompt=True, tokenize=False, enable_thinking=cfg.thinking
+            )
+            if isinstance(p, list)
+            else p
+            for p in prompts
+        ]
+        return ours(prompt_texts, texts, answer=list(answer))
+
+    task_reward.__name__ = f"task_{cfg.task}"
+    batch = cfg.prompts_per_step * cfg.group_size
+    args = GRPOConfig(
+        output_dir=str(out_dir),
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=gradient_checkpointing,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_generations=cfg.group_size,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=cfg.max_grad_norm,
+        beta=cfg.beta,
+        epsilon=cfg.clip_eps,
+        loss_type="dapo",
+        scale_rewards="group",
+        num_iterations=1,
+        max_steps=steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=cfg.run.seed,
+        chat_template_kwargs={"enable_thinking": cfg.thinking},
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=task_reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+
+    def timed(name, fn, count_tokens=False):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            trace.add_phase(name, time.perf_counter() - t0)
+            if count_tokens:
+                trace.completion_tokens.append(sum(len(ids) for ids in out[0]))
+            return out
+
+        return wrapper
+
+    trainer._generate_single_turn = timed("generate_s", trainer._generate_single_turn, count_tokens=True)
+    trainer._generate_and_score_completions = timed(
+        "generate_score_s", trainer._generate_and_score_completions
+    )
+
+    class _Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if trace.end_step(time.perf_counter() - self.t0, trainer.model):
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                trace.reward_mean.append(float(logs["reward"]))
+
+    trainer.add_callback(_Clock())
+    trainer.train()
+
+
+def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int) -> dict:
+    """posttrain's GRPO (as an RLConfig mapping) matching `run_trl` setting for setting."""
+    data: dict[str, Any] = {"task": cfg.task, "n_train": cfg.n_train, "enable_thinking": cfg.thinking}
+    if cfg.difficulty is not None:
+        data["difficulty"] = cfg.difficulty
+    return {
+        "steps": steps,
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "optim": {
+            "lr": cfg.lr,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "max_grad_norm": cfg.max_grad_norm,
+        },
+        "run": {"output_dir": str(out_dir), "seed": cfg.run.seed, "save_every": 0},
+        "data": data,
+        "rollout": {
+            "engine": "native",
+            "prompts_per_step": cfg.prompts_per_step,
+            "group_size": cfg.group_size,
+            "temperature": cfg.temperature,
+            "max_new_tokens": cfg.max_new_tokens,
+        },
+        "algo": {
+            "method": "grpo",
+            "advantage": "grpo",
+            "policy_loss": "ppo",
+            "clip_eps_low": cfg.clip_eps,
+            "clip_eps_high": cfg.clip_eps,
+            "aggregation": "token-mean",
+            "kl_placement": "loss" if cfg.beta > 0 else "none",
+            "kl_estimator": "k3",
+            "kl_coef": cfg.beta,
+            "update_epochs": 1,
+            "num_minibatches": 1,
+        },
+        "rewards": [{"name": "task", "weight": 1.0, "options": {"task_name": cfg.task}}],
+        "sample_log_every": 0,
+    }
+
+
+# Our RL loop's per-phase timings (metric key -> phase name in the trace).
+_PT_PHASES = {
+    "time/generate_s": "generate_s",
+    "time/reward_s": "reward_s",
+    "time/score_s": "score_s",
+    "time/update_s": "update_s",
+}
+
+
+def run_posttrain(cfg: BenchConfig, model_dir: Path, out_dir: Path, *, trace: _Trace, steps: int) -> None:
+    """posttrain's GRPO through the public RLTrainer, one `.step()` per timed step."""
+    from posttrain.train.rl import RLConfig, RLTrainer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "rl.yaml"
+    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, out_dir, steps), sort_keys=False))
+    rl_cfg = load_config(RLConfig, path, [])
+    # Hand the reward a built Task: build_rewards() fills a missing `task` option with the
+    # task *name*, which task_reward() does not accept (reported to the owners).
+    from posttrain.data.tasks import get_task
+
+    rl_cfg.rewards[0].options = {"task": get_task(cfg.task)}
+    trainer = RLTrainer(rl_cfg)
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            metrics = trainer.step()
+            seconds = time.perf_counter() - t0
+            for key, phase in _PT_PHASES.items():
+                if key in metrics:
+                    trace.add_phase(phase, float(metrics[key]))
+            trace.completion_tokens.append(
+                int(round(float(metrics["rollout/length_mean"]) * float(metrics["rollout/batch_size"])))
+            )
+            trace.reward_mean.append(float(metrics["reward/mean"]))
+            if trace.end_step(seconds, trainer.policy.model):
+                break
+    finally:
+        close = getattr(trainer, "close", None)
+        if close is not None:
+            close()
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _worker(cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, target: float | None) -> dict:
+    """Run one framework in this process and return its trace dict."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.run.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.mode == "accuracy":
+        from transformers import AutoTokenizer
+
+        a = cfg.accuracy
+        evaluator = HeldOutEval(cfg, AutoTokenizer.from_pretrained(model_dir))
+        trace = _Trace(framework, evaluator, target, a.eval_every, a.max_steps, a.max_seconds)
+        steps = a.max_steps
+    else:
+        trace = _Trace(framework)
+        steps = cfg.steps
+    if framework == "posttrain":
+        run_posttrain(cfg, model_dir, out_dir, trace=trace, steps=steps)
+    else:
+        run_trl(
+            cfg, model_dir, out_dir, gradient_checkpointing=framework == "trl_gc", trace=trace, steps=steps
+        )
+    return trace.to_dict()
+
+
+def _run_one(cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, target: float | None) -> dict:
+    """One framework's run, in a fresh subprocess when `cfg.isolate` (the default)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.isolate:
+        return _worker(cfg, framework, model_dir, out_dir, target)
+    spec = out_dir / "spec.json"
+    save_config(cfg, out_dir / "bench.yaml")
+    spec.write_text(
+        json.dumps(
+            {
+                "config": str(out_dir / "bench.yaml"),
+                "framework": framework,
+                "model_dir": str(model_dir),
+                "out_dir": str(out_dir),
+                "target": target,
+            }
+        )
+    )
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(cfg.threads),
+        MKL_NUM_THREADS=str(cfg.threads),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    log = out_dir / "worker.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run(
+            [sys.executable, "-m", "posttrain.train.bench", str(spec)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    result = out_dir / "trace.json"
+    if proc.returncode != 0 or not result.is_file():
+        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or [
+            "(no output)"
+        ]
+        raise TrainingError(
+            f"bench worker '{framework}' failed (exit {proc.returncode}): {tail[0]} — log: {log}"
+        )
+    return json.loads(result.read_text())
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(traces: list[dict], skip: int) -> dict:
+    """Pool a framework's rounds: medians over steps after the first `skip` of each round."""
+    steps = [s for t in traces for s in t["step_s"][skip:]]
+    tokens = [n for t in traces for n in t["completion_tokens"][skip:]]
+    phases: dict[str, list[float]] = {}
+    for t in traces:
+        for name, xs in t["phases"].items():
+            phases.setdefault(name, []).extend(xs[skip:])
+    curves = [t["reward_mean"] for t in traces]
+    n = min((len(c) for c in curves), default=0)
+    curve = [statistics.fmean(c[i] for c in curves) for i in range(n)]
+    out = {
+        "steps_timed": len(steps),
+        "median_step_s": _median(steps),
+        "completion_tokens_per_s": (sum(tokens) / sum(steps[: len(tokens)])) if tokens and steps else None,
+        "phase_median_s": {k: _median(v) for k, v in sorted(phases.items())},
+        "reward_curve": curve,
+        "reward_mean_second_half": statistics.fmean(curve[n // 2 :]) if n else None,
+    }
+    evals = [t["evals"] for t in traces if t["evals"]]
+    if evals:
+        out["evals"] = evals[0] if len(evals) == 1 else evals
+        out["train_s_total"] = [sum(t["step_s"]) for t in traces]
+    return out
+
+
+def time_to_target(evals: list[dict], target: float) -> float | None:
+    """Training seconds at the first evaluation whose accuracy reaches `target` (None: never)."""
+    for e in evals:
+        if e["accuracy"] >= target:
+            return e["train_s"]
+    return None
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def format_markdown(results: dict) -> str:
+    """Markdown tables of a `run_bench` result (what docs/benchmarks.md quotes)."""
+    lines: list[str] = []
+    info = results["machine"]
+    lines.append(
+        f"Machine: {info['cpu']}, {info['cores']} cores, load avg (1 min) at start {info['loadavg_1m']}, "
+        f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}; "
+        f"{results['config']['threads']} torch threads."
+    )
+    mode = results["config"]["mode"]
+    for model, per in results["models"].items():
+        lines.append("")
+        fws = per["frameworks"]
+        if mode == "rollout":
+            lines.append(f"**{model}** ({per.get('params', 0) / 1e6:.2f}M params)")
+            lines += ["", "| engine | tokens/s | median s / call |", "|---|---|---|"]
+            for name, r in fws.items():
+                lines.append(f"| {name} | {_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['median_call_s'])} |")
+            continue
+        lines.append(f"**{model}** ({per.get('params', 0) / 1e6:.2f}M params)")
+        if mode == "step":
+            lines += [
+                "",
+                "| framework | median step (s) | completion tok/s | generate (s) | speed-up of posttrain "
+                "| mean reward, 2nd half |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name, r in fws.items():
+                gen = r["phase_median_s"].get("generate_s")
+                speed = per.get("speedup", {}).get(name)
+                lines.append(
+                    f"| {name} | {_fmt(r['median_step_s'])} | {_fmt(r['completion_tokens_per_s'], '.0f')} "
+                    f"| {_fmt(gen)} | {'—' if speed is None else f'{speed:.2f}x'} "
+                    f"| {_fmt(r['reward_mean_second_half'])} |"
+                )
+            for name, r in fws.items():
+                curve = ", ".join(f"{x:.2f}" for x in r["reward_curve"])
+                lines.append(f"\nreward curve ({name}): [{curve}]")
+            for name, r in fws.items():
+                ph = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_median_s"].items() if v is not None)
+                lines.append(f"\nphase medians ({name}): {ph}")
+        else:
+            lines.append(
+                f"\nSFT start: held-out accuracy {per['sft_accuracy']:.3f}; target {per['target']:.3f}"
+            )
+            lines += [
+                "",
+                "| framework | time to target (s, training only) | steps | median step (s) | final accuracy "
+                "| speed-up of posttrain |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name, r in fws.items():
+                evals = r.get("evals") or []
+                evals = evals if not evals or isinstance(evals[0], dict) else evals[0]
+                last = evals[-1] if evals else {}
+                speed = per.get("speedup", {}).get(name)
+                lines.append(
+                    f"| {name} | {_fmt(r.get('time_to_target_s'), '.1f')} | {last.get('step', '—')} "
+                    f"| {_fmt(r['median_step_s'])} | {_fmt(last.get('accuracy'))} "
+                    f"| {'—' if speed is None else f'{speed:.2f}x'} |"
+                )
+            for name, r in fws.items():
+                evals = r.get("evals") or []
+                evals = evals if not evals or isinstance(evals[0], dict) else evals[0]
+                pts = ", ".join(f"({e['step']}, {e['train_s']:.0f}s, {e['accuracy']:.2f})" for e in evals)
+                lines.append(f"\naccuracy curve ({name}; step, train time, accuracy): {pts}")
+    return "\n".join(lines) + "\n"
+
+
+def _bench_rollout(cfg: BenchConfig, model_dir: Path) -> dict:
+    """Tokens/s of each rollout engine on templated task prompts (one warm-up call)."""
+    from posttrain.engines.models import load_model, load_tokenizer
+    from posttrain.engines.rollout import make_engine
+    from posttrain.engines.rollout.base import SamplingParams
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir))
+    model.eval()
+    _, examples = _train_examples(cfg)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": examples[i % len(examples)].prompt}],
+            add_generation_prompt=True,
+            tokenize=False,
+            enable_thinking=cfg.thinking,
+        )
+        for i in range(cfg.rollout.batch)
+    ]
+    r = cfg.rollout
+    out: dict[str, dict] = {}
+    for name in r.engines:
+        engine = make_engine(name, model, tokenizer)
+        params = SamplingParams(temperature=cfg.temperature, max_new_tokens=r.new_tokens, seed=cfg.run.seed)
+        engine.generate(prompts, params)  # warm-up: lazy init and allocator growth stay out of the timing
+        times, tokens = [], []
+        for i in range(r.repeats):
+            params.seed = cfg.run.seed + 1 + i
+            t0 = time.perf_counter()
+            rollout = engine.generate(prompts, params)
+            times.append(time.perf_counter() - t0)
+            tokens.append(float(rollout.mask.sum()))
+        out[name] = {
+            "tokens_per_s": sum(tokens) / sum(times),
+            "median_call_s": statistics.median(times),
+            "tokens": tokens,
+            "call_s": times,
+        }
+    return {"frameworks": out, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _count_params(model_dir: Path) -> int:
+    """Parameter count read from the safetensors headers (no model load)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= int(d)
+                total += n
+    return total
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run the configured benchmark; write results.json + results.md to run.output_dir; return results.
+
+    Returns {"machine": machine_info(), "config": config_to_dict(cfg), "models": {name: {
+    "params", "frameworks": {framework: summary}, "speedup": {framework: ratio}, ...}}}. A
+    speed-up is (other framework's median step or time-to-target) / posttrain's, so > 1
+    means posttrain is faster.
+    """
+    _validate(cfg)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine_info(), "config": config_to_dict(cfg), "models": {}}
+    models = [("model", Path(cfg.model_path))] if cfg.model_path else [(p, None) for p in cfg.presets]
+    for name, path in models:
+        mdir = out / name
+        mdir.mkdir(parents=True, exist_ok=True)
+        start = path or prepare_model(name, mdir, cfg.run.seed)
+        if cfg.mode == "accuracy" or (cfg.mode == "step" and cfg.sft_init):
+            start = prepare_sft(cfg, start, mdir)
+        if cfg.mode == "rollout":
+            results["models"][name] = _bench_rollout(cfg, start)
+            continue
+        per: dict[str, Any] = {"params": _count_params(start), "model_dir": str(start)}
+        target = None
+        if cfg.mode == "accuracy":
+            from posttrain.engines.models import load_model, load_tokenizer
+
+            sft_acc = HeldOutEval(cfg, load_tokenizer(str(start)))(load_model(str(start)))
+            target = (
+                cfg.accuracy.target if cfg.accuracy.target is not None else sft_acc + cfg.accuracy.target_gain
+            )
+            per.update(sft_accuracy=sft_acc, target=target)
+        traces: dict[str, list[dict]] = {fw: [] for fw in cfg.frameworks}
+        for r in range(cfg.repeats):
+            for fw in cfg.frameworks:  # back to back, so every framework sees the same machine load
+                traces[fw].append(_run_one(cfg, fw, start, mdir / f"{fw}-r{r}", target))
+        skip = cfg.skip_steps if cfg.mode == "step" else 0
+        per["frameworks"] = {fw: summarize(ts, skip) for fw, ts in traces.items()}
+        per["loadavg_1m_end"] = machine_info()["loadavg_1m"]
+        if cfg.mode == "accuracy":
+            for fw, ts in traces.items():
+                per["frameworks"][fw]["time_to_target_s"] = time_to_target(ts[0]["evals"], target)
+        if "posttrain" in per["frameworks"]:
+            key = "median_step_s" if cfg.mode == "step" else "time_to_target_s"
+            ours = per["frameworks"]["posttrain"].get(key)
+            per["speedup"] = {
+                fw: (s[key] / ours if ours and s.get(key) else None)
+                for fw, s in per["frameworks"].items()
+                if fw != "posttrain"
+            }
+        results["models"][name] = per
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(format_markdown(results))
+    print(format_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    # Worker entry (see _run_one): python -m posttrain.train.bench SPEC.json
+    _spec = json.loads(Path(sys.argv[1]).read_text())
+    _cfg = load_config(BenchConfig, _spec["config"], [])
+    _trace = _worker(
+        _cfg, _spec["framework"], Path(_spec["model_dir"]), Path(_spec["out_dir"]), _spec["target"]
+    )
+    (Path(_spec["out_dir"]) / "trace.json").write_text(json.dumps(_trace))
