@@ -122,6 +122,15 @@ def _probe(cmd: list[str]) -> bool:
     return r.returncode == 0
 
 
+def _probe_bwrap(bwrap: str, true: str) -> bool:
+    probe_dir = tempfile.mkdtemp(prefix="posttrain-sandbox-probe-")
+    os.chmod(probe_dir, 0o755)
+    try:
+        return _probe(_setpriv_prefix(65534) + [bwrap, *_bwrap_args(probe_dir), true])
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+
+
 def detect_backend() -> str:
     """Return the strongest isolation backend that works on this machine (cached).
 
@@ -134,7 +143,7 @@ def detect_backend() -> str:
         choice = "rlimits"
         true = shutil.which("true") or "/bin/true"
         bwrap = shutil.which("bwrap")
-        if bwrap and _probe([bwrap, *_bwrap_args(os.getcwd(), 65534), true]):
+        if bwrap and _probe_bwrap(bwrap, true):
             choice = "bwrap"
         elif shutil.which("unshare") and _probe(
             _unshare_prefix() + ["/bin/sh", "-c", _MOUNT_SCRIPT, "sh", true]
@@ -196,11 +205,15 @@ def _setpriv_prefix(uid: int) -> list[str]:
     ]
 
 
-def _bwrap_args(workdir: str, uid: int) -> list[str]:
+def _bwrap_args(workdir: str) -> list[str]:
+    # Mount order matters: the private /tmp comes first, then the work dir (usually under
+    # /tmp) is bound back at its own path on top of it.
     return [
         "--unshare-all",
         "--die-with-parent",
         "--new-session",
+        "--cap-drop",
+        "ALL",
         "--ro-bind",
         "/",
         "/",
@@ -214,14 +227,12 @@ def _bwrap_args(workdir: str, uid: int) -> list[str]:
         "/var/tmp",
         "--bind",
         workdir,
-        "/sandbox",
+        workdir,
         "--chdir",
-        "/sandbox",
-        "--uid",
-        str(uid),
-        "--gid",
-        str(uid),
+        workdir,
         "--clearenv",
+        "--unsetenv",
+        "PWD",
     ]
 
 
@@ -240,7 +251,10 @@ def _command(backend: str, python: str, workdir: str, uid: int, start_fd: int) -
     # -B: no .pyc writes.
     prog = [python, "-I", "-S", "-B", "-c", _BOOTSTRAP.format(fd=start_fd)]
     if backend == "bwrap":
-        return [shutil.which("bwrap") or "bwrap", *_bwrap_args(workdir, uid), *prog]
+        # As root, drop to the run's uid *before* bwrap: bwrap then maps that uid into its
+        # user namespace, so host files keep their real owners (run as root, bwrap would map
+        # the sandbox uid to root and let it read root's 0600 files).
+        return _setpriv_prefix(uid) + [shutil.which("bwrap") or "bwrap", *_bwrap_args(workdir), *prog]
     if backend == "unshare":
         env_clear = [shutil.which("env") or "/usr/bin/env", "-i"]  # drop the shell's PWD/OLDPWD
         return _unshare_prefix() + [
@@ -343,6 +357,36 @@ def _preexec(limits: SandboxLimits):
     return apply
 
 
+def _world_executable(path: str) -> bool:
+    """True when an unprivileged stranger can reach and execute `path` by mode bits (every
+    ancestor directory o+x, the file o+rx)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+        if st.st_mode & (stat.S_IXOTH | stat.S_IROTH) != (stat.S_IXOTH | stat.S_IROTH):
+            return False
+        d = os.path.dirname(path)
+        while True:
+            if not os.stat(d).st_mode & stat.S_IXOTH:
+                return False
+            parent = os.path.dirname(d)
+            if parent == d:
+                return True
+            d = parent
+    except OSError:
+        return False
+
+
+def default_python() -> str:
+    """The interpreter sandboxed programs run on: this one if an unprivileged uid may
+    execute it, else the system python3 (the program only gets the standard library)."""
+    for cand in (os.path.realpath(sys.executable), shutil.which("python3") or "", "/usr/bin/python3"):
+        if cand and _world_executable(os.path.realpath(cand)):
+            return os.path.realpath(cand)
+    return os.path.realpath(sys.executable)
+
+
 def run_program(
     code: str,
     stdin: str = "",
@@ -357,8 +401,8 @@ def run_program(
     anything the program does.
 
     backend: "auto" (see `detect_backend`), "bwrap", "unshare" or "rlimits".
-    python: interpreter for the program (default: this interpreter's real path, run with
-        -I -S so only the standard library is importable).
+    python: interpreter for the program (default: `default_python()`), run with -I -S so
+        only the standard library is importable.
     uid_base, uid_span: when running as root, each run drops to its own uid in
         [uid_base, uid_base + uid_span) so RLIMIT_NPROC (ignored for root) and the final
         kill sweep are per run.
@@ -367,7 +411,7 @@ def run_program(
     backend = detect_backend() if backend == "auto" else backend
     if backend not in BACKENDS:
         raise ValueError(f"sandbox backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    python = python or os.path.realpath(sys.executable)
+    python = python or default_python()
     t0 = time.monotonic()
     uid = _acquire_uid(uid_base, uid_span) if os.geteuid() == 0 else os.geteuid()
     workdir = None
