@@ -189,7 +189,9 @@ def grpo(
 @ADVANTAGES.register("dr_grpo")
 def dr_grpo(*, scores, mask, group_id=None, token_rewards=None, values=None, **options):
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): GRPO without the
-    std division, A_i = r_i − mean_g(r). Pair with aggregate mode "seq-mean-token-sum-norm"."""
+    std division, A_i = r_i − mean_g(r). Pair with aggregate mode "seq-mean-token-sum-norm".
+    Shapes: scores [B], group_id [B], mask [B, T] -> (advantages, returns) [B, T].
+    """
     options.pop("scale", None)
     return grpo(scores=scores, mask=mask, group_id=group_id, scale="none", **options)
 
@@ -197,7 +199,9 @@ def dr_grpo(*, scores, mask, group_id=None, token_rewards=None, values=None, **o
 @ADVANTAGES.register("kimi")
 def kimi(*, scores, mask, group_id=None, token_rewards=None, values=None, **_):
     """Kimi k1.5 baseline (Kimi Team 2025, §2.3.2): A_i = r_i − mean_g(r), no std division.
-    Numerically identical to dr_grpo; kept as its own name so configs read like the paper."""
+    Numerically identical to dr_grpo; kept as its own name so configs read like the paper.
+    Shapes: scores [B], group_id [B], mask [B, T] -> (advantages, returns) [B, T].
+    """
     return grpo(scores=scores, mask=mask, group_id=group_id, scale="none")
 
 
@@ -229,6 +233,7 @@ def reinforce(
     G_t is the γ-discounted return-to-go of token_rewards plus the score at the last token.
     baseline: b, a float or 0-dim tensor, typically a running mean of past scores kept by
     the caller (the estimator is stateless; an action-independent b leaves it unbiased).
+    Shapes: scores [B] and/or token_rewards [B, T], mask [B, T] -> [B, T] each.
     """
     if scores is None and token_rewards is None:
         raise DataError("advantage estimator 'reinforce' needs scores or token_rewards, got neither")
@@ -244,7 +249,9 @@ def reinforce_pp(
 ):
     """REINFORCE++ (Hu et al. 2025): γ-discounted token returns (KL shaping usually arrives
     in token_rewards), then GLOBAL batch whitening: A = (G − mean_batch) / sqrt(var_batch + eps).
-    std_eps: variance epsilon of the whitening."""
+    std_eps: variance epsilon of the whitening.
+    Shapes: scores [B] and/or token_rewards [B, T], mask [B, T] -> [B, T] each.
+    """
     if scores is None and token_rewards is None:
         raise DataError("advantage estimator 'reinforce_pp' needs scores or token_rewards, got neither")
     scores, m, token_rewards, valid = _prepare("reinforce_pp", scores, mask, token_rewards)
@@ -257,7 +264,9 @@ def reinforce_pp_baseline(
     *, scores, mask, group_id=None, token_rewards=None, values=None, gamma=1.0, std_eps=1e-8, **_
 ):
     """REINFORCE++-baseline (Hu et al. 2025, §3): subtract the group mean of the scores
-    (the per-prompt baseline), add dense token_rewards, take γ-returns, whiten globally."""
+    (the per-prompt baseline), add dense token_rewards, take γ-returns, whiten globally.
+    Shapes: scores [B], group_id [B], token_rewards [B, T] | None, mask [B, T] -> [B, T] each.
+    """
     _need("reinforce_pp_baseline", scores=scores, group_id=group_id)
     scores, m, token_rewards, valid = _prepare("reinforce_pp_baseline", scores, mask, token_rewards)
     idx, k = dense_groups("reinforce_pp_baseline", group_id, scores.shape[0])

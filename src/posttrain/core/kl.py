@@ -34,20 +34,26 @@ def _delta(where, logprobs, ref_logprobs, clamp):
 
 @KL_ESTIMATORS.register("k1")
 def k1(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_CLAMP):
-    """k1 = log π_θ − log π_ref per token (unbiased; the classic KL-in-reward penalty)."""
+    """k1 = log π_θ − log π_ref per token (unbiased; the classic KL-in-reward penalty).
+    Shapes: logprobs, ref_logprobs [B, T] -> [B, T].
+    """
     return -_delta("k1", logprobs, ref_logprobs, log_ratio_clamp)
 
 
 @KL_ESTIMATORS.register("k2")
 def k2(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_CLAMP):
     """k2 = ½(log π_θ − log π_ref)² per token. Biased as a value, but on-policy its
-    expected gradient equals ∇KL(π_θ||π_ref) (KDRL, GRPO-as-loss variants)."""
+    expected gradient equals ∇KL(π_θ||π_ref) (KDRL, GRPO-as-loss variants).
+    Shapes: logprobs, ref_logprobs [B, T] -> [B, T].
+    """
     return 0.5 * _delta("k2", logprobs, ref_logprobs, log_ratio_clamp).pow(2)
 
 
 @KL_ESTIMATORS.register("k3")
 def k3(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_CLAMP):
-    """k3 = π_ref/π_θ − 1 − log(π_ref/π_θ) per token (GRPO's KL loss, Shao et al. 2024 eq. 4)."""
+    """k3 = π_ref/π_θ − 1 − log(π_ref/π_θ) per token (GRPO's KL loss, Shao et al. 2024 eq. 4).
+    Shapes: logprobs, ref_logprobs [B, T] -> [B, T]; always >= 0.
+    """
     d = _delta("k3", logprobs, ref_logprobs, log_ratio_clamp)
     return torch.expm1(d) - d  # expm1 keeps precision for |δ| << 1
 
@@ -130,9 +136,11 @@ class FixedKLController:
         """No-op (fixed coefficient)."""
 
     def state_dict(self) -> dict[str, float]:
+        """Checkpointable state: {"value": β}."""
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore β from state_dict()."""
         self.value = float(state["value"])
 
 
@@ -167,6 +175,7 @@ class AdaptiveKLController:
         }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore from state_dict(); missing constants keep their constructor values."""
         self.value = float(state["value"])
         self.target = float(state.get("target", self.target))
         self.horizon = float(state.get("horizon", self.horizon))

@@ -72,6 +72,7 @@ def masked_var(
             variance is undefined; we return 0 there (a single sample carries no spread),
             which keeps whitening finite. The biased form also returns 0 on empty masks.
     Returns: scalar (dim None) or `x` reduced over `dim`.
+    Shapes: x, mask [B, T] (any shape) -> scalar or reduced over dim.
     """
     x, m = _prep("masked_var", x, mask)
     mean = masked_mean(x, m, dim)

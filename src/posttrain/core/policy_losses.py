@@ -57,7 +57,9 @@ def _approx_kl(log_ratio, m):
 def pg_loss(logprobs, old_logprobs, advantages, mask, **_):
     """Vanilla policy gradient (REINFORCE, Williams 1992; A2C with critic advantages):
     loss_t = −A_t · log π(y_t).  On-policy only: it has no importance ratio, so use it with
-    one gradient step per batch (or pair with truncated_is_weights)."""
+    one gradient step per batch (or pair with truncated_is_weights).
+    Shapes: logprobs, old_logprobs, advantages, mask [B, T] -> loss [B, T].
+    """
     lp, old, adv, m = _prep("pg", logprobs, old_logprobs, advantages, mask)
     loss = -adv * lp
     log_ratio = (lp - old).detach()
@@ -94,6 +96,7 @@ def ppo_loss(
     a huge ratio on a bad token cannot produce an unbounded update.
     Options: clip_eps_low ε_low, clip_eps_high ε_high (None = ε_low), dual_clip c or None,
     log_ratio_clamp (see module doc). Metrics: clipfrac_low/high/dual, ratio_mean, approx_kl.
+    Shapes: logprobs, old_logprobs, advantages, mask [B, T] -> loss [B, T].
     """
     lp, old, adv, m = _prep("ppo", logprobs, old_logprobs, advantages, mask)
     eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
@@ -133,6 +136,7 @@ def gspo_loss(
     for every token and its gradient is s_i ∇log π_t, so per-token advantages are allowed.
     Aggregate with "seq-mean-token-mean" to reproduce the paper's objective exactly.
     Defaults ε_low=3e-4, ε_high=4e-4 are the paper's (sequence ratios are much tighter).
+    Shapes: logprobs, old_logprobs, advantages, mask [B, T] -> loss [B, T].
     """
     lp, old, adv, m = _prep("gspo", logprobs, old_logprobs, advantages, mask)
     seq_log_ratio = masked_mean(lp - old, m, dim=-1).clamp(-log_ratio_clamp, log_ratio_clamp)  # [B]
@@ -163,6 +167,7 @@ def cispo_loss(
     (PPO zeroes the gradient of clipped tokens; CISPO only bounds its size).
     clip_eps_low None = no lower bound (the paper's setting); clip_eps_high default 0.28
     is our choice (the paper tunes it per run).
+    Shapes: logprobs, old_logprobs, advantages, mask [B, T] -> loss [B, T].
     """
     lp, old, adv, m = _prep("cispo", logprobs, old_logprobs, advantages, mask)
     ratio = _ratio(lp.detach(), old, log_ratio_clamp)

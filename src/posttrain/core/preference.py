@@ -177,7 +177,9 @@ def ipo_loss(
 ):
     """IPO: squared regression of h onto 1/(2β). Unlike DPO the target is finite, so h is
     pulled DOWN when it overshoots: gradients raise chosen / lower rejected only while
-    h < 1/(2β). Summed (not length-averaged) log-probs, as in the paper."""
+    h < 1/(2β). Summed (not length-averaged) log-probs, as in the paper.
+    Shapes: *_logps [B] -> loss [B].
+    """
     rc, rr, metrics = _margin(
         "ipo",
         chosen_logps,
@@ -207,7 +209,9 @@ def simpo_loss(
     **_,
 ):
     """SimPO: reference-free, length-normalised rewards β·log π/|y| with target margin γ.
-    Defaults β=2.0, γ=0.5 are in the paper's recommended ranges; ref log-probs are ignored."""
+    Defaults β=2.0, γ=0.5 are in the paper's recommended ranges; ref log-probs are ignored.
+    Shapes: chosen_logps, rejected_logps, chosen_lengths, rejected_lengths [B] -> loss [B].
+    """
     rc, rr, metrics = _margin(
         "simpo", chosen_logps, rejected_logps, None, None, beta, chosen_lengths, rejected_lengths
     )
@@ -227,7 +231,9 @@ def hinge_loss(
     **_,
 ):
     """Hinge (SLiC-HF calibration loss with the reference log-ratio): relu(1 − β h).
-    Pairs already separated by margin 1/β contribute no gradient."""
+    Pairs already separated by margin 1/β contribute no gradient.
+    Shapes: *_logps [B] -> loss [B].
+    """
     rc, rr, metrics = _margin(
         "hinge",
         chosen_logps,
