@@ -169,6 +169,8 @@ def run_command(name: str, args: list[str]) -> int:
         return 0
     out = output_dir_of(cfg)
     if out is not None:
+        if resume:
+            _warn_changed_config(out / "config.yaml", config_to_dict(cfg))
         # Written before training so a crashed run still records what it was asked to do.
         save_config(cfg, out / "config.yaml")
     summary = run_fn(cfg)
@@ -178,6 +180,32 @@ def run_command(name: str, args: list[str]) -> int:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     _print_summary(name, summary)
     return 0
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def _warn_changed_config(path: Path, new: dict) -> None:
+    """On --resume, say which keys differ from the run's saved config (it is then replaced)."""
+    if not path.is_file():
+        return
+    import yaml
+
+    try:
+        old = _flatten(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError:
+        return
+    flat = _flatten(new)
+    changed = sorted(k for k in flat.keys() | old.keys() if k != "run.resume" and flat.get(k) != old.get(k))
+    if changed:
+        shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+        sys.stderr.write(f"warning: resuming with a config that differs from {path} in: {shown}\n")
 
 
 def _print_summary(name: str, summary: Any) -> None:

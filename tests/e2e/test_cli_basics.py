@@ -170,3 +170,16 @@ def test_report_command(tmp_path, capsys):
     assert (tmp_path / "run" / "report" / "reward.png").is_file()
     assert cli.main(["report", "--bogus"]) == 2
     assert "unknown option '--bogus'" in capsys.readouterr().err
+
+
+def test_resume_warns_about_changed_config(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["toy", f"--run.output_dir={out}", "--steps", "5"]) == 0
+    capsys.readouterr()
+    assert cli.main(["toy", f"--run.output_dir={out}", "--steps", "5", "--resume"]) == 0
+    assert "warning" not in capsys.readouterr().err  # only run.resume changed
+    assert cli.main(["toy", f"--run.output_dir={out}", "--steps", "9", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: resuming with a config that differs from") and err.rstrip().endswith(
+        ": steps"
+    )

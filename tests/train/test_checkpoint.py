@@ -250,3 +250,14 @@ def test_peft_like_models_restore_trainable_weights(tmp_path):
     CheckpointManager(tmp_path).load(path, models={"policy": other}, restore_rng=False)
     assert torch.equal(other.lora_A.weight, model.lora_A.weight)
     assert torch.equal(other.base.weight, model.base.weight)
+
+
+@pytest.mark.gpu
+def test_cuda_rng_restored(tmp_path):
+    torch.cuda.manual_seed_all(7)
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, models={})
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed_all(99)
+    mgr.load(mgr.latest(), models={})
+    assert torch.equal(torch.rand(4, device="cuda"), expected)

@@ -195,3 +195,10 @@ def test_undocumented_fields_reported():
         x: int = 1
 
     assert undocumented_fields(Bad) == ["x"]
+
+
+def test_empty_yaml_section_keeps_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algo:\n# clip_eps_high: 0.3\nsteps: 2\n")
+    cfg = load_config(ToyConfig, recipe, [])
+    assert cfg.algo == AlgoSection() and cfg.steps == 2

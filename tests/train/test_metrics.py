@@ -96,3 +96,15 @@ def test_format_postfix_and_progress():
     bar.close()
     assert bar.n == 5
     assert "rl" in out.getvalue() and "5/10" in out.getvalue() and "reward=0.5" in out.getvalue()
+
+
+def test_tensorboard_mirror_or_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"run.tensorboard=true needs the tensorboard package"):
+            MetricsLogger(tmp_path, tensorboard=True)
+        return
+    with MetricsLogger(tmp_path, tensorboard=True) as log:
+        log.log(1, {"reward/mean": 0.5})
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -297,6 +297,8 @@ def _build(cls: type[C], data: dict, prefix: str = "", root: type | None = None)
         if k not in names:
             raise _unknown_key_error(prefix + str(k), root)
         tp = hints[k]
+        if _is_dataclass_type(tp) and v is None:
+            continue  # an empty YAML section (`scorer:` with every key commented out)
         if _is_dataclass_type(tp) and isinstance(v, dict):
             # Merge onto the section's default (which a command may customise via
             # default_factory) rather than onto the section class's bare defaults.
