@@ -5,7 +5,8 @@ an empty environment, resource limits and a wall-clock deadline; stdout/stderr a
 Isolation backends, strongest first (chosen by `detect_backend`, or forced by `backend=`):
 
 - ``"bwrap"``: bubblewrap with every namespace unshared (no network, private /tmp, a
-  read-only view of the host filesystem, its own pid namespace), run as uid 65534-ish.
+  read-only view of the host filesystem, its own pid namespace), started under the run's
+  unprivileged uid (as root we drop to it with ``setpriv`` before bwrap).
 - ``"unshare"``: util-linux ``unshare`` (mount, net, pid, ipc, uts namespaces; /tmp and
   /dev/shm replaced by private tmpfs) and ``setpriv`` to drop to an unprivileged uid with
   no capabilities and ``no_new_privs``. Needs root or unprivileged user namespaces.
