@@ -213,3 +213,17 @@ def test_bf16_smoke():
         assert loss.dtype == torch.float32 and torch.isfinite(loss).all(), name
         loss.sum().backward()
         assert torch.isfinite(lp.grad.float()).all()
+
+
+def test_nonfinite_values_in_padding_do_not_leak():
+    lp = torch.tensor([[-1.0, -float("inf")], [-0.5, float("nan")]], requires_grad=True)
+    old = torch.tensor([[-1.1, -float("inf")], [-0.4, 3.0]])
+    adv = torch.tensor([[1.0, float("nan")], [-1.0, 2.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    for name in POLICY_LOSSES.names():
+        lp.grad = None
+        loss, metrics = POLICY_LOSSES[name](lp, old, adv, mask)
+        assert torch.isfinite(loss).all(), name
+        aggregate(loss, mask).backward()
+        assert torch.isfinite(lp.grad).all() and torch.all(lp.grad[:, 1] == 0), name
+        assert all(torch.isfinite(v) for v in metrics.values()), name

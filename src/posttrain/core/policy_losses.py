@@ -32,7 +32,15 @@ LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: far outside any clip range, still finit
 def _prep(where, logprobs, old_logprobs, advantages, mask):
     same_shape(where, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     dt = compute_dtype(logprobs)
-    return logprobs.to(dt), old_logprobs.detach().to(dt), advantages.detach().to(dt), mask.to(dt)
+    m = mask.to(dt)
+    keep = m > 0
+    zero = torch.zeros((), dtype=dt, device=m.device)
+    # Padded positions may hold -inf/NaN log-probs; replacing them BEFORE any arithmetic keeps
+    # both the loss and its gradient finite (a where() after exp() would still leak NaN grads).
+    lp = torch.where(keep, logprobs.to(dt), zero)
+    old = torch.where(keep, old_logprobs.detach().to(dt), zero)
+    adv = torch.where(keep, advantages.detach().to(dt), zero)
+    return lp, old, adv, m
 
 
 def _clip_metrics(ratio, adv, m, low, high, prefix="policy"):
@@ -199,8 +207,11 @@ def kimi_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, be
     """
     positive("kimi", "beta", beta)
     lp, old, adv, m = _prep("kimi", logprobs, old_logprobs, advantages, mask)
-    ref = old if ref_logprobs is None else ref_logprobs.detach().to(lp.dtype)
-    same_shape("kimi", logprobs=lp, ref_logprobs=ref)
+    if ref_logprobs is None:
+        ref = old
+    else:
+        same_shape("kimi", logprobs=lp, ref_logprobs=ref_logprobs)
+        ref = torch.where(m > 0, ref_logprobs.detach().to(lp.dtype), torch.zeros_like(lp))
     n = m.sum(-1).clamp_min(1.0)  # [B]
     a_seq = masked_mean(adv, m, dim=-1)  # [B]
     ell = masked_sum(lp - ref, m, dim=-1)  # [B]
