@@ -332,8 +332,23 @@ def _rlimit_values(limits: SandboxLimits) -> dict[str, tuple[int, int]]:
         "fsize": (limits.file_size_mb * mb,) * 2,
         "nofile": (limits.max_open_files,) * 2,
         "core": (0, 0),
-        "nproc": (limits.max_processes,) * 2,
+        "nproc": (_nproc_budget(limits.max_processes),) * 2,
     }
+
+
+def _nproc_budget(max_processes: int) -> int:
+    """RLIMIT_NPROC counts *all* processes of the uid. As root each run has a fresh uid, so
+    the budget is the run's own; as an ordinary user the program shares the uid with the
+    user's other processes, so the budget is added on top of what already runs."""
+    if os.geteuid() == 0:
+        return max_processes
+    mine = 0
+    for entry in os.listdir("/proc"):
+        try:
+            mine += entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == os.geteuid()
+        except OSError:
+            continue
+    return mine + max_processes
 
 
 def _prlimit_prefix(limits: SandboxLimits) -> list[str] | None:
