@@ -216,3 +216,23 @@ def test_nan_scores_are_excluded_not_propagated():
             # the NaN sample neither shifts its group's mean nor its std
             assert torch.allclose(adv[:2], ADVANTAGES[name](**clean)[0]), name
             assert torch.all(adv[3] == 0), name  # group 1 has one valid sample
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), gamma=st.floats(0.5, 1.0), lam=st.floats(0.0, 1.0))
+def test_gae_matches_explicit_sum_of_discounted_td_errors(seed, gamma, lam):
+    g = torch.Generator().manual_seed(seed)
+    t = 5
+    values = torch.randn(2, t, generator=g, dtype=torch.float64)
+    rewards = torch.randn(2, t, generator=g, dtype=torch.float64)
+    lengths = [5, 3]
+    mask = torch.tensor([[1.0] * n + [0.0] * (t - n) for n in lengths], dtype=torch.float64)
+    adv, ret = ADVANTAGES["gae"](mask=mask, token_rewards=rewards, values=values, gamma=gamma, lam=lam)
+    for b, n in enumerate(lengths):
+        v = values[b, :n].tolist() + [0.0]
+        delta = [rewards[b, i].item() + gamma * v[i + 1] - v[i] for i in range(n)]
+        for i in range(n):
+            expected = sum((gamma * lam) ** k * delta[i + k] for k in range(n - i))
+            assert adv[b, i].item() == pytest.approx(expected, abs=1e-9)
+            assert ret[b, i].item() == pytest.approx(expected + v[i], abs=1e-9)
+        assert torch.all(adv[b, n:] == 0)
