@@ -18,9 +18,22 @@ take (summed log-probs and lengths) and into metrics:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from posttrain.core.preference import PREFERENCE_LOSSES, implicit_rewards
+from posttrain.core.preference import PREFERENCE_LOSSES, REFERENCE_FREE, implicit_rewards
+
+
+def needs_reference(loss_name: str) -> bool:
+    """Whether the named loss reads reference log-probs (False for SimPO)."""
+    PREFERENCE_LOSSES[loss_name]  # unknown names fail with the valid list
+    return loss_name not in REFERENCE_FREE
+
+
+def default_beta(loss_name: str) -> float:
+    """The loss function's own default β (e.g. 0.1 for DPO, 2.0 for SimPO)."""
+    return float(inspect.signature(PREFERENCE_LOSSES[loss_name]).parameters["beta"].default)
 
 
 def sequence_logps(logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,9 +52,10 @@ def preference_loss(
     ref_logps: torch.Tensor | None,
     *,
     loss_name: str,
-    beta: float,
+    beta: float | None,
     num_pairs: int,
     options: dict | None = None,
+    nll_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean preference loss of a micro-batch's share of one optimizer step.
 
@@ -50,10 +64,14 @@ def preference_loss(
     ref_logps: [2B] summed reference log-probs (cached, no grad) or None for a
         reference-free loss.
     loss_name: a key of PREFERENCE_LOSSES ("dpo", "ipo", "simpo", "ln_dpo", "hinge").
-    beta: the loss's inverse temperature β.
+    beta: the loss's inverse temperature β; None = the loss's own default (`default_beta`).
     num_pairs: GLOBAL number of pairs in the optimizer step (all micro-batches), so that
         summing micro-batch losses gives the step mean (accumulation invariance).
     options: extra keyword options of the loss (label_smoothing, gamma, ...).
+    nll_weight: weight α of a length-normalised NLL term on the chosen completion,
+        loss += α · (−log π(y_w|x) / |y_w|) — the "DPO + NLL" objective of Iterative
+        Reasoning Preference Optimization (Pang et al. 2024, eq. 1), which keeps the
+        chosen likelihood from falling on reasoning tasks. 0 (default) is the plain loss.
 
     Returns (scalar loss, detached metric sums over the pairs: "pref/correct",
     "pref/reward_chosen_sum", "pref/reward_rejected_sum", "pref/margin_sum",
@@ -61,6 +79,8 @@ def preference_loss(
     "kl/ref_logratio_sum" with "kl/tokens").
     """
     fn = PREFERENCE_LOSSES[loss_name]
+    if beta is None:
+        beta = default_beta(loss_name)
     n = logps.shape[0] // 2
     chosen, rejected = logps[:n], logps[n:]  # [B], [B]
     ref_chosen = ref_rejected = None
@@ -77,6 +97,9 @@ def preference_loss(
         rejected_lengths=lengths[n:],
         **(options or {}),
     )  # [B]
+    nll = -chosen / lengths[:n].clamp(min=1)  # [B] per-token NLL of the chosen completion
+    if nll_weight:
+        loss = loss + nll_weight * nll
     with torch.no_grad():
         r_chosen, r_rejected = implicit_rewards(
             chosen.detach(),
@@ -95,6 +118,7 @@ def preference_loss(
             "pref/margin_sum": (r_chosen - r_rejected).sum(),
             "pref/logps_chosen_sum": chosen.detach().sum(),
             "pref/logps_rejected_sum": rejected.detach().sum(),
+            "pref/nll_chosen_sum": nll.detach().sum(),
         }
         if ref_logps is not None:
             metrics["kl/ref_logratio_sum"] = (logps.detach() - ref_logps).sum()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.core.masking import aggregate
+from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.engines.batching import SequenceBatch, build_sequences
 from posttrain.errors import DataError
 
@@ -155,19 +156,20 @@ def score_steps(
     prompts: Sequence[str],
     step_lists: Sequence[Sequence[str]],
     *,
-    step_separator: str = "\n",
-    apply_chat_template: bool = True,
+    step_separator: str = STEP_SEPARATOR,
+    apply_chat_template: bool = False,
     enable_thinking: bool = True,
     batch_size: int = 16,
 ) -> list[list[float]]:
     """Per-step scores PRM(x, y_≤t) ∈ (0, 1) for each trace, as plain floats.
 
     prm_model: a trained PRM (`ScalarHeadModel`, e.g. from `load_prm`).
-    prompts: B user prompts; with apply_chat_template=True they are rendered exactly as
-        during PRM training (chat template, generation prompt, thinking mode on).
+    prompts: B prompts exactly as the policy saw them (chat template already applied,
+        the rollout convention); with apply_chat_template=True they are raw user
+        messages and get rendered as during PRM training (thinking mode on).
     step_lists: B lists of step strings (without separators).
-    step_separator: must be the separator the PRM was trained with (saved in the PRM's
-        output dir as prm.json by `posttrain prm`).
+    step_separator: must be the separator the PRM was trained with (the tasks'
+        STEP_SEPARATOR "; " by default; `posttrain prm` saves it in final/prm.json).
 
     Used by the "prm" reward (marginals r_t = s_t − s_{t−1}) and PRM best-of-N (min or
     last step score). An empty step list gives an empty score list.
@@ -193,7 +195,7 @@ def score_steps(
             p_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         s_ids = [[tokenizer(s, add_special_tokens=False)["input_ids"] for s in step_lists[i]] for i in idx]
         batch = build_step_batch(p_ids, s_ids, None, separator_ids=sep_ids, pad_id=pad_id)
-        batch.seqs = _to_device(batch.seqs, device)
+        batch.seqs = batch.seqs.to(device)
         batch.step_index = batch.step_index.to(device)
         probs = torch.sigmoid(step_logits(prm_model, batch)).cpu()  # [b, S]
         for row, i in enumerate(idx):
@@ -202,7 +204,21 @@ def score_steps(
     return out
 
 
-def _to_device(seqs: SequenceBatch, device: torch.device) -> SequenceBatch:
-    for name in ("input_ids", "attention_mask", "position_ids", "response_mask"):
-        setattr(seqs, name, getattr(seqs, name).to(device))
-    return seqs
+def load_prm(path: str, *, device: str = "cpu") -> tuple[torch.nn.Module, str]:
+    """Load a PRM written by `posttrain prm` (run_dir/final): (model in eval mode, separator).
+
+    The separator comes from the prm.json saved next to the weights; a directory without
+    one (e.g. a PRM trained elsewhere) falls back to the tasks' STEP_SEPARATOR.
+    """
+    import json
+    import os
+
+    from posttrain.engines.models import build_value_model
+
+    model = build_value_model(str(path), device=device).eval()
+    meta = os.path.join(str(path), "prm.json")
+    separator = STEP_SEPARATOR
+    if os.path.isfile(meta):
+        with open(meta) as fh:
+            separator = json.load(fh).get("step_separator", STEP_SEPARATOR)
+    return model, separator

@@ -3,10 +3,11 @@
 Shapes: B preference pairs, L sequence length (prompt + completion), T completion tokens.
 
 The reward of a (prompt, completion) is the scalar head's output at the LAST completion
-token (the EOS we append). That is exactly the token Hugging Face sequence-classification
-models pool (the right-most non-pad token), so a reward model saved with
-`posttrain.engines.models.save_value_model` and reloaded with
-`AutoModelForSequenceClassification.from_pretrained` gives the scores it was trained on.
+token (no EOS is appended: the "reward_model" reward scores generated text as is). That
+is exactly the token Hugging Face sequence-classification models pool (the right-most
+non-pad token), so a reward model saved with `posttrain.engines.models.save_value_model`
+and reloaded with `AutoModelForSequenceClassification.from_pretrained` gives the scores
+it was trained on.
 
 Loss (Ouyang et al. 2022, eq. 1; Bradley & Terry 1952):
     L = −log σ(r(x, y_w) − r(x, y_l) − m)

@@ -154,7 +154,16 @@ class PreferenceAlgoSection:
     loss: str = field(
         default="dpo", metadata={"help": "Preference loss: dpo | ipo | simpo | ln_dpo | hinge."}
     )
-    beta: float = field(default=0.1, metadata={"help": "Inverse temperature β of the loss."})
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "Inverse temperature β; null = the loss's default (0.1 dpo, 2.0 simpo, ...)."},
+    )
+    nll_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a length-normalised NLL term on chosen completions (DPO+NLL, Pang et al. 2024); 0 = off."
+        },
+    )
     options: dict[str, float] = field(
         default_factory=dict,
         metadata={
@@ -274,11 +283,33 @@ def _tokenizer(m: ModelSection):
     from posttrain.engines.models import load_tokenizer
     from posttrain.engines.tokenizer import build_char_tokenizer
 
-    if m.tokenizer:
-        return load_tokenizer(m.tokenizer)
-    if m.path:
-        return load_tokenizer(m.path)
-    return build_char_tokenizer()
+    source = m.tokenizer or m.path
+    if not source:
+        return build_char_tokenizer()
+    tok = load_tokenizer(source)
+    return _keep_saved_tokenizer_class(tok, source)
+
+
+def _keep_saved_tokenizer_class(tok, source: str):
+    """Work around AutoTokenizer picking the model type's tokenizer class.
+
+    In a model directory, AutoTokenizer prefers config.json's model_type (qwen2 ->
+    Qwen2Tokenizer), whose normalizer drops the char tokenizer's whitespace tokens. When
+    the saved tokenizer_config.json names the plain tokenizers backend, load exactly that.
+    """
+    import json
+    import os
+
+    cfg_path = os.path.join(str(source), "tokenizer_config.json")
+    if not os.path.isfile(cfg_path):
+        return tok
+    with open(cfg_path) as fh:
+        declared = json.load(fh).get("tokenizer_class")
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and type(tok).__name__ != declared:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(source))
+    return tok
 
 
 def _lora(m: ModelSection) -> dict | None:
@@ -321,9 +352,8 @@ def _tag(items: list[dict], split: str) -> list[dict]:
 # --------------------------------------------------------------------------- entry points
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    """Supervised fine-tuning; returns the loop summary (losses, eval, output paths)."""
-    from posttrain.train.offline_loop import train_offline
+def build_sft(cfg: SFTConfig):
+    """(SFTMethod, tokenizer) for `cfg`: seeded model, tokenized train / held-out rows."""
     from posttrain.train.offline_methods import SFTMethod
 
     _seed_everything(cfg.run.seed)
@@ -335,32 +365,34 @@ def run_sft(cfg: SFTConfig) -> dict:
     method = SFTMethod(
         cfg, model, tokenizer, train_items, eval_items, task=split.task, eval_examples=split.eval_examples
     )
-    return train_offline(cfg, method, tokenizer=tokenizer)
+    return method, tokenizer
 
 
-def run_rm(cfg: RMConfig) -> dict:
-    """Bradley–Terry reward model; run_dir/final loads with AutoModelForSequenceClassification."""
-    from posttrain.train.offline_loop import train_offline
+def build_rm(cfg: RMConfig):
+    """(RewardModelMethod, tokenizer) for `cfg`."""
     from posttrain.train.offline_methods import RewardModelMethod
 
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["rm"])
     margin = cfg.algo.margin_column
-    train_items = encode_pairs(split.train, tokenizer, cfg.data, split.source, margin_column=margin)
+    train_items = encode_pairs(
+        split.train, tokenizer, cfg.data, split.source, margin_column=margin, append_eos=False
+    )
     eval_items = (
-        encode_pairs(split.eval, tokenizer, cfg.data, split.source + " (eval)", margin_column=margin)
+        encode_pairs(
+            split.eval, tokenizer, cfg.data, split.source + " (eval)", margin_column=margin, append_eos=False
+        )
         if split.eval
         else []
     )
     model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
     method = RewardModelMethod(cfg, model, tokenizer, train_items, eval_items)
-    return train_offline(cfg, method, tokenizer=tokenizer)
+    return method, tokenizer
 
 
-def run_prm(cfg: PRMConfig) -> dict:
-    """Process reward model; run_dir/final holds the model and prm.json (separator)."""
-    from posttrain.train.offline_loop import train_offline
+def build_prm(cfg: PRMConfig):
+    """(PRMMethod, tokenizer) for `cfg`."""
     from posttrain.train.offline_methods import PRMMethod
 
     _seed_everything(cfg.run.seed)
@@ -370,20 +402,20 @@ def run_prm(cfg: PRMConfig) -> dict:
     eval_items = encode_steps(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
     method = PRMMethod(cfg, model, tokenizer, train_items, eval_items)
-    return train_offline(cfg, method, tokenizer=tokenizer)
+    return method, tokenizer
 
 
-def run_dpo(cfg: DPOConfig) -> dict:
-    """Preference optimization against reference log-probs cached on disk.
+def build_dpo(cfg: DPOConfig):
+    """(PreferenceMethod, tokenizer) for `cfg`; fills or reads the reference cache.
 
     The reference is loaded (or copied from the initial policy) only when the cache has no
-    entry for this (reference, data) pair; summary["reference_cache_hit"] says which.
+    entry for this (reference, data) pair; method.reference_cache_hit says which (None
+    for a reference-free loss).
     """
-    from posttrain.core.preference import PREFERENCE_LOSSES
-    from posttrain.train.offline_loop import train_offline
+    from posttrain.algos.preference import needs_reference
     from posttrain.train.offline_methods import PreferenceMethod
 
-    loss_fn = PREFERENCE_LOSSES[cfg.algo.loss]  # fail on a typo before any work
+    use_ref = needs_reference(cfg.algo.loss)  # also fails on a typo before any work
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["dpo"])
@@ -396,7 +428,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     model = _policy(cfg.model, tokenizer)
     ref_train = ref_eval = None
     hit = None
-    if getattr(loss_fn, "needs_reference", True):
+    if use_ref:
         ref_train, ref_eval, hit = _reference_logps(cfg, model, tokenizer, train_items, eval_items)
     method = PreferenceMethod(
         cfg,
@@ -409,8 +441,41 @@ def run_dpo(cfg: DPOConfig) -> dict:
         task=split.task,
         eval_examples=split.eval_examples,
     )
+    method.reference_cache_hit = hit
+    return method, tokenizer
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Supervised fine-tuning; returns the loop summary (losses, eval, output paths)."""
+    from posttrain.train.offline_loop import train_offline
+
+    method, tokenizer = build_sft(cfg)
+    return train_offline(cfg, method, tokenizer=tokenizer)
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    """Bradley–Terry reward model; run_dir/final loads with AutoModelForSequenceClassification."""
+    from posttrain.train.offline_loop import train_offline
+
+    method, tokenizer = build_rm(cfg)
+    return train_offline(cfg, method, tokenizer=tokenizer)
+
+
+def run_prm(cfg: PRMConfig) -> dict:
+    """Process reward model; run_dir/final holds the model and prm.json (separator)."""
+    from posttrain.train.offline_loop import train_offline
+
+    method, tokenizer = build_prm(cfg)
+    return train_offline(cfg, method, tokenizer=tokenizer)
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    """Preference optimization; summary["reference_cache_hit"] tells whether the cache served."""
+    from posttrain.train.offline_loop import train_offline
+
+    method, tokenizer = build_dpo(cfg)
     summary = train_offline(cfg, method, tokenizer=tokenizer)
-    summary["reference_cache_hit"] = hit
+    summary["reference_cache_hit"] = method.reference_cache_hit
     return summary
 
 
@@ -489,10 +554,16 @@ def plan(cfg) -> str:
         )
     elif kind == "dpo":
         opts = ", ".join(f"{k}={v:g}" for k, v in cfg.algo.options.items())
-        lines.append(f"  algo:   {cfg.algo.loss} beta={cfg.algo.beta:g}" + (f" ({opts})" if opts else ""))
-        lines.append(
-            f"  ref:    {cfg.ref.path or 'initial policy'}; log-probs cached in "
-            f"{cfg.ref.cache_dir or '$POSTTRAIN_CACHE/reference_logps'}"
-        )
+        from posttrain.algos.preference import default_beta, needs_reference
+
+        beta = cfg.algo.beta if cfg.algo.beta is not None else default_beta(cfg.algo.loss)
+        lines.append(f"  algo:   {cfg.algo.loss} beta={beta:g}" + (f" ({opts})" if opts else ""))
+        if needs_reference(cfg.algo.loss):
+            lines.append(
+                f"  ref:    {cfg.ref.path or 'initial policy'}; log-probs cached in "
+                f"{cfg.ref.cache_dir or '$POSTTRAIN_CACHE/reference_logps'}"
+            )
+        else:
+            lines.append("  ref:    none (reference-free loss)")
     lines.append(f"  output: {cfg.run.output_dir} (metrics.jsonl, checkpoints/, final/)")
     return "\n".join(lines)

@@ -159,14 +159,24 @@ def encode_sft(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
 
 
 def encode_pairs(
-    rows: list[dict], tokenizer, data, source: str, *, margin_column: str | None = None
+    rows: list[dict],
+    tokenizer,
+    data,
+    source: str,
+    *,
+    margin_column: str | None = None,
+    append_eos: bool = True,
 ) -> list[dict]:
-    """Preference items {"prompt", "chosen", "rejected" (ids, completions end in eos), "margin"}.
+    """Preference items {"prompt", "chosen", "rejected" (token ids), "margin"}.
+
+    append_eos: end completions with EOS (policies: the stop decision is part of the
+    preferred behaviour). Reward models use False: the "reward_model" reward scores
+    prompt + completion text as generated, without an EOS, at its last token.
 
     Errors (one line, with the row): missing/empty chosen or rejected, chosen == rejected
     (a pair that carries no preference), missing margin when a margin column is asked for.
     """
-    eos = tokenizer.eos_token_id
+    tail = [tokenizer.eos_token_id] if append_eos else []
     items = []
     for i, row in enumerate(rows):
         where = f"{source} row {i + 1}"
@@ -201,8 +211,8 @@ def encode_pairs(
         items.append(
             {
                 "prompt": p,
-                "chosen": _ids(tokenizer, chosen) + [eos],
-                "rejected": _ids(tokenizer, rejected) + [eos],
+                "chosen": _ids(tokenizer, chosen) + tail,
+                "rejected": _ids(tokenizer, rejected) + tail,
                 "margin": margin,
             }
         )

@@ -146,6 +146,7 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
         if start == 0 and cfg.train.eval_at_start:
             first = method.evaluate()
             logger.log(0, first)
+            _log_samples(logger, 0, method)
             summary["initial_eval"] = first
         bar = progress(steps, method.name, initial=start)
         last: dict = {}
@@ -173,6 +174,7 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
             evaluate_now = cfg.train.eval_every > 0 and (done % cfg.train.eval_every == 0 or done == steps)
             if evaluate_now:
                 metrics.update(method.evaluate())
+                _log_samples(logger, done, method)
             if done % max(cfg.run.log_every, 1) == 0 or evaluate_now or done == steps:
                 logger.log(done, metrics)
             if cfg.run.save_every > 0 and done % cfg.run.save_every == 0 and done < steps:
@@ -198,6 +200,14 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
     finally:
         logger.close()
     return summary
+
+
+def _log_samples(logger: MetricsLogger, step: int, method) -> None:
+    """Held-out generations of the last evaluation (methods that generate set .samples)."""
+    samples = getattr(method, "samples", None)
+    if samples:
+        logger.log_samples(step, samples)
+        method.samples = []
 
 
 def _save(ckpt, step, method, optimizer, scheduler, guard, tokenizer) -> None:

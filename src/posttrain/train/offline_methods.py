@@ -371,6 +371,7 @@ class PreferenceMethod:
             beta=self.cfg.algo.beta,
             num_pairs=counts["num_pairs"],
             options=dict(self.cfg.algo.options),
+            nll_weight=self.cfg.algo.nll_weight,
         )
         metrics["pref/pairs"] = torch.tensor(float(len(items)))
         return loss, metrics
@@ -384,6 +385,7 @@ class PreferenceMethod:
             f"{prefix}/margin": _ratio(sums["pref/margin_sum"], n),
             f"{prefix}/logps_chosen": _ratio(sums["pref/logps_chosen_sum"], n),
             f"{prefix}/logps_rejected": _ratio(sums["pref/logps_rejected_sum"], n),
+            f"{prefix}/nll_chosen": _ratio(sums["pref/nll_chosen_sum"], n),
         }
         if "kl/tokens" in sums:
             key = "eval/kl_ref" if prefix.startswith("eval") else "kl/ref"
