@@ -241,6 +241,16 @@ def test_signals_are_typed():
     assert sandbox._classify(128 + signal.SIGXCPU, "", LIMITS, 1.0) == "timeout"
     assert sandbox._classify(1, "Traceback...\nMemoryError\n", LIMITS, 0.1) == "memory"
     assert sandbox._classify(1, "ZeroDivisionError", LIMITS, 0.1) == "runtime_error"
+    assert (
+        sandbox._classify(-signal.SIGKILL, "", LIMITS, LIMITS.cpu_time_s + 0.5) == "timeout"
+    )  # hard CPU cap
+    assert sandbox._classify(128 + signal.SIGKILL, "", LIMITS, 0.1) == "memory"  # OOM killer
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignoring_sigxcpu_still_times_out(backend):
+    code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True: pass\n"
+    assert _run(code, backend).status == "timeout"
 
 
 def test_preexec_fallback_applies_the_same_limits(monkeypatch):

@@ -571,16 +571,19 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _classify(rc: int | None, stderr: str, limits: SandboxLimits, wall: float) -> str:
+    """Type a finished run from its exit status (negative: killed by that signal; 128+n: a
+    signal death reported through the unshare launcher's shell) and its stderr tail."""
     if rc == 0:
         return "ok"
     tail = stderr[-2000:]
-    if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGKILL) and wall >= 0:
-        # SIGXCPU (soft CPU limit) or the kernel's SIGKILL at the hard CPU limit / OOM.
-        if "MemoryError" in tail:
-            return "memory"
-        return "timeout" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else "memory"
     if "MemoryError" in tail or "Cannot allocate memory" in tail:
         return "memory"
+    if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        return "timeout"  # the soft CPU limit
+    if rc in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        # Not our kill (that is typed where it happens): the kernel's SIGKILL at the hard CPU
+        # limit (a program that ignored SIGXCPU has used up its CPU time) or the OOM killer.
+        return "timeout" if wall >= limits.cpu_time_s else "memory"
     return "runtime_error"
 
 
