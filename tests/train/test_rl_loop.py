@@ -238,3 +238,12 @@ def test_train_writes_metrics_samples_checkpoint_and_final_model(tmp_path):
 def test_register_helper_is_idempotent():
     register_digit_reward()
     register_digit_reward()
+
+
+def test_choice_none_overrides_the_preset(tmp_path):
+    """`none` is a real choice for kl_placement / overlong / teacher_mode, not "unset"."""
+    cfg = tiny_config(tmp_path, "grpo", "algo.kl_placement=none")
+    assert validate(cfg)["kl_placement"] == "none"
+    cfg = tiny_config(tmp_path, "dapo", "algo.overlong=none")
+    assert validate(cfg)["overlong"] == "none"
+    assert validate(tiny_config(tmp_path, "dapo"))["overlong"] == "mask"

@@ -78,6 +78,10 @@ PIECE_DEFAULTS: dict[str, Any] = {
 
 METHODS: Registry = Registry("RL method")
 
+# A choice-valued config field cannot use null for "not set" when one of its choices is the
+# word "none" (YAML/CLI read `none` as null), so those fields default to this marker.
+UNSET = "preset"
+
 
 def _preset(name: str, settings: dict[str, Any]) -> None:
     unknown = set(settings) - set(PIECE_DEFAULTS)
@@ -225,7 +229,8 @@ def resolve_pieces(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
     Args:
         method: a name in METHODS (unknown names raise ConfigError with suggestions).
-        overrides: piece -> value from `RLConfig.algo`; None means "not set by the user".
+        overrides: piece -> value from `RLConfig.algo`; None or UNSET ("preset") means "not
+            set by the user".
             Dict-valued pieces (`advantage_options`, `policy_loss_options`) are merged
             key by key over the preset's, so setting one option keeps the others.
 
@@ -239,7 +244,7 @@ def resolve_pieces(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
         given = overrides.get(piece)
         if isinstance(default, dict):
             value = {**value, **(given or {})}
-        elif given is not None:
+        elif given is not None and given != UNSET:
             value = given
         out[piece] = value
     return out

@@ -133,8 +133,8 @@ class AlgoSection:
             "Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."
         ),
     )
-    kl_placement: Literal["none", "reward", "loss"] | None = field(
-        default=None,
+    kl_placement: Literal["preset", "none", "reward", "loss"] = field(
+        default="preset",
         metadata=_h("Where the KL to the reference goes: none, in the reward (k1 per token) or as a loss."),
     )
     kl_estimator: str | None = field(default=None, metadata=_h("KL-as-loss estimator: k1 | k2 | k3 | k3_is."))
@@ -174,14 +174,14 @@ class AlgoSection:
     max_gen_rounds: int | None = field(
         default=None, metadata=_h("Extra generation rounds allowed to refill a dynamic-sampling batch.")
     )
-    overlong: Literal["none", "mask"] | None = field(
-        default=None,
+    overlong: Literal["preset", "none", "mask"] = field(
+        default="preset",
         metadata=_h(
             "Overlong responses (hit max_new_tokens): none, or mask them out of the loss (DAPO). For soft shaping add the dapo_overlong reward."
         ),
     )
-    teacher_mode: Literal["none", "reward", "loss"] | None = field(
-        default=None,
+    teacher_mode: Literal["preset", "none", "reward", "loss"] = field(
+        default="preset",
         metadata=_h("Teacher use: none, dense reverse-KL reward (on-policy distillation), or KDRL k2 loss."),
     )
     teacher_reward_weight: float | None = field(
@@ -190,7 +190,9 @@ class AlgoSection:
     kd_coef_start: float | None = field(default=None, metadata=_h("KDRL beta at step 0."))
     kd_coef_end: float | None = field(default=None, metadata=_h("KDRL beta after kd_anneal_steps."))
     kd_anneal_steps: int | None = field(default=None, metadata=_h("KDRL annealing length in steps."))
-    kd_anneal: Literal["linear", "cosine"] | None = field(default=None, metadata=_h("KDRL annealing shape."))
+    kd_anneal: Literal["preset", "linear", "cosine"] = field(
+        default="preset", metadata=_h("KDRL annealing shape.")
+    )
     kd_reward_threshold: float | None = field(
         default=None, metadata=_h("KDRL: KD only on samples whose reward is below this.")
     )
@@ -198,8 +200,8 @@ class AlgoSection:
         default=None,
         metadata=_h("Truncated importance sampling cap for sampler/trainer mismatch; null disables."),
     )
-    tis_level: Literal["token", "sequence"] | None = field(
-        default=None, metadata=_h("TIS weights per token or per sequence.")
+    tis_level: Literal["preset", "token", "sequence"] = field(
+        default="preset", metadata=_h("TIS weights per token or per sequence.")
     )
     off_policy_kl_threshold: float | None = field(
         default=None, metadata=_h("DeepSeek-V3.2 off-policy sequence masking threshold; null disables.")
