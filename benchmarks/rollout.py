@@ -1,0 +1,277 @@
+"""Rollout-engine benchmark: generation tokens/s, sampler/trainer log-prob agreement, and
+peak memory of the log-prob forward.
+
+    python benchmarks/rollout.py --engines native,hf --presets tiny,small \
+        --batch 32,64,128 --new-tokens 32,64,256 [--threads 2] [--repeats 3] [--write-doc]
+
+Generation runs with ignore_eos so every row produces exactly `new-tokens` tokens (random
+init models would otherwise stop at random EOS draws and the engines would do different
+amounts of work). Each point is the median of `--repeats` timed runs after one warm-up.
+Memory of the log-prob forward is measured in fresh subprocesses as the growth of peak
+RSS (ru_maxrss) during one forward, for several micro-batch sizes and for the naive
+full-logits forward, on a large vocabulary so that the [B, T, V] term dominates.
+With --write-doc the results replace the "Rollout engines" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
+BEGIN, END = "<!-- section:rollout-engines -->", "<!-- /section:rollout-engines -->"
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def _model(preset: str, tok):
+    from posttrain.engines.models import build_preset
+
+    torch.manual_seed(0)
+    return build_preset(
+        preset,
+        len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    ).eval()
+
+
+def bench_generation(engines, presets, batches, new_tokens, repeats):
+    from posttrain.engines.rollout import SamplingParams, make_engine
+    from posttrain.engines.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    prompts_pool = [f"Compute {a}+{b}*{a - b}=" for a in range(10, 99) for b in range(3, 9)]
+    rows = []
+    for preset in presets:
+        model = _model(preset, tok)
+        for engine_name in engines:
+            engine = make_engine(engine_name, model, tok)
+            for B in batches:
+                prompts = prompts_pool[:B]
+                for T in new_tokens:
+                    params = SamplingParams(temperature=1.0, max_new_tokens=T, seed=0, ignore_eos=True)
+                    engine.generate(prompts, params)  # warm-up
+                    times, tokens = [], 0
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        r = engine.generate(prompts, params)
+                        times.append(time.perf_counter() - t0)
+                        tokens = int(r.mask.sum())
+                    med = statistics.median(times)
+                    row = dict(
+                        engine=engine_name,
+                        preset=preset,
+                        batch=B,
+                        new_tokens=T,
+                        seconds=med,
+                        tokens_per_s=tokens / med,
+                    )
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
+def bench_logprob_agreement(engines, preset="tiny"):
+    from posttrain.engines.batching import build_sequences
+    from posttrain.engines.logprobs import sequence_logprobs
+    from posttrain.engines.rollout import SamplingParams, make_engine
+    from posttrain.engines.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    model = _model(preset, tok)
+    out = []
+    for name in engines:
+        for temperature, top_k in ((1.0, 0), (0.7, 0)):
+            params = SamplingParams(temperature=temperature, top_k=top_k, max_new_tokens=64, n=4, seed=1)
+            r = make_engine(name, model, tok).generate([f"{i}+{i}=" for i in range(16)], params)
+            batch = build_sequences(r.prompt_ids, r.response_ids, r.mask, tok.pad_token_id)
+            lp, _ = sequence_logprobs(model, batch, temperature=temperature)
+            diff = float(((lp - r.sampling_logprobs) * r.mask).abs().max())
+            row = dict(engine=name, temperature=temperature, tokens=int(r.mask.sum()), max_abs_diff=diff)
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
+MEMORY_CHILD = r"""
+import json, resource, sys, torch
+from posttrain.engines.batching import build_sequences
+from posttrain.engines.logprobs import sequence_logprobs
+from posttrain.engines.models import build_preset
+torch.set_num_threads(1)
+mode, mbs, B, T, V = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.manual_seed(0)
+model = build_preset("tiny", V).eval()
+g = torch.Generator().manual_seed(0)
+resp = torch.randint(1, V, (B, T), generator=g)
+batch = build_sequences([[1, 2, 3, 4]] * B, resp, torch.ones(B, T), 0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    if mode == "naive":  # full logits [B, L, V] then log_softmax over all of it
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        lp = logits.float().log_softmax(-1)[:, 3:-1].gather(-1, resp[..., None])
+    else:
+        lp, _ = sequence_logprobs(model, batch, micro_batch_size=mbs)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"mode": mode, "micro_batch": mbs, "peak_extra_mib": (after - before) / 1024}))
+"""
+
+
+def bench_memory(B=64, T=256, V=32000, micro_batches=(1, 4, 16, 64)):
+    out = []
+    configs = [("chunked", m) for m in micro_batches] + [("naive", B)]
+    for mode, mbs in configs:
+        res = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, mode, str(mbs), str(B), str(T), str(V)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row.update(batch=B, response_tokens=T, vocab=V, full_fp32_logits_mib=B * T * V * 4 / 2**20)
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def render(info, command, gen, agree, mem) -> str:
+    lines = [BEGIN, "## Rollout engines", ""]
+    lines += [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+        f"transformers {info['transformers']}, Python {info['python']}. "
+        f"1-minute load average when the run started: {info['load_avg_1m_at_start']} "
+        "(other jobs share this CPU; numbers taken on a busy machine understate both engines).",
+        "",
+        "Generation throughput (ignore_eos, temperature 1, median of repeats; tokens/s counts generated tokens):",
+        "",
+        "| preset | batch | new tokens | "
+        + " | ".join(f"{e} tok/s" for e in sorted({r["engine"] for r in gen}))
+        + " | native / hf |",
+        "|---|---|---|" + "---|" * (len({r["engine"] for r in gen}) + 1),
+    ]
+    engines = sorted({r["engine"] for r in gen})
+    keys = sorted(
+        {(r["preset"], r["batch"], r["new_tokens"]) for r in gen}, key=lambda k: (k[0] != "tiny", k)
+    )
+    for key in keys:
+        by = {r["engine"]: r for r in gen if (r["preset"], r["batch"], r["new_tokens"]) == key}
+        cells = [f"{by[e]['tokens_per_s']:.0f}" if e in by else "-" for e in engines]
+        ratio = (
+            by["native"]["tokens_per_s"] / by["hf"]["tokens_per_s"] if "native" in by and "hf" in by else None
+        )
+        ratio_cell = f"{ratio:.1f}x" if ratio else "-"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {ratio_cell} |")
+    if agree:
+        lines += [
+            "",
+            "Sampler vs training forward log-probs (float32, `sequence_logprobs` at the sampler's temperature):",
+            "",
+        ]
+        lines += ["| engine | temperature | tokens | max abs diff |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['engine']} | {r['temperature']} | {r['tokens']} | {r['max_abs_diff']:.2e} |" for r in agree
+        ]
+    if mem:
+        m0 = mem[0]
+        lines += [
+            "",
+            f"Log-prob forward peak memory (tiny preset with vocab {m0['vocab']}, batch {m0['batch']}, "
+            f"{m0['response_tokens']} response tokens; growth of peak RSS during one no-grad forward; "
+            f"a full float32 [B, T, V] logits tensor would be {m0['full_fp32_logits_mib']:.0f} MiB):",
+            "",
+            "| forward | micro-batch | peak extra MiB |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {'sequence_logprobs' if r['mode'] == 'chunked' else 'naive model(...).logits.log_softmax'} | "
+            f"{r['micro_batch']} | {r['peak_extra_mib']:.0f} |"
+            for r in mem
+        ]
+    lines += [END, ""]
+    return "\n".join(lines)
+
+
+def write_doc(section: str) -> None:
+    text = open(DOC).read() if os.path.exists(DOC) else "# Benchmarks\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    os.makedirs(os.path.dirname(DOC), exist_ok=True)
+    with open(DOC, "w") as f:
+        f.write(text)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", default="native,hf")
+    ap.add_argument("--presets", default="tiny")
+    ap.add_argument("--batch", default="64")
+    ap.add_argument("--new-tokens", default="64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument(
+        "--write-doc", action="store_true", help="replace the Rollout engines section of docs/benchmarks.md"
+    )
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ints = lambda s: [int(x) for x in s.split(",") if x]
+    engines = [e for e in args.engines.split(",") if e]
+    info = machine_info()
+    print(json.dumps(info), flush=True)
+    gen = bench_generation(
+        engines, args.presets.split(","), ints(args.batch), ints(args.new_tokens), args.repeats
+    )
+    agree = [] if args.skip_agreement else bench_logprob_agreement([e for e in engines if e != "vllm"])
+    mem = [] if args.skip_memory else bench_memory()
+    command = "python benchmarks/rollout.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    section = render(info, command, gen, agree, mem)
+    print(section)
+    if args.write_doc:
+        write_doc(section)
+    print(
+        f"peak RSS of the benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
