@@ -98,6 +98,9 @@ def test_accuracy_reward_batch(acc):
     assert out == [1.0, 1.0, 0.0, None]
     with pytest.raises(RewardError, match="answer"):
         acc(["q"], ["x"])
+    # an unparseable ground truth is "not applicable", not a wrong answer
+    assert acc(["q"], [r"\boxed{5}"], answer=["$$"]) == [None]
+    assert check("\\", "<answer>1</answer>") is None
 
 
 @pytest.mark.parametrize("payload", ADVERSARIAL, ids=["tower", "nested_braces", "one_megabyte"])

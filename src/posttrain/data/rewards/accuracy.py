@@ -119,7 +119,7 @@ class MathVerifyPool:
         self.timeout_score = timeout_score
         self.error_score = error_score
         self.check_options = dict(check_options)
-        self.stats = {"checks": 0, "timeouts": 0, "errors": 0, "restarts": 0}
+        self.stats = {"checks": 0, "timeouts": 0, "errors": 0, "restarts": 0, "unparsed_gold": 0}
         self._stats_lock = threading.Lock()
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
@@ -189,6 +189,12 @@ class MathVerifyPool:
             if "error" in reply:
                 self._count("errors")
                 return self.error_score
+            if reply["score"] is None:
+                self._count("unparsed_gold")
+                logger.warning(
+                    "accuracy: cannot parse the ground-truth answer %.80r; sample not scored", gold
+                )
+                return None
             return float(reply["score"])
         finally:
             self._idle.put(w)

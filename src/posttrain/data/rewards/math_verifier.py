@@ -94,21 +94,24 @@ def check(
     exact_check: bool = True,
     exact_rtol: float = 1e-12,
     float_rtol: float = 1e-6,
-) -> float:
+) -> float | None:
     """1.0 if the completion's final answer equals `gold` (math-verify + exact double
-    check), else 0.0. Runs unbounded: call it through a worker with a budget.
+    check), else 0.0; None when `gold` itself cannot be parsed. Runs unbounded: call it
+    through a worker with a budget.
 
     exact_rtol: relative tolerance between two exact numbers (evaluated at 50 digits).
     float_rtol: relative tolerance when either side was written as a decimal.
     """
     from math_verify import verify
 
+    gold_parsed = _parse(gold.strip(), "payload")
+    if not gold_parsed:
+        return None  # a ground truth nobody can parse is a data problem, not a wrong answer
     found = extract_prediction(completion, think_open=think_open)
     if found is None:
         return 0.0
     pred = _parse(found[1], found[0])
-    gold_parsed = _parse(gold.strip(), "payload")
-    if not pred or not gold_parsed:
+    if not pred:
         return 0.0
     if not verify(gold_parsed, pred, timeout_seconds=None):
         return 0.0
