@@ -28,6 +28,7 @@ python/numpy RNG from JSON, optimizer state through ``torch.load(weights_only=Tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -145,9 +146,32 @@ def _hf_inner(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    """Hide transformers' per-save "Writing model shards" bars, which would interleave with
+    the training progress bar at every checkpoint; restores the previous setting."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _save_module(module: torch.nn.Module, path: Path, tokenizer: Any) -> dict:
     """Write one model; returns how it was written (stored in meta.json for loading)."""
     path.mkdir(parents=True)
+    with _quiet_hf_progress():
+        return _write_module(module, path, tokenizer)
+
+
+def _write_module(module: torch.nn.Module, path: Path, tokenizer: Any) -> dict:
     if _is_peft(module):
         # PEFT's save_pretrained writes adapters only, under renamed keys (loadable with
         # PeftModel.from_pretrained); resuming needs the trainable tensors under their

@@ -29,9 +29,10 @@ PANELS: tuple[Panel, ...] = (
     Panel("reward", "Reward", lambda k: k.startswith("reward/"), True),
     Panel(
         "accuracy",
-        "Accuracy",
+        "Accuracy and format rate",
         lambda k: (
-            any(t in k for t in ("accuracy", "pass@", "maj@", "best_of")) and not k.startswith("reward/")
+            any(t in k for t in ("accuracy", "pass@", "maj@", "best_of", "format_rate"))
+            and not k.startswith("reward/")
         ),
         True,
     ),
