@@ -26,7 +26,7 @@ ADVERSARIAL = [
 @pytest.fixture(scope="module")
 def acc():
     f = build_reward("accuracy", budget_s=BUDGET, num_workers=2)
-    f(["q"], [r"\boxed{1}"], answer=["1"])  # pay the worker start-up once
+    f.pool.wait_ready()  # pay the workers' start-up once
     yield f
     f.close()
 
@@ -105,6 +105,7 @@ def test_accuracy_reward_batch(acc):
 
 @pytest.mark.parametrize("payload", ADVERSARIAL, ids=["tower", "nested_braces", "one_megabyte"])
 def test_adversarial_answers_return_within_twice_budget_from_thread(acc, payload):
+    acc.pool.wait_ready()  # measure the budget, not a replacement worker's start-up
     box = {}
 
     def work():
@@ -121,6 +122,7 @@ def test_adversarial_answers_return_within_twice_budget_from_thread(acc, payload
 
 
 def test_caller_sigalrm_still_fires(acc):
+    acc.pool.wait_ready()
     fired = []
     old = signal.signal(signal.SIGALRM, lambda *a: fired.append(time.monotonic()))
     try:
@@ -133,10 +135,12 @@ def test_caller_sigalrm_still_fires(acc):
         signal.signal(signal.SIGALRM, old)
     assert out == [0.0]
     assert dt < 2 * BUDGET + 0.5
-    assert len(fired) == 1 and 0.25 <= fired[0] - t0 <= 0.6
+    assert len(fired) == 1 and 0.25 <= fired[0] - t0 <= 0.9  # on time, not after the check
 
 
 def test_from_asyncio_loop_timers_keep_time(acc):
+    acc.pool.wait_ready()
+
     async def main():
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -148,7 +152,7 @@ def test_from_asyncio_loop_timers_keep_time(acc):
     out, fired, dt = asyncio.run(main())
     assert out == [0.0]
     assert dt < 2 * BUDGET + 0.5
-    assert len(fired) == 1 and 0.25 <= fired[0] <= 0.6
+    assert len(fired) == 1 and 0.25 <= fired[0] <= 0.9
 
 
 def test_pool_recovers_after_timeout(acc):
@@ -171,3 +175,14 @@ def test_timeout_score_option_and_memory_cap():
         assert pool.check("4", r"\boxed{4}") == 1.0
     with pytest.raises(RewardError, match="closed"):
         pool.check("1", "1")
+
+
+def test_worker_that_cannot_start_is_an_infrastructure_error(monkeypatch):
+    from posttrain.data.rewards import accuracy
+
+    monkeypatch.setattr(accuracy, "_WORKER_SCRIPT", "/nonexistent/math_verifier.py")
+    with MathVerifyPool(num_workers=1, budget_s=1.0, startup_timeout_s=10) as pool:
+        with pytest.raises(RewardError, match="failed to start"):
+            pool.check("1", r"\boxed{1}")
+        with pytest.raises(RewardError, match="failed to start"):
+            pool.wait_ready()

@@ -83,6 +83,12 @@ class _Worker:
             pass
 
 
+class _StartFailed(Exception):
+    def __init__(self, replacement: _Worker, message: str):
+        super().__init__(message)
+        self.replacement = replacement
+
+
 class MathVerifyPool:
     """Persistent, killable math-verify workers.
 
@@ -153,21 +159,45 @@ class MathVerifyPool:
         with self._stats_lock:
             self.stats[key] += 1
 
+    def wait_ready(self) -> None:
+        """Block until every worker has imported math-verify (e.g. before a timed RL step;
+        otherwise a check waits for a fresh worker's start-up, outside its budget)."""
+        taken = [self._idle.get() for _ in range(len(self._all))]
+        try:
+            for i, w in enumerate(taken):
+                try:
+                    taken[i] = self._ensure_ready(w)
+                except _StartFailed as e:
+                    taken[i] = e.replacement
+                    raise RewardError(str(e)) from None
+        finally:
+            for w in taken:
+                self._idle.put(w)
+
+    def _ensure_ready(self, w: _Worker) -> _Worker:
+        """w once it has announced readiness; a worker that never does is replaced and
+        the caller gets RewardError (an infrastructure failure, not a score)."""
+        if w.ready:
+            return w
+        hello = w.read_frame(time.monotonic() + self.startup_timeout_s)
+        if hello and hello.get("ready"):
+            w.ready = True
+            return w
+        w.kill()
+        w = self._replace(w)
+        raise _StartFailed(w, f"math-verify worker failed to start within {self.startup_timeout_s:.0f}s")
+
     def check(self, gold: str, completion: str, *, think_open: bool = False) -> float | None:
         """Score one completion against `gold` within the budget (thread-safe)."""
         if self._closed:
             raise RewardError("math-verify pool is closed")
         w = self._idle.get()
         try:
-            if not w.ready:
-                hello = w.read_frame(time.monotonic() + self.startup_timeout_s)
-                if not hello or not hello.get("ready"):
-                    w.kill()
-                    w = self._replace(w)
-                    raise RewardError(
-                        f"math-verify worker failed to start within {self.startup_timeout_s:.0f}s"
-                    )
-                w.ready = True
+            try:
+                w = self._ensure_ready(w)
+            except _StartFailed as e:
+                w = e.replacement
+                raise RewardError(str(e)) from None
             request = {
                 "gold": gold,
                 "completion": completion,
