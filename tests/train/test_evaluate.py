@@ -95,7 +95,7 @@ class ExactTask:
         return 1.0 if f"<answer>{answer}</answer>" in completion else 0.0
 
 
-def test_evaluate_policy_maps_samples_to_their_prompts(monkeypatch):
+def test_evaluate_policy_maps_samples_to_their_prompts():
     examples = [
         {"prompt": "a", "answer": "1"},
         {"prompt": "b", "answer": "2"},
@@ -108,13 +108,10 @@ def test_evaluate_policy_maps_samples_to_their_prompts(monkeypatch):
         (1, ids["c"]): ["<think>.</think><answer>3</answer>", "<think>.</think><answer>3</answer>"],
     }
     engine = ScriptedEngine(script)
-    import posttrain.engines.rollout as rollout
-
-    monkeypatch.setattr(rollout, "make_engine", lambda name, model, tok, **kw: engine)
     model = torch.nn.Linear(1, 1)
     out = ev.evaluate_policy(
         model, DigitsTokenizer(), examples, ExactTask(), k=2, temperature=0.7, max_new_tokens=9,
-        batch_size=2, return_samples=True,
+        batch_size=2, return_samples=True, engine=engine,
     )  # fmt: skip
     assert engine.calls == [(2, 2, 0.7, 9), (1, 2, 0.7, 9)]
     assert out["accuracy"] == pytest.approx((1 / 2 + 0 + 1) / 3)

@@ -168,7 +168,7 @@ def generate_samples(
     k: int,
     temperature: float,
     max_new_tokens: int,
-    engine: str = "native",
+    engine: str | Any = "native",
     seed: int = 0,
     top_p: float = 1.0,
     batch_size: int = 32,
@@ -177,14 +177,22 @@ def generate_samples(
 ) -> tuple[list[list[str]], list[list[int]], list[list[str]]]:
     """k completions per prompt: (texts[P][k], token lengths[P][k], finish reasons[P][k]).
 
-    The model is put in eval mode (no dropout) and restored afterwards.
+    prompts: P raw user prompts; rendered with the chat template (as the RL loop does) when
+        `chat_template` and the tokenizer has one, then tokenized without special tokens.
+    engine: a rollout engine name for `make_engine`, or an engine instance to reuse.
+    seed: generate call b uses seed * 1_000_003 + b, so results do not depend on what ran
+        before (same seed + same weights -> same samples).
+    Texts have a trailing EOS string removed. The model is put in eval mode (no dropout)
+    and restored afterwards.
     """
     import torch
 
     from posttrain.engines.rollout import make_engine
     from posttrain.engines.rollout.base import SamplingParams
 
-    eng = make_engine(engine, model, tokenizer)
+    # An engine instance (e.g. the RL loop's vLLM engine) is reused instead of building a
+    # second one; sync_weights makes it sample from `model`'s current weights.
+    eng = make_engine(engine, model, tokenizer) if isinstance(engine, str) else engine
     eng.sync_weights(model)
     texts: list[list[str]] = []
     lengths: list[list[int]] = []
@@ -224,7 +232,7 @@ def evaluate_policy(
     k: int,
     temperature: float,
     max_new_tokens: int,
-    engine: str = "native",
+    engine: str | Any = "native",
     seed: int = 0,
     top_p: float = 1.0,
     batch_size: int = 32,
@@ -232,10 +240,14 @@ def evaluate_policy(
     enable_thinking: bool = True,
     return_samples: bool = False,
 ) -> dict[str, Any]:
-    """Sample k completions per example and score them with `task`.
+    """Sample k completions per example and score them with `task` (before/after numbers
+    for the RL loop, the demo and the benchmarks).
 
-    examples: Example objects (or dicts) with `prompt` and `answer`.
+    examples: P Example objects (or dicts) with `prompt` and `answer`.
     task: anything with ``score(completion, answer) -> float`` (1.0 = correct); a Task.
+    k / temperature / top_p / max_new_tokens: sampling; greedy (temperature 0) with k=1 is
+        the usual held-out accuracy.
+    engine / seed / batch_size / chat_template / enable_thinking: see `generate_samples`.
     Returns {"accuracy" (= pass@1), "pass@k" and "maj@k" (when k > 1), "format_rate",
     "length_mean" (tokens), "truncated_frac" (finished by length), "n", "k"}; with
     return_samples also "samples": one dict per completion.
