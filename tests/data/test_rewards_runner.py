@@ -167,3 +167,19 @@ def test_config_errors():
     runner = RewardRunner([("a", length, 1.0)])
     with pytest.raises(RewardError, match="column 'x' has 1 entries for 4"):
         runner.score(P, C, {"x": [1]})
+
+
+def test_close_releases_reward_resources():
+    closed = []
+
+    class Closable:
+        def __call__(self, prompts, completions, **columns):
+            return [0.0] * len(completions)
+
+        def close(self):
+            closed.append(True)
+
+    runner = RewardRunner([("c", Closable(), 1.0), ("len", length, 1.0)], timeout_s=5)
+    assert runner.score(P, C).scores.tolist() == [1.0, 2.0, 3.0, 4.0]
+    runner.close()
+    assert closed == [True]

@@ -214,6 +214,7 @@ def test_task_reward_by_name():
 
     task = get_task("arithmetic")
     ex = task.examples("test", 2, seed=0)
-    f = build_reward("task", task_name="arithmetic")
-    out = f(["", ""], [ex[0].solution, ex[0].wrong_solution], answer=[ex[0].answer, ex[0].answer])
-    assert out == [1.0, 0.0]
+    for options in ({"task_name": "arithmetic"}, {"task": "arithmetic"}):  # YAML configs pass a name
+        f = build_reward("task", **options)
+        out = f(["", ""], [ex[0].solution, ex[0].wrong_solution], answer=[ex[0].answer, ex[0].answer])
+        assert out == [1.0, 0.0]

@@ -170,6 +170,13 @@ class RewardRunner:
             )
         return RewardResult(scores, per_reward, valid, errors, messages, times)
 
+    def close(self) -> None:
+        """Release the rewards' resources (worker processes of e.g. the accuracy reward)."""
+        for _, fn, _ in self.rewards:
+            close = getattr(fn, "close", None)
+            if callable(close):
+                close()
+
     # ------------------------------------------------------------------ internals
 
     def _start(self, name, fn, prompts, completions, kw) -> dict:

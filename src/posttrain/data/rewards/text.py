@@ -297,8 +297,10 @@ def task_reward(
     *, task=None, task_name: str | None = None, answer_column: str = "answer", **task_options
 ) -> Callable:
     """Score with a synthetic task's own verifier (`Task.score(completion, answer)`), e.g.
-    countdown's expression checker. Give a built `task` or a `task_name` (+ options) from
-    posttrain.data.tasks. None for rows without an answer."""
+    countdown's expression checker. Give a built `task`, or a task name (as `task` or
+    `task_name`, + task options) from posttrain.data.tasks. None for rows without an answer."""
+    if isinstance(task, str):  # a YAML config names the task
+        task, task_name = None, task
     if task is None:
         if task_name is None:
             raise ConfigError("task reward needs task= or task_name=")
