@@ -133,7 +133,8 @@ def test_unknown_key_in_yaml(tmp_path):
         (["--optim.betas", "[0.9]"], "config key 'optim.betas': expected 2 values, got 1: [0.9]"),
         (["--optim.schedule", "step"], "config key 'optim.schedule': 'step' is not one of"),
         (["--run.seed.x", "1"], "config key 'run.seed' is a value, not a section"),
-        (["--steps"], "config key 'steps': expected int, got None"),
+        (["--steps"], "config key 'steps' needs a value (int): --steps VALUE or --steps=VALUE"),
+        (["--steps", "null"], "config key 'steps': expected int, got None"),
         (["oops"], "cannot parse override 'oops'"),
     ],
 )

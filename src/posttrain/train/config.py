@@ -197,14 +197,13 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             if type(None) in args:
                 return None
             raise _bad(key, tp, value)
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(key, arg, value)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue  # try the next member of the union
         raise _bad(key, tp, value)
     if value is None:
         raise _bad(key, tp, value)
@@ -395,11 +394,13 @@ def _field_type_at(cls: type, dotted: str) -> Any:
     return tp
 
 
-def _parse_value(raw: str | None, tp: Any) -> Any:
+def _parse_value(key: str, raw: str | None, tp: Any) -> Any:
     if raw is None:
         if tp is bool or (typing.get_origin(tp) in (Union, types.UnionType) and bool in typing.get_args(tp)):
             return True
-        return None  # coerce() then reports it unless the field is optional
+        raise ConfigError(
+            f"config key {key!r} needs a value ({_type_name(tp)}): --{key} VALUE or --{key}=VALUE"
+        )
     if tp is str:
         return raw  # never let YAML turn "1.0" or "yes" into a non-string for a str field
     try:
@@ -434,7 +435,7 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
         data = loaded
     for key, raw in parse_overrides(list(overrides or [])):
         tp = _field_type_at(cls, key)
-        value = _parse_value(raw, tp)
+        value = _parse_value(key, raw, tp)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
