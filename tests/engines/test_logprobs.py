@@ -139,3 +139,44 @@ def test_values_alignment(tiny_model):
         torch.testing.assert_close(
             values[i, : len(r)], full[len(p) - 1 : len(p) - 1 + len(r)], atol=1e-5, rtol=0
         )
+
+
+def test_gradient_matches_naive_full_forward(tiny_model):
+    prompts, responses, resp, mask = _rows()
+    b = build_sequences(prompts, resp, mask, PAD)
+    lp, ent = sequence_logprobs(
+        tiny_model, b, with_grad=True, return_entropy=True, temperature=0.9, micro_batch_size=2
+    )
+    ((lp + 0.1 * ent) * mask).sum().backward()
+    ours = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    total = 0.0
+    for p, r in zip(prompts, responses):  # unpadded rows, full-vocab log-softmax
+        logits = tiny_model(torch.tensor([p + r])).logits[0, len(p) - 1 : len(p) - 1 + len(r)] / 0.9
+        logp = logits.log_softmax(-1)
+        total = total + logp.gather(-1, torch.tensor(r)[:, None]).sum() - 0.1 * (logp.exp() * logp).sum()
+    total.backward()
+    for n, p in tiny_model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_tiny_model_learns_through_sequence_logprobs(char_tok):
+    """A few Adam steps on log-likelihood raise the response log-prob a lot (learning works)."""
+    from posttrain.engines.models import build_preset
+
+    torch.manual_seed(0)
+    model = build_preset("tiny", len(char_tok))
+    prompt = char_tok.encode("7*6=", add_special_tokens=False)
+    answer = char_tok.encode("<think>7*6=42</think><answer>42</answer>", add_special_tokens=False)
+    b = build_sequences([prompt], torch.tensor([answer]), torch.ones(1, len(answer)), char_tok.pad_token_id)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        lp, _ = sequence_logprobs(model, b, with_grad=True)
+        loss = -lp.mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final, _ = sequence_logprobs(model, b)
+    assert first > 4.0 and -final.mean().item() < 0.5 * first

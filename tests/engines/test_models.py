@@ -121,3 +121,20 @@ def test_value_model_zero_head_gives_zero_values(tiny_model):
     vm = M.build_value_model(tiny_model, head_init_std=0.0)
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(vm(ids, torch.ones_like(ids)), torch.zeros(1, 3))
+
+
+def test_lora_wraps_and_saves_merged(char_tok, tmp_path):
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = M.load_model("tiny", tokenizer=char_tok, lora={"r": 4, "alpha": 8})
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # make the adapter matter
+    ids = torch.tensor([[5, 6, 7, 8]])
+    M.save_model(model, char_tok, str(tmp_path / "m"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

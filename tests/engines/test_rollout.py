@@ -168,13 +168,13 @@ def test_repetition_hit_by_hand():
 @pytest.mark.parametrize("engine", ["native", "hf"])
 def test_repetition_detector_stops_a_looping_model(tiny_model, char_tok, engine):
     eng = make_engine(engine, tiny_model, char_tok)
-    looping = eng.generate(PROMPTS, _greedy(max_new_tokens=64))
+    looping = eng.generate(PROMPTS, _greedy(max_new_tokens=24))
     assert looping.finish_reason == ["length"] * 3  # greedy random model falls into loops
-    r = eng.generate(PROMPTS, _greedy(max_new_tokens=64, repetition_ngram=3, repetition_max_repeats=3))
+    r = eng.generate(PROMPTS, _greedy(max_new_tokens=24, repetition_ngram=3, repetition_max_repeats=3))
     assert r.finish_reason == ["repetition"] * 3
     for i in range(3):
         n = int(r.mask[i].sum())
-        assert n < 64
+        assert n < 24
         assert torch.equal(r.response_ids[i, :n], looping.response_ids[i, :n])  # same tokens, cut early
         hist = r.response_ids[i : i + 1, :n]
         assert repetition_hit(hist, 3, 3).item() and not repetition_hit(hist[:, :-1], 3, 3).item()
