@@ -59,6 +59,7 @@ class AccuracySection:
     sft_steps: int = field(default=300, metadata={"help": "SFT optimizer steps for the shared warm start."})
     sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate."})
     sft_batch_size: int = field(default=32, metadata={"help": "SFT examples per optimizer step."})
+    sft_examples: int = field(default=2000, metadata={"help": "Task training examples for SFT."})
     n_eval: int = field(default=100, metadata={"help": "Held-out test examples for the greedy evaluation."})
     eval_every: int = field(default=5, metadata={"help": "Evaluate every N GRPO steps (clock paused)."})
     target: float | None = field(
@@ -252,20 +253,22 @@ def prepare_sft(cfg: BenchConfig, init_dir: Path, out_dir: Path) -> Path:
     if (final / "config.json").is_file():
         return final
     a = cfg.accuracy
-    sft = load_config(
-        SFTConfig,
-        None,
-        [
-            f"model.path={init_dir}",
-            f"data.task={cfg.task}",
-            f"optim.lr={a.sft_lr}",
-            f"steps={a.sft_steps}",
-            f"batch_size={a.sft_batch_size}",
-            f"run.output_dir={path}",
-            f"run.seed={cfg.run.seed}",
-        ]
-        + ([f"data.difficulty={cfg.difficulty}"] if cfg.difficulty is not None else []),
-    )
+    overrides = [
+        f"model.path={init_dir}",
+        f"data.task={cfg.task}",
+        f"data.n_train={a.sft_examples}",
+        f"optim.lr={a.sft_lr}",
+        f"train.steps={a.sft_steps}",
+        f"train.batch_size={a.sft_batch_size}",
+        "train.eval_generations=0",
+        "train.eval_every=0",
+        "train.eval_at_start=false",
+        f"run.output_dir={path}",
+        f"run.seed={cfg.run.seed}",
+    ]
+    if cfg.difficulty is not None:
+        overrides.append(f"data.difficulty={cfg.difficulty}")
+    sft = load_config(SFTConfig, None, overrides)
     run_sft(sft)
     if not (final / "config.json").is_file():
         raise TrainingError(f"SFT warm start finished but wrote no model at {final}")
@@ -312,6 +315,7 @@ class HeldOutEval:
                 max_new_tokens=self.cfg.max_new_tokens,
                 engine="native",
                 seed=self.cfg.run.seed,
+                enable_thinking=self.cfg.thinking,
             )
         finally:
             model.train(was_training)

@@ -1,0 +1,156 @@
+"""Probes behind the "where posttrain's GRPO step spends its time" findings (issue #8).
+
+Each probe times one idea against the code path the RL loop runs today, on the same
+shapes as the benchmark (P prompts x G samples, T response tokens), and checks that the
+idea changes no numbers (log-probs and gradients equal within float tolerance). They are
+measurements for the owners of engines/ and train/rl*.py, not library code: the winning
+ideas belong in engines/logprobs.py and engines/rollout/native.py.
+
+Shapes: B = P * G sequences, T response tokens, L = prompt + response columns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from posttrain.core.logprobs import logprobs_from_logits
+from posttrain.engines.batching import SequenceBatch, build_sequences
+from posttrain.engines.logprobs import sequence_logprobs
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def synthetic_group_batch(
+    prompt_lens: list[int], group_size: int, T: int, vocab_lo: int = 10, vocab_hi: int = 100, seed: int = 0
+) -> tuple[list[list[int]], SequenceBatch]:
+    """Random prompts (one per entry of prompt_lens), each repeated G times, with random
+    right-padded responses of random length <= T: the layout of one GRPO batch."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(vocab_lo, vocab_hi, (n,), generator=g).tolist() for n in prompt_lens]
+    rows = [p for p in prompts for _ in range(group_size)]
+    B = len(rows)
+    response_ids = torch.randint(vocab_lo, vocab_hi, (B, T), generator=g)  # [B, T]
+    lengths = torch.randint(max(1, T // 4), T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()  # [B, T]
+    return prompts, build_sequences(rows, response_ids, mask, pad_id=0)
+
+
+def shared_prefix_logprobs(
+    model, prompts: list[list[int]], group_size: int, seq: SequenceBatch
+) -> torch.Tensor:
+    """log π of each response with each prompt run ONCE per group, not G times.
+
+    The P distinct prompts (left-padded) go through the decoder with a KV cache; the
+    cache is repeated G times along the batch (repeat_interleave is differentiable, so
+    the prompt's share of the gradient from all G samples flows back through one prompt
+    forward); the B responses then run on top of it. Same numbers as the [B, L] forward
+    (checked by the probe); prompt FLOPs drop by a factor G. Returns [B, T] float32.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    attn = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p)
+        attn[i, P - len(p) :] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [P', P]
+    cache = DynamicCache()
+    out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    first = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # [B, 1, H] predicts token 0
+    cache.batch_repeat_interleave(group_size)
+    T = seq.response_mask.shape[1]
+    full_attn = torch.cat([attn.repeat_interleave(group_size, 0), seq.response_mask.long()], 1)
+    rpos = pos[:, -1:].repeat_interleave(group_size, 0) + 1 + torch.arange(T)[None]  # [B, T]
+    out = decoder(
+        input_ids=seq.response_ids,
+        attention_mask=full_attn,
+        position_ids=rpos,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    hidden = torch.cat([first, out.last_hidden_state[:, :-1]], 1)  # [B, T, H]
+    return logprobs_from_logits(head(hidden), seq.response_ids).float()
+
+
+def probe_shared_prefix(model, prompt_lens: list[int], group_size: int, T: int, repeats: int = 5) -> dict:
+    """Time the loop's scoring forward (no grad) and learner forward+backward, today's
+    [B, L] path vs `shared_prefix_logprobs`; report max |Δ log-prob| and max relative
+    gradient difference so a speed-up never hides a numerical change."""
+    prompts, seq = synthetic_group_batch(prompt_lens, group_size, T)
+    mask = seq.response_mask
+
+    def full(grad: bool):
+        return sequence_logprobs(model, seq, with_grad=grad)[0]
+
+    def shared(grad: bool):
+        with torch.enable_grad() if grad else torch.no_grad():
+            return shared_prefix_logprobs(model, prompts, group_size, seq)
+
+    def grads(fn) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        (fn(True) * mask).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    with torch.no_grad():
+        lp_diff = float(((full(False) - shared(False)).abs() * mask).max())
+    g_full, g_shared = grads(full), grads(shared)
+    grad_rel = max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(g_full, g_shared))
+    model.zero_grad(set_to_none=True)
+
+    def fwd_bwd(fn):
+        def run():
+            (fn(True) * mask).sum().backward()
+
+        return run
+
+    out = {
+        "B": len(seq),
+        "prompt_tokens": sum(prompt_lens) * group_size,
+        "response_columns": len(seq) * T,
+        "score_full_s": median_time(lambda: full(False), repeats),
+        "score_shared_s": median_time(lambda: shared(False), repeats),
+        "update_full_s": median_time(fwd_bwd(full), repeats),
+        "update_shared_s": median_time(fwd_bwd(shared), repeats),
+        "max_abs_logprob_diff": lp_diff,
+        "max_rel_grad_diff": grad_rel,
+    }
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def probe_prefill_share(engine, prompts: list[list[int]], group_size: int, T: int, repeats: int = 3) -> dict:
+    """How much of a native-engine generate call is the prompt prefill (run on all B = P*G
+    rows today, although only P distinct prompts exist): generate with 1 new token ~ the
+    prefill alone, vs the full T tokens."""
+    from posttrain.engines.rollout.base import SamplingParams
+
+    one = SamplingParams(n=group_size, max_new_tokens=1, seed=0)
+    full = SamplingParams(n=group_size, max_new_tokens=T, seed=0, ignore_eos=True)
+    prefill_s = median_time(lambda: engine.generate(prompts, one), repeats)
+    total_s = median_time(lambda: engine.generate(prompts, full), repeats)
+    return {"prefill_s": prefill_s, "generate_s": total_s, "prefill_frac": prefill_s / total_s}
+
+
+def probe_attention_mask(model, B: int, L: int, repeats: int = 5) -> dict:
+    """HF forward cost of passing a 2-D attention mask (all ones) vs none: the mask
+    switches SDPA away from its causal fast path although nothing is padded."""
+    ids = torch.randint(10, 100, (B, L))
+    ones = torch.ones(B, L, dtype=torch.long)
+    with torch.no_grad():
+        masked = median_time(lambda: model(input_ids=ids, attention_mask=ones), repeats)
+        unmasked = median_time(lambda: model(input_ids=ids), repeats)
+    return {"with_mask_s": masked, "without_mask_s": unmasked, "overhead": masked / unmasked - 1.0}

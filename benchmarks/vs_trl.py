@@ -1,0 +1,149 @@
+"""posttrain vs TRL, side by side on one machine (GitHub issue #8).
+
+Modes:
+  step      median GRPO step time, completion tokens/s and reward curves of posttrain,
+            TRL with gradient checkpointing off ("trl") and TRL's default with it on
+            ("trl_gc"), per model preset, all from the same saved initial weights.
+  accuracy  training time until held-out arithmetic accuracy reaches a target, every
+            framework starting from the same posttrain SFT checkpoint.
+  probe     where posttrain's step spends its time, and what sharing each GRPO group's
+            prompt would save (see benchmarks/_common.py).
+
+Every mode prints a Markdown block (machine, load average, the exact command, tables)
+for docs/benchmarks.md and keeps results.json under --out.
+
+  python benchmarks/vs_trl.py --mode step --presets tiny,small,base --steps 12
+  python benchmarks/vs_trl.py --mode accuracy --presets small --set lr=1e-4
+  python benchmarks/vs_trl.py --mode probe --presets small
+
+Needs the `bench` extra (pip install 'posttrain[bench]') for TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.train.bench import BenchConfig, format_markdown, machine_info, prepare_model, run_bench
+from posttrain.train.config import load_config
+
+
+def _header(args: argparse.Namespace, started: float) -> str:
+    info = machine_info()
+    return (
+        f"Command: `python benchmarks/vs_trl.py {shlex.join(sys.argv[1:])}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, wall {time.time() - started:.0f} s, "
+        f"load average (1 min) at the end {info['loadavg_1m']} on {info['cores']} cores)\n"
+    )
+
+
+def run_mode(args: argparse.Namespace) -> str:
+    frameworks = args.frameworks or ("posttrain,trl,trl_gc" if args.mode == "step" else "posttrain,trl")
+    overrides = [
+        f"mode={args.mode}",
+        f"frameworks=[{frameworks}]",
+        f"presets=[{args.presets}]",
+        f"steps={args.steps}",
+        f"repeats={args.repeats}",
+        f"threads={args.threads}",
+        f"run.output_dir={Path(args.out) / args.mode}",
+        *args.set,
+    ]
+    if args.mode == "accuracy":
+        # Defaults for a learnable start: the easiest arithmetic level, room for the
+        # R1-format answer, and a learning rate at which a few-M-parameter model moves.
+        overrides = ["difficulty=1", "max_new_tokens=48", "lr=1e-4", "accuracy.sft_steps=200"] + overrides
+    cfg = load_config(BenchConfig, None, overrides)
+    return format_markdown(run_bench(cfg))
+
+
+def run_probe(args: argparse.Namespace) -> str:
+    """Phase split of posttrain's own step, then the shared-prefix and mask probes."""
+    import _common as probes
+
+    from posttrain.engines.models import load_model, load_tokenizer
+    from posttrain.engines.rollout import make_engine
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) / "probe"
+    lines = []
+    cfg = load_config(
+        BenchConfig,
+        None,
+        ["frameworks=[posttrain]", f"presets=[{args.presets}]", f"steps={args.steps}", f"threads={args.threads}",
+         f"run.output_dir={out}", *args.set],
+    )  # fmt: skip
+    results = run_bench(cfg)
+    lines.append(format_markdown(results))
+    for preset in cfg.presets:
+        model_dir = prepare_model(preset, out / preset, cfg.run.seed)
+        model = load_model(str(model_dir))
+        tokenizer = load_tokenizer(str(model_dir))
+        # Prompt lengths of real chat-templated arithmetic prompts (32-43 tokens).
+        lens = [32, 43, 42, 36][: cfg.prompts_per_step] or [32]
+        lens += [38] * (cfg.prompts_per_step - len(lens))
+        pre = probes.probe_shared_prefix(model, lens, cfg.group_size, cfg.max_new_tokens)
+        prompts = [list(range(10, 10 + n)) for n in lens]
+        fill = probes.probe_prefill_share(make_engine("native", model, tokenizer), prompts, cfg.group_size,
+                                          cfg.max_new_tokens)  # fmt: skip
+        L = max(lens) + cfg.max_new_tokens
+        mask = probes.probe_attention_mask(model, cfg.prompts_per_step * cfg.group_size, L)
+        lines.append(
+            f"\n**{preset}** probes ({cfg.prompts_per_step} prompts x G={cfg.group_size}, T={cfg.max_new_tokens}):\n"
+        )
+        lines.append("| what | today (s) | shared prompt (s) | saving |\n|---|---|---|---|")
+        for name, a, b in (("scoring forward (no grad)", pre["score_full_s"], pre["score_shared_s"]),
+                           ("learner forward+backward", pre["update_full_s"], pre["update_shared_s"])):  # fmt: skip
+            lines.append(f"| {name} | {a:.3f} | {b:.3f} | {1 - b / a:.0%} |")
+        lines.append(
+            f"\nshared-prefix numerics: max |Δ log-prob| {pre['max_abs_logprob_diff']:.1e}, max relative "
+            f"gradient difference {pre['max_rel_grad_diff']:.1e}"
+        )
+        lines.append(
+            f"\ngenerate: prefill alone {fill['prefill_s']:.3f} s of {fill['generate_s']:.3f} s "
+            f"({fill['prefill_frac']:.0%}) for {cfg.prompts_per_step * cfg.group_size} rows of which only "
+            f"{cfg.prompts_per_step} prompts are distinct"
+        )
+        lines.append(
+            f"\nHF forward [B={cfg.prompts_per_step * cfg.group_size}, L={L}] with an all-ones attention mask "
+            f"{mask['with_mask_s']:.3f} s vs none {mask['without_mask_s']:.3f} s ({mask['overhead']:+.0%})"
+        )
+        (out / preset / "probes.json").write_text(
+            json.dumps({"shared_prefix": pre, "prefill": fill, "mask": mask})
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["step", "accuracy", "probe"], default="step")
+    ap.add_argument("--presets", default="small", help="comma-separated presets (tiny,small,base)")
+    ap.add_argument(
+        "--frameworks", default=None, help="comma-separated; default all three (step) / posttrain,trl"
+    )
+    ap.add_argument("--steps", type=int, default=12, help="GRPO steps per framework (step mode)")
+    ap.add_argument("--repeats", type=int, default=1, help="back-to-back rounds over the frameworks")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for every framework")
+    ap.add_argument("--out", default="runs/vs_trl", help="output directory")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any BenchConfig override, e.g. --set lr=1e-4 (repeatable)")  # fmt: skip
+    args = ap.parse_args(argv)
+    started = time.time()
+    body = run_probe(args) if args.mode == "probe" else run_mode(args)
+    text = _header(args, started) + "\n" + body
+    out = Path(args.out) / args.mode
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "section.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    raise SystemExit(main())
