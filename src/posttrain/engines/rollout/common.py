@@ -124,7 +124,11 @@ def sample_tokens(
     if params.temperature == 0:
         tokens = z.argmax(-1)
     else:
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        # Exponential race (equivalent to multinomial: argmax_i p_i / E_i with E_i ~ Exp(1)
+        # picks i with probability p_i), one elementwise pass and no CPU multinomial setup.
+        race = torch.empty_like(logp).exponential_(generator=generator)
+        race.clamp_(min=torch.finfo(race.dtype).tiny)  # a 0 draw would make 0/0 = NaN win argmax
+        tokens = (logp.exp() / race).argmax(-1)
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, chosen, keep
 
