@@ -1,0 +1,284 @@
+"""Offline trainers end to end on the tiny preset: learning, accumulation invariance,
+exact resume, skipped non-finite steps, Hugging Face outputs, data errors, reference cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import posttrain.train.offline_loop as loop
+import posttrain.train.offline_methods as methods
+from posttrain.errors import DataError
+from posttrain.train.config import load_config
+from posttrain.train.offline import (
+    DPOConfig,
+    PRMConfig,
+    RMConfig,
+    SFTConfig,
+    build_dpo,
+    build_prm,
+    build_rm,
+    build_sft,
+    plan,
+    run_dpo,
+    run_rm,
+    run_sft,
+)
+
+SMALL = ["--data.n_train", "64", "--data.n_eval", "16", "--train.eval_generations", "0", "--train.eval_every", "0"]
+
+
+def _cfg(cls, tmp_path: Path, *overrides: str, name: str = "run"):
+    args = ["--run.output_dir", str(tmp_path / name), *SMALL, *overrides]
+    if cls is DPOConfig:
+        args += ["--ref.cache_dir", str(tmp_path / "ref_cache")]
+    return load_config(cls, None, args)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_sft_lowers_heldout_loss_and_raises_task_accuracy(tmp_path):
+    cfg = _cfg(
+        SFTConfig, tmp_path,
+        "--data.n_train", "600", "--data.n_eval", "48", "--train.steps", "120", "--train.batch_size", "16",
+        "--train.micro_batch_size", "16", "--train.eval_generations", "48", "--train.eval_every", "120",
+    )  # fmt: skip
+    summary = run_sft(cfg)
+    before, after = summary["initial_eval"], summary["final"]
+    assert after["eval/nll"] < 0.25 * before["eval/nll"], (before, after)
+    assert before["eval/accuracy"] <= 0.05
+    assert after["eval/accuracy"] >= before["eval/accuracy"] + 0.2, (before, after)
+    # the run directory holds what a user expects
+    out = Path(cfg.run.output_dir)
+    steps = [r["step"] for r in _rows(out / "metrics.jsonl")]
+    assert steps[0] == 0 and steps[-1] == 120
+    assert (out / "final" / "config.json").is_file() and (out / "checkpoints" / "latest").is_file()
+    assert _rows(out / "samples.jsonl")  # held-out generations were logged
+
+
+# ----------------------------------------------------------------------------- invariance
+
+
+BUILDERS = {
+    "sft": (SFTConfig, build_sft, ()),
+    "sft_packed": (SFTConfig, build_sft, ("--algo.packing", "true")),
+    "rm": (RMConfig, build_rm, ()),
+    "prm": (PRMConfig, build_prm, ()),
+    "dpo": (DPOConfig, build_dpo, ()),
+    "simpo": (DPOConfig, build_dpo, ("--algo.loss", "simpo")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_gradient_accumulation_invariance(tmp_path, name):
+    """One optimizer step's gradient: 1 micro-batch of 8 == 8 micro-batches of 1."""
+    cls, build, extra = BUILDERS[name]
+    grads = []
+    for micro in (8, 1):
+        cfg = _cfg(cls, tmp_path, "--train.batch_size", "8", "--train.micro_batch_size", str(micro), *extra)
+        method, _ = build(cfg)
+        items = method.train_items[:8]
+        loss, sums = loop.run_microbatches(method, items, micro, train=True)
+        model = next(iter(method.models.values()))
+        grads.append((loss, sums, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l8, s8, g8), (l1, s1, g1) = grads
+    assert l1 == pytest.approx(l8, rel=1e-5)
+    assert s1 == pytest.approx(s8, rel=1e-5, abs=1e-5)
+    assert len(g8) == len(g1) > 0
+    for a, b in zip(g8, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- resume / NaN
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    common = ("--train.steps", "4", "--train.batch_size", "4", "--train.micro_batch_size", "2", "--run.save_every", "2")
+    full = _cfg(SFTConfig, tmp_path, *common, name="full")
+    run_sft(full)
+
+    crashed = _cfg(SFTConfig, tmp_path, *common, name="crashed")
+    real_step = loop.guarded_step
+    calls = {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after the step-2 checkpoint
+            raise _Crash("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "guarded_step", dying_step)
+    with pytest.raises(_Crash):
+        run_sft(crashed)
+    monkeypatch.setattr(loop, "guarded_step", real_step)
+    crashed.run.resume = True
+    summary = run_sft(crashed)
+    assert summary["resumed_from"] == 2
+
+    a = load_file(str(Path(full.run.output_dir) / "final" / "model.safetensors"))
+    b = load_file(str(Path(crashed.run.output_dir) / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    drop = ("time/step_s",)
+    rows_a = [{k: v for k, v in r.items() if k not in drop} for r in _rows(Path(full.run.output_dir) / "metrics.jsonl")]
+    rows_b = [{k: v for k, v in r.items() if k not in drop} for r in _rows(Path(crashed.run.output_dir) / "metrics.jsonl")]
+    assert rows_a == rows_b
+
+
+def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
+    cfg = _cfg(
+        SFTConfig, tmp_path, "--train.steps", "2", "--train.batch_size", "4", "--train.micro_batch_size", "4",
+        "--train.eval_at_start", "false",
+    )  # fmt: skip
+    real_loss = methods.SFTMethod.loss
+    seen = {"n": 0, "params": None}
+
+    def poisoned(self, items, counts):
+        seen["n"] += 1
+        if seen["n"] == 1:
+            seen["params"] = [p.detach().clone() for p in self.model.parameters()]
+            loss, metrics = real_loss(self, items, counts)
+            return loss * float("nan"), metrics
+        if seen["n"] == 2:  # weights untouched by the skipped step
+            for before, p in zip(seen["params"], self.model.parameters()):
+                assert torch.equal(before, p)
+        return real_loss(self, items, counts)
+
+    monkeypatch.setattr(methods.SFTMethod, "loss", poisoned)
+    summary = run_sft(cfg)
+    assert summary["skipped_steps"] == 1
+    rows = {r["step"]: r for r in _rows(Path(cfg.run.output_dir) / "metrics.jsonl")}
+    assert rows[1]["train/skipped_step"] == 1.0 and rows[2]["train/skipped_step"] == 0.0
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_reward_model_output_loads_as_hf_sequence_classifier(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.algos.reward_model import sequence_scores
+    from posttrain.data.rewards import build_reward
+
+    cfg = _cfg(RMConfig, tmp_path, "--train.steps", "2", "--train.batch_size", "4")
+    method, tok = build_rm(cfg)
+    summary = loop.train_offline(cfg, method, tokenizer=tok)
+    final = Path(summary["final_model"])
+    items = method.eval_items[:3]
+    batch = methods.pair_batch(items, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        trained = sequence_scores(method.models["reward_model"].eval(), batch)  # [2B]
+    hf = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+    torch.testing.assert_close(logits, trained, atol=1e-4, rtol=1e-4)
+    # and the "reward_model" reward scores generated text (prompt + completion) the same way
+    # tokenizer passed explicitly: engines.load_tokenizer on a model dir currently returns
+    # Qwen2Tokenizer, which drops the char tokenizer's whitespace (reported upstream)
+    reward = build_reward("reward_model", model_path=str(final), tokenizer=tok)
+    prompts = [tok.decode(it["prompt"]) for it in items]
+    chosen = [tok.decode(it["chosen"]) for it in items]
+    assert reward(prompts, chosen) == pytest.approx(trained[: len(items)].tolist(), abs=1e-4)
+
+
+def test_plan_describes_each_command():
+    assert "completion-only" in plan(SFTConfig())
+    assert "Bradley-Terry" in plan(RMConfig())
+    assert "step BCE" in plan(PRMConfig())
+    text = plan(load_config(DPOConfig, None, ["--algo.loss", "ipo"]))
+    assert "ipo" in text and "ref:" in text
+
+
+# ----------------------------------------------------------------------------- data errors
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "cls, rows, expected",
+    [
+        (DPOConfig, [{"prompt": "a", "chosen": "x", "rejected": "x"}] * 4, "identical"),
+        (RMConfig, [{"prompt": "a", "chosen": "x"}] * 4, "rejected"),
+        (SFTConfig, [{"prompt": "a", "completion": ""}] * 4, "completion"),
+        (PRMConfig, [{"prompt": "a", "completions": ["s1", "s2"], "labels": [True]}] * 4, "labels"),
+    ],
+)
+def test_bad_rows_give_one_line_data_errors(tmp_path, cls, rows, expected):
+    data = _write(tmp_path / "bad.jsonl", rows)
+    cfg = _cfg(cls, tmp_path, "--data.path", data, "--data.task", "null", "--train.steps", "1")
+    build = {SFTConfig: build_sft, RMConfig: build_rm, PRMConfig: build_prm, DPOConfig: build_dpo}[cls]
+    with pytest.raises(DataError) as err:
+        build(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "bad.jsonl" in msg and "row" in msg and expected in msg, msg
+
+
+def test_no_think_rows_strip_reasoning(tmp_path):
+    cfg = _cfg(SFTConfig, tmp_path, "--data.no_think_fraction", "0.5")
+    method, tok = build_sft(cfg)
+    think = [it for it in method.train_items if it["think"]]
+    plain = [it for it in method.train_items if not it["think"]]
+    assert 0.3 < len(plain) / len(method.train_items) < 0.7
+    assert all(tok.decode(it["prompt"]).endswith("<think></think>") for it in plain)
+    assert all(tok.decode(it["completion"]).startswith("<answer>") for it in plain)
+    assert all(tok.decode(it["completion"]).startswith("<think>") for it in think)
+
+
+# ----------------------------------------------------------------------------- reference cache
+
+
+def test_reference_cache_is_reused_without_reference_forwards(tmp_path, monkeypatch):
+    from posttrain.engines.models import build_preset, save_model
+    from posttrain.engines.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    ref_dir = tmp_path / "ref_model"
+    save_model(build_preset("tiny", len(tok)), tok, str(ref_dir))
+
+    calls = {"n": 0}
+    real = methods.reference_logps
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "reference_logps", counting)
+    args = ("--model.path", str(ref_dir), "--train.steps", "1", "--train.batch_size", "4")
+    first = run_dpo(_cfg(DPOConfig, tmp_path, *args, name="a"))
+    assert first["reference_cache_hit"] is False and calls["n"] == 2  # train + held-out
+    files = list((tmp_path / "ref_cache").glob("ref-*.safetensors"))
+    assert len(files) == 1
+
+    calls["n"] = 0
+    second = run_dpo(_cfg(DPOConfig, tmp_path, *args, name="b"))
+    assert second["reference_cache_hit"] is True and calls["n"] == 0
+    cached = load_file(str(files[0]))
+    method, _ = build_dpo(_cfg(DPOConfig, tmp_path, *args, name="c"))
+    assert calls["n"] == 0
+    # the cached numbers are the reference's log-probs (policy == reference before training)
+    fresh = real(method.model, method.train_items, tok.pad_token_id, 8)
+    torch.testing.assert_close(method.ref["train"], fresh, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(method.ref["train"], cached["train"])
+
+    # different data -> a different entry, computed afresh
+    third = run_dpo(_cfg(DPOConfig, tmp_path, *args, "--data.n_train", "32", name="d"))
+    assert third["reference_cache_hit"] is False and calls["n"] == 2
+    assert len(list((tmp_path / "ref_cache").glob("ref-*.safetensors"))) == 2
