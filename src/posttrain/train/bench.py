@@ -52,99 +52,81 @@ FRAMEWORKS = ("posttrain", "trl", "trl_gc")
 # --------------------------------------------------------------------------- config
 
 
+def _opt(default: Any, text: str, factory: bool = False) -> Any:
+    """A documented config field (`factory`: `default` is a zero-argument constructor)."""
+    if factory:
+        return field(default_factory=default, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class AccuracySection:
     """Time-to-accuracy mode: SFT warm start, then GRPO until a held-out accuracy is reached."""
 
-    sft_steps: int = field(default=300, metadata={"help": "SFT optimizer steps for the shared warm start."})
-    sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate."})
-    sft_batch_size: int = field(default=32, metadata={"help": "SFT examples per optimizer step."})
-    sft_examples: int = field(default=2000, metadata={"help": "Task training examples for SFT."})
-    n_eval: int = field(default=100, metadata={"help": "Held-out test examples for the greedy evaluation."})
-    eval_every: int = field(default=5, metadata={"help": "Evaluate every N GRPO steps (clock paused)."})
-    target: float | None = field(
-        default=None,
-        metadata={"help": "Absolute held-out accuracy to reach; null = SFT accuracy + target_gain."},
+    sft_steps: int = _opt(300, "SFT optimizer steps for the shared warm start.")
+    sft_lr: float = _opt(3e-3, "SFT learning rate.")
+    sft_batch_size: int = _opt(32, "SFT examples per optimizer step.")
+    sft_examples: int = _opt(2000, "Task training examples for SFT.")
+    n_eval: int = _opt(100, "Held-out test examples for the greedy evaluation.")
+    eval_every: int = _opt(5, "Evaluate every N GRPO steps (clock paused).")
+    target: float | None = _opt(
+        None, "Absolute held-out accuracy to reach; null = SFT accuracy + target_gain."
     )
-    target_gain: float = field(
-        default=0.10, metadata={"help": "Accuracy gain over the SFT start that defines the target."}
-    )
-    max_steps: int = field(default=200, metadata={"help": "Give up after this many GRPO steps."})
-    max_seconds: float = field(
-        default=600.0, metadata={"help": "Give up after this much training time (seconds, eval excluded)."}
-    )
+    target_gain: float = _opt(0.10, "Accuracy gain over the SFT start that defines the target.")
+    max_steps: int = _opt(200, "Give up after this many GRPO steps.")
+    max_seconds: float = _opt(600.0, "Give up after this much training time (seconds, eval excluded).")
 
 
 @dataclass
 class RolloutSection:
     """Rollout mode: generation throughput of our engines."""
 
-    engines: list[str] = field(
-        default_factory=lambda: ["native"], metadata={"help": "Rollout engines to time (native | hf)."}
-    )
-    batch: int = field(default=64, metadata={"help": "Sequences per generate call."})
-    new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sequence (EOS disabled)."})
-    repeats: int = field(default=3, metadata={"help": "Timed generate calls (after one warm-up call)."})
+    engines: list[str] = _opt(lambda: ["native"], "Rollout engines to time (native | hf).", factory=True)
+    batch: int = _opt(64, "Sequences per generate call.")
+    new_tokens: int = _opt(64, "Maximum tokens generated per sequence.")
+    repeats: int = _opt(3, "Timed generate calls (after one warm-up call).")
 
 
 @dataclass
 class BenchConfig:
     """Benchmark posttrain's GRPO step (and TRL's, when the `bench` extra is installed)."""
 
-    mode: Literal["step", "accuracy", "rollout"] = field(
-        default="step",
-        metadata={
-            "help": "step: time per GRPO step; accuracy: time to a held-out accuracy; rollout: tokens/s."
-        },
+    mode: Literal["step", "accuracy", "rollout"] = _opt(
+        "step", "step: time per GRPO step; accuracy: time to a held-out accuracy; rollout: tokens/s."
     )
-    frameworks: list[str] = field(
-        default_factory=lambda: ["posttrain"],
-        metadata={
-            "help": "Any of posttrain, trl (TRL, gradient checkpointing off), trl_gc (TRL default, on)."
-        },
+    frameworks: list[str] = _opt(
+        lambda: ["posttrain"],
+        "Any of posttrain, trl (TRL, gradient checkpointing off), trl_gc (TRL default, on).",
+        factory=True,
     )
-    presets: list[str] = field(
-        default_factory=lambda: ["small"],
-        metadata={"help": "Model presets to benchmark (tiny | small | base); small is issue #8's config."},
+    presets: list[str] = _opt(
+        lambda: ["small"], "Model presets (tiny | small | base); small is issue #8's config.", factory=True
     )
-    model_path: str | None = field(
-        default=None, metadata={"help": "Benchmark this HF model directory instead of presets."}
+    model_path: str | None = _opt(None, "Benchmark this HF model directory instead of presets.")
+    task: str = _opt("arithmetic", "Synthetic task giving prompts and the verifier.")
+    difficulty: int | None = _opt(None, "Task difficulty; null = the task's mix of levels.")
+    n_train: int = _opt(2000, "Training prompts drawn from the task.")
+    prompts_per_step: int = _opt(4, "Prompts per GRPO step.")
+    group_size: int = _opt(8, "Samples per prompt (G).")
+    max_new_tokens: int = _opt(32, "Maximum completion length.")
+    temperature: float = _opt(1.0, "Sampling temperature.")
+    lr: float = _opt(1e-5, "Learning rate (constant schedule, AdamW).")
+    beta: float = _opt(0.04, "KL coefficient (k3 in the loss, as TRL's GRPO).")
+    clip_eps: float = _opt(0.2, "PPO clip range (both sides).")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
+    thinking: bool = _opt(True, "Chat template thinking mode for prompts.")
+    steps: int = _opt(10, "GRPO steps per framework (step mode).")
+    skip_steps: int = _opt(2, "First steps excluded from medians (allocator / lazy-init warm-up).")
+    repeats: int = _opt(1, "Back-to-back rounds over all frameworks (medians pool the rounds).")
+    threads: int = _opt(2, "torch.set_num_threads for every framework.")
+    isolate: bool = _opt(True, "Run each framework in its own subprocess.")
+    sft_init: bool = _opt(
+        False, "Step mode: start from the SFT warm start (accuracy.sft_*), not random init."
     )
-    task: str = field(
-        default="arithmetic", metadata={"help": "Synthetic task giving prompts and the verifier."}
-    )
-    difficulty: int | None = field(default=None, metadata={"help": "Task difficulty; null = task default."})
-    n_train: int = field(default=2000, metadata={"help": "Training prompts drawn from the task."})
-    prompts_per_step: int = field(default=4, metadata={"help": "Prompts per GRPO step."})
-    group_size: int = field(default=8, metadata={"help": "Samples per prompt (G)."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Maximum completion length."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    lr: float = field(default=1e-5, metadata={"help": "Learning rate (constant schedule, AdamW)."})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient (k3 in the loss, as TRL's GRPO)."})
-    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range (both sides)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    thinking: bool = field(default=True, metadata={"help": "Chat template thinking mode for prompts."})
-    steps: int = field(default=10, metadata={"help": "GRPO steps per framework (step mode)."})
-    skip_steps: int = field(
-        default=2, metadata={"help": "First steps excluded from medians (allocator / lazy-init warm-up)."}
-    )
-    repeats: int = field(
-        default=1, metadata={"help": "Back-to-back rounds over all frameworks (medians pool the rounds)."}
-    )
-    threads: int = field(default=2, metadata={"help": "torch.set_num_threads for every framework."})
-    isolate: bool = field(default=True, metadata={"help": "Run each framework in its own subprocess."})
-    sft_init: bool = field(
-        default=False,
-        metadata={
-            "help": "Step mode: start from the SFT warm start (accuracy.sft_*) instead of random init."
-        },
-    )
-    accuracy: AccuracySection = field(
-        default_factory=AccuracySection, metadata={"help": "Time-to-accuracy mode."}
-    )
-    rollout: RolloutSection = field(default_factory=RolloutSection, metadata={"help": "Rollout mode."})
-    run: RunSection = field(
-        default_factory=lambda: RunSection(output_dir="runs/bench"), metadata={"help": "Output and seed."}
+    accuracy: AccuracySection = _opt(AccuracySection, "Time-to-accuracy mode.", factory=True)
+    rollout: RolloutSection = _opt(RolloutSection, "Rollout mode.", factory=True)
+    run: RunSection = _opt(
+        lambda: RunSection(output_dir="runs/bench"), "Output directory and seed.", factory=True
     )
 
 
@@ -422,44 +404,25 @@ def run_trl(
 
     task_reward.__name__ = f"task_{cfg.task}"
     batch = cfg.prompts_per_step * cfg.group_size
+    # fmt: off
     args = GRPOConfig(
-        output_dir=str(out_dir),
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=gradient_checkpointing,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
-        num_generations=cfg.group_size,
-        max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=1.0,
-        top_k=0,
-        learning_rate=cfg.lr,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=cfg.max_grad_norm,
-        beta=cfg.beta,
-        epsilon=cfg.clip_eps,
-        loss_type="dapo",
-        scale_rewards="group",
-        num_iterations=1,
-        max_steps=steps,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=cfg.run.seed,
-        chat_template_kwargs={"enable_thinking": cfg.thinking},
-        dataloader_num_workers=0,
+        output_dir=str(out_dir), use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+        gradient_checkpointing=gradient_checkpointing, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=1.0, top_k=0, learning_rate=cfg.lr, lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta, epsilon=cfg.clip_eps,
+        loss_type="dapo", scale_rewards="group", num_iterations=1, max_steps=steps, logging_steps=1,
+        report_to="none", save_strategy="no", disable_tqdm=True, seed=cfg.run.seed,
+        chat_template_kwargs={"enable_thinking": cfg.thinking}, dataloader_num_workers=0,
     )
+    # fmt: on
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=task_reward,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-    )
+    )  # fmt: skip
 
     def timed(name, fn, count_tokens=False):
         def wrapper(*a, **k):
@@ -498,41 +461,24 @@ def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int)
     data: dict[str, Any] = {"task": cfg.task, "n_train": cfg.n_train, "enable_thinking": cfg.thinking}
     if cfg.difficulty is not None:
         data["difficulty"] = cfg.difficulty
+    # fmt: off
     return {
         "steps": steps,
         "model": {"path": str(model_dir), "dtype": "float32"},
-        "optim": {
-            "lr": cfg.lr,
-            "schedule": "constant",
-            "warmup_steps": 0,
-            "weight_decay": 0.0,
-            "max_grad_norm": cfg.max_grad_norm,
-        },
+        "optim": {"lr": cfg.lr, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+                  "max_grad_norm": cfg.max_grad_norm},
         "run": {"output_dir": str(out_dir), "seed": cfg.run.seed, "save_every": 0},
         "data": data,
-        "rollout": {
-            "engine": "native",
-            "prompts_per_step": cfg.prompts_per_step,
-            "group_size": cfg.group_size,
-            "temperature": cfg.temperature,
-            "max_new_tokens": cfg.max_new_tokens,
-        },
-        "algo": {
-            "method": "grpo",
-            "advantage": "grpo",
-            "policy_loss": "ppo",
-            "clip_eps_low": cfg.clip_eps,
-            "clip_eps_high": cfg.clip_eps,
-            "aggregation": "token-mean",
-            "kl_placement": "loss" if cfg.beta > 0 else "none",
-            "kl_estimator": "k3",
-            "kl_coef": cfg.beta,
-            "update_epochs": 1,
-            "num_minibatches": 1,
-        },
+        "rollout": {"engine": "native", "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size,
+                    "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
+        "algo": {"method": "grpo", "advantage": "grpo", "policy_loss": "ppo", "clip_eps_low": cfg.clip_eps,
+                 "clip_eps_high": cfg.clip_eps, "aggregation": "token-mean",
+                 "kl_placement": "loss" if cfg.beta > 0 else "none", "kl_estimator": "k3", "kl_coef": cfg.beta,
+                 "update_epochs": 1, "num_minibatches": 1},
         "rewards": [{"name": "task", "weight": 1.0, "options": {"task_name": cfg.task}}],
         "sample_log_every": 0,
     }
+    # fmt: on
 
 
 # Our RL loop's per-phase timings (metric key -> phase name in the trace).
@@ -671,9 +617,8 @@ def summarize(traces: list[dict], skip: int) -> dict:
         "reward_curve": curve,
         "reward_mean_second_half": statistics.fmean(curve[n // 2 :]) if n else None,
     }
-    evals = [t["evals"] for t in traces if t["evals"]]
-    if evals:
-        out["evals"] = evals[0] if len(evals) == 1 else evals
+    if traces and traces[0]["evals"]:  # accuracy mode: the first round's curve
+        out["evals"] = traces[0]["evals"]
         out["train_s_total"] = [sum(t["step_s"]) for t in traces]
     return out
 
@@ -690,72 +635,57 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
 def format_markdown(results: dict) -> str:
     """Markdown tables of a `run_bench` result (what docs/benchmarks.md quotes)."""
-    lines: list[str] = []
-    info = results["machine"]
-    lines.append(
+    info, mode = results["machine"], results["config"]["mode"]
+    lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, load avg (1 min) at start {info['loadavg_1m']}, "
         f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}; "
         f"{results['config']['threads']} torch threads."
-    )
-    mode = results["config"]["mode"]
+    ]
     for model, per in results["models"].items():
-        lines.append("")
-        fws = per["frameworks"]
+        fws, speedup = per["frameworks"], per.get("speedup", {})
+        lines.append(f"\n**{model}** ({per.get('params', 0) / 1e6:.2f}M params)")
+        x = lambda name, sp=speedup: "—" if sp.get(name) is None else f"{sp[name]:.2f}x"
         if mode == "rollout":
-            lines.append(f"**{model}** ({per.get('params', 0) / 1e6:.2f}M params)")
-            lines += ["", "| engine | tokens/s | median s / call |", "|---|---|---|"]
-            for name, r in fws.items():
-                lines.append(f"| {name} | {_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r['median_call_s'])} |")
-            continue
-        lines.append(f"**{model}** ({per.get('params', 0) / 1e6:.2f}M params)")
-        if mode == "step":
-            lines += [
-                "",
-                "| framework | median step (s) | completion tok/s | generate (s) | speed-up of posttrain "
-                "| mean reward, 2nd half |",
-                "|---|---|---|---|---|---|",
-            ]
-            for name, r in fws.items():
-                gen = r["phase_median_s"].get("generate_s")
-                speed = per.get("speedup", {}).get(name)
-                lines.append(
-                    f"| {name} | {_fmt(r['median_step_s'])} | {_fmt(r['completion_tokens_per_s'], '.0f')} "
-                    f"| {_fmt(gen)} | {'—' if speed is None else f'{speed:.2f}x'} "
-                    f"| {_fmt(r['reward_mean_second_half'])} |"
-                )
-            for name, r in fws.items():
-                curve = ", ".join(f"{x:.2f}" for x in r["reward_curve"])
-                lines.append(f"\nreward curve ({name}): [{curve}]")
-            for name, r in fws.items():
+            rows = [[n, _fmt(r["tokens_per_s"], ".0f"), _fmt(r["median_call_s"])] for n, r in fws.items()]
+            lines += _table(["engine", "tokens/s", "median s / call"], rows)
+        elif mode == "step":
+            header = ["framework", "median step (s)", "completion tok/s", "generate (s)",
+                      "posttrain speed-up", "mean reward, 2nd half"]  # fmt: skip
+            rows = [
+                [n, _fmt(r["median_step_s"]), _fmt(r["completion_tokens_per_s"], ".0f"),
+                 _fmt(r["phase_median_s"].get("generate_s")), x(n), _fmt(r["reward_mean_second_half"])]
+                for n, r in fws.items()
+            ]  # fmt: skip
+            lines += _table(header, rows)
+            for n, r in fws.items():
+                lines.append(f"\nreward curve ({n}): [{', '.join(f'{v:.2f}' for v in r['reward_curve'])}]")
                 ph = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_median_s"].items() if v is not None)
-                lines.append(f"\nphase medians ({name}): {ph}")
+                lines.append(f"\nphase medians ({n}): {ph}")
         else:
             lines.append(
                 f"\nSFT start: held-out accuracy {per['sft_accuracy']:.3f}; target {per['target']:.3f}"
             )
-            lines += [
-                "",
-                "| framework | time to target (s, training only) | steps | median step (s) | final accuracy "
-                "| speed-up of posttrain |",
-                "|---|---|---|---|---|---|",
-            ]
-            for name, r in fws.items():
-                evals = r.get("evals") or []
-                evals = evals if not evals or isinstance(evals[0], dict) else evals[0]
-                last = evals[-1] if evals else {}
-                speed = per.get("speedup", {}).get(name)
-                lines.append(
-                    f"| {name} | {_fmt(r.get('time_to_target_s'), '.1f')} | {last.get('step', '—')} "
-                    f"| {_fmt(r['median_step_s'])} | {_fmt(last.get('accuracy'))} "
-                    f"| {'—' if speed is None else f'{speed:.2f}x'} |"
+            header = ["framework", "time to target (s, training only)", "GRPO steps run", "median step (s)",
+                      "final accuracy", "posttrain speed-up"]  # fmt: skip
+            rows = []
+            for n, r in fws.items():
+                last = (r.get("evals") or [{}])[-1]
+                rows.append([n, _fmt(r.get("time_to_target_s"), ".1f"), str(last.get("step", "—")),
+                             _fmt(r["median_step_s"]), _fmt(last.get("accuracy")), x(n)])  # fmt: skip
+            lines += _table(header, rows)
+            for n, r in fws.items():
+                pts = ", ".join(
+                    f"({e['step']}, {e['train_s']:.0f}s, {e['accuracy']:.2f})" for e in r.get("evals", [])
                 )
-            for name, r in fws.items():
-                evals = r.get("evals") or []
-                evals = evals if not evals or isinstance(evals[0], dict) else evals[0]
-                pts = ", ".join(f"({e['step']}, {e['train_s']:.0f}s, {e['accuracy']:.2f})" for e in evals)
-                lines.append(f"\naccuracy curve ({name}; step, train time, accuracy): {pts}")
+                lines.append(f"\naccuracy curve ({n}; step, training s, accuracy): {pts}")
     return "\n".join(lines) + "\n"
 
 
