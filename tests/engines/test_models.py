@@ -37,6 +37,8 @@ def test_missing_model_path_is_one_line_error(tmp_path):
     with pytest.raises(ModelError, match="does not exist") as exc:
         M.load_model(str(tmp_path / "nope"))
     assert "\n" not in str(exc.value)
+    with pytest.raises(ModelError, match="did you mean 'small'"):
+        M.load_model("smal")
     with pytest.raises(ModelError, match="does not exist"):
         M.load_tokenizer(str(tmp_path / "nope"))
 

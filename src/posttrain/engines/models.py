@@ -11,6 +11,7 @@ Qwen2/Llama checkpoints.
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import tempfile
@@ -116,7 +117,29 @@ def _resolve_dtype(dtype) -> torch.dtype | str:
 
 
 def _is_local(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith(".") or os.path.exists(name) or name.count("/") != 1
+    """Whether `name` can only mean a filesystem path (hub ids look like "org/model" or "gpt2")."""
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.endswith(os.sep)
+        or name.count("/") >= 2
+        or os.path.exists(name)
+    )
+
+
+def _check_name(name: str, what: str) -> None:
+    """One-line ModelError for a missing local path or a near-miss preset name."""
+    if _is_local(name):
+        if not os.path.isdir(name):
+            raise ModelError(
+                f"{what} path {name!r} does not exist (and it is not a preset: {', '.join(PRESETS)})"
+            )
+        return
+    close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.6)
+    if close:
+        raise ModelError(
+            f"unknown model preset {name!r}; did you mean {close[0]!r}? valid presets: {', '.join(PRESETS)}"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -159,17 +182,17 @@ def load_model(
         if torch_dtype != "auto":
             model = model.to(torch_dtype)
     else:
-        if _is_local(name) and not os.path.isdir(name):
-            raise ModelError(
-                f"model path {name!r} does not exist (and it is not a preset: {', '.join(PRESETS)})"
-            )
+        _check_name(name, "model")
         kwargs = {"dtype": torch_dtype}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         try:
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"cannot load causal LM {name!r}: {_first_line(exc)}") from None
+            raise ModelError(
+                f"cannot load causal LM {name!r} (not a preset, not a local directory; hub load failed): "
+                f"{_first_line(exc)}"
+            ) from None
     _apply_tokenizer_ids(model.config, tokenizer)
     if model.generation_config is not None:
         _apply_tokenizer_ids(model.generation_config, tokenizer)
