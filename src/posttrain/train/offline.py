@@ -102,6 +102,15 @@ class OfflineTrainSection:
     max_new_tokens: int = field(
         default=48, metadata={"help": "Generation length cap for the accuracy evaluation."}
     )
+    eval_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "Also report eval/accuracy_sampled: mean accuracy of samples at this temperature (0 = off)."
+        },
+    )
+    eval_samples: int = field(
+        default=4, metadata={"help": "Samples per held-out prompt for eval/accuracy_sampled."}
+    )
 
 
 @dataclass

@@ -65,9 +65,16 @@ def task_accuracy(
     enable_thinking: bool = True,
     engine: str = "native",
     batch_size: int = 64,
+    temperature: float = 0.0,
+    samples_per_prompt: int = 1,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Greedy pass@1 of `model` on task `examples`, with the training chat template.
+    """pass@1 of `model` on task `examples`, prompts rendered with the training chat template.
 
+    temperature: 0 = greedy (one deterministic answer per prompt); > 0 samples
+        `samples_per_prompt` answers per prompt and averages their scores — the expected
+        accuracy of the policy as a distribution, which is what preference/RL training
+        moves (greedy accuracy only changes when the arg-max flips).
     Returns {"accuracy", "format_rate" (an <answer> tag was produced), "length_mean"
     (response tokens)} and the first few (prompt, completion, score) rows under "samples".
     """
@@ -78,7 +85,8 @@ def task_accuracy(
     was_training = model.training
     model.eval()
     gen = make_engine(engine, model, tokenizer)
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+    n = samples_per_prompt if temperature > 0 else 1
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, n=n)
     correct = formatted = tokens = 0.0
     samples = []
     with torch.no_grad():
@@ -87,7 +95,8 @@ def task_accuracy(
             prompts = [render_prompt(tokenizer, ex.prompt, enable_thinking) for ex in chunk]
             out = gen.generate(prompts, params)
             tokens += float(out.mask.sum())
-            for ex, text in zip(chunk, out.texts):
+            for i, text in enumerate(out.texts):
+                ex = chunk[int(out.group_id[i])]
                 score = task.score(text, ex.answer)
                 correct += score
                 formatted += extract_answer(text) is not None
@@ -96,7 +105,7 @@ def task_accuracy(
                         {"prompt": ex.prompt, "completion": text, "answer": ex.answer, "score": score}
                     )
     model.train(was_training)
-    n = max(len(examples), 1)
+    n = max(len(examples) * n, 1)
     return {
         "accuracy": correct / n,
         "format_rate": formatted / n,
@@ -194,6 +203,19 @@ def _accuracy(method, cfg, think_modes=(True,)) -> dict[str, float]:
         )
         suffix = "" if think else "_no_think"
         out[f"eval/accuracy{suffix}"] = res["accuracy"]
+        if cfg.train.eval_temperature > 0:
+            sampled = task_accuracy(
+                method.model,
+                method.tokenizer,
+                method.task,
+                examples,
+                max_new_tokens=cfg.train.max_new_tokens,
+                enable_thinking=think,
+                batch_size=cfg.train.eval_batch_size * 4,
+                temperature=cfg.train.eval_temperature,
+                samples_per_prompt=cfg.train.eval_samples,
+            )
+            out[f"eval/accuracy_sampled{suffix}"] = sampled["accuracy"]
         out[f"eval/format_rate{suffix}"] = res["format_rate"]
         out[f"eval/length_mean{suffix}"] = res["length_mean"]
         method.samples = res["samples"]
