@@ -410,16 +410,23 @@ class RLTrainer:
         """Held-out accuracy / format rate / length via train.evaluate.evaluate_policy."""
         from posttrain.train.evaluate import evaluate_policy
 
-        ev = self.cfg.eval
+        ev, d = self.cfg.eval, self.cfg.data
+        examples = [
+            ex if hasattr(ex, "prompt") else {"prompt": ex.text, "answer": ex.answer}
+            for ex in self.eval_examples[: ev.n]
+        ]
         out = evaluate_policy(
             self.policy.model,
             self.tokenizer,
-            self.eval_examples[: ev.n],
+            examples,
             self.task,
             k=1,
             temperature=ev.temperature,
             max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens,
+            engine=self.cfg.rollout.engine,
             seed=self.cfg.run.seed,
+            chat_template=d.chat_template,
+            enable_thinking=d.enable_thinking,
         )
         return {f"eval/{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
