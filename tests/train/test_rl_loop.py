@@ -247,3 +247,74 @@ def test_choice_none_overrides_the_preset(tmp_path):
     cfg = tiny_config(tmp_path, "dapo", "algo.overlong=none")
     assert validate(cfg)["overlong"] == "none"
     assert validate(tiny_config(tmp_path, "dapo"))["overlong"] == "mask"
+
+
+def test_off_policy_controls_run_and_report(tmp_path):
+    """TIS weights, DeepSeek-V3.2 sequence masking and the keep-sampling-mask path together."""
+    cfg = tiny_config(
+        tmp_path,
+        "grpo",
+        "algo.tis_cap=2.0",
+        "algo.off_policy_kl_threshold=0.0",
+        "algo.keep_sampling_mask=true",
+        "rollout.top_k=20",
+        "algo.kl_estimator=k3_is",
+        "algo.update_epochs=2",
+    )
+    trainer = RLTrainer(cfg)
+    m = trainer.step()
+    assert "offpolicy/tis_weight_mean" in m and "offpolicy/masked_seq_frac" in m
+    assert trainer._last_batch.keep_mask is not None and trainer._last_batch.old_logprobs is not None
+    assert math.isfinite(m["loss/total"])
+    # Within the sampler's support the trainer scores the truncated distribution the sampler
+    # drew from, so before any update trainer and sampler log-probs agree.
+    fresh = RLTrainer(cfg)
+    from posttrain.train.rl_setup import collect
+
+    batch, _ = collect(fresh, 0)
+    lp, _ = fresh.policy.logprobs(batch.seq, keep_mask=batch.keep_mask)
+    torch.testing.assert_close(lp * batch.mask, batch.sampling_logprobs * batch.mask, rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_from_a_dataset_file_pass_extra_columns_to_rewards(tmp_path):
+    import json
+
+    from posttrain.data.rewards import REWARDS
+
+    rows = [{"prompt": f"Say {i}", "answer": str(i), "target_char": "7"} for i in range(8)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    name = "test_target_char"
+    if name not in REWARDS:
+
+        def reward(prompts, completions, target_char, **cols):
+            return [float(c.count(t)) for c, t in zip(completions, target_char)]
+
+        REWARDS.register(name)(lambda **o: reward)
+    cfg = tiny_config(tmp_path / "run", "rloo", f"data.path={path}", f"rewards=[{{name: {name}}}]")
+    trainer = RLTrainer(cfg)
+    m = trainer.step()
+    assert f"reward/{name}" in m
+    assert {trainer.prompts.items[int(i)].text for i in trainer._last_batch.item_index} <= {
+        r["prompt"] for r in rows
+    }
+
+
+@pytest.mark.parametrize("selection", ["curriculum", "success_rate"])
+def test_prompt_selection_modes_run_and_resume_state(selection, tmp_path):
+    trainer = RLTrainer(tiny_config(tmp_path, "grpo", f"data.selection={selection}", "data.difficulty=null"))
+    trainer.step()
+    state = trainer.prompts.state_dict()
+    assert state == __import__("json").loads(__import__("json").dumps(state))  # JSON-serialisable
+    trainer.prompts.load_state_dict(state)
+
+
+def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
+    from posttrain.cli import main
+
+    register_digit_reward()
+    code = main(
+        ["rl", "--algo.method", "ppo", "--steps", "3", "--run.output_dir", str(tmp_path), "--dry-run"]
+    )
+    out = capsys.readouterr().out
+    assert code in (0, None) and "critic" in out and "gae" in out
