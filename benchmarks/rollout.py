@@ -2,11 +2,12 @@
 peak memory of the log-prob forward.
 
     python benchmarks/rollout.py --engines native,hf --presets tiny,small \
-        --batch 32,64,128 --new-tokens 32,64,256 [--threads 2] [--repeats 3] [--write-doc]
+        --batch 32,64,128 --new-tokens 32,64,256 [--modes ignore_eos,eos] [--threads 2] [--repeats 3] [--write-doc]
 
-Generation runs with ignore_eos so every row produces exactly `new-tokens` tokens (random
-init models would otherwise stop at random EOS draws and the engines would do different
-amounts of work). Each point is the median of `--repeats` timed runs after one warm-up.
+Mode ignore_eos makes every row produce exactly `new-tokens` tokens (pure per-token
+speed); mode eos lets rows stop at EOS as RL rollouts do, so lengths vary (random-init
+models draw EOS with probability ~1/V per step) and both engines get the same seeds.
+Each point is the median of `--repeats` timed runs after one warm-up.
 Memory of the log-prob forward is measured in fresh subprocesses as the growth of peak
 RSS (ru_maxrss) during one forward, for several micro-batch sizes and for the naive
 full-logits forward, on a large vocabulary so that the [B, T, V] term dominates.
@@ -68,7 +69,7 @@ def _model(preset: str, tok):
     ).eval()
 
 
-def bench_generation(engines, presets, batches, new_tokens, repeats):
+def bench_generation(engines, presets, batches, new_tokens, repeats, modes=("ignore_eos",)):
     from posttrain.engines.rollout import SamplingParams, make_engine
     from posttrain.engines.tokenizer import build_char_tokenizer
 
@@ -82,25 +83,30 @@ def bench_generation(engines, presets, batches, new_tokens, repeats):
             for B in batches:
                 prompts = prompts_pool[:B]
                 for T in new_tokens:
-                    params = SamplingParams(temperature=1.0, max_new_tokens=T, seed=0, ignore_eos=True)
-                    engine.generate(prompts, params)  # warm-up
-                    times, tokens = [], 0
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        r = engine.generate(prompts, params)
-                        times.append(time.perf_counter() - t0)
-                        tokens = int(r.mask.sum())
-                    med = statistics.median(times)
-                    row = dict(
-                        engine=engine_name,
-                        preset=preset,
-                        batch=B,
-                        new_tokens=T,
-                        seconds=med,
-                        tokens_per_s=tokens / med,
-                    )
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+                    for mode in modes:
+                        params = SamplingParams(
+                            temperature=1.0, max_new_tokens=T, seed=0, ignore_eos=mode == "ignore_eos"
+                        )
+                        engine.generate(prompts, params)  # warm-up
+                        times, tokens = [], 0
+                        for _ in range(repeats):
+                            t0 = time.perf_counter()
+                            r = engine.generate(prompts, params)
+                            times.append(time.perf_counter() - t0)
+                            tokens = int(r.mask.sum())
+                        med = statistics.median(times)
+                        row = dict(
+                            engine=engine_name,
+                            preset=preset,
+                            mode=mode,
+                            batch=B,
+                            new_tokens=T,
+                            seconds=med,
+                            tokens=tokens,
+                            tokens_per_s=tokens / med,
+                        )
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
     return rows
 
 
@@ -177,25 +183,29 @@ def render(info, command, gen, agree, mem) -> str:
         f"1-minute load average when the run started: {info['load_avg_1m_at_start']} "
         "(other jobs share this CPU; numbers taken on a busy machine understate both engines).",
         "",
-        "Generation throughput (ignore_eos, temperature 1, median of repeats; tokens/s counts generated tokens):",
+        "Generation throughput (temperature 1, median of repeats; tokens/s counts generated tokens). "
+        "Mode `ignore_eos`: every row generates exactly `new tokens` (pure per-token speed). Mode `eos`: "
+        "rows stop at EOS as in RL rollouts (random-init models draw EOS with p ~ 1/V per step), so lengths "
+        "vary and finished rows leaving the batch matters.",
         "",
-        "| preset | batch | new tokens | "
+        "| preset | mode | batch | new tokens | "
         + " | ".join(f"{e} tok/s" for e in sorted({r["engine"] for r in gen}))
         + " | native / hf |",
-        "|---|---|---|" + "---|" * (len({r["engine"] for r in gen}) + 1),
+        "|---|---|---|---|" + "---|" * (len({r["engine"] for r in gen}) + 1),
     ]
     engines = sorted({r["engine"] for r in gen})
-    keys = sorted(
-        {(r["preset"], r["batch"], r["new_tokens"]) for r in gen}, key=lambda k: (k[0] != "tiny", k)
-    )
+    field = lambda r: (r["preset"], r.get("mode", "ignore_eos"), r["batch"], r["new_tokens"])
+    keys = sorted({field(r) for r in gen}, key=lambda k: (k[0] != "tiny", k))
     for key in keys:
-        by = {r["engine"]: r for r in gen if (r["preset"], r["batch"], r["new_tokens"]) == key}
+        by = {r["engine"]: r for r in gen if field(r) == key}
         cells = [f"{by[e]['tokens_per_s']:.0f}" if e in by else "-" for e in engines]
         ratio = (
             by["native"]["tokens_per_s"] / by["hf"]["tokens_per_s"] if "native" in by and "hf" in by else None
         )
         ratio_cell = f"{ratio:.1f}x" if ratio else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {ratio_cell} |")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {ratio_cell} |"
+        )
     if agree:
         lines += [
             "",
@@ -246,6 +256,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", default="64")
     ap.add_argument("--new-tokens", default="64")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="ignore_eos", help="comma list of ignore_eos,eos")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
@@ -259,7 +270,12 @@ def main(argv=None) -> None:
     info = machine_info()
     print(json.dumps(info), flush=True)
     gen = bench_generation(
-        engines, args.presets.split(","), ints(args.batch), ints(args.new_tokens), args.repeats
+        engines,
+        args.presets.split(","),
+        ints(args.batch),
+        ints(args.new_tokens),
+        args.repeats,
+        args.modes.split(","),
     )
     agree = [] if args.skip_agreement else bench_logprob_agreement([e for e in engines if e != "vllm"])
     mem = [] if args.skip_memory else bench_memory()

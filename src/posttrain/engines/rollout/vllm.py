@@ -84,6 +84,9 @@ class VLLMEngine:
             model_path = os.path.join(self._tmp.name, "policy")
             save_model(model, tokenizer, model_path)
         self.sleep_between_calls = sleep_between_calls
+        # Keep the engine core in this process so sync_weights can reach the model directly
+        # (the documented switch; a user who set it explicitly keeps their choice).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             self.llm = vllm.LLM(
                 model=model_path,
@@ -95,6 +98,13 @@ class VLLMEngine:
                 seed=seed,
                 **llm_kwargs,
             )
+        except TypeError as exc:
+            if "logprobs_mode" in str(exc):
+                raise ModelError(
+                    "engine 'vllm' needs vllm >= 0.10.2 (LLM(logprobs_mode=...)) so sampling log-probs "
+                    "follow temperature/top-p; upgrade vllm"
+                ) from None
+            raise
         except (OSError, ValueError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"vllm could not start on {model_path!r}: {first}") from None
