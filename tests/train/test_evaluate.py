@@ -198,3 +198,29 @@ def test_saved_char_tokenizer_keeps_spaces_next_to_a_model_config(tmp_path):
     loaded = ev.load_saved_tokenizer(str(tmp_path / "m"))
     assert loaded("a b; c")["input_ids"] == tok("a b; c")["input_ids"]
     assert loaded.pad_token_id == tok.pad_token_id
+
+
+def test_dataset_rows_and_math_verify_fallback(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1+1?", "gold": "2"}\n{"question": "half of 1?", "gold": "1/2"}\n')
+    cfg = load_config(
+        ev.EvalConfig, None,
+        ["--data.path", str(data), "--data.task", "null", "--data.prompt_column", "question",
+         "--data.answer_column", "gold", "--data.n", "0"],
+    )  # fmt: skip
+    rows, task = ev._load_examples(cfg)
+    assert (
+        rows == [{"prompt": "1+1?", "answer": "2"}, {"prompt": "half of 1?", "answer": "1/2"}]
+        and task is None
+    )
+    check = ev._Verifier(None)
+    try:
+        assert check(
+            ["<answer>2</answer>", "<answer>3</answer>", "<answer>0.5</answer>"], ["2", "2", "1/2"]
+        ) == [
+            True,
+            False,
+            True,
+        ]
+    finally:
+        check.close()

@@ -10,7 +10,9 @@ against the dataclass: an unknown key is a ``ConfigError`` that names it and sug
 closest valid dotted names; a value of the wrong type is a ``ConfigError`` naming the key
 and the expected type. Supported field types: ``bool``, ``int``, ``float``, ``str``,
 ``Literal[...]`` (choice validated), ``X | None``, ``list[X]``, ``tuple[X, ...]`` /
-``tuple[X, Y]``, ``dict[str, X]``, ``Any`` and nested dataclasses.
+``tuple[X, Y]``, ``dict[str, X]``, ``Any`` and nested dataclasses. A section given in YAML
+or by overrides is merged key by key onto the command's default for that section (dict
+options too), so a recipe only lists what it changes.
 """
 
 from __future__ import annotations

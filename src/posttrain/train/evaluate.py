@@ -48,7 +48,10 @@ class EvalDataSection:
     )
     path: str | None = field(
         default=None,
-        metadata=_h("Dataset file/dir with prompt and answer columns; overrides the task's examples."),
+        metadata=_h(
+            "Dataset file/dir with prompt and answer columns, used instead of the task's examples; "
+            "answers are checked by `task`'s verifier, or by math-verify when task is null."
+        ),
     )
     split: Literal["train", "test"] = field(default="test", metadata=_h("Task split to evaluate."))
     n: int = field(default=100, metadata=_h("Number of prompts (0 = every row of `path`)."))
@@ -450,6 +453,7 @@ _THINK_BODY = re.compile(r"<think>(.*?)</think>", re.S)
 
 
 def _load_examples(cfg: EvalConfig) -> tuple[list[dict], Any]:
+    """[{"prompt", "answer"}] rows and the Task (None for a dataset without a task)."""
     d = cfg.data
     task = None
     if d.task is not None:
@@ -459,32 +463,45 @@ def _load_examples(cfg: EvalConfig) -> tuple[list[dict], Any]:
     if d.path is not None:
         from posttrain.data.datasets import load_rows
 
-        rows = load_rows(d.path, "prompt", prompt_column=d.prompt_column)
-        for i, r in enumerate(rows):
-            if d.answer_column not in r:
-                raise DataError(f"{d.path} row {i}: no answer column {d.answer_column!r}")
-        rows = [{"prompt": r[d.prompt_column], "answer": str(r[d.answer_column])} for r in rows]
-        rows = rows[: d.n] if d.n > 0 else rows
+        rows = load_rows(
+            d.path,
+            "prompt",
+            prompt_column=d.prompt_column,
+            require=(d.answer_column,),
+            limit=d.n if d.n > 0 else None,
+        )
+        # load_rows returns the prompt under the standard name "prompt"; other columns as-is.
+        rows = [{"prompt": r["prompt"], "answer": str(r[d.answer_column])} for r in rows]
     else:
         rows = [{"prompt": e.prompt, "answer": e.answer}
                 for e in task.examples(d.split, d.n, seed=cfg.seed, difficulty=d.difficulty)]  # fmt: skip
     if not rows:
-        raise DataError("evaluation set is empty")
+        raise DataError("evaluation set is empty (data.n = 0?)")
     return rows, task
 
 
-def _verifier(task: Any):
-    """Task.score, or the math-verify accuracy reward for a dataset without a task."""
-    if task is not None:
-        return lambda texts, answers: [task.score(t, a) >= 1.0 for t, a in zip(texts, answers)]
-    from posttrain.data.rewards import build_reward
+class _Verifier:
+    """Correctness of completions: Task.score, or the math-verify "accuracy" reward (run in
+    killable worker processes) for a dataset without a task. Close it to stop the workers."""
 
-    reward = build_reward("accuracy")
+    def __init__(self, task: Any):
+        self.task = task
+        self.reward = None
+        if task is None:
+            from posttrain.data.rewards import build_reward
 
-    def check(texts, answers):
-        return [(s or 0.0) >= 1.0 for s in reward([""] * len(texts), list(texts), answer=list(answers))]
+            self.reward = build_reward("accuracy")
 
-    return check
+    def __call__(self, texts: Sequence[str], answers: Sequence[str]) -> list[bool]:
+        if self.task is not None:
+            return [self.task.score(t, a) >= 1.0 for t, a in zip(texts, answers)]
+        scores = self.reward([""] * len(texts), list(texts), answer=list(answers))
+        return [s is not None and s >= 1.0 for s in scores]  # None = verifier error/timeout
+
+    def close(self) -> None:
+        close = getattr(self.reward, "close", None)
+        if close is not None:
+            close()
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -518,8 +535,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         chat_template=d.chat_template, enable_thinking=d.enable_thinking,
     )  # fmt: skip
     gen_s = time.perf_counter() - t0
-    check = _verifier(task)
-    correct = [check(ts, [a] * len(ts)) for ts, a in zip(texts, answers)]
+    check = _Verifier(task)
+    try:
+        correct = [check(ts, [a] * len(ts)) for ts, a in zip(texts, answers)]
+    finally:
+        check.close()
     scores = {}
     if cfg.scorer.orm:
         scores["orm"] = orm_scores(cfg.scorer.orm, prompts, texts, device=cfg.model.device,
