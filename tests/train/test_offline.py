@@ -25,11 +25,19 @@ from posttrain.train.offline import (
     build_sft,
     plan,
     run_dpo,
-    run_rm,
     run_sft,
 )
 
-SMALL = ["--data.n_train", "64", "--data.n_eval", "16", "--train.eval_generations", "0", "--train.eval_every", "0"]
+SMALL = [
+    "--data.n_train",
+    "64",
+    "--data.n_eval",
+    "16",
+    "--train.eval_generations",
+    "0",
+    "--train.eval_every",
+    "0",
+]
 
 
 def _cfg(cls, tmp_path: Path, *overrides: str, name: str = "run"):
@@ -50,7 +58,7 @@ def test_sft_lowers_heldout_loss_and_raises_task_accuracy(tmp_path):
     cfg = _cfg(
         SFTConfig, tmp_path,
         "--data.n_train", "600", "--data.n_eval", "48", "--train.steps", "120", "--train.batch_size", "16",
-        "--train.micro_batch_size", "16", "--train.eval_generations", "48", "--train.eval_every", "120",
+        "--train.micro_batch_size", "16", "--train.eval_generations", "32", "--train.eval_every", "120", "--train.max_new_tokens", "20",
     )  # fmt: skip
     summary = run_sft(cfg)
     before, after = summary["initial_eval"], summary["final"]
@@ -63,6 +71,9 @@ def test_sft_lowers_heldout_loss_and_raises_task_accuracy(tmp_path):
     assert steps[0] == 0 and steps[-1] == 120
     assert (out / "final" / "config.json").is_file() and (out / "checkpoints" / "latest").is_file()
     assert _rows(out / "samples.jsonl")  # held-out generations were logged
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.model_type == "qwen2"
 
 
 # ----------------------------------------------------------------------------- invariance
@@ -106,7 +117,16 @@ class _Crash(RuntimeError):
 
 
 def test_resume_is_exact(tmp_path, monkeypatch):
-    common = ("--train.steps", "4", "--train.batch_size", "4", "--train.micro_batch_size", "2", "--run.save_every", "2")
+    common = (
+        "--train.steps",
+        "4",
+        "--train.batch_size",
+        "4",
+        "--train.micro_batch_size",
+        "2",
+        "--run.save_every",
+        "2",
+    )
     full = _cfg(SFTConfig, tmp_path, *common, name="full")
     run_sft(full)
 
@@ -134,8 +154,14 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     drop = ("time/step_s",)
-    rows_a = [{k: v for k, v in r.items() if k not in drop} for r in _rows(Path(full.run.output_dir) / "metrics.jsonl")]
-    rows_b = [{k: v for k, v in r.items() if k not in drop} for r in _rows(Path(crashed.run.output_dir) / "metrics.jsonl")]
+    rows_a = [
+        {k: v for k, v in r.items() if k not in drop}
+        for r in _rows(Path(full.run.output_dir) / "metrics.jsonl")
+    ]
+    rows_b = [
+        {k: v for k, v in r.items() if k not in drop}
+        for r in _rows(Path(crashed.run.output_dir) / "metrics.jsonl")
+    ]
     assert rows_a == rows_b
 
 
