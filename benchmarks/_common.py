@@ -154,3 +154,91 @@ def probe_attention_mask(model, B: int, L: int, repeats: int = 5) -> dict:
         masked = median_time(lambda: model(input_ids=ids, attention_mask=ones), repeats)
         unmasked = median_time(lambda: model(input_ids=ids), repeats)
     return {"with_mask_s": masked, "without_mask_s": unmasked, "overhead": masked / unmasked - 1.0}
+
+
+def grouped_sequence_logprobs(
+    model,
+    batch: SequenceBatch,
+    *,
+    temperature: float = 1.0,
+    micro_batch_size: int | None = None,
+    return_entropy: bool = False,
+    with_grad: bool = False,
+    **_: object,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop-in for engines.logprobs.sequence_logprobs that runs each distinct prompt once.
+
+    Rows whose prompt columns [0, response_start) are identical (a GRPO group) share one
+    prompt forward; its KV cache is gathered back to the B rows with index_select (which
+    is differentiable: every sample's gradient reaches the shared prompt pass) and the
+    response columns run on top. Hidden state at column response_start - 1 + t predicts
+    response token t, as in engines.logprobs.response_logits. micro_batch_size is ignored
+    (one pass; fine at benchmark sizes). Returns logprobs [B, T] (and entropy [B, T]).
+    """
+    from posttrain.core.logprobs import entropy_from_logits
+
+    P, T = batch.response_start, batch.response_mask.shape[1]
+    ctx = torch.enable_grad() if with_grad else torch.no_grad()
+    with ctx:
+        prompt_cols = batch.input_ids[:, :P]  # [B, P]
+        uniq, row_to_uniq = torch.unique(prompt_cols, dim=0, return_inverse=True)  # [U, P], [B]
+        # Any member row represents its prompt (its prompt columns, mask and positions are identical).
+        first = torch.empty(len(uniq), dtype=torch.long).scatter_(
+            0, row_to_uniq, torch.arange(len(prompt_cols))
+        )
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        cache = DynamicCache()
+        out = decoder(
+            input_ids=batch.input_ids[first, :P],
+            attention_mask=batch.attention_mask[first, :P],
+            position_ids=batch.position_ids[first, :P],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        last = out.last_hidden_state[:, -1:].index_select(0, row_to_uniq)  # [B, 1, H]
+        cache.reorder_cache(row_to_uniq)
+        out = decoder(
+            input_ids=batch.input_ids[:, P:],
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids[:, P:],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = torch.cat([last, out.last_hidden_state[:, : T - 1]], 1)  # [B, T, H]
+        logits = head(hidden)  # [B, T, V]
+        logprobs = logprobs_from_logits(logits, batch.response_ids, temperature).float()
+        entropy = entropy_from_logits(logits, temperature).float() if return_entropy else None
+    return logprobs, entropy
+
+
+def probe_step_shared_prefix(rl_cfg_factory: Callable[[str], object], steps: int) -> dict:
+    """The whole posttrain GRPO step, today vs with `grouped_sequence_logprobs` patched into
+    the loop's policy/reference scoring (train/rl_roles.py): median step seconds and the
+    per-step loss/reward of both runs (equal up to float noise: same seeds, same samples)."""
+    import posttrain.train.rl_roles as roles
+    from posttrain.train.rl import RLTrainer
+
+    results = {}
+    original = roles.sequence_logprobs
+    for name, fn in (("today", original), ("shared_prefix", grouped_sequence_logprobs)):
+        roles.sequence_logprobs = fn
+        try:
+            trainer = RLTrainer(rl_cfg_factory(name))
+            rows = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                m = trainer.step()
+                rows.append({"step_s": time.perf_counter() - t0, "loss": m.get("loss/total"),
+                             "reward": m.get("reward/mean"), "score_s": m.get("time/score_s"),
+                             "update_s": m.get("time/update_s"), "generate_s": m.get("time/generate_s")})  # fmt: skip
+        finally:
+            roles.sequence_logprobs = original
+        timed = rows[1:] if len(rows) > 1 else rows
+        results[name] = {
+            "median_step_s": sorted(r["step_s"] for r in timed)[len(timed) // 2],
+            "median_score_s": sorted(r["score_s"] for r in timed)[len(timed) // 2],
+            "median_update_s": sorted(r["update_s"] for r in timed)[len(timed) // 2],
+            "median_generate_s": sorted(r["generate_s"] for r in timed)[len(timed) // 2],
+            "rows": rows,
+        }
+    return results

@@ -471,7 +471,9 @@ def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int)
         "data": data,
         "rollout": {"engine": "native", "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size,
                     "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
+        # TRL's GRPO advantage: (r - mean_g) / (unbiased std_g + 1e-4).
         "algo": {"method": "grpo", "advantage": "grpo", "policy_loss": "ppo", "clip_eps_low": cfg.clip_eps,
+                 "advantage_options": {"scale": "group", "std_eps": 1e-4, "unbiased_std": True},
                  "clip_eps_high": cfg.clip_eps, "aggregation": "token-mean",
                  "kl_placement": "loss" if cfg.beta > 0 else "none", "kl_estimator": "k3", "kl_coef": cfg.beta,
                  "update_epochs": 1, "num_minibatches": 1},
