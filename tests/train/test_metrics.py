@@ -89,6 +89,8 @@ def test_format_postfix_and_progress():
     )
     assert text == "reward=0.5 kl=0.00312 len=41.5 loss=0.1234"
     assert format_postfix({}) == ""
+    # bookkeeping kl keys are skipped in favour of the estimator value
+    assert format_postfix({"kl/coef": 0.05, "kl/ref_logratio_sum": 9.0, "kl/k3": 0.002}) == "kl=0.002"
     out = io.StringIO()
     bar = progress(10, "rl", initial=3, disable=False, file=out)
     bar.update(2)

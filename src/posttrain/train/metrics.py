@@ -196,7 +196,8 @@ class MetricsLogger:
 _POSTFIX = (
     ("reward", lambda k: k == "reward/mean"),
     ("acc", lambda k: k in ("eval/accuracy", "reward/accuracy", "train/accuracy")),
-    ("kl", lambda k: k.startswith("kl/")),
+    # kl/coef and kl/tokens are bookkeeping, *_sum are un-normalised accumulators.
+    ("kl", lambda k: k.startswith("kl/") and k not in ("kl/coef", "kl/tokens") and not k.endswith("_sum")),
     ("len", lambda k: k.endswith("length_mean") or k.endswith("/length")),
     ("loss", lambda k: k in ("loss", "loss/total", "train/loss") or k.endswith("/loss")),
 )

@@ -36,7 +36,12 @@ PANELS: tuple[Panel, ...] = (
         ),
         True,
     ),
-    Panel("kl", "KL", lambda k: k.startswith("kl/") and k not in ("kl/coef", "kl/tokens"), False),
+    Panel(
+        "kl",
+        "KL",
+        lambda k: k.startswith("kl/") and k not in ("kl/coef", "kl/tokens") and not k.endswith("_sum"),
+        False,
+    ),
     Panel("length", "Response length (tokens)", lambda k: "length" in k and "/" in k, None),
     Panel(
         "loss",
