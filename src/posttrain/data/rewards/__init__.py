@@ -78,7 +78,11 @@ def build_reward(name: str, **options) -> Callable:
     """Build the reward registered as `name` with its keyword options.
 
     An unknown name lists the valid ones; an unknown option names the reward and option.
+    A name of the form ``"package.module:function"`` imports a user's reward (see
+    `_import_reward`), so custom rewards work from YAML without touching the registry.
     """
+    if ":" in name and name not in REWARDS:
+        return _import_reward(name, options)
     factory = REWARDS[name]
     try:
         return factory(**options)
@@ -86,6 +90,25 @@ def build_reward(name: str, **options) -> Callable:
         if "unexpected keyword argument" in str(e) or "missing" in str(e):
             raise ConfigError(f"reward {name!r}: {str(e).split(') ', 1)[-1]}") from None
         raise
+
+
+def _import_reward(spec: str, options: dict) -> Callable:
+    """A user's reward given as ``"package.module:name"`` (no registration needed).
+
+    With no options, ``name`` is the reward itself, ``f(prompts, completions, **columns)``;
+    with options, ``name`` is a factory called as ``name(**options)`` that returns one.
+    """
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"reward {spec!r}: cannot import module {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"reward {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn(**options) if options else fn
 
 
 __all__ = ["REWARDS", "RewardResult", "RewardRunner", "build_reward"]
