@@ -189,7 +189,8 @@ class RLTrainer:
         p = self.p
         beta = self.kl_ctl.value
         kl_loss_on = p["kl_placement"] == "loss" and beta > 0
-        want_entropy = True  # logged every step; its graph is only kept when the bonus is on
+        # The entropy is needed for the bonus; otherwise it is a (configurable) diagnostic.
+        want_entropy = p["entropy_coef"] > 0 or self.cfg.log_entropy
         logprobs, entropy = self.policy.logprobs(
             mi.seq, with_grad=True, return_entropy=want_entropy, keep_mask=mi.keep_mask
         )

@@ -296,6 +296,12 @@ class RLConfig:
         default_factory=AuxModelSection, metadata=_h("Teacher model (on-policy distillation, KDRL).")
     )
     eval: RLEvalSection = field(default_factory=RLEvalSection, metadata=_h("Held-out evaluation."))
+    log_entropy: bool = field(
+        default=True,
+        metadata=_h(
+            "Compute the policy entropy metric every update even without an entropy bonus (costs one more pass over the logits)."
+        ),
+    )
     sample_log_every: int = field(
         default=1, metadata=_h("Write rollouts with rewards to samples.jsonl every N steps; 0 disables.")
     )
