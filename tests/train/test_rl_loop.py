@@ -318,3 +318,14 @@ def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code in (0, None) and "critic" in out and "gae" in out
+
+
+def test_kimi_length_reward_switches_on_at_its_start_step(tmp_path):
+    rewards = (
+        f"rewards=[{{name: {DIGIT_REWARD}}}, "
+        f"{{name: kimi_length, weight: 0.5, start_step: 1, options: {{correctness: {DIGIT_REWARD}, correct_threshold: 0.1}}}}]"
+    )
+    trainer = RLTrainer(tiny_config(tmp_path, "kimi", rewards, steps=2))
+    first, second = trainer.step(), trainer.step()
+    assert "reward/kimi_length" not in first
+    assert "reward/kimi_length" in second and math.isfinite(second["reward/kimi_length"])

@@ -300,6 +300,9 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         columns: dict[str, list] = {}
         for key in sorted({k for it in items for k in it.columns}):
             columns[key] = [it.columns.get(key) for it in sample_items]
+        # What length / group-aware rewards read (kimi_length, length_linear, dapo_overlong).
+        columns["response_length"] = ro.mask.sum(-1).long().tolist()
+        columns["group_id"] = (ro.group_id + seen_groups).tolist()
         if trainer.rewards.specs:
             res = trainer.rewards.score([it.text for it in sample_items], ro.texts, columns, step)
             scores = res.scores.float()
