@@ -244,6 +244,7 @@ class NativeEngine:
                 b = torch.cat([m.bias for m in projs]) if all(m.bias is not None for m in projs) else None
                 sizes = [m.out_features for m in projs]
                 plan["qkv"] = lambda h, w=w, b=b, sizes=sizes: F.linear(h, w, b).split(sizes, dim=-1)
+                plan["fused_qkv"] = (w, b, sizes[0] // attn.head_dim, sizes[1] // attn.head_dim)
             else:
                 plan["qkv"] = lambda h, ps=projs: (ps[0](h), ps[1](h), ps[2](h))
             gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
@@ -272,13 +273,23 @@ class NativeEngine:
         for i, plan in enumerate(plans):
             attn = plan["attn"]
             hd = attn.head_dim
-            qs, ks, vs = plan["qkv"](plan["ln1"](x))
-            qs, ks = qs.view(b, q, -1, hd), ks.view(b, q, -1, hd)
-            vs = vs.view(b, q, -1, hd).transpose(1, 2)
-            if hasattr(attn, "q_norm"):  # Qwen3 normalises q/k per head before rotary
-                qs, ks = attn.q_norm(qs), attn.k_norm(ks)
-            qs = _rope(qs.transpose(1, 2), cos, sin)  # [b, H, q, D]
-            ks = _rope(ks.transpose(1, 2), cos, sin)  # [b, Hkv, q, D]
+            fused = plan.get("fused_qkv")
+            if fused is not None and not hasattr(attn, "q_norm"):
+                # One matmul, one rotary pass over the q and k heads together, views for the rest.
+                w, bias, n_q, n_k = fused
+                heads = (
+                    F.linear(plan["ln1"](x), w, bias).view(b, q, -1, hd).transpose(1, 2)
+                )  # [b, Hq+2Hkv, q, D]
+                qk = _rope(heads[:, : n_q + n_k], cos, sin)
+                qs, ks, vs = qk[:, :n_q], qk[:, n_q:], heads[:, n_q + n_k :]
+            else:
+                qs, ks, vs = plan["qkv"](plan["ln1"](x))
+                qs, ks = qs.view(b, q, -1, hd), ks.view(b, q, -1, hd)
+                vs = vs.view(b, q, -1, hd).transpose(1, 2)
+                if hasattr(attn, "q_norm"):  # Qwen3 normalises q/k per head before rotary
+                    qs, ks = attn.q_norm(qs), attn.k_norm(ks)
+                qs = _rope(qs.transpose(1, 2), cos, sin)  # [b, H, q, D]
+                ks = _rope(ks.transpose(1, 2), cos, sin)  # [b, Hkv, q, D]
             k_cache[i][:, :, start:end] = ks
             v_cache[i][:, :, start:end] = vs
             keys, values = k_cache[i][:, :, :end], v_cache[i][:, :, :end]
