@@ -267,6 +267,23 @@ def test_no_think_rows_strip_reasoning(tmp_path):
     assert all(tok.decode(it["completion"]).startswith("<think>") for it in think)
 
 
+def test_conversational_sft_rows_train_on_the_last_assistant_turn(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "Sort: 3 1"}, {"role": "assistant", "content": "1 3"}]},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}]},
+    ] * 3  # fmt: skip
+    data = _write(tmp_path / "chat.jsonl", rows)
+    cfg = _cfg(SFTConfig, tmp_path, "--data.path", data, "--data.messages", "true", "--data.task", "null",
+               "--data.eval_fraction", "0")  # fmt: skip
+    method, tok = build_sft(cfg)
+    first = method.train_items[0]
+    assert tok.decode(first["completion"]) == "1 3" + tok.eos_token
+    prompt = tok.decode(first["prompt"])
+    assert "Sort: 3 1" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert "be brief" in tok.decode(method.train_items[1]["prompt"])
+
+
 # ----------------------------------------------------------------------------- reference cache
 
 

@@ -15,7 +15,7 @@ import torch
 from posttrain.algos.preference import preference_loss, sequence_logps
 from posttrain.algos.prm import build_step_batch, first_wrong_step, prm_loss, step_logits
 from posttrain.algos.reward_model import reward_model_loss
-from posttrain.algos.sft import pack_examples, packed_logprobs, render_prompt, sft_loss
+from posttrain.algos.sft import pack_examples, packed_logprobs, sft_loss
 from posttrain.engines.batching import SequenceBatch, build_sequences
 from posttrain.engines.logprobs import sequence_logprobs
 from posttrain.errors import ConfigError
@@ -53,65 +53,6 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den else float("nan")
-
-
-def task_accuracy(
-    model,
-    tokenizer,
-    task,
-    examples,
-    *,
-    max_new_tokens: int,
-    enable_thinking: bool = True,
-    engine: str = "native",
-    batch_size: int = 64,
-    temperature: float = 0.0,
-    samples_per_prompt: int = 1,
-    seed: int = 0,
-) -> dict[str, float]:
-    """pass@1 of `model` on task `examples`, prompts rendered with the training chat template.
-
-    temperature: 0 = greedy (one deterministic answer per prompt); > 0 samples
-        `samples_per_prompt` answers per prompt and averages their scores — the expected
-        accuracy of the policy as a distribution, which is what preference/RL training
-        moves (greedy accuracy only changes when the arg-max flips).
-    Returns {"accuracy", "format_rate" (an <answer> tag was produced), "length_mean"
-    (response tokens)} and the first few (prompt, completion, score) rows under "samples".
-    """
-    from posttrain.data.tasks.base import extract_answer
-    from posttrain.engines.rollout import make_engine
-    from posttrain.engines.rollout.base import SamplingParams
-
-    was_training = model.training
-    model.eval()
-    gen = make_engine(engine, model, tokenizer)
-    n = samples_per_prompt if temperature > 0 else 1
-    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, n=n)
-    correct = formatted = tokens = 0.0
-    samples = []
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            prompts = [render_prompt(tokenizer, ex.prompt, enable_thinking) for ex in chunk]
-            out = gen.generate(prompts, params)
-            tokens += float(out.mask.sum())
-            for i, text in enumerate(out.texts):
-                ex = chunk[int(out.group_id[i])]
-                score = task.score(text, ex.answer)
-                correct += score
-                formatted += extract_answer(text) is not None
-                if len(samples) < 8:
-                    samples.append(
-                        {"prompt": ex.prompt, "completion": text, "answer": ex.answer, "score": score}
-                    )
-    model.train(was_training)
-    n = max(len(examples) * n, 1)
-    return {
-        "accuracy": correct / n,
-        "format_rate": formatted / n,
-        "length_mean": tokens / n,
-        "samples": samples,
-    }
 
 
 class SFTMethod:
@@ -186,39 +127,33 @@ def _eval_sums(method, items):
 
 
 def _accuracy(method, cfg, think_modes=(True,)) -> dict[str, float]:
-    """Task accuracy of method.model on the held-out task examples (if a task is set)."""
+    """Held-out task accuracy of method.model via train/evaluate.evaluate_policy.
+
+    Greedy pass@1 ("eval/accuracy"), format rate and length; with train.eval_temperature
+    > 0 also the mean accuracy of train.eval_samples samples per prompt
+    ("eval/accuracy_sampled": the policy as a distribution, which preference training
+    moves even when the greedy arg-max does not flip). Empty without a task.
+    """
+    from posttrain.train.evaluate import evaluate_policy
+
     if method.task is None or not method.eval_examples or cfg.train.eval_generations <= 0:
         return {}
     examples = method.eval_examples[: cfg.train.eval_generations]
+    common = dict(max_new_tokens=cfg.train.max_new_tokens, batch_size=cfg.train.eval_batch_size * 4)
     out = {}
     for think in think_modes:
-        res = task_accuracy(
-            method.model,
-            method.tokenizer,
-            method.task,
-            examples,
-            max_new_tokens=cfg.train.max_new_tokens,
-            enable_thinking=think,
-            batch_size=cfg.train.eval_batch_size * 4,
-        )
         suffix = "" if think else "_no_think"
+        res = evaluate_policy(method.model, method.tokenizer, examples, method.task, k=1, temperature=0.0,
+                              enable_thinking=think, return_samples=True, **common)  # fmt: skip
         out[f"eval/accuracy{suffix}"] = res["accuracy"]
-        if cfg.train.eval_temperature > 0:
-            sampled = task_accuracy(
-                method.model,
-                method.tokenizer,
-                method.task,
-                examples,
-                max_new_tokens=cfg.train.max_new_tokens,
-                enable_thinking=think,
-                batch_size=cfg.train.eval_batch_size * 4,
-                temperature=cfg.train.eval_temperature,
-                samples_per_prompt=cfg.train.eval_samples,
-            )
-            out[f"eval/accuracy_sampled{suffix}"] = sampled["accuracy"]
         out[f"eval/format_rate{suffix}"] = res["format_rate"]
         out[f"eval/length_mean{suffix}"] = res["length_mean"]
-        method.samples = res["samples"]
+        method.samples = res["samples"][:8]
+        if cfg.train.eval_temperature > 0:
+            sampled = evaluate_policy(method.model, method.tokenizer, examples, method.task,
+                                      k=cfg.train.eval_samples, temperature=cfg.train.eval_temperature,
+                                      enable_thinking=think, **common)  # fmt: skip
+            out[f"eval/accuracy_sampled{suffix}"] = sampled["accuracy"]
     return out
 
 
