@@ -177,23 +177,21 @@ def test_readme_and_docs_name_every_recipe():
 
 # --------------------------------------------------------------------------- running them
 
-OFFLINE_TINY = [
-    "--train.steps", "2", "--train.batch_size", "4", "--train.micro_batch_size", "2",
-    "--train.eval_every", "2", "--train.eval_batch_size", "4", "--train.eval_generations", "2",
-    "--train.max_new_tokens", "8", "--data.n_train", "16", "--data.n_eval", "4",
-    "--optim.warmup_steps", "0",
-]  # fmt: skip
+OFFLINE_TINY = (
+    "--train.steps 2 --train.batch_size 4 --train.micro_batch_size 2 --train.eval_every 2 "
+    "--train.eval_batch_size 4 --train.eval_generations 2 --train.max_new_tokens 8 "
+    "--data.n_train 16 --data.n_eval 4 --optim.warmup_steps 0"
+).split()
 TINY = {
     "sft": OFFLINE_TINY,
     "rm": OFFLINE_TINY,
     "prm": OFFLINE_TINY,
     "dpo": [*OFFLINE_TINY, "--ref.cache_dir", "cache/reference_logps"],
-    "rl": [
-        "--steps", "2", "--rollout.prompts_per_step", "2", "--rollout.group_size", "2",
-        "--rollout.max_new_tokens", "8", "--data.n_train", "8", "--data.n_test", "4",
-        "--eval.n", "2", "--eval.every", "0", "--algo.micro_batch_size", "0",
-    ],  # fmt: skip
-    "eval": ["--data.n", "2", "--sampling.k", "2", "--sampling.max_new_tokens", "8"],
+    "rl": (
+        "--steps 2 --rollout.prompts_per_step 2 --rollout.group_size 2 --rollout.max_new_tokens 8 "
+        "--data.n_train 8 --data.n_test 4 --eval.n 2 --eval.every 0 --algo.micro_batch_size 0"
+    ).split(),
+    "eval": "--data.n 2 --sampling.k 2 --sampling.max_new_tokens 8".split(),
 }
 
 
