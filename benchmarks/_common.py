@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -242,3 +243,61 @@ def probe_step_shared_prefix(rl_cfg_factory: Callable[[str], object], steps: int
             "rows": rows,
         }
     return results
+
+
+def teacher_forced_warm_start(
+    init_dir: Path,
+    out_dir: Path,
+    *,
+    task_name: str,
+    difficulty: int | None,
+    steps: int,
+    lr: float,
+    batch_size: int = 32,
+    n_examples: int = 2000,
+    seed: int = 0,
+    max_grad_norm: float = 1.0,
+) -> Path:
+    """The benchmark's own SFT warm start (the issue's fallback when run_sft is unusable).
+
+    Plain teacher forcing on the task's reference solutions: prompt = chat template
+    (thinking mode), target = Example.solution + EOS, loss = mean NLL over target tokens
+    (token-mean over the batch), AdamW at a constant `lr`, gradient clipping at
+    `max_grad_norm`, `steps` batches of `batch_size` examples drawn with replacement.
+    Saved in HF format to out_dir/final (reused if present) and returned.
+    """
+    from posttrain.data.tasks import get_task
+    from posttrain.engines.models import load_model, load_tokenizer, save_model
+
+    final = Path(out_dir) / "final"
+    if (final / "config.json").is_file():
+        return final
+    torch.manual_seed(seed)
+    model, tok = load_model(str(init_dir)), load_tokenizer(str(init_dir))
+    examples = get_task(task_name).examples("train", n_examples, seed=seed, difficulty=difficulty)
+    prompts = [
+        tok(tok.apply_chat_template([{"role": "user", "content": e.prompt}], add_generation_prompt=True,
+                                    tokenize=False), add_special_tokens=False).input_ids
+        for e in examples
+    ]  # fmt: skip
+    targets = [tok(e.solution, add_special_tokens=False).input_ids + [tok.eos_token_id] for e in examples]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
+        T = max(len(targets[i]) for i in idx)
+        response = torch.full((batch_size, T), tok.pad_token_id)  # [b, T]
+        mask = torch.zeros(batch_size, T)  # [b, T]
+        for r, i in enumerate(idx):
+            response[r, : len(targets[i])] = torch.tensor(targets[i])
+            mask[r, : len(targets[i])] = 1.0
+        seq = build_sequences([prompts[i] for i in idx], response, mask, tok.pad_token_id)
+        logprobs, _ = sequence_logprobs(model, seq, with_grad=True)  # [b, T]
+        loss = -(logprobs * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+    save_model(model, tok, str(final))
+    return final

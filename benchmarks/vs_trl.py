@@ -60,7 +60,25 @@ def run_mode(args: argparse.Namespace) -> str:
         # R1-format answer, and a learning rate at which a few-M-parameter model moves.
         overrides = ["difficulty=1", "max_new_tokens=48", "lr=1e-4", "accuracy.sft_steps=200"] + overrides
     cfg = load_config(BenchConfig, None, overrides)
-    return format_markdown(run_bench(cfg))
+    if args.mode != "accuracy" or args.sft == "run_sft":
+        return format_markdown(run_bench(cfg))
+    # Our own teacher-forced warm start, then every framework starts from it (sft_steps=0).
+    import _common as probes
+
+    parts = []
+    for preset in cfg.presets:
+        base = Path(cfg.run.output_dir) / preset
+        init = prepare_model(preset, base, cfg.run.seed)
+        a = cfg.accuracy
+        start = probes.teacher_forced_warm_start(
+            init, base / "sft", task_name=cfg.task, difficulty=cfg.difficulty, steps=a.sft_steps, lr=a.sft_lr,
+            batch_size=a.sft_batch_size, n_examples=a.sft_examples, seed=cfg.run.seed,
+        )  # fmt: skip
+        sub = load_config(BenchConfig, None, overrides + [f"model_path={start}", "accuracy.sft_steps=0",
+                                                          f"run.output_dir={base}"])  # fmt: skip
+        md = format_markdown(run_bench(sub))
+        parts.append(md.replace("**model**", f"**{preset}** (teacher-forced SFT start, {a.sft_steps} steps)"))
+    return "\n".join(parts)
 
 
 def _rl_factory(cfg, model_dir: Path, out: Path):
@@ -149,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="GRPO steps per framework (step mode)")
     ap.add_argument("--repeats", type=int, default=1, help="back-to-back rounds over the frameworks")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for every framework")
+    ap.add_argument("--sft", choices=["run_sft", "teacher_forced"], default="run_sft",
+                    help="accuracy mode: warm start with posttrain's run_sft or the benchmark's teacher forcing")  # fmt: skip
     ap.add_argument("--out", default="runs/vs_trl", help="output directory")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any BenchConfig override, e.g. --set lr=1e-4 (repeatable)")  # fmt: skip

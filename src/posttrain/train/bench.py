@@ -63,7 +63,7 @@ def _opt(default: Any, text: str, factory: bool = False) -> Any:
 class AccuracySection:
     """Time-to-accuracy mode: SFT warm start, then GRPO until a held-out accuracy is reached."""
 
-    sft_steps: int = _opt(300, "SFT optimizer steps for the shared warm start.")
+    sft_steps: int = _opt(300, "SFT optimizer steps for the shared warm start; 0 = the model is the start.")
     sft_lr: float = _opt(3e-3, "SFT learning rate.")
     sft_batch_size: int = _opt(32, "SFT examples per optimizer step.")
     sft_examples: int = _opt(2000, "Task training examples for SFT.")
@@ -375,14 +375,16 @@ def run_trl(
     generate+reward+reference time by wrapping `_generate_and_score_completions`.
     """
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.data.rewards import build_reward
+    from posttrain.engines.models import load_tokenizer
 
     _, examples = _train_examples(cfg)
     rows = [{"prompt": [{"role": "user", "content": ex.prompt}], "answer": ex.answer} for ex in examples]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # posttrain's loader, so TRL tokenizes exactly as our loop does.
+    tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
     # The very reward function posttrain's loop builds for `rewards: [{name: task}]`; it
@@ -535,10 +537,10 @@ def _worker(cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, ta
     torch.manual_seed(cfg.run.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "accuracy":
-        from transformers import AutoTokenizer
+        from posttrain.engines.models import load_tokenizer
 
         a = cfg.accuracy
-        evaluator = HeldOutEval(cfg, AutoTokenizer.from_pretrained(model_dir))
+        evaluator = HeldOutEval(cfg, load_tokenizer(str(model_dir)))
         trace = _Trace(framework, evaluator, target, a.eval_every, a.max_steps, a.max_seconds)
         steps = a.max_steps
     else:
@@ -765,7 +767,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         mdir = out / name
         mdir.mkdir(parents=True, exist_ok=True)
         start = path or prepare_model(name, mdir, cfg.run.seed)
-        if cfg.mode == "accuracy" or (cfg.mode == "step" and cfg.sft_init):
+        if (cfg.mode == "accuracy" or (cfg.mode == "step" and cfg.sft_init)) and cfg.accuracy.sft_steps > 0:
             start = prepare_sft(cfg, start, mdir)
         if cfg.mode == "rollout":
             results["models"][name] = _bench_rollout(cfg, start)
