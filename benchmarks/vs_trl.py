@@ -85,7 +85,6 @@ def _rl_factory(cfg, model_dir: Path, out: Path):
     """RLConfig builder for the step probe: the benchmark's GRPO, one run dir per variant."""
     import yaml
 
-    from posttrain.data.tasks import get_task
     from posttrain.train.bench import rl_config_dict
     from posttrain.train.rl import RLConfig
 
@@ -93,9 +92,7 @@ def _rl_factory(cfg, model_dir: Path, out: Path):
         run_dir = out / f"probe-{name}"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "rl.yaml").write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, run_dir, cfg.steps)))
-        rl_cfg = load_config(RLConfig, run_dir / "rl.yaml", [])
-        rl_cfg.rewards[0].options = {"task": get_task(cfg.task)}  # see bench.run_posttrain
-        return rl_cfg
+        return load_config(RLConfig, run_dir / "rl.yaml", [])
 
     return build
 

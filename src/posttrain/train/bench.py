@@ -390,7 +390,7 @@ def run_trl(
     # The very reward function posttrain's loop builds for `rewards: [{name: task}]`; it
     # sees the chat-templated prompt text, as in our loop. TRL hands conversational
     # completions as [{"role": "assistant", "content": text}].
-    ours = build_reward("task", task_name=cfg.task)
+    ours = build_reward("task", task=cfg.task)
 
     def task_reward(prompts, completions, answer, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -479,7 +479,7 @@ def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int)
                  "clip_eps_high": cfg.clip_eps, "aggregation": "token-mean",
                  "kl_placement": "loss" if cfg.beta > 0 else "none", "kl_estimator": "k3", "kl_coef": cfg.beta,
                  "update_epochs": 1, "num_minibatches": 1},
-        "rewards": [{"name": "task", "weight": 1.0, "options": {"task_name": cfg.task}}],
+        "rewards": [{"name": "task", "weight": 1.0, "options": {"task": cfg.task}}],
         "sample_log_every": 0,
     }
     # fmt: on
@@ -502,11 +502,6 @@ def run_posttrain(cfg: BenchConfig, model_dir: Path, out_dir: Path, *, trace: _T
     path = out_dir / "rl.yaml"
     path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, out_dir, steps), sort_keys=False))
     rl_cfg = load_config(RLConfig, path, [])
-    # Hand the reward a built Task: build_rewards() fills a missing `task` option with the
-    # task *name*, which task_reward() does not accept (reported to the owners).
-    from posttrain.data.tasks import get_task
-
-    rl_cfg.rewards[0].options = {"task": get_task(cfg.task)}
     trainer = RLTrainer(rl_cfg)
     try:
         for _ in range(steps):
