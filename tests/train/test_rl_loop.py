@@ -34,7 +34,9 @@ TEACHER_METHODS = {"on_policy_distill", "kdrl"}
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    return train_digit_teacher(tmp_path_factory.mktemp("teacher") / "model", steps=30)
+    return train_digit_teacher(
+        tmp_path_factory.mktemp("teacher") / "model", steps=5
+    )  # any teacher will do for a smoke run
 
 
 def _params(model):

@@ -63,7 +63,7 @@ def _finish(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo"])
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_kill_and_resume_is_bit_exact(method, tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     _finish(_launch(ref_dir, method))
