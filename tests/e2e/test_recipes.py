@@ -132,6 +132,23 @@ def test_a_bad_key_in_a_recipe_is_caught(tmp_path, capsys):
     assert "algo.clip_eps_hihg" in err and "algo.clip_eps_high" in err
 
 
+def test_reward_names_and_options_exist():
+    """A dry run does not build rewards, so check their names and options here."""
+    import inspect
+
+    from posttrain.data.rewards import REWARDS
+
+    for path in ALL:
+        for spec in (yaml.safe_load(path.read_text()) or {}).get("rewards") or []:
+            assert spec["name"] in REWARDS, f"{rel(path)}: unknown reward {spec['name']!r}"
+            options = spec.get("options") or {}
+            params = inspect.signature(REWARDS[spec["name"]]).parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                assert set(options) <= set(params), f"{rel(path)}: {spec['name']} options {sorted(options)}"
+            if "correctness" in options:
+                assert options["correctness"] in REWARDS
+
+
 @pytest.mark.parametrize("folder", PIPELINES, ids=[p.name for p in PIPELINES])
 def test_pipeline_stages_chain(folder):
     """Stages are numbered 1..n and every runs/ path a stage reads is an earlier stage's output."""
