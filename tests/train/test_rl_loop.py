@@ -331,3 +331,13 @@ def test_kimi_length_reward_switches_on_at_its_start_step(tmp_path):
     first, second = trainer.step(), trainer.step()
     assert "reward/kimi_length" not in first
     assert "reward/kimi_length" in second and math.isfinite(second["reward/kimi_length"])
+
+
+def test_adaptive_kl_coefficient_moves_with_a_kl_loss(tmp_path):
+    trainer = RLTrainer(
+        tiny_config(tmp_path, "grpo", "algo.kl_coef=0.1", "algo.kl_target=1e-6", "algo.kl_horizon=10")
+    )
+    trainer.step()
+    beta1 = trainer.kl_ctl.value
+    trainer.step()  # the policy moved, KL > target: β grows
+    assert beta1 < 0.1 and trainer.kl_ctl.value > beta1

@@ -345,6 +345,10 @@ class RLTrainer:
         metrics.update(self._advantages(batch, step))
         t3 = time.perf_counter()
         metrics.update(self._update(batch, step))
+        if self.p["kl_placement"] == "loss" and "kl/loss" in metrics:
+            # The adaptive controller wants a per-sequence KL; the KL loss is a per-token mean
+            # estimate, so scale it by the mean response length (a no-op for a fixed β).
+            self.kl_ctl.update(metrics["kl/loss"] * metrics["rollout/length_mean"], len(batch))
         self.engine.sync_weights(self.policy.model)
         t4 = time.perf_counter()
         metrics.update(
