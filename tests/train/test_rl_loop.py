@@ -341,3 +341,15 @@ def test_adaptive_kl_coefficient_moves_with_a_kl_loss(tmp_path):
     beta1 = trainer.kl_ctl.value
     trainer.step()  # the policy moved, KL > target: β grows
     assert beta1 < 0.1 and trainer.kl_ctl.value > beta1
+
+
+def test_every_config_field_is_documented_and_round_trips(tmp_path):
+    from posttrain.train.config import config_to_dict, load_config, save_config, undocumented_fields
+    from posttrain.train.rl import RLConfig
+
+    assert undocumented_fields(RLConfig) == []
+    cfg = tiny_config(tmp_path, "dapo", "algo.kl_placement=none", "algo.clip_eps_high=0.3")
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(RLConfig, tmp_path / "c.yaml", [])
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert validate(again) == validate(cfg)
