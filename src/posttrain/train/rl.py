@@ -385,6 +385,7 @@ class RLTrainer:
         return models
 
     def save_checkpoint(self) -> Path:
+        """Write run_dir/checkpoints/step-N (models, optimizer, scheduler, RNGs, loop state)."""
         return self.ckpt.save(
             self.step_count,
             models=self._models(),

@@ -58,6 +58,7 @@ class RLBatch:
     returns: torch.Tensor | None = None
 
     def __len__(self) -> int:
+        """B, the number of sequences."""
         return self.mask.shape[0]
 
     def select(self, index: torch.Tensor) -> RLBatch:
@@ -110,6 +111,7 @@ class PolicyRole:
         self.micro_batch_size = micro_batch_size
 
     def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable tensors (LoRA: adapters only)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def logprobs(
@@ -175,6 +177,7 @@ class CriticRole:
         self.model = model
 
     def parameters(self) -> list[torch.nn.Parameter]:
+        """The critic's trainable tensors."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def values(self, seq: SequenceBatch, *, with_grad: bool = False) -> torch.Tensor:
@@ -209,6 +212,7 @@ class RewardRole:
         self._runners: dict[tuple[str, ...], Any] = {}
 
     def active(self, step: int) -> list[tuple[str, Any, float, int]]:
+        """The reward specs that count at `step` (start_step <= step)."""
         return [s for s in self.specs if step >= s[3]]
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], step: int):
@@ -220,6 +224,7 @@ class RewardRole:
         return self._runners[key].score(prompts, completions, columns)
 
     def close(self) -> None:
+        """Release the runners' reward workers."""
         for runner in self._runners.values():
             close = getattr(runner, "close", None)
             if close is not None:
@@ -308,12 +313,14 @@ class PromptSource:
             self._sampler.update([self.items[i].id for i in indices], successes)
 
     def state_dict(self) -> dict:
+        """JSON-serialisable position (epoch, position, success-rate sampler state)."""
         state: dict[str, Any] = {"epoch": self.epoch, "position": self.position}
         if self._sampler is not None:
             state["sampler"] = self._sampler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the position saved by `state_dict()`."""
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._make_order()
         if self._sampler is not None and "sampler" in state:
@@ -332,6 +339,7 @@ class RunningMean:
         self.initialised = False
 
     def update(self, mean_score: float) -> None:
+        """Fold this batch's mean score into b (a non-finite mean is ignored)."""
         if not math.isfinite(mean_score):
             return
         if not self.initialised:
@@ -340,7 +348,9 @@ class RunningMean:
             self.value = self.momentum * self.value + (1.0 - self.momentum) * mean_score
 
     def state_dict(self) -> dict:
+        """JSON-serialisable state for checkpoints."""
         return {"value": self.value, "initialised": self.initialised}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()`."""
         self.value, self.initialised = float(state["value"]), bool(state["initialised"])
