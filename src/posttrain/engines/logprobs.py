@@ -95,6 +95,8 @@ def sequence_logprobs(
         rollout engine's `sampling_logprobs` (before any top-p/top-k renormalisation).
     micro_batch_size: rows per forward; default picks the largest micro-batch whose
         logits stay under `max_logit_elements` (peak memory ∝ micro-batch, not B).
+    max_logit_elements: memory budget in logits elements (default 2^24 = 64 MiB float32)
+        for the automatic micro-batch and for the row chunks of the log-softmax.
     return_entropy: also return H(π(· | x, y_<t)) at each position (same τ).
     with_grad: keep the autograd graph (policy update); else run under no_grad
         (old / reference / teacher scoring).
@@ -116,9 +118,14 @@ def sequence_logprobs(
         for sl in _micro_batches(B, size):
             mb = batch.select(sl)
             logits = response_logits(model, mb)  # [b, T, V]
-            lp_parts.append(logprobs_from_logits(logits, mb.response_ids, temperature).float())
+            # The core walks rows in chunks with float32 temporaries of chunk x V; size them
+            # from the same budget so they never dwarf the micro-batch's logits.
+            rows = max(1, max_logit_elements // max(logits.shape[-1], 1))
+            lp_parts.append(
+                logprobs_from_logits(logits, mb.response_ids, temperature, chunk_size=rows).float()
+            )
             if return_entropy:
-                ent_parts.append(entropy_from_logits(logits, temperature).float())
+                ent_parts.append(entropy_from_logits(logits, temperature, chunk_size=rows).float())
             del logits
     logprobs = torch.cat(lp_parts, dim=0)  # [B, T]
     entropy = torch.cat(ent_parts, dim=0) if return_entropy else None
