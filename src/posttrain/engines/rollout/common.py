@@ -147,6 +147,25 @@ def repetition_hit(history: torch.Tensor, ngram: int, max_repeats: int) -> torch
     return count >= max_repeats
 
 
+_TOKEN_TEXTS: dict[tuple[int, int], tuple[object, list[str]]] = {}
+
+
+def _token_texts(tokenizer, vocab_size: int) -> list[str]:
+    """Decoded text of every token id, cached per tokenizer (a 150k vocab takes ~1 s to decode).
+
+    Byte-level tokens that hold part of a multi-byte character decode to U+FFFD, so a stop
+    string whose last character is split across tokens is only caught once that character
+    is complete (deviation, rare in practice).
+    """
+    key = (id(tokenizer), vocab_size)
+    hit = _TOKEN_TEXTS.get(key)
+    if hit is None or hit[0] is not tokenizer:
+        n = min(vocab_size, len(tokenizer))
+        texts = [tokenizer.decode([i]) for i in range(n)] + [""] * (vocab_size - n)
+        hit = _TOKEN_TEXTS[key] = (tokenizer, texts)
+    return hit[1]
+
+
 class StopStringMatcher:
     """Detect stop strings completed by the newest token without decoding every row.
 
@@ -159,8 +178,7 @@ class StopStringMatcher:
         self.stop_strings = list(stop_strings)
         self.max_len = max(len(s) for s in stop_strings)
         last_chars = {s[-1] for s in stop_strings}
-        texts = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
-        decoded = [tokenizer.decode([i]) if t is not None else "" for i, t in enumerate(texts)]
+        decoded = _token_texts(tokenizer, vocab_size)
         lookup = torch.zeros(vocab_size, dtype=torch.bool)
         for i, text in enumerate(decoded):
             if any(c in text for c in last_chars):
