@@ -353,3 +353,22 @@ def test_every_config_field_is_documented_and_round_trips(tmp_path):
     again = load_config(RLConfig, tmp_path / "c.yaml", [])
     assert config_to_dict(again) == config_to_dict(cfg)
     assert validate(again) == validate(cfg)
+
+
+def test_train_with_held_out_eval_before_and_after(tmp_path):
+    from posttrain.train.metrics import read_jsonl
+
+    cfg = tiny_config(
+        tmp_path,
+        "grpo",
+        "data.n_test=4",
+        "eval.before_after=true",
+        "eval.every=1",
+        "eval.n=4",
+        "eval.max_new_tokens=8",
+        steps=1,
+    )
+    summary = RLTrainer(cfg).train()
+    for key in ("eval_before", "eval_after"):
+        assert 0.0 <= summary[key]["eval/accuracy"] <= 1.0 and "eval/format_rate" in summary[key]
+    assert any("eval/accuracy" in r and "reward/mean" in r for r in read_jsonl(tmp_path / "metrics.jsonl"))
