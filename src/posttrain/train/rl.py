@@ -199,6 +199,12 @@ class RLTrainer:
         old = mi.old_logprobs if mi.old_logprobs is not None else logprobs.detach()
         mask = mi.mask
         metrics: dict[str, torch.Tensor] = {}
+        if mi.old_logprobs is None and mi.ref_logprobs is not None:
+            # Strictly on-policy: no scoring pass made old log-probs, so the KL diagnostics
+            # are taken here from the (identical) detached training log-probs.
+            for name in ("k1", "k2", "k3"):
+                kl = KL_ESTIMATORS[name](old, mi.ref_logprobs)  # [b, T]
+                metrics[f"kl/{name}"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         is_weights = None
         if p["tis_cap"] is not None:
             is_weights = truncated_is_weights(
