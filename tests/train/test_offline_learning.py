@@ -67,7 +67,8 @@ def test_prm_finds_the_first_wrong_step_above_chance(tmp_path):
         "--data.n_eval", "128",
     ])  # fmt: skip
     final = run_prm(cfg)["final"]
-    assert final["eval/prm_first_error_acc"] >= final["eval/prm_first_error_chance"] + 0.15, final
+    baseline = max(final["eval/prm_first_error_chance"], final["eval/prm_first_error_majority"])
+    assert final["eval/prm_first_error_acc"] >= baseline + 0.1, final
     assert os.path.isfile(os.path.join(cfg.run.output_dir, "final", "prm.json"))
 
 

@@ -245,12 +245,15 @@ class PRMMethod:
     def first_error_rate(self, items) -> dict[str, float]:
         """How often the first step scored < threshold is the first wrong step.
 
-        Over traces that contain a wrong step. "chance" is the rate of a uniform guess
-        among the trace's steps (mean of 1/S), the baseline to beat.
+        Over traces that contain a wrong step. Two baselines to beat: "chance", a uniform
+        guess among the trace's steps (mean of 1/S), and "majority", always answering the
+        most common first-wrong position of these traces (what a PRM that learned only
+        the label prior scores).
         """
         model = self.models["prm"]
         model.eval()
         hits = n = chance = 0.0
+        truths: list[int] = []
         bs = self.cfg.train.eval_batch_size
         for start in range(0, len(items), bs):
             chunk = items[start : start + bs]
@@ -259,11 +262,17 @@ class PRMMethod:
                 if all(it["labels"]):
                     continue
                 truth = it["labels"].index(False)
+                truths.append(truth)
                 pred = first_wrong_step(probs[row, : len(it["steps"])].tolist(), self.cfg.algo.threshold)
                 hits += pred == truth
                 chance += 1.0 / len(it["steps"])
                 n += 1
-        return {"eval/prm_first_error_acc": _ratio(hits, n), "eval/prm_first_error_chance": _ratio(chance, n)}
+        majority = max((truths.count(t) for t in set(truths)), default=0)
+        return {
+            "eval/prm_first_error_acc": _ratio(hits, n),
+            "eval/prm_first_error_chance": _ratio(chance, n),
+            "eval/prm_first_error_majority": _ratio(majority, n),
+        }
 
     def evaluate(self):
         self.models["prm"].eval()
