@@ -299,3 +299,115 @@ def test_any_seed_gives_verified_consistent_examples(name, seed, level, split):
         labels = ex.step_labels
         assert False in labels and labels == sorted(labels, reverse=True)
         assert len(ex.solution_steps) == len(ex.steps)
+
+
+# ----------------------------------------------------------------- arithmetic column traces
+
+
+def test_column_trace_hand_examples():
+    from posttrain.data.tasks.columns import assemble, column_results, render_columns
+
+    # 47+35: units 7+5=12 (write 2, carry 1); tens 4+3+1=8 -> 82.
+    assert column_results(47, "+", 35) == [12, 8]
+    assert render_columns(47, "+", 35, [12, 8]) == ["7+5=12", "4+3+1=8", "47+35=82"]
+    # 99+99: both columns carry; the final carry becomes the hundreds digit.
+    assert render_columns(99, "+", 99, column_results(99, "+", 99)) == ["9+9=18", "9+9+1=19", "99+99=198"]
+    # 53-27: 3<7 borrows (13-7=6); tens 5-2-1=2 -> 26.
+    assert render_columns(53, "-", 27, column_results(53, "-", 27)) == ["13-7=6", "5-2-1=2", "53-27=26"]
+    # 105-99: a borrow chain through a zero, leading zeros dropped from the result.
+    assert render_columns(105, "-", 99, column_results(105, "-", 99)) == [
+        "15-9=6",
+        "10-9-1=0",
+        "1-0-1=0",
+        "105-99=6",
+    ]
+    # A slipped units column (12 -> 11) still carries, so the result moves by exactly 1.
+    assert assemble(47, "+", 35, [11, 8]) == 81
+    assert render_columns(47, "+", 35, [11, 8]) == ["7+5=11", "4+3+1=8", "47+35=81"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 9999), st.integers(0, 9999), st.sampled_from("+-"), st.integers(0, 10**6))
+def test_column_trace_properties(a, b, op, seed):
+    import random
+
+    from posttrain.data.tasks.columns import assemble, column_results, columns_apply, slip_column
+
+    if op == "-" and b > a:
+        a, b = b, a
+    exact = a + b if op == "+" else a - b
+    results = column_results(a, op, b)
+    assert len(results) == max(len(str(a)), len(str(b)))
+    assert assemble(a, op, b, results) == exact
+    if columns_apply(a, op, b):
+        wrong, k = slip_column(random.Random(seed), a, op, b)
+        # Exactly one column differs by one, and the result moves by exactly 10^k.
+        assert [i for i in range(len(results)) if wrong[i] != results[i]] == [k]
+        assert abs(wrong[k] - results[k]) == 1
+        assert abs(assemble(a, op, b, wrong) - exact) == 10**k
+
+
+def _columns(**options):
+    return get_task("arithmetic", operators="+-", trace="columns", **options)
+
+
+def test_column_trace_examples_are_consistent_at_every_level():
+    task = _columns()
+    for level in levels("arithmetic"):
+        for split in ("train", "test"):
+            for ex in task.examples(split, 25, seed=3, difficulty=level):
+                assert "*" not in ex.prompt
+                assert task.score(ex.solution, ex.answer) == 1.0, ex
+                assert task.score(ex.wrong_solution, ex.answer) == 0.0, ex
+                think, _ = _THINK.fullmatch(ex.solution).groups()
+                assert think.split(STEP_SEPARATOR) == ex.solution_steps
+                labels = ex.step_labels
+                assert len(labels) == len(ex.steps) and False in labels
+                assert labels == sorted(labels, reverse=True)
+                first_wrong = labels.index(False)
+                assert ex.steps[:first_wrong] == ex.solution_steps[:first_wrong]
+                assert ex.steps[first_wrong] != ex.solution_steps[first_wrong]
+
+
+def test_column_trace_two_digit_level():
+    task = _columns()
+    exs = task.examples("train", 200, seed=0, difficulty=2)
+    for ex in exs:
+        m = re.fullmatch(r"What is (\d\d)([+-])(\d\d)\?", ex.prompt)
+        assert m, ex.prompt
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        assert int(ex.answer) == (a + b if op == "+" else a - b) >= 0  # never negative
+        # Two column steps, then the restated operation with its result.
+        assert len(ex.solution_steps) == 3
+        assert ex.solution_steps[-1] == f"{a}{op}{b}={ex.answer}"
+        # The wrong trace slips exactly one column, so its result is off by 1 or 10.
+        assert abs(int(extract_answer(ex.wrong_solution)) - int(ex.answer)) in (1, 10)
+    assert {e.prompt[10] for e in exs} == {"+", "-"}
+    # Held-out problems: thousands of them, disjoint from train, same structure.
+    test = task.examples("test", 2000, seed=0, difficulty=2)
+    assert len({e.prompt for e in test}) == 2000
+    assert not {e.prompt for e in test} & {
+        e.prompt for e in task.examples("train", 2000, seed=0, difficulty=2)
+    }
+
+
+def test_arithmetic_options_keep_defaults_and_reject_bad_values():
+    default = [e.to_row() for e in get_task("arithmetic").examples("train", 50, seed=1)]
+    explicit = [
+        e.to_row() for e in get_task("arithmetic", operators="", trace="ops").examples("train", 50, seed=1)
+    ]
+    assert default == explicit
+    plus = get_task("arithmetic", operators="+").examples("train", 30, seed=0, difficulty=3)
+    assert all("-" not in e.prompt and "*" not in e.prompt for e in plus)
+    with pytest.raises(ConfigError, match="operators must be a subset"):
+        get_task("arithmetic", operators="/")
+    with pytest.raises(ConfigError, match="trace must be"):
+        get_task("arithmetic", trace="digits")
+    with pytest.raises(ConfigError, match="leave none of difficulty 1"):
+        get_task("arithmetic", operators="*").examples("train", 1, difficulty=1)
+
+
+def test_column_trace_rows_for_every_kind():
+    for kind in ROW_KINDS:
+        rows = task_rows(_columns(), "train", 6, seed=0, kind=kind, difficulty=2)
+        validate_rows(rows, kind, source="task_rows")
