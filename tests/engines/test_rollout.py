@@ -273,3 +273,17 @@ def test_vllm_engine_matches_training_logprobs(char_tok, tmp_path):
     r2 = eng.generate(PROMPTS, SamplingParams(max_new_tokens=16, n=2, seed=0))
     assert not math.isclose(float(lp2.sum()), float(lp.sum()))
     assert r2.response_ids.shape[0] == 6
+
+
+@pytest.mark.parametrize("engine", ["native", "hf"])
+def test_ignore_eos_generates_exactly_max_new_tokens(tiny_model, char_tok, engine):
+    with torch.no_grad():  # make EOS the likeliest token everywhere
+        tiny_model.lm_head.weight[char_tok.eos_token_id] = tiny_model.lm_head.weight.sum(0)
+        tiny_model.lm_head.weight[char_tok.eos_token_id] *= (
+            10.0 / tiny_model.lm_head.weight[char_tok.eos_token_id].norm()
+        )
+    eng = make_engine(engine, tiny_model, char_tok)
+    stopped = eng.generate(PROMPTS, SamplingParams(max_new_tokens=12, seed=0))
+    assert "stop" in stopped.finish_reason
+    r = eng.generate(PROMPTS, SamplingParams(max_new_tokens=12, seed=0, ignore_eos=True))
+    assert r.mask.sum(-1).tolist() == [12.0] * 3 and r.finish_reason == ["length"] * 3

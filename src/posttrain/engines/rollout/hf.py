@@ -91,7 +91,9 @@ class HFEngine:
             # defaults (top_k=50), silently truncating the distribution.
             top_p=params.top_p if sample else None,
             top_k=params.top_k if sample else None,
-            eos_token_id=stop_ids or None,
+            # None would fall back to the model's own EOS (ignore_eos would not hold); an id
+            # past the vocabulary can never be sampled, so nothing but length stops a row.
+            eos_token_id=stop_ids or [self.model.get_output_embeddings().weight.shape[0]],
             pad_token_id=self.pad_id,
             output_scores=True,
             return_dict_in_generate=True,
