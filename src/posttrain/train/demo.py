@@ -16,12 +16,16 @@ the same results can be reproduced stage by stage from the saved `config.yaml` f
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from posttrain.train.config import RunSection, save_config
+
+# Test-split rows written next to the SFT training file: only the SFT eval loss reads them.
+_SFT_EVAL_ROWS = 32
 
 
 def _h(text: str) -> dict:
@@ -45,24 +49,37 @@ class DemoConfig:
         default="arithmetic",
         metadata=_h("Synthetic task (arithmetic | countdown | sorting | word_problems)."),
     )
-    difficulty: int = field(default=1, metadata=_h("Task difficulty level."))
+    task_options: dict[str, Any] = field(
+        default_factory=lambda: {"operators": "+-", "trace": "columns"},
+        metadata=_h(
+            "Options of get_task(task, ...); the default is two-digit +/- worked column by column "
+            "(set --task_options '{}' for another task)."
+        ),
+    )
+    difficulty: int = field(default=2, metadata=_h("Task difficulty level."))
     preset: str = field(
         default="tiny", metadata=_h("Model preset trained from random init (tiny | small | base).")
     )
-    sft_steps: int = field(default=150, metadata=_h("SFT warm-start optimizer steps."))
-    sft_examples: int = field(default=400, metadata=_h("Reference solutions used for the warm start."))
+    sft_steps: int = field(default=200, metadata=_h("SFT warm-start optimizer steps."))
+    sft_examples: int = field(default=2000, metadata=_h("Reference solutions used for the warm start."))
+    sft_batch_size: int = field(default=32, metadata=_h("SFT examples per optimizer step."))
     sft_lr: float = field(default=3e-3, metadata=_h("SFT learning rate."))
-    rl_steps: int = field(default=60, metadata=_h("GRPO steps."))
-    rl_lr: float = field(default=1e-3, metadata=_h("GRPO learning rate."))
-    prompts_per_step: int = field(default=16, metadata=_h("Prompts per GRPO step."))
+    rl_steps: int = field(default=40, metadata=_h("GRPO steps."))
+    rl_lr: float = field(default=5e-4, metadata=_h("GRPO learning rate (peak, after warmup)."))
+    rl_warmup: int = field(default=5, metadata=_h("GRPO learning-rate warmup steps."))
+    kl_coef: float = field(
+        default=0.0, metadata=_h("KL-to-reference loss coefficient (0 = no reference model, faster).")
+    )
+    prompts_per_step: int = field(default=12, metadata=_h("Prompts per GRPO step."))
     group_size: int = field(default=8, metadata=_h("GRPO group size G (samples per prompt)."))
+    temperature: float = field(default=1.0, metadata=_h("Rollout sampling temperature."))
     format_weight: float = field(
         default=0.2, metadata=_h("Weight of the format reward next to accuracy (1.0).")
     )
-    max_new_tokens: int = field(default=32, metadata=_h("Response length budget."))
-    eval_n: int = field(default=64, metadata=_h("Held-out prompts evaluated before and after RL."))
+    max_new_tokens: int = field(default=40, metadata=_h("Response length budget."))
+    eval_n: int = field(default=128, metadata=_h("Held-out prompts evaluated (greedy) before and after RL."))
     eval_every: int = field(
-        default=10, metadata=_h("Held-out evaluation every N GRPO steps (for the accuracy plot).")
+        default=10, metadata=_h("Held-out evaluation every N GRPO steps (for the accuracy plot); 0 = off.")
     )
     run: DemoRun = field(default_factory=DemoRun, metadata=_h("Run directory and seed."))
 
@@ -75,11 +92,15 @@ def _stage_configs(cfg: DemoConfig, root: Path):
 
     sft = load_config(SFTConfig, None, [])
     sft.model.preset = cfg.preset
-    sft.data.task = cfg.task
-    sft.data.difficulty = cfg.difficulty
-    sft.data.n_train = cfg.sft_examples
-    sft.data.n_eval = cfg.eval_n
+    # The SFT stage reads the task's reference solutions from files that run_demo writes
+    # (train split -> sft_train.jsonl, test split -> sft_eval.jsonl), so task options reach it
+    # the same way a user's own data would.
+    sft.data.path = str(root / "data" / "sft_train.jsonl")
+    sft.data.eval_path = str(root / "data" / "sft_eval.jsonl")
+    sft.data.task = None
     sft.train.steps = cfg.sft_steps
+    sft.train.batch_size = cfg.sft_batch_size
+    sft.train.micro_batch_size = min(sft.train.micro_batch_size, cfg.sft_batch_size)
     sft.train.eval_every = 0
     sft.train.eval_at_start = False
     sft.train.eval_generations = 0
@@ -92,19 +113,27 @@ def _stage_configs(cfg: DemoConfig, root: Path):
     rl.steps = cfg.rl_steps
     rl.model.path = str(root / "sft" / "final")
     rl.data.task = cfg.task
+    rl.data.task_options = dict(cfg.task_options)
     rl.data.difficulty = cfg.difficulty
     rl.data.n_test = cfg.eval_n
     rl.rollout.prompts_per_step = cfg.prompts_per_step
     rl.rollout.group_size = cfg.group_size
     rl.rollout.max_new_tokens = cfg.max_new_tokens
+    rl.rollout.temperature = cfg.temperature
     rl.algo.method = "grpo"
+    # kl_coef 0 drops the reference model and its scoring pass (none = nothing to compute).
+    rl.algo.kl_coef = cfg.kl_coef
+    if cfg.kl_coef == 0:
+        rl.algo.kl_placement = "none"
     # R1-Zero's rule-based rewards: math-verify accuracy plus a smaller format reward.
     rl.rewards = [
         RewardSpec(name="accuracy", weight=1.0),
         RewardSpec(name="format", weight=cfg.format_weight),
     ]
     rl.optim.lr = cfg.rl_lr
+    rl.optim.warmup_steps = cfg.rl_warmup
     rl.eval.n = cfg.eval_n
+    rl.eval.temperature = 0.0  # greedy before, during and after: one comparable number
     rl.eval.every = cfg.eval_every
     rl.eval.before_after = True
     rl.run.output_dir = str(root / "rl")
@@ -139,6 +168,41 @@ def results_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     )
 
 
+def write_sft_data(cfg: DemoConfig, data_dir: Path) -> tuple[Path, Path]:
+    """Write the warm-start data as prompt/completion JSONL: `cfg.sft_examples` reference
+    solutions of the task's train split, and a small test-split file for the SFT loss.
+
+    Returns (train path, eval path). The RL stage draws its prompts from the same train
+    split and evaluates on the test split, which no stage ever trains on.
+    """
+    from posttrain.data.tasks import get_task, task_rows
+
+    task = get_task(cfg.task, **cfg.task_options)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = (data_dir / "sft_train.jsonl", data_dir / "sft_eval.jsonl")
+    for path, split, n in ((paths[0], "train", cfg.sft_examples), (paths[1], "test", _SFT_EVAL_ROWS)):
+        rows = task_rows(task, split, n, seed=cfg.run.seed, kind="completion", difficulty=cfg.difficulty)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return paths
+
+
+def _quiet_transformers() -> None:
+    # Saving / loading the tiny checkpoints between stages prints "Writing model shards" /
+    # "Loading weights" bars that drown the training progress of the demo.
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (math-verify workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run SFT -> GRPO -> evaluation; print a before/after table; write plots and report."""
     from posttrain.train.offline import run_sft
@@ -149,7 +213,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     root = Path(cfg.run.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     sft_cfg, rl_cfg = _stage_configs(cfg, root)
-    t0 = time.perf_counter()
+    _quiet_transformers()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    write_sft_data(cfg, root / "data")
 
     print(
         f"[1/3] SFT warm start: {cfg.preset} model, {cfg.sft_steps} steps on {cfg.task} solutions", flush=True
@@ -163,18 +229,24 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     )
     save_config(rl_cfg, root / "rl" / "config.yaml")
     rl = run_rl(rl_cfg)
-    t_total = time.perf_counter() - t0
+    t_rl = time.perf_counter() - t0 - t_sft
 
     print("[3/3] plots and report", flush=True)
     plots = plot_run([root / "rl"], root / "plots")
     report = write_report([root / "rl"], root / "report")
+    t_total, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
     table = results_table(rl.get("eval_before", {}), rl.get("eval_after", {}))
     summary = {
+        "task": cfg.task,
+        "task_options": dict(cfg.task_options),
+        "difficulty": cfg.difficulty,
+        "eval": f"greedy, {cfg.eval_n} held-out prompts (test split)",
         "eval_before": rl.get("eval_before", {}),
         "eval_after": rl.get("eval_after", {}),
         "wall_time_s": round(t_total, 1),
+        "cpu_time_s": round(cpu, 1),
         "sft_time_s": round(t_sft, 1),
-        "rl_time_s": round(t_total - t_sft, 1),
+        "rl_time_s": round(t_rl, 1),
         "plots": [str(p) for p in plots],
         "report": str(report),
         "final_model": rl.get("final_model"),
@@ -183,6 +255,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     (root / "results.md").write_text(table + "\n")
     print()
     print(table)
-    print(f"\nwall time {t_total:.0f} s (SFT {t_sft:.0f} s, GRPO {t_total - t_sft:.0f} s)")
+    print(
+        f"\nheld-out: greedy decoding on {cfg.eval_n} test-split prompts (never trained on)\n"
+        f"wall time {t_total:.0f} s (SFT {t_sft:.0f} s, GRPO {t_rl:.0f} s), CPU time {cpu:.0f} s"
+    )
     print(f"plots:  {root / 'plots'}\nreport: {report}\nmodel:  {rl.get('final_model')}")
     return summary
