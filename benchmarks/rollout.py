@@ -7,7 +7,8 @@ peak memory of the log-prob forward.
 Mode ignore_eos makes every row produce exactly `new-tokens` tokens (pure per-token
 speed); mode eos lets rows stop at EOS as RL rollouts do, so lengths vary (random-init
 models draw EOS with probability ~1/V per step) and both engines get the same seeds.
-Each point is the median of `--repeats` timed runs after one warm-up.
+Each point is the median of `--repeats` timed runs after one warm-up; the engines
+alternate run by run so drifting machine load affects them alike.
 Memory of the log-prob forward is measured in fresh subprocesses as the growth of peak
 RSS during one forward (Linux: malloc_trim, then VmHWM reset through /proc/self/clear_refs), for several micro-batch sizes and for the naive
 full-logits forward, on a large vocabulary so that the [B, T, V] term dominates.
@@ -78,32 +79,36 @@ def bench_generation(engines, presets, batches, new_tokens, repeats, modes=("ign
     rows = []
     for preset in presets:
         model = _model(preset, tok)
-        for engine_name in engines:
-            engine = make_engine(engine_name, model, tok)
-            for B in batches:
-                prompts = prompts_pool[:B]
-                for T in new_tokens:
-                    for mode in modes:
-                        params = SamplingParams(
-                            temperature=1.0, max_new_tokens=T, seed=0, ignore_eos=mode == "ignore_eos"
-                        )
+        built = {name: make_engine(name, model, tok) for name in engines}
+        for B in batches:
+            prompts = prompts_pool[:B]
+            for T in new_tokens:
+                for mode in modes:
+                    params = SamplingParams(
+                        temperature=1.0, max_new_tokens=T, seed=0, ignore_eos=mode == "ignore_eos"
+                    )
+                    times = {name: [] for name in built}
+                    tokens = {}
+                    for name, engine in built.items():
                         engine.generate(prompts, params)  # warm-up
-                        times, tokens = [], 0
-                        for _ in range(repeats):
+                    # Engines alternate run by run so a change in machine load hits both alike.
+                    for _ in range(repeats):
+                        for name, engine in built.items():
                             t0 = time.perf_counter()
                             r = engine.generate(prompts, params)
-                            times.append(time.perf_counter() - t0)
-                            tokens = int(r.mask.sum())
-                        med = statistics.median(times)
+                            times[name].append(time.perf_counter() - t0)
+                            tokens[name] = int(r.mask.sum())
+                    for name in built:
+                        med = statistics.median(times[name])
                         row = dict(
-                            engine=engine_name,
+                            engine=name,
                             preset=preset,
                             mode=mode,
                             batch=B,
                             new_tokens=T,
                             seconds=med,
-                            tokens=tokens,
-                            tokens_per_s=tokens / med,
+                            tokens=tokens[name],
+                            tokens_per_s=tokens[name] / med,
                         )
                         print(json.dumps(row), flush=True)
                         rows.append(row)
