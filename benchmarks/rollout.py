@@ -89,7 +89,7 @@ def bench_generation(engines, presets, batches, new_tokens, repeats, modes=("ign
                     )
                     times = {name: [] for name in built}
                     tokens = {}
-                    for name, engine in built.items():
+                    for engine in built.values():
                         engine.generate(prompts, params)  # warm-up
                     # Engines alternate run by run so a change in machine load hits both alike.
                     for _ in range(repeats):
