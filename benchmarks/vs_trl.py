@@ -56,9 +56,14 @@ def run_mode(args: argparse.Namespace) -> str:
         *args.set,
     ]
     if args.mode == "accuracy":
-        # Defaults for a learnable start: the easiest arithmetic level, room for the
-        # R1-format answer, and a learning rate at which a few-M-parameter model moves.
-        overrides = ["difficulty=1", "max_new_tokens=48", "lr=1e-4", "accuracy.sft_steps=200"] + overrides
+        # Defaults for a learnable start: two-digit +/- (level 1 has only 124 distinct train
+        # prompts, which SFT memorises, leaving GRPO no reward variance), a learning rate
+        # at which a few-M-parameter model moves without diverging (3e-4 diverged), and
+        # 200 greedy held-out problems per evaluation.
+        overrides = [
+            "difficulty=2", "lr=1e-4", "accuracy.sft_steps=400", "accuracy.sft_lr=1e-3", "accuracy.n_eval=200",
+            "accuracy.eval_every=10", "accuracy.max_steps=300", "accuracy.max_seconds=300",
+        ] + overrides  # fmt: skip
     cfg = load_config(BenchConfig, None, overrides)
     if args.mode != "accuracy" or args.sft == "run_sft":
         return format_markdown(run_bench(cfg))
@@ -115,8 +120,10 @@ def run_probe(args: argparse.Namespace) -> str:
     )  # fmt: skip
     results = run_bench(cfg)
     lines.append(format_markdown(results))
-    for preset in cfg.presets:
-        model_dir = prepare_model(preset, out / preset, cfg.run.seed)
+    models = [("model", Path(cfg.model_path))] if cfg.model_path else [(p, None) for p in cfg.presets]
+    for preset, path in models:
+        model_dir = path or prepare_model(preset, out / preset, cfg.run.seed)
+        (out / preset).mkdir(parents=True, exist_ok=True)
         model = load_model(str(model_dir))
         tokenizer = load_tokenizer(str(model_dir))
         # Prompt lengths of real chat-templated arithmetic prompts (32-43 tokens).
