@@ -123,6 +123,32 @@ def test_dry_run_validates_every_key(path, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+GPU_KEY = re.compile(r"(?<![\w.\[\]])([a-z_]+(?:\.[a-z_]+)+):")
+
+
+def config_has_key(cls, dotted: str) -> bool:
+    import dataclasses
+
+    obj = cls()
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+@pytest.mark.parametrize("path", ALL, ids=ids(ALL))
+def test_gpu_settings_name_real_keys(path):
+    """The dotted keys the header tells users to set on a GPU exist in the command's config."""
+    text = header(path)
+    gpu = text[text.index("GPU settings") :]
+    keys = GPU_KEY.findall(gpu)
+    _, config_cls, _ = cli.load_command(command_of(path))
+    assert keys or "skip this stage" in gpu, f"{rel(path)}: GPU settings list no keys"
+    bad = [k for k in keys if not config_has_key(config_cls, k)]
+    assert not bad, f"{rel(path)}: GPU settings name unknown keys {bad}"
+
+
 def test_a_bad_key_in_a_recipe_is_caught(tmp_path, capsys):
     """The dry-run check above can fail: a misspelt key is an error naming it."""
     bad = tmp_path / "grpo.yaml"
