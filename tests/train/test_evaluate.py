@@ -190,12 +190,12 @@ def test_prm_scores_split_think_steps_and_aggregate(tmp_path):
 
 
 def test_saved_char_tokenizer_keeps_spaces_next_to_a_model_config(tmp_path):
-    from posttrain.engines.models import build_preset, save_model
+    from posttrain.engines.models import build_preset, load_tokenizer, save_model
     from posttrain.engines.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     save_model(build_preset("tiny", vocab_size=len(tok)), tok, str(tmp_path / "m"))
-    loaded = ev.load_saved_tokenizer(str(tmp_path / "m"))
+    loaded = load_tokenizer(str(tmp_path / "m"))
     assert loaded("a b; c")["input_ids"] == tok("a b; c")["input_ids"]
     assert loaded.pad_token_id == tok.pad_token_id
 

@@ -213,9 +213,8 @@ def test_reward_model_output_loads_as_hf_sequence_classifier(tmp_path):
         logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
     torch.testing.assert_close(logits, trained, atol=1e-4, rtol=1e-4)
     # and the "reward_model" reward scores generated text (prompt + completion) the same way
-    # tokenizer passed explicitly: engines.load_tokenizer on a model dir currently returns
-    # Qwen2Tokenizer, which drops the char tokenizer's whitespace (reported upstream)
-    reward = build_reward("reward_model", model_path=str(final), tokenizer=tok)
+    # loaded by path, tokenizer included, as a recipe's reward_model entry does
+    reward = build_reward("reward_model", model_path=str(final))
     prompts = [tok.decode(it["prompt"]) for it in items]
     chosen = [tok.decode(it["chosen"]) for it in items]
     assert reward(prompts, chosen) == pytest.approx(trained[: len(items)].tolist(), abs=1e-4)

@@ -12,6 +12,7 @@ Qwen2/Llama checkpoints.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import shutil
 import tempfile
@@ -253,12 +254,33 @@ def load_tokenizer(path_or_name: str) -> PreTrainedTokenizerBase:
     if _is_local(name) and not os.path.isdir(name):
         raise ModelError(f"tokenizer path {name!r} does not exist (use 'char' for the char tokenizer)")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        if _declares_plain_backend(name):
+            # In a model directory AutoTokenizer follows config.json's model_type (qwen2 ->
+            # Qwen2Tokenizer), whose pre-tokenizer drops the char tokenizer's whitespace
+            # tokens. A saved plain `tokenizers` tokenizer is loaded as exactly that.
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(name)
+        else:
+            tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load tokenizer {name!r}: {_first_line(exc)}") from None
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token  # batching needs a pad id; eos is the usual stand-in
     return tok
+
+
+def _declares_plain_backend(path: str) -> bool:
+    """True when a local tokenizer_config.json names the plain `tokenizers` backend."""
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(cfg_path):
+        return False
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            declared = json.load(fh).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False
+    return declared in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def _atomic_save(path: str, write) -> None:

@@ -342,33 +342,6 @@ def summarize(
 # --------------------------------------------------------------------------- scorers
 
 
-def load_saved_tokenizer(path: str):
-    """`engines.models.load_tokenizer`, keeping a saved plain-`tokenizers` tokenizer as is.
-
-    In a model directory transformers' AutoTokenizer follows config.json's model_type
-    (qwen2 -> Qwen2Tokenizer), whose pre-tokenizer drops the char tokenizer's whitespace
-    tokens; when tokenizer_config.json declares the plain backend, load exactly that.
-    (Same workaround as train/offline.py; belongs in engines.load_tokenizer.)
-    """
-    import os
-
-    from posttrain.engines.models import load_tokenizer
-
-    tok = load_tokenizer(path)
-    cfg_path = os.path.join(str(path), "tokenizer_config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as fh:
-            declared = json.load(fh).get("tokenizer_class")
-        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and type(tok).__name__ != declared:
-            from transformers import PreTrainedTokenizerFast
-
-            fast = PreTrainedTokenizerFast.from_pretrained(str(path))
-            if fast.pad_token_id is None and fast.eos_token_id is not None:
-                fast.pad_token = fast.eos_token
-            return fast
-    return tok
-
-
 def orm_scores(
     path: str,
     prompts: Sequence[str],
@@ -389,9 +362,9 @@ def orm_scores(
 
     from posttrain.algos.reward_model import sequence_scores
     from posttrain.engines.batching import build_sequences
-    from posttrain.engines.models import build_value_model
+    from posttrain.engines.models import build_value_model, load_tokenizer
 
-    tok = load_saved_tokenizer(path)
+    tok = load_tokenizer(path)
     rm = build_value_model(path, device=device).eval()
     flat = [(p, t) for p, ts in zip(prompts, texts) for t in ts]
     out: list[float] = []
@@ -425,9 +398,10 @@ def prm_scores(
     """PRM trace score of every completion: [P][k]; steps are the think block split on the
     PRM's step separator, aggregated by min / last / mean / prod. No steps -> NaN."""
     from posttrain.algos.prm import load_prm, score_steps
+    from posttrain.engines.models import load_tokenizer
 
     model, sep = load_prm(path, device=device)
-    tok = load_saved_tokenizer(path)
+    tok = load_tokenizer(path)
     flat_p, flat_steps = [], []
     for p, ts in zip(prompts, texts):
         for t in ts:
@@ -517,13 +491,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """`posttrain eval`: load, sample, score, print a table, write eval.json (+ samples.jsonl)."""
     import torch
 
-    from posttrain.engines.models import load_model
+    from posttrain.engines.models import load_model, load_tokenizer
     from posttrain.train.checkpoint import atomic_write_text
 
     torch.manual_seed(cfg.seed)
     rows, task = _load_examples(cfg)
     source = cfg.model.path or cfg.model.preset
-    tokenizer = load_saved_tokenizer(cfg.model.tokenizer or source)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or source)
     model = load_model(source, dtype=cfg.model.dtype, device=cfg.model.device,
                        attn_implementation=cfg.model.attn_implementation, tokenizer=tokenizer)  # fmt: skip
     s, d = cfg.sampling, cfg.data

@@ -295,30 +295,7 @@ def _tokenizer(m: ModelSection):
     source = m.tokenizer or m.path
     if not source:
         return build_char_tokenizer()
-    tok = load_tokenizer(source)
-    return _keep_saved_tokenizer_class(tok, source)
-
-
-def _keep_saved_tokenizer_class(tok, source: str):
-    """Work around AutoTokenizer picking the model type's tokenizer class.
-
-    In a model directory, AutoTokenizer prefers config.json's model_type (qwen2 ->
-    Qwen2Tokenizer), whose normalizer drops the char tokenizer's whitespace tokens. When
-    the saved tokenizer_config.json names the plain tokenizers backend, load exactly that.
-    """
-    import json
-    import os
-
-    cfg_path = os.path.join(str(source), "tokenizer_config.json")
-    if not os.path.isfile(cfg_path):
-        return tok
-    with open(cfg_path) as fh:
-        declared = json.load(fh).get("tokenizer_class")
-    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and type(tok).__name__ != declared:
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(source))
-    return tok
+    return load_tokenizer(source)
 
 
 def _lora(m: ModelSection) -> dict | None:
