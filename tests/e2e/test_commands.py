@@ -137,7 +137,9 @@ def work(tmp_path_factory) -> Path:
 def test_sft_from_a_jsonl_file(work):
     out = work / "runs/sft"
     rows = check_training_run(out, 2)
-    assert any("train/loss" in r or "loss" in r for r in rows), rows[0]
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["sft/tokens"] > 0 for r in train)  # the file's completions were trained on
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["path"] == "sft.jsonl" and saved["data"]["task"] is None
     # The tokenizer is saved next to the model, so later stages need only model.path.
