@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from posttrain.errors import ConfigError
-from posttrain.train.bench import BenchConfig, format_markdown, plan, summarize, time_to_target
+from posttrain.train.bench import BenchConfig, format_markdown, plan, run_bench, summarize, time_to_target
 from posttrain.train.config import load_config
 
 
@@ -147,3 +147,17 @@ def test_markdown_reports_speedup():
     md = format_markdown(results)
     assert "| trl | 0.700 | 1000 | 0.300 | 3.50x | 0.000 |" in md
     assert "reward curve (posttrain): [0.00, 1.00]" in md
+
+
+def test_bench_rollout_mode_in_process(tmp_path):
+    cfg = load_config(
+        BenchConfig,
+        None,
+        ["mode=rollout", "presets=[tiny]", "threads=1", "rollout.batch=4", "rollout.new_tokens=4",
+         "rollout.repeats=1", f"run.output_dir={tmp_path}"],
+    )  # fmt: skip
+    results = run_bench(cfg)
+    native = results["models"]["tiny"]["frameworks"]["native"]
+    assert 0 < native["tokens"][0] <= 4 * 4  # at most batch x new_tokens were generated
+    assert native["tokens_per_s"] > 0
+    assert "| native |" in (tmp_path / "results.md").read_text()
