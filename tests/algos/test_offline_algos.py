@@ -202,3 +202,48 @@ def test_score_steps_matches_step_logits(tok):
     # batching must not change scores (left padding is masked)
     alone = score_steps(prm, tok, [render_prompt(tok, "What is 1+1?")], [["1+1=2", "2=2"]])  # pre-rendered
     assert alone[0] == pytest.approx(scores[1], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- preference options
+
+
+def test_preference_options_are_read_from_the_loss_signature():
+    from posttrain.algos.preference import loss_options
+
+    assert loss_options("dpo") == ["label_smoothing"]
+    assert sorted(loss_options("simpo")) == ["gamma", "label_smoothing"]
+    assert loss_options("ipo") == []
+
+
+@pytest.mark.parametrize(
+    ("loss", "options", "expected"),
+    [
+        ("simpo", {"gama": 0.5}, "'gama' is not an option of preference loss 'simpo'. Did you mean 'gamma'?"),
+        ("dpo", {"label_smothing": 0.1}, "Did you mean 'label_smoothing'? Valid: label_smoothing"),
+        ("ipo", {"label_smoothing": 0.1}, "Valid: none"),
+    ],
+)
+def test_misspelt_preference_option_is_a_one_line_config_error(loss, options, expected):
+    from posttrain.algos.preference import check_options, preference_loss
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="algo.options") as err:
+        check_options(loss, options)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    logps, lengths = torch.tensor([-1.0, -2.0]), torch.tensor([2.0, 2.0])
+    with pytest.raises(ConfigError, match="algo.options"):  # the training path checks too
+        preference_loss(logps, lengths, logps, loss_name=loss, beta=None, num_pairs=1, options=options)
+    check_options(loss, {})  # no options is always fine
+
+
+def test_valid_preference_option_changes_the_loss():
+    from posttrain.algos.preference import preference_loss
+
+    logps, lengths = torch.tensor([-1.0, -3.0]), torch.tensor([1.0, 1.0])  # one pair: chosen, rejected
+    plain, _ = preference_loss(logps, lengths, None, loss_name="simpo", beta=2.0, num_pairs=1)
+    shifted, _ = preference_loss(
+        logps, lengths, None, loss_name="simpo", beta=2.0, num_pairs=1, options={"gamma": 1.0}
+    )
+    # SimPO: −log σ(β(−1 − (−3)) − γ) = −log σ(4 − γ); γ 0.5 (default) vs. 1.0
+    assert plain.item() == pytest.approx(math.log1p(math.exp(-3.5)), rel=1e-5)
+    assert shifted.item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-5)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import posttrain.train.offline_loop as loop
@@ -324,3 +326,82 @@ def test_reference_cache_is_reused_without_reference_forwards(tmp_path, monkeypa
     third = run_dpo(_cfg(DPOConfig, tmp_path, *args, "--data.n_train", "32", name="d"))
     assert third["reference_cache_hit"] is False and calls["n"] == 2
     assert len(list((tmp_path / "ref_cache").glob("ref-*.safetensors"))) == 2
+
+
+# ----------------------------------------------------------------------------- self-generated pairs
+
+
+def test_pair_by_outcome_by_hand():
+    from posttrain.train.offline_data import pair_by_outcome
+
+    texts = ["a", "x", "b", "y", "a", "z"]
+    correct = [True, False, True, False, True, False]  # distinct correct: a, b; wrong: x, y, z
+    assert pair_by_outcome(texts, correct, 1) == [("a", "x")]
+    # first diagonal uses each correct once, then the next diagonal
+    assert pair_by_outcome(texts, correct, 4) == [("a", "x"), ("b", "y"), ("a", "y"), ("b", "z")]
+    assert len(pair_by_outcome(texts, correct, 100)) == 6  # every (correct, wrong) cell once
+    assert pair_by_outcome(["a", "b"], [True, True], 3) == []  # no mixed outcome, no pair
+    assert pair_by_outcome(["a", "b"], [False, False], 3) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcdefg"), st.booleans()), max_size=12), st.integers(1, 20))
+def test_pair_by_outcome_properties(samples, max_pairs):
+    from posttrain.train.offline_data import pair_by_outcome
+
+    texts, correct = [t for t, _ in samples], [c for _, c in samples]
+    pairs = pair_by_outcome(texts, correct, max_pairs)
+    good = {t for t, c in samples if c}
+    bad = {t for t, c in samples if not c}
+    assert all(c in good and r in bad for c, r in pairs)
+    assert len(set(pairs)) == len(pairs) == min(max_pairs, len(good) * len(bad))
+    # no sample is reused before every sample on its side has been used once
+    first = pairs[: min(len(good), len(bad))]
+    assert len({c for c, _ in first}) == len(first) == len({r for _, r in first})
+
+
+def test_self_generated_pairs_are_scored_by_the_verifier_and_reuse_the_reference_cache(tmp_path, monkeypatch):
+    """pairs=self samples from the initial policy, labels with task.score, pairs correct
+    vs. incorrect; a second run with the same seed samples the same pairs and reads the
+    reference log-probs from the cache."""
+    from posttrain.data.tasks.arithmetic import Arithmetic
+
+    # A random-init policy never answers arithmetic; a stand-in verifier (even length =
+    # "correct") gives mixed outcomes so the pairing logic is exercised on real samples.
+    monkeypatch.setattr(Arithmetic, "score", lambda self, text, answer: float(len(text) % 2 == 0))
+    calls = {"n": 0}
+    real = methods.reference_logps
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(methods, "reference_logps", counting)
+    args = ("--data.pairs", "self", "--data.n_train", "12", "--data.n_eval", "6", "--data.samples_per_prompt", "4",
+            "--data.pairs_per_prompt", "2", "--data.sample_max_new_tokens", "12", "--data.keep_truncated", "true", "--train.steps", "1",
+            "--train.batch_size", "4")  # fmt: skip
+    first = run_dpo(_cfg(DPOConfig, tmp_path, *args, name="a"))
+    counts = first["self_pairs"]["train"]
+    assert counts["prompts"] == 12 and counts["samples"] == 48
+    assert counts["mixed_prompts"] + counts["all_correct_prompts"] + counts["all_wrong_prompts"] == 12
+    assert 0 < counts["pairs"] <= 2 * counts["mixed_prompts"]
+    assert first["reference_cache_hit"] is False and calls["n"] == 2
+
+    method, tok = build_dpo(_cfg(DPOConfig, tmp_path, *args, name="b"))
+    assert len(method.train_items) == counts["pairs"] and calls["n"] == 2  # cache hit: no forward
+    assert method.reference_cache_hit is True
+    for it in method.train_items:
+        chosen = tok.decode(it["chosen"][:-1])  # EOS appended by encode_pairs
+        rejected = tok.decode(it["rejected"][:-1])
+        assert len(chosen) % 2 == 0 and len(rejected) % 2 == 1
+
+
+def test_self_pairs_config_errors(tmp_path):
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
+        build_dpo(_cfg(DPOConfig, tmp_path, "--data.pairs", "self", "--data.samples_per_prompt", "1"))
+    with pytest.raises(ConfigError, match="unset data.path"):
+        build_dpo(_cfg(DPOConfig, tmp_path, "--data.pairs", "self", "--data.path", str(tmp_path / "x.jsonl")))
+    with pytest.raises(ConfigError, match="'gama' is not an option"):
+        build_dpo(_cfg(DPOConfig, tmp_path, "--algo.loss", "simpo", "--algo.options", "{gama: 0.5}"))

@@ -18,11 +18,13 @@ take (summed log-probs and lengths) and into metrics:
 
 from __future__ import annotations
 
+import difflib
 import inspect
 
 import torch
 
 from posttrain.core.preference import PREFERENCE_LOSSES, REFERENCE_FREE, implicit_rewards
+from posttrain.errors import ConfigError
 
 
 def needs_reference(loss_name: str) -> bool:
@@ -34,6 +36,39 @@ def needs_reference(loss_name: str) -> bool:
 def default_beta(loss_name: str) -> float:
     """The loss function's own default β (e.g. 0.1 for DPO, 2.0 for SimPO)."""
     return float(inspect.signature(PREFERENCE_LOSSES[loss_name]).parameters["beta"].default)
+
+
+# Keyword arguments every loss takes from this module itself, never from `algo.options`.
+_FIXED_KWARGS = ("beta", "chosen_lengths", "rejected_lengths")
+
+
+def loss_options(loss_name: str) -> list[str]:
+    """Names of the extra options the named loss accepts (e.g. ["label_smoothing"] for dpo).
+
+    Read from the loss function's keyword-only parameters; the core losses also take
+    `**_` so that every loss has one call signature, which is why a misspelt option would
+    otherwise be swallowed silently.
+    """
+    params = inspect.signature(PREFERENCE_LOSSES[loss_name]).parameters.values()
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _FIXED_KWARGS]
+
+
+def check_options(loss_name: str, options: dict | None) -> None:
+    """Raise a one-line ConfigError when `options` holds a key the loss does not accept.
+
+    The message names the bad key, the nearest valid one and every valid option, e.g.
+    "algo.options: 'gama' is not an option of preference loss 'simpo'. Did you mean
+    'gamma'? Valid: gamma, label_smoothing".
+    """
+    valid = loss_options(loss_name)
+    for key in options or {}:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            listed = ", ".join(valid) if valid else "none"
+            raise ConfigError(
+                f"algo.options: {key!r} is not an option of preference loss {loss_name!r}.{hint} Valid: {listed}"
+            )
 
 
 def sequence_logps(logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +102,8 @@ def preference_loss(
     beta: the loss's inverse temperature β; None = the loss's own default (`default_beta`).
     num_pairs: GLOBAL number of pairs in the optimizer step (all micro-batches), so that
         summing micro-batch losses gives the step mean (accumulation invariance).
-    options: extra keyword options of the loss (label_smoothing, gamma, ...).
+    options: extra keyword options of the loss (label_smoothing, gamma, ...); a key the
+        loss does not take raises ConfigError (`check_options`).
     nll_weight: weight α of a length-normalised NLL term on the chosen completion,
         loss += α · (−log π(y_w|x) / |y_w|) — the "DPO + NLL" objective of Iterative
         Reasoning Preference Optimization (Pang et al. 2024, eq. 1), which keeps the
@@ -79,6 +115,7 @@ def preference_loss(
     "kl/ref_logratio_sum" with "kl/tokens").
     """
     fn = PREFERENCE_LOSSES[loss_name]
+    check_options(loss_name, options)
     if beta is None:
         beta = default_beta(loss_name)
     n = logps.shape[0] // 2

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from posttrain.data.tasks.base import STEP_SEPARATOR
+from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
 from posttrain.train.offline_data import KIND, encode_pairs, encode_sft, encode_steps, load_split
 
@@ -53,6 +54,12 @@ class OfflineDataSection:
             "null; with a path, only used for held-out task accuracy."
         },
     )
+    task_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Keyword options of get_task(task, ...), e.g. {operators: '+-', trace: columns} for arithmetic."
+        },
+    )
     difficulty: int | None = field(
         default=1, metadata={"help": "Task difficulty level; null = mix of all levels."}
     )
@@ -74,6 +81,40 @@ class OfflineDataSection:
         metadata={
             "help": "SFT thinking-mode fusion: share of rows trained in no-think mode (empty <think></think>, "
             "reasoning stripped from the completion)."
+        },
+    )
+
+
+@dataclass
+class PreferenceDataSection(OfflineDataSection):
+    """Preference data: a file, the task's synthetic pairs, or pairs sampled from the policy."""
+
+    pairs: Literal["synthetic", "self"] = field(
+        default="synthetic",
+        metadata={
+            "help": "Where pairs come from without a file: 'synthetic' (task solution vs. its made-up wrong "
+            "solution) or 'self' (k samples per prompt from the initial policy, scored by the task verifier, "
+            "paired correct vs. incorrect: on-policy / RS-DPO pairs)."
+        },
+    )
+    samples_per_prompt: int = field(
+        default=8, metadata={"help": "pairs=self: samples drawn per prompt (train and held-out prompts)."}
+    )
+    pairs_per_prompt: int = field(
+        default=1,
+        metadata={"help": "pairs=self: most (correct, incorrect) pairs kept per prompt, distinct texts."},
+    )
+    sample_temperature: float = field(
+        default=1.0, metadata={"help": "pairs=self: sampling temperature (> 0)."}
+    )
+    sample_max_new_tokens: int = field(
+        default=64, metadata={"help": "pairs=self: generation cap (see keep_truncated)."}
+    )
+    keep_truncated: bool = field(
+        default=False,
+        metadata={
+            "help": "pairs=self: keep samples cut by sample_max_new_tokens (scored like the rest, EOS appended); "
+            "false drops them."
         },
     )
 
@@ -263,8 +304,8 @@ class DPOConfig:
     ref: ReferenceSection = field(
         default_factory=ReferenceSection, metadata={"help": "Reference model and cache."}
     )
-    data: OfflineDataSection = field(
-        default_factory=OfflineDataSection, metadata={"help": "Preference data."}
+    data: PreferenceDataSection = field(
+        default_factory=PreferenceDataSection, metadata={"help": "Preference data."}
     )
     train: OfflineTrainSection = field(
         default_factory=lambda: OfflineTrainSection(steps=100, eval_every=50),
@@ -398,20 +439,26 @@ def build_dpo(cfg: DPOConfig):
     entry for this (reference, data) pair; method.reference_cache_hit says which (None
     for a reference-free loss).
     """
-    from posttrain.algos.preference import needs_reference
+    from posttrain.algos.preference import check_options, needs_reference
     from posttrain.train.offline_methods import PreferenceMethod
 
     use_ref = needs_reference(cfg.algo.loss)  # also fails on a typo before any work
+    check_options(cfg.algo.loss, cfg.algo.options)
+    if cfg.data.pairs == "self":
+        _check_self_pairs(cfg.data)
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["dpo"])
+    model = _policy(cfg.model, tokenizer)
+    pair_counts = None
+    if cfg.data.pairs == "self":
+        split, pair_counts = _self_pairs(cfg, model, tokenizer, split)
     train_items = _tag(encode_pairs(split.train, tokenizer, cfg.data, split.source), "train")
     eval_items = (
         _tag(encode_pairs(split.eval, tokenizer, cfg.data, split.source + " (eval)"), "eval")
         if split.eval
         else []
     )
-    model = _policy(cfg.model, tokenizer)
     ref_train = ref_eval = None
     hit = None
     if use_ref:
@@ -428,7 +475,62 @@ def build_dpo(cfg: DPOConfig):
         eval_examples=split.eval_examples,
     )
     method.reference_cache_hit = hit
+    method.pair_counts = pair_counts
     return method, tokenizer
+
+
+def _check_self_pairs(d) -> None:
+    """Fail on a bad data.pairs=self setting before any model is built or sampled."""
+    if d.path:
+        raise ConfigError("data.pairs=self samples pairs for data.task's prompts; unset data.path to use it")
+    if not d.task:
+        raise ConfigError("data.pairs=self needs data.task (its verifier labels the samples)")
+    if d.samples_per_prompt < 2:
+        raise ConfigError(f"data.samples_per_prompt must be >= 2 to form pairs, got {d.samples_per_prompt}")
+    if d.pairs_per_prompt < 1:
+        raise ConfigError(f"data.pairs_per_prompt must be >= 1, got {d.pairs_per_prompt}")
+    if d.sample_temperature <= 0:
+        raise ConfigError(
+            f"data.sample_temperature must be > 0 to draw different samples, got {d.sample_temperature}"
+        )
+
+
+def _self_pairs(cfg: DPOConfig, policy, tokenizer, split):
+    """Replace the task's synthetic pairs by pairs sampled from the initial policy.
+
+    Train pairs come from data.n_train train-split prompts, held-out pairs from the
+    data.n_eval test-split prompts (the same ones task accuracy is measured on). Sampling
+    is seeded by run.seed, so the pairs — and hence the reference-cache key, which hashes
+    their token ids — are reproducible. Returns (Split, {"train": counts, "eval": counts}).
+    """
+    from posttrain.train.offline_data import Split, self_generated_pairs
+
+    d = cfg.data
+    common = dict(
+        samples_per_prompt=d.samples_per_prompt,
+        pairs_per_prompt=d.pairs_per_prompt,
+        temperature=d.sample_temperature,
+        max_new_tokens=d.sample_max_new_tokens,
+        keep_truncated=d.keep_truncated,
+        batch_size=cfg.train.eval_batch_size,
+    )
+    train_examples = split.task.examples("train", d.n_train, seed=d.seed, difficulty=d.difficulty)
+    train_rows, train_counts = self_generated_pairs(
+        policy, tokenizer, split.task, train_examples, seed=cfg.run.seed, **common
+    )
+    eval_rows, eval_counts = self_generated_pairs(
+        policy, tokenizer, split.task, split.eval_examples, seed=cfg.run.seed + 1, **common
+    )
+    if not train_rows:
+        raise DataError(
+            f"data.pairs=self: no train prompt of task {d.task} had both a correct and an incorrect sample "
+            f"({train_counts['correct']}/{train_counts['samples']} samples correct); change the task "
+            "difficulty or data.samples_per_prompt"
+        )
+    _seed_everything(cfg.run.seed)  # sampling consumed the global RNG; training starts from the seed
+    source = f"task {d.task} (self-generated pairs)"
+    out = Split(train_rows, eval_rows, source, split.task, split.eval_examples)
+    return out, {"train": train_counts, "eval": eval_counts}
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -462,6 +564,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     method, tokenizer = build_dpo(cfg)
     summary = train_offline(cfg, method, tokenizer=tokenizer)
     summary["reference_cache_hit"] = method.reference_cache_hit
+    if method.pair_counts is not None:
+        summary["self_pairs"] = method.pair_counts
     return summary
 
 

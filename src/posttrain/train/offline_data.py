@@ -44,7 +44,7 @@ def load_split(data, kind: str, *, messages: bool = False) -> Split:
     if data.task:
         from posttrain.data.tasks import get_task
 
-        task = get_task(data.task)
+        task = get_task(data.task, **dict(getattr(data, "task_options", None) or {}))
         eval_examples = task.examples("test", data.n_eval, seed=data.seed, difficulty=data.difficulty)
     if data.path:
         from posttrain.data.datasets import load_rows
@@ -265,3 +265,93 @@ def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
     if not items:
         raise DataError(f"{source}: no usable rows")
     return items
+
+
+# --------------------------------------------------------------------------- self-generated pairs
+
+
+def pair_by_outcome(texts: list[str], correct: list[bool], max_pairs: int) -> list[tuple[str, str]]:
+    """(chosen, rejected) pairs from one prompt's k samples and their verifier outcomes.
+
+    texts: k completions of ONE prompt; correct: k outcomes. Distinct correct texts are
+    paired with distinct incorrect texts in sample order, at most `max_pairs` pairs, every
+    sample used once before any is reused, and never the same pair twice —
+    rejection-sampling pairs as in RS-DPO (Khaki et al. 2024) and the on-policy pairs of
+    iterative RPO (Pang et al. 2024, which pairs random correct/incorrect samples).
+    A prompt whose samples are all correct or all wrong gives no pair ([]).
+    """
+    good = list(dict.fromkeys(t for t, c in zip(texts, correct) if c))
+    bad = list(dict.fromkeys(t for t, c in zip(texts, correct) if not c))
+    if not good or not bad:
+        return []
+    # Diagonals of the good x bad grid: diagonal d pairs good[i] with bad[(i + d) % L], so
+    # the first pairs use every correct and every incorrect sample before reusing one, and
+    # no (good, bad) cell is visited twice.
+    cells = [(i, (i + d) % len(bad)) for d in range(len(bad)) for i in range(len(good))]
+    return [(good[i], bad[j]) for i, j in cells[:max_pairs]]
+
+
+def self_generated_pairs(
+    model,
+    tokenizer,
+    task,
+    examples: list,
+    *,
+    samples_per_prompt: int,
+    pairs_per_prompt: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    keep_truncated: bool = False,
+    batch_size: int = 32,
+) -> tuple[list[dict], dict[str, int]]:
+    """Preference rows sampled from `model` itself and labelled by the task verifier.
+
+    examples: P task Examples (prompt, answer). Each prompt gets `samples_per_prompt`
+    samples at `temperature` from the native engine (chat template, thinking mode on, as
+    the policy is trained and evaluated); `task.score(text, answer) == 1` marks a sample
+    correct. Samples cut by `max_new_tokens` are dropped unless `keep_truncated`
+    (encode_pairs appends EOS, which makes them a completion the model never finished).
+    `pair_by_outcome` forms the pairs.
+
+    Returns (rows {"prompt", "chosen", "rejected", "answer"}, counts {"prompts",
+    "samples", "truncated", "dropped" (truncated or blank, not used), "correct",
+    "mixed_prompts", "all_correct_prompts", "all_wrong_prompts", "pairs"}).
+    """
+    from posttrain.train.evaluate import generate_samples
+
+    if samples_per_prompt < 2 or pairs_per_prompt < 1 or temperature <= 0:
+        raise ConfigError(
+            f"self-generated pairs need samples_per_prompt >= 2, pairs_per_prompt >= 1 and temperature > 0, "
+            f"got {samples_per_prompt}, {pairs_per_prompt}, {temperature}"
+        )
+    prompts = [ex.prompt for ex in examples]
+    texts, _, reasons = generate_samples(
+        model, tokenizer, prompts, k=samples_per_prompt, temperature=temperature,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+    )  # fmt: skip
+    counts = dict.fromkeys(
+        ("prompts", "samples", "truncated", "dropped", "correct", "mixed_prompts", "all_correct_prompts",
+         "all_wrong_prompts", "pairs"), 0,
+    )  # fmt: skip
+    rows = []
+    for ex, ts, rs in zip(examples, texts, reasons):
+        # A blank sample (EOS first) cannot be a preference row (encode_pairs rejects empty
+        # completions): dropped and counted.
+        kept = [t for t, r in zip(ts, rs) if (keep_truncated or r != "length") and t.strip()]
+        correct = [task.score(t, str(ex.answer)) >= 1.0 for t in kept]
+        counts["prompts"] += 1
+        counts["samples"] += len(ts)
+        counts["truncated"] += sum(r == "length" for r in rs)
+        counts["dropped"] += len(ts) - len(kept)
+        counts["correct"] += sum(correct)
+        if kept and all(correct):
+            counts["all_correct_prompts"] += 1
+        elif not any(correct):
+            counts["all_wrong_prompts"] += 1
+        else:
+            counts["mixed_prompts"] += 1
+        for chosen, rejected in pair_by_outcome(kept, correct, pairs_per_prompt):
+            rows.append({"prompt": ex.prompt, "chosen": chosen, "rejected": rejected, "answer": ex.answer})
+    counts["pairs"] = len(rows)
+    return rows, counts
