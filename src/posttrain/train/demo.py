@@ -64,11 +64,20 @@ class DemoConfig:
     sft_examples: int = field(default=2000, metadata=_h("Reference solutions used for the warm start."))
     sft_batch_size: int = field(default=32, metadata=_h("SFT examples per optimizer step."))
     sft_lr: float = field(default=3e-3, metadata=_h("SFT learning rate."))
-    rl_steps: int = field(default=40, metadata=_h("GRPO steps."))
-    rl_lr: float = field(default=5e-4, metadata=_h("GRPO learning rate (peak, after warmup)."))
+    rl_steps: int = field(default=100, metadata=_h("GRPO steps."))
+    rl_lr: float = field(default=3e-4, metadata=_h("GRPO learning rate (peak, after warmup)."))
     rl_warmup: int = field(default=5, metadata=_h("GRPO learning-rate warmup steps."))
     kl_coef: float = field(
         default=0.0, metadata=_h("KL-to-reference loss coefficient (0 = no reference model, faster).")
+    )
+    advantage_scale: str = field(
+        default="batch",
+        metadata=_h(
+            "GRPO advantage denominator: group | batch | none. 'group' (the paper's z-score) makes a "
+            "0.2-point format difference inside an all-wrong group as loud as a correct answer, and the "
+            "tiny model then trades arithmetic for short well-formed replies; 'batch' keeps the group "
+            "mean baseline but divides by the batch std, so reward weights keep their meaning."
+        ),
     )
     prompts_per_step: int = field(default=12, metadata=_h("Prompts per GRPO step."))
     group_size: int = field(default=8, metadata=_h("GRPO group size G (samples per prompt)."))
@@ -79,7 +88,7 @@ class DemoConfig:
     max_new_tokens: int = field(default=40, metadata=_h("Response length budget."))
     eval_n: int = field(default=128, metadata=_h("Held-out prompts evaluated (greedy) before and after RL."))
     eval_every: int = field(
-        default=10, metadata=_h("Held-out evaluation every N GRPO steps (for the accuracy plot); 0 = off.")
+        default=20, metadata=_h("Held-out evaluation every N GRPO steps (for the accuracy plot); 0 = off.")
     )
     run: DemoRun = field(default_factory=DemoRun, metadata=_h("Run directory and seed."))
 
@@ -121,6 +130,7 @@ def _stage_configs(cfg: DemoConfig, root: Path):
     rl.rollout.max_new_tokens = cfg.max_new_tokens
     rl.rollout.temperature = cfg.temperature
     rl.algo.method = "grpo"
+    rl.algo.advantage_options = {"scale": cfg.advantage_scale}
     # kl_coef 0 drops the reference model and its scoring pass (none = nothing to compute).
     rl.algo.kl_coef = cfg.kl_coef
     if cfg.kl_coef == 0:
