@@ -227,7 +227,8 @@ def test_plan_describes_each_command():
     assert "Bradley-Terry" in plan(RMConfig())
     assert "step BCE" in plan(PRMConfig())
     text = plan(load_config(DPOConfig, None, ["--algo.loss", "ipo"]))
-    assert "ipo" in text and "ref:" in text
+    assert "ipo" in text and "ref:" in text and "self-generated" not in text
+    assert "self-generated: 8 samples/prompt" in plan(load_config(DPOConfig, None, ["--data.pairs", "self"]))
 
 
 # ----------------------------------------------------------------------------- data errors
@@ -362,7 +363,7 @@ def test_pair_by_outcome_properties(samples, max_pairs):
 
 def test_self_generated_pairs_are_scored_by_the_verifier_and_reuse_the_reference_cache(tmp_path, monkeypatch):
     """pairs=self samples from the initial policy, labels with task.score, pairs correct
-    vs. incorrect; a second run with the same seed samples the same pairs and reads the
+    vs. incorrect; a second run with the same settings reads both the pairs and the
     reference log-probs from the cache."""
     from posttrain.data.tasks.arithmetic import Arithmetic
 
@@ -377,6 +378,16 @@ def test_self_generated_pairs_are_scored_by_the_verifier_and_reuse_the_reference
         return real(*args, **kwargs)
 
     monkeypatch.setattr(methods, "reference_logps", counting)
+    import posttrain.train.evaluate as evaluate
+
+    sampled = {"n": 0}
+    real_generate = evaluate.generate_samples
+
+    def counting_generate(*args, **kwargs):
+        sampled["n"] += 1
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_samples", counting_generate)
     args = ("--data.pairs", "self", "--data.n_train", "12", "--data.n_eval", "6", "--data.samples_per_prompt", "4",
             "--data.pairs_per_prompt", "2", "--data.sample_max_new_tokens", "12", "--data.keep_truncated", "true", "--train.steps", "1",
             "--train.batch_size", "4")  # fmt: skip
@@ -386,10 +397,12 @@ def test_self_generated_pairs_are_scored_by_the_verifier_and_reuse_the_reference
     assert counts["mixed_prompts"] + counts["all_correct_prompts"] + counts["all_wrong_prompts"] == 12
     assert 0 < counts["pairs"] <= 2 * counts["mixed_prompts"]
     assert first["reference_cache_hit"] is False and calls["n"] == 2
+    assert first["self_pairs"]["cache_hit"] is False and sampled["n"] == 2  # train + held-out prompts
 
     method, tok = build_dpo(_cfg(DPOConfig, tmp_path, *args, name="b"))
     assert len(method.train_items) == counts["pairs"] and calls["n"] == 2  # cache hit: no forward
     assert method.reference_cache_hit is True
+    assert method.pair_counts["cache_hit"] is True and sampled["n"] == 2  # the pairs were not re-sampled
     for it in method.train_items:
         chosen = tok.decode(it["chosen"][:-1])  # EOS appended by encode_pairs
         rejected = tok.decode(it["rejected"][:-1])

@@ -14,6 +14,7 @@ rows into token ids (train/offline_data.py) and hands a method object
 from __future__ import annotations
 
 import copy
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -501,9 +502,13 @@ def _self_pairs(cfg: DPOConfig, policy, tokenizer, split):
     Train pairs come from data.n_train train-split prompts, held-out pairs from the
     data.n_eval test-split prompts (the same ones task accuracy is measured on). Sampling
     is seeded by run.seed, so the pairs — and hence the reference-cache key, which hashes
-    their token ids — are reproducible. Returns (Split, {"train": counts, "eval": counts}).
+    their token ids — are reproducible. The pairs themselves are cached next to the
+    reference log-probs (`pairs-<key>.json`, keyed by the initial policy's identity and
+    every sampling setting), so DPO, IPO and SimPO runs from one SFT model sample once.
+    Returns (Split, {"train": counts, "eval": counts, "cache_hit": bool}).
     """
     from posttrain.train.offline_data import Split, self_generated_pairs
+    from posttrain.train.offline_ref import cache_key, default_cache_dir, load_or_compute_json, model_identity
 
     d = cfg.data
     common = dict(
@@ -514,13 +519,25 @@ def _self_pairs(cfg: DPOConfig, policy, tokenizer, split):
         keep_truncated=d.keep_truncated,
         batch_size=cfg.train.eval_batch_size,
     )
-    train_examples = split.task.examples("train", d.n_train, seed=d.seed, difficulty=d.difficulty)
-    train_rows, train_counts = self_generated_pairs(
-        policy, tokenizer, split.task, train_examples, seed=cfg.run.seed, **common
-    )
-    eval_rows, eval_counts = self_generated_pairs(
-        policy, tokenizer, split.task, split.eval_examples, seed=cfg.run.seed + 1, **common
-    )
+    source_model = cfg.model.path
+    identity = model_identity(source_model) if source_model else model_identity(policy)
+    settings = dict(common, task=d.task, task_options=d.task_options, difficulty=d.difficulty,
+                    n_train=d.n_train, n_eval=d.n_eval, data_seed=d.seed, seed=cfg.run.seed,
+                    dtype=cfg.model.dtype, tokenizer=cfg.model.tokenizer)  # fmt: skip
+    key = cache_key(identity, json.dumps(settings, sort_keys=True, default=str))
+
+    def sample() -> dict:
+        train_examples = split.task.examples("train", d.n_train, seed=d.seed, difficulty=d.difficulty)
+        train = self_generated_pairs(
+            policy, tokenizer, split.task, train_examples, seed=cfg.run.seed, **common
+        )
+        held = self_generated_pairs(
+            policy, tokenizer, split.task, split.eval_examples, seed=cfg.run.seed + 1, **common
+        )
+        return {"train": train, "eval": held}
+
+    cached, hit = load_or_compute_json(cfg.ref.cache_dir or default_cache_dir(), "pairs", key, sample)
+    (train_rows, train_counts), (eval_rows, eval_counts) = cached["train"], cached["eval"]
     if not train_rows:
         raise DataError(
             f"data.pairs=self: no train prompt of task {d.task} had both a correct and an incorrect sample "
@@ -530,7 +547,7 @@ def _self_pairs(cfg: DPOConfig, policy, tokenizer, split):
     _seed_everything(cfg.run.seed)  # sampling consumed the global RNG; training starts from the seed
     source = f"task {d.task} (self-generated pairs)"
     out = Split(train_rows, eval_rows, source, split.task, split.eval_examples)
-    return out, {"train": train_counts, "eval": eval_counts}
+    return out, {"train": train_counts, "eval": eval_counts, "cache_hit": hit}
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -648,6 +665,12 @@ def plan(cfg) -> str:
 
         beta = cfg.algo.beta if cfg.algo.beta is not None else default_beta(cfg.algo.loss)
         lines.append(f"  algo:   {cfg.algo.loss} beta={beta:g}" + (f" ({opts})" if opts else ""))
+        if d.pairs == "self" and not d.path:
+            lines.append(
+                f"  pairs:  self-generated: {d.samples_per_prompt} samples/prompt at T={d.sample_temperature:g} "
+                f"from the initial policy, verifier-labelled, <= {d.pairs_per_prompt} (correct, incorrect) "
+                "pairs per prompt"
+            )
         if needs_reference(cfg.algo.loss):
             lines.append(
                 f"  ref:    {cfg.ref.path or 'initial policy'}; log-probs cached in "

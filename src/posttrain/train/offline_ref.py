@@ -118,3 +118,33 @@ def load_or_compute(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return tensors, False
+
+
+def load_or_compute_json(
+    cache_dir: str | os.PathLike, prefix: str, key: str, compute: Callable[[], dict]
+) -> tuple[dict, bool]:
+    """(object, hit) for JSON-serialisable data cached as `<prefix>-<key>.json`.
+
+    Used for the preference pairs sampled from the policy (data.pairs=self): sampling
+    thousands of completions costs more than the reference pass, and the same pairs serve
+    every loss trained from the same model. Written to a temp file and renamed, like the
+    log-prob cache.
+    """
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"{prefix}-{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()), True
+        except ValueError as e:
+            raise ModelError(f"cache file {path} is unreadable ({e}); delete it to recompute") from None
+    obj = compute()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{prefix}-{key}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return obj, False
