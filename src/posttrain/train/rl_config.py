@@ -68,6 +68,24 @@ class RLDataSection:
         default="shuffle",
         metadata=_h("Prompt order: shuffled epochs, easy->hard curriculum, or Kimi success-rate sampling."),
     )
+    success_reward: str | None = field(
+        default=None,
+        metadata=_h(
+            "Reward (by name in `rewards`) whose value is a sample's success for success-rate sampling, "
+            "e.g. accuracy; null = the summed score clipped to [0, 1]."
+        ),
+    )
+    difficulty_filter_k: int = field(
+        default=0,
+        metadata=_h(
+            "Kimi / Qwen3 difficulty filter: before training, sample k responses per training prompt with the "
+            "initial policy and keep only prompts solved at most `difficulty_filter_max_solved` times; 0 = off."
+        ),
+    )
+    difficulty_filter_max_solved: int = field(
+        default=0,
+        metadata=_h("Difficulty filter: largest number of solved samples (of k) a kept prompt may have."),
+    )
 
 
 @dataclass
@@ -369,6 +387,23 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     if not cfg.rewards and p["teacher_mode"] != "reward":
         raise ConfigError(
             "rewards: at least one reward is needed (only on-policy distillation runs without one)"
+        )
+    from posttrain.data.rewards import REWARDS
+
+    for i, spec in enumerate(cfg.rewards):
+        if spec.name not in REWARDS and ":" not in spec.name:  # "module:function" imports at build
+            raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(spec.name)}")
+    names = [spec.name for spec in cfg.rewards]
+    if cfg.data.success_reward is not None and cfg.data.success_reward not in names:
+        raise ConfigError(
+            f"data.success_reward {cfg.data.success_reward!r} is not one of the configured rewards: {', '.join(names)}"
+        )
+    if cfg.data.difficulty_filter_k < 0 or not 0 <= cfg.data.difficulty_filter_max_solved < max(
+        1, cfg.data.difficulty_filter_k
+    ):
+        raise ConfigError(
+            "data.difficulty_filter_k must be >= 0 and 0 <= data.difficulty_filter_max_solved < "
+            f"difficulty_filter_k, got {cfg.data.difficulty_filter_k} and {cfg.data.difficulty_filter_max_solved}"
         )
     if p["keep_sampling_mask"] and ro.engine != "native":
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")

@@ -8,7 +8,10 @@ keep generating, at most `max_gen_rounds` extra rounds, until the batch is full)
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +29,8 @@ from posttrain.train.rl_roles import (
     RLBatch,
     ScoringRole,
 )
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- building
 
@@ -190,11 +195,13 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
             q.requires_grad_(False)
         teacher = ScoringRole(tmodel, temperature=ro.temperature)
     train_items, eval_examples, task = load_prompts(cfg, tokenizer)
-    prompts = PromptSource(
-        train_items, selection=cfg.data.selection, seed=cfg.run.seed, total_steps=cfg.steps
-    )
     rewards = (
         build_rewards(cfg) if cfg.rewards else RewardRole([], timeout_s=1, max_workers=1, max_error_rate=1)
+    )
+    if cfg.data.difficulty_filter_k > 0:
+        train_items = filter_by_difficulty(cfg, train_items, engine, rewards)
+    prompts = PromptSource(
+        train_items, selection=cfg.data.selection, seed=cfg.run.seed, total_steps=cfg.steps
     )
     return {
         "tokenizer": tokenizer,
@@ -208,6 +215,67 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         "eval_examples": eval_examples,
         "task": task,
     }
+
+
+def filter_by_difficulty(
+    cfg: RLConfig, items: list[PromptItem], engine, rewards: RewardRole
+) -> list[PromptItem]:
+    """Kimi k1.5 / Qwen3 difficulty filter: keep prompts the initial policy rarely solves.
+
+    Samples k = data.difficulty_filter_k responses per prompt (the run's sampling settings),
+    counts successes (see `_success`) and keeps prompts with at most
+    data.difficulty_filter_max_solved of them. The kept ids are written to
+    run_dir/difficulty_filter.json, and a resumed run reads them back instead of
+    re-filtering with the (by then trained) policy, so resume stays exact.
+    """
+    import json
+
+    from posttrain.data.selection import difficulty_filter
+    from posttrain.train.checkpoint import atomic_write_text
+
+    path = Path(cfg.run.output_dir) / "difficulty_filter.json"
+    if cfg.run.resume and path.exists():
+        kept_ids = set(json.loads(path.read_text())["kept"])
+        return [it for it in items if it.id in kept_ids]
+    k = cfg.data.difficulty_filter_k
+    params = replace(_sampling_params(cfg, {"keep_sampling_mask": False}, seed=cfg.run.seed * 7919 + 17), n=k)
+
+    def count(batch_items: list[PromptItem], k: int) -> list[int]:
+        counts = []
+        for start in range(0, len(batch_items), max(1, cfg.rollout.prompts_per_step)):
+            chunk = batch_items[start : start + cfg.rollout.prompts_per_step]
+            ro = engine.generate([it.prompt_ids for it in chunk], params)
+            samples = [chunk[int(g)] for g in ro.group_id]
+            columns = {
+                key: [it.columns.get(key) for it in samples]
+                for key in {c for it in chunk for c in it.columns}
+            }
+            columns["response_length"] = ro.mask.sum(-1).long().tolist()
+            columns["group_id"] = ro.group_id.tolist()
+            res = rewards.score([it.text for it in samples], ro.texts, columns, 0)
+            success = _success(res, res.scores.float(), cfg.data.success_reward) >= 0.5  # [B]
+            counts += [int(success[ro.group_id == g].sum()) for g in range(len(chunk))]
+        return counts
+
+    result = difficulty_filter(items, count, k=k, max_successes=cfg.data.difficulty_filter_max_solved)
+    if not result.kept:
+        raise ConfigError(
+            f"data.difficulty_filter_k={k}: every one of {len(items)} prompts was solved more than "
+            f"{cfg.data.difficulty_filter_max_solved} times; raise data.difficulty_filter_max_solved or use harder data"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        path,
+        json.dumps(
+            {
+                "k": k,
+                "kept": [it.id for it in result.kept],
+                "counts": dict(zip([it.id for it in items], result.counts)),
+            }
+        ),
+    )
+    log.info("difficulty filter: kept %d of %d prompts (k=%d)", len(result.kept), len(items), k)
+    return result.kept
 
 
 def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
@@ -287,6 +355,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     gen_s = reward_s = 0.0
     n_tokens = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
+    successes: list[torch.Tensor] = []  # [b] per kept sample, for success-rate sampling
     while True:
         idx = source.next(P - kept_groups, step, rounds)
         items = [source.items[i] for i in idx]
@@ -307,6 +376,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
             res = trainer.rewards.score([it.text for it in sample_items], ro.texts, columns, step)
             scores = res.scores.float()
             valid = res.valid.bool() & torch.isfinite(scores)
+            success = _success(res, scores, cfg.data.success_reward)
             for k, v in res.per_reward.items():
                 per_reward.setdefault(k, []).append(v.float())
             for k, v in res.errors.items():
@@ -314,6 +384,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         else:  # pure distillation: the teacher's dense reward is the only signal
             scores = torch.zeros(len(ro))
             valid = torch.ones(len(ro), dtype=torch.bool)
+            success = scores
         reward_s += time.perf_counter() - t
         all_scores.append(scores)
         all_valid.append(valid)
@@ -327,11 +398,13 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
             dropped += int((~keep).sum())
         if rows.any():
             parts.append((idx, ro, rows, torch.where(valid, scores, torch.zeros_like(scores)), valid))
+            successes.append(success[rows])
             kept_groups += int(keep.sum())
         rounds += 1
         if not p["dynamic_sampling"] or kept_groups >= P or rounds > p["max_gen_rounds"]:
             break
     if not parts:  # nothing had signal: train on the last round (all advantages are 0)
+        successes.append(success)
         parts.append(
             (
                 idx,
@@ -369,8 +442,22 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     for k, n in errors.items():
         metrics[f"reward/errors_{k}"] = n
     if p["teacher_mode"] == "none" or trainer.rewards.specs:
-        source.update(batch.item_index.tolist(), batch.scores.tolist())
+        ok = batch.valid.tolist()
+        idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()
+        source.update([i for i, v in zip(idx_list, ok) if v], [s for s, v in zip(succ, ok) if v])
     return batch, metrics
+
+
+def _success(res, scores: torch.Tensor, reward_name: str | None) -> torch.Tensor:
+    """[B] per-sample success in [0, 1] for success-rate sampling.
+
+    With `data.success_reward` set, that reward's own value (e.g. accuracy's 0/1), so
+    shaping terms (format, length) do not count as solving the prompt; otherwise the
+    summed score clipped to [0, 1]. Non-finite values (excluded samples) become 0.
+    """
+    chosen = res.per_reward.get(reward_name) if reward_name is not None else None  # None: not active yet
+    raw = chosen.float() if chosen is not None else scores
+    return torch.nan_to_num(raw, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
 
 
 def _merge(parts, pad_id: int) -> RLBatch:
