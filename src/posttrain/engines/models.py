@@ -252,7 +252,9 @@ def load_tokenizer(path_or_name: str) -> PreTrainedTokenizerBase:
 
         return build_char_tokenizer()
     if _is_local(name) and not os.path.isdir(name):
-        raise ModelError(f"tokenizer path {name!r} does not exist (use 'char' for the char tokenizer)")
+        raise ModelError(
+            f"path {name!r} does not exist (model.path / model.tokenizer; 'char' builds the char tokenizer)"
+        )
     try:
         if _declares_plain_backend(name):
             # In a model directory AutoTokenizer follows config.json's model_type (qwen2 ->
