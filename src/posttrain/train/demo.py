@@ -64,8 +64,8 @@ class DemoConfig:
     sft_examples: int = field(default=2000, metadata=_h("Reference solutions used for the warm start."))
     sft_batch_size: int = field(default=32, metadata=_h("SFT examples per optimizer step."))
     sft_lr: float = field(default=3e-3, metadata=_h("SFT learning rate."))
-    rl_steps: int = field(default=100, metadata=_h("GRPO steps."))
-    rl_lr: float = field(default=3e-4, metadata=_h("GRPO learning rate (peak, after warmup)."))
+    rl_steps: int = field(default=60, metadata=_h("GRPO steps."))
+    rl_lr: float = field(default=1e-4, metadata=_h("GRPO learning rate (peak, after warmup)."))
     rl_warmup: int = field(default=5, metadata=_h("GRPO learning-rate warmup steps."))
     kl_coef: float = field(
         default=0.0, metadata=_h("KL-to-reference loss coefficient (0 = no reference model, faster).")
@@ -81,7 +81,12 @@ class DemoConfig:
     )
     prompts_per_step: int = field(default=12, metadata=_h("Prompts per GRPO step."))
     group_size: int = field(default=8, metadata=_h("GRPO group size G (samples per prompt)."))
-    temperature: float = field(default=1.0, metadata=_h("Rollout sampling temperature."))
+    temperature: float = field(
+        default=0.7,
+        metadata=_h(
+            "Rollout sampling temperature (0.7: the warm start samples too few correct answers at 1.0)."
+        ),
+    )
     format_weight: float = field(
         default=0.2, metadata=_h("Weight of the format reward next to accuracy (1.0).")
     )
