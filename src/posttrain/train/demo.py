@@ -1,13 +1,17 @@
 """`posttrain demo`: RL working on a laptop CPU in a few minutes, with no network.
 
 The pipeline is the R1 recipe in miniature:
-  1. SFT warm start of a random-init `tiny` model on a few hundred reference solutions of
-     the synthetic arithmetic task (it learns the <think>…</think><answer>…</answer> format
-     and some arithmetic);
-  2. GRPO with the math-verify accuracy reward and the format reward, starting from the
-     SFT model;
-  3. held-out evaluation before and after RL (accuracy, format rate, mean length),
-     PNG plots of the RL run and a Markdown/HTML report in the run directory.
+  1. SFT warm start of a random-init `tiny` model on reference solutions of two-digit
+     addition/subtraction worked column by column (arithmetic task, difficulty 2,
+     operators "+-", trace "columns"; it learns the <think>…</think><answer>…</answer>
+     format and part of the arithmetic). Column traces make held-out problems reuse the
+     single-digit facts and carry rule of training problems, so what RL reinforces can
+     transfer (docs/benchmarks.md, "GRPO held-out arithmetic");
+  2. GRPO with the math-verify accuracy reward and a 0.2-weight format reward, starting
+     from the SFT model (group-mean baseline, batch-std scale, no KL);
+  3. greedy held-out evaluation (test split, never trained on) before and after RL
+     (accuracy, format rate, mean length), PNG plots of the RL run and a Markdown/HTML
+     report in the run directory.
 
 Every stage is an ordinary `posttrain sft` / `posttrain rl` run in a subdirectory, so
 the same results can be reproduced stage by stage from the saved `config.yaml` files.
