@@ -65,6 +65,7 @@ def test_bench_bad_framework_is_one_line_error(tmp_path):
 
 
 def test_bench_config_validation():
+    pytest.importorskip("trl")  # validation of TRL frameworks needs the bench extra
     with pytest.raises(ConfigError, match="group_size"):
         plan(load_config(BenchConfig, None, ["group_size=1"]))
     with pytest.raises(ConfigError, match="skip_steps"):
