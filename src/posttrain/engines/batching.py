@@ -51,6 +51,25 @@ class SequenceBatch:
             response_mask=self.response_mask[index],
         )
 
+    def prompt_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows that share their prompt: (first [U] long, inverse [B] long).
+
+        Two rows share a prompt when their prompt columns [0, response_start) agree in
+        input_ids, attention_mask and position_ids (the ids alone are not enough: a pad id
+        can equal a real token id). inverse[b] is row b's prompt index in [0, U) and
+        first[u] one row holding prompt u, so ``input_ids[first][inverse]`` restores the
+        prompt columns of every row. A GRPO batch of P prompts x G samples has U = P.
+        """
+        P = self.response_start
+        key = torch.cat(
+            [self.input_ids[:, :P], self.attention_mask[:, :P], self.position_ids[:, :P]], dim=1
+        )  # [B, 3P]
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)  # [U, 3P], [B]
+        rows = torch.arange(len(self), device=inverse.device)
+        # Any member row represents its prompt (all members' prompt columns are equal).
+        first = torch.zeros(len(uniq), dtype=torch.long, device=inverse.device).scatter_(0, inverse, rows)
+        return first, inverse
+
     def to(self, device: torch.device | str) -> SequenceBatch:
         return replace(
             self,
@@ -110,3 +129,30 @@ def build_sequences(
     attention_mask = torch.cat([prompt_attn.to(device), resp_attn], dim=1)  # [B, L]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) * attention_mask  # [B, L]
     return SequenceBatch(input_ids, attention_mask, position_ids, P, mask)
+
+
+def group_micro_batches(inverse: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Split rows into micro-batches of <= `size` rows that keep prompt groups whole.
+
+    inverse: [B] long, each row's group (from `SequenceBatch.prompt_groups`); rows of a
+    group need not be contiguous. Groups are packed greedily in order of first
+    appearance; a group larger than `size` is cut into `size`-row pieces (each still
+    shares its prompt within its piece). Returns [k] long row-index tensors that
+    together cover every row exactly once, so a prompt forward is only repeated across
+    micro-batches when a group cannot fit in one.
+    """
+    if size < 1:
+        raise DataError(f"group_micro_batches: size must be >= 1 (got {size})")
+    order = torch.argsort(inverse, stable=True)  # [B] rows grouped, original order within
+    members = order.split(torch.bincount(inverse).tolist()) if len(inverse) else ()
+    batches, current, filled = [], [], 0
+    for g in dict.fromkeys(inverse.tolist()):  # group ids in order of first appearance
+        for piece in members[g].split(size):
+            if filled + len(piece) > size:
+                batches.append(torch.cat(current))
+                current, filled = [], 0
+            current.append(piece)
+            filled += len(piece)
+    if current:
+        batches.append(torch.cat(current))
+    return batches
