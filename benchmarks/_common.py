@@ -3,8 +3,8 @@
 Each probe times one idea against the code path the RL loop runs today, on the same
 shapes as the benchmark (P prompts x G samples, T response tokens), and checks that the
 idea changes no numbers (log-probs and gradients equal within float tolerance). They are
-measurements for the owners of engines/ and train/rl*.py, not library code: the winning
-ideas belong in engines/logprobs.py and engines/rollout/native.py.
+measurements, not library code: shared-prompt scoring now lives in engines/logprobs.py
+(`share_prompts`, on by default) and the probes compare it with `share_prompts=False`.
 
 Shapes: B = P * G sequences, T response tokens, L = prompt + response columns.
 """
@@ -16,9 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
-from posttrain.core.logprobs import logprobs_from_logits
 from posttrain.engines.batching import SequenceBatch, build_sequences
 from posttrain.engines.logprobs import sequence_logprobs
 
@@ -50,56 +48,19 @@ def synthetic_group_batch(
     return prompts, build_sequences(rows, response_ids, mask, pad_id=0)
 
 
-def shared_prefix_logprobs(
-    model, prompts: list[list[int]], group_size: int, seq: SequenceBatch
-) -> torch.Tensor:
-    """log π of each response with each prompt run ONCE per group, not G times.
-
-    The P distinct prompts (left-padded) go through the decoder with a KV cache; the
-    cache is repeated G times along the batch (repeat_interleave is differentiable, so
-    the prompt's share of the gradient from all G samples flows back through one prompt
-    forward); the B responses then run on top of it. Same numbers as the [B, L] forward
-    (checked by the probe); prompt FLOPs drop by a factor G. Returns [B, T] float32.
-    """
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    P = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)
-    attn = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.tensor(p)
-        attn[i, P - len(p) :] = 1
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [P', P]
-    cache = DynamicCache()
-    out = decoder(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-    first = out.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)  # [B, 1, H] predicts token 0
-    cache.batch_repeat_interleave(group_size)
-    T = seq.response_mask.shape[1]
-    full_attn = torch.cat([attn.repeat_interleave(group_size, 0), seq.response_mask.long()], 1)
-    rpos = pos[:, -1:].repeat_interleave(group_size, 0) + 1 + torch.arange(T)[None]  # [B, T]
-    out = decoder(
-        input_ids=seq.response_ids,
-        attention_mask=full_attn,
-        position_ids=rpos,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    hidden = torch.cat([first, out.last_hidden_state[:, :-1]], 1)  # [B, T, H]
-    return logprobs_from_logits(head(hidden), seq.response_ids).float()
-
-
 def probe_shared_prefix(model, prompt_lens: list[int], group_size: int, T: int, repeats: int = 5) -> dict:
-    """Time the loop's scoring forward (no grad) and learner forward+backward, today's
-    [B, L] path vs `shared_prefix_logprobs`; report max |Δ log-prob| and max relative
-    gradient difference so a speed-up never hides a numerical change."""
-    prompts, seq = synthetic_group_batch(prompt_lens, group_size, T)
+    """Time the loop's scoring forward (no grad) and learner forward+backward with the
+    library's shared-prompt path (`sequence_logprobs` default) against the full [B, L]
+    forward (`share_prompts=False`); report max |Δ log-prob| and max relative gradient
+    difference so a speed-up never hides a numerical change."""
+    _, seq = synthetic_group_batch(prompt_lens, group_size, T)
     mask = seq.response_mask
 
     def full(grad: bool):
-        return sequence_logprobs(model, seq, with_grad=grad)[0]
+        return sequence_logprobs(model, seq, with_grad=grad, share_prompts=False)[0]
 
     def shared(grad: bool):
-        with torch.enable_grad() if grad else torch.no_grad():
-            return shared_prefix_logprobs(model, prompts, group_size, seq)
+        return sequence_logprobs(model, seq, with_grad=grad)[0]
 
     def grads(fn) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -157,71 +118,20 @@ def probe_attention_mask(model, B: int, L: int, repeats: int = 5) -> dict:
     return {"with_mask_s": masked, "without_mask_s": unmasked, "overhead": masked / unmasked - 1.0}
 
 
-def grouped_sequence_logprobs(
-    model,
-    batch: SequenceBatch,
-    *,
-    temperature: float = 1.0,
-    micro_batch_size: int | None = None,
-    return_entropy: bool = False,
-    with_grad: bool = False,
-    **_: object,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Drop-in for engines.logprobs.sequence_logprobs that runs each distinct prompt once.
-
-    Rows whose prompt columns [0, response_start) are identical (a GRPO group) share one
-    prompt forward; its KV cache is gathered back to the B rows with index_select (which
-    is differentiable: every sample's gradient reaches the shared prompt pass) and the
-    response columns run on top. Hidden state at column response_start - 1 + t predicts
-    response token t, as in engines.logprobs.response_logits. micro_batch_size is ignored
-    (one pass; fine at benchmark sizes). Returns logprobs [B, T] (and entropy [B, T]).
-    """
-    from posttrain.core.logprobs import entropy_from_logits
-
-    P, T = batch.response_start, batch.response_mask.shape[1]
-    ctx = torch.enable_grad() if with_grad else torch.no_grad()
-    with ctx:
-        prompt_cols = batch.input_ids[:, :P]  # [B, P]
-        uniq, row_to_uniq = torch.unique(prompt_cols, dim=0, return_inverse=True)  # [U, P], [B]
-        # Any member row represents its prompt (its prompt columns, mask and positions are identical).
-        first = torch.empty(len(uniq), dtype=torch.long).scatter_(
-            0, row_to_uniq, torch.arange(len(prompt_cols))
-        )
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-        cache = DynamicCache()
-        out = decoder(
-            input_ids=batch.input_ids[first, :P],
-            attention_mask=batch.attention_mask[first, :P],
-            position_ids=batch.position_ids[first, :P],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        last = out.last_hidden_state[:, -1:].index_select(0, row_to_uniq)  # [B, 1, H]
-        cache.reorder_cache(row_to_uniq)
-        out = decoder(
-            input_ids=batch.input_ids[:, P:],
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids[:, P:],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        hidden = torch.cat([last, out.last_hidden_state[:, : T - 1]], 1)  # [B, T, H]
-        logits = head(hidden)  # [B, T, V]
-        logprobs = logprobs_from_logits(logits, batch.response_ids, temperature).float()
-        entropy = entropy_from_logits(logits, temperature).float() if return_entropy else None
-    return logprobs, entropy
-
-
 def probe_step_shared_prefix(rl_cfg_factory: Callable[[str], object], steps: int) -> dict:
-    """The whole posttrain GRPO step, today vs with `grouped_sequence_logprobs` patched into
-    the loop's policy/reference scoring (train/rl_roles.py): median step seconds and the
-    per-step loss/reward of both runs (equal up to float noise: same seeds, same samples)."""
+    """The whole posttrain GRPO step with shared-prompt scoring switched off
+    (`share_prompts=False` patched into train/rl_roles.py) and on (the default), back to
+    back: median step and phase seconds and the per-step loss/reward of both runs (equal
+    up to float noise: same seeds, same samples)."""
+    import functools
+
     import posttrain.train.rl_roles as roles
     from posttrain.train.rl import RLTrainer
 
     results = {}
     original = roles.sequence_logprobs
-    for name, fn in (("today", original), ("shared_prefix", grouped_sequence_logprobs)):
+    unshared = functools.partial(original, share_prompts=False)
+    for name, fn in (("full_forward", unshared), ("shared_prompt", original)):
         roles.sequence_logprobs = fn
         try:
             trainer = RLTrainer(rl_cfg_factory(name))

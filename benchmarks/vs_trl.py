@@ -6,8 +6,9 @@ Modes:
             ("trl_gc"), per model preset, all from the same saved initial weights.
   accuracy  training time until held-out arithmetic accuracy reaches a target, every
             framework starting from the same posttrain SFT checkpoint.
-  probe     where posttrain's step spends its time, and what sharing each GRPO group's
-            prompt would save (see benchmarks/_common.py).
+  probe     where posttrain's step spends its time, and what shared-prompt scoring
+            (engines/logprobs.py, on by default) saves against the full [B, L] forward,
+            per pass and over whole GRPO steps (see benchmarks/_common.py).
 
 Every mode prints a Markdown block (machine, load average, the exact command, tables)
 for docs/benchmarks.md and keeps results.json under --out.
@@ -103,7 +104,7 @@ def _rl_factory(cfg, model_dir: Path, out: Path):
 
 
 def run_probe(args: argparse.Namespace) -> str:
-    """Phase split of posttrain's own step, then the shared-prefix and mask probes."""
+    """Phase split of posttrain's own step, then the shared-prompt, prefill and mask probes."""
     import _common as probes
 
     from posttrain.engines.models import load_model, load_tokenizer
@@ -138,10 +139,20 @@ def run_probe(args: argparse.Namespace) -> str:
         lines.append(
             f"\n**{preset}** probes ({cfg.prompts_per_step} prompts x G={cfg.group_size}, T={cfg.max_new_tokens}):\n"
         )
-        lines.append("| what | today (s) | shared prompt (s) | saving |\n|---|---|---|---|")
+        step = probes.probe_step_shared_prefix(_rl_factory(cfg, model_dir, out / preset), cfg.steps)
+        off, on = step["full_forward"], step["shared_prompt"]
+        lines.append("| what | full [B, L] forward (s) | shared prompt (s) | saving |\n|---|---|---|---|")
         for name, a, b in (("scoring forward (no grad)", pre["score_full_s"], pre["score_shared_s"]),
-                           ("learner forward+backward", pre["update_full_s"], pre["update_shared_s"])):  # fmt: skip
+                           ("learner forward+backward", pre["update_full_s"], pre["update_shared_s"]),
+                           ("RL step: scoring phase (median)", off["median_score_s"], on["median_score_s"]),
+                           ("RL step: update phase (median)", off["median_update_s"], on["median_update_s"]),
+                           ("RL step: whole step (median)", off["median_step_s"], on["median_step_s"])):  # fmt: skip
             lines.append(f"| {name} | {a:.3f} | {b:.3f} | {1 - b / a:.0%} |")
+        dloss = max(abs(x["loss"] - y["loss"]) for x, y in zip(off["rows"], on["rows"]))
+        lines.append(
+            f"\nRL steps: {cfg.steps} per variant, first excluded; max |Δ loss| between the variants "
+            f"over the steps {dloss:.1e} (same seeds, same samples)"
+        )
         lines.append(
             f"\nshared-prefix numerics: max |Δ log-prob| {pre['max_abs_logprob_diff']:.1e}, max relative "
             f"gradient difference {pre['max_rel_grad_diff']:.1e}"
@@ -156,7 +167,7 @@ def run_probe(args: argparse.Namespace) -> str:
             f"{mask['with_mask_s']:.3f} s vs none {mask['without_mask_s']:.3f} s ({mask['overhead']:+.0%})"
         )
         (out / preset / "probes.json").write_text(
-            json.dumps({"shared_prefix": pre, "prefill": fill, "mask": mask})
+            json.dumps({"shared_prefix": pre, "step": step, "prefill": fill, "mask": mask})
         )
     return "\n".join(lines) + "\n"
 

@@ -215,3 +215,13 @@ def test_shared_equals_full_property(groups, T, seed):
     full, _ = sequence_logprobs(model, batch, share_prompts=False)
     shared, _ = sequence_logprobs(model, batch)
     torch.testing.assert_close(shared * m, full * m, atol=1e-5, rtol=0)
+
+
+def test_no_prompt_column_is_a_model_error_with_micro_batches():
+    from posttrain.engines.batching import SequenceBatch
+    from posttrain.errors import ModelError
+
+    ids = torch.ones(3, 2, dtype=torch.long)
+    batch = SequenceBatch(ids, torch.ones_like(ids), torch.arange(2).expand(3, 2), 0, torch.ones(3, 2))
+    with pytest.raises(ModelError, match="no prompt column"):
+        sequence_logprobs(_model("qwen2"), batch, micro_batch_size=1)

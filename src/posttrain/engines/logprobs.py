@@ -33,7 +33,7 @@ from posttrain.errors import ModelError
 DEFAULT_MAX_LOGIT_ELEMENTS = 1 << 24
 # Share prompts only when that skips at least this fraction of the token-forwards: the
 # shared path runs the decoder twice and copies the prompt's KV cache to every row, which
-# a small saving does not pay for.
+# a tiny saving does not pay for (small preset, CPU: still 7% faster at a 10% saving).
 MIN_SHARED_SAVING = 0.1
 
 
@@ -153,7 +153,7 @@ def _plan_micro_batches(
     """Row selections of <= size rows, and the permutation [B] that restores row order
     after concatenating their outputs (None when the selections are in order)."""
     B = len(batch)
-    if not share_prompts or B <= size:
+    if not share_prompts or B <= size or batch.response_start < 1:
         return [slice(s, min(s + size, B)) for s in range(0, B, size)], None
     _, inverse = batch.prompt_groups()
     parts = group_micro_batches(inverse, size)
