@@ -5,10 +5,6 @@ with or without grad), a `ScoringRole` for frozen models (reference, teacher), a
 `CriticRole` (values), a `RewardRole` (scores), a `PromptSource` (which prompts, with a
 resumable position) — so each could later live in a Ray actor without the loop changing.
 `RLBatch` carries one step's data between them.
-
-Every forward here goes through `engines.logprobs`, which runs each distinct prompt of a
-batch once (a GRPO group's G samples share one prompt pass) — in the old-logprob,
-reference, teacher and critic passes and in the learner's forward+backward alike.
 """
 
 from __future__ import annotations
