@@ -123,6 +123,9 @@ class BenchConfig:
     )
     model_path: str | None = _opt(None, "Benchmark this HF model directory instead of presets.")
     task: str = _opt("arithmetic", "Synthetic task giving prompts and the verifier.")
+    task_options: dict[str, Any] = _opt(
+        dict, "Options of the task, e.g. {operators: '+-', trace: columns} for arithmetic.", factory=True
+    )
     difficulty: int | None = _opt(None, "Task difficulty; null = the task's mix of levels.")
     n_train: int = _opt(2000, "Training prompts drawn from the task.")
     prompts_per_step: int = _opt(4, "Prompts per GRPO step.")
@@ -257,6 +260,7 @@ def prepare_sft(cfg: BenchConfig, init_dir: Path, out_dir: Path) -> Path:
     overrides = [
         f"model.path={init_dir}",
         f"data.task={cfg.task}",
+        f"data.task_options={json.dumps(cfg.task_options)}",
         f"data.n_train={a.sft_examples}",
         f"optim.lr={a.sft_lr}",
         f"train.steps={a.sft_steps}",
@@ -270,6 +274,8 @@ def prepare_sft(cfg: BenchConfig, init_dir: Path, out_dir: Path) -> Path:
     if cfg.difficulty is not None:
         overrides.append(f"data.difficulty={cfg.difficulty}")
     sft = load_config(SFTConfig, None, overrides)
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(sft, path / "config.yaml")  # the warm start's exact recipe, next to its model
     run_sft(sft)
     if not (final / "config.json").is_file():
         raise TrainingError(f"SFT warm start finished but wrote no model at {final}")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def _train_examples(cfg: BenchConfig):
     from posttrain.data.tasks import get_task
 
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, **cfg.task_options)
     return task, task.examples("train", cfg.n_train, seed=cfg.run.seed, difficulty=cfg.difficulty)
 
 
@@ -40,7 +40,7 @@ class HeldOutEval:
 
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.task = get_task(cfg.task)
+        self.task = get_task(cfg.task, **cfg.task_options)
         self.examples = self.task.examples(
             "test", cfg.accuracy.n_eval, seed=cfg.run.seed, difficulty=cfg.difficulty
         )
@@ -154,7 +154,7 @@ def run_trl(
     # The very reward function posttrain's loop builds for `rewards: [{name: task}]`; it
     # sees the chat-templated prompt text, as in our loop. TRL hands conversational
     # completions as [{"role": "assistant", "content": text}].
-    ours = build_reward("task", task=cfg.task)
+    ours = build_reward("task", task=cfg.task, **cfg.task_options)
 
     def task_reward(prompts, completions, answer, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -224,7 +224,12 @@ def run_trl(
 
 def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int) -> dict:
     """posttrain's GRPO (as an RLConfig mapping) matching `run_trl` setting for setting."""
-    data: dict[str, Any] = {"task": cfg.task, "n_train": cfg.n_train, "enable_thinking": cfg.thinking}
+    data: dict[str, Any] = {
+        "task": cfg.task,
+        "task_options": dict(cfg.task_options),
+        "n_train": cfg.n_train,
+        "enable_thinking": cfg.thinking,
+    }
     if cfg.difficulty is not None:
         data["difficulty"] = cfg.difficulty
     # fmt: off
@@ -243,7 +248,7 @@ def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int)
                  "clip_eps_high": cfg.clip_eps, "aggregation": "token-mean",
                  "kl_placement": "loss" if cfg.beta > 0 else "none", "kl_estimator": "k3", "kl_coef": cfg.beta,
                  "update_epochs": 1, "num_minibatches": 1},
-        "rewards": [{"name": "task", "weight": 1.0, "options": {"task": cfg.task}}],
+        "rewards": [{"name": "task", "weight": 1.0, "options": {"task": cfg.task, **cfg.task_options}}],
         "sample_log_every": 0,
     }
     # fmt: on
