@@ -45,6 +45,13 @@ class OfflineDataSection:
         default=0.05, metadata={"help": "Share of `path` rows held out when eval_path is null."}
     )
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in `path`."})
+    keep_if: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only `path` / `eval_path` rows whose boolean column of this name is true, e.g. "
+            "'correct' on a `posttrain eval` samples.jsonl (rejection-sampling SFT); null = keep all."
+        },
+    )
     messages: bool = field(
         default=False, metadata={"help": "SFT only: `path` rows are conversations in a `messages` column."}
     )
@@ -393,6 +400,7 @@ def build_sft(cfg: SFTConfig):
     method = SFTMethod(
         cfg, model, tokenizer, train_items, eval_items, task=split.task, eval_examples=split.eval_examples
     )
+    method.data_filter = split.filtered
     return method, tokenizer
 
 
@@ -555,7 +563,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     from posttrain.train.offline_loop import train_offline
 
     method, tokenizer = build_sft(cfg)
-    return train_offline(cfg, method, tokenizer=tokenizer)
+    summary = train_offline(cfg, method, tokenizer=tokenizer)
+    if method.data_filter is not None:
+        summary["data_filter"] = method.data_filter
+    return summary
 
 
 def run_rm(cfg: RMConfig) -> dict:
@@ -634,6 +645,8 @@ def plan(cfg) -> str:
         if d.path
         else f"task {d.task} difficulty {d.difficulty}: {d.n_train} train / {d.n_eval} held-out examples"
     )
+    if d.path and d.keep_if:
+        data += f", rows with {d.keep_if} = true only"
     steps = f"{t.steps} steps" if t.steps > 0 else f"{t.epochs} epochs"
     accum = max(1, -(-t.batch_size // t.micro_batch_size))
     lines = [

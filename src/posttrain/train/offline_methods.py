@@ -103,7 +103,8 @@ class SFTMethod:
     def evaluate(self):
         self.model.eval()
         loss, sums = _eval_sums(self, self.eval_items)
-        out = {"eval/loss": loss, "eval/nll": _ratio(sums["sft/nll_sum"], sums["sft/tokens"])}
+        # No held-out rows (a file with data.eval_fraction 0): loss and NLL are NaN.
+        out = {"eval/loss": loss, "eval/nll": _ratio(sums.get("sft/nll_sum", 0.0), sums.get("sft/tokens", 0))}
         out.update(
             _accuracy(
                 self, self.cfg, think_modes=(True, False) if self.cfg.data.no_think_fraction > 0 else (True,)
