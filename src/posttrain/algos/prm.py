@@ -43,6 +43,7 @@ __all__ = [
     "StepBatch",
     "build_step_batch",
     "first_wrong_step",
+    "largest_drop_step",
     "load_prm",
     "prm_loss",
     "score_steps",
@@ -86,3 +87,22 @@ def first_wrong_step(step_scores: Sequence[float], threshold: float = 0.5) -> in
         if score < threshold:
             return i
     return None
+
+
+def largest_drop_step(step_scores: Sequence[float], initial: float = 1.0) -> int | None:
+    """Index of the step whose score fell most: argmax_t PRM(≤t−1) − PRM(≤t), or None if empty.
+
+    step_scores: per-step PRM(≤t) probabilities of one trace.
+    initial: PRM(≤0), the score before any step; 1.0 because an empty prefix cannot be wrong.
+    This localises the error of a trace known to contain one: the step with the most
+    negative marginal r_t = PRM(≤t) − PRM(≤t−1) (the dense reward of
+    `core.advantages.prm_token_rewards`). Unlike `first_wrong_step` it needs no threshold,
+    so it does not depend on how the PRM's scores are calibrated around 0.5. Ties go to the
+    earlier step.
+    """
+    best, best_drop, prev = None, float("-inf"), initial
+    for i, score in enumerate(step_scores):
+        if prev - score > best_drop:
+            best, best_drop = i, prev - score
+        prev = score
+    return best
