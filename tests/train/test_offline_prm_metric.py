@@ -7,8 +7,8 @@ import torch
 
 from posttrain.engines.tokenizer import build_char_tokenizer
 from posttrain.train.config import load_config
-from posttrain.train.offline import PRMConfig
-from posttrain.train.offline_data import encode_steps
+from posttrain.train.offline import PRMConfig, build_prm, plan
+from posttrain.train.offline_data import encode_steps, until_first_error
 from posttrain.train.offline_methods import PRMMethod
 
 
@@ -59,3 +59,31 @@ def test_first_error_rate_hand_counts():
     assert got["eval/prm_first_error_acc_drop"] == pytest.approx(3 / 4)
     assert got["eval/prm_first_error_chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2 + 1 / 3) / 4)
     assert got["eval/prm_first_error_majority"] == pytest.approx(2 / 4)  # truths 1, 0, 0, 1
+
+
+def test_until_first_error_cuts_wrong_traces_after_their_first_wrong_step():
+    items = [
+        {"prompt": [1], "steps": [[2], [3], [4]], "labels": [True, False, False]},
+        {"prompt": [1], "steps": [[2], [3]], "labels": [False, False]},
+        {"prompt": [1], "steps": [[2], [3]], "labels": [True, True]},
+    ]
+    cut = until_first_error(items)
+    assert [it["labels"] for it in cut] == [[True, False], [False], [True, True]]
+    assert [it["steps"] for it in cut] == [[[2], [3]], [[2]], [[2], [3]]]
+    assert items[0]["labels"] == [True, False, False]  # the input is not modified
+
+
+def test_build_prm_until_first_error_keeps_whole_held_out_traces(tmp_path):
+    cfg = load_config(PRMConfig, None, [
+        "--run.output_dir", str(tmp_path / "prm"), "--data.difficulty", "2", "--data.n_train", "8",
+        "--data.n_eval", "4", "--data.task_options", "{operators: '+-', trace: columns, slips: any}",
+        "--algo.until_first_error", "true",
+    ])  # fmt: skip
+    method, _ = build_prm(cfg)
+    wrong = [it for it in method.train_items if not all(it["labels"])]
+    assert wrong and all(it["labels"][-1] is False and it["labels"].count(False) == 1 for it in wrong)
+    assert all(len(it["steps"]) == 3 for it in method.eval_traces)  # column traces of 2-digit +/-
+    assert sum(len(it["steps"]) for it in method.eval_items) < sum(
+        len(it["steps"]) for it in method.eval_traces
+    )
+    assert "labels up to the first wrong step" in plan(cfg)

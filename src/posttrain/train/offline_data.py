@@ -314,6 +314,24 @@ def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
     return items
 
 
+def until_first_error(items: list[dict]) -> list[dict]:
+    """Stepwise items cut after their first wrong step (all-correct traces unchanged).
+
+    PRM800K (Lightman et al. 2023) labels a solution only up to its first wrong step: the
+    PRM learns whether a step is right given a correct prefix, and never has to carry
+    "something earlier was wrong" through steps that are locally fine. On the column
+    traces that is what lets a 2-layer PRM find the first wrong step (docs/benchmarks.md).
+    """
+    out = []
+    for it in items:
+        if all(it["labels"]):
+            out.append(it)
+            continue
+        k = it["labels"].index(False) + 1
+        out.append({**it, "steps": it["steps"][:k], "labels": it["labels"][:k]})
+    return out
+
+
 # --------------------------------------------------------------------------- self-generated pairs
 
 

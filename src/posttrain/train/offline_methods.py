@@ -209,10 +209,13 @@ class PRMMethod:
 
     name = "prm"
 
-    def __init__(self, cfg, value_model, tokenizer, train_items, eval_items):
+    def __init__(self, cfg, value_model, tokenizer, train_items, eval_items, eval_traces=None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.models = {"prm": value_model}
         self.train_items, self.eval_items = train_items, eval_items
+        # Whole held-out traces for the first-wrong-step metrics (eval_items may be cut
+        # after the first wrong step, algo.until_first_error).
+        self.eval_traces = eval_items if eval_traces is None else eval_traces
         self.pad_id = tokenizer.pad_token_id
         self.sep_ids = tokenizer(cfg.algo.step_separator, add_special_tokens=False)["input_ids"]
 
@@ -284,7 +287,7 @@ class PRMMethod:
         loss, sums = _eval_sums(self, self.eval_items)
         out = {"eval/loss": loss}
         out.update(self.summarize(sums, prefix="eval/prm"))
-        out.update(self.first_error_rate(self.eval_items))
+        out.update(self.first_error_rate(self.eval_traces))
         return out
 
     def save_final(self, path):
