@@ -16,4 +16,5 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[test]"
+# peft too, so the LoRA paths (adapter-disabled reference, native sampler on LoRA layers) are tested.
+python -m pip install -q -e ".[test,peft]"

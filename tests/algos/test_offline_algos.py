@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posttrain.algos.prm import build_step_batch, first_wrong_step, prm_loss, score_steps, step_logits
+from posttrain.algos.prm import (
+    build_step_batch,
+    first_wrong_step,
+    largest_drop_step,
+    prm_loss,
+    score_steps,
+    step_logits,
+)
 from posttrain.algos.sft import pack_examples, packed_logprobs, render_prompt, sft_loss, strip_thinking
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.logprobs import sequence_logprobs
@@ -172,6 +179,15 @@ def test_first_wrong_step():
     assert first_wrong_step([0.9, 0.8, 0.2, 0.7]) == 2
     assert first_wrong_step([0.9, 0.6]) is None
     assert first_wrong_step([0.9, 0.6], threshold=0.7) == 1
+
+
+def test_largest_drop_step():
+    # drops from PRM(≤0) = 1: 0.1, 0.3, 0.2 -> step 1, although no score is below 0.5
+    assert largest_drop_step([0.9, 0.6, 0.4]) == 1
+    assert largest_drop_step([0.2, 0.1]) == 0  # 1 -> 0.2 is the largest fall
+    assert largest_drop_step([0.9, 0.95, 0.9]) == 0  # ties go to the earlier step (0.1 each)
+    assert largest_drop_step([0.5, 0.9], initial=0.4) == 0  # nothing falls: the smallest rise
+    assert largest_drop_step([]) is None
 
 
 def test_score_steps_matches_step_logits(tok):

@@ -159,6 +159,80 @@ def test_prm_scorer_mismatch_and_bad_aggregate():
         f([""], ["<think>a; b</think>"])
 
 
+def _save_tiny_prm(path, separator: str = "; "):
+    """A random-init tiny PRM saved the way `posttrain prm` saves one (weights, tokenizer, prm.json)."""
+    from posttrain.engines.models import build_preset, build_value_model, save_value_model
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    prm = build_value_model(build_preset("tiny", len(tok), num_hidden_layers=1), tokenizer=tok).eval()
+    save_value_model(prm, tok, str(path))
+    (path / "prm.json").write_text(json.dumps({"step_separator": separator, "threshold": 0.5}))
+    return prm, tok
+
+
+def test_prm_reward_from_a_saved_prm_matches_score_steps(tmp_path):
+    """{name: prm, options: {model_path: ...}} (what an RL YAML says) loads the PRM and its
+    separator and gives the same numbers as scoring the in-memory model directly."""
+    from posttrain.engines.scoring import score_steps
+
+    prm, tok = _save_tiny_prm(tmp_path / "prm")
+    prompts = ["<|im_start|>user\nWhat is 47+35?<|im_end|>\n<|im_start|>assistant\n", "q", "q"]
+    comps = [
+        "<think>7+5=12; 4+3+1=8; 47+35=82</think><answer>82</answer>",
+        "<think>1+1=2</think>",
+        "<think></think>",
+    ]
+    want = score_steps(prm, tok, prompts[:2], [["7+5=12", "4+3+1=8", "47+35=82"], ["1+1=2"]])
+    for agg, pick in (("min", min), ("last", lambda s: s[-1]), ("mean", lambda s: sum(s) / len(s))):
+        f = build_reward("prm", model_path=str(tmp_path / "prm"), aggregate=agg, batch_size=2)
+        got = f(prompts, comps)
+        assert got[2] is None
+        assert got[:2] == pytest.approx([pick(s) for s in want], abs=1e-5)
+    in_memory = build_reward("prm", model=prm, tokenizer=tok)
+    assert in_memory.step_scores(prompts[:1], comps[:1])[0] == pytest.approx(want[0], abs=1e-5)
+
+
+def test_prm_reward_uses_the_separator_the_prm_was_trained_with(tmp_path):
+    _save_tiny_prm(tmp_path / "prm", separator=" | ")
+    f = build_reward("prm", model_path=str(tmp_path / "prm"))
+    # The think block is split on the trained separator, not on the tasks' "; ".
+    assert len(f.step_scores(["q"], ["<think>a; b | c</think>"])[0]) == 2
+
+
+def test_prm_reward_bad_sources(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one"):
+        build_reward("prm")
+    with pytest.raises(ConfigError, match="exactly one"):
+        build_reward("prm", scorer=_fake_scorer, model_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="tokenizer"):
+        build_reward("prm", model=torch.nn.Linear(1, 1))
+    with pytest.raises(ModelError):
+        build_reward("prm", model_path=str(tmp_path / "missing"))
+
+
+def test_step_separator_constant_is_the_tasks_one():
+    """engines/ cannot import data/, so the separator is defined in both; they must agree."""
+    from posttrain.data.tasks.base import STEP_SEPARATOR as TASKS_SEPARATOR
+    from posttrain.engines.scoring import STEP_SEPARATOR
+
+    assert STEP_SEPARATOR == TASKS_SEPARATOR
+
+
+def test_data_rewards_do_not_import_algos():
+    """Layering (core <- engines <- data <- algos <- train): building the prm reward from a
+    path must work without algos/ (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, posttrain.data.rewards.models as m, posttrain.engines.scoring; "
+        "print(any(k.startswith('posttrain.algos') for k in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # ------------------------------------------------------------------ code
 
 

@@ -57,6 +57,42 @@ def test_bench_cli_runs_posttrain_steps(tmp_path):
     assert (out / "tiny" / "posttrain-r0" / "trace.json").is_file()
 
 
+def test_bench_accuracy_mode_with_task_options(tmp_path):
+    """Time-to-accuracy end to end on a tiny budget: SFT warm start on column-trace
+    arithmetic, GRPO with greedy held-out evaluation; the task options reach every stage."""
+    out = tmp_path / "acc"
+    cfg = load_config(
+        BenchConfig,
+        None,
+        [
+            "mode=accuracy",
+            "presets=[tiny]",
+            "frameworks=[posttrain]",
+            "task_options={operators: '+-', trace: columns}",
+            "difficulty=2",
+            "n_train=16",
+            "max_new_tokens=8",
+            "threads=1",
+            "isolate=false",
+            "accuracy.sft_steps=2",
+            "accuracy.sft_examples=16",
+            "accuracy.sft_batch_size=4",
+            "accuracy.n_eval=4",
+            "accuracy.eval_every=1",
+            "accuracy.max_steps=2",
+            "accuracy.target=1.0",
+            f"run.output_dir={out}",
+        ],
+    )
+    results = run_bench(cfg)
+    run = results["models"]["tiny"]["frameworks"]["posttrain"]
+    assert [e["step"] for e in run["evals"]] == [1, 2]
+    assert all(0.0 <= e["accuracy"] <= 1.0 for e in run["evals"])
+    assert "trace: columns" in (out / "tiny" / "sft" / "config.yaml").read_text()
+    rl_cfg = (out / "tiny" / "posttrain-r0" / "rl.yaml").read_text()
+    assert "trace: columns" in rl_cfg
+
+
 def test_bench_bad_framework_is_one_line_error(tmp_path):
     proc = _cli("--frameworks", "[trll]", "--run.output_dir", str(tmp_path / "x"), cwd=tmp_path)
     assert proc.returncode == 2

@@ -26,6 +26,10 @@ def test_default_stages_use_the_column_task_without_a_reference(tmp_path):
     assert rl.model.path == str(tmp_path / "sft" / "final")
     assert rl.eval.temperature == 0.0 and rl.eval.before_after
     assert [r.name for r in rl.rewards] == ["accuracy", "format"]
+    # GRPO samples at T=1 from more train-split prompts than SFT saw, with an annealed lr.
+    assert rl.rollout.temperature == cfg.temperature == 1.0
+    assert rl.data.n_train == cfg.rl_prompts > cfg.sft_examples
+    assert rl.optim.schedule == "cosine" and rl.optim.lr == cfg.rl_lr
     pieces = rl.algo.pieces()
     assert pieces["kl_placement"] == "none" and pieces["advantage"] == "grpo"
     # Group-mean baseline, batch-std scale: the 0.2 format weight stays small next to accuracy.

@@ -60,7 +60,8 @@ def output_of(path: Path) -> str:
 
 
 def inputs_of(path: Path) -> list[str]:
-    """Every model directory the recipe reads (policy, reference, critic, teacher, scorers, RMs)."""
+    """Every model directory or data file the recipe reads (policy, reference, critic, teacher,
+    scorers, RMs, data.path)."""
     cfg = yaml.safe_load(path.read_text()) or {}
     found = [
         (cfg.get("model") or {}).get("path"),
@@ -71,6 +72,7 @@ def inputs_of(path: Path) -> list[str]:
         (cfg.get("scorer") or {}).get("prm"),
     ]
     found += [(r.get("options") or {}).get("model_path") for r in cfg.get("rewards") or []]
+    found.append((cfg.get("data") or {}).get("path"))  # a file an earlier stage wrote (r1 samples)
     return [p for p in found if p]
 
 
@@ -184,7 +186,7 @@ def test_pipeline_stages_chain(folder):
     for stage in stages:
         for src in inputs_of(stage):
             if src.startswith("runs/"):
-                assert src.removesuffix("/final") in produced, (
+                assert src.removesuffix("/final") in produced or str(Path(src).parent) in produced, (
                     f"{rel(stage)} reads {src}, which no earlier stage of {folder.name}/ writes"
                 )
         produced.add(output_of(stage))
@@ -238,12 +240,28 @@ TINY = {
 }
 
 
+# Stage-specific additions to TINY. R1's rejection sampling (r1/3_sample.yaml ->
+# r1/4_sft.yaml with data.keep_if: correct) needs some correct samples, which a 2-step model
+# never gives: its cold start trains long enough to answer its 16 training prompts (the
+# ones the sampling stage draws: same task, split, seed), and the sampling stage draws
+# enough tokens to close the answer.
+STAGE_TINY = {
+    "r1/1_sft.yaml": ["--train.steps", "150", "--optim.lr", "3e-3"],
+    "r1/3_sample.yaml": ["--data.n", "16", "--sampling.k", "4", "--sampling.max_new_tokens", "32"],
+}
+
+
+def stage_args(path: Path) -> list[str]:
+    """TINY for the stage's command, then its STAGE_TINY additions (later ones win)."""
+    return [*TINY[command_of(path)], *STAGE_TINY.get(rel(path).removeprefix("recipes/"), [])]
+
+
 def run_stage(path: Path, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m posttrain <cmd> --config <recipe> <tiny overrides>` from `cwd`, as a user would."""
     command = command_of(path)
     env = dict(os.environ, OMP_NUM_THREADS="1", POSTTRAIN_CACHE=str(cwd / "cache"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "posttrain", command, "--config", str(path), *TINY[command]],
+        [sys.executable, "-m", "posttrain", command, "--config", str(path), *stage_args(path)],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -272,7 +290,9 @@ def check_outputs(path: Path, cwd: Path) -> None:
     # The saved config is the resolved one: the recipe's model plus the CLI overrides.
     assert saved["model"].get("path") == (recipe.get("model") or {}).get("path")
     steps = saved["steps"] if command == "rl" else saved["train"]["steps"]
-    assert steps == 2
+    key = "--steps" if command == "rl" else "--train.steps"
+    args = stage_args(path)
+    assert steps == int([v for k, v in zip(args, args[1:]) if k == key][-1])
     final = out / "final"
     if command in ("rm", "prm"):
         from transformers import AutoModelForSequenceClassification
@@ -319,6 +339,6 @@ def test_pipeline_runs_stage_by_stage(folder, tmp_path):
     for stage in sorted(folder.glob("*.yaml")):
         for src in inputs_of(stage):
             if src.startswith("runs/"):
-                assert (tmp_path / src).is_dir(), f"{rel(stage)}: {src} missing before the stage runs"
+                assert (tmp_path / src).exists(), f"{rel(stage)}: {src} missing before the stage runs"
         run_stage(stage, tmp_path)
         check_outputs(stage, tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from posttrain.engines.rollout.base import Rollout
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PosttrainError
 from posttrain.train import evaluate as ev
 from posttrain.train.config import load_config
 
@@ -224,3 +224,23 @@ def test_dataset_rows_and_math_verify_fallback(tmp_path):
         ]
     finally:
         check.close()
+
+
+def test_eval_task_options_reach_the_task():
+    cfg = load_config(
+        ev.EvalConfig,
+        None,
+        [
+            "--data.task_options",
+            "{operators: '+', trace: columns}",
+            "--data.difficulty",
+            "2",
+            "--data.n",
+            "20",
+        ],
+    )
+    rows, task = ev._load_examples(cfg)
+    assert len(rows) == 20 and all("+" in r["prompt"] and "-" not in r["prompt"] for r in rows)
+    bad = load_config(ev.EvalConfig, None, ["--data.task_options", "{tracee: columns}"])
+    with pytest.raises(PosttrainError, match="tracee"):
+        ev._load_examples(bad)

@@ -24,6 +24,7 @@ import torch
 
 from posttrain.core.logprobs import logprobs_from_logits
 from posttrain.core.masking import aggregate
+from posttrain.engines.scoring import render_prompt  # noqa: F401  (re-exported: trainers import it from here)
 from posttrain.errors import DataError
 
 
@@ -56,25 +57,6 @@ def sft_loss(
         "sft/tokens": mask.sum().detach(),
     }
     return loss, metrics
-
-
-def render_prompt(tokenizer, prompt: str | list[dict], enable_thinking: bool = True) -> str:
-    """The text the model sees before its completion: the chat template with a generation prompt.
-
-    prompt: a user message string, or a conversation (list of {"role", "content"} dicts)
-        ending before the assistant turn to be trained or generated.
-    enable_thinking: Qwen3 thinking-mode switch; False makes the template open an empty
-        <think></think> so the model answers directly (thinking-mode fusion).
-    A tokenizer without a chat template gets a plain string prompt unchanged.
-    """
-    if getattr(tokenizer, "chat_template", None) is None:
-        if isinstance(prompt, str):
-            return prompt
-        raise DataError("conversational prompt but the tokenizer has no chat template")
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
-    )
 
 
 def strip_thinking(completion: str, open_tag: str = "<think>", close_tag: str = "</think>") -> str:

@@ -41,10 +41,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 
 from posttrain.errors import ConfigError, TrainingError
+from posttrain.train.bench_report import format_markdown, summarize, time_to_target
+from posttrain.train.bench_runs import (
+    HeldOutEval,
+    _Trace,
+    _train_examples,
+    rl_config_dict,
+    run_posttrain,
+    run_trl,
+)
 from posttrain.train.config import RunSection, config_to_dict, load_config, save_config
+
+# Re-exported: benchmarks/vs_trl.py and tests import these from here.
+__all__ = [
+    "BenchConfig",
+    "format_markdown",
+    "plan",
+    "rl_config_dict",
+    "run_bench",
+    "summarize",
+    "time_to_target",
+]
 
 FRAMEWORKS = ("posttrain", "trl", "trl_gc")
 
@@ -104,6 +123,9 @@ class BenchConfig:
     )
     model_path: str | None = _opt(None, "Benchmark this HF model directory instead of presets.")
     task: str = _opt("arithmetic", "Synthetic task giving prompts and the verifier.")
+    task_options: dict[str, Any] = _opt(
+        dict, "Options of the task, e.g. {operators: '+-', trace: columns} for arithmetic.", factory=True
+    )
     difficulty: int | None = _opt(None, "Task difficulty; null = the task's mix of levels.")
     n_train: int = _opt(2000, "Training prompts drawn from the task.")
     prompts_per_step: int = _opt(4, "Prompts per GRPO step.")
@@ -238,6 +260,7 @@ def prepare_sft(cfg: BenchConfig, init_dir: Path, out_dir: Path) -> Path:
     overrides = [
         f"model.path={init_dir}",
         f"data.task={cfg.task}",
+        f"data.task_options={json.dumps(cfg.task_options)}",
         f"data.n_train={a.sft_examples}",
         f"optim.lr={a.sft_lr}",
         f"train.steps={a.sft_steps}",
@@ -251,279 +274,12 @@ def prepare_sft(cfg: BenchConfig, init_dir: Path, out_dir: Path) -> Path:
     if cfg.difficulty is not None:
         overrides.append(f"data.difficulty={cfg.difficulty}")
     sft = load_config(SFTConfig, None, overrides)
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(sft, path / "config.yaml")  # the warm start's exact recipe, next to its model
     run_sft(sft)
     if not (final / "config.json").is_file():
         raise TrainingError(f"SFT warm start finished but wrote no model at {final}")
     return final
-
-
-def _train_examples(cfg: BenchConfig):
-    from posttrain.data.tasks import get_task
-
-    task = get_task(cfg.task)
-    return task, task.examples("train", cfg.n_train, seed=cfg.run.seed, difficulty=cfg.difficulty)
-
-
-class HeldOutEval:
-    """Greedy held-out accuracy with one evaluation code path for every framework.
-
-    Calls posttrain's `evaluate_policy` (native engine, temperature 0) on `n_eval` test
-    examples; the model is switched to eval mode for the call and restored afterwards.
-    """
-
-    def __init__(self, cfg: BenchConfig, tokenizer):
-        from posttrain.data.tasks import get_task
-
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.task = get_task(cfg.task)
-        self.examples = self.task.examples(
-            "test", cfg.accuracy.n_eval, seed=cfg.run.seed, difficulty=cfg.difficulty
-        )
-
-    def __call__(self, model: torch.nn.Module) -> float:
-        from posttrain.train.evaluate import evaluate_policy
-
-        was_training = model.training
-        model.eval()
-        try:
-            out = evaluate_policy(
-                model,
-                self.tokenizer,
-                self.examples,
-                self.task,
-                k=1,
-                temperature=0.0,
-                max_new_tokens=self.cfg.max_new_tokens,
-                engine="native",
-                seed=self.cfg.run.seed,
-                enable_thinking=self.cfg.thinking,
-            )
-        finally:
-            model.train(was_training)
-        return float(out["accuracy"])
-
-
-# --------------------------------------------------------------------------- one framework's run
-
-
-class _Trace:
-    """What one framework's run records, step by step (plain lists, JSON-ready)."""
-
-    def __init__(
-        self,
-        framework: str,
-        evaluator: HeldOutEval | None = None,
-        target: float | None = None,
-        eval_every: int = 0,
-        max_steps: int = 0,
-        max_seconds: float = float("inf"),
-    ):
-        self.framework = framework
-        self.step_s: list[float] = []
-        self.completion_tokens: list[int] = []
-        self.reward_mean: list[float] = []
-        self.phases: dict[str, list[float]] = {}
-        self.evals: list[dict] = []  # {"step", "train_s", "accuracy"}
-        self._evaluator, self._target = evaluator, target
-        self._eval_every, self._max_steps, self._max_seconds = eval_every, max_steps, max_seconds
-
-    def add_phase(self, name: str, seconds: float) -> None:
-        self.phases.setdefault(name, []).append(seconds)
-
-    def end_step(self, seconds: float, model: torch.nn.Module | None = None) -> bool:
-        """Record one step's wall time; in accuracy mode maybe evaluate. Returns True to stop."""
-        self.step_s.append(seconds)
-        if self._evaluator is None or model is None:
-            return False
-        step, train_s = len(self.step_s), sum(self.step_s)
-        if step % self._eval_every == 0 or step >= self._max_steps or train_s >= self._max_seconds:
-            acc = self._evaluator(model)
-            self.evals.append({"step": step, "train_s": train_s, "accuracy": acc})
-            if self._target is not None and acc >= self._target:
-                return True
-        return step >= self._max_steps or train_s >= self._max_seconds
-
-    def to_dict(self) -> dict:
-        return {
-            "framework": self.framework,
-            "step_s": self.step_s,
-            "completion_tokens": self.completion_tokens,
-            "reward_mean": self.reward_mean,
-            "phases": self.phases,
-            "evals": self.evals,
-        }
-
-
-def run_trl(
-    cfg: BenchConfig,
-    model_dir: Path,
-    out_dir: Path,
-    *,
-    gradient_checkpointing: bool,
-    trace: _Trace,
-    steps: int,
-) -> None:
-    """TRL 1.16 GRPOTrainer with settings mirrored from `cfg` (see module docstring).
-
-    TRL hyper-parameters set explicitly (defaults differ from ours or from the issue):
-    bf16/fp16 off (fp32), use_cpu on a CPU device, lr_scheduler_type="constant" (TRL's
-    default linearly decays to 0 over max_steps), loss_type="dapo" (token-level mean over
-    the whole batch), scale_rewards="group", num_iterations=1 (strictly on-policy),
-    per_device_train_batch_size = prompts x G completions with gradient_accumulation_steps=1.
-    Generate time is measured by wrapping `GRPOTrainer._generate_single_turn` and
-    generate+reward+reference time by wrapping `_generate_and_score_completions`.
-    """
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from posttrain.data.rewards import build_reward
-    from posttrain.engines.models import load_tokenizer
-
-    _, examples = _train_examples(cfg)
-    rows = [{"prompt": [{"role": "user", "content": ex.prompt}], "answer": ex.answer} for ex in examples]
-    # posttrain's loader, so TRL tokenizes exactly as our loop does.
-    tokenizer = load_tokenizer(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-
-    # The very reward function posttrain's loop builds for `rewards: [{name: task}]`; it
-    # sees the chat-templated prompt text, as in our loop. TRL hands conversational
-    # completions as [{"role": "assistant", "content": text}].
-    ours = build_reward("task", task=cfg.task)
-
-    def task_reward(prompts, completions, answer, **_):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        prompt_texts = [
-            tokenizer.apply_chat_template(
-                p, add_generation_prompt=True, tokenize=False, enable_thinking=cfg.thinking
-            )
-            if isinstance(p, list)
-            else p
-            for p in prompts
-        ]
-        return ours(prompt_texts, texts, answer=list(answer))
-
-    task_reward.__name__ = f"task_{cfg.task}"
-    batch = cfg.prompts_per_step * cfg.group_size
-    # fmt: off
-    args = GRPOConfig(
-        output_dir=str(out_dir), use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
-        gradient_checkpointing=gradient_checkpointing, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=1.0, top_k=0, learning_rate=cfg.lr, lr_scheduler_type="constant",
-        weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta, epsilon=cfg.clip_eps,
-        loss_type="dapo", scale_rewards="group", num_iterations=1, max_steps=steps, logging_steps=1,
-        report_to="none", save_strategy="no", disable_tqdm=True, seed=cfg.run.seed,
-        chat_template_kwargs={"enable_thinking": cfg.thinking}, dataloader_num_workers=0,
-    )
-    # fmt: on
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=task_reward,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )  # fmt: skip
-
-    def timed(name, fn, count_tokens=False):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            trace.add_phase(name, time.perf_counter() - t0)
-            if count_tokens:
-                trace.completion_tokens.append(sum(len(ids) for ids in out[0]))
-            return out
-
-        return wrapper
-
-    trainer._generate_single_turn = timed("generate_s", trainer._generate_single_turn, count_tokens=True)
-    trainer._generate_and_score_completions = timed(
-        "generate_score_s", trainer._generate_and_score_completions
-    )
-
-    class _Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if trace.end_step(time.perf_counter() - self.t0, trainer.model):
-                control.should_training_stop = True
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "reward" in logs:
-                trace.reward_mean.append(float(logs["reward"]))
-
-    trainer.add_callback(_Clock())
-    trainer.train()
-
-
-def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int) -> dict:
-    """posttrain's GRPO (as an RLConfig mapping) matching `run_trl` setting for setting."""
-    data: dict[str, Any] = {"task": cfg.task, "n_train": cfg.n_train, "enable_thinking": cfg.thinking}
-    if cfg.difficulty is not None:
-        data["difficulty"] = cfg.difficulty
-    # fmt: off
-    return {
-        "steps": steps,
-        "model": {"path": str(model_dir), "dtype": "float32"},
-        "optim": {"lr": cfg.lr, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-                  "max_grad_norm": cfg.max_grad_norm},
-        "run": {"output_dir": str(out_dir), "seed": cfg.run.seed, "save_every": 0},
-        "data": data,
-        "rollout": {"engine": "native", "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size,
-                    "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
-        # TRL's GRPO advantage: (r - mean_g) / (unbiased std_g + 1e-4).
-        "algo": {"method": "grpo", "advantage": "grpo", "policy_loss": "ppo", "clip_eps_low": cfg.clip_eps,
-                 "advantage_options": {"scale": "group", "std_eps": 1e-4, "unbiased_std": True},
-                 "clip_eps_high": cfg.clip_eps, "aggregation": "token-mean",
-                 "kl_placement": "loss" if cfg.beta > 0 else "none", "kl_estimator": "k3", "kl_coef": cfg.beta,
-                 "update_epochs": 1, "num_minibatches": 1},
-        "rewards": [{"name": "task", "weight": 1.0, "options": {"task": cfg.task}}],
-        "sample_log_every": 0,
-    }
-    # fmt: on
-
-
-# Our RL loop's per-phase timings (metric key -> phase name in the trace).
-_PT_PHASES = {
-    "time/generate_s": "generate_s",
-    "time/reward_s": "reward_s",
-    "time/score_s": "score_s",
-    "time/update_s": "update_s",
-}
-
-
-def run_posttrain(cfg: BenchConfig, model_dir: Path, out_dir: Path, *, trace: _Trace, steps: int) -> None:
-    """posttrain's GRPO through the public RLTrainer, one `.step()` per timed step."""
-    from posttrain.train.rl import RLConfig, RLTrainer
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "rl.yaml"
-    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, out_dir, steps), sort_keys=False))
-    rl_cfg = load_config(RLConfig, path, [])
-    trainer = RLTrainer(rl_cfg)
-    try:
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            metrics = trainer.step()
-            seconds = time.perf_counter() - t0
-            for key, phase in _PT_PHASES.items():
-                if key in metrics:
-                    trace.add_phase(phase, float(metrics[key]))
-            trace.completion_tokens.append(
-                int(round(float(metrics["rollout/length_mean"]) * float(metrics["rollout/batch_size"])))
-            )
-            trace.reward_mean.append(float(metrics["reward/mean"]))
-            if trace.end_step(seconds, trainer.policy.model):
-                break
-    finally:
-        close = getattr(trainer, "close", None)
-        if close is not None:
-            close()
-
-
-# --------------------------------------------------------------------------- orchestration
 
 
 def _worker(cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, target: float | None) -> dict:
@@ -591,101 +347,6 @@ def _run_one(cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, t
             f"bench worker '{framework}' failed (exit {proc.returncode}): {tail[0]} — log: {log}"
         )
     return json.loads(result.read_text())
-
-
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def summarize(traces: list[dict], skip: int) -> dict:
-    """Pool a framework's rounds: medians over steps after the first `skip` of each round."""
-    steps = [s for t in traces for s in t["step_s"][skip:]]
-    tokens = [n for t in traces for n in t["completion_tokens"][skip:]]
-    phases: dict[str, list[float]] = {}
-    for t in traces:
-        for name, xs in t["phases"].items():
-            phases.setdefault(name, []).extend(xs[skip:])
-    curves = [t["reward_mean"] for t in traces]
-    n = min((len(c) for c in curves), default=0)
-    curve = [statistics.fmean(c[i] for c in curves) for i in range(n)]
-    out = {
-        "steps_timed": len(steps),
-        "median_step_s": _median(steps),
-        "completion_tokens_per_s": (sum(tokens) / sum(steps[: len(tokens)])) if tokens and steps else None,
-        "phase_median_s": {k: _median(v) for k, v in sorted(phases.items())},
-        "reward_curve": curve,
-        "reward_mean_second_half": statistics.fmean(curve[n // 2 :]) if n else None,
-    }
-    if traces and traces[0]["evals"]:  # accuracy mode: the first round's curve
-        out["evals"] = traces[0]["evals"]
-        out["train_s_total"] = [sum(t["step_s"]) for t in traces]
-    return out
-
-
-def time_to_target(evals: list[dict], target: float) -> float | None:
-    """Training seconds at the first evaluation whose accuracy reaches `target` (None: never)."""
-    for e in evals:
-        if e["accuracy"] >= target:
-            return e["train_s"]
-    return None
-
-
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(r) + " |" for r in rows
-    ]
-
-
-def format_markdown(results: dict) -> str:
-    """Markdown tables of a `run_bench` result (what docs/benchmarks.md quotes)."""
-    info, mode = results["machine"], results["config"]["mode"]
-    lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, load avg (1 min) at start {info['loadavg_1m']}, "
-        f"torch {info['torch']}, transformers {info['transformers']}, trl {info['trl']}; "
-        f"{results['config']['threads']} torch threads."
-    ]
-    for model, per in results["models"].items():
-        fws, speedup = per["frameworks"], per.get("speedup", {})
-        lines.append(f"\n**{model}** ({per.get('params', 0) / 1e6:.2f}M params)")
-        x = lambda name, sp=speedup: "—" if sp.get(name) is None else f"{sp[name]:.2f}x"
-        if mode == "rollout":
-            rows = [[n, _fmt(r["tokens_per_s"], ".0f"), _fmt(r["median_call_s"])] for n, r in fws.items()]
-            lines += _table(["engine", "tokens/s", "median s / call"], rows)
-        elif mode == "step":
-            header = ["framework", "median step (s)", "completion tok/s", "generate (s)",
-                      "posttrain speed-up", "mean reward, 2nd half"]  # fmt: skip
-            rows = [
-                [n, _fmt(r["median_step_s"]), _fmt(r["completion_tokens_per_s"], ".0f"),
-                 _fmt(r["phase_median_s"].get("generate_s")), x(n), _fmt(r["reward_mean_second_half"])]
-                for n, r in fws.items()
-            ]  # fmt: skip
-            lines += _table(header, rows)
-            for n, r in fws.items():
-                lines.append(f"\nreward curve ({n}): [{', '.join(f'{v:.2f}' for v in r['reward_curve'])}]")
-                ph = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_median_s"].items() if v is not None)
-                lines.append(f"\nphase medians ({n}): {ph}")
-        else:
-            lines.append(
-                f"\nSFT start: held-out accuracy {per['sft_accuracy']:.3f}; target {per['target']:.3f}"
-            )
-            header = ["framework", "time to target (s, training only)", "GRPO steps run", "median step (s)",
-                      "final accuracy", "posttrain speed-up"]  # fmt: skip
-            rows = []
-            for n, r in fws.items():
-                last = (r.get("evals") or [{}])[-1]
-                rows.append([n, _fmt(r.get("time_to_target_s"), ".1f"), str(last.get("step", "—")),
-                             _fmt(r["median_step_s"]), _fmt(last.get("accuracy")), x(n)])  # fmt: skip
-            lines += _table(header, rows)
-            for n, r in fws.items():
-                pts = ", ".join(
-                    f"({e['step']}, {e['train_s']:.0f}s, {e['accuracy']:.2f})" for e in r.get("evals", [])
-                )
-                lines.append(f"\naccuracy curve ({n}; step, training s, accuracy): {pts}")
-    return "\n".join(lines) + "\n"
 
 
 def _bench_rollout(cfg: BenchConfig, model_dir: Path) -> dict:

@@ -3,12 +3,13 @@
 The pipeline is the R1 recipe in miniature:
   1. SFT warm start of a random-init `tiny` model on reference solutions of two-digit
      addition/subtraction worked column by column (arithmetic task, difficulty 2,
-     operators "+-", trace "columns"; it learns the <think>…</think><answer>…</answer>
-     format and part of the arithmetic). Column traces make held-out problems reuse the
-     single-digit facts and carry rule of training problems, so what RL reinforces can
-     transfer (docs/benchmarks.md, "GRPO held-out arithmetic");
+     operators "+-", trace "columns"); it learns the <think>…</think><answer>…</answer>
+     format and part of the arithmetic (~40% held-out greedy accuracy). Column traces make
+     held-out problems reuse the single-digit facts and carry rule of training problems, so
+     what RL reinforces can transfer (docs/benchmarks.md, "GRPO held-out arithmetic");
   2. GRPO with the math-verify accuracy reward and a 0.2-weight format reward, starting
-     from the SFT model (group-mean baseline, batch-std scale, no KL);
+     from the SFT model (group-mean baseline, batch-std scale, no KL, sampling at T=1,
+     cosine learning rate), on train-split prompts most of which SFT never showed;
   3. greedy held-out evaluation (test split, never trained on) before and after RL
      (accuracy, format rate, mean length), PNG plots of the RL run and a Markdown/HTML
      report in the run directory.
@@ -64,12 +65,31 @@ class DemoConfig:
     preset: str = field(
         default="tiny", metadata=_h("Model preset trained from random init (tiny | small | base).")
     )
-    sft_steps: int = field(default=200, metadata=_h("SFT warm-start optimizer steps."))
+    sft_steps: int = field(
+        default=300,
+        metadata=_h(
+            "SFT warm-start optimizer steps (300 -> ~43% held-out greedy: enough correct samples per "
+            "GRPO group for a signal, far enough from the ceiling for RL to show; 200 -> ~16% is too weak)."
+        ),
+    )
     sft_examples: int = field(default=2000, metadata=_h("Reference solutions used for the warm start."))
     sft_batch_size: int = field(default=32, metadata=_h("SFT examples per optimizer step."))
     sft_lr: float = field(default=3e-3, metadata=_h("SFT learning rate."))
-    rl_steps: int = field(default=60, metadata=_h("GRPO steps."))
-    rl_lr: float = field(default=1e-4, metadata=_h("GRPO learning rate (peak, after warmup)."))
+    rl_steps: int = field(default=150, metadata=_h("GRPO steps."))
+    rl_lr: float = field(
+        default=2e-4,
+        metadata=_h(
+            "GRPO peak learning rate (after warmup, cosine down to a tenth); a constant 3e-4 makes this "
+            "0.5M-parameter model drift down, a constant 1e-4 climbs too slowly."
+        ),
+    )
+    rl_prompts: int = field(
+        default=8000,
+        metadata=_h(
+            "Train-split prompts GRPO samples from (the first sft_examples of them are the SFT problems, "
+            "the rest are new to the model, like the held-out ones)."
+        ),
+    )
     rl_warmup: int = field(default=5, metadata=_h("GRPO learning-rate warmup steps."))
     kl_coef: float = field(
         default=0.0, metadata=_h("KL-to-reference loss coefficient (0 = no reference model, faster).")
@@ -86,10 +106,8 @@ class DemoConfig:
     prompts_per_step: int = field(default=12, metadata=_h("Prompts per GRPO step."))
     group_size: int = field(default=8, metadata=_h("GRPO group size G (samples per prompt)."))
     temperature: float = field(
-        default=0.7,
-        metadata=_h(
-            "Rollout sampling temperature (0.7: the warm start samples too few correct answers at 1.0)."
-        ),
+        default=1.0,
+        metadata=_h("Rollout sampling temperature (the log-prob forward of the update uses the same)."),
     )
     format_weight: float = field(
         default=0.2, metadata=_h("Weight of the format reward next to accuracy (1.0).")
@@ -149,8 +167,13 @@ def _stage_configs(cfg: DemoConfig, root: Path):
         RewardSpec(name="accuracy", weight=1.0),
         RewardSpec(name="format", weight=cfg.format_weight),
     ]
+    rl.data.n_train = cfg.rl_prompts
     rl.optim.lr = cfg.rl_lr
     rl.optim.warmup_steps = cfg.rl_warmup
+    # Annealing takes the noise of the last updates out of the final policy (measured: constant
+    # 1e-4 +17 points in 100 steps, cosine from 2e-4 +21 in 150; docs/benchmarks.md).
+    rl.optim.schedule = "cosine"
+    rl.optim.min_lr_ratio = 0.1
     rl.eval.n = cfg.eval_n
     rl.eval.temperature = 0.0  # greedy before, during and after: one comparable number
     rl.eval.every = cfg.eval_every

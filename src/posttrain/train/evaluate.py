@@ -53,6 +53,10 @@ class EvalDataSection:
             "answers are checked by `task`'s verifier, or by math-verify when task is null."
         ),
     )
+    task_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_h("Keyword options passed to get_task(name, **options), e.g. {trace: columns}."),
+    )
     split: Literal["train", "test"] = field(default="test", metadata=_h("Task split to evaluate."))
     n: int = field(default=100, metadata=_h("Number of prompts (0 = every row of `path`)."))
     difficulty: int | None = field(default=None, metadata=_h("Task difficulty level; null = mixed levels."))
@@ -433,7 +437,7 @@ def _load_examples(cfg: EvalConfig) -> tuple[list[dict], Any]:
     if d.task is not None:
         from posttrain.data.tasks import get_task
 
-        task = get_task(d.task)
+        task = get_task(d.task, **dict(d.task_options or {}))
     if d.path is not None:
         from posttrain.data.datasets import load_rows
 

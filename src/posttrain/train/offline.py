@@ -25,7 +25,14 @@ import torch
 from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
-from posttrain.train.offline_data import KIND, encode_pairs, encode_sft, encode_steps, load_split
+from posttrain.train.offline_data import (
+    KIND,
+    encode_pairs,
+    encode_sft,
+    encode_steps,
+    load_split,
+    until_first_error,
+)
 
 # --------------------------------------------------------------------------- config sections
 
@@ -45,6 +52,13 @@ class OfflineDataSection:
         default=0.05, metadata={"help": "Share of `path` rows held out when eval_path is null."}
     )
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in `path`."})
+    keep_if: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only `path` / `eval_path` rows whose boolean column of this name is true, e.g. "
+            "'correct' on a `posttrain eval` samples.jsonl (rejection-sampling SFT); null = keep all."
+        },
+    )
     messages: bool = field(
         default=False, metadata={"help": "SFT only: `path` rows are conversations in a `messages` column."}
     )
@@ -192,6 +206,13 @@ class PRMAlgoSection:
     )
     threshold: float = field(
         default=0.5, metadata={"help": "A step counts as wrong when PRM(≤t) is below this."}
+    )
+    until_first_error: bool = field(
+        default=False,
+        metadata={
+            "help": "Train (and compute eval/prm/bce) on each trace's steps up to its first wrong step only, "
+            "as PRM800K labels them; the first-wrong-step metrics still read whole held-out traces."
+        },
     )
     head_init_std: float | None = field(
         default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
@@ -393,6 +414,7 @@ def build_sft(cfg: SFTConfig):
     method = SFTMethod(
         cfg, model, tokenizer, train_items, eval_items, task=split.task, eval_examples=split.eval_examples
     )
+    method.data_filter = split.filtered
     return method, tokenizer
 
 
@@ -428,8 +450,11 @@ def build_prm(cfg: PRMConfig):
     split = load_split(cfg.data, KIND["prm"])
     train_items = encode_steps(split.train, tokenizer, cfg.data, split.source)
     eval_items = encode_steps(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
+    traces = eval_items  # whole held-out traces for the first-wrong-step metrics
+    if cfg.algo.until_first_error:
+        train_items, eval_items = until_first_error(train_items), until_first_error(eval_items)
     model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
-    method = PRMMethod(cfg, model, tokenizer, train_items, eval_items)
+    method = PRMMethod(cfg, model, tokenizer, train_items, eval_items, eval_traces=traces)
     return method, tokenizer
 
 
@@ -555,7 +580,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     from posttrain.train.offline_loop import train_offline
 
     method, tokenizer = build_sft(cfg)
-    return train_offline(cfg, method, tokenizer=tokenizer)
+    summary = train_offline(cfg, method, tokenizer=tokenizer)
+    if method.data_filter is not None:
+        summary["data_filter"] = method.data_filter
+    return summary
 
 
 def run_rm(cfg: RMConfig) -> dict:
@@ -634,6 +662,8 @@ def plan(cfg) -> str:
         if d.path
         else f"task {d.task} difficulty {d.difficulty}: {d.n_train} train / {d.n_eval} held-out examples"
     )
+    if d.path and d.keep_if:
+        data += f", rows with {d.keep_if} = true only"
     steps = f"{t.steps} steps" if t.steps > 0 else f"{t.epochs} epochs"
     accum = max(1, -(-t.batch_size // t.micro_batch_size))
     lines = [
@@ -658,6 +688,7 @@ def plan(cfg) -> str:
     elif kind == "prm":
         lines.append(
             f"  algo:   step BCE at separator {cfg.algo.step_separator!r}, threshold {cfg.algo.threshold:g}"
+            + (", labels up to the first wrong step" if cfg.algo.until_first_error else "")
         )
     elif kind == "dpo":
         opts = ", ".join(f"{k}={v:g}" for k, v in cfg.algo.options.items())

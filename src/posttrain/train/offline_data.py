@@ -29,6 +29,7 @@ class Split:
     source: str
     task: object | None = None  # a data.tasks Task when accuracy can be measured
     eval_examples: list = field(default_factory=list)  # task Examples for accuracy
+    filtered: dict | None = None  # data.keep_if counts {"column", "kept", "dropped"}
 
 
 def load_split(data, kind: str, *, messages: bool = False) -> Split:
@@ -41,6 +42,11 @@ def load_split(data, kind: str, *, messages: bool = False) -> Split:
     """
     task = None
     eval_examples: list = []
+    keep_if = getattr(data, "keep_if", None)
+    if keep_if and not data.path:
+        raise ConfigError(
+            f"data.keep_if={keep_if!r} filters the rows of a data.path file; synthetic task rows have no such column"
+        )
     if data.task:
         from posttrain.data.tasks import get_task
 
@@ -51,8 +57,18 @@ def load_split(data, kind: str, *, messages: bool = False) -> Split:
 
         file_kind = "messages" if messages else kind
         rows = load_rows(data.path, file_kind, prompt_column=data.prompt_column)
+        filtered = None
+        if keep_if:
+            rows, filtered = keep_rows(rows, keep_if, str(data.path))
         if data.eval_path:
             eval_rows = load_rows(data.eval_path, file_kind, prompt_column=data.prompt_column)
+            if keep_if:
+                eval_rows, eval_filtered = keep_rows(eval_rows, keep_if, str(data.eval_path))
+                filtered = {
+                    **filtered,
+                    "eval_kept": eval_filtered["kept"],
+                    "eval_dropped": eval_filtered["dropped"],
+                }
             train_rows = rows
         else:
             if not 0.0 <= data.eval_fraction < 1.0:
@@ -62,8 +78,8 @@ def load_split(data, kind: str, *, messages: bool = False) -> Split:
             eval_rows = [rows[i] for i in sorted(order[:n_eval])]
             train_rows = [rows[i] for i in sorted(order[n_eval:])]
         if not train_rows:
-            raise DataError(f"{data.path}: no training rows")
-        return Split(train_rows, eval_rows, str(data.path), task, eval_examples)
+            raise DataError(f"{data.path}: no training rows" + (f" with {keep_if} = true" if keep_if else ""))
+        return Split(train_rows, eval_rows, str(data.path), task, eval_examples, filtered)
     if task is None:
         raise ConfigError("set data.path (a dataset file) or data.task (a synthetic task name)")
     from posttrain.data.tasks import task_rows
@@ -71,6 +87,37 @@ def load_split(data, kind: str, *, messages: bool = False) -> Split:
     train_rows = task_rows(task, "train", data.n_train, seed=data.seed, kind=kind, difficulty=data.difficulty)
     eval_rows = task_rows(task, "test", data.n_eval, seed=data.seed, kind=kind, difficulty=data.difficulty)
     return Split(train_rows, eval_rows, f"task {data.task}", task, eval_examples)
+
+
+def keep_rows(rows: list[dict], column: str, source: str) -> tuple[list[dict], dict]:
+    """The rows whose boolean `column` is true, and counts {"column", "kept", "dropped"}.
+
+    Rejection sampling for SFT (DeepSeek-R1 stage 3; RFT, Yuan et al. 2023): keep only the
+    samples a verifier marked correct, e.g. the `correct` column `posttrain eval` writes
+    to samples.jsonl. A row without the column, or with a value that is not a boolean
+    (true/false, or 0/1), is a one-line DataError naming the row: a silent "missing means
+    drop" would hide a misspelt column name. The kept/dropped counts are also written to
+    stderr so the user sees what the filter did before training starts.
+    """
+    import sys
+
+    kept = []
+    for i, row in enumerate(rows):
+        if column not in row:
+            present = ", ".join(sorted(row)) or "none"
+            raise DataError(
+                f"{source} row {i + 1}: no column {column!r} for data.keep_if (columns: {present})"
+            )
+        value = row[column]
+        if not isinstance(value, (bool, int)) or value not in (0, 1):
+            raise DataError(
+                f"{source} row {i + 1}: data.keep_if column {column!r} must be a boolean, got {value!r}"
+            )
+        if value:
+            kept.append(row)
+    counts = {"column": column, "kept": len(kept), "dropped": len(rows) - len(kept)}
+    sys.stderr.write(f"data.keep_if={column}: kept {len(kept)} of {len(rows)} rows of {source}\n")
+    return kept, counts
 
 
 def _hash(text: str) -> int:
@@ -265,6 +312,24 @@ def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
     if not items:
         raise DataError(f"{source}: no usable rows")
     return items
+
+
+def until_first_error(items: list[dict]) -> list[dict]:
+    """Stepwise items cut after their first wrong step (all-correct traces unchanged).
+
+    PRM800K (Lightman et al. 2023) labels a solution only up to its first wrong step: the
+    PRM learns whether a step is right given a correct prefix, and never has to carry
+    "something earlier was wrong" through steps that are locally fine. On the column
+    traces that is what lets a 2-layer PRM find the first wrong step (docs/benchmarks.md).
+    """
+    out = []
+    for it in items:
+        if all(it["labels"]):
+            out.append(it)
+            continue
+        k = it["labels"].index(False) + 1
+        out.append({**it, "steps": it["steps"][:k], "labels": it["labels"][:k]})
+    return out
 
 
 # --------------------------------------------------------------------------- self-generated pairs

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from posttrain.algos.preference import preference_loss, sequence_logps
-from posttrain.algos.prm import build_step_batch, first_wrong_step, prm_loss, step_logits
+from posttrain.algos.prm import build_step_batch, first_wrong_step, largest_drop_step, prm_loss, step_logits
 from posttrain.algos.reward_model import reward_model_loss
 from posttrain.algos.sft import pack_examples, packed_logprobs, sft_loss
 from posttrain.engines.batching import SequenceBatch, build_sequences
@@ -103,7 +103,8 @@ class SFTMethod:
     def evaluate(self):
         self.model.eval()
         loss, sums = _eval_sums(self, self.eval_items)
-        out = {"eval/loss": loss, "eval/nll": _ratio(sums["sft/nll_sum"], sums["sft/tokens"])}
+        # No held-out rows (a file with data.eval_fraction 0): loss and NLL are NaN.
+        out = {"eval/loss": loss, "eval/nll": _ratio(sums.get("sft/nll_sum", 0.0), sums.get("sft/tokens", 0))}
         out.update(
             _accuracy(
                 self, self.cfg, think_modes=(True, False) if self.cfg.data.no_think_fraction > 0 else (True,)
@@ -208,10 +209,13 @@ class PRMMethod:
 
     name = "prm"
 
-    def __init__(self, cfg, value_model, tokenizer, train_items, eval_items):
+    def __init__(self, cfg, value_model, tokenizer, train_items, eval_items, eval_traces=None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.models = {"prm": value_model}
         self.train_items, self.eval_items = train_items, eval_items
+        # Whole held-out traces for the first-wrong-step metrics (eval_items may be cut
+        # after the first wrong step, algo.until_first_error).
+        self.eval_traces = eval_items if eval_traces is None else eval_traces
         self.pad_id = tokenizer.pad_token_id
         self.sep_ids = tokenizer(cfg.algo.step_separator, add_special_tokens=False)["input_ids"]
 
@@ -243,16 +247,18 @@ class PRMMethod:
 
     @torch.no_grad()
     def first_error_rate(self, items) -> dict[str, float]:
-        """How often the first step scored < threshold is the first wrong step.
+        """How often the PRM names the first wrong step, over traces that contain one.
 
-        Over traces that contain a wrong step. Two baselines to beat: "chance", a uniform
-        guess among the trace's steps (mean of 1/S), and "majority", always answering the
-        most common first-wrong position of these traces (what a PRM that learned only
-        the label prior scores).
+        Two rules: "acc", the first step scored below algo.threshold (`first_wrong_step`),
+        and "acc_drop", the step whose score fell most (`largest_drop_step`: the most
+        negative marginal, no threshold). Two baselines to beat: "chance", a uniform guess
+        among the trace's steps (mean of 1/S), and "majority", always answering the most
+        common first-wrong position of these traces (what a PRM that learned only the
+        label prior scores).
         """
         model = self.models["prm"]
         model.eval()
-        hits = n = chance = 0.0
+        hits = drop_hits = n = chance = 0.0
         truths: list[int] = []
         bs = self.cfg.train.eval_batch_size
         for start in range(0, len(items), bs):
@@ -263,13 +269,15 @@ class PRMMethod:
                     continue
                 truth = it["labels"].index(False)
                 truths.append(truth)
-                pred = first_wrong_step(probs[row, : len(it["steps"])].tolist(), self.cfg.algo.threshold)
-                hits += pred == truth
+                scores = probs[row, : len(it["steps"])].tolist()
+                hits += first_wrong_step(scores, self.cfg.algo.threshold) == truth
+                drop_hits += largest_drop_step(scores) == truth
                 chance += 1.0 / len(it["steps"])
                 n += 1
         majority = max((truths.count(t) for t in set(truths)), default=0)
         return {
             "eval/prm_first_error_acc": _ratio(hits, n),
+            "eval/prm_first_error_acc_drop": _ratio(drop_hits, n),
             "eval/prm_first_error_chance": _ratio(chance, n),
             "eval/prm_first_error_majority": _ratio(majority, n),
         }
@@ -279,7 +287,7 @@ class PRMMethod:
         loss, sums = _eval_sums(self, self.eval_items)
         out = {"eval/loss": loss}
         out.update(self.summarize(sums, prefix="eval/prm"))
-        out.update(self.first_error_rate(self.eval_items))
+        out.update(self.first_error_rate(self.eval_traces))
         return out
 
     def save_final(self, path):

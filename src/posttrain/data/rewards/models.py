@@ -14,6 +14,16 @@ from posttrain.errors import ConfigError, ModelError, RewardError
 # ---------------------------------------------------------------------------- reward model
 
 
+def _load_with_tokenizer(what: str, path: str, load: Callable):
+    """(load(), the tokenizer saved at `path`); a loading failure is one ModelError line."""
+    from posttrain.engines.models import load_tokenizer  # same tokenizer loading as the trainers
+
+    try:
+        return load(), load_tokenizer(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load {what} {path!r}: {str(e).splitlines()[0]}") from None
+
+
 def _last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Score per sequence [B] from any scalar-head model: a ScalarHeadModel-like object with
     `sequence_scores`, a HF *ForSequenceClassification (logits [B, 1]), or a module that
@@ -61,13 +71,10 @@ def reward_model_reward(
             raise ConfigError("reward_model needs model= (+ tokenizer=) or model_path=")
         from transformers import AutoModelForSequenceClassification
 
-        from posttrain.engines.models import load_tokenizer  # same tokenizer loading as the trainers
-
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(model_path)
-            tokenizer = tokenizer or load_tokenizer(model_path)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load reward model {model_path!r}: {str(e).splitlines()[0]}") from None
+        model, saved_tokenizer = _load_with_tokenizer(
+            "reward model", model_path, lambda: AutoModelForSequenceClassification.from_pretrained(model_path)
+        )
+        tokenizer = tokenizer or saved_tokenizer
     if tokenizer is None:
         raise ConfigError("reward_model needs a tokenizer with an in-memory model")
     if device is not None:
@@ -135,23 +142,52 @@ _AGGREGATES = {
 
 def prm_reward(
     *,
-    scorer: Callable[[list, list[list[str]]], list[list[float]]],
+    model_path: str | None = None,
+    model=None,
+    tokenizer=None,
+    scorer: Callable[[list, list[list[str]]], list[list[float]]] | None = None,
     aggregate: str = "min",
-    step_separator: str = STEP_SEPARATOR,
+    step_separator: str | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
 ) -> Callable:
     """Sequence reward from a process reward model: aggregate its per-step scores.
 
-    scorer: (prompts, step_lists) -> per-step scores PRM(x, y≤t) ∈ [0, 1], e.g.
-        ``functools.partial(posttrain.algos.prm.score_steps, prm_model, tokenizer)`` (the
-        trainer builds it: data/ does not import algos/).
+    Give exactly one source of step scores:
+    model_path: a PRM saved by `posttrain prm` (run_dir/final: weights, tokenizer and
+        prm.json with its step separator), so a YAML config can say
+        ``{name: prm, options: {model_path: runs/prm/final, aggregate: min}}``;
+    model + tokenizer: a PRM in memory (`posttrain.engines.scoring.score_steps` scores it);
+    scorer: any (prompts, step_lists) -> per-step scores PRM(x, y≤t) ∈ [0, 1].
     aggregate: "min" (a trace is as good as its worst step; Lightman et al. 2023 best-of-N),
         "mean", or "last" (the PRM's view of the whole trace).
-    None for completions without steps. The per-step marginals for dense rewards come from
-    `prm_step_marginals` on the same scores (`fn.step_scores(prompts, completions)`).
+    step_separator: how the completion's <think> text is split into steps; default the
+        separator the PRM was trained with (prm.json), else the tasks' "; ".
+    batch_size / device: traces per PRM forward (no grad, eval mode) and where it runs.
+
+    Prompts are scored exactly as given (the RL loop passes chat-templated prompts, the
+    layout `posttrain prm` trains on). None for completions without steps. The per-step
+    marginals for dense rewards come from `prm_step_marginals` on the same scores
+    (`fn.step_scores(prompts, completions)`).
     """
     if aggregate not in _AGGREGATES:
         raise ConfigError(f"prm aggregate must be one of {', '.join(_AGGREGATES)}, got {aggregate!r}")
+    given = [
+        name
+        for name, v in (("model_path", model_path), ("model", model), ("scorer", scorer))
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise ConfigError(
+            f"prm reward needs exactly one of model_path, model (+ tokenizer) or scorer, got {given or 'none'}"
+        )
     agg = _AGGREGATES[aggregate]
+    if scorer is None:
+        scorer, trained_separator = _prm_scorer(
+            model_path, model, tokenizer, batch_size, device, step_separator or STEP_SEPARATOR
+        )
+        step_separator = step_separator or trained_separator
+    step_separator = step_separator or STEP_SEPARATOR
 
     def step_scores(prompts, completions) -> list[list[float]]:
         steps = [split_steps(p, c, step_separator) for p, c in zip(prompts, completions)]
@@ -165,3 +201,34 @@ def prm_reward(
 
     fn.step_scores = step_scores
     return fn
+
+
+def _prm_scorer(
+    model_path, model, tokenizer, batch_size: int, device, fallback_separator: str
+) -> tuple[Callable, str]:
+    """(scorer, the separator the PRM was trained with) for a saved or in-memory PRM.
+
+    The scorer lays steps out with the trained separator (prm.json) whatever separator
+    the completions are split on: the PRM only knows its own layout. An in-memory model
+    has no prm.json and uses `fallback_separator`.
+    """
+    from posttrain.engines.scoring import load_prm, score_steps
+
+    separator = fallback_separator
+    if model_path is not None:
+        (model, separator), tokenizer = _load_with_tokenizer(
+            "PRM", model_path, lambda: load_prm(str(model_path), device=device or "cpu")
+        )
+    elif tokenizer is None:
+        raise ConfigError("prm reward needs a tokenizer with an in-memory model")
+    elif device is not None:
+        model = model.to(device)
+    lock = threading.Lock()  # one forward at a time per model (rewards run in threads)
+
+    def scorer(prompts, step_lists):
+        with lock:
+            return score_steps(
+                model, tokenizer, prompts, step_lists, step_separator=separator, batch_size=batch_size
+            )
+
+    return scorer, separator

@@ -23,6 +23,11 @@ Options (defaults reproduce the examples above exactly):
                      of training problems instead of being unseen two-digit facts. A
                      one-operation subtraction is drawn non-negative, as at level 1; the
                      slip of the wrong solution is then one column off by one.
+    slips="any"      column traces only: the slipped column gets any other possible result
+                     (not just ±1) and later columns follow the carry it implies
+                     (columns.slip_column). Slips a step-local judge can see without
+                     knowing every single-digit fact exactly: PRM training and evaluation
+                     data (docs/benchmarks.md, PRM). The default "near" keeps today's data.
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ import re
 from fractions import Fraction
 
 from posttrain.data.tasks.base import Problem, Task
-from posttrain.data.tasks.columns import assemble, column_results, columns_apply, render_columns, slip_column
+from posttrain.data.tasks.columns import (
+    SLIPS,
+    assemble,
+    column_results,
+    columns_apply,
+    render_columns,
+    slip_column,
+)
 from posttrain.data.tasks.program import Program, Ref, evaluate, fmt, render_steps, slip_value, with_slip
 from posttrain.errors import ConfigError, DataError
 
@@ -79,12 +91,21 @@ class Arithmetic(Task):
     prompt_style: "question" ("What is 7+5?") or "bare" ("7+5=").
     operators: "" (each level's own operators) or a subset of "+-*" to draw from.
     trace: "ops" (one step per operation) or "columns" (see the module docstring).
+    slips: "near" or "any": how a column of a column trace slips (see the module docstring).
     """
 
     name = "arithmetic"
     max_difficulty = 5
 
-    def __init__(self, *, prompt_style: str = "question", operators: str = "", trace: str = "ops", **options):
+    def __init__(
+        self,
+        *,
+        prompt_style: str = "question",
+        operators: str = "",
+        trace: str = "ops",
+        slips: str = "near",
+        **options,
+    ):
         super().__init__(**options)
         if prompt_style not in ("question", "bare"):
             raise ConfigError(
@@ -94,6 +115,9 @@ class Arithmetic(Task):
             raise ConfigError(f"task 'arithmetic': operators must be a subset of '+-*', got {operators!r}")
         if trace not in ("ops", "columns"):
             raise ConfigError(f"task 'arithmetic': trace must be 'ops' or 'columns', got {trace!r}")
+        if slips not in SLIPS:
+            raise ConfigError(f"task 'arithmetic': slips must be one of {', '.join(SLIPS)}, got {slips!r}")
+        self.slips = slips
         self.prompt_style = prompt_style
         self.operators = operators
         self.trace = trace
@@ -128,6 +152,12 @@ class Arithmetic(Task):
         if self.trace == "columns":
             steps = _column_steps(program, values)
             wrong, wrong_steps, first_wrong = _column_slip(rng, program, values)
+            if self.slips == "any":
+                # The near slip above is still drawn from the shared generator, so the problem
+                # sequence (the prompts of every split) stays that of the default data; the
+                # any-slip comes from a generator seeded by the problem itself.
+                slip_rng = random.Random(f"slip:{expression}")
+                wrong, wrong_steps, first_wrong = _column_slip(slip_rng, program, values, "any")
             wrong_labels = [i < first_wrong for i in range(len(wrong_steps))]
         else:
             wrong, k = with_slip(rng, program)
@@ -180,12 +210,12 @@ def _column_steps(program: Program, values: list[Fraction], slipped: dict | None
 
 
 def _column_slip(
-    rng: random.Random, program: Program, values: list[Fraction]
+    rng: random.Random, program: Program, values: list[Fraction], mode: str = "near"
 ) -> tuple[list[Fraction], list[str], int]:
     """(wrong values, wrong column trace, index of its first wrong step) for one slip.
 
-    A column-worked step slips one column by one (its result moves by ±10^column); any other
-    step slips as in the default trace. Slips that a later product by zero would cancel
+    A column-worked step slips one column (`mode`, see columns.slip_column); any other step
+    slips as in the default trace. Slips that a later product by zero would cancel
     are rejected, as in `program.with_slip`; the last operation's slip always shows.
     """
     order = list(range(len(program)))
@@ -196,7 +226,7 @@ def _column_slip(
         a, op, b = _operands(program, values, i)
         slipped: dict[int, list[int]] = {}
         if columns_apply(a, op, b):
-            results, column = slip_column(rng, a, op, b)
+            results, column = slip_column(rng, a, op, b, mode)
             slipped[i] = results
             wrong_value = Fraction(int(values[i]) + _column_shift(a, op, b, results))
         else:

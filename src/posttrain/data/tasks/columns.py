@@ -89,20 +89,38 @@ def columns_apply(a: int, op: str, b: int) -> bool:
     return op == "+" or a >= b
 
 
-def slip_column(rng: random.Random, a: int, op: str, b: int) -> tuple[list[int], int]:
-    """Column results with one column off by one, and that column's index.
+SLIPS = ("near", "any")
 
-    The slipped value stays a possible column result (0..19 for a sum, 0..9 for a
-    difference digit) with the same carry, so the assembled result moves by exactly ±10^k
-    and stays >= 0.
+
+def slip_column(rng: random.Random, a: int, op: str, b: int, mode: str = "near") -> tuple[list[int], int]:
+    """Column results with one column slipped, and that column's index.
+
+    mode "near": the column is off by one and stays a possible column result (0..19 for a
+    sum, 0..9 for a difference digit) with the same carry, so the assembled result moves by
+    exactly ±10^k and stays >= 0.
+    mode "any": the column gets any other possible result, and for + every later column
+    follows the carry the slipped value implies (writing 7+5=3 carries nothing), the way a
+    writer who trusts their own slip goes on. Borrows depend on the digits only, so a
+    subtraction's later columns are unchanged.
     """
     results = column_results(a, op, b)
     k = rng.randrange(len(results))
+    wrong = list(results)
+    if mode == "any":
+        top = 20 if op == "+" else 10
+        wrong[k] = rng.choice([v for v in range(top) if v != results[k]])
+        if op == "+":
+            width = len(results)
+            da, db = _digits(a, width), _digits(b, width)
+            carry = 1 if wrong[k] >= 10 else 0
+            for j in range(k + 1, width):
+                wrong[j] = da[j] + db[j] + carry
+                carry = 1 if wrong[j] >= 10 else 0
+        return wrong, k
     # Stay within the column's decade (a sum of 9 never slips to 10, nor 10 to 9): the carry
     # into the next column, and so every later column, stays right, and the slip moves the
     # result by exactly ±10^k.
     decade = results[k] // 10
     options = [v for v in (results[k] - 1, results[k] + 1) if v // 10 == decade and v >= 0]
-    wrong = list(results)
     wrong[k] = rng.choice(options)
     return wrong, k
