@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
 from posttrain.data.rewards import build_reward
 from posttrain.data.rewards.code import extract_code
-from posttrain.data.rewards.models import prm_step_marginals, split_steps
+from posttrain.data.rewards.models import prm_step_marginals, split_steps, step_spans
 from posttrain.engines.tokenizer import build_char_tokenizer
 from posttrain.errors import ConfigError, ModelError, RewardError
 
@@ -122,6 +122,47 @@ def test_split_steps_uses_task_separator():
     assert split_steps("", "<think>7+5=12; 12*2=24</think><answer>24</answer>") == ["7+5=12", "12*2=24"]
     assert split_steps("q <think>", "a; b</think>") == ["a", "b"]
     assert split_steps("", "a\nb", separator="\n") == ["a", "b"]
+
+
+def test_step_spans_end_offsets_by_hand():
+    # "<think>" is 7 characters: "7+5=12" is characters 7..12, "12*2=24" 15..21 (after "; ").
+    c = "<think>7+5=12; 12*2=24</think><answer>24</answer>"
+    assert step_spans("", c) == [("7+5=12", 13), ("12*2=24", 22)]
+    # The template opened <think>: offsets are still in the completion's own characters.
+    assert step_spans("q <think>", " a ;  b</think>") == [("a", 2), ("b", 7)]
+    assert step_spans("", "x; y") == [("x", 1), ("y", 4)]  # no think block: the whole text
+    assert step_spans("", "<think>a; b") == [("a", 8), ("b", 11)]  # never closed: to the end
+    assert step_spans("", "<think> ; </think>") == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.text(alphabet="ab ;|", max_size=6), max_size=5),
+    st.sampled_from(["; ", " | "]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_step_spans_point_at_the_steps(pieces, separator, opened, closed):
+    body = separator.join(pieces)
+    completion = body + ("</think><answer>1</answer>" if closed else "")
+    prompt = "q <think>" if opened else "q"
+    if not opened:
+        completion = "<think>" + completion
+    spans = step_spans(prompt, completion, separator)
+    assert [t for t, _ in spans] == split_steps(prompt, completion, separator)
+    for text, end in spans:
+        assert completion[end - len(text) : end] == text
+
+
+def test_dense_prm_reward_exposes_scores_and_step_ends():
+    f = build_reward("prm", scorer=_fake_scorer, dense=True)
+    assert f.dense is True and build_reward("prm", scorer=_fake_scorer).dense is False
+    comps = ["<think>s1; bad</think>", "<think></think>"]
+    assert f.scored_steps(["", ""], comps) == ([[0.9, 0.2], []], [[9, 14], []])
+    with pytest.raises(ConfigError, match="aggregate does not apply"):
+        build_reward("prm", scorer=_fake_scorer, dense=True, aggregate="last")
+    with pytest.raises(ConfigError, match="true or false"):
+        build_reward("prm", scorer=_fake_scorer, dense="yes")
 
 
 def test_prm_reward_aggregates_hand_arithmetic():

@@ -137,6 +137,9 @@ class RLTrainer:
             metrics["distill/reverse_kl"] = _f(
                 -(dense * mask).sum() / mask.sum().clamp(min=1) / p["teacher_reward_weight"]
             )
+        if batch.dense_rewards is not None:  # dense reward specs (PRM step marginals), not in scores
+            prm = batch.dense_rewards * mask
+            token_rewards = prm if token_rewards is None else token_rewards + prm
         use_scores = p["teacher_mode"] != "reward"  # pure distillation: the teacher is the reward
         # An excluded sample (NaN reward) gets a group of its own, so it neither receives
         # an advantage (singleton -> 0, mask 0) nor shifts its group's mean and std.

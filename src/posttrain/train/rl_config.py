@@ -326,6 +326,22 @@ class RLConfig:
     samples_per_log: int = field(default=4, metadata=_h("Rollouts written per samples.jsonl entry."))
 
 
+# The advantage estimators that read `token_rewards` (core/advantages.py: GAE and the
+# γ-return REINFORCE family). The group/leave-one-out ones (grpo, rloo, kimi, ...) only see
+# the summed score, so a dense reward would silently vanish under them.
+TOKEN_REWARD_ADVANTAGES = ("gae", "reinforce", "reinforce_pp", "reinforce_pp_baseline")
+
+
+def check_dense_reward(name: str, advantage: str, method: str) -> None:
+    """ConfigError unless `advantage` can use the dense reward `name` (token rewards)."""
+    if advantage not in TOKEN_REWARD_ADVANTAGES:
+        raise ConfigError(
+            f"reward {name!r} is dense (per-step token rewards) but algo.method {method!r} uses advantage "
+            f"{advantage!r}, which ignores token rewards; use one of {', '.join(TOKEN_REWARD_ADVANTAGES)} "
+            "(e.g. method reinforce_pp or ppo) or drop options.dense"
+        )
+
+
 def _registry_check(registry, name: str, what: str) -> None:
     if name not in registry:
         raise ConfigError(f"{what}: {registry.unknown_message(name)}")
@@ -393,6 +409,18 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     for i, spec in enumerate(cfg.rewards):
         if spec.name not in REWARDS and ":" not in spec.name:  # "module:function" imports at build
             raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(spec.name)}")
+        if "dense" in spec.options and spec.name != "prm":
+            raise ConfigError(f"rewards[{i}].options.dense: only the prm reward is dense, not {spec.name!r}")
+        if "dense" in spec.options and not isinstance(spec.options["dense"], bool):
+            raise ConfigError(
+                f"rewards[{i}].options.dense must be true or false, got {spec.options['dense']!r}"
+            )
+        if spec.options.get("dense"):
+            check_dense_reward(spec.name, p["advantage"], cfg.algo.method)
+            if cfg.data.success_reward == spec.name:
+                raise ConfigError(
+                    f"data.success_reward {spec.name!r} is dense (no per-sample score); name a scalar reward"
+                )
     names = [spec.name for spec in cfg.rewards]
     if cfg.data.success_reward is not None and cfg.data.success_reward not in names:
         raise ConfigError(

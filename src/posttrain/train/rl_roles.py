@@ -36,6 +36,8 @@ class RLBatch:
     group_id: [B] long, one id per prompt. scores: [B] summed reward (0 where invalid),
         valid: [B] bool. item_index: [B] long, index of the prompt in the PromptSource.
     keep_mask: [B, T, V] bool sampler support (DeepSeek-V3.2 keep sampling mask) or None.
+    dense_rewards: [B, T] weighted dense rewards of dense reward specs (PRM step
+        marginals at each step's last token), not in `scores`; None without such specs.
     Filled by the scoring passes when needed: old_logprobs, ref_logprobs, values,
     teacher_logprobs ([B, T]); then advantages, returns ([B, T]).
     """
@@ -50,6 +52,7 @@ class RLBatch:
     finish_reason: list[str]
     texts: list[str]
     keep_mask: torch.Tensor | None = None
+    dense_rewards: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -194,6 +197,11 @@ class RewardRole:
     specs: list of (name, fn, weight, start_step). A reward whose start_step is in the
     future is left out of the runner for that step (Kimi k1.5 enables its length reward
     late), so it neither costs time nor changes the score.
+
+    A reward fn with `fn.dense` true (the prm reward with dense=true) is not part of the
+    summed score: `dense` returns its per-step scores and step end offsets, which the loop
+    turns into token rewards. It runs in the caller's thread, without the runner's
+    deadline: an error in it raises instead of excluding samples.
     """
 
     def __init__(
@@ -215,9 +223,26 @@ class RewardRole:
         """The reward specs that count at `step` (start_step <= step)."""
         return [s for s in self.specs if step >= s[3]]
 
+    def dense(self, prompts: list[str], completions: list[str], step: int):
+        """[(name, weight, step scores, step ends)] of the dense rewards active at `step`:
+        per completion, PRM(x, y≤t) for each step t and the step's end offset in the
+        completion's characters (lists of equal length; empty without steps)."""
+        out = []
+        for name, fn, weight, _ in self.active(step):
+            if getattr(fn, "dense", False):
+                scores, ends = fn.scored_steps(prompts, completions)
+                out.append((name, weight, scores, ends))
+        return out
+
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], step: int):
-        """RewardResult of the rewards active at `step` (scores [B], NaN where excluded)."""
-        active = self.active(step)
+        """RewardResult of the scalar rewards active at `step` (scores [B], NaN where
+        excluded); all zeros and valid when only dense rewards are active."""
+        active = [s for s in self.active(step) if not getattr(s[1], "dense", False)]
+        if not active:
+            from posttrain.data.rewards.runner import RewardResult
+
+            b = len(completions)
+            return RewardResult(torch.zeros(b), {}, torch.ones(b, dtype=torch.bool), {})
         key = tuple(s[0] for s in active)
         if key not in self._runners:
             self._runners[key] = self._runner_cls([(n, f, w) for n, f, w, _ in active], **self.options)

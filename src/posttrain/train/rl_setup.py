@@ -8,6 +8,8 @@ keep generating, at most `max_gen_rounds` extra rounds, until the batch is full)
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import time
 from dataclasses import replace
@@ -19,7 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
-from posttrain.train.rl_config import RLConfig
+from posttrain.train.rl_config import RLConfig, check_dense_reward
 from posttrain.train.rl_roles import (
     CriticRole,
     PolicyRole,
@@ -157,6 +159,8 @@ def build_rewards(cfg: RLConfig) -> RewardRole:
             fn = build_reward(spec.name, **options)
         except TypeError as e:
             raise ConfigError(f"rewards[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
+        if getattr(fn, "dense", False):  # also a "module:function" reward that marks itself dense
+            check_dense_reward(spec.name, cfg.algo.pieces()["advantage"], cfg.algo.method)
         specs.append((spec.name, fn, spec.weight, spec.start_step))
     ex = cfg.reward_exec
     return RewardRole(
@@ -350,8 +354,8 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     cfg, p = trainer.cfg, trainer.p
     P = cfg.rollout.prompts_per_step
     source: PromptSource = trainer.prompts
-    parts: list[tuple[list[int], Rollout, Any, torch.Tensor]] = []
-    all_scores, all_valid, per_reward, errors = [], [], {}, {}
+    parts: list[tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    all_scores, all_valid, per_reward, errors, dense_stats = [], [], {}, {}, {}
     gen_s = reward_s = 0.0
     n_tokens = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
@@ -385,11 +389,18 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
             scores = torch.zeros(len(ro))
             valid = torch.ones(len(ro), dtype=torch.bool)
             success = scores
+        dense, stats = dense_token_rewards(
+            trainer.rewards, trainer.tokenizer, [it.text for it in sample_items], ro, step
+        )
+        for k, v in stats.items():
+            dense_stats.setdefault(k, []).append(v)
         reward_s += time.perf_counter() - t
         all_scores.append(scores)
         all_valid.append(valid)
         n_groups = len(items)
-        signal = _group_has_signal(scores, valid, ro.group_id, n_groups)
+        # A group whose samples differ only in their dense rewards still carries signal.
+        total = scores if dense is None else scores + dense.sum(-1)
+        signal = _group_has_signal(total, valid, ro.group_id, n_groups)
         zero_var += int((~signal).sum())
         seen_groups += n_groups
         keep = signal if p["dynamic_sampling"] else torch.ones(n_groups, dtype=torch.bool)
@@ -397,7 +408,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         if p["dynamic_sampling"]:
             dropped += int((~keep).sum())
         if rows.any():
-            parts.append((idx, ro, rows, torch.where(valid, scores, torch.zeros_like(scores)), valid))
+            parts.append((idx, ro, rows, torch.where(valid, scores, torch.zeros_like(scores)), valid, dense))
             successes.append(success[rows])
             kept_groups += int(keep.sum())
         rounds += 1
@@ -412,6 +423,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
                 torch.ones(len(ro), dtype=torch.bool),
                 torch.where(valid, scores, torch.zeros_like(scores)),
                 valid,
+                dense,
             )
         )
     batch = _merge(parts, trainer.tokenizer.pad_token_id)
@@ -441,6 +453,10 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         metrics[f"reward/{k}"] = float(v.mean()) if v.numel() else float("nan")
     for k, n in errors.items():
         metrics[f"reward/errors_{k}"] = n
+    for k, vs in dense_stats.items():
+        sums, no_steps = torch.cat([v[0] for v in vs]), torch.cat([v[1] for v in vs])
+        metrics[f"reward/{k}_dense_mean"] = float(sums.mean())
+        metrics[f"reward/{k}_no_steps_frac"] = float(no_steps.float().mean())
     if p["teacher_mode"] == "none" or trainer.rewards.specs:
         ok = batch.valid.tolist()
         idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()
@@ -462,9 +478,11 @@ def _success(res, scores: torch.Tensor, reward_name: str | None) -> torch.Tensor
 
 def _merge(parts, pad_id: int) -> RLBatch:
     """Concatenate the kept rows of every generation round into one RLBatch."""
-    prompt_ids, resp, masks, slp, finish, texts, gids, items, scores, valids, keeps = ([] for _ in range(11))
+    prompt_ids, resp, masks, slp, finish, texts, gids, items, scores, valids, keeps, dense = (
+        [] for _ in range(12)
+    )
     offset = 0
-    for idx, ro, rows, sc, ok in parts:
+    for idx, ro, rows, sc, ok, dr in parts:
         r = rows.nonzero().squeeze(1)
         prompt_ids += [ro.prompt_ids[i] for i in r.tolist()]
         resp.append(ro.response_ids[r])
@@ -478,6 +496,8 @@ def _merge(parts, pad_id: int) -> RLBatch:
         valids.append(ok[r])
         if ro.keep_mask is not None:
             keeps.append(ro.keep_mask[r])
+        if dr is not None:
+            dense.append(dr[r])
         offset += len(idx)
     response_ids = _pad_cat(resp, pad_id).long()
     mask = _pad_cat(masks, 0.0)
@@ -500,4 +520,59 @@ def _merge(parts, pad_id: int) -> RLBatch:
         finish_reason=finish,
         texts=texts,
         keep_mask=keep_mask,
+        dense_rewards=_pad_cat(dense, 0.0) if dense else None,
     )
+
+
+# --------------------------------------------------------------------------- dense rewards
+
+
+def step_token_index(ends: list[int], token_lengths: list[int]) -> list[int]:
+    """Index of the response token holding character end − 1, for each step end offset.
+
+    token_lengths: decoded length of each response token, so token j covers characters
+    [Σ_{i<j} len_i, Σ_{i≤j} len_i) of the response text. Exact for the char tokenizer and
+    for any tokenizer whose tokens decode independently; a byte-level BPE token holding
+    part of a multi-byte character decodes to U+FFFD (one character), so offsets after it
+    can drift by a token. An offset past the decoded text maps to the last token;
+    an empty response gives −1 (no token to put the reward on).
+    """
+    cum = list(itertools.accumulate(token_lengths))
+    if not cum:
+        return [-1] * len(ends)
+    return [min(bisect.bisect_left(cum, e), len(cum) - 1) for e in ends]
+
+
+def dense_token_rewards(
+    rewards: RewardRole, tokenizer, prompts: list[str], ro: Rollout, step: int
+) -> tuple[torch.Tensor | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Token rewards [B, T] of the dense rewards active at `step` (None when there are none).
+
+    Each dense reward k gives weight_k · r_t, r_t = PRM(x, y≤t) − PRM(x, y≤t−1) (PRM(x, y≤0)
+    = 0), at the sampled token that ends step t (`step_token_index` on the per-token decoded
+    lengths of ro.response_ids). Also returns, per reward name, ([B] unweighted sum of its
+    r_t, [B] bool "the completion has no steps") for the metrics.
+    """
+    from posttrain.core.advantages import prm_token_rewards
+
+    dense = rewards.dense(prompts, ro.texts, step)
+    if not dense:
+        return None, {}
+    lengths = ro.mask.sum(-1).long().tolist()
+    rows = [ro.response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    decoded = {t: len(tokenizer.decode([t], skip_special_tokens=False)) for t in {t for r in rows for t in r}}
+    token_lengths = [[decoded[t] for t in r] for r in rows]
+    out = torch.zeros(ro.mask.shape)
+    stats = {}
+    for name, weight, scores, ends in dense:
+        width = max(1, max(len(s) for s in scores))
+        step_scores = torch.zeros(len(ro), width)
+        index = torch.full((len(ro), width), -1, dtype=torch.long)  # -1: padding step
+        for i, (sc, en) in enumerate(zip(scores, ends)):
+            if sc:
+                step_scores[i, : len(sc)] = torch.tensor(sc)
+                index[i, : len(en)] = torch.tensor(step_token_index(en, token_lengths[i]))
+        raw = prm_token_rewards(step_scores, index, ro.mask).float()  # [B, T]
+        out += weight * raw
+        stats[name] = (raw.sum(-1), torch.tensor([not sc for sc in scores]))
+    return out, stats

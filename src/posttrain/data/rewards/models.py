@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from posttrain.data.rewards.text import think_text, with_open_think
+from posttrain.data.rewards.text import with_open_think
 from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, ModelError, RewardError
 
@@ -118,7 +118,33 @@ def reward_model_reward(
 def split_steps(prompt, completion: str, separator: str = STEP_SEPARATOR) -> list[str]:
     """The reasoning steps of a completion: its <think> text split on `separator`
     (empty steps dropped). The tasks join steps with STEP_SEPARATOR ("; ")."""
-    return [s for s in (x.strip() for x in think_text(prompt, completion).split(separator)) if s]
+    return [text for text, _ in step_spans(prompt, completion, separator)]
+
+
+def step_spans(prompt, completion: str, separator: str = STEP_SEPARATOR) -> list[tuple[str, int]]:
+    """(step text, end offset) per reasoning step, the steps of `split_steps`.
+
+    end offset: the index in `completion` (its own characters, not the text with a
+    template-opened ``<think>`` put back) just past the step's last non-space character,
+    so ``completion[:end]`` is the prefix the step closes. Dense PRM rewards land on the
+    token holding character end − 1.
+    """
+    text = with_open_think(prompt, completion)
+    shift = len(text) - len(completion)  # with_open_think only ever prepends "<think>"
+    start, stop = 0, len(text)
+    if "<think>" in text:  # the same block think_text reads: first <think> to the next </think>
+        start = text.index("<think>") + len("<think>")
+        close = text.find("</think>", start)
+        stop = close if close >= 0 else len(text)
+    out = []
+    pos = start
+    for piece in text[start:stop].split(separator):
+        step = piece.strip()
+        if step:
+            end = pos + (len(piece) - len(piece.lstrip())) + len(step)
+            out.append((step, end - shift))
+        pos += len(piece) + len(separator)
+    return out
 
 
 def prm_step_marginals(step_scores: Sequence[float], initial: float = 0.0) -> list[float]:
@@ -146,10 +172,11 @@ def prm_reward(
     model=None,
     tokenizer=None,
     scorer: Callable[[list, list[list[str]]], list[list[float]]] | None = None,
-    aggregate: str = "min",
+    aggregate: str | None = None,
     step_separator: str | None = None,
     batch_size: int = 16,
     device: str | None = None,
+    dense: bool = False,
 ) -> Callable:
     """Sequence reward from a process reward model: aggregate its per-step scores.
 
@@ -159,17 +186,28 @@ def prm_reward(
         ``{name: prm, options: {model_path: runs/prm/final, aggregate: min}}``;
     model + tokenizer: a PRM in memory (`posttrain.engines.scoring.score_steps` scores it);
     scorer: any (prompts, step_lists) -> per-step scores PRM(x, y≤t) ∈ [0, 1].
-    aggregate: "min" (a trace is as good as its worst step; Lightman et al. 2023 best-of-N),
-        "mean", or "last" (the PRM's view of the whole trace).
+    aggregate: "min" (a trace is as good as its worst step; Lightman et al. 2023 best-of-N,
+        the default), "mean", or "last" (the PRM's view of the whole trace).
     step_separator: how the completion's <think> text is split into steps; default the
         separator the PRM was trained with (prm.json), else the tasks' "; ".
     batch_size / device: traces per PRM forward (no grad, eval mode) and where it runs.
+    dense: mark the reward as dense (``fn.dense``): the RL loop then gives each step's
+        marginal r_t = PRM(x, y≤t) − PRM(x, y≤t−1) at the token that ends the step instead
+        of a sequence score, so `aggregate` does not apply and is refused.
 
     Prompts are scored exactly as given (the RL loop passes chat-templated prompts, the
     layout `posttrain prm` trains on). None for completions without steps. The per-step
     marginals for dense rewards come from `prm_step_marginals` on the same scores
-    (`fn.step_scores(prompts, completions)`).
+    (`fn.step_scores(prompts, completions)`); `fn.scored_steps(prompts, completions)`
+    gives, per completion, the scores and each step's end offset (see `step_spans`).
     """
+    if not isinstance(dense, bool):
+        raise ConfigError(f"prm reward: dense must be true or false, got {dense!r}")
+    if dense and aggregate is not None:
+        raise ConfigError(
+            "prm reward: aggregate does not apply with dense=true (each step is its own reward)"
+        )
+    aggregate = aggregate or "min"
     if aggregate not in _AGGREGATES:
         raise ConfigError(f"prm aggregate must be one of {', '.join(_AGGREGATES)}, got {aggregate!r}")
     given = [
@@ -189,17 +227,23 @@ def prm_reward(
         step_separator = step_separator or trained_separator
     step_separator = step_separator or STEP_SEPARATOR
 
-    def step_scores(prompts, completions) -> list[list[float]]:
-        steps = [split_steps(p, c, step_separator) for p, c in zip(prompts, completions)]
+    def scored_steps(prompts, completions) -> tuple[list[list[float]], list[list[int]]]:
+        spans = [step_spans(p, c, step_separator) for p, c in zip(prompts, completions)]
+        steps = [[text for text, _ in sp] for sp in spans]
         scores = scorer(list(prompts), steps)
         if len(scores) != len(steps) or any(len(s) != len(t) for s, t in zip(scores, steps)):
             raise RewardError("prm scorer returned a score list that does not match the steps")
-        return [list(map(float, s)) for s in scores]
+        return [list(map(float, s)) for s in scores], [[end for _, end in sp] for sp in spans]
+
+    def step_scores(prompts, completions) -> list[list[float]]:
+        return scored_steps(prompts, completions)[0]
 
     def fn(prompts, completions, **columns):
         return [agg(s) if s else None for s in step_scores(prompts, completions)]
 
     fn.step_scores = step_scores
+    fn.scored_steps = scored_steps
+    fn.dense = dense
     return fn
 
 
