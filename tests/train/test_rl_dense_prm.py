@@ -32,11 +32,13 @@ WITH_STEPS = "<think>1+2=3; 3+4=7</think><answer>7</answer>"
 NO_STEPS = "<think> </think><answer>5</answer>"
 PRM_SCORES = {WITH_STEPS: [0.25, 0.75]}  # PRM(x, y≤t); marginals 0.25, 0.5
 WEIGHT = 2.0
+SEEN_PROMPTS: list[str] = []
 
 
 def _fake_prm(prompts, step_lists):
     """Step scores keyed by the steps: the fixed scores for WITH_STEPS's two steps."""
     assert all(steps in ([], ["1+2=3", "3+4=7"]) for steps in step_lists), step_lists
+    SEEN_PROMPTS.extend(prompts)
     return [PRM_SCORES[WITH_STEPS] if steps else [] for steps in step_lists]
 
 
@@ -94,7 +96,12 @@ def test_step_token_index_by_hand():
 
 def test_hand_worked_batch_has_the_marginals_at_the_step_ends(tmp_path):
     trainer = _dense_trainer(tmp_path)
+    SEEN_PROMPTS.clear()
     batch, metrics = collect(trainer, step=0)
+    # The PRM sees each prompt as the policy did (chat template applied), as it was trained.
+    templated = trainer.tokenizer.decode(trainer.prompts.items[int(batch.item_index[0])].prompt_ids)
+    assert templated.startswith("<s><|im_start|>user\n") and templated in SEEN_PROMPTS
+    assert all(p.endswith("<|im_start|>assistant\n") for p in SEEN_PROMPTS)
     B, T = batch.mask.shape
     assert B == 16 and batch.dense_rewards.shape == (B, T)
     want_steps = torch.zeros(T)
@@ -236,4 +243,5 @@ def test_rl_steps_with_a_saved_prm_from_yaml(tmp_path, method):
 
 
 def _prompts(trainer, batch):
-    return [trainer.prompts.items[int(i)].text for i in batch.item_index]
+    """The prompts as the policy saw them (what the loop gives a dense PRM)."""
+    return [trainer.tokenizer.decode(trainer.prompts.items[int(i)].prompt_ids) for i in batch.item_index]

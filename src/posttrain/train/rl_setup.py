@@ -390,7 +390,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
             valid = torch.ones(len(ro), dtype=torch.bool)
             success = scores
         dense, stats = dense_token_rewards(
-            trainer.rewards, trainer.tokenizer, [it.text for it in sample_items], ro, step
+            trainer.rewards, trainer.tokenizer, [it.prompt_ids for it in sample_items], ro, step
         )
         for k, v in stats.items():
             dense_stats.setdefault(k, []).append(v)
@@ -544,20 +544,23 @@ def step_token_index(ends: list[int], token_lengths: list[int]) -> list[int]:
 
 
 def dense_token_rewards(
-    rewards: RewardRole, tokenizer, prompts: list[str], ro: Rollout, step: int
+    rewards: RewardRole, tokenizer, prompt_ids: list[list[int]], ro: Rollout, step: int
 ) -> tuple[torch.Tensor | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Token rewards [B, T] of the dense rewards active at `step` (None when there are none).
 
     Each dense reward k gives weight_k · r_t, r_t = PRM(x, y≤t) − PRM(x, y≤t−1) (PRM(x, y≤0)
     = 0), at the sampled token that ends step t (`step_token_index` on the per-token decoded
-    lengths of ro.response_ids). Also returns, per reward name, ([B] unweighted sum of its
-    r_t, [B] bool "the completion has no steps") for the metrics.
+    lengths of ro.response_ids). prompt_ids: the B prompts as the policy saw them (chat
+    template applied); the PRM gets them decoded, the layout `posttrain prm` trains on,
+    and a template that opens <think> is seen. Also returns, per reward name, ([B]
+    unweighted sum of its r_t, [B] bool "the completion has no steps") for the metrics.
     """
     from posttrain.core.advantages import prm_token_rewards
 
-    dense = rewards.dense(prompts, ro.texts, step)
-    if not dense:
+    if not any(getattr(fn, "dense", False) for _, fn, _, _ in rewards.active(step)):
         return None, {}
+    prompts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
+    dense = rewards.dense(prompts, ro.texts, step)
     lengths = ro.mask.sum(-1).long().tolist()
     rows = [ro.response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
     decoded = {t: len(tokenizer.decode([t], skip_special_tokens=False)) for t in {t for r in rows for t in r}}

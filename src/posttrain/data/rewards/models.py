@@ -195,8 +195,9 @@ def prm_reward(
         marginal r_t = PRM(x, y≤t) − PRM(x, y≤t−1) at the token that ends the step instead
         of a sequence score, so `aggregate` does not apply and is refused.
 
-    Prompts are scored exactly as given (the RL loop passes chat-templated prompts, the
-    layout `posttrain prm` trains on). None for completions without steps. The per-step
+    Prompts are scored exactly as given; `posttrain prm` trains on chat-templated ones,
+    which the RL loop passes to a dense prm (the outcome reward gets the raw prompt text,
+    as every reward does). None for completions without steps. The per-step
     marginals for dense rewards come from `prm_step_marginals` on the same scores
     (`fn.step_scores(prompts, completions)`); `fn.scored_steps(prompts, completions)`
     gives, per completion, the scores and each step's end offset (see `step_spans`).
