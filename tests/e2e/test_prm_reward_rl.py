@@ -61,6 +61,17 @@ def test_rl_with_a_prm_reward_from_yaml(work):
     samples = [s for s in samples if s.get("score") is not None]
     assert samples
     prm = build_reward("prm", model_path=str(work / "runs/prm/final"), aggregate="min")
-    again = prm([s["prompt"] for s in samples], [s["completion"] for s in samples])
+    # The loop scores the prompt as the policy saw it (chat template applied, `model_prompt`).
+    from posttrain.engines.models import load_tokenizer
+
+    tok = load_tokenizer(str(work / "runs/prm/final"))
+    rendered = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": s["prompt"]}], add_generation_prompt=True, tokenize=False
+        )
+        for s in samples
+    ]
+    assert all(r != s["prompt"] for r, s in zip(rendered, samples))
+    again = prm([s["prompt"] for s in samples], [s["completion"] for s in samples], model_prompt=rendered)
     for s, want in zip(samples, again):
         assert math.isclose(s["score"], want, abs_tol=1e-4), (s, want)

@@ -256,6 +256,7 @@ def filter_by_difficulty(
             }
             columns["response_length"] = ro.mask.sum(-1).long().tolist()
             columns["group_id"] = ro.group_id.tolist()
+            columns["model_prompt"] = model_prompts(engine.tokenizer, samples)
             res = rewards.score([it.text for it in samples], ro.texts, columns, 0)
             success = _success(res, res.scores.float(), cfg.data.success_reward) >= 0.5  # [B]
             counts += [int(success[ro.group_id == g].sum()) for g in range(len(chunk))]
@@ -376,6 +377,9 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         # What length / group-aware rewards read (kimi_length, length_linear, dapo_overlong).
         columns["response_length"] = ro.mask.sum(-1).long().tolist()
         columns["group_id"] = (ro.group_id + seen_groups).tolist()
+        # The prompt exactly as the policy saw it (chat template applied): what reward and
+        # process reward models trained by `posttrain rm` / `posttrain prm` score.
+        columns["model_prompt"] = model_prompts(trainer.tokenizer, sample_items)
         if trainer.rewards.specs:
             res = trainer.rewards.score([it.text for it in sample_items], ro.texts, columns, step)
             scores = res.scores.float()
@@ -541,6 +545,18 @@ def step_token_index(ends: list[int], token_lengths: list[int]) -> list[int]:
     if not cum:
         return [-1] * len(ends)
     return [min(bisect.bisect_left(cum, e), len(cum) - 1) for e in ends]
+
+
+def model_prompts(tokenizer, items: list[PromptItem]) -> list[str]:
+    """Each item's prompt as the policy saw it: its templated prompt ids, decoded."""
+    cache: dict[int, str] = {}
+    out = []
+    for it in items:
+        key = id(it)
+        if key not in cache:
+            cache[key] = tokenizer.decode(it.prompt_ids, skip_special_tokens=False)
+        out.append(cache[key])
+    return out
 
 
 def dense_token_rewards(

@@ -82,7 +82,10 @@ def reward_model_reward(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lock = threading.Lock()  # one forward at a time per model
 
-    def fn(prompts, completions, **columns):
+    def fn(prompts, completions, model_prompt=None, **columns):
+        # The RL loop passes the prompt as the policy saw it (chat template applied) in the
+        # `model_prompt` column: the layout `posttrain rm` trains on.
+        prompts = model_prompt if model_prompt is not None else prompts
         texts = [with_open_think(p, c) if isinstance(p, str) else c for p, c in zip(prompts, completions)]
         texts = [(p if isinstance(p, str) else "") + t for p, t in zip(prompts, texts)]
         out: list[float] = []
@@ -239,7 +242,9 @@ def prm_reward(
     def step_scores(prompts, completions) -> list[list[float]]:
         return scored_steps(prompts, completions)[0]
 
-    def fn(prompts, completions, **columns):
+    def fn(prompts, completions, model_prompt=None, **columns):
+        # `model_prompt` (RL loop): the templated prompt, the layout `posttrain prm` trains on.
+        prompts = model_prompt if model_prompt is not None else prompts
         return [agg(s) if s else None for s in step_scores(prompts, completions)]
 
     fn.step_scores = step_scores
