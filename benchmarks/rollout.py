@@ -82,7 +82,8 @@ def gemm_floor_seconds(
     Every nn.Linear of the model (attention and MLP projections, LM head) is timed as
     F.linear on the shapes the call runs: one prefill over the distinct prompts (padded to
     the longest) and `new_tokens` decode steps over `batch` rows; attention, norms and
-    sampling are left out. Median of `repeats`, on the threads the benchmark uses.
+    sampling are left out. Returns medians of `repeats` (wall seconds, process CPU
+    seconds), on the threads the benchmark uses.
     """
     import torch.nn.functional as F
     from torch import nn
@@ -103,12 +104,13 @@ def gemm_floor_seconds(
                         F.linear(xs[(rows, m.in_features)], m.weight, m.bias)
 
     one_call()  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         one_call()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def bench_generation(
@@ -131,15 +133,17 @@ def bench_generation(
                         temperature=1.0, max_new_tokens=T, seed=0, ignore_eos=mode == "ignore_eos", n=n
                     )
                     times = {name: [] for name in built}
+                    cpu = {name: [] for name in built}  # process CPU time: robust to other jobs at 1 thread
                     tokens = {}
                     for engine in built.values():
                         engine.generate(prompts, params)  # warm-up
                     # Engines alternate run by run so a change in machine load hits both alike.
                     for _ in range(repeats):
                         for name, engine in built.items():
-                            t0 = time.perf_counter()
+                            t0, c0 = time.perf_counter(), time.process_time()
                             r = engine.generate(prompts, params)
                             times[name].append(time.perf_counter() - t0)
+                            cpu[name].append(time.process_time() - c0)
                             tokens[name] = int(r.mask.sum())
                     for name in built:
                         med = statistics.median(times[name])
@@ -151,6 +155,7 @@ def bench_generation(
                             n=n,
                             new_tokens=T,
                             seconds=med,
+                            cpu_seconds=statistics.median(cpu[name]),
                             tokens=tokens[name],
                             tokens_per_s=tokens[name] / med,
                         )
@@ -158,7 +163,7 @@ def bench_generation(
                         rows.append(row)
                     if floor and mode == "ignore_eos":
                         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-                        sec = gemm_floor_seconds(model, ids, B, T, repeats)
+                        sec, cpu_sec = gemm_floor_seconds(model, ids, B, T, repeats)
                         row = dict(
                             engine="gemm-floor",
                             preset=preset,
@@ -167,6 +172,7 @@ def bench_generation(
                             n=n,
                             new_tokens=T,
                             seconds=sec,
+                            cpu_seconds=cpu_sec,
                             tokens=B * T,
                             tokens_per_s=B * T / sec,
                         )
@@ -263,10 +269,12 @@ def render(info, command, gen, agree, mem) -> str:
         "Generation throughput (temperature 1, median of repeats; tokens/s counts generated tokens). "
         "Mode `ignore_eos`: every row generates exactly `new tokens` (pure per-token speed). Mode `eos`: "
         "rows stop at EOS as in RL rollouts (random-init models draw EOS with p ~ 1/V per step), so lengths "
-        "vary and finished rows leaving the batch matters. Batch = prompts x n samples per prompt "
+        "vary and finished rows leaving the batch matters. CPU-time ratios use the process's CPU "
+        "seconds (at 1 thread they are robust to other jobs on the machine; at 2 threads they count "
+        "OpenMP spinning). Batch = prompts x n samples per prompt "
         "(RL asks for n = G samples of each prompt)."
         + (
-            " GEMM floor: the call's matmuls alone (`gemm_floor_seconds`); hf time / floor is the "
+            " GEMM floor: the call's matmuls alone (`gemm_floor_seconds`); hf / floor is the "
             "largest speed-up over hf any engine could reach on this machine."
             if floor
             else ""
@@ -274,11 +282,12 @@ def render(info, command, gen, agree, mem) -> str:
         "",
         "| preset | mode | batch (prompts x n) | new tokens | "
         + " | ".join(f"{e} tok/s" for e in engines)
-        + " | native / hf |"
-        + (" hf time / GEMM floor |" if floor else ""),
-        "|---|---|---|---|" + "---|" * (len(engines) + 1 + floor),
+        + " | native / hf | native / hf (CPU time) |"
+        + (" hf / GEMM floor (CPU time) |" if floor else ""),
+        "|---|---|---|---|" + "---|" * (len(engines) + 2 + floor),
     ]
     field = lambda r: (r["preset"], r.get("mode", "ignore_eos"), r["batch"], r.get("n", 1), r["new_tokens"])
+    cpu_tok_s = lambda r: r["tokens"] / r["cpu_seconds"]
     keys = sorted({field(r) for r in gen}, key=lambda k: (k[0] != "tiny", k))
     for key in keys:
         by = {r["engine"]: r for r in gen if field(r) == key}
@@ -287,11 +296,13 @@ def render(info, command, gen, agree, mem) -> str:
             by["native"]["tokens_per_s"] / by["hf"]["tokens_per_s"] if "native" in by and "hf" in by else None
         )
         ratio_cell = f"{ratio:.1f}x" if ratio else "-"
+        cpu_ratio = cpu_tok_s(by["native"]) / cpu_tok_s(by["hf"]) if "native" in by and "hf" in by else None
+        ratio_cell += f" | {cpu_ratio:.1f}x" if cpu_ratio else " | -"
         rows_cell = f"{key[2]} ({key[2] // key[3]} x {key[3]})"
         line = f"| {key[0]} | {key[1]} | {rows_cell} | {key[4]} | " + " | ".join(cells) + f" | {ratio_cell} |"
         if floor:  # the most any engine could gain over hf if everything but the matmuls were free
             f_row = by.get("gemm-floor")
-            bound = by["hf"]["seconds"] / f_row["seconds"] if f_row and "hf" in by else None
+            bound = by["hf"]["cpu_seconds"] / f_row["cpu_seconds"] if f_row and "hf" in by else None
             line += f" {bound:.1f}x |" if bound else " - |"
         lines.append(line)
     if agree:
