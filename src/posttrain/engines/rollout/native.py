@@ -5,13 +5,21 @@ projections and MLP, the rotary embedding, the LM head) instead of going through
 `generate`, which removes the per-step overhead that dominates small models on CPU:
 
 - one preallocated KV cache [B, H_kv, P + T, D] per layer, written in place;
-- grouped-query attention at decode time by viewing the H query heads as
-  [H_kv, H / H_kv] "queries" of each KV head, so keys/values are never repeated;
-- finished sequences leave the batch (cache rows compacted with one index_select), so
-  compute follows the number of live sequences;
-- no per-sequence Python work per token: sampling, stop tokens, repetition detection and
-  bookkeeping are tensor ops; stop strings decode only the few rows whose newest token
-  could complete one.
+- each distinct prompt is pre-filled once and its cache rows copied to its n samples
+  (RL asks for G samples per prompt: the prefill shrinks G-fold);
+- decode attention is two batched matmuls over a grouped view (the H / H_kv query heads
+  of a KV head are its "query rows", so keys/values are never repeated), with an
+  additive padding mask built once per call;
+- finished sequences leave the batch in batches (cache rows compacted in place once an
+  eighth of the slots are dead), so compute follows the number of live sequences
+  without copying the cache at every finish;
+- no per-sequence Python work per token: sampling (inverse CDF, one uniform per row),
+  stop tokens, repetition detection and bookkeeping are tensor ops; stop strings decode
+  only the few rows whose newest token could complete one.
+
+torch.compile was tried on the layer stack (dynamic shapes): ~2 minutes to compile on
+the 2-core CPU and slower per call than eager (graph breaks on the per-layer callables),
+so the engine stays eager.
 
 Because it calls the policy's own modules, the engine shares the weights with training
 (sync_weights is a no-op) and LoRA-wrapped projections work unchanged.
