@@ -96,3 +96,34 @@ def test_inverse_cdf_uniform_at_its_extremes():
     for value, expected in ((0.0, 1), (1.0 - 2**-53, 2), (0.5 - 2**-30, 1), (0.5, 2)):
         u = torch.tensor([value], dtype=torch.float64)
         assert inverse_cdf_draw(logp, None, u).tolist() == [expected]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_dedupe_other_families_and_one_token_prompts(char_tok, kind):
+    # Llama (no qkv bias) and Qwen3 (per-head q/k norm: the unfused path); one-token prompts
+    # make the prefill a single query, which must still take the prefill path.
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=len(char_tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common)).eval()
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common)).eval()
+    eng = make_engine("native", model, char_tok)
+    for prompts in (["x", "y"], PROMPTS):
+        r = eng.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=10, n=2))
+        hf = make_engine("hf", model, char_tok).generate(
+            prompts, SamplingParams(temperature=0.0, max_new_tokens=10)
+        )
+        assert torch.equal(r.response_ids[0::2], hf.response_ids) and torch.equal(
+            r.response_ids[1::2], hf.response_ids
+        )
