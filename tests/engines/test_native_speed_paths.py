@@ -127,3 +127,23 @@ def test_dedupe_other_families_and_one_token_prompts(char_tok, kind):
         assert torch.equal(r.response_ids[0::2], hf.response_ids) and torch.equal(
             r.response_ids[1::2], hf.response_ids
         )
+
+
+def test_lora_wrapped_policy_matches_training_logprobs(char_tok):
+    # LoRA-wrapped projections take the unfused (module-call) path of the native engine.
+    pytest.importorskip("peft")
+    from posttrain.engines.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("tiny", tokenizer=char_tok, lora={"r": 4, "alpha": 8})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # make the adapter change the outputs
+    model.eval()
+    r = make_engine("native", model, char_tok).generate(
+        PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=16, n=3, seed=4)
+    )
+    batch = build_sequences(r.prompt_ids, r.response_ids, r.mask, char_tok.pad_token_id)
+    train_lp, _ = sequence_logprobs(model, batch)
+    assert ((train_lp - r.sampling_logprobs) * r.mask).abs().max() < 1e-4
