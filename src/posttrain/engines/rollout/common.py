@@ -132,6 +132,11 @@ def sample_tokens(
     return tokens, chosen, keep
 
 
+def cdf_dtype(device: torch.device) -> torch.dtype:
+    """Accumulation dtype of the sampler's CDF: float64, except on Apple MPS (no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def inverse_cdf_draw(
     logp: torch.Tensor, generator: torch.Generator | None, uniforms: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -145,11 +150,12 @@ def inverse_cdf_draw(
     top-p) have empty intervals and are never drawn, because u is kept below the total.
     uniforms: optional [B] draws in [0, 1) to use instead of `generator`.
     """
-    cdf = logp.exp().cumsum(-1, dtype=torch.float64)  # [B, V]
+    acc = cdf_dtype(logp.device)
+    cdf = logp.exp().cumsum(-1, dtype=acc)  # [B, V]
     total = cdf[:, -1:]  # [B, 1], 1 up to rounding
     if uniforms is None:
-        uniforms = torch.rand(total.shape[0], generator=generator, dtype=torch.float64, device=logp.device)
-    u = uniforms.to(torch.float64)[:, None] * total  # [B, 1]
+        uniforms = torch.rand(total.shape[0], generator=generator, dtype=acc, device=logp.device)
+    u = uniforms.to(acc)[:, None] * total  # [B, 1]
     # r * total can round up to total itself (r = 1 - 2^-53); that u would select nothing.
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)

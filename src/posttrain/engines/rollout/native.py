@@ -37,6 +37,7 @@ from posttrain.engines.rollout.common import (
     RUNNING,
     FinishTracker,
     assemble_rollout,
+    cdf_dtype,
     check_params,
     encode_prompts,
     eos_ids,
@@ -203,7 +204,7 @@ class NativeEngine:
         for t in range(T):
             uniforms = None
             if params.temperature > 0:  # one draw per original row, whatever the batch holds now
-                uniforms = torch.rand(B, generator=generator, dtype=torch.float64, device=device)  # [B]
+                uniforms = torch.rand(B, generator=generator, dtype=cdf_dtype(device), device=device)  # [B]
                 uniforms = uniforms if b == B else uniforms[rows]
             tokens, lp, keep = sample_tokens(logits, params, generator, uniforms)  # [b], [b], [b, V]|None
             out_ids[dest, t] = tokens
