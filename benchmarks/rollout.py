@@ -2,7 +2,11 @@
 peak memory of the log-prob forward.
 
     python benchmarks/rollout.py --engines native,hf --presets tiny,small \
-        --batch 32,64,128 --new-tokens 32,64,256 [--modes ignore_eos,eos] [--threads 2] [--repeats 3] [--write-doc]
+        --batch 32,64,128 --new-tokens 32,64,256 [--modes ignore_eos,eos] [--n 1,8] [--floor] \
+        [--threads 2] [--repeats 3] [--write-doc]
+
+RL shape (4 prompts x 8 samples, where pre-filling each distinct prompt once matters):
+    python benchmarks/rollout.py --presets small --batch 32 --n 8 --new-tokens 32
 
 Mode ignore_eos makes every row produce exactly `new-tokens` tokens (pure per-token
 speed); mode eos lets rows stop at EOS as RL rollouts do, so lengths vary (random-init
@@ -70,7 +74,48 @@ def _model(preset: str, tok):
     ).eval()
 
 
-def bench_generation(engines, presets, batches, new_tokens, repeats, modes=("ignore_eos",)):
+def gemm_floor_seconds(
+    model, prompts_ids: list[list[int]], batch: int, new_tokens: int, repeats: int = 5
+) -> float:
+    """Time of the matmuls alone for one ignore_eos generate call: a lower bound for any engine.
+
+    Every nn.Linear of the model (attention and MLP projections, LM head) is timed as
+    F.linear on the shapes the call runs: one prefill over the distinct prompts (padded to
+    the longest) and `new_tokens` decode steps over `batch` rows; attention, norms and
+    sampling are left out. Returns medians of `repeats` (wall seconds, process CPU
+    seconds), on the threads the benchmark uses.
+    """
+    import torch.nn.functional as F
+    from torch import nn
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    distinct = {tuple(p) for p in prompts_ids}
+    prefill_rows = len(distinct) * max(len(p) for p in distinct)
+    xs = {}
+    for m in linears:
+        for rows in (prefill_rows, batch):
+            xs.setdefault((rows, m.in_features), torch.randn(rows, m.in_features))
+
+    def one_call():
+        with torch.no_grad():
+            for rows, steps in ((prefill_rows, 1), (batch, new_tokens)):
+                for _ in range(steps):
+                    for m in linears:
+                        F.linear(xs[(rows, m.in_features)], m.weight, m.bias)
+
+    one_call()  # warm-up
+    times, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        one_call()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(times), statistics.median(cpu)
+
+
+def bench_generation(
+    engines, presets, batches, new_tokens, repeats, modes=("ignore_eos",), ns=(1,), floor=False
+):
     from posttrain.engines.rollout import SamplingParams, make_engine
     from posttrain.engines.tokenizer import build_char_tokenizer
 
@@ -80,23 +125,25 @@ def bench_generation(engines, presets, batches, new_tokens, repeats, modes=("ign
     for preset in presets:
         model = _model(preset, tok)
         built = {name: make_engine(name, model, tok) for name in engines}
-        for B in batches:
-            prompts = prompts_pool[:B]
+        for B, n in [(B, n) for B in batches for n in ns if B % n == 0]:
+            prompts = prompts_pool[: B // n]  # B rows: B / n prompts, n samples each
             for T in new_tokens:
                 for mode in modes:
                     params = SamplingParams(
-                        temperature=1.0, max_new_tokens=T, seed=0, ignore_eos=mode == "ignore_eos"
+                        temperature=1.0, max_new_tokens=T, seed=0, ignore_eos=mode == "ignore_eos", n=n
                     )
                     times = {name: [] for name in built}
+                    cpu = {name: [] for name in built}  # process CPU time: robust to other jobs at 1 thread
                     tokens = {}
                     for engine in built.values():
                         engine.generate(prompts, params)  # warm-up
                     # Engines alternate run by run so a change in machine load hits both alike.
                     for _ in range(repeats):
                         for name, engine in built.items():
-                            t0 = time.perf_counter()
+                            t0, c0 = time.perf_counter(), time.process_time()
                             r = engine.generate(prompts, params)
                             times[name].append(time.perf_counter() - t0)
+                            cpu[name].append(time.process_time() - c0)
                             tokens[name] = int(r.mask.sum())
                     for name in built:
                         med = statistics.median(times[name])
@@ -105,10 +152,29 @@ def bench_generation(engines, presets, batches, new_tokens, repeats, modes=("ign
                             preset=preset,
                             mode=mode,
                             batch=B,
+                            n=n,
                             new_tokens=T,
                             seconds=med,
+                            cpu_seconds=statistics.median(cpu[name]),
                             tokens=tokens[name],
                             tokens_per_s=tokens[name] / med,
+                        )
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+                    if floor and mode == "ignore_eos":
+                        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+                        sec, cpu_sec = gemm_floor_seconds(model, ids, B, T, repeats)
+                        row = dict(
+                            engine="gemm-floor",
+                            preset=preset,
+                            mode=mode,
+                            batch=B,
+                            n=n,
+                            new_tokens=T,
+                            seconds=sec,
+                            cpu_seconds=cpu_sec,
+                            tokens=B * T,
+                            tokens_per_s=B * T / sec,
                         )
                         print(json.dumps(row), flush=True)
                         rows.append(row)
@@ -189,6 +255,8 @@ def bench_memory(B=32, T=256, V=32000, micro_batches=(1, 4, 16, 0)):
 
 
 def render(info, command, gen, agree, mem) -> str:
+    engines = sorted({r["engine"] for r in gen} - {"gemm-floor"})
+    floor = any(r["engine"] == "gemm-floor" for r in gen)
     lines = [BEGIN, "## Rollout engines", ""]
     lines += [
         f"Command: `{command}`",
@@ -201,15 +269,25 @@ def render(info, command, gen, agree, mem) -> str:
         "Generation throughput (temperature 1, median of repeats; tokens/s counts generated tokens). "
         "Mode `ignore_eos`: every row generates exactly `new tokens` (pure per-token speed). Mode `eos`: "
         "rows stop at EOS as in RL rollouts (random-init models draw EOS with p ~ 1/V per step), so lengths "
-        "vary and finished rows leaving the batch matters.",
+        "vary and finished rows leaving the batch matters. CPU-time ratios use the process's CPU "
+        "seconds (at 1 thread they are robust to other jobs on the machine; at 2 threads they count "
+        "OpenMP spinning). Batch = prompts x n samples per prompt "
+        "(RL asks for n = G samples of each prompt)."
+        + (
+            " GEMM floor: the call's matmuls alone (`gemm_floor_seconds`); hf / floor is the "
+            "largest speed-up over hf any engine could reach on this machine."
+            if floor
+            else ""
+        ),
         "",
-        "| preset | mode | batch | new tokens | "
-        + " | ".join(f"{e} tok/s" for e in sorted({r["engine"] for r in gen}))
-        + " | native / hf |",
-        "|---|---|---|---|" + "---|" * (len({r["engine"] for r in gen}) + 1),
+        "| preset | mode | batch (prompts x n) | new tokens | "
+        + " | ".join(f"{e} tok/s" for e in engines)
+        + " | native / hf | native / hf (CPU time) |"
+        + (" hf / GEMM floor (CPU time) |" if floor else ""),
+        "|---|---|---|---|" + "---|" * (len(engines) + 2 + floor),
     ]
-    engines = sorted({r["engine"] for r in gen})
-    field = lambda r: (r["preset"], r.get("mode", "ignore_eos"), r["batch"], r["new_tokens"])
+    field = lambda r: (r["preset"], r.get("mode", "ignore_eos"), r["batch"], r.get("n", 1), r["new_tokens"])
+    cpu_tok_s = lambda r: r["tokens"] / r["cpu_seconds"]
     keys = sorted({field(r) for r in gen}, key=lambda k: (k[0] != "tiny", k))
     for key in keys:
         by = {r["engine"]: r for r in gen if field(r) == key}
@@ -218,9 +296,15 @@ def render(info, command, gen, agree, mem) -> str:
             by["native"]["tokens_per_s"] / by["hf"]["tokens_per_s"] if "native" in by and "hf" in by else None
         )
         ratio_cell = f"{ratio:.1f}x" if ratio else "-"
-        lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {ratio_cell} |"
-        )
+        cpu_ratio = cpu_tok_s(by["native"]) / cpu_tok_s(by["hf"]) if "native" in by and "hf" in by else None
+        ratio_cell += f" | {cpu_ratio:.1f}x" if cpu_ratio else " | -"
+        rows_cell = f"{key[2]} ({key[2] // key[3]} x {key[3]})"
+        line = f"| {key[0]} | {key[1]} | {rows_cell} | {key[4]} | " + " | ".join(cells) + f" | {ratio_cell} |"
+        if floor:  # the most any engine could gain over hf if everything but the matmuls were free
+            f_row = by.get("gemm-floor")
+            bound = by["hf"]["cpu_seconds"] / f_row["cpu_seconds"] if f_row and "hf" in by else None
+            line += f" {bound:.1f}x |" if bound else " - |"
+        lines.append(line)
     if agree:
         lines += [
             "",
@@ -272,6 +356,12 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", default="64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="ignore_eos", help="comma list of ignore_eos,eos")
+    ap.add_argument(
+        "--n",
+        default="1",
+        help="comma list of samples per prompt (batch / n distinct prompts); e.g. 8 for RL",
+    )
+    ap.add_argument("--floor", action="store_true", help="also time the matmuls alone (GEMM floor)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
@@ -291,6 +381,8 @@ def main(argv=None) -> None:
         ints(args.new_tokens),
         args.repeats,
         args.modes.split(","),
+        ints(args.n),
+        args.floor,
     )
     agree = [] if args.skip_agreement else bench_logprob_agreement([e for e in engines if e != "vllm"])
     mem = [] if args.skip_memory else bench_memory()

@@ -5,13 +5,21 @@ projections and MLP, the rotary embedding, the LM head) instead of going through
 `generate`, which removes the per-step overhead that dominates small models on CPU:
 
 - one preallocated KV cache [B, H_kv, P + T, D] per layer, written in place;
-- grouped-query attention at decode time by viewing the H query heads as
-  [H_kv, H / H_kv] "queries" of each KV head, so keys/values are never repeated;
-- finished sequences leave the batch (cache rows compacted with one index_select), so
-  compute follows the number of live sequences;
-- no per-sequence Python work per token: sampling, stop tokens, repetition detection and
-  bookkeeping are tensor ops; stop strings decode only the few rows whose newest token
-  could complete one.
+- each distinct prompt is pre-filled once and its cache rows copied to its n samples
+  (RL asks for G samples per prompt: the prefill shrinks G-fold);
+- decode attention is two batched matmuls over a grouped view (the H / H_kv query heads
+  of a KV head are its "query rows", so keys/values are never repeated), with an
+  additive padding mask built once per call;
+- finished sequences leave the batch in batches (cache rows compacted in place once an
+  eighth of the slots are dead), so compute follows the number of live sequences
+  without copying the cache at every finish;
+- no per-sequence Python work per token: sampling (inverse CDF, one uniform per row),
+  stop tokens, repetition detection and bookkeeping are tensor ops; stop strings decode
+  only the few rows whose newest token could complete one.
+
+torch.compile was tried on the layer stack (dynamic shapes): ~2 minutes to compile on
+the 2-core CPU and slower per call than eager (graph breaks on the per-layer callables),
+so the engine stays eager.
 
 Because it calls the policy's own modules, the engine shares the weights with training
 (sync_weights is a no-op) and LoRA-wrapped projections work unchanged.
@@ -29,6 +37,7 @@ from posttrain.engines.rollout.common import (
     RUNNING,
     FinishTracker,
     assemble_rollout,
+    cdf_dtype,
     check_params,
     encode_prompts,
     eos_ids,
@@ -40,14 +49,20 @@ from posttrain.errors import ModelError
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+# Finished sequences stay in the batch (computing tokens nobody reads) until at least
+# 1/EVICT_FRACTION of the slots are dead; then the cache rows are compacted in one pass.
+# Evicting on every finish copied the whole cache at nearly every step of an RL rollout.
+EVICT_FRACTION = 8
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (Su et al. 2021) in the HF half-rotation layout; x [B, H, L, D], cos/sin [B, L, D]."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    """Rotary embedding (Su et al. 2021) in the HF half-rotation layout; x [B, H, L, D], cos/sin [B, L, D].
+
+    HF computes x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1); here
+    `sin` already carries that sign on its first half, so rotate_half becomes one roll
+    (same floats: negation is exact).
+    """
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
 class NativeEngine:
@@ -103,42 +118,49 @@ class NativeEngine:
         inner, lm_head = self.inner, self.model.get_output_embeddings()
         device = lm_head.weight.device
         n = params.n
-        rows = [p for p in prompt_ids for _ in range(n)]
-        B = len(rows)
-        lens = torch.tensor([len(p) for p in rows], device=device)  # [B]
-        P = int(lens.max())
+        B = len(prompt_ids) * n
+        # Each distinct prompt is pre-filled once (RL asks for G samples of every prompt);
+        # row r then copies the cache of prompt src[r].
+        distinct: dict[tuple[int, ...], int] = {}
+        src_list = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids for _ in range(n)]
+        U = len(distinct)
+        src = torch.tensor(src_list, device=device)  # [B]
+        lens_u = torch.tensor([len(p) for p in distinct], device=device)  # [U]
+        lens = lens_u[src]  # [B]
+        P = int(lens_u.max())
         limit = torch.full((B,), params.max_new_tokens, device=device)  # [B] new tokens allowed
         if self.context_length:
             limit = torch.minimum(limit, self.context_length - lens)
         T = int(limit.max())
         S = P + T
 
-        input_ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=device)
-        for i, p in enumerate(rows):  # once per call, not per token
+        input_ids = torch.full((U, P), self.pad_id, dtype=torch.long, device=device)
+        for i, p in enumerate(distinct):  # once per call, not per token
             input_ids[i, P - len(p) :] = torch.tensor(p, device=device)
-        valid = torch.zeros((B, S), dtype=torch.bool, device=device)  # [B, S] key slot holds a real token
-        valid[:, :P] = torch.arange(P, device=device)[None, :] >= (P - lens)[:, None]
+        valid = torch.arange(P, device=device)[None, :] >= (P - lens_u)[:, None]  # [U, P] real token
 
         layers = inner.layers
-        attn0 = layers[0].self_attn
         n_kv = self.config.num_key_value_heads
-        head_dim = attn0.head_dim
+        head_dim = layers[0].self_attn.head_dim
         dtype = lm_head.weight.dtype
         k_cache = [torch.empty((B, n_kv, S, head_dim), dtype=dtype, device=device) for _ in layers]
         v_cache = [torch.empty((B, n_kv, S, head_dim), dtype=dtype, device=device) for _ in layers]
 
-        # Prefill: all prompts at once, left-padded; positions count real tokens only.
-        positions = (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        # Prefill: the distinct prompts at once, left-padded; positions count real tokens only.
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [U, P]
         causal = torch.ones((P, P), dtype=torch.bool, device=device).tril()
         # Padding queries may attend to themselves so no softmax row is empty (an empty
         # row gives NaN, and NaN times a zero attention weight would leak into real rows).
-        mask = (causal[None] & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)[None]
         plans = self._prepare_layers()
         final_norm = _norm_fn(inner.norm)
-        embeds = inner.embed_tokens(input_ids)  # [B, P, H]
-        # Rotary tables for every position this call can reach, computed once.
+        embeds = inner.embed_tokens(input_ids)  # [U, P, H]
+        # Rotary tables for every position this call can reach, computed once; the sine
+        # carries rotate_half's sign so that the rotation is one roll (see _rope).
         cos_t, sin_t = inner.rotary_emb(embeds, torch.arange(S, device=device)[None])  # [1, S, D]
-        cos_t, sin_t = cos_t[0], sin_t[0]
+        half = head_dim // 2
+        cos_t, sin_t = cos_t[0], torch.cat((-sin_t[0, :, :half], sin_t[0, :, half:]), dim=-1)  # [S, D]
+        rows_of = src if U < B else None
         hidden = self._forward(
             plans,
             embeds,
@@ -148,75 +170,97 @@ class NativeEngine:
             k_cache,
             v_cache,
             0,
+            rows_of,
         )
-        logits = lm_head(final_norm(hidden[:, -1]))  # [B, V]
+        logits = lm_head(final_norm(hidden[:, -1]))  # [U, V]
+        if rows_of is not None:
+            logits = logits.index_select(0, rows_of)  # [B, V]
+
+        # Decode-time additive mask, built once: -inf on each row's left padding, 0 elsewhere
+        # (every generated slot of a row in the batch is real). One copy per KV head so that
+        # a [b * Hkv, 1, L] view feeds the batched attention matmul directly.
+        pad = torch.arange(P, device=device)[None, :] < (P - lens)[:, None]  # [B, P]
+        step_mask = torch.zeros((B, n_kv, 1, S), dtype=dtype, device=device)
+        step_mask[..., :P].masked_fill_(pad[:, None, None, :], float("-inf"))
 
         generator = make_generator(params.seed, device)
         stop_ids = eos_ids(self.tokenizer, self.config, params)
         V = logits.shape[-1]
         tracker = FinishTracker(params, stop_ids, V, self.tokenizer, device)
-        out_ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=device)
-        out_lp = torch.zeros((B, T), dtype=torch.float32, device=device)
+        # Row B is scratch: slots whose sequence finished write there until they are evicted.
+        out_ids = torch.full((B + 1, T), self.pad_id, dtype=torch.long, device=device)
+        out_lp = torch.zeros((B + 1, T), dtype=torch.float32, device=device)
         out_keep = (
-            torch.zeros((B, T, V), dtype=torch.bool, device=device) if params.return_keep_mask else None
+            torch.zeros((B + 1, T, V), dtype=torch.bool, device=device) if params.return_keep_mask else None
         )
         lengths = torch.zeros(B, dtype=torch.long, device=device)
         codes = torch.zeros(B, dtype=torch.long, device=device)
-        active = torch.arange(B, device=device)  # original row of each live sequence
-        active_lens, active_limit = lens, limit
+        b = B  # batch slots in use; slot i holds row rows[i]
+        rows = torch.arange(B, device=device)
+        live = torch.ones(B, dtype=torch.bool, device=device)  # [b] slot's sequence still running
+        dest = rows  # [b] output row of each slot: its row while live, scratch row B after
+        slot_lens, slot_limit = lens, limit
 
         for t in range(T):
-            tokens, lp, keep = sample_tokens(logits, params, generator)  # [b], [b], [b, V]|None
-            out_ids[active, t] = tokens
-            out_lp[active, t] = lp
+            uniforms = None
+            if params.temperature > 0:  # one draw per original row, whatever the batch holds now
+                uniforms = torch.rand(B, generator=generator, dtype=cdf_dtype(device), device=device)  # [B]
+                uniforms = uniforms if b == B else uniforms[rows]
+            tokens, lp, keep = sample_tokens(logits, params, generator, uniforms)  # [b], [b], [b, V]|None
+            out_ids[dest, t] = tokens
+            out_lp[dest, t] = lp
             if out_keep is not None:
-                out_keep[active, t] = keep if keep is not None else True
-            history = out_ids[active, : t + 1] if tracker.needs_history else None  # [b, t+1]
-            code = tracker.step(history, tokens, active_limit <= t + 1)  # [b]
-            done = code != RUNNING
-            if done.any():
-                finished = active[done]
+                out_keep[dest, t] = keep if keep is not None else True
+            history = out_ids[dest, : t + 1] if tracker.needs_history else None  # [b, t+1]
+            code = tracker.step(history, tokens, slot_limit <= t + 1)  # [b]
+            done = (code != RUNNING) & live
+            if bool(done.any()):
+                finished = rows[done]
                 codes[finished], lengths[finished] = code[done], t + 1
-                if bool(done.all()):
+                live = live & ~done
+                n_live = int(live.sum())
+                if n_live == 0:
                     break
-                keep_rows = (~done).nonzero().squeeze(-1)
-                active, tokens = active[keep_rows], tokens[keep_rows]
-                active_lens, active_limit = active_lens[keep_rows], active_limit[keep_rows]
-                valid = valid[keep_rows]
-                for i in range(len(layers)):  # leave the batch: compact every layer's cache
-                    k_cache[i] = k_cache[i].index_select(0, keep_rows)
-                    v_cache[i] = v_cache[i].index_select(0, keep_rows)
+                if (b - n_live) * EVICT_FRACTION >= b:
+                    keep_slots = live.nonzero().squeeze(-1)
+                    written = P + t  # cache slots filled so far
+                    for cache in (*k_cache, *v_cache):  # in place: buffers keep capacity B
+                        cache[:n_live, :, :written] = cache[keep_slots, :, :written]
+                    b = n_live
+                    rows, live, tokens = rows[keep_slots], live[keep_slots], tokens[keep_slots]
+                    slot_lens, slot_limit = slot_lens[keep_slots], slot_limit[keep_slots]
+                    step_mask[:b] = step_mask[keep_slots]
+                dest = torch.where(live, rows, B)
             slot = P + t
-            valid[:, slot] = True
-            pos = (active_lens + t)[:, None]  # [b, 1]
+            pos = (slot_lens + t)[:, None]  # [b, 1]
             hidden = self._forward(
                 plans,
                 inner.embed_tokens(tokens[:, None]),
                 cos_t[pos],
                 sin_t[pos],
-                _additive(valid[:, None, None, : slot + 1], dtype),
-                k_cache,
-                v_cache,
+                step_mask[:b, :, :, : slot + 1].reshape(b * n_kv, 1, slot + 1),
+                [c[:b] for c in k_cache],
+                [c[:b] for c in v_cache],
                 slot,
             )
             logits = lm_head(final_norm(hidden[:, -1]))  # [b, V]
         else:
-            lengths[active] = T
-            codes[active] = LENGTH  # unreachable in practice: every row finishes by its limit
+            lengths[rows[live]] = T
+            codes[rows[live]] = LENGTH  # unreachable in practice: every row finishes by its limit
 
         steps = int(lengths.max())
         return assemble_rollout(
             prompt_ids,
             n,
-            out_ids[:, :steps],
+            out_ids[:B, :steps],
             lengths,
-            out_lp[:, :steps],
+            out_lp[:B, :steps],
             codes,
             self.tokenizer,
             params,
             self.pad_id,
             stop_ids,
-            out_keep[:, :steps] if out_keep is not None else None,
+            out_keep[:B, :steps] if out_keep is not None else None,
         )
 
     def _prepare_layers(self) -> list[dict]:
@@ -247,12 +291,18 @@ class NativeEngine:
                 plan["fused_qkv"] = (w, b, sizes[0] // attn.head_dim, sizes[1] // attn.head_dim)
             else:
                 plan["qkv"] = lambda h, ps=projs: (ps[0](h), ps[1](h), ps[2](h))
+            plan["o_proj"] = _linear_fn(attn.o_proj)
             gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+            down = _linear_fn(down)
             if all(type(m) is nn.Linear for m in (gate, up)) and gate.bias is None and up.bias is None:
                 w_gu, act, size = torch.cat([gate.weight, up.weight]), mlp.act_fn, gate.out_features
 
-                def mlp_fn(h, w_gu=w_gu, act=act, down=down, size=size):
+                silu = type(act).__name__ in ("SiLU", "SiLUActivation")  # both are F.silu
+
+                def mlp_fn(h, w_gu=w_gu, act=act, down=down, size=size, silu=silu):
                     g, u = F.linear(h, w_gu).split(size, dim=-1)
+                    if silu:  # in place: two fewer [b, q, I] buffers per layer
+                        return down(F.silu(g, inplace=True).mul_(u))
                     return down(act(g) * u)
 
                 plan["mlp"] = mlp_fn
@@ -261,12 +311,17 @@ class NativeEngine:
             plans.append(plan)
         return plans
 
-    def _forward(self, plans, x, cos, sin, mask, k_cache, v_cache, start: int) -> torch.Tensor:
+    def _forward(
+        self, plans, x, cos, sin, mask, k_cache, v_cache, start: int, rows_of: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run the decoder layers on x [b, q, H] whose tokens go to cache slots start..start+q-1.
 
-        cos/sin: [b, q, D] rotary tables at the tokens' positions; mask: [b, 1, q|1, start+q]
-        additive float mask (0 = attend, -inf = not). Returns the last layer's hidden
-        states [b, q, H] (before the final norm).
+        start == 0 is the prefill: attention over the q tokens themselves, mask [b, 1, q, q]
+        additive; the cache receives row rows_of[r] of the keys/values as its row r
+        (rows_of [B] long, None: row r itself). start > 0 is a decode step (q == 1) over
+        the cache, mask [b * Hkv, 1, start + 1] additive. cos/sin: [b, q, D] rotary
+        tables at the tokens' positions (sin sign-folded, see _rope). Returns the last
+        layer's hidden states [b, q, H] (before the final norm).
         """
         b, q, _ = x.shape
         end = start + q
@@ -290,24 +345,49 @@ class NativeEngine:
                     qs, ks = attn.q_norm(qs), attn.k_norm(ks)
                 qs = _rope(qs.transpose(1, 2), cos, sin)  # [b, H, q, D]
                 ks = _rope(ks.transpose(1, 2), cos, sin)  # [b, Hkv, q, D]
-            k_cache[i][:, :, start:end] = ks
-            v_cache[i][:, :, start:end] = vs
-            keys, values = k_cache[i][:, :, :end], v_cache[i][:, :, :end]
-            n_heads, n_kv = qs.shape[1], keys.shape[1]
-            if q == 1:
-                # Decode: the H/Hkv query heads sharing a KV head become that head's
-                # "query rows", so GQA needs no repeated keys/values.
-                grouped = qs.reshape(b, n_kv, n_heads // n_kv, hd)
-                o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=attn.scaling)
-                o = o.reshape(b, 1, n_heads * hd)
-            else:
+            n_heads, n_kv = qs.shape[1], ks.shape[1]
+            if start == 0:
                 o = F.scaled_dot_product_attention(
-                    qs, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=n_heads != n_kv
+                    qs, ks, vs, attn_mask=mask, scale=attn.scaling, enable_gqa=n_heads != n_kv
                 )
                 o = o.transpose(1, 2).reshape(b, q, n_heads * hd)
-            x = x + attn.o_proj(o)
+                if rows_of is not None:
+                    ks, vs = ks.index_select(0, rows_of), vs.index_select(0, rows_of)
+                k_cache[i][:, :, :end] = ks
+                v_cache[i][:, :, :end] = vs
+            else:
+                k_cache[i][:, :, start:end] = ks
+                v_cache[i][:, :, start:end] = vs
+                o = _decode_attention(qs, k_cache[i][:, :, :end], v_cache[i][:, :, :end], mask, attn.scaling)
+            x = x + plan["o_proj"](o)
             x = x + plan["mlp"](plan["ln2"](x))
         return x
+
+
+def _decode_attention(
+    qs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of one new token per row over its cache: returns [b, 1, H * D].
+
+    qs [b, H, 1, D]; keys / values [b, Hkv, L, D] (views of the cache); mask [b * Hkv, 1, L]
+    additive. The H / Hkv query heads sharing a KV head become that head's "query rows",
+    so GQA repeats no keys, and two batched matmuls replace SDPA, whose CPU flash kernel
+    costs ~3x more for a single query (tiling built for long queries).
+    """
+    b, n_heads, _, hd = qs.shape
+    n_kv, L = keys.shape[1], keys.shape[2]
+    grouped = qs.reshape(b * n_kv, n_heads // n_kv, hd)  # [b*Hkv, H/Hkv, D]
+    scores = torch.baddbmm(mask, grouped, keys.reshape(b * n_kv, L, hd).transpose(1, 2), alpha=scale)
+    o = torch.bmm(scores.softmax(-1), values.reshape(b * n_kv, L, hd))  # [b*Hkv, H/Hkv, D]
+    return o.view(b, 1, n_heads * hd)
+
+
+def _linear_fn(module: nn.Module):
+    """A plain nn.Linear as a bare F.linear call (skips Module.__call__'s hooks machinery,
+    a few us per call, hundreds of calls per generate); anything else (LoRA, ...) as is."""
+    if type(module) is not nn.Linear:
+        return module
+    return lambda h, w=module.weight, b=module.bias: F.linear(h, w, b)
 
 
 def _norm_fn(norm: nn.Module):
