@@ -145,37 +145,17 @@ def bench_generation(
                             times[name].append(time.perf_counter() - t0)
                             cpu[name].append(time.process_time() - c0)
                             tokens[name] = int(r.mask.sum())
-                    for name in built:
-                        med = statistics.median(times[name])
-                        row = dict(
-                            engine=name,
-                            preset=preset,
-                            mode=mode,
-                            batch=B,
-                            n=n,
-                            new_tokens=T,
-                            seconds=med,
-                            cpu_seconds=statistics.median(cpu[name]),
-                            tokens=tokens[name],
-                            tokens_per_s=tokens[name] / med,
-                        )
-                        print(json.dumps(row), flush=True)
-                        rows.append(row)
+                    shape = dict(preset=preset, mode=mode, batch=B, n=n, new_tokens=T)
+                    results = [
+                        (name, statistics.median(times[name]), statistics.median(cpu[name]), tokens[name])
+                        for name in built
+                    ]
                     if floor and mode == "ignore_eos":
                         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-                        sec, cpu_sec = gemm_floor_seconds(model, ids, B, T, repeats)
-                        row = dict(
-                            engine="gemm-floor",
-                            preset=preset,
-                            mode=mode,
-                            batch=B,
-                            n=n,
-                            new_tokens=T,
-                            seconds=sec,
-                            cpu_seconds=cpu_sec,
-                            tokens=B * T,
-                            tokens_per_s=B * T / sec,
-                        )
+                        results.append(("gemm-floor", *gemm_floor_seconds(model, ids, B, T, repeats), B * T))
+                    for engine, sec, cpu_sec, n_tok in results:
+                        row = dict(engine=engine, **shape, seconds=sec, cpu_seconds=cpu_sec, tokens=n_tok,
+                                   tokens_per_s=n_tok / sec)  # fmt: skip
                         print(json.dumps(row), flush=True)
                         rows.append(row)
     return rows
