@@ -112,6 +112,13 @@ class DemoConfig:
     format_weight: float = field(
         default=0.2, metadata=_h("Weight of the format reward next to accuracy (1.0).")
     )
+    step_weight: float = field(
+        default=0.0,
+        metadata=_h(
+            "Weight of the step_credit reward (share of the reference trace's column steps reproduced "
+            "before the first wrong one); 0 = off."
+        ),
+    )
     max_new_tokens: int = field(default=40, metadata=_h("Response length budget."))
     eval_n: int = field(default=128, metadata=_h("Held-out prompts evaluated (greedy) before and after RL."))
     eval_every: int = field(
@@ -167,6 +174,8 @@ def _stage_configs(cfg: DemoConfig, root: Path):
         RewardSpec(name="accuracy", weight=1.0),
         RewardSpec(name="format", weight=cfg.format_weight),
     ]
+    if cfg.step_weight:
+        rl.rewards.append(RewardSpec(name="step_credit", weight=cfg.step_weight))
     rl.data.n_train = cfg.rl_prompts
     rl.optim.lr = cfg.rl_lr
     rl.optim.warmup_steps = cfg.rl_warmup

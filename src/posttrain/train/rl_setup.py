@@ -79,7 +79,8 @@ def _items_from_examples(examples, tokenizer, cfg: RLConfig) -> list[PromptItem]
             prompt_ids=_template(tokenizer, ex.prompt, cfg),
             answer=ex.answer,
             difficulty=ex.difficulty,
-            columns={"answer": ex.answer},
+            # The reference solution is for rewards that check the reasoning (step_credit).
+            columns={"answer": ex.answer, "solution": ex.solution},
         )
         for ex in examples
     ]

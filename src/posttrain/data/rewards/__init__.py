@@ -21,6 +21,7 @@ from posttrain.data.rewards.text import (
     language_reward,
     length_linear_reward,
     repetition_reward,
+    step_credit_reward,
     task_reward,
 )
 from posttrain.errors import ConfigError
@@ -72,6 +73,7 @@ REWARDS.register("dapo_overlong")(dapo_overlong_reward)
 REWARDS.register("repetition")(repetition_reward)
 REWARDS.register("language")(language_reward)
 REWARDS.register("task")(task_reward)
+REWARDS.register("step_credit")(step_credit_reward)
 
 
 def build_reward(name: str, **options) -> Callable:

@@ -317,3 +317,54 @@ def task_reward(
         return out
 
     return fn
+
+
+# ---------------------------------------------------------------------------- reference trace
+
+
+def _trace_steps(think: str, separator: str) -> list[str]:
+    # Split on the separator without its spaces ("7+5=12;4+3+1=8" is two steps) and strip.
+    return [s.strip() for s in think.split(separator.strip() or separator) if s.strip()]
+
+
+def step_credit_values(steps: list[str], reference: list[str]) -> float:
+    """Share of `reference` reproduced before the first deviation: k / len(reference), k the
+    number of leading positions where `steps` equals `reference` (whitespace-stripped).
+
+    The ground-truth analogue of a PRM800K-style "correct up to the first wrong step"
+    label: a trace that gets the first two of four columns right earns 0.5, whatever follows.
+    Extra steps after a complete reference cost nothing here (the accuracy reward judges
+    the answer). reference must be non-empty.
+    """
+    k = 0
+    for got, want in zip(steps, reference):
+        if got != want:
+            break
+        k += 1
+    return k / len(reference)
+
+
+def step_credit_reward(*, solution_column: str = "solution", separator: str = "; ") -> Callable:
+    """Partial credit for reasoning that follows a reference trace (see `step_credit_values`).
+
+    Reads each sample's reference solution from the column `solution_column` (the synthetic
+    tasks give ``<think>s1; s2</think><answer>…</answer>``; any text works: its think block, or
+    the whole text when it has none, is split on `separator`). None for rows without a
+    reference. Meant next to the accuracy reward for tasks with one canonical derivation
+    (column-by-column arithmetic): it rewards each correct column of a trace whose answer
+    is still wrong, which gives the GRPO group a signal where accuracy alone is all zeros.
+    """
+
+    def fn(prompts, completions, **columns):
+        if solution_column not in columns:
+            raise RewardError(f"step_credit reward needs a column {solution_column!r}; got {sorted(columns)}")
+        out: list[float | None] = []
+        for p, c, ref in zip(prompts, completions, columns[solution_column]):
+            reference = _trace_steps(think_text(None, ref), separator) if ref else []
+            if not reference:
+                out.append(None)
+                continue
+            out.append(step_credit_values(_trace_steps(think_text(p, c), separator), reference))
+        return out
+
+    return fn

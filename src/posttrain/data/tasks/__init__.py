@@ -88,7 +88,8 @@ def task_rows(
     Every row carries the columns ``id``, ``answer``, ``difficulty`` and ``task`` next to
     the format's own columns (extra columns reach reward functions as keyword arguments):
 
-    - "prompt": ``prompt`` (RL; rewards compare against ``answer``).
+    - "prompt": ``prompt`` and ``solution`` (RL; rewards compare against ``answer``, and
+      step_credit against the reference ``solution``).
     - "completion": ``prompt``, ``completion`` = the reference solution (SFT).
     - "messages": ``messages`` = [user prompt, assistant solution] (conversational SFT).
     - "preference": ``prompt``, ``chosen`` = solution, ``rejected`` = wrong solution (RM/DPO).
@@ -105,7 +106,9 @@ def task_rows(
     for ex in task.examples(split, n, seed=seed, difficulty=difficulty):
         common = {"id": ex.id, "answer": ex.answer, "difficulty": ex.difficulty, "task": task.name}
         if kind == "prompt":
-            rows.append({"prompt": ex.prompt, **common})
+            # The reference solution rides along for rewards that check the reasoning
+            # (step_credit); the accuracy reward reads only `answer`.
+            rows.append({"prompt": ex.prompt, "solution": ex.solution, **common})
         elif kind == "completion":
             rows.append({"prompt": ex.prompt, "completion": ex.solution, **common})
         elif kind == "messages":
