@@ -15,6 +15,11 @@ for docs/benchmarks.md and keeps results.json under --out.
 
   python benchmarks/vs_trl.py --mode step --presets tiny,small,base --steps 12
   python benchmarks/vs_trl.py --mode accuracy --presets small --set lr=1e-4
+  python benchmarks/vs_trl.py --mode accuracy --presets tiny --threads 1 \
+      --set lr_schedule=cosine --set warmup_steps=5 --set min_lr_ratio=0.1 \
+      --set format_weight=0.2 --set advantage_scale=batch --set "rl_seeds=[0,1,2]" ...
+      (the demo's GRPO recipe for both frameworks, three sampling seeds from one SFT
+      start; the full command is in docs/benchmarks.md)
   python benchmarks/vs_trl.py --mode probe --presets small
 
 Needs the `bench` extra (pip install 'posttrain[bench]') for TRL.
@@ -187,8 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/vs_trl", help="output directory")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any BenchConfig override, e.g. --set lr=1e-4 (repeatable)")  # fmt: skip
+    ap.add_argument("--rebuild", action="store_true",
+                    help="recompute --out's step/accuracy tables from the saved traces (no runs)")  # fmt: skip
     args = ap.parse_args(argv)
     started = time.time()
+    if args.rebuild:
+        from posttrain.train.bench import rebuild_results
+
+        print(format_markdown(rebuild_results(Path(args.out) / args.mode)))
+        return 0
     body = run_probe(args) if args.mode == "probe" else run_mode(args)
     text = _header(args, started) + "\n" + body
     out = Path(args.out) / args.mode

@@ -8,9 +8,18 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from posttrain.errors import ConfigError
-from posttrain.train.bench import BenchConfig, format_markdown, plan, run_bench, summarize, time_to_target
+from posttrain.train.bench import (
+    BenchConfig,
+    format_markdown,
+    plan,
+    rebuild_results,
+    run_bench,
+    summarize,
+    time_to_target,
+)
 from posttrain.train.config import load_config
 
 
@@ -55,6 +64,9 @@ def test_bench_cli_runs_posttrain_steps(tmp_path):
     assert "| posttrain |" in (out / "results.md").read_text()
     # The worker ran isolated and left its trace, config and log in the run dir.
     assert (out / "tiny" / "posttrain-r0" / "trace.json").is_file()
+    # Rebuilding from those traces (no training) reproduces the summary.
+    rebuilt = rebuild_results(out)["models"]["tiny"]["frameworks"]["posttrain"]
+    assert rebuilt["median_step_s"] == run["median_step_s"] and rebuilt["reward_curve"] == run["reward_curve"]
 
 
 def test_bench_accuracy_mode_with_task_options(tmp_path):
@@ -145,6 +157,8 @@ def test_time_to_target_is_first_crossing():
     assert time_to_target(evals, 0.4) == 6.5
     assert time_to_target(evals, 0.2) == 3.0
     assert time_to_target(evals, 0.9) is None
+    # start + gain in floats (0.33 + 0.10 = 0.43000000000000005) still counts 86/200 as reached
+    assert time_to_target([{"step": 10, "train_s": 1.0, "accuracy": 86 / 200}], 0.33 + 0.10) == 1.0
 
 
 def test_markdown_reports_speedup():
@@ -198,3 +212,154 @@ def test_bench_rollout_mode_in_process(tmp_path):
     assert 0 < native["tokens"][0] <= 4 * 4  # at most batch x new_tokens were generated
     assert native["tokens_per_s"] > 0
     assert "| native |" in (tmp_path / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------- schedule, seeds, ratios
+
+
+def _hf_factors(args: dict, steps: int) -> list[float]:
+    """The LR factors transformers' Trainer would use for `trl_schedule_args` output."""
+    import torch
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(
+        args["lr_scheduler_type"],
+        opt,
+        num_warmup_steps=args["warmup_steps"],
+        num_training_steps=steps,
+        scheduler_specific_kwargs=args.get("lr_scheduler_kwargs", {}),
+    )
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize(
+    "schedule,warmup,floor",
+    [("constant", 0, 0.0), ("constant", 3, 0.0), ("cosine", 5, 0.1), ("cosine", 0, 0.0)],
+)
+def test_trl_schedule_reproduces_posttrain_lr_factor(schedule, warmup, floor):
+    """TRL's scheduler fields give our warmup exactly, our constant exactly, and our cosine
+    one step ahead (within the documented bound)."""
+    import math
+
+    from posttrain.train.bench_runs import trl_schedule_args
+    from posttrain.train.optim import lr_factor
+
+    steps = 40
+    cfg = load_config(
+        BenchConfig, None, [f"lr_schedule={schedule}", f"warmup_steps={warmup}", f"min_lr_ratio={floor}"]
+    )
+    hf = _hf_factors(trl_schedule_args(cfg), steps)
+    ours = [
+        lr_factor(s, warmup_steps=warmup, total_steps=steps, schedule=schedule, min_lr_ratio=floor)
+        for s in range(steps)
+    ]
+    assert hf[:warmup] == pytest.approx(ours[:warmup])
+    if schedule == "constant":
+        assert hf == pytest.approx(ours)
+    else:
+        assert hf[warmup:-1] == pytest.approx(ours[warmup + 1 :])  # one step ahead
+        bound = (1 - floor) * math.pi / (2 * (steps - warmup))
+        assert max(abs(a - b) for a, b in zip(hf, ours)) <= bound
+        assert hf[-1] == pytest.approx(floor)
+
+
+def _trace(seed, evals, step_s):
+    return {"seed": seed, "evals": evals, "step_s": step_s}
+
+
+def test_seed_rows_handle_targets_not_reached():
+    from posttrain.train.bench import seed_rows
+
+    ev = lambda *accs: [
+        {"step": 10 * (i + 1), "train_s": 5.0 * (i + 1), "accuracy": a} for i, a in enumerate(accs)
+    ]
+    traces = {
+        "posttrain": [
+            _trace(0, ev(0.3, 0.5), [2.5] * 4),  # reaches 0.45 at step 20, 10 s
+            _trace(1, ev(0.3, 0.4), [2.5] * 4),  # never
+            _trace(2, ev(0.3, 0.3), [2.5] * 4),  # never
+            _trace(3, ev(0.5, 0.5), [2.5] * 4),  # step 10, 5 s
+        ],
+        "trl": [
+            _trace(0, [{"step": 10, "train_s": 30.0, "accuracy": 0.5}], [6.0] * 5),  # 30 s
+            _trace(1, ev(0.5), [1.0] * 2),  # 5 s
+            _trace(2, ev(0.1), [1.0] * 2),  # never
+            _trace(3, ev(0.1, 0.2), [6.0] * 10),  # never in 60 s of training
+        ],
+    }
+    rows = {r["seed"]: r for r in seed_rows(traces, 0.45)}
+    assert rows[0]["frameworks"]["posttrain"]["steps_to_target"] == 20
+    assert rows[0]["ratio"]["trl"] == {"value": pytest.approx(3.0), "bound": "="}
+    assert rows[1]["frameworks"]["posttrain"]["time_to_target_s"] is None
+    assert rows[1]["ratio"]["trl"] == {"value": pytest.approx(0.5), "bound": "<"}  # 5 s / 10 s run
+    assert rows[2]["ratio"]["trl"] == {"value": None, "bound": None}
+    assert rows[3]["ratio"]["trl"] == {"value": pytest.approx(12.0), "bound": ">"}  # >= 60 s / 5 s
+    assert rows[3]["frameworks"]["trl"]["final_accuracy"] == 0.2
+    assert rows[3]["frameworks"]["trl"]["steps_run"] == 10
+
+
+def test_bench_schedule_and_seed_validation():
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        plan(load_config(BenchConfig, None, ["steps=4", "skip_steps=1", "warmup_steps=4"]))
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        plan(load_config(BenchConfig, None, ["min_lr_ratio=1.5"]))
+    with pytest.raises(ConfigError, match="duplicates"):
+        plan(load_config(BenchConfig, None, ["rl_seeds=[1,1]"]))
+    text = plan(
+        load_config(
+            BenchConfig,
+            None,
+            [
+                "mode=accuracy",
+                "lr_schedule=cosine",
+                "warmup_steps=5",
+                "min_lr_ratio=0.1",
+                "format_weight=0.2",
+                "advantage_scale=batch",
+                "rl_seeds=[0,1,2]",
+            ],
+        )  # fmt: skip
+    )
+    assert "cosine to 0.1x, warmup 5" in text and "0.2 format" in text and "seeds [0, 1, 2]" in text
+
+
+def test_bench_accuracy_posttrain_and_trl_share_schedule_start_and_seeds(tmp_path):
+    """Both frameworks, two GRPO seeds from one SFT start: the same LR each step (TRL's
+    cosine one step ahead), the demo's reward and advantage scale in our config, and one
+    per-seed row per framework in the report."""
+    pytest.importorskip("trl")
+    out = tmp_path / "acc"
+    cfg = load_config(
+        BenchConfig,
+        None,
+        ["mode=accuracy", "presets=[tiny]", "frameworks=[posttrain,trl]", "difficulty=2", "n_train=16",
+         "max_new_tokens=8", "threads=1", "isolate=false", "prompts_per_step=2", "group_size=2", "lr=1e-4",
+         "lr_schedule=cosine", "warmup_steps=2", "min_lr_ratio=0.1", "format_weight=0.2", "advantage_scale=batch",
+         "rl_seeds=[3,4]", "accuracy.sft_steps=2", "accuracy.sft_examples=16", "accuracy.sft_batch_size=4",
+         "accuracy.n_eval=4", "accuracy.eval_every=3", "accuracy.max_steps=6", "accuracy.target=0.0",
+         "accuracy.stop_at_target=false", f"run.output_dir={out}"],
+    )  # fmt: skip
+    results = run_bench(cfg)
+    tiny = results["models"]["tiny"]
+    pt, trl = (tiny["frameworks"][fw]["lr_curve"] for fw in ("posttrain", "trl"))
+    assert len(pt) == len(trl) == 6
+    assert pt[:2] == pytest.approx([5e-5, 1e-4]) and trl[:2] == pytest.approx(pt[:2])
+    assert trl[2:5] == pytest.approx(pt[3:6])
+    assert [r["seed"] for r in tiny["seeds"]] == [3, 4]
+    for row in tiny["seeds"]:
+        assert set(row["frameworks"]) == {"posttrain", "trl"}
+        assert row["frameworks"]["trl"]["steps_run"] == 6  # stop_at_target=false: the whole schedule
+        run_dir = out / "tiny" / f"posttrain-s{row['seed']}-r0"
+        rl = yaml.safe_load((run_dir / "rl.yaml").read_text())
+        assert rl["run"]["seed"] == row["seed"]
+        assert rl["model"]["path"] == str(out / "tiny" / "sft" / "final")  # one shared start
+        assert rl["algo"]["advantage_options"]["scale"] == "batch"
+        assert [(r["name"], r["weight"]) for r in rl["rewards"]] == [("task", 1.0), ("format", 0.2)]
+    md = (out / "results.md").read_text()
+    assert "| 4 | trl |" in md and "steps to target" in md

@@ -16,12 +16,17 @@ Three modes (`BenchConfig.mode`):
 Fairness (issue #8): every framework loads the same model directory (weights and
 tokenizer saved once in HF format), sees the same task prompts through the same chat
 template, is rewarded by the same Python verifier (`Task.score`), and runs with the same
-G, prompts per step, max new tokens, temperature, learning rate (constant schedule),
-AdamW settings, gradient clipping, clip range and beta (KL to the reference as k3 in the
-loss, which is what TRL's GRPO does), token-level loss aggregation (TRL's default
-"dapo" loss_type = our "token-mean") and group-std advantage scaling. Each run executes
-in its own subprocess (`isolate=true`) so no framework inherits another's allocator or
-thread state, and frameworks run back to back so they see the same machine load.
+G, prompts per step, max new tokens, temperature, learning rate and its schedule
+(`lr_schedule`, `warmup_steps`, `min_lr_ratio` over the run's steps; see
+`bench_runs.trl_schedule_args` for the one-step offset of TRL's cosine), AdamW settings,
+gradient clipping, clip range and beta (KL to the reference as k3 in the loss, which is
+what TRL's GRPO does), token-level loss aggregation (TRL's default "dapo" loss_type = our
+"token-mean"), the reward (task verifier, plus `format_weight` x the R1 format reward,
+summed before the advantage in both) and the advantage scale (group or batch std, +1e-4).
+`rl_seeds` repeats the GRPO runs with other sampling seeds from the same SFT start, the
+same prompt pool and the same held-out set. Each run executes in its own subprocess
+(`isolate=true`) so no framework inherits another's allocator or thread state, and
+frameworks run back to back so they see the same machine load.
 
 Nothing here asserts a speed: numbers are written to `results.json` / `results.md` in the
 run directory and returned as the summary dict.
@@ -41,9 +46,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.train.bench_report import format_markdown, summarize, time_to_target
+from posttrain.train.bench_report import format_markdown, seed_rows, summarize, time_to_target
 from posttrain.train.bench_runs import (
     HeldOutEval,
     _Trace,
@@ -59,8 +65,10 @@ __all__ = [
     "BenchConfig",
     "format_markdown",
     "plan",
+    "rebuild_results",
     "rl_config_dict",
     "run_bench",
+    "seed_rows",
     "summarize",
     "time_to_target",
 ]
@@ -94,6 +102,9 @@ class AccuracySection:
     target_gain: float = _opt(0.10, "Accuracy gain over the SFT start that defines the target.")
     max_steps: int = _opt(200, "Give up after this many GRPO steps.")
     max_seconds: float = _opt(600.0, "Give up after this much training time (seconds, eval excluded).")
+    stop_at_target: bool = _opt(
+        True, "Stop a run at the first evaluation that reaches the target; false = run to the limits."
+    )
 
 
 @dataclass
@@ -132,7 +143,19 @@ class BenchConfig:
     group_size: int = _opt(8, "Samples per prompt (G).")
     max_new_tokens: int = _opt(32, "Maximum completion length.")
     temperature: float = _opt(1.0, "Sampling temperature.")
-    lr: float = _opt(1e-5, "Learning rate (constant schedule, AdamW).")
+    lr: float = _opt(1e-5, "Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "cosine"] = _opt(
+        "constant", "LR shape after warmup over the run's steps (accuracy: accuracy.max_steps)."
+    )
+    warmup_steps: int = _opt(0, "Linear LR warmup steps, the first update at lr / warmup_steps.")
+    min_lr_ratio: float = _opt(0.0, "Cosine: final LR as a fraction of lr (the demo uses 0.1).")
+    format_weight: float = _opt(0.0, "Weight of the R1 format reward added to the task reward (demo: 0.2).")
+    advantage_scale: Literal["group", "batch"] = _opt(
+        "group", "GRPO advantage denominator: group std (GRPO) or batch std (the demo's)."
+    )
+    rl_seeds: list[int] = _opt(
+        list, "GRPO sampling seeds, one round each from the same start; empty = [run.seed].", factory=True
+    )
     beta: float = _opt(0.04, "KL coefficient (k3 in the loss, as TRL's GRPO).")
     clip_eps: float = _opt(0.2, "PPO clip range (both sides).")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
@@ -166,6 +189,19 @@ def _validate(cfg: BenchConfig) -> None:
         raise ConfigError("bench.frameworks is empty: name at least one of " + ", ".join(FRAMEWORKS))
     if cfg.group_size < 2:
         raise ConfigError(f"bench.group_size must be >= 2 for GRPO, got {cfg.group_size}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"bench.warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    horizon = cfg.accuracy.max_steps if cfg.mode == "accuracy" else cfg.steps
+    if cfg.warmup_steps >= horizon and cfg.mode != "rollout":
+        raise ConfigError(
+            f"bench.warmup_steps ({cfg.warmup_steps}) must be below the run's steps ({horizon})"
+        )
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError(f"bench.min_lr_ratio must lie in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.format_weight < 0:
+        raise ConfigError(f"bench.format_weight must be >= 0, got {cfg.format_weight}")
+    if len(set(cfg.rl_seeds)) != len(cfg.rl_seeds):
+        raise ConfigError(f"bench.rl_seeds has duplicates: {cfg.rl_seeds}")
     if cfg.steps <= cfg.skip_steps and cfg.mode == "step":
         raise ConfigError(f"bench.steps ({cfg.steps}) must exceed bench.skip_steps ({cfg.skip_steps})")
     if any(f.startswith("trl") for f in cfg.frameworks) and cfg.mode != "rollout":
@@ -175,6 +211,15 @@ def _validate(cfg: BenchConfig) -> None:
             raise ConfigError(
                 "bench.frameworks names TRL but trl is not installed: pip install 'posttrain[bench]'"
             ) from None
+
+
+def _seeds(cfg: BenchConfig) -> list[int]:
+    return list(cfg.rl_seeds) or [cfg.run.seed]
+
+
+def _schedule_text(cfg: BenchConfig) -> str:
+    text = cfg.lr_schedule + (f" to {cfg.min_lr_ratio:g}x" if cfg.lr_schedule == "cosine" else "")
+    return text + (f", warmup {cfg.warmup_steps}" if cfg.warmup_steps else "")
 
 
 def plan(cfg: BenchConfig) -> str:
@@ -188,7 +233,9 @@ def plan(cfg: BenchConfig) -> str:
     else:
         lines.append(
             f"GRPO: {cfg.prompts_per_step} prompts x G={cfg.group_size}, <= {cfg.max_new_tokens} new tokens, "
-            f"T={cfg.temperature}, lr={cfg.lr}, beta={cfg.beta}, {cfg.threads} threads"
+            f"T={cfg.temperature}, lr={cfg.lr} ({_schedule_text(cfg)}), beta={cfg.beta}, "
+            f"reward task{f' + {cfg.format_weight} format' if cfg.format_weight else ''}, "
+            f"{cfg.advantage_scale}-std advantages, seeds {_seeds(cfg)}, {cfg.threads} threads"
         )
         if cfg.mode == "step":
             lines.append(f"{cfg.steps} steps ({cfg.skip_steps} warm-up) x {cfg.repeats} rounds per framework")
@@ -282,35 +329,39 @@ def prepare_sft(cfg: BenchConfig, init_dir: Path, out_dir: Path) -> Path:
     return final
 
 
-def _worker(cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, target: float | None) -> dict:
-    """Run one framework in this process and return its trace dict."""
+def _worker(
+    cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, target: float | None, seed: int
+) -> dict:
+    """Run one framework in this process with GRPO seed `seed` and return its trace dict."""
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.mode == "accuracy":
         from posttrain.engines.models import load_tokenizer
 
         a = cfg.accuracy
         evaluator = HeldOutEval(cfg, load_tokenizer(str(model_dir)))
-        trace = _Trace(framework, evaluator, target, a.eval_every, a.max_steps, a.max_seconds)
+        stop = target if a.stop_at_target else None  # the trace stops only on a target it is given
+        trace = _Trace(framework, evaluator, stop, a.eval_every, a.max_steps, a.max_seconds)
         steps = a.max_steps
     else:
         trace = _Trace(framework)
         steps = cfg.steps
     if framework == "posttrain":
-        run_posttrain(cfg, model_dir, out_dir, trace=trace, steps=steps)
+        run_posttrain(cfg, model_dir, out_dir, trace=trace, steps=steps, seed=seed)
     else:
-        run_trl(
-            cfg, model_dir, out_dir, gradient_checkpointing=framework == "trl_gc", trace=trace, steps=steps
-        )
-    return trace.to_dict()
+        run_trl(cfg, model_dir, out_dir, gradient_checkpointing=framework == "trl_gc", trace=trace,
+                steps=steps, seed=seed)  # fmt: skip
+    return {**trace.to_dict(), "seed": seed}
 
 
-def _run_one(cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, target: float | None) -> dict:
+def _run_one(
+    cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, target: float | None, seed: int
+) -> dict:
     """One framework's run, in a fresh subprocess when `cfg.isolate` (the default)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.isolate:
-        return _worker(cfg, framework, model_dir, out_dir, target)
+        return _worker(cfg, framework, model_dir, out_dir, target, seed)
     spec = out_dir / "spec.json"
     save_config(cfg, out_dir / "bench.yaml")
     spec.write_text(
@@ -321,6 +372,7 @@ def _run_one(cfg: BenchConfig, framework: str, model_dir: Path, out_dir: Path, t
                 "model_dir": str(model_dir),
                 "out_dir": str(out_dir),
                 "target": target,
+                "seed": seed,
             }
         )
     )
@@ -405,6 +457,70 @@ def _count_params(model_dir: Path) -> int:
     return total
 
 
+def _rounds(cfg: BenchConfig) -> list[tuple[str, int, str]]:
+    """(framework, GRPO seed, run sub-directory) in run order: seeds, then repeats, then frameworks."""
+    seeds = _seeds(cfg)
+    # One seed keeps the historical run-dir names (fw-rN).
+    return [
+        (fw, seed, f"{fw}-r{r}" if len(seeds) == 1 else f"{fw}-s{seed}-r{r}")
+        for seed in seeds
+        for r in range(cfg.repeats)
+        for fw in cfg.frameworks
+    ]
+
+
+def _summarize_model(cfg: BenchConfig, per: dict, traces: dict[str, list[dict]]) -> None:
+    """Fill `per` (one model's results) from its runs' traces: summaries, per-seed rows, speed-ups."""
+    skip = cfg.skip_steps if cfg.mode == "step" else 0
+    per["frameworks"] = {fw: summarize(ts, skip) for fw, ts in traces.items()}
+    if cfg.mode == "accuracy":
+        for fw, ts in traces.items():
+            per["frameworks"][fw]["time_to_target_s"] = time_to_target(ts[0]["evals"], per["target"])
+        per["seeds"] = seed_rows(traces, per["target"])
+    if "posttrain" in per["frameworks"]:
+        key = "median_step_s" if cfg.mode == "step" else "time_to_target_s"
+        ours = per["frameworks"]["posttrain"].get(key)
+        per["speedup"] = {
+            fw: (s[key] / ours if ours and s.get(key) else None)
+            for fw, s in per["frameworks"].items()
+            if fw != "posttrain"
+        }
+
+
+def _write(out: Path, results: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(format_markdown(results))
+    print(format_markdown(results))
+
+
+def rebuild_results(output_dir: str | Path) -> dict:
+    """Recompute a finished run's summaries from its saved traces (no training, no timing).
+
+    For an isolated run directory written by `run_bench` (each run's trace.json is kept):
+    re-reads the traces, recomputes every summary with the current report code and rewrites
+    results.json / results.md; machine info, SFT accuracy and target are kept as measured.
+    """
+    out = Path(output_dir)
+    path = out / "results.json"
+    if not path.is_file():
+        raise ConfigError(f"bench rebuild: no results.json in {out}")
+    results = json.loads(path.read_text())
+    (out / "rebuild.yaml").write_text(yaml.safe_dump(results["config"], sort_keys=False))
+    cfg = load_config(BenchConfig, out / "rebuild.yaml", [])
+    if cfg.mode == "rollout":
+        raise ConfigError("bench rebuild: rollout results keep no traces to rebuild from")
+    for name, per in results["models"].items():
+        traces: dict[str, list[dict]] = {fw: [] for fw in cfg.frameworks}
+        for fw, seed, sub in _rounds(cfg):
+            trace = out / name / sub / "trace.json"
+            if not trace.is_file():
+                raise ConfigError(f"bench rebuild: missing {trace} (was the run isolate=true?)")
+            traces[fw].append({"seed": seed, **json.loads(trace.read_text())})
+        _summarize_model(cfg, per, traces)
+    _write(out, results)
+    return results
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     """Run the configured benchmark; write results.json + results.md to run.output_dir; return results.
 
@@ -439,27 +555,12 @@ def run_bench(cfg: BenchConfig) -> dict:
             )
             per.update(sft_accuracy=sft_acc, target=target)
         traces: dict[str, list[dict]] = {fw: [] for fw in cfg.frameworks}
-        for r in range(cfg.repeats):
-            for fw in cfg.frameworks:  # back to back, so every framework sees the same machine load
-                traces[fw].append(_run_one(cfg, fw, start, mdir / f"{fw}-r{r}", target))
-        skip = cfg.skip_steps if cfg.mode == "step" else 0
-        per["frameworks"] = {fw: summarize(ts, skip) for fw, ts in traces.items()}
+        for fw, seed, sub in _rounds(cfg):  # back to back, so every framework sees the same load
+            traces[fw].append(_run_one(cfg, fw, start, mdir / sub, target, seed))
         per["loadavg_1m_end"] = machine_info()["loadavg_1m"]
-        if cfg.mode == "accuracy":
-            for fw, ts in traces.items():
-                per["frameworks"][fw]["time_to_target_s"] = time_to_target(ts[0]["evals"], target)
-        if "posttrain" in per["frameworks"]:
-            key = "median_step_s" if cfg.mode == "step" else "time_to_target_s"
-            ours = per["frameworks"]["posttrain"].get(key)
-            per["speedup"] = {
-                fw: (s[key] / ours if ours and s.get(key) else None)
-                for fw, s in per["frameworks"].items()
-                if fw != "posttrain"
-            }
+        _summarize_model(cfg, per, traces)
         results["models"][name] = per
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(format_markdown(results))
-    print(format_markdown(results))
+    _write(out, results)
     return results
 
 
@@ -468,6 +569,11 @@ if __name__ == "__main__":
     _spec = json.loads(Path(sys.argv[1]).read_text())
     _cfg = load_config(BenchConfig, _spec["config"], [])
     _trace = _worker(
-        _cfg, _spec["framework"], Path(_spec["model_dir"]), Path(_spec["out_dir"]), _spec["target"]
+        _cfg,
+        _spec["framework"],
+        Path(_spec["model_dir"]),
+        Path(_spec["out_dir"]),
+        _spec["target"],
+        _spec.get("seed", _cfg.run.seed),
     )
     (Path(_spec["out_dir"]) / "trace.json").write_text(json.dumps(_trace))

@@ -27,6 +27,8 @@ def summarize(traces: list[dict], skip: int) -> dict:
         "phase_median_s": {k: _median(v) for k, v in sorted(phases.items())},
         "reward_curve": curve,
         "reward_mean_second_half": statistics.fmean(curve[n // 2 :]) if n else None,
+        # The learning rate each step used, first round: shows the schedules match.
+        "lr_curve": traces[0].get("lr", []) if traces else [],
     }
     if traces and traces[0]["evals"]:  # accuracy mode: the first round's curve
         out["evals"] = traces[0]["evals"]
@@ -34,12 +36,77 @@ def summarize(traces: list[dict], skip: int) -> dict:
     return out
 
 
+def reached(accuracy: float, target: float) -> bool:
+    """accuracy >= target, up to float rounding: a target of start + gain (0.33 + 0.10 =
+    0.43000000000000005) must count an accuracy of 86/200 = 0.43 as reached."""
+    return accuracy >= target - 1e-9
+
+
+def first_crossing(evals: list[dict], target: float) -> dict | None:
+    """The first evaluation ({"step", "train_s", "accuracy"}) whose accuracy reaches `target`."""
+    for e in evals:
+        if reached(e["accuracy"], target):
+            return e
+    return None
+
+
 def time_to_target(evals: list[dict], target: float) -> float | None:
     """Training seconds at the first evaluation whose accuracy reaches `target` (None: never)."""
-    for e in evals:
-        if e["accuracy"] >= target:
-            return e["train_s"]
-    return None
+    hit = first_crossing(evals, target)
+    return None if hit is None else hit["train_s"]
+
+
+def _ratio(other: dict, ours: dict) -> dict:
+    """Other framework's time-to-target over posttrain's, honest about runs that missed.
+
+    Both reached: {"value": t_other / t_ours, "bound": "="}. Only posttrain reached: the
+    other's whole training time is a lower bound on its time-to-target, so the ratio is
+    at least total_other / t_ours ("bound": ">"). Only the other reached: posttrain's whole
+    training time bounds its own from below, so the ratio is below t_other / total_ours
+    ("bound": "<"). Neither: no ratio ({"value": None, "bound": None}).
+    """
+    t_o, t_p = other["time_to_target_s"], ours["time_to_target_s"]
+    if t_o is not None and t_p is not None:
+        return {"value": t_o / t_p, "bound": "="}
+    if t_p is not None:
+        return {"value": other["train_s"] / t_p, "bound": ">"}
+    if t_o is not None:
+        return {"value": t_o / ours["train_s"], "bound": "<"}
+    return {"value": None, "bound": None}
+
+
+def seed_rows(traces: dict[str, list[dict]], target: float) -> list[dict]:
+    """Time-to-accuracy per GRPO seed (first round of each seed), with the ratio to posttrain.
+
+    traces: framework -> its run traces (each with "seed", "evals", "step_s"). Returns one
+    {"seed", "frameworks": {fw: {"time_to_target_s", "steps_to_target", "steps_run",
+    "final_accuracy", "median_step_s", "train_s"}}, "ratio": {fw: _ratio(...)}} per seed,
+    in the order the seeds ran; a target not reached has time and steps None.
+    """
+    rows: dict[int, dict] = {}
+    for fw, ts in traces.items():
+        for t in ts:
+            row = rows.setdefault(t["seed"], {"seed": t["seed"], "frameworks": {}})
+            if fw in row["frameworks"]:
+                continue  # a later repeat of the same seed
+            hit = first_crossing(t["evals"], target)
+            last = t["evals"][-1] if t["evals"] else {}
+            row["frameworks"][fw] = {
+                "time_to_target_s": None if hit is None else hit["train_s"],
+                "steps_to_target": None if hit is None else hit["step"],
+                "steps_run": len(t["step_s"]),
+                "final_accuracy": last.get("accuracy"),
+                "median_step_s": _median(t["step_s"]),
+                "train_s": sum(t["step_s"]),
+            }
+    for row in rows.values():
+        ours = row["frameworks"].get("posttrain")
+        row["ratio"] = {
+            fw: _ratio(r, ours)
+            for fw, r in row["frameworks"].items()
+            if ours is not None and fw != "posttrain"
+        }
+    return list(rows.values())
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -50,6 +117,27 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(r) + " |" for r in rows
     ]
+
+
+def _seed_table(seeds: list[dict], target: float) -> list[str]:
+    """One row per (seed, framework): time and steps to target ("not reached"), final accuracy."""
+    header = ["seed", "framework", "time to target (s, training only)", "steps to target", "steps run",
+              "accuracy at the last eval", "median s/step", "time-to-target ratio vs posttrain"]  # fmt: skip
+    rows = []
+    for row in seeds:
+        for fw, r in row["frameworks"].items():
+            reached = r["time_to_target_s"] is not None
+            ratio = row["ratio"].get(fw, {"value": None, "bound": None})
+            rtext = (
+                "—"
+                if ratio["value"] is None
+                else {"=": "", ">": "> ", "<": "< "}[ratio["bound"]] + (f"{ratio['value']:.2f}x")
+            )
+            rows.append([str(row["seed"]), fw,
+                         _fmt(r["time_to_target_s"], ".1f") if reached else f"not reached ({r['train_s']:.0f} s run)",
+                         str(r["steps_to_target"]) if reached else "—", str(r["steps_run"]),
+                         _fmt(r["final_accuracy"]), _fmt(r["median_step_s"]), rtext])  # fmt: skip
+    return _table(header, rows) + [f"\n(target {target:.3f}; ratio > 1: posttrain reached it sooner)"]
 
 
 def format_markdown(results: dict) -> str:
@@ -84,17 +172,10 @@ def format_markdown(results: dict) -> str:
             lines.append(
                 f"\nSFT start: held-out accuracy {per['sft_accuracy']:.3f}; target {per['target']:.3f}"
             )
-            header = ["framework", "time to target (s, training only)", "GRPO steps run", "median step (s)",
-                      "final accuracy", "posttrain speed-up"]  # fmt: skip
-            rows = []
-            for n, r in fws.items():
-                last = (r.get("evals") or [{}])[-1]
-                rows.append([n, _fmt(r.get("time_to_target_s"), ".1f"), str(last.get("step", "—")),
-                             _fmt(r["median_step_s"]), _fmt(last.get("accuracy")), x(n)])  # fmt: skip
-            lines += _table(header, rows)
+            lines += _seed_table(per["seeds"], per["target"])
             for n, r in fws.items():
                 pts = ", ".join(
                     f"({e['step']}, {e['train_s']:.0f}s, {e['accuracy']:.2f})" for e in r.get("evals", [])
                 )
-                lines.append(f"\naccuracy curve ({n}; step, training s, accuracy): {pts}")
+                lines.append(f"\naccuracy curve ({n}, first seed; step, training s, accuracy): {pts}")
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from posttrain.train.bench_report import reached
 from posttrain.train.config import load_config
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class _Trace:
         self.completion_tokens: list[int] = []
         self.reward_mean: list[float] = []
         self.phases: dict[str, list[float]] = {}
+        self.lr: list[float] = []  # learning rate each step's update used (read before the step)
         self.evals: list[dict] = []  # {"step", "train_s", "accuracy"}
         self._evaluator, self._target = evaluator, target
         self._eval_every, self._max_steps, self._max_seconds = eval_every, max_steps, max_seconds
@@ -104,7 +106,7 @@ class _Trace:
         if step % self._eval_every == 0 or step >= self._max_steps or train_s >= self._max_seconds:
             acc = self._evaluator(model)
             self.evals.append({"step": step, "train_s": train_s, "accuracy": acc})
-            if self._target is not None and acc >= self._target:
+            if self._target is not None and reached(acc, self._target):
                 return True
         return step >= self._max_steps or train_s >= self._max_seconds
 
@@ -115,8 +117,55 @@ class _Trace:
             "completion_tokens": self.completion_tokens,
             "reward_mean": self.reward_mean,
             "phases": self.phases,
+            "lr": self.lr,
             "evals": self.evals,
         }
+
+
+def trl_schedule_args(cfg: BenchConfig) -> dict[str, Any]:
+    """GRPOConfig learning-rate fields reproducing posttrain's `optim.lr_factor` schedule.
+
+    posttrain warms up as (step + 1) / warmup_steps (the first update already moves), then
+    holds (constant) or follows a cosine from 1 to `min_lr_ratio` with progress
+    (step - warmup) / (steps - warmup). transformers' "cosine_warmup_with_min_lr" has the
+    same warmup; with min_lr_rate 1.0 it is exactly our constant-with-warmup, and as a
+    cosine its progress runs one step ahead, (step - warmup + 1) / (steps - warmup), a
+    difference of at most (1 - min_lr_ratio) * pi / (2 (steps - warmup)) of the peak LR
+    (0.5% at 300 steps, warmup 5). Its other warmups ("constant_with_warmup", "cosine",
+    "cosine_with_min_lr") give the first update lr 0 and lag ours by a whole step.
+    """
+    if cfg.lr_schedule == "constant" and cfg.warmup_steps == 0:
+        return {"lr_scheduler_type": "constant", "warmup_steps": 0}
+    floor = 1.0 if cfg.lr_schedule == "constant" else cfg.min_lr_ratio
+    return {
+        "lr_scheduler_type": "cosine_warmup_with_min_lr",
+        "warmup_steps": cfg.warmup_steps,
+        "lr_scheduler_kwargs": {"min_lr_rate": floor},
+    }
+
+
+def _trl_reward(fn, name: str, tokenizer, thinking: bool):
+    """Adapt a posttrain reward to TRL's reward-function call.
+
+    TRL passes the conversational prompt and completions ([{"role": ..., "content": ...}]);
+    posttrain's rewards see the chat-templated prompt text and the completion text, as in
+    our loop, so the very same function scores both frameworks.
+    """
+
+    def reward(prompts, completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        prompt_texts = [
+            tokenizer.apply_chat_template(
+                p, add_generation_prompt=True, tokenize=False, enable_thinking=thinking
+            )
+            if isinstance(p, list)
+            else p
+            for p in prompts
+        ]
+        return fn(prompt_texts, texts, answer=list(answer))
+
+    reward.__name__ = name
+    return reward
 
 
 def run_trl(
@@ -127,14 +176,18 @@ def run_trl(
     gradient_checkpointing: bool,
     trace: _Trace,
     steps: int,
+    seed: int | None = None,
 ) -> None:
     """TRL 1.16 GRPOTrainer with settings mirrored from `cfg` (see module docstring).
 
     TRL hyper-parameters set explicitly (defaults differ from ours or from the issue):
-    bf16/fp16 off (fp32), use_cpu on a CPU device, lr_scheduler_type="constant" (TRL's
-    default linearly decays to 0 over max_steps), loss_type="dapo" (token-level mean over
-    the whole batch), scale_rewards="group", num_iterations=1 (strictly on-policy),
-    per_device_train_batch_size = prompts x G completions with gradient_accumulation_steps=1.
+    bf16/fp16 off (fp32), use_cpu on a CPU device, the learning-rate schedule of
+    `trl_schedule_args` (TRL's default linearly decays to 0 over max_steps),
+    loss_type="dapo" (token-level mean over the whole batch), scale_rewards =
+    `cfg.advantage_scale`, reward_weights [1, format_weight] summed before the advantage
+    (TRL's default "sum_then_normalize", as our weighted reward sum), num_iterations=1
+    (strictly on-policy), per_device_train_batch_size = prompts x G completions with
+    gradient_accumulation_steps=1, seed = `seed` (default run.seed) for sampling and data order.
     Generate time is measured by wrapping `GRPOTrainer._generate_single_turn` and
     generate+reward+reference time by wrapping `_generate_and_score_completions`.
     """
@@ -151,40 +204,30 @@ def run_trl(
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
-    # The very reward function posttrain's loop builds for `rewards: [{name: task}]`; it
-    # sees the chat-templated prompt text, as in our loop. TRL hands conversational
-    # completions as [{"role": "assistant", "content": text}].
-    ours = build_reward("task", task=cfg.task, **cfg.task_options)
-
-    def task_reward(prompts, completions, answer, **_):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        prompt_texts = [
-            tokenizer.apply_chat_template(
-                p, add_generation_prompt=True, tokenize=False, enable_thinking=cfg.thinking
-            )
-            if isinstance(p, list)
-            else p
-            for p in prompts
-        ]
-        return ours(prompt_texts, texts, answer=list(answer))
-
-    task_reward.__name__ = f"task_{cfg.task}"
+    # The very reward functions posttrain's loop builds from `rl_config_dict`'s rewards.
+    funcs = [_trl_reward(build_reward("task", task=cfg.task, **cfg.task_options), f"task_{cfg.task}",
+                         tokenizer, cfg.thinking)]  # fmt: skip
+    weights = [1.0]
+    if cfg.format_weight > 0:
+        funcs.append(_trl_reward(build_reward("format"), "format", tokenizer, cfg.thinking))
+        weights.append(cfg.format_weight)
     batch = cfg.prompts_per_step * cfg.group_size
     # fmt: off
     args = GRPOConfig(
         output_dir=str(out_dir), use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
         gradient_checkpointing=gradient_checkpointing, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=1.0, top_k=0, learning_rate=cfg.lr, lr_scheduler_type="constant",
+        temperature=cfg.temperature, top_p=1.0, top_k=0, learning_rate=cfg.lr, **trl_schedule_args(cfg),
         weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta, epsilon=cfg.clip_eps,
-        loss_type="dapo", scale_rewards="group", num_iterations=1, max_steps=steps, logging_steps=1,
-        report_to="none", save_strategy="no", disable_tqdm=True, seed=cfg.run.seed,
+        loss_type="dapo", scale_rewards=cfg.advantage_scale, reward_weights=weights,
+        multi_objective_aggregation="sum_then_normalize", num_iterations=1, max_steps=steps, logging_steps=1,
+        report_to="none", save_strategy="no", disable_tqdm=True, seed=cfg.run.seed if seed is None else seed,
         chat_template_kwargs={"enable_thinking": cfg.thinking}, dataloader_num_workers=0,
     )
     # fmt: on
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=task_reward,
+        reward_funcs=funcs,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -208,6 +251,8 @@ def run_trl(
 
     class _Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            # The scheduler stepped after the previous update, so this is this step's LR.
+            trace.lr.append(float(trainer.optimizer.param_groups[0]["lr"]))
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -222,8 +267,14 @@ def run_trl(
     trainer.train()
 
 
-def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int) -> dict:
-    """posttrain's GRPO (as an RLConfig mapping) matching `run_trl` setting for setting."""
+def rl_config_dict(
+    cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int, seed: int | None = None
+) -> dict:
+    """posttrain's GRPO (as an RLConfig mapping) matching `run_trl` setting for setting.
+
+    `steps` is also the horizon of the learning-rate schedule (TRL's max_steps); `seed`
+    (default run.seed) seeds sampling and prompt order, as TRL's `seed`.
+    """
     data: dict[str, Any] = {
         "task": cfg.task,
         "task_options": dict(cfg.task_options),
@@ -232,23 +283,27 @@ def rl_config_dict(cfg: BenchConfig, model_dir: Path, out_dir: Path, steps: int)
     }
     if cfg.difficulty is not None:
         data["difficulty"] = cfg.difficulty
+    rewards = [{"name": "task", "weight": 1.0, "options": {"task": cfg.task, **cfg.task_options}}]
+    if cfg.format_weight > 0:
+        rewards.append({"name": "format", "weight": cfg.format_weight})
     # fmt: off
     return {
         "steps": steps,
         "model": {"path": str(model_dir), "dtype": "float32"},
-        "optim": {"lr": cfg.lr, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-                  "max_grad_norm": cfg.max_grad_norm},
-        "run": {"output_dir": str(out_dir), "seed": cfg.run.seed, "save_every": 0},
+        "optim": {"lr": cfg.lr, "schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps,
+                  "min_lr_ratio": cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 0.0,
+                  "weight_decay": 0.0, "max_grad_norm": cfg.max_grad_norm},
+        "run": {"output_dir": str(out_dir), "seed": cfg.run.seed if seed is None else seed, "save_every": 0},
         "data": data,
         "rollout": {"engine": "native", "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size,
                     "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens},
         # TRL's GRPO advantage: (r - mean_g) / (unbiased std_g + 1e-4).
         "algo": {"method": "grpo", "advantage": "grpo", "policy_loss": "ppo", "clip_eps_low": cfg.clip_eps,
-                 "advantage_options": {"scale": "group", "std_eps": 1e-4, "unbiased_std": True},
+                 "advantage_options": {"scale": cfg.advantage_scale, "std_eps": 1e-4, "unbiased_std": True},
                  "clip_eps_high": cfg.clip_eps, "aggregation": "token-mean",
                  "kl_placement": "loss" if cfg.beta > 0 else "none", "kl_estimator": "k3", "kl_coef": cfg.beta,
                  "update_epochs": 1, "num_minibatches": 1},
-        "rewards": [{"name": "task", "weight": 1.0, "options": {"task": cfg.task, **cfg.task_options}}],
+        "rewards": rewards,
         "sample_log_every": 0,
     }
     # fmt: on
@@ -263,17 +318,20 @@ _PT_PHASES = {
 }
 
 
-def run_posttrain(cfg: BenchConfig, model_dir: Path, out_dir: Path, *, trace: _Trace, steps: int) -> None:
+def run_posttrain(
+    cfg: BenchConfig, model_dir: Path, out_dir: Path, *, trace: _Trace, steps: int, seed: int | None = None
+) -> None:
     """posttrain's GRPO through the public RLTrainer, one `.step()` per timed step."""
     from posttrain.train.rl import RLConfig, RLTrainer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "rl.yaml"
-    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, out_dir, steps), sort_keys=False))
+    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, out_dir, steps, seed), sort_keys=False))
     rl_cfg = load_config(RLConfig, path, [])
     trainer = RLTrainer(rl_cfg)
     try:
         for _ in range(steps):
+            trace.lr.append(float(trainer.optimizer.param_groups[0]["lr"]))
             t0 = time.perf_counter()
             metrics = trainer.step()
             seconds = time.perf_counter() - t0
