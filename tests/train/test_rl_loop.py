@@ -302,6 +302,25 @@ def test_prompts_from_a_dataset_file_pass_extra_columns_to_rewards(tmp_path):
     }
 
 
+def test_task_prompts_pass_the_reference_solution_to_step_credit(tmp_path):
+    # Task prompts carry their reference solution, so the step_credit reward scores every
+    # sample (none excluded) in [0, 1]; the per-reward mean is logged.
+    cfg = tiny_config(
+        tmp_path / "run",
+        "grpo",
+        "data.task_options={operators: '+-', trace: columns}",
+        "data.difficulty=2",
+        "rewards=[{name: step_credit}]",
+    )
+    trainer = RLTrainer(cfg)
+    m = trainer.step()
+    assert 0.0 <= m["reward/step_credit"] <= 1.0
+    assert all(
+        "solution" in it.columns and "<think>" in it.columns["solution"] for it in trainer.prompts.items
+    )
+    assert m["reward/valid_frac"] == 1.0
+
+
 @pytest.mark.parametrize("selection", ["curriculum", "success_rate"])
 def test_prompt_selection_modes_run_and_resume_state(selection, tmp_path):
     trainer = RLTrainer(tiny_config(tmp_path, "grpo", f"data.selection={selection}", "data.difficulty=null"))
