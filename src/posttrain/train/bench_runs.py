@@ -168,16 +168,10 @@ def _trl_reward(fn, name: str, tokenizer, thinking: bool):
     return reward
 
 
-def run_trl(
-    cfg: BenchConfig,
-    model_dir: Path,
-    out_dir: Path,
-    *,
-    gradient_checkpointing: bool,
-    trace: _Trace,
-    steps: int,
+def build_trl_trainer(
+    cfg: BenchConfig, model_dir: Path, out_dir: Path, *, gradient_checkpointing: bool, steps: int,
     seed: int | None = None,
-) -> None:
+):  # fmt: skip
     """TRL 1.16 GRPOTrainer with settings mirrored from `cfg` (see module docstring).
 
     TRL hyper-parameters set explicitly (defaults differ from ours or from the issue):
@@ -188,11 +182,9 @@ def run_trl(
     (TRL's default "sum_then_normalize", as our weighted reward sum), num_iterations=1
     (strictly on-policy), per_device_train_batch_size = prompts x G completions with
     gradient_accumulation_steps=1, seed = `seed` (default run.seed) for sampling and data order.
-    Generate time is measured by wrapping `GRPOTrainer._generate_single_turn` and
-    generate+reward+reference time by wrapping `_generate_and_score_completions`.
     """
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.data.rewards import build_reward
@@ -232,6 +224,29 @@ def run_trl(
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )  # fmt: skip
+    return trainer
+
+
+def run_trl(
+    cfg: BenchConfig,
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    gradient_checkpointing: bool,
+    trace: _Trace,
+    steps: int,
+    seed: int | None = None,
+) -> None:
+    """`build_trl_trainer`'s trainer, trained for `steps` steps with each step timed.
+
+    Generate time is measured by wrapping `GRPOTrainer._generate_single_turn` and
+    generate+reward+reference time by wrapping `_generate_and_score_completions`.
+    """
+    from transformers import TrainerCallback
+
+    trainer = build_trl_trainer(
+        cfg, model_dir, out_dir, gradient_checkpointing=gradient_checkpointing, steps=steps, seed=seed
+    )
 
     def timed(name, fn, count_tokens=False):
         def wrapper(*a, **k):
@@ -279,6 +294,8 @@ def rl_config_dict(
         "task": cfg.task,
         "task_options": dict(cfg.task_options),
         "n_train": cfg.n_train,
+        # TRL's prompt pool (`_train_examples`) is drawn with run.seed whatever the sampling seed.
+        "seed": cfg.run.seed,
         "enable_thinking": cfg.thinking,
     }
     if cfg.difficulty is not None:

@@ -38,6 +38,13 @@ class RLDataSection:
         default=None, metadata=_h("Task difficulty level; null = the task's mix of levels.")
     )
     n_train: int = field(default=1000, metadata=_h("Number of training prompts generated from the task."))
+    seed: int | None = field(
+        default=None,
+        metadata=_h(
+            "Seed of the generated task problems (train prompts and held-out set); null = run.seed. "
+            "Fix it to vary run.seed (sampling, prompt order) over one problem set."
+        ),
+    )
     n_test: int = field(
         default=100, metadata=_h("Number of held-out prompts (task test split) for evaluation.")
     )

@@ -138,8 +138,9 @@ def load_prompts(cfg: RLConfig, tokenizer):
     from posttrain.data.tasks import get_task
 
     task = get_task(d.task, **d.task_options)
-    train_ex = task.examples("train", d.n_train, seed=cfg.run.seed, difficulty=d.difficulty)
-    test_ex = task.examples("test", d.n_test, seed=cfg.run.seed, difficulty=d.difficulty) if d.n_test else []
+    data_seed = cfg.run.seed if d.seed is None else d.seed
+    train_ex = task.examples("train", d.n_train, seed=data_seed, difficulty=d.difficulty)
+    test_ex = task.examples("test", d.n_test, seed=data_seed, difficulty=d.difficulty) if d.n_test else []
     train = _check_lengths(_items_from_examples(train_ex, tokenizer, cfg), cfg, f"task {d.task!r}")
     return train, test_ex, task
 

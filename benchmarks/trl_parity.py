@@ -1,0 +1,196 @@
+"""Does posttrain's GRPO update equal TRL's on the same batch? (issue #8, "equal learning")
+
+The time-to-accuracy runs in docs/benchmarks.md found TRL gaining more held-out accuracy per
+step than posttrain with the same recipe. Before blaming noise, this script feeds ONE rollout
+batch, sampled by posttrain's loop, through both frameworks' code and compares every piece
+of the update that the two could disagree on:
+
+  rewards      TRL's reward call (completions decoded with skip_special_tokens, as
+               GRPOTrainer does) vs posttrain's summed, weighted scores
+  mask         TRL's completion mask (up to and including the first EOS) vs our loss mask
+  log-probs    TRL's training forward (`_get_per_token_logps_and_entropies`) vs the sampler's
+  advantages   TRL's formula for the configured scale_rewards vs ours
+  loss, grad   `GRPOTrainer.compute_loss` backward vs posttrain's `_micro_loss` backward
+  optimizer    the optimizer TRL's Trainer builds vs ours (class and hyper-parameters)
+
+  python benchmarks/trl_parity.py --model runs/vs_trl_tta/accuracy/tiny/sft/final \\
+      --set lr=1e-4 --set format_weight=0.2 --set advantage_scale=batch --set beta=0 \\
+      --set max_new_tokens=40 --set prompts_per_step=12 --set difficulty=2 \\
+      --set "task_options={operators: '+-', trace: columns}" --set n_train=8000
+
+Without --model it builds the preset from random init (no SFT): the comparison holds for any
+weights, but rewards are then nearly all zero. Needs the `bench` extra (TRL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from posttrain.train.bench import BenchConfig, prepare_model
+from posttrain.train.bench_runs import build_trl_trainer, rl_config_dict
+from posttrain.train.config import load_config
+
+
+def trl_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:
+    """TRL 1.16's GRPO advantage for contiguous groups of `group_size` (its documented rule):
+    r - group mean, divided by the group's or the batch's unbiased std + 1e-4."""
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(1, keepdim=True)).view(-1)
+    if scale == "group":
+        std = grouped.std(1).repeat_interleave(group_size)
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return centred
+    return centred / (std + 1e-4)
+
+
+def trl_completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """GRPOTrainer's completion mask: 1 up to and including the first EOS, 0 after."""
+    is_eos = completion_ids == eos_id
+    first = torch.full((completion_ids.shape[0],), completion_ids.shape[1], dtype=torch.long)
+    has = is_eos.any(1)
+    first[has] = is_eos.int().argmax(1)[has]
+    return (torch.arange(completion_ids.shape[1])[None, :] <= first[:, None]).int()
+
+
+def _grads(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def _optimizer_summary(opt: torch.optim.Optimizer) -> dict:
+    """Class and the hyper-parameters each parameter group really uses (not the defaults)."""
+    keys = ("lr", "betas", "eps", "weight_decay")
+    groups = [{k: g[k] for k in keys if k in g} | {"params": len(g["params"])} for g in opt.param_groups]
+    return {"class": type(opt).__name__, "groups": groups}
+
+
+def compare(
+    cfg: BenchConfig, model_dir: Path, work: Path, step: int = 0, scores: torch.Tensor | None = None
+) -> dict:
+    """Both frameworks' update pieces on loop step `step`'s batch (see the module docstring).
+
+    scores: [B] rewards replacing the sampled batch's (for both frameworks), e.g. random ones
+    so that an untrained model, whose rewards are all 0, still gets a non-zero gradient.
+    """
+    from posttrain.train.rl import RLConfig, RLTrainer
+    from posttrain.train.rl_setup import collect
+
+    torch.set_num_threads(cfg.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "rl.yaml"
+    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, work / "pt", 300), sort_keys=False))
+    pt = RLTrainer(load_config(RLConfig, path, []))
+    batch, _ = collect(pt, step)
+    if scores is not None:
+        batch.scores, batch.valid = scores.float(), torch.ones(len(batch), dtype=torch.bool)
+    pt._score(batch)
+    pt._advantages(batch, step)
+    seq, mask = batch.seq, batch.mask
+    B, T = mask.shape
+    # posttrain's gradient on this batch: the loop's own micro-loss with global counts.
+    counts = {"num_tokens": float(mask.sum()), "num_seqs": float((mask.sum(-1) > 0).sum()),
+              "max_len": cfg.max_new_tokens}  # fmt: skip
+    pt.policy.model.zero_grad()
+    pt_loss, _ = pt._micro_loss(batch, counts, step)
+    pt_loss.backward()
+    g_pt = _grads(pt.policy.model)
+
+    trl = build_trl_trainer(cfg, model_dir, work / "trl", gradient_checkpointing=False, steps=300)
+    tok = trl.processing_class
+    P = seq.response_start
+    prompt_ids, prompt_mask = seq.input_ids[:, :P], seq.attention_mask[:, :P]
+    completion_ids = seq.response_ids
+    c_mask = trl_completion_mask(completion_ids, tok.eos_token_id)
+    # TRL's rewards on the same completions: decoded as GRPOTrainer decodes them.
+    texts = tok.batch_decode(
+        completion_ids * c_mask + tok.pad_token_id * (1 - c_mask), skip_special_tokens=True
+    )
+    items = [pt.prompts.items[int(i)] for i in batch.item_index]
+    prompts = [[{"role": "user", "content": it.text}] for it in items]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    answers = [it.answer for it in items]
+    trl_rewards = torch.zeros(B)
+    for fn, w in zip(trl.reward_funcs, trl.reward_weights.tolist(), strict=True):
+        trl_rewards += w * torch.tensor(
+            fn(prompts=prompts, completions=completions, answer=answers), dtype=torch.float
+        )
+    G = cfg.group_size
+    order_ok = bool((batch.group_id.view(-1, G) == batch.group_id.view(-1, G)[:, :1]).all())
+    trl_adv = trl_advantages(trl_rewards if scores is None else batch.scores, G, cfg.advantage_scale)
+    pt_adv = torch.where(mask > 0, batch.advantages, torch.zeros(())).sum(-1) / mask.sum(-1).clamp(min=1)
+
+    model = trl.model
+    model.train()
+    with torch.no_grad():
+        trl_logps, _, _ = trl._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, c_mask], 1), T
+        )
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": c_mask, "advantages": trl_adv, "num_items_in_batch": c_mask.sum(),
+    }  # fmt: skip
+    if cfg.beta > 0:  # TRL's own frozen reference scores the batch
+        with torch.no_grad():
+            inputs["ref_per_token_logps"], _, _ = trl._get_per_token_logps_and_entropies(
+                trl.ref_model,
+                torch.cat([prompt_ids, completion_ids], 1),
+                torch.cat([prompt_mask, c_mask], 1),
+                T,
+            )
+    trl.current_gradient_accumulation_steps = 1  # set by Trainer.train per accumulation window
+    model.zero_grad()
+    trl_loss = trl.compute_loss(model, inputs)
+    trl_loss.backward()
+    g_trl = _grads(model)
+    opt = trl.create_optimizer()
+    m = mask > 0
+    return {
+        "batch": {"sequences": B, "response_tokens": int(mask.sum()), "groups_contiguous": order_ok},
+        "mask_equal": bool((c_mask.float() == mask).all()),
+        "rewards_max_abs_diff": None
+        if scores is not None
+        else float((trl_rewards - batch.scores).abs().max()),
+        "reward_mean": {"posttrain": float(batch.scores.mean()), "trl": float(trl_rewards.mean())},
+        "advantage_max_abs_diff": float((trl_adv - pt_adv).abs().max()),
+        "logprob_max_abs_diff_trl_vs_sampler": float((trl_logps - batch.sampling_logprobs)[m].abs().max()),
+        "loss": {"posttrain": float(pt_loss.detach()), "trl": float(trl_loss.detach())},
+        "grad_norm": {"posttrain": float(g_pt.norm()), "trl": float(g_trl.norm())},
+        "grad_rel_l2_diff": float((g_pt - g_trl).norm() / g_trl.norm().clamp(min=1e-30)),
+        "grad_cosine": float(torch.nn.functional.cosine_similarity(g_pt, g_trl, dim=0)),
+        "optimizer": {"posttrain": _optimizer_summary(pt.optimizer), "trl": _optimizer_summary(opt)},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model directory both frameworks start from")
+    ap.add_argument(
+        "--preset", default="tiny", help="preset built from random init when --model is not given"
+    )
+    ap.add_argument(
+        "--steps", type=int, default=3, help="batches compared (loop steps 0..steps-1, fresh each)"
+    )
+    ap.add_argument("--set", action="append", default=[], help="BenchConfig override key=value")
+    ap.add_argument("--out", default=None, help="write the results JSON here")
+    args = ap.parse_args()
+    cfg = load_config(BenchConfig, None, ["threads=2", *args.set])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else prepare_model(args.preset, Path(tmp), cfg.run.seed)
+        for step in range(args.steps):
+            r = compare(cfg, model_dir, Path(tmp) / f"s{step}", step)
+            results.append(r)
+            print(json.dumps({"step": step, **r}, default=str))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
