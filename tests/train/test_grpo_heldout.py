@@ -8,10 +8,10 @@ from a hash of each problem and are disjoint by construction; the test re-checks
 evaluated prompt was trained on. Numbers and timings: docs/benchmarks.md, "GRPO held-out
 arithmetic" and "Demo".
 
-Bars: issue #7 needs the demo's accuracy to rise clearly; this test asserts +10 points,
-which the defaults passed on every seed measured (+12.5, +24.2, +12.5, +14.1). Issue #5's
-+20 is reached on some seeds only (seed 1: +24.2; seed 0, the default: +12.5), so it is
-recorded in the docs and the issue, not asserted here.
+Bar: issue #5's +20 points within 10 CPU minutes. The default (seed 0) measured +32.0 in
+449 CPU-s (600 GRPO steps); over four seeds the gain was +13 to +32, so a different warm
+start (another seed, or float rounding changed by a code change) can fall short — see the
+table in "Demo".
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from posttrain.data.tasks import get_task
 from posttrain.train.config import load_config
 from posttrain.train.demo import DemoConfig, _stage_configs, run_demo
 
-# A clear rise (issue #7); issue #5's +20 is not yet robust across warm starts (see docstring).
-MIN_GAIN = 0.10
+# Issue #5's bar, met by the default seed with a 12-point margin (see docstring).
+MIN_GAIN = 0.20
 
 
 @pytest.mark.slow

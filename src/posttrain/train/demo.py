@@ -7,9 +7,7 @@ The pipeline is the R1 recipe in miniature:
      format and part of the arithmetic (~40% held-out greedy accuracy). Column traces make
      held-out problems reuse the single-digit facts and carry rule of training problems, so
      what RL reinforces can transfer (docs/benchmarks.md, "GRPO held-out arithmetic");
-  2. GRPO with the math-verify accuracy reward, a 0.2-weight format reward and a 0.5-weight
-     step-credit reward (share of the reference trace's columns right before the first
-     slip: a signal where every answer of a group is wrong), starting
+  2. GRPO with the math-verify accuracy reward and a 0.2-weight format reward, starting
      from the SFT model (group-mean baseline, batch-std scale, no KL, sampling at T=1,
      cosine learning rate), on train-split prompts most of which SFT never showed;
   3. greedy held-out evaluation (test split, never trained on) before and after RL
@@ -80,8 +78,8 @@ class DemoConfig:
     rl_steps: int = field(
         default=600,
         metadata=_h(
-            "GRPO steps (600 with step credit: +20 to +30 held-out points on every seed measured, "
-            "~8 CPU-minutes for the whole demo; 300: +11 to +23)."
+            "GRPO steps. 600 (~8 CPU-minutes for the whole demo): +13 to +32 held-out points over the "
+            "seeds measured; 300: +12 to +24 (docs/benchmarks.md, \"Demo\")."
         ),
     )
     rl_lr: float = field(
@@ -121,11 +119,11 @@ class DemoConfig:
         default=0.2, metadata=_h("Weight of the format reward next to accuracy (1.0).")
     )
     step_weight: float = field(
-        default=0.5,
+        default=0.0,
         metadata=_h(
             "Weight of the step_credit reward (share of the reference trace's column steps reproduced "
-            "before the first wrong one): a signal inside groups whose answers are all wrong, mostly "
-            "carry problems; 0 = accuracy + format only. 1.0 measured worse than 0.5."
+            "before the first wrong one); 0 = off. Measured at 0.5: no gain over accuracy + format "
+            "in held-out accuracy (docs/benchmarks.md)."
         ),
     )
     max_new_tokens: int = field(default=40, metadata=_h("Response length budget."))
