@@ -79,7 +79,7 @@ class DemoConfig:
         default=600,
         metadata=_h(
             "GRPO steps. 600 (~8 CPU-minutes for the whole demo): +13 to +32 held-out points over the "
-            "seeds measured; 300: +12 to +24 (docs/benchmarks.md, \"Demo\")."
+            'seeds measured; 300: +12 to +24 (docs/benchmarks.md, "Demo").'
         ),
     )
     rl_lr: float = field(
