@@ -366,17 +366,22 @@ def test_bench_accuracy_posttrain_and_trl_share_schedule_start_and_seeds(tmp_pat
     assert "| 4 | trl |" in md and "steps to target" in md
 
 
+def _trl_parity_module():
+    """benchmarks/trl_parity.py, a script outside the package, loaded as a module."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "trl_parity.py")
+    spec = importlib.util.spec_from_file_location("trl_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_trl_parity_same_batch_gives_the_same_gradient(tmp_path):
     """benchmarks/trl_parity.py: one batch through TRL's GRPOTrainer.compute_loss and our loop's
     loss gives the same loss and gradient (and mask, advantages, log-probs), KL term included."""
     pytest.importorskip("trl")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "trl_parity", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "trl_parity.py")
-    )
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
+    parity = _trl_parity_module()
     cfg = load_config(
         BenchConfig,
         None,
@@ -404,13 +409,7 @@ def test_trl_parity_same_batch_gives_the_same_gradient(tmp_path):
 
 def test_trl_advantage_and_mask_rules_by_hand():
     """The TRL rules trl_parity.py reproduces, on numbers worked by hand."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "trl_parity", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "trl_parity.py")
-    )
-    parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parity)
+    parity = _trl_parity_module()
     r = torch.tensor([1.0, 0.0, 3.0, 3.0])  # groups of 2: means 0.5 and 3
     # group: std of [1, 0] (unbiased) = 0.7071 -> ±0.5/0.7072; group [3, 3] has std 0 -> 0
     a = parity.trl_advantages(r, 2, "group")
