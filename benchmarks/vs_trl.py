@@ -21,6 +21,10 @@ for docs/benchmarks.md and keeps results.json under --out.
       (the demo's GRPO recipe for both frameworks, three sampling seeds from one SFT
       start; the full command is in docs/benchmarks.md)
   python benchmarks/vs_trl.py --mode probe --presets small
+  python benchmarks/vs_trl.py --combine runs/a/accuracy runs/b/accuracy
+      (the seeds of several accuracy runs of one recipe, pooled: per-seed table, and
+      posttrain against each framework paired by seed: mean difference, 95% t interval,
+      sign-flip test)
 
 Needs the `bench` extra (pip install 'posttrain[bench]') for TRL.
 """
@@ -194,8 +198,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="any BenchConfig override, e.g. --set lr=1e-4 (repeatable)")  # fmt: skip
     ap.add_argument("--rebuild", action="store_true",
                     help="recompute --out's step/accuracy tables from the saved traces (no runs)")  # fmt: skip
+    ap.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                    help="pool the seeds of finished accuracy runs (their --out/accuracy directories) of one "
+                         "recipe and print the per-seed table and the paired comparison (no runs)")  # fmt: skip
     args = ap.parse_args(argv)
     started = time.time()
+    if args.combine:
+        from posttrain.train.bench import combine_results, format_combined
+
+        print(format_combined(combine_results(args.combine)))
+        return 0
     if args.rebuild:
         from posttrain.train.bench import rebuild_results
 
@@ -211,5 +223,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from posttrain.errors import PosttrainError
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except PosttrainError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"vs_trl: {e}") from None

@@ -49,7 +49,14 @@ import torch
 import yaml
 
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.train.bench_report import format_markdown, seed_rows, summarize, time_to_target
+from posttrain.train.bench_report import (
+    format_combined,
+    format_markdown,
+    paired_summary,
+    seed_rows,
+    summarize,
+    time_to_target,
+)
 from posttrain.train.bench_runs import (
     HeldOutEval,
     _Trace,
@@ -63,7 +70,10 @@ from posttrain.train.config import RunSection, config_to_dict, load_config, save
 # Re-exported: benchmarks/vs_trl.py and tests import these from here.
 __all__ = [
     "BenchConfig",
+    "combine_results",
+    "format_combined",
     "format_markdown",
+    "paired_summary",
     "plan",
     "rebuild_results",
     "rl_config_dict",
@@ -493,6 +503,28 @@ def _write(out: Path, results: dict) -> None:
     print(format_markdown(results))
 
 
+def _saved_traces(out: Path) -> tuple[dict, BenchConfig, dict[str, dict[str, list[dict]]]]:
+    """(results.json, its config, model -> framework -> traces) of a finished isolated run."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise ConfigError(f"bench: no results.json in {out}")
+    results = json.loads(path.read_text())
+    (out / "rebuild.yaml").write_text(yaml.safe_dump(results["config"], sort_keys=False))
+    cfg = load_config(BenchConfig, out / "rebuild.yaml", [])
+    if cfg.mode == "rollout":
+        raise ConfigError(f"bench: {out} holds rollout results, which keep no traces")
+    per_model: dict[str, dict[str, list[dict]]] = {}
+    for name in results["models"]:
+        traces: dict[str, list[dict]] = {fw: [] for fw in cfg.frameworks}
+        for fw, seed, sub in _rounds(cfg):
+            trace = out / name / sub / "trace.json"
+            if not trace.is_file():
+                raise ConfigError(f"bench: missing {trace} (was the run isolate=true?)")
+            traces[fw].append({"seed": seed, **json.loads(trace.read_text())})
+        per_model[name] = traces
+    return results, cfg, per_model
+
+
 def rebuild_results(output_dir: str | Path) -> dict:
     """Recompute a finished run's summaries from its saved traces (no training, no timing).
 
@@ -501,24 +533,64 @@ def rebuild_results(output_dir: str | Path) -> dict:
     results.json / results.md; machine info, SFT accuracy and target are kept as measured.
     """
     out = Path(output_dir)
-    path = out / "results.json"
-    if not path.is_file():
-        raise ConfigError(f"bench rebuild: no results.json in {out}")
-    results = json.loads(path.read_text())
-    (out / "rebuild.yaml").write_text(yaml.safe_dump(results["config"], sort_keys=False))
-    cfg = load_config(BenchConfig, out / "rebuild.yaml", [])
-    if cfg.mode == "rollout":
-        raise ConfigError("bench rebuild: rollout results keep no traces to rebuild from")
-    for name, per in results["models"].items():
-        traces: dict[str, list[dict]] = {fw: [] for fw in cfg.frameworks}
-        for fw, seed, sub in _rounds(cfg):
-            trace = out / name / sub / "trace.json"
-            if not trace.is_file():
-                raise ConfigError(f"bench rebuild: missing {trace} (was the run isolate=true?)")
-            traces[fw].append({"seed": seed, **json.loads(trace.read_text())})
-        _summarize_model(cfg, per, traces)
+    results, cfg, per_model = _saved_traces(out)
+    for name, traces in per_model.items():
+        _summarize_model(cfg, results["models"][name], traces)
     _write(out, results)
     return results
+
+
+# Config keys that may differ between accuracy runs pooled by `combine_results`.
+_POOLABLE = {"rl_seeds", "run", "threads", "repeats", "steps", "skip_steps", "isolate", "rollout"}
+
+
+def combine_results(output_dirs: list[str | Path]) -> dict:
+    """Pool the GRPO seeds of several finished accuracy runs of one recipe (no training).
+
+    Each directory is a `run_bench` output (isolated, with traces). The recipes must agree
+    on every key but seeds, output directory, threads and timing settings; a seed may
+    appear only once. Returns {"sources": [...], "config": first config, "models": {name:
+    {"sft_accuracy": [per source], "target", "seeds": seed_rows, "paired": {metric:
+    paired_summary}}}} for the models all sources share.
+    """
+    if not output_dirs:
+        raise ConfigError("bench combine: give at least one output directory")
+    loaded = [(Path(d), *_saved_traces(Path(d))) for d in output_dirs]
+    first_dir, first, first_cfg, _ = loaded[0]
+    if first_cfg.mode != "accuracy":
+        raise ConfigError(
+            f"bench combine: {first_dir} is a {first_cfg.mode}-mode run; only accuracy runs pool"
+        )
+    base = {k: v for k, v in first["config"].items() if k not in _POOLABLE}
+    for d, res, _, _ in loaded[1:]:
+        cfg_d = {k: v for k, v in res["config"].items() if k not in _POOLABLE}
+        diff = sorted(k for k in base.keys() | cfg_d.keys() if base.get(k) != cfg_d.get(k))
+        if diff:
+            raise ConfigError(
+                f"bench combine: {d} ran another recipe than {first_dir} (differs in {', '.join(diff)})"
+            )
+    names = [n for n in first["models"] if all(n in res["models"] for _, res, _, _ in loaded)]
+    models: dict[str, dict] = {}
+    for name in names:
+        pooled: dict[str, list[dict]] = {}
+        where: dict[int, Path] = {}
+        for d, _, _, per_model in loaded:
+            for fw, ts in per_model[name].items():
+                for t in ts:
+                    if where.setdefault(t["seed"], d) != d:
+                        raise ConfigError(
+                            f"bench combine: seed {t['seed']} of {name} is in both {where[t['seed']]} and {d}"
+                        )
+                    pooled.setdefault(fw, []).append(t)
+        target = first["models"][name]["target"]
+        rows = sorted(seed_rows(pooled, target), key=lambda r: r["seed"])
+        models[name] = {
+            "sft_accuracy": [res["models"][name]["sft_accuracy"] for _, res, _, _ in loaded],
+            "target": target,
+            "seeds": rows,
+            "paired": {m: paired_summary(rows, m) for m in ("final_accuracy", "mean_reward")},
+        }
+    return {"sources": [str(d) for d, *_ in loaded], "config": first["config"], "models": models}
 
 
 def run_bench(cfg: BenchConfig) -> dict:
