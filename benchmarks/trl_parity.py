@@ -18,6 +18,13 @@ of the update that the two could disagree on:
       --set max_new_tokens=40 --set prompts_per_step=12 --set difficulty=2 \\
       --set "task_options={operators: '+-', trace: columns}" --set n_train=8000
 
+At step 0 the policy is its own reference, so the KL term's gradient is zero and this
+one-batch check cannot see it. `--replay K` covers that: posttrain trains K steps and TRL's
+own `train()` is fed the very same batches; the weights after K steps are compared:
+
+  python benchmarks/trl_parity.py --preset tiny --replay 8 --random-scores --set beta=0.04 \
+      --set prompts_per_step=2 --set group_size=4 --set max_new_tokens=16 --set lr=1e-3
+
 Without --model it builds the preset from random init (no SFT): the comparison holds for any
 weights, but rewards are then nearly all zero. Needs the `bench` extra (TRL).
 """
@@ -69,6 +76,31 @@ def _optimizer_summary(opt: torch.optim.Optimizer) -> dict:
     keys = ("lr", "betas", "eps", "weight_decay")
     groups = [{k: g[k] for k in keys if k in g} | {"params": len(g["params"])} for g in opt.param_groups]
     return {"class": type(opt).__name__, "groups": groups}
+
+
+def trl_inputs(trl, cfg: BenchConfig, prompt_ids, prompt_mask, completion_ids, c_mask, advantages) -> dict:
+    """The batch dict GRPOTrainer.compute_loss reads, as its `_generate_and_score_completions`
+    builds it for a strictly on-policy step (no old log-probs); with beta > 0 TRL's own
+    frozen reference model scores the completions."""
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": c_mask, "advantages": advantages, "num_items_in_batch": c_mask.sum(),
+    }  # fmt: skip
+    if cfg.beta > 0:
+        with torch.no_grad():
+            inputs["ref_per_token_logps"], _, _ = trl._get_per_token_logps_and_entropies(
+                trl.ref_model,
+                torch.cat([prompt_ids, completion_ids], 1),
+                torch.cat([prompt_mask, c_mask], 1),
+                completion_ids.shape[1],
+            )
+    return inputs
+
+
+def _sequence_advantages(batch) -> torch.Tensor:
+    """[B] per-sequence advantage of a GRPO batch (ours is per token, constant over a response)."""
+    mask = batch.mask
+    return torch.where(mask > 0, batch.advantages, torch.zeros(())).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def compare(
@@ -124,7 +156,7 @@ def compare(
     G = cfg.group_size
     order_ok = bool((batch.group_id.view(-1, G) == batch.group_id.view(-1, G)[:, :1]).all())
     trl_adv = trl_advantages(trl_rewards if scores is None else batch.scores, G, cfg.advantage_scale)
-    pt_adv = torch.where(mask > 0, batch.advantages, torch.zeros(())).sum(-1) / mask.sum(-1).clamp(min=1)
+    pt_adv = _sequence_advantages(batch)
 
     model = trl.model
     model.train()
@@ -132,18 +164,7 @@ def compare(
         trl_logps, _, _ = trl._get_per_token_logps_and_entropies(
             model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, c_mask], 1), T
         )
-    inputs = {
-        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-        "completion_mask": c_mask, "advantages": trl_adv, "num_items_in_batch": c_mask.sum(),
-    }  # fmt: skip
-    if cfg.beta > 0:  # TRL's own frozen reference scores the batch
-        with torch.no_grad():
-            inputs["ref_per_token_logps"], _, _ = trl._get_per_token_logps_and_entropies(
-                trl.ref_model,
-                torch.cat([prompt_ids, completion_ids], 1),
-                torch.cat([prompt_mask, c_mask], 1),
-                T,
-            )
+    inputs = trl_inputs(trl, cfg, prompt_ids, prompt_mask, completion_ids, c_mask, trl_adv)
     trl.current_gradient_accumulation_steps = 1  # set by Trainer.train per accumulation window
     model.zero_grad()
     trl_loss = trl.compute_loss(model, inputs)
@@ -168,6 +189,81 @@ def compare(
     }
 
 
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def replay(cfg: BenchConfig, model_dir: Path, work: Path, steps: int, random_scores: bool = False) -> dict:
+    """`steps` whole training steps of both frameworks on the same batches; compare the weights.
+
+    posttrain's loop runs `steps` GRPO steps and every batch it trains on is recorded
+    (prompts, completions, mask, per-sequence advantages). TRL's GRPOTrainer then trains
+    `steps` steps through its own `train()` (compute_loss, backward, gradient clipping,
+    AdamW, learning-rate scheduler) with `_generate_and_score_completions` returning those
+    batches in order. One-batch `compare` checks a single gradient; this checks what the
+    optimizer state and the schedule make of a sequence of them. Reported: the relative
+    L2 difference of the two weight updates, ||w_pt - w_trl|| / ||w_pt - w_0||.
+
+    random_scores: replace each batch's rewards by uniform draws (seeded by the step), so an
+    untrained model, which earns ~0 reward, still gets gradients.
+    """
+    from posttrain.train.rl import RLConfig, RLTrainer
+
+    torch.set_num_threads(cfg.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "rl.yaml"
+    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, work / "pt", steps), sort_keys=False))
+    pt = RLTrainer(load_config(RLConfig, path, []))
+    w0 = _flat(pt.policy.model)
+    recorded: list[dict] = []
+    advantages, update = pt._advantages, pt._update
+
+    def scored(batch, step):
+        if random_scores:
+            gen = torch.Generator().manual_seed(1000 + step)
+            batch.scores = torch.rand(len(batch), generator=gen)
+            batch.valid = torch.ones(len(batch), dtype=torch.bool)
+        return advantages(batch, step)
+
+    def recording(batch, step):
+        seq, P = batch.seq, batch.seq.response_start
+        recorded.append({
+            "prompt_ids": seq.input_ids[:, :P].clone(), "prompt_mask": seq.attention_mask[:, :P].clone(),
+            "completion_ids": seq.response_ids.clone(), "mask": batch.mask.long().clone(),
+            "advantages": _sequence_advantages(batch).clone(),
+        })  # fmt: skip
+        return update(batch, step)
+
+    pt._advantages, pt._update = scored, recording
+    lrs_pt = []
+    for _ in range(steps):
+        lrs_pt.append(float(pt.optimizer.param_groups[0]["lr"]))
+        pt.step()
+    w_pt = _flat(pt.policy.model)
+
+    trl = build_trl_trainer(cfg, model_dir, work / "trl", gradient_checkpointing=False, steps=steps)
+    feed = iter(recorded)
+
+    def replayed(_generation_batch):
+        b = next(feed)
+        return trl_inputs(trl, cfg, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"],
+                          b["advantages"])  # fmt: skip
+
+    trl._generate_and_score_completions = replayed
+    trl.train()
+    w_trl = _flat(trl.model)
+    delta = (w_pt - w0).norm()
+    return {
+        "steps": steps,
+        "batches_replayed": steps - sum(1 for _ in feed),
+        "response_tokens": [int(b["mask"].sum()) for b in recorded],
+        "update_norm": {"posttrain": float(delta), "trl": float((w_trl - w0).norm())},
+        "update_rel_l2_diff": float((w_pt - w_trl).norm() / delta.clamp(min=1e-30)),
+        "weights_max_abs_diff": float((w_pt - w_trl).abs().max()),
+        "lr_posttrain": lrs_pt,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model directory both frameworks start from")
@@ -177,6 +273,11 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=3, help="batches compared (loop steps 0..steps-1, fresh each)"
     )
+    ap.add_argument(
+        "--replay", type=int, default=0, metavar="K",
+        help="instead: train K steps with posttrain, replay its batches through TRL's train(), compare weights",
+    )  # fmt: skip
+    ap.add_argument("--random-scores", action="store_true", help="--replay: uniform random rewards")
     ap.add_argument("--set", action="append", default=[], help="BenchConfig override key=value")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args()
@@ -184,6 +285,12 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else prepare_model(args.preset, Path(tmp), cfg.run.seed)
+        if args.replay:
+            r = replay(cfg, model_dir, Path(tmp) / "replay", args.replay, args.random_scores)
+            print(json.dumps(r, default=str))
+            if args.out:
+                Path(args.out).write_text(json.dumps(r, indent=1, default=str))
+            return
         for step in range(args.steps):
             r = compare(cfg, model_dir, Path(tmp) / f"s{step}", step)
             results.append(r)

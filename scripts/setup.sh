@@ -16,5 +16,6 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-# peft too, so the LoRA paths (adapter-disabled reference, native sampler on LoRA layers) are tested.
-python -m pip install -q -e ".[test,peft]"
+# peft too, so the LoRA paths (adapter-disabled reference, native sampler on LoRA layers) are tested;
+# bench (TRL) so that the tests proving our GRPO update equals TRL's run (tests/e2e/test_bench.py).
+python -m pip install -q -e ".[test,peft,bench]"

@@ -379,7 +379,9 @@ def _trl_parity_module():
 
 def test_trl_parity_same_batch_gives_the_same_gradient(tmp_path):
     """benchmarks/trl_parity.py: one batch through TRL's GRPOTrainer.compute_loss and our loop's
-    loss gives the same loss and gradient (and mask, advantages, log-probs), KL term included."""
+    loss gives the same loss and gradient (and mask, advantages, log-probs). At step 0 the
+    policy is its own reference, so the KL term's gradient is 0 here: the replay test below
+    is the one that checks the KL."""
     pytest.importorskip("trl")
     parity = _trl_parity_module()
     cfg = load_config(
@@ -405,6 +407,44 @@ def test_trl_parity_same_batch_gives_the_same_gradient(tmp_path):
     assert abs(r["loss"]["posttrain"] - r["loss"]["trl"]) < 1e-5
     wd = {g["weight_decay"] for side in r["optimizer"].values() for g in side["groups"]}
     assert wd == {0.0}
+
+
+_REPLAY = ["threads=1", "prompts_per_step=2", "group_size=4", "max_new_tokens=16", "beta=0.04",
+           "n_train=50", "difficulty=1", "lr=1e-3"]  # fmt: skip
+
+
+@pytest.mark.parametrize("estimator", ["k3_is", "k3"])
+def test_trl_replay_same_batches_give_the_same_weights(tmp_path, estimator):
+    """Four whole training steps (loss, clipping, AdamW state, LR schedule) of both frameworks
+    on the same batches, with beta > 0 so that the KL gradient is non-zero after step 0:
+    the two weight updates agree to float rounding, for both KL estimators."""
+    pytest.importorskip("trl")
+    parity = _trl_parity_module()
+    cfg = load_config(BenchConfig, None, [*_REPLAY, f"kl_estimator={estimator}"])
+    model_dir = parity.prepare_model("tiny", tmp_path, 0)
+    r = parity.replay(cfg, model_dir, tmp_path / "w", steps=4, random_scores=True)
+    assert r["batches_replayed"] == 4
+    assert r["update_norm"]["posttrain"] > 0.5  # lr 1e-3 Adam: the weights really moved
+    assert r["update_rel_l2_diff"] < 1e-4
+
+
+def test_trl_replay_catches_a_different_kl_gradient(tmp_path, monkeypatch):
+    """The replay can fail: plain k3 on our side against TRL's default bias-corrected KL
+    (same KL value, different gradient once the policy has left its reference)."""
+    pytest.importorskip("trl")
+    parity = _trl_parity_module()
+    cfg = load_config(BenchConfig, None, [*_REPLAY, "kl_estimator=k3_is"])
+    ours = parity.rl_config_dict
+
+    def plain_k3(*a, **k):
+        d = ours(*a, **k)
+        d["algo"]["kl_estimator"] = "k3"
+        return d
+
+    monkeypatch.setattr(parity, "rl_config_dict", plain_k3)
+    model_dir = parity.prepare_model("tiny", tmp_path, 0)
+    r = parity.replay(cfg, model_dir, tmp_path / "w", steps=4, random_scores=True)
+    assert r["update_rel_l2_diff"] > 1e-3
 
 
 def test_trl_advantage_and_mask_rules_by_hand():

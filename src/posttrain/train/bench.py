@@ -19,8 +19,9 @@ template, is rewarded by the same Python verifier (`Task.score`), and runs with 
 G, prompts per step, max new tokens, temperature, learning rate and its schedule
 (`lr_schedule`, `warmup_steps`, `min_lr_ratio` over the run's steps; see
 `bench_runs.trl_schedule_args` for the one-step offset of TRL's cosine), AdamW settings,
-gradient clipping, clip range and beta (KL to the reference as k3 in the loss, which is
-what TRL's GRPO does), token-level loss aggregation (TRL's default "dapo" loss_type = our
+gradient clipping, clip range and beta (KL to the reference in the loss: by default our
+`k3_is`, k3 times the differentiable ratio pi/pi_old, which is TRL's default
+`use_bias_correction_kl=True`; `kl_estimator=k3` for plain k3 in both), token-level loss aggregation (TRL's default "dapo" loss_type = our
 "token-mean"), the reward (task verifier, plus `format_weight` x the R1 format reward,
 summed before the advantage in both) and the advantage scale (group or batch std, +1e-4).
 `rl_seeds` repeats the GRPO runs with other sampling seeds from the same SFT start, the
@@ -166,7 +167,13 @@ class BenchConfig:
     rl_seeds: list[int] = _opt(
         list, "GRPO sampling seeds, one round each from the same start; empty = [run.seed].", factory=True
     )
-    beta: float = _opt(0.04, "KL coefficient (k3 in the loss, as TRL's GRPO).")
+    beta: float = _opt(0.04, "KL coefficient (the KL is a loss term, as in TRL's GRPO).")
+    kl_estimator: Literal["k3_is", "k3"] = _opt(
+        "k3_is",
+        "KL loss estimator. k3_is (TRL's default use_bias_correction_kl=True): k3 times the "
+        "ratio pi/pi_old, which is 1 on-policy but adds k3 * grad log pi to the gradient "
+        "(DeepSeek-V3.2's unbiased KL); k3: plain k3 (TRL use_bias_correction_kl=False).",
+    )
     clip_eps: float = _opt(0.2, "PPO clip range (both sides).")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
     thinking: bool = _opt(True, "Chat template thinking mode for prompts.")

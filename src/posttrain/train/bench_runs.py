@@ -181,7 +181,8 @@ def build_trl_trainer(
     `cfg.advantage_scale`, reward_weights [1, format_weight] summed before the advantage
     (TRL's default "sum_then_normalize", as our weighted reward sum), num_iterations=1
     (strictly on-policy), per_device_train_batch_size = prompts x G completions with
-    gradient_accumulation_steps=1, seed = `seed` (default run.seed) for sampling and data order.
+    gradient_accumulation_steps=1, seed = `seed` (default run.seed) for sampling and data order,
+    use_bias_correction_kl = (cfg.kl_estimator == "k3_is"), TRL's default being True.
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -212,6 +213,7 @@ def build_trl_trainer(
         temperature=cfg.temperature, top_p=1.0, top_k=0, learning_rate=cfg.lr, **trl_schedule_args(cfg),
         weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta, epsilon=cfg.clip_eps,
         loss_type="dapo", scale_rewards=cfg.advantage_scale, reward_weights=weights,
+        use_bias_correction_kl=cfg.kl_estimator == "k3_is",
         multi_objective_aggregation="sum_then_normalize", num_iterations=1, max_steps=steps, logging_steps=1,
         report_to="none", save_strategy="no", disable_tqdm=True, seed=cfg.run.seed if seed is None else seed,
         chat_template_kwargs={"enable_thinking": cfg.thinking}, dataloader_num_workers=0,
@@ -318,7 +320,7 @@ def rl_config_dict(
         "algo": {"method": "grpo", "advantage": "grpo", "policy_loss": "ppo", "clip_eps_low": cfg.clip_eps,
                  "advantage_options": {"scale": cfg.advantage_scale, "std_eps": 1e-4, "unbiased_std": True},
                  "clip_eps_high": cfg.clip_eps, "aggregation": "token-mean",
-                 "kl_placement": "loss" if cfg.beta > 0 else "none", "kl_estimator": "k3", "kl_coef": cfg.beta,
+                 "kl_placement": "loss" if cfg.beta > 0 else "none", "kl_estimator": cfg.kl_estimator, "kl_coef": cfg.beta,
                  "update_epochs": 1, "num_minibatches": 1},
         "rewards": rewards,
         "sample_log_every": 0,
