@@ -17,8 +17,8 @@ Fairness (issue #8): every framework loads the same model directory (weights and
 tokenizer saved once in HF format), sees the same task prompts through the same chat
 template, is rewarded by the same Python verifier (`Task.score`), and runs with the same
 G, prompts per step, max new tokens, temperature, learning rate and its schedule
-(`lr_schedule`, `warmup_steps`, `min_lr_ratio` over the run's steps; see
-`bench_runs.trl_schedule_args` for the one-step offset of TRL's cosine), AdamW settings,
+(`lr_schedule`, `warmup_steps`, `min_lr_ratio` over the run's steps; TRL's Trainer is
+given our exact scheduler, `bench_runs.use_posttrain_schedule`), AdamW settings,
 gradient clipping, clip range and beta (KL to the reference in the loss: by default our
 `k3_is`, k3 times the differentiable ratio pi/pi_old, which is TRL's default
 `use_bias_correction_kl=True`; `kl_estimator=k3` for plain k3 in both), token-level loss aggregation (TRL's default "dapo" loss_type = our

@@ -122,26 +122,35 @@ class _Trace:
         }
 
 
-def trl_schedule_args(cfg: BenchConfig) -> dict[str, Any]:
-    """GRPOConfig learning-rate fields reproducing posttrain's `optim.lr_factor` schedule.
+def use_posttrain_schedule(trainer, cfg: BenchConfig) -> None:
+    """Make a transformers Trainer build posttrain's exact learning-rate schedule.
 
-    posttrain warms up as (step + 1) / warmup_steps (the first update already moves), then
-    holds (constant) or follows a cosine from 1 to `min_lr_ratio` with progress
-    (step - warmup) / (steps - warmup). transformers' "cosine_warmup_with_min_lr" has the
-    same warmup; with min_lr_rate 1.0 it is exactly our constant-with-warmup, and as a
-    cosine its progress runs one step ahead, (step - warmup + 1) / (steps - warmup), a
-    difference of at most (1 - min_lr_ratio) * pi / (2 (steps - warmup)) of the peak LR
-    (0.5% at 300 steps, warmup 5). Its other warmups ("constant_with_warmup", "cosine",
-    "cosine_with_min_lr") give the first update lr 0 and lag ours by a whole step.
+    transformers has no scheduler equal to `optim.lr_factor`: its "cosine_warmup_with_min_lr"
+    shares our warmup ((step + 1) / warmup, so the first update already moves) but runs the
+    cosine one step ahead, and its other warmups give the first update lr 0. So the trainer's
+    `create_scheduler` is replaced by a LambdaLR over `lr_factor` with the horizon the
+    Trainer passes (max_steps, the `steps` of posttrain's run): both frameworks then use
+    the same learning rate on every step (recorded in each trace's "lr").
     """
-    if cfg.lr_schedule == "constant" and cfg.warmup_steps == 0:
-        return {"lr_scheduler_type": "constant", "warmup_steps": 0}
-    floor = 1.0 if cfg.lr_schedule == "constant" else cfg.min_lr_ratio
-    return {
-        "lr_scheduler_type": "cosine_warmup_with_min_lr",
-        "warmup_steps": cfg.warmup_steps,
-        "lr_scheduler_kwargs": {"min_lr_rate": floor},
-    }
+    from posttrain.train.optim import lr_factor
+
+    floor = cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 0.0
+
+    def create_scheduler(num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if trainer.lr_scheduler is None:
+            trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer if optimizer is not None else trainer.optimizer,
+                lambda step: lr_factor(
+                    step,
+                    warmup_steps=cfg.warmup_steps,
+                    total_steps=num_training_steps,
+                    schedule=cfg.lr_schedule,
+                    min_lr_ratio=floor,
+                ),  # fmt: skip
+            )
+        return trainer.lr_scheduler
+
+    trainer.create_scheduler = create_scheduler
 
 
 def _trl_reward(fn, name: str, tokenizer, thinking: bool):
@@ -175,8 +184,8 @@ def build_trl_trainer(
     """TRL 1.16 GRPOTrainer with settings mirrored from `cfg` (see module docstring).
 
     TRL hyper-parameters set explicitly (defaults differ from ours or from the issue):
-    bf16/fp16 off (fp32), use_cpu on a CPU device, the learning-rate schedule of
-    `trl_schedule_args` (TRL's default linearly decays to 0 over max_steps),
+    bf16/fp16 off (fp32), use_cpu on a CPU device, posttrain's exact learning-rate
+    schedule (`use_posttrain_schedule`; TRL's default linearly decays to 0 over max_steps),
     loss_type="dapo" (token-level mean over the whole batch), scale_rewards =
     `cfg.advantage_scale`, reward_weights [1, format_weight] summed before the advantage
     (TRL's default "sum_then_normalize", as our weighted reward sum), num_iterations=1
@@ -210,7 +219,7 @@ def build_trl_trainer(
         output_dir=str(out_dir), use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
         gradient_checkpointing=gradient_checkpointing, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=1.0, top_k=0, learning_rate=cfg.lr, **trl_schedule_args(cfg),
+        temperature=cfg.temperature, top_p=1.0, top_k=0, learning_rate=cfg.lr,
         weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta, epsilon=cfg.clip_eps,
         loss_type="dapo", scale_rewards=cfg.advantage_scale, reward_weights=weights,
         use_bias_correction_kl=cfg.kl_estimator == "k3_is",
@@ -226,6 +235,7 @@ def build_trl_trainer(
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )  # fmt: skip
+    use_posttrain_schedule(trainer, cfg)
     return trainer
 
 
