@@ -431,6 +431,39 @@ def test_trl_replay_catches_a_different_kl_gradient(tmp_path, monkeypatch):
     assert r["update_rel_l2_diff"] > 1e-3
 
 
+def test_trl_grpo_recipe_matches_grpoconfig_defaults():
+    """recipes/trl_grpo.yaml claims TRL's GRPOConfig defaults (apart from lr and length):
+    checked against the installed TRL, so a TRL upgrade that changes a default fails here."""
+    pytest.importorskip("trl")
+    from trl import GRPOConfig
+
+    from posttrain.train.rl import RLConfig
+
+    trl = GRPOConfig(output_dir="unused", report_to="none", use_cpu=True, bf16=False)
+    cfg = load_config(
+        RLConfig, os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "trl_grpo.yaml"), []
+    )
+    r, a, o = cfg.rollout, cfg.algo, cfg.optim
+    assert r.group_size == trl.num_generations
+    assert (r.temperature, r.top_p, r.top_k) == (trl.temperature, trl.top_p, trl.top_k or 0)
+    assert a.clip_eps_low == trl.epsilon
+    assert a.clip_eps_high == (trl.epsilon_high if trl.epsilon_high is not None else trl.epsilon)
+    assert trl.loss_type == "dapo" and a.aggregation == "token-mean"
+    assert trl.scale_rewards == "group" and a.advantage_options == {
+        "scale": "group",
+        "std_eps": 1e-4,
+        "unbiased_std": True,
+    }
+    assert trl.beta == 0.0 and a.kl_placement == "none"
+    assert trl.use_bias_correction_kl and a.kl_estimator == "k3_is"
+    assert trl.num_iterations == a.update_epochs == 1 and a.num_minibatches == 1
+    assert not trl.mask_truncated_completions and a.overlong in ("none", "preset")
+    assert trl.lr_scheduler_type == "linear" and (o.schedule, o.min_lr_ratio) == ("linear", 0.0)
+    assert trl.warmup_steps == o.warmup_steps == 0
+    assert (trl.weight_decay, trl.max_grad_norm) == (o.weight_decay, o.max_grad_norm)
+    assert (trl.adam_beta1, trl.adam_beta2, trl.adam_epsilon) == (*o.betas, o.eps)
+
+
 def test_trl_advantage_and_mask_rules_by_hand():
     """The TRL rules trl_parity.py reproduces, on numbers worked by hand."""
     parity = _trl_parity_module()
