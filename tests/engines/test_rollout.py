@@ -287,3 +287,24 @@ def test_ignore_eos_generates_exactly_max_new_tokens(tiny_model, char_tok, engin
     assert "stop" in stopped.finish_reason
     r = eng.generate(PROMPTS, SamplingParams(max_new_tokens=12, seed=0, ignore_eos=True))
     assert r.mask.sum(-1).tolist() == [12.0] * 3 and r.finish_reason == ["length"] * 3
+
+
+def test_vllm_engine_module_is_found_in_both_engine_layouts():
+    """`sync_weights` loads weights straight into an in-process engine's model; the lookup
+    follows vLLM's V1 layout (LLMEngine -> InprocClient -> EngineCore -> executor) and the
+    older one (LLMEngine -> executor), with or without a worker wrapper, and reports a
+    multiprocess engine (no model in this process) as AttributeError, which sends the
+    weights by RPC instead. Stand-in objects: vLLM itself needs a GPU."""
+    from types import SimpleNamespace as NS
+
+    from posttrain.engines.rollout.vllm import engine_module
+
+    model = torch.nn.Linear(2, 2)
+    worker = NS(model_runner=NS(model=model))
+    v1 = NS(llm_engine=NS(engine_core=NS(engine_core=NS(model_executor=NS(driver_worker=NS(worker=worker))))))
+    old = NS(llm_engine=NS(model_executor=NS(driver_worker=worker)))
+    assert engine_module(v1) is model
+    assert engine_module(old) is model
+    multiprocess = NS(llm_engine=NS(engine_core=NS(outputs_queue=None)))  # SyncMPClient: no engine here
+    with pytest.raises(AttributeError):
+        engine_module(multiprocess)

@@ -128,11 +128,9 @@ class VLLMEngine:
             self._asleep = False
 
     def _engine_model(self) -> nn.Module:
-        """The nn.Module inside an in-process engine (V1 with multiprocessing off, or V0)."""
-        executor = self.llm.llm_engine.model_executor
-        worker = executor.driver_worker
-        worker = getattr(worker, "worker", worker)  # V1 wraps the worker once more
-        return worker.model_runner.model
+        """The nn.Module inside an in-process engine; AttributeError when the engine runs in
+        another process (then `sync_weights` ships the weights by RPC)."""
+        return engine_module(self.llm)
 
     def sync_weights(self, model: nn.Module) -> None:
         """Push the policy's current weights into the engine (names as in HF checkpoints).
@@ -238,6 +236,35 @@ class VLLMEngine:
                 lengths = torch.where(hit, t + 1, lengths)
                 seen |= code != RUNNING
         return lengths, codes
+
+
+# Where an in-process engine keeps its model, from the LLM object: V1 with multiprocessing
+# off (LLMEngine -> InprocClient -> EngineCore -> executor), then the older layout where
+# the LLMEngine holds the executor itself. Each executor's driver worker may wrap the
+# worker once more.
+_ENGINE_PATHS = (
+    ("llm_engine", "engine_core", "engine_core", "model_executor"),
+    ("llm_engine", "model_executor"),
+)
+
+
+def engine_module(llm) -> nn.Module:
+    """The model module of an in-process vLLM engine, or AttributeError when there is none
+    reachable from this process (a multiprocess engine core)."""
+    for path in _ENGINE_PATHS:
+        obj = llm
+        try:
+            for name in path:
+                obj = getattr(obj, name)
+            worker = obj.driver_worker
+        except AttributeError:
+            continue
+        worker = getattr(worker, "worker", worker)
+        runner = getattr(worker, "model_runner", None)
+        model = getattr(runner, "model", None)
+        if isinstance(model, nn.Module):
+            return model
+    raise AttributeError("no in-process vLLM model reachable from this LLM object")
 
 
 def _load_weights_rpc(worker, state):
