@@ -264,6 +264,56 @@ def replay(cfg: BenchConfig, model_dir: Path, work: Path, steps: int, random_sco
     }
 
 
+def sample_compare(cfg: BenchConfig, model_dir: Path, work: Path, n_prompts: int, rounds: int) -> dict:
+    """Sampled task accuracy and length through TRL's own generation call and posttrain's engine.
+
+    The same `n_prompts` training prompts, G = cfg.group_size samples each, `rounds` times:
+    TRL tokenizes them with `_tokenize_prompts` and samples with `_generate_single_turn` (the
+    calls GRPOTrainer makes, with its GenerationConfig and EOS ids); posttrain samples with
+    its loop's rollout engine. Both are scored by TRL's reward function (the task verifier).
+    Equal means (within sampling noise) say the two frameworks sample the same distribution.
+    """
+    import statistics
+
+    from posttrain.engines.rollout.base import SamplingParams
+    from posttrain.train.rl import RLConfig, RLTrainer
+
+    torch.set_num_threads(cfg.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "rl.yaml"
+    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, work / "pt", 300), sort_keys=False))
+    pt = RLTrainer(load_config(RLConfig, path, []))
+    trl = build_trl_trainer(cfg, model_dir, work / "trl", gradient_checkpointing=False, steps=300)
+    score, G, P = trl.reward_funcs[0], cfg.group_size, cfg.prompts_per_step
+    items = pt.prompts.items[:n_prompts]
+    out = {fw: {"correct": [], "length": []} for fw in ("trl", "posttrain")}
+    for r in range(rounds):
+        for start in range(0, len(items), P):
+            chunk = items[start : start + P]
+            conv = [[{"role": "user", "content": it.text}] for it in chunk]
+            torch.manual_seed(1_000 * r + start)
+            ids, _, _ = trl._tokenize_prompts(conv)
+            completions, _ = trl._generate_single_turn([x for x in ids for _ in range(G)], None, {}, G)
+            trl_texts = trl.processing_class.batch_decode(completions, skip_special_tokens=True)
+            params = SamplingParams(n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                    seed=1_000 * r + start)  # fmt: skip
+            ro = pt.engine.generate([it.prompt_ids for it in chunk], params)
+            prompts = [c for c in conv for _ in range(G)]
+            answers = [it.answer for it in chunk for _ in range(G)]
+            for fw, texts, lengths in (("trl", trl_texts, [len(c) for c in completions]),
+                                       ("posttrain", ro.texts, ro.mask.sum(-1).tolist())):  # fmt: skip
+                done = [[{"role": "assistant", "content": t}] for t in texts]
+                out[fw]["correct"] += score(prompts=prompts, completions=done, answer=answers)
+                out[fw]["length"] += lengths
+    return {
+        "samples": len(out["trl"]["correct"]),
+        **{f"{fw}_accuracy": statistics.fmean(v["correct"]) for fw, v in out.items()},
+        **{f"{fw}_mean_length": statistics.fmean(v["length"]) for fw, v in out.items()},
+        "trl_generation_config": trl.generation_config.to_diff_dict(),
+        "trl_eos_token_ids": list(trl.eos_token_ids),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model directory both frameworks start from")
@@ -278,6 +328,11 @@ def main() -> None:
         help="instead: train K steps with posttrain, replay its batches through TRL's train(), compare weights",
     )  # fmt: skip
     ap.add_argument("--random-scores", action="store_true", help="--replay: uniform random rewards")
+    ap.add_argument(
+        "--sample", type=int, default=0, metavar="N",
+        help="instead: sampled accuracy and length of N prompts x G through TRL's generation call and "
+        "posttrain's engine (--steps rounds)",
+    )  # fmt: skip
     ap.add_argument("--set", action="append", default=[], help="BenchConfig override key=value")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args()
@@ -285,6 +340,12 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else prepare_model(args.preset, Path(tmp), cfg.run.seed)
+        if args.sample:
+            r = sample_compare(cfg, model_dir, Path(tmp) / "sample", args.sample, args.steps)
+            print(json.dumps(r, default=str))
+            if args.out:
+                Path(args.out).write_text(json.dumps(r, indent=1, default=str))
+            return
         if args.replay:
             r = replay(cfg, model_dir, Path(tmp) / "replay", args.replay, args.random_scores)
             print(json.dumps(r, default=str))

@@ -476,3 +476,18 @@ def test_trl_advantage_and_mask_rules_by_hand():
     assert torch.allclose(b, torch.tensor([0.5, -0.5, 0.0, 0.0]) / 1.5001)
     ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8]])  # eos = 2: first row stops at column 1
     assert parity.trl_completion_mask(ids, 2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_trl_parity_sample_compare_draws_from_both_generation_paths(tmp_path):
+    """`trl_parity.py --sample`: the same prompts through TRL's generation call and our engine."""
+    pytest.importorskip("trl")
+    parity = _trl_parity_module()
+    cfg = load_config(BenchConfig, None, ["threads=1", "prompts_per_step=2", "group_size=3", "max_new_tokens=6",
+                                          "n_train=20", "difficulty=1"])  # fmt: skip
+    model_dir = parity.prepare_model("tiny", tmp_path, 0)
+    r = parity.sample_compare(cfg, model_dir, tmp_path / "w", n_prompts=4, rounds=1)
+    assert r["samples"] == 4 * 3
+    for fw in ("trl", "posttrain"):
+        assert 1 <= r[f"{fw}_mean_length"] <= 6
+        assert 0.0 <= r[f"{fw}_accuracy"] <= 1.0
+    assert r["trl_generation_config"]["top_k"] == 0 and r["trl_generation_config"]["do_sample"]
