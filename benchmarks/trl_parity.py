@@ -337,25 +337,17 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args()
     cfg = load_config(BenchConfig, None, ["threads=2", *args.set])
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else prepare_model(args.preset, Path(tmp), cfg.run.seed)
         if args.sample:
-            r = sample_compare(cfg, model_dir, Path(tmp) / "sample", args.sample, args.steps)
-            print(json.dumps(r, default=str))
-            if args.out:
-                Path(args.out).write_text(json.dumps(r, indent=1, default=str))
-            return
-        if args.replay:
-            r = replay(cfg, model_dir, Path(tmp) / "replay", args.replay, args.random_scores)
-            print(json.dumps(r, default=str))
-            if args.out:
-                Path(args.out).write_text(json.dumps(r, indent=1, default=str))
-            return
-        for step in range(args.steps):
-            r = compare(cfg, model_dir, Path(tmp) / f"s{step}", step)
-            results.append(r)
-            print(json.dumps({"step": step, **r}, default=str))
+            results = sample_compare(cfg, model_dir, Path(tmp) / "sample", args.sample, args.steps)
+        elif args.replay:
+            results = replay(cfg, model_dir, Path(tmp) / "replay", args.replay, args.random_scores)
+        else:
+            results = [{"step": step, **compare(cfg, model_dir, Path(tmp) / f"s{step}", step)}
+                       for step in range(args.steps)]  # fmt: skip
+    for r in results if isinstance(results, list) else [results]:
+        print(json.dumps(r, default=str))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
 
