@@ -135,6 +135,18 @@ def test_combine_refuses_other_recipes_duplicate_seeds_and_step_runs(tmp_path):
     _write_run(tmp_path / "dup", [1, 3], [(0.5, 0.4), (0.3, 0.3)])
     with pytest.raises(ConfigError, match="seed 1 of tiny is in both"):
         combine_results([tmp_path / "a", tmp_path / "dup"])
+    # A run made before an option existed has no key for it: it counts as the default.
+    _write_run(tmp_path / "old", [5], [(0.5, 0.4)])
+    raw = json.loads((tmp_path / "old" / "results.json").read_text())
+    del raw["config"]["kl_estimator"]
+    (tmp_path / "old" / "results.json").write_text(json.dumps(raw))
+    assert [
+        r["seed"] for r in combine_results([tmp_path / "a", tmp_path / "old"])["models"]["tiny"]["seeds"]
+    ] == [
+        0,
+        1,
+        5,
+    ]
     with pytest.raises(ConfigError, match="no results.json"):
         combine_results([tmp_path / "missing"])
     with pytest.raises(ConfigError, match="at least one"):

@@ -568,9 +568,10 @@ def combine_results(output_dirs: list[str | Path]) -> dict:
         raise ConfigError(
             f"bench combine: {first_dir} is a {first_cfg.mode}-mode run; only accuracy runs pool"
         )
-    base = {k: v for k, v in first["config"].items() if k not in _POOLABLE}
-    for d, res, _, _ in loaded[1:]:
-        cfg_d = {k: v for k, v in res["config"].items() if k not in _POOLABLE}
+    # Compared after loading, so a key added since a run was made counts as its default.
+    base = {k: v for k, v in config_to_dict(first_cfg).items() if k not in _POOLABLE}
+    for d, _, cfg, _ in loaded[1:]:
+        cfg_d = {k: v for k, v in config_to_dict(cfg).items() if k not in _POOLABLE}
         diff = sorted(k for k in base.keys() | cfg_d.keys() if base.get(k) != cfg_d.get(k))
         if diff:
             raise ConfigError(
