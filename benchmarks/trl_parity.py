@@ -78,6 +78,17 @@ def _optimizer_summary(opt: torch.optim.Optimizer) -> dict:
     return {"class": type(opt).__name__, "groups": groups}
 
 
+def posttrain_trainer(cfg: BenchConfig, model_dir: Path, work: Path, steps: int):
+    """posttrain's RLTrainer with the benchmark's GRPO recipe (`rl_config_dict`) in `work`."""
+    from posttrain.train.rl import RLConfig, RLTrainer
+
+    torch.set_num_threads(cfg.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "rl.yaml"
+    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, work / "pt", steps), sort_keys=False))
+    return RLTrainer(load_config(RLConfig, path, []))
+
+
 def trl_inputs(trl, cfg: BenchConfig, prompt_ids, prompt_mask, completion_ids, c_mask, advantages) -> dict:
     """The batch dict GRPOTrainer.compute_loss reads, as its `_generate_and_score_completions`
     builds it for a strictly on-policy step (no old log-probs); with beta > 0 TRL's own
@@ -111,14 +122,9 @@ def compare(
     scores: [B] rewards replacing the sampled batch's (for both frameworks), e.g. random ones
     so that an untrained model, whose rewards are all 0, still gets a non-zero gradient.
     """
-    from posttrain.train.rl import RLConfig, RLTrainer
     from posttrain.train.rl_setup import collect
 
-    torch.set_num_threads(cfg.threads)
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "rl.yaml"
-    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, work / "pt", 300), sort_keys=False))
-    pt = RLTrainer(load_config(RLConfig, path, []))
+    pt = posttrain_trainer(cfg, model_dir, work, 300)
     batch, _ = collect(pt, step)
     if scores is not None:
         batch.scores, batch.valid = scores.float(), torch.ones(len(batch), dtype=torch.bool)
@@ -207,13 +213,7 @@ def replay(cfg: BenchConfig, model_dir: Path, work: Path, steps: int, random_sco
     random_scores: replace each batch's rewards by uniform draws (seeded by the step), so an
     untrained model, which earns ~0 reward, still gets gradients.
     """
-    from posttrain.train.rl import RLConfig, RLTrainer
-
-    torch.set_num_threads(cfg.threads)
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "rl.yaml"
-    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, work / "pt", steps), sort_keys=False))
-    pt = RLTrainer(load_config(RLConfig, path, []))
+    pt = posttrain_trainer(cfg, model_dir, work, steps)
     w0 = _flat(pt.policy.model)
     recorded: list[dict] = []
     advantages, update = pt._advantages, pt._update
@@ -276,13 +276,8 @@ def sample_compare(cfg: BenchConfig, model_dir: Path, work: Path, n_prompts: int
     import statistics
 
     from posttrain.engines.rollout.base import SamplingParams
-    from posttrain.train.rl import RLConfig, RLTrainer
 
-    torch.set_num_threads(cfg.threads)
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "rl.yaml"
-    path.write_text(yaml.safe_dump(rl_config_dict(cfg, model_dir, work / "pt", 300), sort_keys=False))
-    pt = RLTrainer(load_config(RLConfig, path, []))
+    pt = posttrain_trainer(cfg, model_dir, work, 300)
     trl = build_trl_trainer(cfg, model_dir, work / "trl", gradient_checkpointing=False, steps=300)
     score, G, P = trl.reward_funcs[0], cfg.group_size, cfg.prompts_per_step
     items = pt.prompts.items[:n_prompts]

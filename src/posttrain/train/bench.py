@@ -21,8 +21,8 @@ G, prompts per step, max new tokens, temperature, learning rate and its schedule
 given our exact scheduler, `bench_runs.use_posttrain_schedule`), AdamW settings,
 gradient clipping, clip range and beta (KL to the reference in the loss: by default our
 `k3_is`, k3 times the differentiable ratio pi/pi_old, which is TRL's default
-`use_bias_correction_kl=True`; `kl_estimator=k3` for plain k3 in both), token-level loss aggregation (TRL's default "dapo" loss_type = our
-"token-mean"), the reward (task verifier, plus `format_weight` x the R1 format reward,
+`use_bias_correction_kl=True`; `kl_estimator=k3` for plain k3 in both), token-level loss
+aggregation (TRL's default "dapo" loss_type = our "token-mean"), the reward (task verifier, plus `format_weight` x the R1 format reward,
 summed before the advantage in both) and the advantage scale (group or batch std, +1e-4).
 `rl_seeds` repeats the GRPO runs with other sampling seeds from the same SFT start, the
 same prompt pool and the same held-out set. Each run executes in its own subprocess
@@ -41,6 +41,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.bench_report import (
     format_combined,
     format_markdown,
+    paired_summaries,
     paired_summary,
     seed_rows,
     summarize,
@@ -516,8 +518,10 @@ def _saved_traces(out: Path) -> tuple[dict, BenchConfig, dict[str, dict[str, lis
     if not path.is_file():
         raise ConfigError(f"bench: no results.json in {out}")
     results = json.loads(path.read_text())
-    (out / "rebuild.yaml").write_text(yaml.safe_dump(results["config"], sort_keys=False))
-    cfg = load_config(BenchConfig, out / "rebuild.yaml", [])
+    with tempfile.TemporaryDirectory() as tmp:  # the run directory stays untouched
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(results["config"], sort_keys=False))
+        cfg = load_config(BenchConfig, path, [])
     if cfg.mode == "rollout":
         raise ConfigError(f"bench: {out} holds rollout results, which keep no traces")
     per_model: dict[str, dict[str, list[dict]]] = {}
@@ -596,7 +600,7 @@ def combine_results(output_dirs: list[str | Path]) -> dict:
             "sft_accuracy": [res["models"][name]["sft_accuracy"] for _, res, _, _ in loaded],
             "target": target,
             "seeds": rows,
-            "paired": {m: paired_summary(rows, m) for m in ("final_accuracy", "mean_reward")},
+            "paired": paired_summaries(rows),
         }
     return {"sources": [str(d) for d, *_ in loaded], "config": first["config"], "models": models}
 

@@ -204,18 +204,24 @@ def paired_summary(seeds: list[dict], metric: str) -> dict[str, dict]:
     return out
 
 
-def _paired_table(seeds: list[dict]) -> list[str]:
-    """Paired-over-seeds rows (accuracy at the last eval, mean training reward), 2+ seeds only."""
+# The metrics compared seed by seed, with their report labels.
+PAIRED_METRICS = {"final_accuracy": "accuracy at the last eval", "mean_reward": "mean training reward"}
+
+
+def paired_summaries(seeds: list[dict]) -> dict[str, dict[str, dict]]:
+    """`paired_summary` for every metric of PAIRED_METRICS: {metric: {framework: summary}}."""
+    return {metric: paired_summary(seeds, metric) for metric in PAIRED_METRICS}
+
+
+def _paired_table(paired: dict[str, dict[str, dict]]) -> list[str]:
+    """Rows of `paired_summaries` output with 2+ seeds (nothing when there are none)."""
     rows = []
-    for metric, label in (
-        ("final_accuracy", "accuracy at the last eval"),
-        ("mean_reward", "mean training reward"),
-    ):
-        for fw, s in paired_summary(seeds, metric).items():
+    for metric, per_fw in paired.items():
+        for fw, s in per_fw.items():
             if s["n"] < 2:
                 continue
             ci = s["ci95"]
-            rows.append([label, fw, str(s["n"]), _fmt(s["mean_posttrain"]), _fmt(s["mean_other"]),
+            rows.append([PAIRED_METRICS[metric], fw, str(s["n"]), _fmt(s["mean_posttrain"]), _fmt(s["mean_other"]),
                          f"{s['mean_diff']:+.3f}", f"[{ci[0]:+.3f}, {ci[1]:+.3f}]",
                          f"{s['wins']}/{s['losses']}/{s['ties']}",
                          f"{s['p_sign_flip']:.3f}" + ("" if s["p_exact"] else " (sampled)")])  # fmt: skip
@@ -223,9 +229,8 @@ def _paired_table(seeds: list[dict]) -> list[str]:
         return []
     header = ["metric", "vs", "seeds", "posttrain mean", "other mean", "mean difference (posttrain - other)",
               "95% t interval", "posttrain ahead / behind / tied", "sign-flip p"]  # fmt: skip
-    return ["\nPaired over seeds (each seed: both frameworks from the same start and prompt pool, with the same seed):"] + _table(
-        header, rows
-    )
+    intro = "\nPaired over seeds (each seed: both frameworks from the same start and prompt pool, with the same seed):"
+    return [intro, *_table(header, rows)]
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -294,7 +299,7 @@ def format_markdown(results: dict) -> str:
                 f"\nSFT start: held-out accuracy {per['sft_accuracy']:.3f}; target {per['target']:.3f}"
             )
             lines += _seed_table(per["seeds"], per["target"])
-            lines += _paired_table(per["seeds"])
+            lines += _paired_table(paired_summaries(per["seeds"]))
             for n, r in fws.items():
                 pts = ", ".join(
                     f"({e['step']}, {e['train_s']:.0f}s, {e['accuracy']:.2f})" for e in r.get("evals", [])
@@ -309,5 +314,5 @@ def format_combined(combined: dict) -> str:
     for name, per in combined["models"].items():
         starts = ", ".join(f"{a:.3f}" for a in per["sft_accuracy"])
         lines.append(f"\n**{name}**: SFT start held-out accuracy {starts}; target {per['target']:.3f}")
-        lines += _seed_table(per["seeds"], per["target"]) + _paired_table(per["seeds"])
+        lines += _seed_table(per["seeds"], per["target"]) + _paired_table(per["paired"])
     return "\n".join(lines) + "\n"
