@@ -19,14 +19,14 @@ along prompt groups (`group_micro_batches`) so sharing survives micro-batching.
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from posttrain.core.logprobs import entropy_from_logits, logprobs_from_logits
 from posttrain.engines.batching import SequenceBatch, group_micro_batches
+from posttrain.engines.fastpath import record_fallback
+from posttrain.engines.hf_compat import cache_argument, forward_with_cache, new_cache, reorder_cache
 from posttrain.errors import ModelError
 
 # Default budget for one micro-batch's logits: 2^24 elements = 64 MiB in float32.
@@ -52,22 +52,21 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
-def _can_share(decoder: nn.Module) -> bool:
-    """Whether `decoder` can run prompts once and continue from a plain KV cache."""
+def _share_blocker(decoder: nn.Module) -> str | None:
+    """Why `decoder` cannot run prompts once and continue from a plain KV cache (None: it can)."""
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training:
-        return False  # HF drops the cache under activation checkpointing
+        return "activation checkpointing is on (transformers drops the KV cache under it)"
     config = getattr(decoder, "config", None)
     # Sliding-window, linear-attention and hybrid layers need their own cache classes;
     # only plain full attention is known to give the same numbers from a DynamicCache.
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        return False
+    layer_types = set(getattr(config, "layer_types", None) or ()) - {"full_attention"}
+    if layer_types:
+        return f"layer types {sorted(layer_types)} need their own cache classes"
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return False
-    try:
-        params = inspect.signature(decoder.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "past_key_values" in params and "use_cache" in params
+        return "sliding-window attention needs its own cache class"
+    if cache_argument(decoder) is None:
+        return f"{type(decoder).__name__}.forward takes no KV cache argument (transformers API change?)"
+    return None
 
 
 def _mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:
@@ -77,13 +76,23 @@ def _mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:
 
 
 def _share_plan(decoder: nn.Module, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(first [U], inverse [B]) from `SequenceBatch.prompt_groups` when sharing pays off."""
+    """(first [U], inverse [B]) from `SequenceBatch.prompt_groups` when sharing pays off.
+
+    A batch whose prompts repeat too little is not a fallback (sharing would not pay); a
+    decoder that cannot share on a batch that would pay is counted (`record_fallback`).
+    """
     B, P, T = len(batch), batch.response_start, batch.response_mask.shape[1]
-    if B < 2 or T < 1 or not _can_share(decoder):
+    if B < 2 or T < 1:
         return None
     first, inverse = batch.prompt_groups()
     saved = (B - len(first)) * P / (B * (P + T - 1))  # fraction of token-forwards skipped
-    return (first, inverse) if saved >= MIN_SHARED_SAVING else None
+    if saved < MIN_SHARED_SAVING:
+        return None
+    blocker = _share_blocker(decoder)
+    if blocker is not None:
+        record_fallback("shared_prompts", blocker)
+        return None
+    return first, inverse
 
 
 def _shared_prompt_hidden(
@@ -91,29 +100,30 @@ def _shared_prompt_hidden(
 ) -> torch.Tensor | None:
     """`response_hidden` with each distinct prompt run once; None if the cache stayed empty."""
     P, T = batch.response_start, batch.response_mask.shape[1]
-    cache = DynamicCache()
-    out = decoder(
+    cache = new_cache()
+    out = forward_with_cache(
+        decoder,
+        cache,
         input_ids=batch.input_ids[first, :P],
         attention_mask=_mask_or_none(batch.attention_mask[first, :P]),
         position_ids=batch.position_ids[first, :P],
-        past_key_values=cache,
-        use_cache=True,
     )
     if cache.get_seq_length() != P:
-        return None  # a decoder that ignores past_key_values: take the full forward
+        record_fallback("shared_prompts", f"{type(decoder).__name__} left the KV cache empty")
+        return None  # a decoder that ignores its cache argument: take the full forward
     first_hidden = out.last_hidden_state[:, -1:].index_select(0, inverse)  # [B, 1, H] predicts token 0
     if T == 1:
         return first_hidden
     # Per-layer index_select of keys/values: differentiable, so the gradients of all rows
     # of a group add up in the one prompt pass (what the [B, L] forward computes).
-    cache.reorder_cache(inverse)
+    reorder_cache(cache, inverse)
     L = P + T - 1  # the last response token predicts nothing: its column is skipped
-    out = decoder(
+    out = forward_with_cache(
+        decoder,
+        cache,
         input_ids=batch.input_ids[:, P:L],
         attention_mask=_mask_or_none(batch.attention_mask[:, :L]),
         position_ids=batch.position_ids[:, P:L],
-        past_key_values=cache,
-        use_cache=True,
     )
     return torch.cat([first_hidden, out.last_hidden_state], dim=1)  # [B, T, H]
 
