@@ -34,6 +34,7 @@ from posttrain.core.advantages import ADVANTAGES
 from posttrain.core.distill import anneal
 from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
+from posttrain.engines.fastpath import fallback_counts, fallback_metrics
 from posttrain.errors import TrainingError
 from posttrain.train.checkpoint import CheckpointManager
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
@@ -346,7 +347,7 @@ class RLTrainer:
     def step(self) -> dict[str, float]:
         """One RL step: generate, reward, score, advantages, update. Returns metrics."""
         step = self.step_count
-        t0 = time.perf_counter()
+        t0, missed = time.perf_counter(), fallback_counts()
         batch, metrics = collect(self, step)
         t1 = time.perf_counter()
         self._score(batch)
@@ -367,6 +368,7 @@ class RLTrainer:
                 "time/update_s": t4 - t3,
                 "time/step_s": t4 - t0,
                 "train/step": step,
+                **fallback_metrics(since=missed),
             }
         )
         self._last_batch = batch
