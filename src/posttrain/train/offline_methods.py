@@ -8,6 +8,7 @@ evaluation and the final Hugging Face export. Only train/ code calls .item() / f
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -119,11 +120,12 @@ class SFTMethod:
 
 
 def _eval_sums(method, items):
-    """(summed loss, summed metrics) over held-out items; (nan, {}) when there are none."""
+    """(summed loss, summed metrics) over held-out items; (nan, zero sums) when there are none,
+    so every held-out ratio is NaN (no rows) instead of a KeyError."""
     from posttrain.train.offline_loop import run_microbatches
 
     if not items:
-        return float("nan"), {}
+        return float("nan"), defaultdict(float)
     return run_microbatches(method, items, method.cfg.train.eval_batch_size, train=False)
 
 
