@@ -440,7 +440,8 @@ class RLTrainer:
             k=1,
             temperature=ev.temperature,
             max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens,
-            engine=self.cfg.rollout.engine,
+            # Multi-turn: held-out prompts run through the same environment as training.
+            engine=self.engine if self.cfg.env.name is not None else self.cfg.rollout.engine,
             seed=self.cfg.run.seed,
             chat_template=d.chat_template,
             enable_thinking=d.enable_thinking,

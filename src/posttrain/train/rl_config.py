@@ -119,6 +119,29 @@ class RolloutSection:
 
 
 @dataclass
+class EnvSection:
+    """Multi-turn rollouts: an environment answers each model turn (docs/tools.md)."""
+
+    name: str | None = field(
+        default=None, metadata=_h("Environment (tools | verifiers); null = single-turn rollouts.")
+    )
+    tools: list[str] = field(
+        default_factory=lambda: ["calculator"],
+        metadata=_h("Tools of the `tools` environment (calculator | python)."),
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_h(
+            "Extra environment options, e.g. {error_reward: -0.1, tool_options: {python: {wall_time_s: 2}}}."
+        ),
+    )
+    max_turns: int = field(default=4, metadata=_h("Model turns per trajectory."))
+    max_total_tokens: int = field(
+        default=256, metadata=_h("Response tokens per trajectory, model and observation tokens together.")
+    )
+
+
+@dataclass
 class AlgoSection:
     """The method preset and its pieces; null pieces take the preset's value."""
 
@@ -321,6 +344,7 @@ class RLConfig:
         default_factory=AuxModelSection, metadata=_h("Teacher model (on-policy distillation, KDRL).")
     )
     eval: RLEvalSection = field(default_factory=RLEvalSection, metadata=_h("Held-out evaluation."))
+    env: EnvSection = field(default_factory=EnvSection, metadata=_h("Multi-turn environment (tools)."))
     log_entropy: bool = field(
         default=True,
         metadata=_h(
@@ -442,4 +466,36 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         )
     if p["keep_sampling_mask"] and ro.engine != "native":
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
+    _validate_env(cfg, p)
     return p
+
+
+def _validate_env(cfg: RLConfig, p: dict[str, Any]) -> None:
+    """The env section, checked before any model is built."""
+    env = cfg.env
+    if env.name is None:
+        return
+    from posttrain.data.envs import ENVIRONMENTS, TOOLS
+
+    if env.name not in ENVIRONMENTS:
+        raise ConfigError(f"env.name: {ENVIRONMENTS.unknown_message(env.name)}")
+    if env.max_turns < 1 or env.max_total_tokens < 1:
+        raise ConfigError(
+            f"env.max_turns and env.max_total_tokens must be >= 1, got {env.max_turns}, {env.max_total_tokens}"
+        )
+    for i, tool in enumerate(env.tools):
+        if tool not in TOOLS:
+            raise ConfigError(f"env.tools[{i}]: {TOOLS.unknown_message(tool)}")
+    import inspect
+
+    accepted = set(inspect.signature(ENVIRONMENTS[env.name]).parameters) - {"tools"}
+    unknown = sorted(set(env.options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"env.options: unknown option(s) {', '.join(unknown)} for environment {env.name!r}; "
+            f"valid: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    if p["keep_sampling_mask"]:
+        raise ConfigError("algo.keep_sampling_mask is not supported with env (multi-turn rollouts)")
+    if env.options.get("error_reward"):  # a per-turn reward reaches only token-reward estimators
+        check_dense_reward("env.options.error_reward", p["advantage"], cfg.algo.method)
