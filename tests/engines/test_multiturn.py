@@ -200,3 +200,20 @@ def test_real_sampler_multi_turn_logprobs_match_the_training_forward(tok):
     lp, _ = sequence_logprobs(model, seq)
     on = ro.mask > 0
     torch.testing.assert_close(lp[on], ro.sampling_logprobs[on], atol=1e-4, rtol=0)
+
+
+def test_tool_task_demonstrations_use_the_layout_the_rollout_produces(tok):
+    """SFT rows of tool_arithmetic are what a multi-turn rollout lays out for the char
+    tokenizer: the call, then observation_text's tool message, then the answer."""
+    from posttrain.data.tasks import get_task
+    from posttrain.data.tasks.tool_arithmetic import tool_call_text, tool_transcript
+
+    ex = get_task("tool_arithmetic").examples("train", 1, seed=0, difficulty=3)[0]
+    expr = ex.prompt[len("What is ") : -1]
+    history = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": tool_call_text(expr)}]
+    assert ex.solution == tool_call_text(expr) + observation_text(tok, history, ex.answer) + f"<answer>{ex.answer}</answer>"
+    assert tool_transcript(expr, ex.answer, ex.answer, tokenizer=tok) == ex.solution
+    env = make_env("tools")
+    assert env.step(tool_call_text(expr)).observation == ex.answer  # the calculator agrees with the task
+    no_tools = get_task("tool_arithmetic", tools=False).examples("train", 1, seed=0, difficulty=3)[0]
+    assert no_tools.solution == f"<answer>{no_tools.answer}</answer>"

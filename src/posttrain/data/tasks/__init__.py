@@ -26,6 +26,7 @@ from posttrain.data.tasks.base import (
 )
 from posttrain.data.tasks.countdown import Countdown
 from posttrain.data.tasks.sorting import Sorting
+from posttrain.data.tasks.tool_arithmetic import ToolArithmetic
 from posttrain.data.tasks.word_problems import WordProblems
 from posttrain.errors import ConfigError
 
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 TASKS: Registry = Registry("task")
-for _cls in (Arithmetic, Countdown, Sorting, WordProblems):
+for _cls in (Arithmetic, Countdown, Sorting, WordProblems, ToolArithmetic):
     TASKS.register(_cls.name)(_cls)
 
 ROW_KINDS = ("prompt", "completion", "messages", "preference", "stepwise")
