@@ -40,7 +40,10 @@ COMMANDS: dict[str, Command] = {
         "posttrain.train.offline", "SFTConfig", "run_sft", "supervised fine-tuning on completions"
     ),
     "rm": Command(
-        "posttrain.train.offline", "RMConfig", "run_rm", "train an outcome reward model (Bradley-Terry)"
+        "posttrain.train.offline",
+        "RMConfig",
+        "run_rm",
+        "train an outcome reward model (Bradley-Terry or pointwise)",
     ),
     "prm": Command(
         "posttrain.train.offline", "PRMConfig", "run_prm", "train a process reward model on step labels"

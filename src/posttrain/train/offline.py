@@ -5,7 +5,7 @@ rows into token ids (train/offline_data.py) and hands a method object
 (train/offline_methods.py) to the loop. Entry points used by the CLI:
 
     SFTConfig / run_sft(cfg) -> dict      supervised fine-tuning, completion-only loss
-    RMConfig  / run_rm(cfg)  -> dict      Bradley–Terry outcome reward model
+    RMConfig  / run_rm(cfg)  -> dict      outcome reward model (Bradley–Terry or pointwise)
     PRMConfig / run_prm(cfg) -> dict      step-level process reward model
     DPOConfig / run_dpo(cfg) -> dict      DPO / IPO / SimPO / LN-DPO / hinge
     plan(cfg) -> str                      what a run would do (for --dry-run)
@@ -188,6 +188,23 @@ class SFTAlgoSection:
 class RMAlgoSection:
     """Reward-model options."""
 
+    loss: Literal["bradley_terry", "pointwise"] = field(
+        default="bradley_terry",
+        metadata={
+            "help": "bradley_terry: −log σ(r_w − r_l − m) on prompt/chosen/rejected pairs; pointwise: "
+            "(r − (s − b))² on prompt/completion/score rows (study guide §2.2)."
+        },
+    )
+    score_column: str = field(
+        default="score", metadata={"help": "pointwise: the column of `data.path` holding each row's score."}
+    )
+    baseline: Literal["none", "prompt_mean"] = field(
+        default="none",
+        metadata={
+            "help": "pointwise: subtract each prompt's mean score from its rows' targets (prompt_mean), "
+            "so the head learns how a completion compares with the prompt's others; none = raw scores."
+        },
+    )
     margin_column: str | None = field(
         default=None,
         metadata={"help": "Column with a per-pair margin m in −log σ(r_w − r_l − m); null = no margin."},
@@ -284,7 +301,8 @@ class SFTConfig:
 
 @dataclass
 class RMConfig:
-    """Bradley–Terry outcome reward model on prompt/chosen/rejected pairs (posttrain rm)."""
+    """Outcome reward model: Bradley–Terry on prompt/chosen/rejected pairs, or pointwise
+    regression on prompt/completion/score rows (posttrain rm)."""
 
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Backbone to start from."})
     data: OfflineDataSection = field(
@@ -422,6 +440,10 @@ def build_rm(cfg: RMConfig):
     """(RewardModelMethod, tokenizer) for `cfg`."""
     from posttrain.train.offline_methods import RewardModelMethod
 
+    if cfg.algo.loss == "pointwise":
+        return _build_pointwise_rm(cfg)
+    if cfg.algo.baseline != "none":
+        raise ConfigError("algo.baseline applies to algo.loss=pointwise; Bradley–Terry needs no baseline")
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["rm"])
@@ -439,6 +461,26 @@ def build_rm(cfg: RMConfig):
     model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
     method = RewardModelMethod(cfg, model, tokenizer, train_items, eval_items)
     return method, tokenizer
+
+
+def _build_pointwise_rm(cfg: RMConfig):
+    """(PointwiseRewardMethod, tokenizer): scored rows from a file or the task ("scored" kind)."""
+    from posttrain.train.offline_scored import PointwiseRewardMethod, encode_scored
+
+    if cfg.algo.margin_column:
+        raise ConfigError("algo.margin_column is a Bradley–Terry pair margin; algo.loss=pointwise has none")
+    _seed_everything(cfg.run.seed)
+    tokenizer = _tokenizer(cfg.model)
+    split = load_split(cfg.data, "scored", score_column=cfg.algo.score_column)
+    base = cfg.algo.baseline
+    train_items = encode_scored(split.train, tokenizer, cfg.data, split.source, baseline=base)
+    eval_items = (
+        encode_scored(split.eval, tokenizer, cfg.data, split.source + " (eval)", baseline=base)
+        if split.eval
+        else []
+    )
+    model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
+    return PointwiseRewardMethod(cfg, model, tokenizer, train_items, eval_items), tokenizer
 
 
 def build_prm(cfg: PRMConfig):
@@ -679,6 +721,11 @@ def plan(cfg) -> str:
             f"  algo:   completion-only NLL ({cfg.algo.aggregation})"
             + (", packed" if cfg.algo.packing else "")
             + (f", no-think share {d.no_think_fraction:g}" if d.no_think_fraction else "")
+        )
+    elif kind == "rm" and cfg.algo.loss == "pointwise":
+        lines.append(
+            f"  algo:   pointwise MSE on column {cfg.algo.score_column!r}"
+            + (", minus each prompt's mean score" if cfg.algo.baseline == "prompt_mean" else "")
         )
     elif kind == "rm":
         lines.append(
