@@ -104,6 +104,14 @@ class OfflineDataSection:
 class PreferenceDataSection(OfflineDataSection):
     """Preference data: a file, the task's synthetic pairs, or pairs sampled from the policy."""
 
+    format: Literal["pairs", "ranked"] = field(
+        default="pairs",
+        metadata={
+            "help": "pairs: prompt/chosen/rejected rows; ranked: prompt/completions/scores (or ranks, 1 = best) "
+            "rows of K candidates, trained on every pair they induce (N-best; see algo.pair_weighting)."
+        },
+    )
+
     pairs: Literal["synthetic", "self"] = field(
         default="synthetic",
         metadata={
@@ -257,6 +265,13 @@ class PreferenceAlgoSection:
         default_factory=dict,
         metadata={
             "help": "Extra loss options, e.g. {label_smoothing: 0.1} for dpo or {gamma: 0.5} for simpo."
+        },
+    )
+    pair_weighting: Literal["none", "gap"] = field(
+        default="none",
+        metadata={
+            "help": "data.format=ranked: weight each induced pair's loss by its score gap over the mean "
+            "training gap (gap), or weight all pairs 1 (none)."
         },
     )
 
@@ -509,6 +524,7 @@ def build_dpo(cfg: DPOConfig):
     """
     from posttrain.algos.preference import check_options, needs_reference
     from posttrain.train.offline_methods import PreferenceMethod
+    from posttrain.train.offline_scored import check_ranked, ranked_items
 
     use_ref = needs_reference(cfg.algo.loss)  # also fails on a typo before any work
     check_options(cfg.algo.loss, cfg.algo.options)
@@ -516,17 +532,20 @@ def build_dpo(cfg: DPOConfig):
         _check_self_pairs(cfg.data)
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
-    split = load_split(cfg.data, KIND["dpo"])
+    ranked = check_ranked(cfg.data, cfg.algo)
+    split = load_split(cfg.data, "ranked" if ranked else KIND["dpo"])
     model = _policy(cfg.model, tokenizer)
     pair_counts = None
     if cfg.data.pairs == "self":
         split, pair_counts = _self_pairs(cfg, model, tokenizer, split)
-    train_items = _tag(encode_pairs(split.train, tokenizer, cfg.data, split.source), "train")
-    eval_items = (
-        _tag(encode_pairs(split.eval, tokenizer, cfg.data, split.source + " (eval)"), "eval")
-        if split.eval
-        else []
-    )
+    if ranked:
+        train_items, eval_items = ranked_items(split, tokenizer, cfg.data, cfg.algo.pair_weighting)
+    else:
+        train_items = encode_pairs(split.train, tokenizer, cfg.data, split.source)
+        eval_items = (
+            encode_pairs(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
+        )
+    train_items, eval_items = _tag(train_items, "train"), _tag(eval_items, "eval")
     ref_train = ref_eval = None
     hit = None
     if use_ref:
@@ -743,6 +762,9 @@ def plan(cfg) -> str:
 
         beta = cfg.algo.beta if cfg.algo.beta is not None else default_beta(cfg.algo.loss)
         lines.append(f"  algo:   {cfg.algo.loss} beta={beta:g}" + (f" ({opts})" if opts else ""))
+        if d.format == "ranked":
+            weighting = "weighted by score gap / mean gap" if cfg.algo.pair_weighting == "gap" else "weight 1"
+            lines.append(f"  pairs:  every pair induced by each ranked list (s_i > s_j), {weighting}")
         if d.pairs == "self" and not d.path:
             lines.append(
                 f"  pairs:  self-generated: {d.samples_per_prompt} samples/prompt at T={d.sample_temperature:g} "

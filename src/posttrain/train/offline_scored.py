@@ -1,10 +1,15 @@
-"""Scored data for `posttrain rm --algo.loss pointwise`: rows -> items, and the method.
+"""Scored data: `posttrain rm --algo.loss pointwise` and N-best lists for `posttrain dpo`.
 
 A scored row is (prompt, completion, score) (`posttrain.data.datasets` kind "scored"; the
 synthetic tasks give the solution score 1 and the wrong solution its partial credit).
 The pointwise reward model regresses its scalar head onto the score, or onto the score
 minus its prompt's mean score (`algo.baseline: prompt_mean`) — study guide §2.2,
 "Pointwise Reward Models: predict scalar scores directly". See core/pointwise.py.
+
+A ranked row is (prompt, K candidates, K scores or ranks) (kind "ranked"); `encode_ranked`
+expands it into every pair it induces, each weighted by its score gap (case-studies seed
+§6 "Multi-Preference & N-Best Generalization"), for the DPO-family losses. See
+core/nbest.py.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import math
 import torch
 
 from posttrain.algos.reward_model import pointwise_reward_loss
+from posttrain.core.nbest import induced_pairs, pair_weights
 from posttrain.core.pointwise import prompt_baselines
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 from posttrain.train.offline_data import _ids, _text, encode_prompt
 from posttrain.train.offline_methods import RewardModelMethod, _device, _eval_sums, _ratio, completion_batch
 
@@ -52,6 +58,65 @@ def encode_scored(rows: list[dict], tokenizer, data, source: str, *, baseline: s
     for it, b in zip(items, means):
         it["baseline"] = b
     return items
+
+
+def encode_ranked(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
+    """Pair items {"prompt", "chosen", "rejected" (token ids, EOS appended), "margin": 0,
+    "gap", "row"} from ranked rows: every pair with s_chosen > s_rejected
+    (`core.nbest.induced_pairs`), in the row's candidate order. Weights are set by
+    `weight_pairs` once the training pairs' mean gap is known.
+    """
+    eos = tokenizer.eos_token_id
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}"
+        p = encode_prompt(tokenizer, row.get("prompt"), where, data)
+        if p is None:
+            continue
+        cands = [_ids(tokenizer, _text(c, where, "completions")) + [eos] for c in row["completions"]]
+        chosen, rejected, gaps = induced_pairs(torch.tensor(row["scores"], dtype=torch.float64))
+        for c, r, g in zip(chosen.tolist(), rejected.tolist(), gaps.tolist()):
+            items.append(
+                {"prompt": p, "chosen": cands[c], "rejected": cands[r], "margin": 0.0, "gap": g, "row": i}
+            )
+    if not items:
+        raise DataError(f"{source}: no usable rows")
+    return items
+
+
+def weight_pairs(items: list[dict], mode: str, normalizer: float | None) -> list[dict]:
+    """Set each N-best pair's "weight" (`core.nbest.pair_weights`); returns `items`."""
+    gaps = torch.tensor([it["gap"] for it in items], dtype=torch.float64)
+    for it, w in zip(items, pair_weights(gaps, mode, normalizer).tolist()):
+        it["weight"] = w
+    return items
+
+
+def check_ranked(data, algo) -> bool:
+    """Whether a `posttrain dpo` config reads ranked lists (data.format=ranked); a setting
+    that needs the other format is a ConfigError."""
+    ranked = data.format == "ranked"
+    if ranked and data.pairs == "self":
+        raise ConfigError(
+            "data.format=ranked reads ranked lists (a file or the task); data.pairs=self samples pairs"
+        )
+    if not ranked and algo.pair_weighting != "none":
+        raise ConfigError(
+            f"algo.pair_weighting={algo.pair_weighting} weights the pairs of ranked lists; set data.format=ranked"
+        )
+    return ranked
+
+
+def ranked_items(split, tokenizer, data, weighting: str) -> tuple[list[dict], list[dict]]:
+    """Induced, weighted pairs of a Split's train and held-out ranked rows.
+
+    The gap normaliser is the mean gap of the TRAINING pairs, for both splits, so a
+    held-out pair weighs what the same pair would weigh in training.
+    """
+    train = encode_ranked(split.train, tokenizer, data, split.source)
+    held = encode_ranked(split.eval, tokenizer, data, split.source + " (eval)") if split.eval else []
+    mean_gap = sum(it["gap"] for it in train) / len(train)
+    return weight_pairs(train, weighting, mean_gap), weight_pairs(held, weighting, mean_gap) if held else []
 
 
 def pearson(sums: dict[str, float]) -> float:
