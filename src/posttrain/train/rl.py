@@ -359,6 +359,7 @@ class RLTrainer:
             # estimate, so scale it by the mean response length (a no-op for a fixed β).
             self.kl_ctl.update(metrics["kl/loss"] * metrics["rollout/length_mean"], len(batch))
         self.engine.sync_weights(self.policy.model)
+        metrics.update(self._refresh_reference(step))
         t4 = time.perf_counter()
         metrics.update(
             {
@@ -372,6 +373,23 @@ class RLTrainer:
         self._last_batch = batch
         self.step_count += 1
         return metrics
+
+    def _refresh_reference(self, step: int) -> dict[str, float]:
+        """π_ref <- π_θ after every algo.ref_refresh_every-th step (0 = never).
+
+        After a refresh the KL to the reference restarts from 0: the next step's samples
+        are scored by a reference equal to the policy that drew them, so its kl/* metrics
+        are 0 (up to the update within the step), and they then measure the drift since
+        the last refresh, not since the start of training. "kl/ref_refreshed" is 1 on the
+        steps whose update was followed by a refresh.
+        """
+        every = self.cfg.algo.ref_refresh_every
+        if not every or self.reference is None:
+            return {}
+        refreshed = (step + 1) % every == 0
+        if refreshed:
+            self.reference.refresh_from(self.policy.model)
+        return {"kl/ref_refreshed": float(refreshed)}
 
     # ------------------------------------------------------------------ run
 
@@ -391,6 +409,9 @@ class RLTrainer:
         models = {"policy": self.policy.model}
         if self.critic is not None:
             models["critic"] = self.critic.model
+        if self.cfg.algo.ref_refresh_every and self.reference is not None:
+            # A refreshed π_ref is no longer the initial policy: exact resume needs its weights.
+            models["reference"] = self.reference.model
         return models
 
     def save_checkpoint(self) -> Path:

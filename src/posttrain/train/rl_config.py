@@ -182,6 +182,13 @@ class AlgoSection:
     micro_batch_size: int = field(
         default=0, metadata=_h("Sequences per forward/backward (gradient accumulation); 0 = whole minibatch.")
     )
+    ref_refresh_every: int = field(
+        default=0,
+        metadata=_h(
+            "Reset the KL reference π_ref to the current policy after every N steps (long R1-style runs); "
+            "0 = never. Needs a reference in use (a KL term); not with LoRA."
+        ),
+    )
     critic: bool | None = field(
         default=None, metadata=_h("Train a value model (required by the gae estimator).")
     )
@@ -354,6 +361,27 @@ def _registry_check(registry, name: str, what: str) -> None:
         raise ConfigError(f"{what}: {registry.unknown_message(name)}")
 
 
+def uses_reference(p: dict[str, Any]) -> bool:
+    """Whether the resolved pieces read π_ref (a KL term that can be non-zero)."""
+    return p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
+
+
+def _check_ref_refresh(cfg: RLConfig, p: dict[str, Any]) -> None:
+    n = cfg.algo.ref_refresh_every
+    if n < 0:
+        raise ConfigError(f"algo.ref_refresh_every must be >= 0 (0 = never), got {n}")
+    if n and not uses_reference(p):
+        raise ConfigError(
+            "algo.ref_refresh_every refreshes the KL reference, but this config has none "
+            f"(kl_placement {p['kl_placement']!r}, kl_coef {p['kl_coef']}); set a KL term or drop it"
+        )
+    if n and cfg.model.lora_r > 0:
+        raise ConfigError(
+            "algo.ref_refresh_every is not supported with LoRA: π_ref is the base model with adapters off, "
+            "so a refresh would have to merge the adapters into the base and restart them"
+        )
+
+
 def validate(cfg: RLConfig) -> dict[str, Any]:
     """Check an RLConfig before any work; return the resolved pieces.
 
@@ -403,6 +431,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {p['kl_placement']!r}")
     if p["kl_coef"] < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
+    _check_ref_refresh(cfg, p)
     if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
         raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")
     if cfg.data.path is None and not cfg.data.task:

@@ -21,7 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
-from posttrain.train.rl_config import RLConfig, check_dense_reward
+from posttrain.train.rl_config import RLConfig, check_dense_reward, uses_reference
 from posttrain.train.rl_roles import (
     CriticRole,
     PolicyRole,
@@ -179,7 +179,7 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     ro = cfg.rollout
     policy = PolicyRole(model, temperature=ro.temperature)
     engine = make_engine(ro.engine, model, tokenizer)
-    needs_ref = p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
+    needs_ref = uses_reference(p)
     reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
     critic = None
     if p["critic"]:
@@ -300,6 +300,8 @@ def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
     copies = 1
     if p["kl_placement"] != "none" and p["kl_coef"] > 0:
         models.append("reference (frozen copy)" if m.lora_r == 0 else "reference (policy with adapters off)")
+        if cfg.algo.ref_refresh_every:
+            models[-1] = f"reference (reset to the policy every {cfg.algo.ref_refresh_every} steps)"
         copies += 1 if m.lora_r == 0 else 0
     if p["critic"]:
         models.append("critic (trained)")
