@@ -35,10 +35,11 @@ from posttrain.core.distill import anneal
 from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
 from posttrain.errors import TrainingError
+from posttrain.train.alerts import HackingMonitor, append_alerts, describe
 from posttrain.train.checkpoint import CheckpointManager
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
 from posttrain.train.optim import build_optimizer, build_scheduler, guarded_step
-from posttrain.train.rl_config import RLConfig, validate
+from posttrain.train.rl_config import RLConfig, uses_reference, validate
 from posttrain.train.rl_roles import CriticRole, PolicyRole, RunningMean, ScoringRole
 from posttrain.train.rl_setup import build_components, collect, model_summary
 
@@ -88,6 +89,7 @@ class RLTrainer:
         self.bad_in_a_row = 0
         self.skipped_updates = 0
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.run.keep_checkpoints)
+        self.monitor = HackingMonitor(cfg.alerts) if cfg.alerts.enabled else None
 
     # ------------------------------------------------------------------ one step
 
@@ -403,6 +405,7 @@ class RLTrainer:
             "prompts": self.prompts.state_dict(),
             "kl_ctl": kl_state,
             "baseline": self.baseline.state_dict(),
+            "alerts": self.monitor.state_dict() if self.monitor is not None else None,
         }
 
     def _models(self) -> dict[str, torch.nn.Module]:
@@ -440,6 +443,8 @@ class RLTrainer:
         if state.get("kl_ctl") and hasattr(self.kl_ctl, "load_state_dict"):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.baseline.load_state_dict(state["baseline"])
+        if self.monitor is not None and state.get("alerts"):
+            self.monitor.load_state_dict(state["alerts"])
         self.engine.sync_weights(self.policy.model)
 
     def evaluate(self) -> dict[str, float]:
@@ -489,7 +494,8 @@ class RLTrainer:
                 metrics = self.step()
                 if cfg.eval.every and can_eval and (step + 1) % cfg.eval.every == 0:
                     metrics.update(self.evaluate())
-                if step % max(1, cfg.run.log_every) == 0:
+                fired = self._alerts(step, metrics)
+                if step % max(1, cfg.run.log_every) == 0 or fired:
                     logger.log(step, metrics)
                 if cfg.sample_log_every and step % cfg.sample_log_every == 0:
                     logger.log_samples(step, self._sample_rows(step))
@@ -497,6 +503,9 @@ class RLTrainer:
                 bar.set_postfix_str(format_postfix(metrics))
                 if cfg.run.save_every and self.step_count % cfg.run.save_every == 0:
                     self.save_checkpoint()
+                if fired and cfg.alerts.stop:
+                    summary["stopped_by_alert"] = [a.row() for a in fired]
+                    break
             bar.close()
             if cfg.eval.before_after and can_eval:
                 summary["eval_after"] = self.evaluate()
@@ -516,6 +525,15 @@ class RLTrainer:
             {"steps": self.step_count, "final_metrics": metrics, "final_model": str(self.run_dir / "final")}
         )
         return summary
+
+    def _alerts(self, step: int, metrics: dict[str, float]) -> list:
+        """Reward-hacking checks on this step's metrics and responses (train/alerts.py)."""
+        if self.monitor is None:
+            return []
+        b = self._last_batch
+        fired = self.monitor.observe(step, metrics, list(b.texts), b.group_id.tolist())
+        append_alerts(self.run_dir, fired)
+        return fired
 
     def _sample_rows(self, step: int) -> list[dict]:
         b = self._last_batch
@@ -557,4 +575,7 @@ def plan(cfg: RLConfig) -> str:
         f"  updates: {p['update_epochs']} epoch(s) x {p['num_minibatches']} minibatch(es) per step "
         f"= {cfg.steps * p['update_epochs'] * p['num_minibatches']} optimizer steps"
     )
+    logs_entropy = cfg.log_entropy or p["entropy_coef"] > 0
+    flags = dict(has_reference=uses_reference(p), logs_entropy=logs_entropy, evaluates=cfg.eval.every > 0)
+    lines.append("  " + describe(cfg.alerts, **flags))
     return "\n".join(lines)

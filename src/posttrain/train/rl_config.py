@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from posttrain.algos.presets import PIECE_DEFAULTS, resolve_pieces
 from posttrain.errors import ConfigError
+from posttrain.train.alerts import AlertsSection, check_alerts
 from posttrain.train.config import ModelSection, OptimSection, RunSection
 
 
@@ -328,6 +329,9 @@ class RLConfig:
         default_factory=AuxModelSection, metadata=_h("Teacher model (on-policy distillation, KDRL).")
     )
     eval: RLEvalSection = field(default_factory=RLEvalSection, metadata=_h("Held-out evaluation."))
+    alerts: AlertsSection = field(
+        default_factory=AlertsSection, metadata=_h("Reward-hacking alerts: thresholds, stop on alert.")
+    )
     log_entropy: bool = field(
         default=True,
         metadata=_h(
@@ -432,6 +436,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     if p["kl_coef"] < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
     _check_ref_refresh(cfg, p)
+    check_alerts(cfg.alerts)
     if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
         raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")
     if cfg.data.path is None and not cfg.data.task:
