@@ -55,6 +55,12 @@ COMMANDS: dict[str, Command] = {
         "posttrain.train.rl", "RLConfig", "run_rl", "online RL: PPO, GRPO, DAPO, GSPO, RLOO, ... one loop"
     ),
     "eval": Command("posttrain.train.evaluate", "EvalConfig", "run_eval", "pass@1, pass@k, maj@k, best-of-N"),
+    "merge": Command(
+        "posttrain.train.long_to_short",
+        "MergeConfig",
+        "run_merge",
+        "average the weights of models (long2short)",
+    ),
     "demo": Command(
         "posttrain.train.demo", "DemoConfig", "run_demo", "CPU demo: SFT warm start -> GRPO -> eval"
     ),

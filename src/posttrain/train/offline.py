@@ -101,6 +101,19 @@ class OfflineDataSection:
 
 
 @dataclass
+class SFTDataSection(OfflineDataSection):
+    """SFT data: as every offline command, plus Kimi's shortest rejection sampling."""
+
+    keep_shortest: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each prompt's shortest row of `path` (after keep_if; length = the `length` column "
+            "posttrain eval writes, else characters): with keep_if=correct, Kimi's shortest rejection sampling."
+        },
+    )
+
+
+@dataclass
 class PreferenceDataSection(OfflineDataSection):
     """Preference data: a file, the task's synthetic pairs, or pairs sampled from the policy."""
 
@@ -112,12 +125,20 @@ class PreferenceDataSection(OfflineDataSection):
         },
     )
 
-    pairs: Literal["synthetic", "self"] = field(
+    pairs: Literal["synthetic", "self", "long_short"] = field(
         default="synthetic",
         metadata={
             "help": "Where pairs come from without a file: 'synthetic' (task solution vs. its made-up wrong "
             "solution) or 'self' (k samples per prompt from the initial policy, scored by the task verifier, "
-            "paired correct vs. incorrect: on-policy / RS-DPO pairs)."
+            "paired correct vs. incorrect: on-policy / RS-DPO pairs); 'long_short' builds pairs from a "
+            "`path` of sampled completions (posttrain eval samples.jsonl): shortest correct vs. longer."
+        },
+    )
+    long_ratio: float = field(
+        default=1.5,
+        metadata={
+            "help": "pairs=long_short: a CORRECT sample is a rejected (too long) one when it is at least this "
+            "many times as long as the shortest correct one (wrong samples: whenever longer)."
         },
     )
     samples_per_prompt: int = field(
@@ -125,7 +146,7 @@ class PreferenceDataSection(OfflineDataSection):
     )
     pairs_per_prompt: int = field(
         default=1,
-        metadata={"help": "pairs=self: most (correct, incorrect) pairs kept per prompt, distinct texts."},
+        metadata={"help": "pairs=self / long_short: most pairs kept per prompt, distinct texts."},
     )
     sample_temperature: float = field(
         default=1.0, metadata={"help": "pairs=self: sampling temperature (> 0)."}
@@ -305,7 +326,7 @@ class SFTConfig:
     """Supervised fine-tuning with a completion-only loss (posttrain sft)."""
 
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Model to train."})
-    data: OfflineDataSection = field(default_factory=OfflineDataSection, metadata={"help": "Training data."})
+    data: SFTDataSection = field(default_factory=SFTDataSection, metadata={"help": "Training data."})
     train: OfflineTrainSection = field(
         default_factory=OfflineTrainSection, metadata={"help": "Steps and batches."}
     )
@@ -440,7 +461,16 @@ def build_sft(cfg: SFTConfig):
 
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
-    split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages)
+    shortest = None
+    if cfg.data.keep_shortest:
+        from posttrain.train.long_to_short import shortest_per_prompt
+
+        if not cfg.data.path:
+            raise ConfigError(
+                "data.keep_shortest picks among the rows of a data.path file (sampled completions)"
+            )
+        shortest = shortest_per_prompt
+    split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages, transform=shortest)
     train_items = encode_sft(split.train, tokenizer, cfg.data, split.source)
     eval_items = encode_sft(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     model = _policy(cfg.model, tokenizer)
@@ -533,7 +563,10 @@ def build_dpo(cfg: DPOConfig):
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
     ranked = check_ranked(cfg.data, cfg.algo)
-    split = load_split(cfg.data, "ranked" if ranked else KIND["dpo"])
+    if cfg.data.pairs == "long_short":
+        split = _long_short_split(cfg.data)
+    else:
+        split = load_split(cfg.data, "ranked" if ranked else KIND["dpo"])
     model = _policy(cfg.model, tokenizer)
     pair_counts = None
     if cfg.data.pairs == "self":
@@ -564,6 +597,19 @@ def build_dpo(cfg: DPOConfig):
     method.reference_cache_hit = hit
     method.pair_counts = pair_counts
     return method, tokenizer
+
+
+def _long_short_split(d):
+    """Long-vs-short DPO pairs from a file of sampled completions (train/long_to_short.py)."""
+    from posttrain.train.long_to_short import long_short_pairs
+
+    if not d.path:
+        raise ConfigError("data.pairs=long_short builds pairs from data.path, a file of sampled completions")
+
+    def pairs(rows, source):
+        return long_short_pairs(rows, source, long_ratio=d.long_ratio, max_pairs=d.pairs_per_prompt)
+
+    return load_split(d, "completion", transform=pairs)
 
 
 def _check_self_pairs(d) -> None:
@@ -740,6 +786,7 @@ def plan(cfg) -> str:
             f"  algo:   completion-only NLL ({cfg.algo.aggregation})"
             + (", packed" if cfg.algo.packing else "")
             + (f", no-think share {d.no_think_fraction:g}" if d.no_think_fraction else "")
+            + (", shortest row per prompt" if d.keep_shortest else "")
         )
     elif kind == "rm" and cfg.algo.loss == "pointwise":
         lines.append(
@@ -765,6 +812,11 @@ def plan(cfg) -> str:
         if d.format == "ranked":
             weighting = "weighted by score gap / mean gap" if cfg.algo.pair_weighting == "gap" else "weight 1"
             lines.append(f"  pairs:  every pair induced by each ranked list (s_i > s_j), {weighting}")
+        if d.pairs == "long_short":
+            lines.append(
+                f"  pairs:  long-vs-short from {d.path}: shortest correct sample vs. longer wrong ones and correct "
+                f"ones >= {d.long_ratio:g}x as long, <= {d.pairs_per_prompt} per prompt"
+            )
         if d.pairs == "self" and not d.path:
             lines.append(
                 f"  pairs:  self-generated: {d.samples_per_prompt} samples/prompt at T={d.sample_temperature:g} "

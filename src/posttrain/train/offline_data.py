@@ -32,14 +32,18 @@ class Split:
     filtered: dict | None = None  # data.keep_if counts {"column", "kept", "dropped"}
 
 
-def load_split(data, kind: str, *, messages: bool = False, score_column: str = "score") -> Split:
+def load_split(
+    data, kind: str, *, messages: bool = False, score_column: str = "score", transform=None
+) -> Split:
     """Load train / held-out rows for one trainer from `data` (an offline DataSection).
 
     Precedence: data.path (file; held-out = data.eval_path, else the last
     data.eval_fraction of the shuffled rows) over data.task (synthetic; train / test
     splits of the task, disjoint by construction). With a file, data.task (if set) is
     still used for held-out task accuracy. score_column: the file's score column for the
-    "scored" kind.
+    "scored" kind. transform: (rows, source) -> rows, applied to a file's rows after
+    data.keep_if and before the hold-out split (long-to-short: shortest per prompt,
+    long-vs-short pairs), so rows of one prompt are grouped before they are split.
     """
     task = None
     eval_examples: list = []
@@ -62,6 +66,8 @@ def load_split(data, kind: str, *, messages: bool = False, score_column: str = "
         filtered = None
         if keep_if:
             rows, filtered = keep_rows(rows, keep_if, str(data.path))
+        if transform is not None:
+            rows = transform(rows, str(data.path))
         if data.eval_path:
             eval_rows = load_rows(data.eval_path, file_kind, **columns)
             if keep_if:
@@ -71,6 +77,8 @@ def load_split(data, kind: str, *, messages: bool = False, score_column: str = "
                     "eval_kept": eval_filtered["kept"],
                     "eval_dropped": eval_filtered["dropped"],
                 }
+            if transform is not None:
+                eval_rows = transform(eval_rows, str(data.eval_path))
             train_rows = rows
         else:
             if not 0.0 <= data.eval_fraction < 1.0:

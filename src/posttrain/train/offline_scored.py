@@ -96,9 +96,9 @@ def check_ranked(data, algo) -> bool:
     """Whether a `posttrain dpo` config reads ranked lists (data.format=ranked); a setting
     that needs the other format is a ConfigError."""
     ranked = data.format == "ranked"
-    if ranked and data.pairs == "self":
+    if ranked and data.pairs != "synthetic":
         raise ConfigError(
-            "data.format=ranked reads ranked lists (a file or the task); data.pairs=self samples pairs"
+            f"data.format=ranked reads ranked lists (a file or the task); data.pairs={data.pairs} makes its own pairs"
         )
     if not ranked and algo.pair_weighting != "none":
         raise ConfigError(
