@@ -55,6 +55,12 @@ COMMANDS: dict[str, Command] = {
         "posttrain.train.rl", "RLConfig", "run_rl", "online RL: PPO, GRPO, DAPO, GSPO, RLOO, ... one loop"
     ),
     "eval": Command("posttrain.train.evaluate", "EvalConfig", "run_eval", "pass@1, pass@k, maj@k, best-of-N"),
+    "annotate": Command(
+        "posttrain.train.prm_annotate",
+        "AnnotateConfig",
+        "run_annotate",
+        "label PRM steps by Monte-Carlo continuations (Math-Shepherd)",
+    ),
     "merge": Command(
         "posttrain.train.long_to_short",
         "MergeConfig",

@@ -239,6 +239,7 @@ TINY = {
     ).split(),
     "eval": "--data.n 2 --sampling.k 2 --sampling.max_new_tokens 8".split(),
     "merge": [],
+    "annotate": "--data.n 4 --k 2 --max_new_tokens 8".split(),
 }
 
 
@@ -285,6 +286,10 @@ def check_outputs(path: Path, cwd: Path) -> None:
         from transformers import AutoModelForCausalLM
 
         assert AutoModelForCausalLM.from_pretrained(out / "final").config.vocab_size > 0
+        return
+    if command == "annotate":
+        rows = [json.loads(line) for line in (out / "stepwise.jsonl").read_text().splitlines()]
+        assert rows and all(len(r["labels"]) == len(r["completions"]) for r in rows)
         return
     if command == "eval":
         result = json.loads((out / "eval.json").read_text())

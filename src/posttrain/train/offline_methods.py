@@ -195,7 +195,8 @@ class RewardModelMethod:
         self.models["reward_model"].eval()
         loss, sums = _eval_sums(self, self.eval_items)
         out = {"eval/loss": loss}
-        out.update(self.summarize(sums, prefix="eval/rm"))
+        if sums:  # no held-out rows (data.eval_fraction 0): loss NaN, no rates
+            out.update(self.summarize(sums, prefix="eval/rm"))
         return out
 
     def save_final(self, path):
@@ -286,7 +287,8 @@ class PRMMethod:
         self.models["prm"].eval()
         loss, sums = _eval_sums(self, self.eval_items)
         out = {"eval/loss": loss}
-        out.update(self.summarize(sums, prefix="eval/prm"))
+        if sums:  # no held-out rows (data.eval_fraction 0): loss NaN, no rates
+            out.update(self.summarize(sums, prefix="eval/prm"))
         out.update(self.first_error_rate(self.eval_traces))
         return out
 

@@ -23,7 +23,7 @@ from posttrain.core.nbest import induced_pairs, pair_weights
 from posttrain.core.pointwise import prompt_baselines
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.offline_data import _ids, _text, encode_prompt
-from posttrain.train.offline_methods import RewardModelMethod, _device, _eval_sums, _ratio, completion_batch
+from posttrain.train.offline_methods import RewardModelMethod, _device, _ratio, completion_batch
 
 
 def encode_scored(rows: list[dict], tokenizer, data, source: str, *, baseline: str = "none") -> list[dict]:
@@ -157,11 +157,3 @@ class PointwiseRewardMethod(RewardModelMethod):
             f"{prefix}/mse": _ratio(sums["rm/sq_err_sum"], sums["rm/n"]),
             f"{prefix}/pearson": pearson(sums),
         }
-
-    def evaluate(self):
-        self.models["reward_model"].eval()
-        loss, sums = _eval_sums(self, self.eval_items)
-        out = {"eval/loss": loss}
-        if sums:
-            out.update(self.summarize(sums, prefix="eval/rm"))
-        return out
