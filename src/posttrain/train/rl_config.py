@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from posttrain.algos.presets import PIECE_DEFAULTS, resolve_pieces
+from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError
 from posttrain.train.alerts import AlertsSection, check_alerts
 from posttrain.train.config import ModelSection, OptimSection, RunSection
@@ -116,6 +117,17 @@ class RolloutSection:
     stop_strings: list[str] = field(default_factory=list, metadata=_h("Decoded strings that end a response."))
     repetition_ngram: int = field(
         default=0, metadata=_h("Kimi early stop: n-gram size for repetition detection; 0 disables.")
+    )
+    thinking_budget: int = field(
+        default=0,
+        metadata=_h(
+            "Qwen3 thinking budget: a sample still thinking after this many tokens gets thinking_end_phrase and "
+            "</think> inserted (not trained on) and then answers; 0 = no budget."
+        ),
+    )
+    thinking_end_phrase: str = field(
+        default=DEFAULT_PHRASE,
+        metadata=_h("Text inserted before </think> when the thinking budget cuts a sample."),
     )
 
 
@@ -473,6 +485,11 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(
             "data.difficulty_filter_k must be >= 0 and 0 <= data.difficulty_filter_max_solved < "
             f"difficulty_filter_k, got {cfg.data.difficulty_filter_k} and {cfg.data.difficulty_filter_max_solved}"
+        )
+    if ro.thinking_budget < 0 or (ro.thinking_budget and p["keep_sampling_mask"]):
+        raise ConfigError(
+            f"rollout.thinking_budget must be >= 0 (0 = off) and cannot be combined with algo.keep_sampling_mask "
+            f"(inserted tokens have no sampler support), got {ro.thinking_budget}"
         )
     if p["keep_sampling_mask"] and ro.engine != "native":
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")

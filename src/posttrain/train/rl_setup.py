@@ -179,6 +179,10 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     ro = cfg.rollout
     policy = PolicyRole(model, temperature=ro.temperature)
     engine = make_engine(ro.engine, model, tokenizer)
+    if ro.thinking_budget:
+        from posttrain.engines.rollout.budget import ThinkingBudgetEngine
+
+        engine = ThinkingBudgetEngine(engine, tokenizer, ro.thinking_budget, ro.thinking_end_phrase)
     needs_ref = uses_reference(p)
     reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
     critic = None
@@ -362,7 +366,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     parts: list[tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     all_scores, all_valid, per_reward, errors, dense_stats = [], [], {}, {}, {}
     gen_s = reward_s = 0.0
-    n_tokens = 0
+    n_tokens = thinking_cut = n_sampled = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
     successes: list[torch.Tensor] = []  # [b] per kept sample, for success-rate sampling
     while True:
@@ -370,9 +374,12 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         items = [source.items[i] for i in idx]
         params = _sampling_params(cfg, p, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds)
         t = time.perf_counter()
+        cut_before = getattr(trainer.engine, "cut_total", 0)
         ro = trainer.engine.generate([it.prompt_ids for it in items], params)
+        thinking_cut += getattr(trainer.engine, "cut_total", 0) - cut_before
         gen_s += time.perf_counter() - t
         n_tokens += int(ro.mask.sum())
+        n_sampled += len(ro)
         t = time.perf_counter()
         sample_items = [items[int(g)] for g in ro.group_id]
         columns: dict[str, list] = {}
@@ -455,6 +462,8 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         "time/generate_s": gen_s,
         "time/reward_s": reward_s,
     }
+    if cfg.rollout.thinking_budget:  # share of this step's samples whose thinking was cut
+        metrics["rollout/thinking_cut_frac"] = thinking_cut / max(1, n_sampled)
     for k, vs in per_reward.items():
         v = torch.cat(vs)
         v = v[torch.isfinite(v)]
