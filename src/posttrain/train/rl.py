@@ -39,9 +39,11 @@ from posttrain.train.alerts import HackingMonitor, append_alerts, describe
 from posttrain.train.checkpoint import CheckpointManager
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
 from posttrain.train.optim import build_optimizer, build_scheduler, guarded_step
-from posttrain.train.rl_config import RLConfig, uses_reference, validate
+from posttrain.train.rl_checks import uses_reference
+from posttrain.train.rl_config import RLConfig, validate
 from posttrain.train.rl_roles import CriticRole, PolicyRole, RunningMean, ScoringRole
 from posttrain.train.rl_setup import build_components, collect, model_summary
+from posttrain.train.trpo import trpo_update
 
 __all__ = ["RLConfig", "RLTrainer", "run_rl", "plan"]
 
@@ -105,6 +107,7 @@ class RLTrainer:
             self.updates_per_step > 1
             or (p["kl_placement"] == "reward" and beta > 0)
             or p["teacher_mode"] == "reward"
+            or p["trust_region"] is not None  # TRPO's surrogate ratio
         )
         if needs_old:
             batch.old_logprobs, _ = self.policy.logprobs(batch.seq, keep_mask=batch.keep_mask)
@@ -283,6 +286,8 @@ class RLTrainer:
         the accumulated gradient is identical for any micro-batch size (1×8 == 8×1).
         """
         p, cfg = self.p, self.cfg
+        if p["trust_region"] is not None:  # TRPO: one natural-gradient step (train/trpo.py)
+            return trpo_update(self, batch, step)
         B = len(batch)
         n_mb = min(p["num_minibatches"], B)
         gen = torch.Generator().manual_seed(cfg.run.seed * 100_003 + step)

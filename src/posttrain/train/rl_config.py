@@ -254,6 +254,18 @@ class AlgoSection:
     keep_sampling_mask: bool | None = field(
         default=None, metadata=_h("Train over the sampler's kept top-p/top-k support (DeepSeek-V3.2).")
     )
+    trust_region: float | None = field(
+        default=None,
+        metadata=_h(
+            "TRPO: one natural-gradient policy step per batch, its mean token KL(π_old ‖ π_θ) <= this δ "
+            "(conjugate gradient + line search); null = optimizer steps."
+        ),
+    )
+    cg_iters: int | None = field(default=None, metadata=_h("TRPO: conjugate-gradient iterations (10)."))
+    cg_damping: float | None = field(default=None, metadata=_h("TRPO: damping λ of the Fisher matrix (0.1)."))
+    backtrack_steps: int | None = field(
+        default=None, metadata=_h("TRPO: line-search tries, halving the step each time (10).")
+    )
 
     def pieces(self) -> dict[str, Any]:
         """The resolved piece settings (user override > preset > default)."""
@@ -377,27 +389,6 @@ def _registry_check(registry, name: str, what: str) -> None:
         raise ConfigError(f"{what}: {registry.unknown_message(name)}")
 
 
-def uses_reference(p: dict[str, Any]) -> bool:
-    """Whether the resolved pieces read π_ref (a KL term that can be non-zero)."""
-    return p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
-
-
-def _check_ref_refresh(cfg: RLConfig, p: dict[str, Any]) -> None:
-    n = cfg.algo.ref_refresh_every
-    if n < 0:
-        raise ConfigError(f"algo.ref_refresh_every must be >= 0 (0 = never), got {n}")
-    if n and not uses_reference(p):
-        raise ConfigError(
-            "algo.ref_refresh_every refreshes the KL reference, but this config has none "
-            f"(kl_placement {p['kl_placement']!r}, kl_coef {p['kl_coef']}); set a KL term or drop it"
-        )
-    if n and cfg.model.lora_r > 0:
-        raise ConfigError(
-            "algo.ref_refresh_every is not supported with LoRA: π_ref is the base model with adapters off, "
-            "so a refresh would have to merge the adapters into the base and restart them"
-        )
-
-
 def validate(cfg: RLConfig) -> dict[str, Any]:
     """Check an RLConfig before any work; return the resolved pieces.
 
@@ -407,6 +398,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     from posttrain.core.kl import KL_ESTIMATORS
     from posttrain.core.masking import AGGREGATIONS
     from posttrain.core.policy_losses import POLICY_LOSSES
+    from posttrain.train.rl_checks import check_ref_refresh, check_trust_region
 
     p = cfg.algo.pieces()  # unknown method -> ConfigError with suggestion
     _registry_check(ADVANTAGES, p["advantage"], "algo.advantage")
@@ -447,7 +439,8 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {p['kl_placement']!r}")
     if p["kl_coef"] < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
-    _check_ref_refresh(cfg, p)
+    check_ref_refresh(cfg, p)
+    check_trust_region(cfg, p)
     check_alerts(cfg.alerts)
     if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
         raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")

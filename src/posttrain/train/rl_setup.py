@@ -21,7 +21,8 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
-from posttrain.train.rl_config import RLConfig, check_dense_reward, uses_reference
+from posttrain.train.rl_checks import uses_reference
+from posttrain.train.rl_config import RLConfig, check_dense_reward
 from posttrain.train.rl_roles import (
     CriticRole,
     PolicyRole,
