@@ -580,7 +580,8 @@ def plan(cfg: RLConfig) -> str:
         f"  updates: {p['update_epochs']} epoch(s) x {p['num_minibatches']} minibatch(es) per step "
         f"= {cfg.steps * p['update_epochs'] * p['num_minibatches']} optimizer steps"
     )
-    logs_entropy = cfg.log_entropy or p["entropy_coef"] > 0
+    # TRPO's update makes no entropy pass (train/trpo.py), so policy/entropy is not logged.
+    logs_entropy = (cfg.log_entropy or p["entropy_coef"] > 0) and p["trust_region"] is None
     flags = dict(has_reference=uses_reference(p), logs_entropy=logs_entropy, evaluates=cfg.eval.every > 0)
     lines.append("  " + describe(cfg.alerts, **flags))
     return "\n".join(lines)
