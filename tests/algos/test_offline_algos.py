@@ -263,3 +263,33 @@ def test_valid_preference_option_changes_the_loss():
     # SimPO: −log σ(β(−1 − (−3)) − γ) = −log σ(4 − γ); γ 0.5 (default) vs. 1.0
     assert plain.item() == pytest.approx(math.log1p(math.exp(-3.5)), rel=1e-5)
     assert shifted.item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-5)
+
+
+def test_packed_examples_get_exactly_zero_gradient_from_each_other(tok):
+    """Packing's isolation, checked where it matters: the gradient of the later example B's
+    loss with respect to the earlier example A's input embeddings is exactly 0 (a plain
+    causal mask would let B attend to A), on the installed transformers (the block mask is
+    derived from restarting position ids)."""
+    torch.manual_seed(0)
+    model = build_preset("tiny", len(tok))  # two layers: a leak would pass through both
+    a, b = [5, 6, 7, 8], [9, 10, 11]
+    packed = pack_examples([a[:2], b[:1]], [a[2:], b[1:]], max_length=16, pad_id=tok.pad_token_id)
+    assert packed.input_ids.shape == (1, 7)  # A in columns 0-3, B in 4-6
+    captured = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        captured["embeds"] = out
+
+    handle = model.get_input_embeddings().register_forward_hook(keep)
+    try:
+        logprobs = packed_logprobs(model, packed)  # [1, 6]
+    finally:
+        handle.remove()
+    assert packed.mask[0].tolist() == [0, 1, 1, 0, 1, 1]
+    logprobs[0, 4:6].sum().backward()  # B's two completion targets (tokens at columns 5, 6)
+    grad = captured["embeds"].grad[0]  # [7, H]
+    assert grad[4:6].abs().sum() > 0
+    assert torch.equal(grad[:4], torch.zeros_like(grad[:4]))
+    captured["embeds"].grad = None
+    model.zero_grad()

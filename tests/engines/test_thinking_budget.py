@@ -169,6 +169,7 @@ def test_rl_config_errors(tmp_path):
     for bad in (
         ["rollout.thinking_budget=-1"],
         ["rollout.thinking_budget=4", "algo.keep_sampling_mask=true"],
+        ["rollout.thinking_budget=4", "env.name=tools", "env.tools=[calculator]"],
     ):
         with pytest.raises(ConfigError, match="thinking_budget"):
             plan(load_config(RLConfig, None, bad))

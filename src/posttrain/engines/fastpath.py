@@ -20,19 +20,26 @@ from collections import Counter
 
 log = logging.getLogger("posttrain.fastpath")
 
+# Every fast path that reports misses; metrics rows carry all of them (0 when taken).
+FAST_PATHS = ("shared_prompts", "sdpa")
+
 _lock = threading.Lock()
 _counts: Counter[str] = Counter()
 _warned: set[tuple[str, str]] = set()
 
 
 def record_fallback(path: str, reason: str) -> None:
-    """Count one miss of fast path `path`; warn once per distinct `reason`."""
+    """Count one miss of fast path `path` (one of FAST_PATHS); warn once per distinct `reason`."""
+    if path not in FAST_PATHS:
+        raise ValueError(f"unknown fast path {path!r}; known: {', '.join(FAST_PATHS)}")
     with _lock:
         _counts[path] += 1
         first = (path, reason) not in _warned
         _warned.add((path, reason))
     if first:
-        log.warning("fast path %r not taken: %s (warned once; counted as perf/fallback_%s)", path, reason, path)
+        log.warning(
+            "fast path %r not taken: %s (warned once; counted as perf/fallback_%s)", path, reason, path
+        )
 
 
 def fallback_counts() -> dict[str, int]:
@@ -42,9 +49,9 @@ def fallback_counts() -> dict[str, int]:
 
 
 def fallback_metrics(since: dict[str, int] | None = None) -> dict[str, float]:
-    """``perf/fallback_<path>`` for every path missed, counted from the snapshot `since`."""
-    since = since or {}
-    return {f"perf/fallback_{k}": float(v - since.get(k, 0)) for k, v in fallback_counts().items()}
+    """``perf/fallback_<path>`` for every path of FAST_PATHS: misses since the snapshot `since`."""
+    since, now = since or {}, fallback_counts()
+    return {f"perf/fallback_{k}": float(now.get(k, 0) - since.get(k, 0)) for k in FAST_PATHS}
 
 
 def reset_fallbacks() -> None:
@@ -54,4 +61,4 @@ def reset_fallbacks() -> None:
         _warned.clear()
 
 
-__all__ = ["fallback_counts", "fallback_metrics", "record_fallback", "reset_fallbacks"]
+__all__ = ["FAST_PATHS", "fallback_counts", "fallback_metrics", "record_fallback", "reset_fallbacks"]

@@ -32,6 +32,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from posttrain.engines.fastpath import record_fallback
 from posttrain.errors import ModelError
 
 
@@ -194,6 +195,8 @@ def load_model(
                 f"cannot load causal LM {name!r} (not a preset, not a local directory; hub load failed): "
                 f"{_first_line(exc)}"
             ) from None
+    if attn_implementation is None:
+        _check_attention(model)
     _apply_tokenizer_ids(model.config, tokenizer)
     if model.generation_config is not None:
         _apply_tokenizer_ids(model.generation_config, tokenizer)
@@ -208,6 +211,19 @@ def load_model(
     if lora is not None:
         model = apply_lora(model, lora)
     return model
+
+
+def _check_attention(model: PreTrainedModel) -> None:
+    """Count a model that supports SDPA but was given another kernel without being asked.
+
+    The log-prob forward passes no attention mask on unpadded batches so that SDPA takes
+    its causal fast path; eager attention materialises [B, H, L, L] scores instead.
+    """
+    chosen = getattr(model.config, "_attn_implementation", None)
+    if chosen == "eager" and getattr(model, "_supports_sdpa", False):
+        record_fallback(
+            "sdpa", f"{type(model).__name__} supports SDPA but transformers chose eager attention"
+        )
 
 
 def apply_lora(model: PreTrainedModel, lora: dict | object) -> PreTrainedModel:

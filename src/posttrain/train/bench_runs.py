@@ -8,6 +8,7 @@ the trace also evaluates held-out accuracy with one code path for both (`HeldOut
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,10 +215,15 @@ def build_trl_trainer(
         funcs.append(_trl_reward(build_reward("format"), "format", tokenizer, cfg.thinking))
         weights.append(cfg.format_weight)
     batch = cfg.prompts_per_step * cfg.group_size
+    # transformers 5.25 renamed TrainingArguments.gradient_checkpointing (deprecated until v6).
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    ckpt_key = (
+        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    )
     # fmt: off
     args = GRPOConfig(
         output_dir=str(out_dir), use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
-        gradient_checkpointing=gradient_checkpointing, per_device_train_batch_size=batch,
+        **{ckpt_key: gradient_checkpointing}, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=1.0, top_k=0, learning_rate=cfg.lr,
         weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta, epsilon=cfg.clip_eps,

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from posttrain.engines.fastpath import fallback_counts, fallback_metrics
 from posttrain.errors import ConfigError
 from posttrain.train.checkpoint import CheckpointManager
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
@@ -151,7 +152,7 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
         bar = progress(steps, method.name, initial=start)
         last: dict = {}
         for step in range(start, steps):
-            t0 = time.perf_counter()
+            t0, missed = time.perf_counter(), fallback_counts()
             for m in method.models.values():
                 m.train()
             items = [
@@ -169,6 +170,7 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
                 "train/epoch": (step + 1) * cfg.train.batch_size / n_items,
             }
             metrics.update(method.summarize(sums))
+            metrics.update(fallback_metrics(since=missed))
             metrics["time/step_s"] = time.perf_counter() - t0
             done = step + 1
             evaluate_now = cfg.train.eval_every > 0 and (done % cfg.train.eval_every == 0 or done == steps)

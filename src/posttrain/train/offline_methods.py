@@ -8,6 +8,7 @@ evaluation and the final Hugging Face export. Only train/ code calls .item() / f
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -119,11 +120,12 @@ class SFTMethod:
 
 
 def _eval_sums(method, items):
-    """(summed loss, summed metrics) over held-out items; (nan, {}) when there are none."""
+    """(summed loss, summed metrics) over held-out items; (nan, zero sums) when there are none,
+    so every held-out ratio is NaN (no rows) instead of a KeyError."""
     from posttrain.train.offline_loop import run_microbatches
 
     if not items:
-        return float("nan"), {}
+        return float("nan"), defaultdict(float)
     return run_microbatches(method, items, method.cfg.train.eval_batch_size, train=False)
 
 
@@ -195,8 +197,7 @@ class RewardModelMethod:
         self.models["reward_model"].eval()
         loss, sums = _eval_sums(self, self.eval_items)
         out = {"eval/loss": loss}
-        if sums:  # no held-out rows (data.eval_fraction 0): loss NaN, no rates
-            out.update(self.summarize(sums, prefix="eval/rm"))
+        out.update(self.summarize(sums, prefix="eval/rm"))
         return out
 
     def save_final(self, path):
@@ -287,8 +288,7 @@ class PRMMethod:
         self.models["prm"].eval()
         loss, sums = _eval_sums(self, self.eval_items)
         out = {"eval/loss": loss}
-        if sums:  # no held-out rows (data.eval_fraction 0): loss NaN, no rates
-            out.update(self.summarize(sums, prefix="eval/prm"))
+        out.update(self.summarize(sums, prefix="eval/prm"))
         out.update(self.first_error_rate(self.eval_traces))
         return out
 

@@ -34,6 +34,7 @@ from posttrain.core.advantages import ADVANTAGES
 from posttrain.core.distill import anneal
 from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
+from posttrain.engines.fastpath import fallback_counts, fallback_metrics
 from posttrain.errors import TrainingError
 from posttrain.train.alerts import HackingMonitor, append_alerts, describe
 from posttrain.train.checkpoint import CheckpointManager
@@ -353,7 +354,7 @@ class RLTrainer:
     def step(self) -> dict[str, float]:
         """One RL step: generate, reward, score, advantages, update. Returns metrics."""
         step = self.step_count
-        t0 = time.perf_counter()
+        t0, missed = time.perf_counter(), fallback_counts()
         batch, metrics = collect(self, step)
         t1 = time.perf_counter()
         self._score(batch)
@@ -375,6 +376,7 @@ class RLTrainer:
                 "time/update_s": t4 - t3,
                 "time/step_s": t4 - t0,
                 "train/step": step,
+                **fallback_metrics(since=missed),
             }
         )
         self._last_batch = batch
@@ -469,7 +471,8 @@ class RLTrainer:
             k=1,
             temperature=ev.temperature,
             max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens,
-            engine=self.cfg.rollout.engine,
+            # Multi-turn: held-out prompts run through the same environment as training.
+            engine=self.engine if self.cfg.env.name is not None else self.cfg.rollout.engine,
             seed=self.cfg.run.seed,
             chat_template=d.chat_template,
             enable_thinking=d.enable_thinking,

@@ -56,3 +56,18 @@ def check_trust_region(cfg, p: dict[str, Any]) -> None:
         raise ConfigError(
             f"algo.trust_region (TRPO) steps on its own surrogate E[ratio * A]; {', '.join(unused)} would do nothing"
         )
+
+
+def check_thinking_budget(cfg, p: dict[str, Any]) -> None:
+    """rollout.thinking_budget: >= 0, and not with keep masks or a multi-turn environment."""
+    budget = cfg.rollout.thinking_budget
+    if budget < 0 or (budget and p["keep_sampling_mask"]):
+        raise ConfigError(
+            f"rollout.thinking_budget must be >= 0 (0 = off) and cannot be combined with algo.keep_sampling_mask "
+            f"(inserted tokens have no sampler support), got {budget}"
+        )
+    if budget and cfg.env.name is not None:
+        raise ConfigError(
+            "rollout.thinking_budget is not supported with a multi-turn environment (env.name): the budget "
+            "would apply to each turn's generation, which is untested"
+        )

@@ -132,6 +132,29 @@ class RolloutSection:
 
 
 @dataclass
+class EnvSection:
+    """Multi-turn rollouts: an environment answers each model turn (docs/tools.md)."""
+
+    name: str | None = field(
+        default=None, metadata=_h("Environment (tools | verifiers); null = single-turn rollouts.")
+    )
+    tools: list[str] = field(
+        default_factory=lambda: ["calculator"],
+        metadata=_h("Tools of the `tools` environment (calculator | python)."),
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_h(
+            "Extra environment options, e.g. {error_reward: -0.1, tool_options: {python: {wall_time_s: 2}}}."
+        ),
+    )
+    max_turns: int = field(default=4, metadata=_h("Model turns per trajectory."))
+    max_total_tokens: int = field(
+        default=256, metadata=_h("Response tokens per trajectory, model and observation tokens together.")
+    )
+
+
+@dataclass
 class AlgoSection:
     """The method preset and its pieces; null pieces take the preset's value."""
 
@@ -353,6 +376,7 @@ class RLConfig:
         default_factory=AuxModelSection, metadata=_h("Teacher model (on-policy distillation, KDRL).")
     )
     eval: RLEvalSection = field(default_factory=RLEvalSection, metadata=_h("Held-out evaluation."))
+    env: EnvSection = field(default_factory=EnvSection, metadata=_h("Multi-turn environment (tools)."))
     alerts: AlertsSection = field(
         default_factory=AlertsSection, metadata=_h("Reward-hacking alerts: thresholds, stop on alert.")
     )
@@ -398,7 +422,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     from posttrain.core.kl import KL_ESTIMATORS
     from posttrain.core.masking import AGGREGATIONS
     from posttrain.core.policy_losses import POLICY_LOSSES
-    from posttrain.train.rl_checks import check_ref_refresh, check_trust_region
+    from posttrain.train.rl_checks import check_ref_refresh, check_thinking_budget, check_trust_region
 
     p = cfg.algo.pieces()  # unknown method -> ConfigError with suggestion
     _registry_check(ADVANTAGES, p["advantage"], "algo.advantage")
@@ -479,11 +503,39 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
             "data.difficulty_filter_k must be >= 0 and 0 <= data.difficulty_filter_max_solved < "
             f"difficulty_filter_k, got {cfg.data.difficulty_filter_k} and {cfg.data.difficulty_filter_max_solved}"
         )
-    if ro.thinking_budget < 0 or (ro.thinking_budget and p["keep_sampling_mask"]):
-        raise ConfigError(
-            f"rollout.thinking_budget must be >= 0 (0 = off) and cannot be combined with algo.keep_sampling_mask "
-            f"(inserted tokens have no sampler support), got {ro.thinking_budget}"
-        )
+    check_thinking_budget(cfg, p)
     if p["keep_sampling_mask"] and ro.engine != "native":
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
+    _validate_env(cfg, p)
     return p
+
+
+def _validate_env(cfg: RLConfig, p: dict[str, Any]) -> None:
+    """The env section, checked before any model is built."""
+    env = cfg.env
+    if env.name is None:
+        return
+    from posttrain.data.envs import ENVIRONMENTS, TOOLS
+
+    if env.name not in ENVIRONMENTS:
+        raise ConfigError(f"env.name: {ENVIRONMENTS.unknown_message(env.name)}")
+    if env.max_turns < 1 or env.max_total_tokens < 1:
+        raise ConfigError(
+            f"env.max_turns and env.max_total_tokens must be >= 1, got {env.max_turns}, {env.max_total_tokens}"
+        )
+    for i, tool in enumerate(env.tools):
+        if tool not in TOOLS:
+            raise ConfigError(f"env.tools[{i}]: {TOOLS.unknown_message(tool)}")
+    import inspect
+
+    accepted = set(inspect.signature(ENVIRONMENTS[env.name]).parameters) - {"tools"}
+    unknown = sorted(set(env.options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"env.options: unknown option(s) {', '.join(unknown)} for environment {env.name!r}; "
+            f"valid: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    if p["keep_sampling_mask"]:
+        raise ConfigError("algo.keep_sampling_mask is not supported with env (multi-turn rollouts)")
+    if env.options.get("error_reward"):  # a per-turn reward reaches only token-reward estimators
+        check_dense_reward("env.options.error_reward", p["advantage"], cfg.algo.method)

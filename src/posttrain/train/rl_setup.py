@@ -59,13 +59,29 @@ def _load_policy(cfg: RLConfig):
     return tokenizer, model
 
 
+def make_env_factory(cfg: RLConfig):
+    """() -> a fresh environment of cfg.env (None without one)."""
+    if cfg.env.name is None:
+        return None
+    from posttrain.data.envs import make_env
+
+    options = dict(cfg.env.options)
+    if cfg.env.name == "tools":
+        options["tools"] = list(cfg.env.tools)
+    return lambda: make_env(cfg.env.name, **options)
+
+
 def _template(tokenizer, text: str, cfg: RLConfig) -> list[int]:
     if cfg.data.chat_template and getattr(tokenizer, "chat_template", None):
+        factory = make_env_factory(cfg)
+        # Tool declarations go where the model's template puts them (e.g. Qwen's system block).
+        tools = factory().tool_schemas() if factory is not None else None
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}],
             add_generation_prompt=True,
             enable_thinking=cfg.data.enable_thinking,
             tokenize=False,
+            **({"tools": tools} if tools else {}),
         )
     else:
         rendered = text
@@ -184,6 +200,12 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         from posttrain.engines.rollout.budget import ThinkingBudgetEngine
 
         engine = ThinkingBudgetEngine(engine, tokenizer, ro.thinking_budget, ro.thinking_end_phrase)
+    env_factory = make_env_factory(cfg)
+    if env_factory is not None:
+        from posttrain.engines.rollout.multiturn import MultiTurnEngine
+
+        engine = MultiTurnEngine(engine, tokenizer, env_factory, max_turns=cfg.env.max_turns,
+                                 max_total_tokens=cfg.env.max_total_tokens)  # fmt: skip
     needs_ref = uses_reference(p)
     reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
     critic = None
@@ -366,6 +388,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     source: PromptSource = trainer.prompts
     parts: list[tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     all_scores, all_valid, per_reward, errors, dense_stats = [], [], {}, {}, {}
+    turn_stats: dict[str, list[int]] = {}
     gen_s = reward_s = 0.0
     n_tokens = thinking_cut = n_sampled = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
@@ -376,7 +399,11 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         params = _sampling_params(cfg, p, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds)
         t = time.perf_counter()
         cut_before = getattr(trainer.engine, "cut_total", 0)
-        ro = trainer.engine.generate([it.prompt_ids for it in items], params)
+        if cfg.env.name is not None:  # the environment sees each prompt's row (answer, columns)
+            env_rows = [{"prompt": it.text, "answer": it.answer, **it.columns} for it in items]
+            ro = trainer.engine.generate([it.prompt_ids for it in items], params, rows=env_rows)
+        else:
+            ro = trainer.engine.generate([it.prompt_ids for it in items], params)
         thinking_cut += getattr(trainer.engine, "cut_total", 0) - cut_before
         gen_s += time.perf_counter() - t
         n_tokens += int(ro.mask.sum())
@@ -408,6 +435,11 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         dense, stats = dense_token_rewards(
             trainer.rewards, trainer.tokenizer, [it.prompt_ids for it in sample_items], ro, step
         )
+        if ro.turn_rewards is not None and bool(ro.turn_rewards.any()):  # per-turn environment rewards
+            dense = ro.turn_rewards if dense is None else dense + ro.turn_rewards
+        if ro.turn_stats is not None:
+            for k, v in ro.turn_stats.items():
+                turn_stats.setdefault(k, []).extend(v)
         for k, v in stats.items():
             dense_stats.setdefault(k, []).append(v)
         reward_s += time.perf_counter() - t
@@ -475,6 +507,12 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         sums, no_steps = torch.cat([v[0] for v in vs]), torch.cat([v[1] for v in vs])
         metrics[f"reward/{k}_dense_mean"] = float(sums.mean())
         metrics[f"reward/{k}_no_steps_frac"] = float(no_steps.float().mean())
+    if turn_stats:  # multi-turn rollouts: every sample generated this step, dropped groups too
+        n, calls = max(1, len(turn_stats["turns"])), sum(turn_stats["tool_calls"])
+        metrics["tools/turns_mean"] = sum(turn_stats["turns"]) / n
+        metrics["tools/call_rate"] = sum(c > 0 for c in turn_stats["tool_calls"]) / n
+        metrics["tools/calls_per_sample"] = calls / n
+        metrics["tools/error_rate"] = sum(turn_stats["tool_errors"]) / max(1, calls)
     if p["teacher_mode"] == "none" or trainer.rewards.specs:
         ok = batch.valid.tolist()
         idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()

@@ -60,6 +60,10 @@ class Rollout:
     group_id: [B] long, index of the prompt each sample came from.
     texts: B decoded response strings (stop strings included, padding excluded).
     keep_mask: [B, T, V] bool when requested, else None.
+    turn_rewards: [B, T] float, multi-turn rollouts only: each environment turn's reward
+        at the last token of the model turn it answered (None: single turn).
+    turn_stats: multi-turn rollouts only: per-sample lists "turns", "tool_calls",
+        "tool_errors" (None: single turn).
     """
 
     prompt_ids: list[list[int]]
@@ -70,6 +74,8 @@ class Rollout:
     group_id: torch.Tensor
     texts: list[str]
     keep_mask: torch.Tensor | None = None
+    turn_rewards: torch.Tensor | None = None
+    turn_stats: dict[str, list[int]] | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

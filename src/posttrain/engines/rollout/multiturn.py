@@ -1,0 +1,191 @@
+"""Multi-turn rollouts: token in, token out.
+
+`MultiTurnEngine` wraps any single-turn engine (native, hf, vllm) and an environment
+factory (data/envs). Per sample it alternates
+
+    model turn  — sampled by the inner engine from the exact ids so far (prompt + every
+                  earlier turn and observation); the sampled ids and their log-probs are
+                  kept as they are
+    observation — the environment's text for that turn, rendered as a ``tool`` message of
+                  the tokenizer's chat template (`observation_text`) and tokenized once
+
+until the environment ends the episode, `max_turns` model turns were taken, or the
+trajectory reaches `max_total_tokens`. The Rollout's response is the concatenation
+[turn_1, obs_1, turn_2, obs_2, ..., turn_k]: mask 1 and the sampler's log-probs on the
+model's tokens, mask 0 and log-prob 0 on observation tokens. The model's text is
+decoded only to hand it to the environment; the trained ids are the sampled ids, so
+there is no tokenization drift between sampler and trainer, whatever decode→encode
+would do. A trajectory cut by the turn limit or the token budget finishes with
+"length" (so overlong masking applies); an observation after the last model turn is
+dropped (nothing follows it to train).
+
+Samples of a step run their turns in lockstep: turn k of every unfinished sample is one
+batched generate call of the inner engine, so trajectories of different lengths and
+turn counts batch together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain.engines.rollout.base import Rollout, SamplingParams
+
+# The call format of data/envs/tools.py ends a tool-calling turn.
+TOOL_CALL_END = "</tool_call>"
+
+
+def observation_text(tokenizer, history: list[dict[str, str]], observation: str) -> str:
+    """The text that follows the model's last turn when `observation` comes back as a tool
+    message, up to the next assistant generation prompt — as the tokenizer's chat template
+    renders it. history: the conversation so far, ending with the model's turn.
+
+    Computed as the difference of two renderings (with and without the tool message), so
+    it follows whatever the template does (Qwen's <tool_response>, Llama's ipython role,
+    ...). A tokenizer without a chat template gets a plain ``<tool_response>`` block.
+    """
+    turn = history[-1]["content"]
+    if getattr(tokenizer, "chat_template", None) is None:
+        return f"\n<tool_response>\n{observation}\n</tool_response>\n"
+    before = tokenizer.apply_chat_template(history, tokenize=False)
+    after = tokenizer.apply_chat_template(
+        [*history, {"role": "tool", "content": observation}], tokenize=False, add_generation_prompt=True
+    )
+    cut = before.rfind(turn)
+    if cut < 0 or not after.startswith(before[: cut + len(turn)]):
+        raise ValueError(
+            "the chat template does not render the model's turn verbatim before a tool message; "
+            "multi-turn rollouts need a template that does (or none)"
+        )
+    return after[cut + len(turn) :]
+
+
+class MultiTurnEngine:
+    """Multi-turn sampling over `engine` (see module docstring).
+
+    env_factory: () -> a fresh environment (one per trajectory).
+    max_turns: model turns per trajectory. max_total_tokens: response tokens (model +
+        observation) per trajectory; each turn may sample at most what is left, and at
+        most `SamplingParams.max_new_tokens`.
+    """
+
+    def __init__(self, engine, tokenizer, env_factory: Callable[[], Any], *, max_turns: int = 4,
+                 max_total_tokens: int = 256):  # fmt: skip
+        if max_turns < 1 or max_total_tokens < 1:
+            raise ValueError("max_turns and max_total_tokens must be >= 1")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.env_factory = env_factory
+        self.max_turns = max_turns
+        self.max_total_tokens = max_total_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def sync_weights(self, model: nn.Module) -> None:
+        self.engine.sync_weights(model)
+
+    def tool_schemas(self) -> list[dict]:
+        return list(self.env_factory().tool_schemas())
+
+    def generate(
+        self, prompts: Sequence[list[int]], params: SamplingParams, rows: Sequence[dict] | None = None
+    ) -> Rollout:
+        """`params.n` trajectories per prompt (token-id prompts, chat template applied).
+
+        rows: one dict per prompt for `Environment.reset` (e.g. {"prompt", "answer", ...});
+        default: the decoded prompt only.
+        """
+        if params.return_keep_mask:
+            raise ValueError("keep sampling masks are not supported for multi-turn rollouts")
+        n, tok = params.n, self.tokenizer
+        B = len(prompts) * n
+        rows = list(rows) if rows is not None else [{"prompt": tok.decode(p)} for p in prompts]
+        envs = [self.env_factory() for _ in range(B)]
+        for i, env in enumerate(envs):
+            env.reset(rows[i // n])
+        history = [[{"role": "user", "content": str(rows[i // n].get("prompt", ""))}] for i in range(B)]
+        ids = [[] for _ in range(B)]  # response ids so far (model + observation tokens)
+        counts = [[] for _ in range(B)]  # 1 = model token, 0 = observation token
+        logps = [[] for _ in range(B)]
+        rewards = [[] for _ in range(B)]  # (token index, reward) per answered turn
+        stats = {"turns": [0] * B, "tool_calls": [0] * B, "tool_errors": [0] * B}
+        finish = ["length"] * B
+        stops = list(dict.fromkeys([*params.stop_strings, TOOL_CALL_END]))
+        active = list(range(B))
+        for turn in range(self.max_turns):
+            room = [self.max_total_tokens - len(ids[i]) for i in active]
+            active = [i for i, r in zip(active, room) if r > 0]
+            if not active:
+                break
+            budget = min(params.max_new_tokens, max(self.max_total_tokens - len(ids[i]) for i in active))
+            turn_params = replace(params, n=1, max_new_tokens=budget, stop_strings=stops,
+                                  seed=None if params.seed is None else params.seed + 7919 * turn)  # fmt: skip
+            if turn == 0:
+                ro = self.engine.generate(list(prompts), replace(turn_params, n=n))
+                order = list(range(B))
+            else:
+                ro = self.engine.generate([prompts[i // n] + ids[i] for i in active], turn_params)
+                order = active
+            next_active = []
+            for j, i in enumerate(order):
+                length = int(ro.mask[j].sum())
+                length = min(length, self.max_total_tokens - len(ids[i]))
+                new = ro.response_ids[j, :length].tolist()
+                ids[i] += new
+                counts[i] += [1] * len(new)
+                logps[i] += ro.sampling_logprobs[j, :length].tolist()
+                stats["turns"][i] += 1
+                if ro.finish_reason[j] != "stop" or len(ids[i]) >= self.max_total_tokens:
+                    finish[i] = "length" if ro.finish_reason[j] == "stop" else ro.finish_reason[j]
+                    continue
+                step = envs[i].step(ro.texts[j])
+                if step.reward:
+                    rewards[i].append((len(ids[i]) - 1, float(step.reward)))
+                stats["tool_calls"][i] += int(step.tool_call)
+                stats["tool_errors"][i] += int(step.tool_error)
+                if step.done:
+                    finish[i] = "stop"
+                    continue
+                history[i].append({"role": "assistant", "content": ro.texts[j]})
+                obs = tok(observation_text(tok, history[i], step.observation), add_special_tokens=False)
+                history[i].append({"role": "tool", "content": step.observation})
+                if turn + 1 < self.max_turns and len(ids[i]) + len(obs["input_ids"]) < self.max_total_tokens:
+                    ids[i] += obs["input_ids"]
+                    counts[i] += [0] * len(obs["input_ids"])
+                    logps[i] += [0.0] * len(obs["input_ids"])
+                    next_active.append(i)
+                # else: no room for the observation and another turn: cut here ("length")
+            active = next_active
+        return self._assemble(prompts, n, ids, counts, logps, rewards, finish, stats)
+
+    def _assemble(self, prompts, n, ids, counts, logps, rewards, finish, stats) -> Rollout:
+        B = len(ids)
+        T = max((len(x) for x in ids), default=0)
+        response = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T))
+        slp = torch.zeros((B, T))
+        turn_rewards = torch.zeros((B, T))
+        texts = []
+        for i in range(B):
+            k = len(ids[i])
+            response[i, :k] = torch.tensor(ids[i], dtype=torch.long)
+            mask[i, :k] = torch.tensor(counts[i], dtype=torch.float32)
+            slp[i, :k] = torch.tensor(logps[i], dtype=torch.float32)
+            for t, r in rewards[i]:
+                turn_rewards[i, t] += r
+            end = k - 1 if finish[i] == "stop" and k and ids[i][-1] == self.tokenizer.eos_token_id else k
+            texts.append(self.tokenizer.decode(ids[i][:end], skip_special_tokens=False))
+        return Rollout(
+            prompt_ids=[list(prompts[i // n]) for i in range(B)],
+            response_ids=response,
+            mask=mask,
+            sampling_logprobs=slp,
+            finish_reason=finish,
+            group_id=torch.arange(len(prompts)).repeat_interleave(n),
+            texts=texts,
+            turn_rewards=turn_rewards,
+            turn_stats=stats,
+        )
