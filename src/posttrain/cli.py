@@ -40,7 +40,10 @@ COMMANDS: dict[str, Command] = {
         "posttrain.train.offline", "SFTConfig", "run_sft", "supervised fine-tuning on completions"
     ),
     "rm": Command(
-        "posttrain.train.offline", "RMConfig", "run_rm", "train an outcome reward model (Bradley-Terry)"
+        "posttrain.train.offline",
+        "RMConfig",
+        "run_rm",
+        "train an outcome reward model (Bradley-Terry or pointwise)",
     ),
     "prm": Command(
         "posttrain.train.offline", "PRMConfig", "run_prm", "train a process reward model on step labels"
@@ -52,6 +55,18 @@ COMMANDS: dict[str, Command] = {
         "posttrain.train.rl", "RLConfig", "run_rl", "online RL: PPO, GRPO, DAPO, GSPO, RLOO, ... one loop"
     ),
     "eval": Command("posttrain.train.evaluate", "EvalConfig", "run_eval", "pass@1, pass@k, maj@k, best-of-N"),
+    "annotate": Command(
+        "posttrain.train.prm_annotate",
+        "AnnotateConfig",
+        "run_annotate",
+        "label PRM steps by Monte-Carlo continuations (Math-Shepherd)",
+    ),
+    "merge": Command(
+        "posttrain.train.long_to_short",
+        "MergeConfig",
+        "run_merge",
+        "average the weights of models (long2short)",
+    ),
     "demo": Command(
         "posttrain.train.demo", "DemoConfig", "run_demo", "CPU demo: SFT warm start -> GRPO -> eval"
     ),

@@ -270,7 +270,7 @@ def test_sorting_options():
 @pytest.mark.parametrize("kind", ROW_KINDS)
 def test_task_rows_are_valid_dataset_rows(kind):
     rows = task_rows("arithmetic", "train", 10, seed=0, kind=kind, difficulty=2)
-    assert len(rows) == (20 if kind == "stepwise" else 10)
+    assert len(rows) == (20 if kind in ("stepwise", "scored") else 10)
     validate_rows(rows, kind, source="task_rows")
     for row in rows:
         assert {"id", "answer", "difficulty", "task"} <= set(row)

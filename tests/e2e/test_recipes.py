@@ -73,6 +73,7 @@ def inputs_of(path: Path) -> list[str]:
     ]
     found += [(r.get("options") or {}).get("model_path") for r in cfg.get("rewards") or []]
     found.append((cfg.get("data") or {}).get("path"))  # a file an earlier stage wrote (r1 samples)
+    found += list(cfg.get("models") or [])  # posttrain merge
     return [p for p in found if p]
 
 
@@ -237,6 +238,8 @@ TINY = {
         "--data.n_train 8 --data.n_test 4 --eval.n 2 --eval.every 0 --algo.micro_batch_size 0"
     ).split(),
     "eval": "--data.n 2 --sampling.k 2 --sampling.max_new_tokens 8".split(),
+    "merge": [],
+    "annotate": "--data.n 4 --k 2 --max_new_tokens 8".split(),
 }
 
 
@@ -248,6 +251,9 @@ TINY = {
 STAGE_TINY = {
     "r1/1_sft.yaml": ["--train.steps", "150", "--optim.lr", "3e-3"],
     "r1/3_sample.yaml": ["--data.n", "16", "--sampling.k", "4", "--sampling.max_new_tokens", "32"],
+    # Long-to-short's shortest-correct SFT and long-vs-short DPO need correct samples too.
+    "long_to_short/1_long_sft.yaml": ["--train.steps", "150", "--optim.lr", "3e-3"],
+    "long_to_short/4_sample.yaml": ["--data.n", "16", "--sampling.k", "8", "--sampling.max_new_tokens", "48"],
 }
 
 
@@ -276,6 +282,15 @@ def check_outputs(path: Path, cwd: Path) -> None:
     """A finished stage left what its users rely on."""
     command = command_of(path)
     out = cwd / output_of(path)
+    if command == "merge":
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(out / "final").config.vocab_size > 0
+        return
+    if command == "annotate":
+        rows = [json.loads(line) for line in (out / "stepwise.jsonl").read_text().splitlines()]
+        assert rows and all(len(r["labels"]) == len(r["completions"]) for r in rows)
+        return
     if command == "eval":
         result = json.loads((out / "eval.json").read_text())
         assert 0.0 <= result["accuracy"] <= 1.0

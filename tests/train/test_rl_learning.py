@@ -22,6 +22,7 @@ METHODS = [
     "reinforce_pp_baseline",
     "a2c",
     "ppo",
+    "trpo",
     "grpo",
     "dr_grpo",
     "dapo",
@@ -49,11 +50,18 @@ def test_method_raises_mean_reward(method, tmp_path, teacher_dir):
         # overlong masking would mask nearly every sample; its other pieces (clip-higher,
         # dynamic sampling, token-mean) are what this test exercises.
         extra.append("algo.overlong=none")
+    if method == "trpo":
+        # The step is set by delta, not the lr: 0.05 with light damping moves the tiny
+        # model about as far per step as the others (the preset's 0.01 / 0.1 is the paper's).
+        extra += ["algo.trust_region=0.05", "algo.cg_damping=0.01"]
     trainer = RLTrainer(tiny_config(tmp_path, method, *extra, steps=STEPS))
     history = [trainer.step() for _ in range(STEPS)]
     rewards = [m["reward/mean"] for m in history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last - first > MARGIN, f"{method}: {first:.3f} -> {last:.3f}: {[round(r, 2) for r in rewards]}"
+    if method == "trpo":
+        kls = [m["trpo/kl"] for m in history]
+        assert all(k <= 0.05 for k in kls), f"a TRPO step left the trust region: {kls}"
     if method in ("ppo", "a2c"):
         ev = [m["value/explained_variance"] for m in history[-5:]]
         assert sum(ev) / len(ev) > 0.0, f"critic explained variance stayed <= 0: {ev}"

@@ -20,6 +20,7 @@ ALL_METHODS = [
     "reinforce_pp_baseline",
     "a2c",
     "ppo",
+    "trpo",
     "grpo",
     "dr_grpo",
     "dapo",
@@ -67,7 +68,7 @@ def test_every_method_runs_two_steps(method, tmp_path, teacher_dir):
         assert math.isfinite(m["loss/total"])
     after = _params(trainer.policy.model)
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "no parameter moved"
-    if method in ("ppo", "a2c"):
+    if method in ("ppo", "a2c", "trpo"):
         assert "value/explained_variance" in m and "value/loss" in m
     if method == "grpo":
         assert "kl/k3" in m and "kl/loss" in m and "policy/clipfrac_high" in m

@@ -91,6 +91,7 @@ def preference_loss(
     num_pairs: int,
     options: dict | None = None,
     nll_weight: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean preference loss of a micro-batch's share of one optimizer step.
 
@@ -108,6 +109,8 @@ def preference_loss(
         loss += α · (−log π(y_w|x) / |y_w|) — the "DPO + NLL" objective of Iterative
         Reasoning Preference Optimization (Pang et al. 2024, eq. 1), which keeps the
         chosen likelihood from falling on reasoning tasks. 0 (default) is the plain loss.
+    weights: [B] per-pair loss weights (N-best pairs weighted by their score gap,
+        `core.nbest.pair_weights`) or None (all 1): loss = Σ_b w_b · loss_b / num_pairs.
 
     Returns (scalar loss, detached metric sums over the pairs: "pref/correct",
     "pref/reward_chosen_sum", "pref/reward_rejected_sum", "pref/margin_sum",
@@ -137,6 +140,8 @@ def preference_loss(
     nll = -chosen / lengths[:n].clamp(min=1)  # [B] per-token NLL of the chosen completion
     if nll_weight:
         loss = loss + nll_weight * nll
+    if weights is not None:
+        loss = loss * weights.to(loss)
     with torch.no_grad():
         r_chosen, r_rejected = implicit_rewards(
             chosen.detach(),

@@ -12,6 +12,8 @@ Sources for each preset (the seeds in /work/shared/seeds cite the equations):
   reinforce_pp         Hu 2025, REINFORCE++ (batch-normalised returns, PPO clip, k1 KL in reward).
   reinforce_pp_baseline REINFORCE++-baseline (group mean, batch std, k3 KL as a loss).
   a2c                  Mnih et al. 2016 synchronous actor-critic: GAE advantages, one update.
+  trpo                 Schulman et al. 2015 (study guide §4.1): critic + GAE, one natural-gradient
+                       step per batch (conjugate gradient on Fisher-vector products, KL ≤ δ line search).
   ppo                  Schulman et al. 2017 / Ouyang et al. 2022: critic + GAE, clipped ratio,
                        value clipping, entropy bonus, epochs × minibatches, k1 KL in the reward.
   grpo                 Shao et al. 2024 (DeepSeekMath): group z-score, PPO clip, k3 KL as a
@@ -73,6 +75,10 @@ PIECE_DEFAULTS: dict[str, Any] = {
     "tis_level": "token",
     "off_policy_kl_threshold": None,
     "keep_sampling_mask": False,
+    "trust_region": None,  # TRPO: max mean token KL δ of one natural-gradient step; None = optimizer steps
+    "cg_iters": 10,
+    "cg_damping": 0.1,
+    "backtrack_steps": 10,
 }
 
 
@@ -122,6 +128,19 @@ _preset(
     },
 )
 _preset("a2c", {"advantage": "gae", "policy_loss": "pg", "critic": True, "gamma": 1.0, "lam": 1.0})
+_preset(
+    "trpo",
+    {
+        "advantage": "gae",
+        "policy_loss": "pg",  # unused: TRPO steps on its own importance-sampled surrogate
+        "critic": True,
+        "trust_region": 0.01,
+        "kl_placement": "reward",
+        "kl_estimator": "k1",
+        "kl_coef": 0.02,
+        "lam": 0.95,
+    },
+)
 _preset(
     "ppo",
     {

@@ -13,12 +13,17 @@ Loss (Ouyang et al. 2022, eq. 1; Bradley & Terry 1952):
     L = −log σ(r(x, y_w) − r(x, y_l) − m)
 with an optional per-pair margin m (Llama-2 style, Touvron et al. 2023 §3.2.2), computed
 by `posttrain.core.preference.bradley_terry_loss`.
+
+Pointwise alternative (study guide §2.2, "Pointwise Reward Models: predict scalar scores
+directly"): `pointwise_reward_loss` regresses the same read-out onto each completion's
+score, L = (r(x, y) − (s − b(x)))², by `posttrain.core.pointwise.pointwise_loss`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from posttrain.core.pointwise import pointwise_loss
 from posttrain.core.preference import bradley_terry_loss
 from posttrain.engines.batching import SequenceBatch
 
@@ -75,5 +80,37 @@ def reward_model_loss(
         "rm/margin_sum": gap.sum(),
         "rm/chosen_sum": chosen_scores.detach().sum(),
         "rm/rejected_sum": rejected_scores.detach().sum(),
+    }
+    return loss, metrics
+
+
+def pointwise_reward_loss(
+    value_model: torch.nn.Module,
+    batch: SequenceBatch,
+    scores: torch.Tensor,
+    baselines: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-completion squared error of the head's score against its target score.
+
+    batch: N rows, one scored completion each; scores: [N] target scores; baselines: [N]
+        per-prompt baselines b(x) (`core.pointwise.prompt_baselines`) or None.
+
+    Returns (loss [N] to be averaged by the caller over the optimizer step, detached
+    metric SUMS so that micro-batches add up: "rm/sq_err_sum", "rm/n", and the moments
+    "rm/pred_sum", "rm/target_sum", "rm/pred_sq_sum", "rm/target_sq_sum", "rm/cross_sum"
+    from which the Pearson correlation of predictions and targets is computed).
+    """
+    predictions = sequence_scores(value_model, batch)  # [N]
+    loss, _ = pointwise_loss(predictions, scores.to(predictions.device), baselines)
+    pred = predictions.detach()
+    target = scores.to(pred) - (0.0 if baselines is None else baselines.to(pred))
+    metrics = {
+        "rm/sq_err_sum": loss.detach().sum(),
+        "rm/n": torch.tensor(float(pred.numel())),
+        "rm/pred_sum": pred.sum(),
+        "rm/target_sum": target.sum(),
+        "rm/pred_sq_sum": pred.pow(2).sum(),
+        "rm/target_sq_sum": target.pow(2).sum(),
+        "rm/cross_sum": (pred * target).sum(),
     }
     return loss, metrics

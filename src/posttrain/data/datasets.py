@@ -12,6 +12,10 @@ Kinds and their columns (TRL's names; `*_column` arguments map other names onto 
 - "preference": ``prompt``, ``chosen``, ``rejected`` — RM / DPO; chosen must differ.
 - "stepwise": ``prompt``, ``completions`` (list of step strings), ``labels`` (one bool per
   step) — PRM.
+- "scored": ``prompt``, ``completion``, ``score`` (a finite number) — pointwise RM.
+- "ranked": ``prompt``, ``completions`` (K >= 2 distinct candidate strings) and either
+  ``scores`` (K numbers, higher is better) or ``ranks`` (K integers, 1 = best, ties
+  allowed; stored as scores −rank) — N-best preferences (DPO family).
 
 ``prompt``, ``completion``, ``chosen`` and ``rejected`` may each be conversational: a list
 of {role, content} messages instead of a string (prompt, chosen and rejected together).
@@ -31,6 +35,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -38,11 +43,11 @@ from posttrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("prompt", "completion", "messages", "preference", "stepwise")
+KINDS = ("prompt", "completion", "messages", "preference", "stepwise", "scored", "ranked")
 ROLES = ("system", "user", "assistant", "tool")
 _FIELDS = ("prompt", "completion", "messages", "chosen", "rejected", "completions", "labels")
 # Columns that hold lists; CSV cells for them must be JSON.
-_LIST_COLUMNS = ("messages", "completions", "labels")
+_LIST_COLUMNS = ("messages", "completions", "labels", "scores", "ranks")
 # Columns that are text or a JSON-encoded message list in CSV.
 _MAYBE_MESSAGES = ("prompt", "completion", "chosen", "rejected")
 
@@ -58,6 +63,7 @@ def load_rows(
     rejected_column: str = "rejected",
     completions_column: str = "completions",
     labels_column: str = "labels",
+    score_column: str = "score",
     split: str | None = None,
     require: Sequence[str] = (),
     limit: int | None = None,
@@ -89,6 +95,7 @@ def load_rows(
         rejected_column: "rejected",
         completions_column: "completions",
         labels_column: "labels",
+        score_column: "score",
     }
     renames = {src: dst for src, dst in mapping.items() if src != dst}
     renamed = []
@@ -401,92 +408,54 @@ def _check_stepwise(row: dict, where: str) -> None:
     row["labels"] = clean
 
 
+def _number(value, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: {what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_scored(row: dict, where: str) -> None:
+    _check_completion(row, where)
+    row["score"] = _number(_present(row, "score", where), "column 'score'", where)
+
+
+def _check_ranked(row: dict, where: str) -> None:
+    _check_prompt(row, where)
+    cands = _present(row, "completions", where)
+    if (
+        not isinstance(cands, list)
+        or len(cands) < 2
+        or not all(isinstance(c, str) and c.strip() for c in cands)
+    ):
+        raise DataError(f"{where}: column 'completions' must be a list of at least 2 non-empty strings")
+    if len(set(cands)) != len(cands):
+        raise DataError(f"{where}: 'completions' holds the same candidate twice")
+    given = [c for c in ("scores", "ranks") if row.get(c) is not None]
+    if len(given) != 1:
+        raise DataError(
+            f"{where}: a ranked row needs exactly one of 'scores' or 'ranks', got {given or 'neither'}"
+        )
+    values = row[given[0]]
+    if not isinstance(values, list) or len(values) != len(cands):
+        raise DataError(f"{where}: {given[0]!r} must be a list with one entry per completion ({len(cands)})")
+    nums = [_number(v, f"{given[0]}[{j}]", where) for j, v in enumerate(values)]
+    if given[0] == "ranks" and any(v < 1 or v != int(v) for v in nums):
+        raise DataError(f"{where}: 'ranks' must be integers >= 1 (1 = best), got {values}")
+    row["scores"] = nums if given[0] == "scores" else [-v for v in nums]  # rank 1 best: score -1
+    if len(set(row["scores"])) == 1:
+        raise DataError(f"{where}: every candidate has the same {given[0][:-1]}; the row holds no preference")
+
+
 _VALIDATORS: dict[str, Callable[[dict, str], None]] = {
     "prompt": _check_prompt,
     "completion": _check_completion,
     "messages": _check_messages,
     "preference": _check_preference,
     "stepwise": _check_stepwise,
+    "scored": _check_scored,
+    "ranked": _check_ranked,
 }
 
 
-# --------------------------------------------------------------------------------------
-# Prompt lengths
-# --------------------------------------------------------------------------------------
-def _prompt_of(row: dict):
-    if "prompt" in row:
-        return row["prompt"]
-    messages = row.get("messages") or []
-    # A conversation's prompt is everything before its last assistant turn.
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
-    return messages[:last]
-
-
-def count_prompt_tokens(row: dict, tokenizer, render: Callable[[dict], str] | None = None) -> int:
-    """Tokens in a row's prompt as the model will see it.
-
-    render: row -> the exact prompt text fed to the model (e.g. with the chat template
-        applied); default: a text prompt as is, a message list through the tokenizer's
-        chat template with the generation prompt.
-    tokenizer: a Hugging Face tokenizer (anything with `encode(text, add_special_tokens=...)`)
-        or a plain callable text -> token ids.
-    """
-    prompt = render(row) if render is not None else _prompt_of(row)
-    if isinstance(prompt, list):
-        if not hasattr(tokenizer, "apply_chat_template"):
-            raise ConfigError(
-                "a conversational prompt needs a tokenizer with a chat template, or a render function"
-            )
-        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return len(ids)
-    if hasattr(tokenizer, "encode"):
-        return len(tokenizer.encode(prompt, add_special_tokens=False))
-    return len(tokenizer(prompt))
-
-
-def check_prompt_lengths(
-    rows: Sequence[dict],
-    tokenizer,
-    max_prompt_tokens: int,
-    policy: str = "error",
-    *,
-    source: str = "dataset",
-    render: Callable[[dict], str] | None = None,
-) -> list[dict]:
-    """Rows whose prompt fits in `max_prompt_tokens` tokens; never truncates a prompt.
-
-    policy: "error" raises DataError naming the first row that is too long and how many
-        are; "skip" drops them and logs a warning with the count and the first row numbers.
-    render / tokenizer: see `count_prompt_tokens`.
-    """
-    if policy not in ("error", "skip"):
-        raise ConfigError(f"prompt length policy must be 'error' or 'skip', got {policy!r}")
-    if max_prompt_tokens <= 0:
-        raise ConfigError(f"max_prompt_tokens must be positive, got {max_prompt_tokens}")
-    kept, too_long = [], []
-    for i, row in enumerate(rows):
-        n = count_prompt_tokens(row, tokenizer, render)
-        if n > max_prompt_tokens:
-            too_long.append((i + 1, n))
-        else:
-            kept.append(row)
-    if too_long and policy == "error":
-        number, n = too_long[0]
-        raise DataError(
-            f"{source} row {number}: prompt has {n} tokens, more than max_prompt_tokens={max_prompt_tokens} "
-            f"({len(too_long)} of {len(rows)} rows too long; use the 'skip' policy to drop them)"
-        )
-    if too_long:
-        shown = ", ".join(str(num) for num, _ in too_long[:5])
-        log.warning(
-            "%s: skipped %d of %d rows whose prompt exceeds %d tokens (rows %s%s)",
-            source,
-            len(too_long),
-            len(rows),
-            max_prompt_tokens,
-            shown,
-            ", ..." if len(too_long) > 5 else "",
-        )
-    return kept
+# Prompt lengths live in their own module; imported here so callers keep one entry point.
+from posttrain.data.prompt_lengths import check_prompt_lengths, count_prompt_tokens  # noqa: E402, F401

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection
 
@@ -79,6 +80,17 @@ class EvalSamplingSection:
     max_new_tokens: int = field(default=64, metadata=_h("Longest completion in tokens."))
     engine: str = field(default="native", metadata=_h("Rollout engine: native | hf | vllm."))
     batch_size: int = field(default=32, metadata=_h("Prompts per generate call."))
+    thinking_budget: int = field(
+        default=0,
+        metadata=_h(
+            "Qwen3 thinking budget: a sample still thinking after this many tokens gets thinking_end_phrase and "
+            "</think> inserted, then answers within max_new_tokens; 0 = no budget."
+        ),
+    )
+    thinking_end_phrase: str = field(
+        default=DEFAULT_PHRASE,
+        metadata=_h("Text inserted before </think> when the thinking budget cuts a sample."),
+    )
 
 
 @dataclass
@@ -491,6 +503,17 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _engine(s: EvalSamplingSection, model, tokenizer):
+    """The sampling engine, wrapped in a thinking budget when sampling.thinking_budget > 0."""
+    from posttrain.engines.rollout import make_engine
+    from posttrain.engines.rollout.budget import ThinkingBudgetEngine
+
+    engine = make_engine(s.engine, model, tokenizer)
+    if s.thinking_budget:
+        engine = ThinkingBudgetEngine(engine, tokenizer, s.thinking_budget, s.thinking_end_phrase)
+    return engine
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """`posttrain eval`: load, sample, score, print a table, write eval.json (+ samples.jsonl)."""
     import torch
@@ -507,9 +530,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     s, d = cfg.sampling, cfg.data
     t0 = time.perf_counter()
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    engine = _engine(s, model, tokenizer)
     texts, lengths, reasons = generate_samples(
         model, tokenizer, prompts, k=s.k, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-        engine=s.engine, seed=cfg.seed, top_p=s.top_p, batch_size=s.batch_size,
+        engine=engine, seed=cfg.seed, top_p=s.top_p, batch_size=s.batch_size,
         chat_template=d.chat_template, enable_thinking=d.enable_thinking,
     )  # fmt: skip
     gen_s = time.perf_counter() - t0
@@ -530,6 +554,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                        return_samples=cfg.save_samples)  # fmt: skip
     samples = result.pop("samples", None)
     result["time/generate_s"] = gen_s
+    if s.thinking_budget:
+        result["thinking_cut_frac"] = engine.cut_total / max(1, engine.samples_total)
     result.update({"model": source, "task": d.task, "dataset": d.path, "split": d.split,
                    "temperature": s.temperature})  # fmt: skip
     out = Path(cfg.output_dir)

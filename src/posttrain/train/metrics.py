@@ -200,6 +200,7 @@ _POSTFIX = (
     ("kl", lambda k: k.startswith("kl/") and k not in ("kl/coef", "kl/tokens") and not k.endswith("_sum")),
     ("len", lambda k: k.endswith("length_mean") or k.endswith("/length")),
     ("loss", lambda k: k in ("loss", "loss/total", "train/loss") or k.endswith("/loss")),
+    ("alerts", lambda k: k == "alert/count"),  # reward-hacking alerts of the step (train/alerts.py)
 )
 
 

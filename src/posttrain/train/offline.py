@@ -5,7 +5,7 @@ rows into token ids (train/offline_data.py) and hands a method object
 (train/offline_methods.py) to the loop. Entry points used by the CLI:
 
     SFTConfig / run_sft(cfg) -> dict      supervised fine-tuning, completion-only loss
-    RMConfig  / run_rm(cfg)  -> dict      Bradley–Terry outcome reward model
+    RMConfig  / run_rm(cfg)  -> dict      outcome reward model (Bradley–Terry or pointwise)
     PRMConfig / run_prm(cfg) -> dict      step-level process reward model
     DPOConfig / run_dpo(cfg) -> dict      DPO / IPO / SimPO / LN-DPO / hinge
     plan(cfg) -> str                      what a run would do (for --dry-run)
@@ -101,15 +101,44 @@ class OfflineDataSection:
 
 
 @dataclass
+class SFTDataSection(OfflineDataSection):
+    """SFT data: as every offline command, plus Kimi's shortest rejection sampling."""
+
+    keep_shortest: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each prompt's shortest row of `path` (after keep_if; length = the `length` column "
+            "posttrain eval writes, else characters): with keep_if=correct, Kimi's shortest rejection sampling."
+        },
+    )
+
+
+@dataclass
 class PreferenceDataSection(OfflineDataSection):
     """Preference data: a file, the task's synthetic pairs, or pairs sampled from the policy."""
 
-    pairs: Literal["synthetic", "self"] = field(
+    format: Literal["pairs", "ranked"] = field(
+        default="pairs",
+        metadata={
+            "help": "pairs: prompt/chosen/rejected rows; ranked: prompt/completions/scores (or ranks, 1 = best) "
+            "rows of K candidates, trained on every pair they induce (N-best; see algo.pair_weighting)."
+        },
+    )
+
+    pairs: Literal["synthetic", "self", "long_short"] = field(
         default="synthetic",
         metadata={
             "help": "Where pairs come from without a file: 'synthetic' (task solution vs. its made-up wrong "
             "solution) or 'self' (k samples per prompt from the initial policy, scored by the task verifier, "
-            "paired correct vs. incorrect: on-policy / RS-DPO pairs)."
+            "paired correct vs. incorrect: on-policy / RS-DPO pairs); 'long_short' builds pairs from a "
+            "`path` of sampled completions (posttrain eval samples.jsonl): shortest correct vs. longer."
+        },
+    )
+    long_ratio: float = field(
+        default=1.5,
+        metadata={
+            "help": "pairs=long_short: a CORRECT sample is a rejected (too long) one when it is at least this "
+            "many times as long as the shortest correct one (wrong samples: whenever longer)."
         },
     )
     samples_per_prompt: int = field(
@@ -117,7 +146,7 @@ class PreferenceDataSection(OfflineDataSection):
     )
     pairs_per_prompt: int = field(
         default=1,
-        metadata={"help": "pairs=self: most (correct, incorrect) pairs kept per prompt, distinct texts."},
+        metadata={"help": "pairs=self / long_short: most pairs kept per prompt, distinct texts."},
     )
     sample_temperature: float = field(
         default=1.0, metadata={"help": "pairs=self: sampling temperature (> 0)."}
@@ -188,6 +217,23 @@ class SFTAlgoSection:
 class RMAlgoSection:
     """Reward-model options."""
 
+    loss: Literal["bradley_terry", "pointwise"] = field(
+        default="bradley_terry",
+        metadata={
+            "help": "bradley_terry: −log σ(r_w − r_l − m) on prompt/chosen/rejected pairs; pointwise: "
+            "(r − (s − b))² on prompt/completion/score rows (study guide §2.2)."
+        },
+    )
+    score_column: str = field(
+        default="score", metadata={"help": "pointwise: the column of `data.path` holding each row's score."}
+    )
+    baseline: Literal["none", "prompt_mean"] = field(
+        default="none",
+        metadata={
+            "help": "pointwise: subtract each prompt's mean score from its rows' targets (prompt_mean), "
+            "so the head learns how a completion compares with the prompt's others; none = raw scores."
+        },
+    )
     margin_column: str | None = field(
         default=None,
         metadata={"help": "Column with a per-pair margin m in −log σ(r_w − r_l − m); null = no margin."},
@@ -242,6 +288,13 @@ class PreferenceAlgoSection:
             "help": "Extra loss options, e.g. {label_smoothing: 0.1} for dpo or {gamma: 0.5} for simpo."
         },
     )
+    pair_weighting: Literal["none", "gap"] = field(
+        default="none",
+        metadata={
+            "help": "data.format=ranked: weight each induced pair's loss by its score gap over the mean "
+            "training gap (gap), or weight all pairs 1 (none)."
+        },
+    )
 
 
 @dataclass
@@ -273,7 +326,7 @@ class SFTConfig:
     """Supervised fine-tuning with a completion-only loss (posttrain sft)."""
 
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Model to train."})
-    data: OfflineDataSection = field(default_factory=OfflineDataSection, metadata={"help": "Training data."})
+    data: SFTDataSection = field(default_factory=SFTDataSection, metadata={"help": "Training data."})
     train: OfflineTrainSection = field(
         default_factory=OfflineTrainSection, metadata={"help": "Steps and batches."}
     )
@@ -284,7 +337,8 @@ class SFTConfig:
 
 @dataclass
 class RMConfig:
-    """Bradley–Terry outcome reward model on prompt/chosen/rejected pairs (posttrain rm)."""
+    """Outcome reward model: Bradley–Terry on prompt/chosen/rejected pairs, or pointwise
+    regression on prompt/completion/score rows (posttrain rm)."""
 
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Backbone to start from."})
     data: OfflineDataSection = field(
@@ -407,7 +461,16 @@ def build_sft(cfg: SFTConfig):
 
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
-    split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages)
+    shortest = None
+    if cfg.data.keep_shortest:
+        from posttrain.train.long_to_short import shortest_per_prompt
+
+        if not cfg.data.path:
+            raise ConfigError(
+                "data.keep_shortest picks among the rows of a data.path file (sampled completions)"
+            )
+        shortest = shortest_per_prompt
+    split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages, transform=shortest)
     train_items = encode_sft(split.train, tokenizer, cfg.data, split.source)
     eval_items = encode_sft(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     model = _policy(cfg.model, tokenizer)
@@ -422,6 +485,10 @@ def build_rm(cfg: RMConfig):
     """(RewardModelMethod, tokenizer) for `cfg`."""
     from posttrain.train.offline_methods import RewardModelMethod
 
+    if cfg.algo.loss == "pointwise":
+        return _build_pointwise_rm(cfg)
+    if cfg.algo.baseline != "none":
+        raise ConfigError("algo.baseline applies to algo.loss=pointwise; Bradley–Terry needs no baseline")
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["rm"])
@@ -439,6 +506,26 @@ def build_rm(cfg: RMConfig):
     model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
     method = RewardModelMethod(cfg, model, tokenizer, train_items, eval_items)
     return method, tokenizer
+
+
+def _build_pointwise_rm(cfg: RMConfig):
+    """(PointwiseRewardMethod, tokenizer): scored rows from a file or the task ("scored" kind)."""
+    from posttrain.train.offline_scored import PointwiseRewardMethod, encode_scored
+
+    if cfg.algo.margin_column:
+        raise ConfigError("algo.margin_column is a Bradley–Terry pair margin; algo.loss=pointwise has none")
+    _seed_everything(cfg.run.seed)
+    tokenizer = _tokenizer(cfg.model)
+    split = load_split(cfg.data, "scored", score_column=cfg.algo.score_column)
+    base = cfg.algo.baseline
+    train_items = encode_scored(split.train, tokenizer, cfg.data, split.source, baseline=base)
+    eval_items = (
+        encode_scored(split.eval, tokenizer, cfg.data, split.source + " (eval)", baseline=base)
+        if split.eval
+        else []
+    )
+    model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
+    return PointwiseRewardMethod(cfg, model, tokenizer, train_items, eval_items), tokenizer
 
 
 def build_prm(cfg: PRMConfig):
@@ -467,6 +554,7 @@ def build_dpo(cfg: DPOConfig):
     """
     from posttrain.algos.preference import check_options, needs_reference
     from posttrain.train.offline_methods import PreferenceMethod
+    from posttrain.train.offline_scored import check_ranked, ranked_items
 
     use_ref = needs_reference(cfg.algo.loss)  # also fails on a typo before any work
     check_options(cfg.algo.loss, cfg.algo.options)
@@ -474,17 +562,23 @@ def build_dpo(cfg: DPOConfig):
         _check_self_pairs(cfg.data)
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
-    split = load_split(cfg.data, KIND["dpo"])
+    ranked = check_ranked(cfg.data, cfg.algo)
+    if cfg.data.pairs == "long_short":
+        split = _long_short_split(cfg.data)
+    else:
+        split = load_split(cfg.data, "ranked" if ranked else KIND["dpo"])
     model = _policy(cfg.model, tokenizer)
     pair_counts = None
     if cfg.data.pairs == "self":
         split, pair_counts = _self_pairs(cfg, model, tokenizer, split)
-    train_items = _tag(encode_pairs(split.train, tokenizer, cfg.data, split.source), "train")
-    eval_items = (
-        _tag(encode_pairs(split.eval, tokenizer, cfg.data, split.source + " (eval)"), "eval")
-        if split.eval
-        else []
-    )
+    if ranked:
+        train_items, eval_items = ranked_items(split, tokenizer, cfg.data, cfg.algo.pair_weighting)
+    else:
+        train_items = encode_pairs(split.train, tokenizer, cfg.data, split.source)
+        eval_items = (
+            encode_pairs(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
+        )
+    train_items, eval_items = _tag(train_items, "train"), _tag(eval_items, "eval")
     ref_train = ref_eval = None
     hit = None
     if use_ref:
@@ -503,6 +597,19 @@ def build_dpo(cfg: DPOConfig):
     method.reference_cache_hit = hit
     method.pair_counts = pair_counts
     return method, tokenizer
+
+
+def _long_short_split(d):
+    """Long-vs-short DPO pairs from a file of sampled completions (train/long_to_short.py)."""
+    from posttrain.train.long_to_short import long_short_pairs
+
+    if not d.path:
+        raise ConfigError("data.pairs=long_short builds pairs from data.path, a file of sampled completions")
+
+    def pairs(rows, source):
+        return long_short_pairs(rows, source, long_ratio=d.long_ratio, max_pairs=d.pairs_per_prompt)
+
+    return load_split(d, "completion", transform=pairs)
 
 
 def _check_self_pairs(d) -> None:
@@ -679,6 +786,12 @@ def plan(cfg) -> str:
             f"  algo:   completion-only NLL ({cfg.algo.aggregation})"
             + (", packed" if cfg.algo.packing else "")
             + (f", no-think share {d.no_think_fraction:g}" if d.no_think_fraction else "")
+            + (", shortest row per prompt" if d.keep_shortest else "")
+        )
+    elif kind == "rm" and cfg.algo.loss == "pointwise":
+        lines.append(
+            f"  algo:   pointwise MSE on column {cfg.algo.score_column!r}"
+            + (", minus each prompt's mean score" if cfg.algo.baseline == "prompt_mean" else "")
         )
     elif kind == "rm":
         lines.append(
@@ -696,6 +809,14 @@ def plan(cfg) -> str:
 
         beta = cfg.algo.beta if cfg.algo.beta is not None else default_beta(cfg.algo.loss)
         lines.append(f"  algo:   {cfg.algo.loss} beta={beta:g}" + (f" ({opts})" if opts else ""))
+        if d.format == "ranked":
+            weighting = "weighted by score gap / mean gap" if cfg.algo.pair_weighting == "gap" else "weight 1"
+            lines.append(f"  pairs:  every pair induced by each ranked list (s_i > s_j), {weighting}")
+        if d.pairs == "long_short":
+            lines.append(
+                f"  pairs:  long-vs-short from {d.path}: shortest correct sample vs. longer wrong ones and correct "
+                f"ones >= {d.long_ratio:g}x as long, <= {d.pairs_per_prompt} per prompt"
+            )
         if d.pairs == "self" and not d.path:
             lines.append(
                 f"  pairs:  self-generated: {d.samples_per_prompt} samples/prompt at T={d.sample_temperature:g} "

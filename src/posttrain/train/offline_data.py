@@ -32,13 +32,18 @@ class Split:
     filtered: dict | None = None  # data.keep_if counts {"column", "kept", "dropped"}
 
 
-def load_split(data, kind: str, *, messages: bool = False) -> Split:
+def load_split(
+    data, kind: str, *, messages: bool = False, score_column: str = "score", transform=None
+) -> Split:
     """Load train / held-out rows for one trainer from `data` (an offline DataSection).
 
     Precedence: data.path (file; held-out = data.eval_path, else the last
     data.eval_fraction of the shuffled rows) over data.task (synthetic; train / test
     splits of the task, disjoint by construction). With a file, data.task (if set) is
-    still used for held-out task accuracy.
+    still used for held-out task accuracy. score_column: the file's score column for the
+    "scored" kind. transform: (rows, source) -> rows, applied to a file's rows after
+    data.keep_if and before the hold-out split (long-to-short: shortest per prompt,
+    long-vs-short pairs), so rows of one prompt are grouped before they are split.
     """
     task = None
     eval_examples: list = []
@@ -56,12 +61,15 @@ def load_split(data, kind: str, *, messages: bool = False) -> Split:
         from posttrain.data.datasets import load_rows
 
         file_kind = "messages" if messages else kind
-        rows = load_rows(data.path, file_kind, prompt_column=data.prompt_column)
+        columns = dict(prompt_column=data.prompt_column, score_column=score_column)
+        rows = load_rows(data.path, file_kind, **columns)
         filtered = None
         if keep_if:
             rows, filtered = keep_rows(rows, keep_if, str(data.path))
+        if transform is not None:
+            rows = transform(rows, str(data.path))
         if data.eval_path:
-            eval_rows = load_rows(data.eval_path, file_kind, prompt_column=data.prompt_column)
+            eval_rows = load_rows(data.eval_path, file_kind, **columns)
             if keep_if:
                 eval_rows, eval_filtered = keep_rows(eval_rows, keep_if, str(data.eval_path))
                 filtered = {
@@ -69,6 +77,8 @@ def load_split(data, kind: str, *, messages: bool = False) -> Split:
                     "eval_kept": eval_filtered["kept"],
                     "eval_dropped": eval_filtered["dropped"],
                 }
+            if transform is not None:
+                eval_rows = transform(eval_rows, str(data.eval_path))
             train_rows = rows
         else:
             if not 0.0 <= data.eval_fraction < 1.0:
@@ -151,6 +161,18 @@ def _prompt_ids(
     ids = _ids(tokenizer, render_prompt(tokenizer, prompt, enable_thinking))
     if max_prompt_tokens and len(ids) > max_prompt_tokens:
         return None
+    return ids
+
+
+def encode_prompt(tokenizer, prompt, where: str, data) -> list[int] | None:
+    """Token ids of a row's prompt (chat template, thinking on), or None when it is over
+    data.max_prompt_tokens and data.too_long is "skip" (a DataError when it is "error")."""
+    ids = _prompt_ids(
+        tokenizer, prompt, where, enable_thinking=True, max_prompt_tokens=data.max_prompt_tokens
+    )
+    if ids is None:
+        n = len(_ids(tokenizer, render_prompt(tokenizer, prompt)))
+        _too_long(where, n, data.max_prompt_tokens, data.too_long)
     return ids
 
 
@@ -240,20 +262,8 @@ def encode_pairs(
             if row.get(margin_column) is None:
                 raise DataError(f"{where}: margin column {margin_column!r} is missing")
             margin = float(row[margin_column])
-        p = _prompt_ids(
-            tokenizer,
-            row.get("prompt"),
-            where,
-            enable_thinking=True,
-            max_prompt_tokens=data.max_prompt_tokens,
-        )
+        p = encode_prompt(tokenizer, row.get("prompt"), where, data)
         if p is None:
-            _too_long(
-                where,
-                len(_ids(tokenizer, render_prompt(tokenizer, row["prompt"]))),
-                data.max_prompt_tokens,
-                data.too_long,
-            )
             continue
         items.append(
             {
@@ -291,20 +301,8 @@ def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
             raise DataError(f"{where}: empty step in 'completions'")
         if any(not isinstance(x, (bool, int)) or x not in (0, 1) for x in labels):
             raise DataError(f"{where}: 'labels' must be booleans")
-        p = _prompt_ids(
-            tokenizer,
-            row.get("prompt"),
-            where,
-            enable_thinking=True,
-            max_prompt_tokens=data.max_prompt_tokens,
-        )
+        p = encode_prompt(tokenizer, row.get("prompt"), where, data)
         if p is None:
-            _too_long(
-                where,
-                len(_ids(tokenizer, render_prompt(tokenizer, row["prompt"]))),
-                data.max_prompt_tokens,
-                data.too_long,
-            )
             continue
         items.append(
             {"prompt": p, "steps": [_ids(tokenizer, s) for s in steps], "labels": [bool(x) for x in labels]}

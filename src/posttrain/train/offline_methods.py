@@ -348,6 +348,7 @@ class PreferenceMethod:
             num_pairs=counts["num_pairs"],
             options=dict(self.cfg.algo.options),
             nll_weight=self.cfg.algo.nll_weight,
+            weights=pair_weight_tensor(items),
         )
         metrics["pref/pairs"] = torch.tensor(float(len(items)))
         return loss, metrics
@@ -380,6 +381,13 @@ class PreferenceMethod:
         from posttrain.engines.models import save_model
 
         save_model(self.model, self.tokenizer, str(path))
+
+
+def pair_weight_tensor(items: list[dict]) -> torch.Tensor | None:
+    """[B] loss weights of N-best pairs (items from ranked lists carry "weight"), else None."""
+    if "weight" not in items[0]:
+        return None
+    return torch.tensor([it["weight"] for it in items], dtype=torch.float32)
 
 
 def reference_logps(model, items: list[dict], pad_id: int, micro_batch_size: int) -> torch.Tensor:

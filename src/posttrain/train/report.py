@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from posttrain.train.alerts import read_alerts
 from posttrain.train.plots import PANELS, _labels, load_run, panel_keys, plot_run, series
 
 CONFIG_EXCERPT_LINES = 60  # longer configs are cut; the full file sits in the run dir
@@ -70,6 +71,7 @@ def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "metrics": metrics,
         "extra": extra,
         "config_lines": config_lines,
+        "alerts": read_alerts(run_dir),
     }
 
 
@@ -119,6 +121,13 @@ def _blocks(
         blocks.append(("p", "No reward, accuracy, KL, length or loss metrics were logged."))
     for label, s in zip(labels, summaries):
         blocks.append(("h", 2, f"Run: {label}"))
+        if s["alerts"]:  # train/alerts.py: reward-hacking checks that fired
+            blocks.append(("h", 3, f"Reward-hacking alerts ({len(s['alerts'])})"))
+            alert_rows = [
+                [a["step"], a["kind"], _fmt(a["value"]), _fmt(a["threshold"]), a["message"]]
+                for a in s["alerts"]
+            ]
+            blocks.append(("table", ["step", "alert", "value", "threshold", "what"], alert_rows[:50]))
         for name, data in s["extra"].items():
             flat = _flat(data) if data is not None else {"(unreadable)": None}
             scalars = [[k, _fmt(v)] for k, v in flat.items() if not isinstance(v, str) or len(v) < 120]

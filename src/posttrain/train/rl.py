@@ -36,12 +36,15 @@ from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLContro
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
 from posttrain.engines.fastpath import fallback_counts, fallback_metrics
 from posttrain.errors import TrainingError
+from posttrain.train.alerts import HackingMonitor, append_alerts, describe
 from posttrain.train.checkpoint import CheckpointManager
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
 from posttrain.train.optim import build_optimizer, build_scheduler, guarded_step
+from posttrain.train.rl_checks import uses_reference
 from posttrain.train.rl_config import RLConfig, validate
 from posttrain.train.rl_roles import CriticRole, PolicyRole, RunningMean, ScoringRole
 from posttrain.train.rl_setup import build_components, collect, model_summary
+from posttrain.train.trpo import trpo_update
 
 __all__ = ["RLConfig", "RLTrainer", "run_rl", "plan"]
 
@@ -89,6 +92,7 @@ class RLTrainer:
         self.bad_in_a_row = 0
         self.skipped_updates = 0
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.run.keep_checkpoints)
+        self.monitor = HackingMonitor(cfg.alerts) if cfg.alerts.enabled else None
 
     # ------------------------------------------------------------------ one step
 
@@ -104,6 +108,7 @@ class RLTrainer:
             self.updates_per_step > 1
             or (p["kl_placement"] == "reward" and beta > 0)
             or p["teacher_mode"] == "reward"
+            or p["trust_region"] is not None  # TRPO's surrogate ratio
         )
         if needs_old:
             batch.old_logprobs, _ = self.policy.logprobs(batch.seq, keep_mask=batch.keep_mask)
@@ -282,6 +287,8 @@ class RLTrainer:
         the accumulated gradient is identical for any micro-batch size (1×8 == 8×1).
         """
         p, cfg = self.p, self.cfg
+        if p["trust_region"] is not None:  # TRPO: one natural-gradient step (train/trpo.py)
+            return trpo_update(self, batch, step)
         B = len(batch)
         n_mb = min(p["num_minibatches"], B)
         gen = torch.Generator().manual_seed(cfg.run.seed * 100_003 + step)
@@ -360,6 +367,7 @@ class RLTrainer:
             # estimate, so scale it by the mean response length (a no-op for a fixed β).
             self.kl_ctl.update(metrics["kl/loss"] * metrics["rollout/length_mean"], len(batch))
         self.engine.sync_weights(self.policy.model)
+        metrics.update(self._refresh_reference(step))
         t4 = time.perf_counter()
         metrics.update(
             {
@@ -375,6 +383,23 @@ class RLTrainer:
         self.step_count += 1
         return metrics
 
+    def _refresh_reference(self, step: int) -> dict[str, float]:
+        """π_ref <- π_θ after every algo.ref_refresh_every-th step (0 = never).
+
+        After a refresh the KL to the reference restarts from 0: the next step's samples
+        are scored by a reference equal to the policy that drew them, so its kl/* metrics
+        are 0 (up to the update within the step), and they then measure the drift since
+        the last refresh, not since the start of training. "kl/ref_refreshed" is 1 on the
+        steps whose update was followed by a refresh.
+        """
+        every = self.cfg.algo.ref_refresh_every
+        if not every or self.reference is None:
+            return {}
+        refreshed = (step + 1) % every == 0
+        if refreshed:
+            self.reference.refresh_from(self.policy.model)
+        return {"kl/ref_refreshed": float(refreshed)}
+
     # ------------------------------------------------------------------ run
 
     def state(self) -> dict:
@@ -387,12 +412,16 @@ class RLTrainer:
             "prompts": self.prompts.state_dict(),
             "kl_ctl": kl_state,
             "baseline": self.baseline.state_dict(),
+            "alerts": self.monitor.state_dict() if self.monitor is not None else None,
         }
 
     def _models(self) -> dict[str, torch.nn.Module]:
         models = {"policy": self.policy.model}
         if self.critic is not None:
             models["critic"] = self.critic.model
+        if self.cfg.algo.ref_refresh_every and self.reference is not None:
+            # A refreshed π_ref is no longer the initial policy: exact resume needs its weights.
+            models["reference"] = self.reference.model
         return models
 
     def save_checkpoint(self) -> Path:
@@ -421,6 +450,8 @@ class RLTrainer:
         if state.get("kl_ctl") and hasattr(self.kl_ctl, "load_state_dict"):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.baseline.load_state_dict(state["baseline"])
+        if self.monitor is not None and state.get("alerts"):
+            self.monitor.load_state_dict(state["alerts"])
         self.engine.sync_weights(self.policy.model)
 
     def evaluate(self) -> dict[str, float]:
@@ -471,7 +502,8 @@ class RLTrainer:
                 metrics = self.step()
                 if cfg.eval.every and can_eval and (step + 1) % cfg.eval.every == 0:
                     metrics.update(self.evaluate())
-                if step % max(1, cfg.run.log_every) == 0:
+                fired = self._alerts(step, metrics)
+                if step % max(1, cfg.run.log_every) == 0 or fired:
                     logger.log(step, metrics)
                 if cfg.sample_log_every and step % cfg.sample_log_every == 0:
                     logger.log_samples(step, self._sample_rows(step))
@@ -479,6 +511,9 @@ class RLTrainer:
                 bar.set_postfix_str(format_postfix(metrics))
                 if cfg.run.save_every and self.step_count % cfg.run.save_every == 0:
                     self.save_checkpoint()
+                if fired and cfg.alerts.stop:
+                    summary["stopped_by_alert"] = [a.row() for a in fired]
+                    break
             bar.close()
             if cfg.eval.before_after and can_eval:
                 summary["eval_after"] = self.evaluate()
@@ -498,6 +533,15 @@ class RLTrainer:
             {"steps": self.step_count, "final_metrics": metrics, "final_model": str(self.run_dir / "final")}
         )
         return summary
+
+    def _alerts(self, step: int, metrics: dict[str, float]) -> list:
+        """Reward-hacking checks on this step's metrics and responses (train/alerts.py)."""
+        if self.monitor is None:
+            return []
+        b = self._last_batch
+        fired = self.monitor.observe(step, metrics, list(b.texts), b.group_id.tolist())
+        append_alerts(self.run_dir, fired)
+        return fired
 
     def _sample_rows(self, step: int) -> list[dict]:
         b = self._last_batch
@@ -539,4 +583,8 @@ def plan(cfg: RLConfig) -> str:
         f"  updates: {p['update_epochs']} epoch(s) x {p['num_minibatches']} minibatch(es) per step "
         f"= {cfg.steps * p['update_epochs'] * p['num_minibatches']} optimizer steps"
     )
+    # TRPO's update makes no entropy pass (train/trpo.py), so policy/entropy is not logged.
+    logs_entropy = (cfg.log_entropy or p["entropy_coef"] > 0) and p["trust_region"] is None
+    flags = dict(has_reference=uses_reference(p), logs_entropy=logs_entropy, evaluates=cfg.eval.every > 0)
+    lines.append("  " + describe(cfg.alerts, **flags))
     return "\n".join(lines)

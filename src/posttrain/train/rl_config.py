@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from posttrain.algos.presets import PIECE_DEFAULTS, resolve_pieces
+from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError
+from posttrain.train.alerts import AlertsSection, check_alerts
 from posttrain.train.config import ModelSection, OptimSection, RunSection
 
 
@@ -116,6 +118,17 @@ class RolloutSection:
     repetition_ngram: int = field(
         default=0, metadata=_h("Kimi early stop: n-gram size for repetition detection; 0 disables.")
     )
+    thinking_budget: int = field(
+        default=0,
+        metadata=_h(
+            "Qwen3 thinking budget: a sample still thinking after this many tokens gets thinking_end_phrase and "
+            "</think> inserted (not trained on) and then answers; 0 = no budget."
+        ),
+    )
+    thinking_end_phrase: str = field(
+        default=DEFAULT_PHRASE,
+        metadata=_h("Text inserted before </think> when the thinking budget cuts a sample."),
+    )
 
 
 @dataclass
@@ -205,6 +218,13 @@ class AlgoSection:
     micro_batch_size: int = field(
         default=0, metadata=_h("Sequences per forward/backward (gradient accumulation); 0 = whole minibatch.")
     )
+    ref_refresh_every: int = field(
+        default=0,
+        metadata=_h(
+            "Reset the KL reference π_ref to the current policy after every N steps (long R1-style runs); "
+            "0 = never. Needs a reference in use (a KL term); not with LoRA."
+        ),
+    )
     critic: bool | None = field(
         default=None, metadata=_h("Train a value model (required by the gae estimator).")
     )
@@ -256,6 +276,18 @@ class AlgoSection:
     )
     keep_sampling_mask: bool | None = field(
         default=None, metadata=_h("Train over the sampler's kept top-p/top-k support (DeepSeek-V3.2).")
+    )
+    trust_region: float | None = field(
+        default=None,
+        metadata=_h(
+            "TRPO: one natural-gradient policy step per batch, its mean token KL(π_old ‖ π_θ) <= this δ "
+            "(conjugate gradient + line search); null = optimizer steps."
+        ),
+    )
+    cg_iters: int | None = field(default=None, metadata=_h("TRPO: conjugate-gradient iterations (10)."))
+    cg_damping: float | None = field(default=None, metadata=_h("TRPO: damping λ of the Fisher matrix (0.1)."))
+    backtrack_steps: int | None = field(
+        default=None, metadata=_h("TRPO: line-search tries, halving the step each time (10).")
     )
 
     def pieces(self) -> dict[str, Any]:
@@ -345,6 +377,9 @@ class RLConfig:
     )
     eval: RLEvalSection = field(default_factory=RLEvalSection, metadata=_h("Held-out evaluation."))
     env: EnvSection = field(default_factory=EnvSection, metadata=_h("Multi-turn environment (tools)."))
+    alerts: AlertsSection = field(
+        default_factory=AlertsSection, metadata=_h("Reward-hacking alerts: thresholds, stop on alert.")
+    )
     log_entropy: bool = field(
         default=True,
         metadata=_h(
@@ -387,6 +422,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     from posttrain.core.kl import KL_ESTIMATORS
     from posttrain.core.masking import AGGREGATIONS
     from posttrain.core.policy_losses import POLICY_LOSSES
+    from posttrain.train.rl_checks import check_ref_refresh, check_thinking_budget, check_trust_region
 
     p = cfg.algo.pieces()  # unknown method -> ConfigError with suggestion
     _registry_check(ADVANTAGES, p["advantage"], "algo.advantage")
@@ -427,6 +463,9 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {p['kl_placement']!r}")
     if p["kl_coef"] < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
+    check_ref_refresh(cfg, p)
+    check_trust_region(cfg, p)
+    check_alerts(cfg.alerts)
     if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
         raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")
     if cfg.data.path is None and not cfg.data.task:
@@ -464,6 +503,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
             "data.difficulty_filter_k must be >= 0 and 0 <= data.difficulty_filter_max_solved < "
             f"difficulty_filter_k, got {cfg.data.difficulty_filter_k} and {cfg.data.difficulty_filter_max_solved}"
         )
+    check_thinking_budget(cfg, p)
     if p["keep_sampling_mask"] and ro.engine != "native":
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
     _validate_env(cfg, p)

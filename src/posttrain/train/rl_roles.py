@@ -21,7 +21,7 @@ import torch
 from posttrain.core.logprobs import entropy_from_logits, logprobs_from_logits
 from posttrain.engines.batching import SequenceBatch
 from posttrain.engines.logprobs import response_logits, sequence_logprobs, sequence_values
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, TrainingError
 
 # --------------------------------------------------------------------------- the batch
 
@@ -161,6 +161,13 @@ class ScoringRole:
         for p in ref.parameters():
             p.requires_grad_(False)
         return cls(ref, temperature=temperature)
+
+    @torch.no_grad()
+    def refresh_from(self, policy: torch.nn.Module) -> None:
+        """Copy `policy`'s current weights into this frozen model (periodic π_ref reset)."""
+        if self.disable_adapter:
+            raise TrainingError("a LoRA reference (adapters off) cannot be refreshed from the policy")
+        self.model.load_state_dict(policy.state_dict())
 
     @torch.no_grad()
     def logprobs(self, seq: SequenceBatch, micro_batch_size: int | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
+from posttrain.train.rl_checks import uses_reference
 from posttrain.train.rl_config import RLConfig, check_dense_reward
 from posttrain.train.rl_roles import (
     CriticRole,
@@ -195,13 +196,17 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     ro = cfg.rollout
     policy = PolicyRole(model, temperature=ro.temperature)
     engine = make_engine(ro.engine, model, tokenizer)
+    if ro.thinking_budget:
+        from posttrain.engines.rollout.budget import ThinkingBudgetEngine
+
+        engine = ThinkingBudgetEngine(engine, tokenizer, ro.thinking_budget, ro.thinking_end_phrase)
     env_factory = make_env_factory(cfg)
     if env_factory is not None:
         from posttrain.engines.rollout.multiturn import MultiTurnEngine
 
         engine = MultiTurnEngine(engine, tokenizer, env_factory, max_turns=cfg.env.max_turns,
                                  max_total_tokens=cfg.env.max_total_tokens)  # fmt: skip
-    needs_ref = p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
+    needs_ref = uses_reference(p)
     reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
     critic = None
     if p["critic"]:
@@ -322,6 +327,8 @@ def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
     copies = 1
     if p["kl_placement"] != "none" and p["kl_coef"] > 0:
         models.append("reference (frozen copy)" if m.lora_r == 0 else "reference (policy with adapters off)")
+        if cfg.algo.ref_refresh_every:
+            models[-1] = f"reference (reset to the policy every {cfg.algo.ref_refresh_every} steps)"
         copies += 1 if m.lora_r == 0 else 0
     if p["critic"]:
         models.append("critic (trained)")
@@ -383,7 +390,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     all_scores, all_valid, per_reward, errors, dense_stats = [], [], {}, {}, {}
     turn_stats: dict[str, list[int]] = {}
     gen_s = reward_s = 0.0
-    n_tokens = 0
+    n_tokens = thinking_cut = n_sampled = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
     successes: list[torch.Tensor] = []  # [b] per kept sample, for success-rate sampling
     while True:
@@ -391,13 +398,16 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         items = [source.items[i] for i in idx]
         params = _sampling_params(cfg, p, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds)
         t = time.perf_counter()
+        cut_before = getattr(trainer.engine, "cut_total", 0)
         if cfg.env.name is not None:  # the environment sees each prompt's row (answer, columns)
             env_rows = [{"prompt": it.text, "answer": it.answer, **it.columns} for it in items]
             ro = trainer.engine.generate([it.prompt_ids for it in items], params, rows=env_rows)
         else:
             ro = trainer.engine.generate([it.prompt_ids for it in items], params)
+        thinking_cut += getattr(trainer.engine, "cut_total", 0) - cut_before
         gen_s += time.perf_counter() - t
         n_tokens += int(ro.mask.sum())
+        n_sampled += len(ro)
         t = time.perf_counter()
         sample_items = [items[int(g)] for g in ro.group_id]
         columns: dict[str, list] = {}
@@ -485,6 +495,8 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         "time/generate_s": gen_s,
         "time/reward_s": reward_s,
     }
+    if cfg.rollout.thinking_budget:  # share of this step's samples whose thinking was cut
+        metrics["rollout/thinking_cut_frac"] = thinking_cut / max(1, n_sampled)
     for k, vs in per_reward.items():
         v = torch.cat(vs)
         v = v[torch.isfinite(v)]

@@ -48,7 +48,7 @@ TASKS: Registry = Registry("task")
 for _cls in (Arithmetic, Countdown, Sorting, WordProblems, ToolArithmetic):
     TASKS.register(_cls.name)(_cls)
 
-ROW_KINDS = ("prompt", "completion", "messages", "preference", "stepwise")
+ROW_KINDS = ("prompt", "completion", "messages", "preference", "stepwise", "scored", "ranked")
 
 
 def _option_names(cls: type) -> list[str]:
@@ -76,6 +76,12 @@ def get_task(name: str, **options) -> Task:
     return cls(**options)
 
 
+def partial_credit(ex: Example) -> float:
+    """Score of an example's wrong solution: the share of its reasoning steps labelled right
+    (the steps before the first slip), in [0, 1); 0 for a trace without steps."""
+    return sum(ex.step_labels) / len(ex.step_labels) if ex.step_labels else 0.0
+
+
 def task_rows(
     task: Task | str,
     split: str,
@@ -98,6 +104,11 @@ def task_rows(
       joined with STEP_SEPARATOR inside <think>) and ``labels`` (one bool per step). Two
       rows per example: the wrong trace (``trace`` = "wrong", labels False from the first
       wrong step) and the reference trace (``trace`` = "correct", all True) — 2n rows.
+    - "scored": ``prompt``, ``completion``, ``score`` (pointwise RM). Two rows per example:
+      the solution with score 1 and the wrong solution with its partial credit, the share
+      of its reasoning steps that are still right (`partial_credit`) — 2n rows.
+    - "ranked": ``prompt``, ``completions`` = [solution, wrong solution] and ``scores`` =
+      [1, partial credit] (N-best preferences with K = 2; files can hold any K).
     """
     if isinstance(task, str):
         task = get_task(task)
@@ -117,6 +128,21 @@ def task_rows(
             rows.append({"messages": messages, **common})
         elif kind == "preference":
             rows.append({"prompt": ex.prompt, "chosen": ex.solution, "rejected": ex.wrong_solution, **common})
+        elif kind == "scored":
+            rows.append({"prompt": ex.prompt, "completion": ex.solution, "score": 1.0, **common})
+            rows.append(
+                {"prompt": ex.prompt, "completion": ex.wrong_solution, "score": partial_credit(ex), **common}
+            )
+        elif kind == "ranked":
+            completions = [ex.solution, ex.wrong_solution]
+            rows.append(
+                {
+                    "prompt": ex.prompt,
+                    "completions": completions,
+                    "scores": [1.0, partial_credit(ex)],
+                    **common,
+                }
+            )
         else:
             rows.append(
                 {
