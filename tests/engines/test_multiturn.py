@@ -211,7 +211,10 @@ def test_tool_task_demonstrations_use_the_layout_the_rollout_produces(tok):
     ex = get_task("tool_arithmetic").examples("train", 1, seed=0, difficulty=3)[0]
     expr = ex.prompt[len("What is ") : -1]
     history = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": tool_call_text(expr)}]
-    assert ex.solution == tool_call_text(expr) + observation_text(tok, history, ex.answer) + f"<answer>{ex.answer}</answer>"
+    assert (
+        ex.solution
+        == tool_call_text(expr) + observation_text(tok, history, ex.answer) + f"<answer>{ex.answer}</answer>"
+    )
     assert tool_transcript(expr, ex.answer, ex.answer, tokenizer=tok) == ex.solution
     env = make_env("tools")
     assert env.step(tool_call_text(expr)).observation == ex.answer  # the calculator agrees with the task

@@ -39,7 +39,11 @@ LEVELS = {1: (3, "+-"), 2: (4, "+-"), 3: (5, "+-"), 4: (6, "+-*")}
 
 def tool_call_text(expression: str) -> str:
     """The calculator call in the format data/envs/tools.py parses."""
-    return "<tool_call>" + json.dumps({"name": "calculator", "arguments": {"expression": expression}}) + "</tool_call>"
+    return (
+        "<tool_call>"
+        + json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+        + "</tool_call>"
+    )
 
 
 def tool_transcript(expression: str, result: str, final: str, *, tokenizer=None) -> str:
