@@ -135,6 +135,7 @@ def test_trained_ids_are_the_sampled_ids_even_where_decode_then_encode_differs(t
         "turns": [1 + 1],
         "tool_calls": [1],
         "tool_errors": [0],
+        "return": [0.0],
     }
     assert "<answer>3</answer>" in ro.texts[0] and not ro.texts[0].endswith(tok.eos_token)
 
@@ -220,3 +221,58 @@ def test_tool_task_demonstrations_use_the_layout_the_rollout_produces(tok):
     assert env.step(tool_call_text(expr)).observation == ex.answer  # the calculator agrees with the task
     no_tools = get_task("tool_arithmetic", tools=False).examples("train", 1, seed=0, difficulty=3)[0]
     assert no_tools.solution == f"<answer>{no_tools.answer}</answer>"
+
+
+# --------------------------------------------------------------------------- TextArena
+
+
+def test_textarena_guess_the_number_is_played_to_a_win_through_the_adapter(tok):
+    """A scripted player does binary search on TextArena's hints; the game's reward comes
+    back as the trajectory's environment return, and observations are the game's new
+    messages only, as user messages."""
+    pytest.importorskip("textarena")
+    env = make_env("textarena", env_id="GuessTheNumber-v0")
+    rows = env.dataset_rows("train", 2, seed=0)
+    assert rows[0]["prompt"].strip().startswith("[GAME]") and rows[0]["game_seed"] != rows[1]["game_seed"]
+    assert env.dataset_rows("test", 1, seed=0)[0]["game_seed"] >= 1_000_000
+
+    class Bisect:
+        def __init__(self):
+            self.lo, self.hi, self.guess = {}, {}, {}
+
+        def sync_weights(self, model):
+            pass
+
+        def generate(self, prompts, params):
+            texts = []
+            for j, p in enumerate([p for p in prompts for _ in range(params.n)]):
+                seen = tok.decode(p, skip_special_tokens=False)
+                key = seen.split("<|im_start|>assistant", 1)[0]
+                lo, hi = self.lo.get(key, 1), self.hi.get(key, 20)
+                last = seen.rsplit("<|im_start|>user\n", 1)[-1]
+                if key in self.guess and "is higher" in last:
+                    lo = self.guess[key] + 1
+                elif key in self.guess and "is lower" in last:
+                    hi = self.guess[key] - 1
+                self.lo[key], self.hi[key] = lo, hi
+                self.guess[key] = (lo + hi) // 2
+                texts.append(f"[{self.guess[key]}]")
+            rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+            T = max(map(len, rows))
+            ids, mask = torch.zeros((len(rows), T), dtype=torch.long), torch.zeros((len(rows), T))
+            for i, r in enumerate(rows):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1.0
+            return Rollout([list(p) for p in prompts for _ in range(params.n)], ids, mask, -mask, ["stop"] * len(rows),
+                           torch.arange(len(prompts)).repeat_interleave(params.n), texts)  # fmt: skip
+
+    eng = MultiTurnEngine(Bisect(), tok, lambda: make_env("textarena", env_id="GuessTheNumber-v0"),
+                          max_turns=8, max_total_tokens=2000)  # fmt: skip
+    prompt_ids = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                          tokenize=False) for r in rows]  # fmt: skip
+    ro = eng.generate([tok(p, add_special_tokens=False)["input_ids"] for p in prompt_ids], SamplingParams(n=1),
+                      rows=rows)  # fmt: skip
+    # TextArena pays a win less the more guesses it took (0.89 for a 3-guess win here).
+    assert all(0.5 < r <= 1.0 for r in ro.turn_stats["return"]) and ro.finish_reason == ["stop", "stop"]
+    assert all(2 <= t <= 5 for t in ro.turn_stats["turns"])  # binary search over 1..20
+    assert "<|im_start|>user\n[GAME] The target number is" in ro.texts[0]
+    assert "[Player]" not in ro.texts[0]  # the game's echo of the move is not repeated

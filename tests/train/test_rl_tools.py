@@ -72,7 +72,11 @@ def test_tool_trajectories_train_with_observations_masked(tmp_path):
         (["env.name=tools", "env.tools=[calculater]"], "env.tools\\[0\\]: unknown tool"),
         (["env.name=tools", "env.max_turns=0"], "env.max_turns"),
         (["env.name=tools", "env.options={retries: 2}"], "env.options: unknown option"),
-        (["env.name=tools", "env.options={error_reward: -0.1}"], "ignores token rewards"),
+        (["env.name=tools", "env.options={error_reward: -0.1}"], "gives rewards that this run would ignore"),
+        (
+            ["env.name=tools", "env.options={error_reward: -0.1}", "env.dense_rewards=true"],
+            "ignores token rewards",
+        ),
     ],
 )
 def test_bad_env_settings_fail_before_any_model(overrides, match, tmp_path, monkeypatch):
@@ -81,3 +85,15 @@ def test_bad_env_settings_fail_before_any_model(overrides, match, tmp_path, monk
     monkeypatch.setattr(setup, "_load_policy", lambda cfg: pytest.fail("a model was built"))
     with pytest.raises(ConfigError, match=match):
         RLTrainer(tiny_config(tmp_path / "run", "grpo", *overrides))
+
+
+def test_textarena_game_trains_from_its_own_prompts_with_the_env_return_reward(tmp_path):
+    pytest.importorskip("textarena")
+    cfg = tiny_config(tmp_path / "run", "grpo", "data.task=null", "env.name=textarena",
+                      "env.options={env_id: GuessTheNumber-v0}", "env.max_turns=2", "env.max_total_tokens=64",
+                      "data.max_prompt_tokens=1024", "rewards=[{name: env_return}]", "sample_log_every=1")  # fmt: skip
+    trainer = RLTrainer(cfg)
+    assert trainer.prompts.items[0].text.strip().startswith("[GAME]")
+    metrics = trainer.step()
+    assert "env/return_mean" in metrics and metrics["tools/turns_mean"] >= 1
+    assert metrics["reward/mean"] == pytest.approx(metrics["env/return_mean"])  # the score is the game's

@@ -152,6 +152,11 @@ class EnvSection:
     max_total_tokens: int = field(
         default=256, metadata=_h("Response tokens per trajectory, model and observation tokens together.")
     )
+    dense_rewards: bool = field(
+        default=False,
+        metadata=_h("Place each environment turn's reward at the turn's last token (token-reward "
+                    "estimators only); otherwise use the env_return reward for the summed rewards."),
+    )  # fmt: skip
 
 
 @dataclass
@@ -468,8 +473,10 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     check_alerts(cfg.alerts)
     if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
         raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")
-    if cfg.data.path is None and not cfg.data.task:
-        raise ConfigError("data: set data.task or data.path")
+    if cfg.data.path is None and not cfg.data.task and not _env_provides_prompts(cfg):
+        raise ConfigError(
+            "data: set data.task or data.path (or an env.name whose environment provides prompts)"
+        )
     if not cfg.rewards and p["teacher_mode"] != "reward":
         raise ConfigError(
             "rewards: at least one reward is needed (only on-policy distillation runs without one)"
@@ -510,6 +517,17 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     return p
 
 
+def _env_provides_prompts(cfg: RLConfig) -> bool:
+    """Whether cfg.env's environment has prompt rows of its own (`dataset_rows`)."""
+    if cfg.env.name is None:
+        return False
+    from posttrain.data.envs import ENVIRONMENTS
+
+    if cfg.env.name not in ENVIRONMENTS:
+        return False  # _validate_env names the error
+    return hasattr(ENVIRONMENTS[cfg.env.name](**cfg.env.options), "dataset_rows")
+
+
 def _validate_env(cfg: RLConfig, p: dict[str, Any]) -> None:
     """The env section, checked before any model is built."""
     env = cfg.env
@@ -537,5 +555,12 @@ def _validate_env(cfg: RLConfig, p: dict[str, Any]) -> None:
         )
     if p["keep_sampling_mask"]:
         raise ConfigError("algo.keep_sampling_mask is not supported with env (multi-turn rollouts)")
-    if env.options.get("error_reward"):  # a per-turn reward reaches only token-reward estimators
-        check_dense_reward("env.options.error_reward", p["advantage"], cfg.algo.method)
+    options = {**env.options, **({"tools": list(env.tools)} if env.name == "tools" else {})}
+    instance = ENVIRONMENTS[env.name](**options)  # an invalid option value fails here, before any model
+    if env.dense_rewards:  # per-turn rewards reach only token-reward estimators
+        check_dense_reward("env.dense_rewards", p["advantage"], cfg.algo.method)
+    elif getattr(instance, "gives_rewards", False) and "env_return" not in [r.name for r in cfg.rewards]:
+        raise ConfigError(
+            f"environment {env.name!r} gives rewards that this run would ignore: add the reward "
+            "{name: env_return} (the summed rewards as the score) or set env.dense_rewards true"
+        )

@@ -134,8 +134,21 @@ def _check_lengths(items: list[PromptItem], cfg: RLConfig, where: str) -> list[P
 
 
 def load_prompts(cfg: RLConfig, tokenizer):
-    """(train items, eval examples or items, task or None) from a task or dataset files."""
+    """(train items, eval examples or items, task or None) from a task, dataset files, or
+    the environment's own prompt rows (an env with `dataset_rows`, e.g. a game's openings)."""
     d = cfg.data
+    factory = make_env_factory(cfg)
+    if not d.path and not d.task and factory is not None:
+        env, data_seed = factory(), cfg.run.seed if d.seed is None else d.seed
+        where = f"environment {cfg.env.name!r}"
+        train = _check_lengths(_items_from_rows(env.dataset_rows("train", d.n_train, data_seed), tokenizer, cfg, where),
+                               cfg, where)  # fmt: skip
+        test = (
+            _items_from_rows(env.dataset_rows("test", d.n_test, data_seed), tokenizer, cfg, where)
+            if d.n_test
+            else []
+        )
+        return train, test, None
     if d.path:
         from posttrain.data.datasets import load_rows
 
@@ -388,7 +401,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     source: PromptSource = trainer.prompts
     parts: list[tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     all_scores, all_valid, per_reward, errors, dense_stats = [], [], {}, {}, {}
-    turn_stats: dict[str, list[int]] = {}
+    turn_stats: dict[str, list[float]] = {}
     gen_s = reward_s = 0.0
     n_tokens = thinking_cut = n_sampled = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
@@ -419,6 +432,8 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         # The prompt exactly as the policy saw it (chat template applied): what reward and
         # process reward models trained by `posttrain rm` / `posttrain prm` score.
         columns["model_prompt"] = model_prompts(trainer.tokenizer, sample_items)
+        if ro.turn_stats is not None:  # what the env_return reward reads
+            columns["env_return"] = list(ro.turn_stats["return"])
         if trainer.rewards.specs:
             res = trainer.rewards.score([it.text for it in sample_items], ro.texts, columns, step)
             scores = res.scores.float()
@@ -435,7 +450,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         dense, stats = dense_token_rewards(
             trainer.rewards, trainer.tokenizer, [it.prompt_ids for it in sample_items], ro, step
         )
-        if ro.turn_rewards is not None and bool(ro.turn_rewards.any()):  # per-turn environment rewards
+        if cfg.env.dense_rewards and ro.turn_rewards is not None:  # each turn's reward at its last token
             dense = ro.turn_rewards if dense is None else dense + ro.turn_rewards
         if ro.turn_stats is not None:
             for k, v in ro.turn_stats.items():
@@ -513,6 +528,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         metrics["tools/call_rate"] = sum(c > 0 for c in turn_stats["tool_calls"]) / n
         metrics["tools/calls_per_sample"] = calls / n
         metrics["tools/error_rate"] = sum(turn_stats["tool_errors"]) / max(1, calls)
+        metrics["env/return_mean"] = sum(turn_stats["return"]) / n
     if p["teacher_mode"] == "none" or trainer.rewards.specs:
         ok = batch.valid.tolist()
         idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()

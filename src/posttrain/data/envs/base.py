@@ -6,6 +6,10 @@ An environment is anything with
     step(turn_text) -> EnvStep          # the model's turn in, the next observation out
     tool_schemas() -> list[dict]        # tool declarations rendered into the prompt ([] if none)
 
+and optionally ``observation_role`` ("tool" by default; "user" for a game's messages),
+``gives_rewards`` (its steps carry rewards the run must use) and ``dataset_rows(split, n,
+seed)`` (prompt rows of its own, e.g. a game's opening observations).
+
 The rollout engine (`engines/rollout/multiturn.py`) owns the tokens: it samples each
 turn, asks the environment for the observation *text*, renders it as a ``tool`` message
 of the tokenizer's chat template and appends those ids — the model's own tokens are
@@ -56,11 +60,18 @@ class ToolEnv:
     turn without a call is the answer. error_reward: per-turn reward of a failed call
     (0 = none; the trajectory reward already pays only right answers)."""
 
+    observation_role = "tool"
+
     def __init__(self, tools: dict[str, Tool], *, error_reward: float = 0.0):
         if not tools:
             raise ValueError("ToolEnv needs at least one tool")
         self.tools = tools
         self.error_reward = error_reward
+
+    @property
+    def gives_rewards(self) -> bool:
+        """Whether steps carry rewards (the run must then use them: env_return or dense)."""
+        return self.error_reward != 0
 
     def reset(self, row: dict[str, Any]) -> None:
         """Tool use keeps no per-episode state."""
@@ -82,6 +93,13 @@ ENVIRONMENTS: Registry = Registry("environment")
 @ENVIRONMENTS.register("tools")
 def _tool_env(tools: list[str] | None = None, tool_options: dict | None = None, error_reward: float = 0.0):
     return ToolEnv(build_tools(list(tools or ["calculator"]), tool_options), error_reward=error_reward)
+
+
+@ENVIRONMENTS.register("textarena")
+def _textarena_env(env_id: str = "GuessTheNumber-v0"):
+    from posttrain.data.envs.textarena import TextArenaEnv
+
+    return TextArenaEnv(env_id)
 
 
 def make_env(name: str, **options) -> Environment:

@@ -24,7 +24,7 @@ from posttrain.data.rewards.text import (
     step_credit_reward,
     task_reward,
 )
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, RewardError
 
 REWARDS: Registry = Registry("reward")
 
@@ -74,6 +74,19 @@ REWARDS.register("repetition")(repetition_reward)
 REWARDS.register("language")(language_reward)
 REWARDS.register("task")(task_reward)
 REWARDS.register("step_credit")(step_credit_reward)
+
+
+@REWARDS.register("env_return")
+def _env_return() -> Callable:
+    """The environment's summed step rewards of each trajectory (multi-turn rollouts,
+    `env.name`): a game's win/loss, a tool environment's error penalties."""
+
+    def fn(prompts, completions, env_return=None, **columns):
+        if env_return is None:
+            raise RewardError("the env_return reward needs a multi-turn environment: set env.name")
+        return [float(r) for r in env_return]
+
+    return fn
 
 
 def build_reward(name: str, **options) -> Callable:

@@ -63,7 +63,7 @@ class Rollout:
     turn_rewards: [B, T] float, multi-turn rollouts only: each environment turn's reward
         at the last token of the model turn it answered (None: single turn).
     turn_stats: multi-turn rollouts only: per-sample lists "turns", "tool_calls",
-        "tool_errors" (None: single turn).
+        "tool_errors" and "return" (the environment's summed rewards) (None: single turn).
     """
 
     prompt_ids: list[list[int]]
@@ -75,7 +75,7 @@ class Rollout:
     texts: list[str]
     keep_mask: torch.Tensor | None = None
     turn_rewards: torch.Tensor | None = None
-    turn_stats: dict[str, list[int]] | None = None
+    turn_stats: dict[str, list[float]] | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

@@ -39,7 +39,7 @@ from posttrain.engines.rollout.base import Rollout, SamplingParams
 TOOL_CALL_END = "</tool_call>"
 
 
-def observation_text(tokenizer, history: list[dict[str, str]], observation: str) -> str:
+def observation_text(tokenizer, history: list[dict[str, str]], observation: str, role: str = "tool") -> str:
     """The text that follows the model's last turn when `observation` comes back as a tool
     message, up to the next assistant generation prompt — as the tokenizer's chat template
     renders it. history: the conversation so far, ending with the model's turn.
@@ -53,7 +53,7 @@ def observation_text(tokenizer, history: list[dict[str, str]], observation: str)
         return f"\n<tool_response>\n{observation}\n</tool_response>\n"
     before = tokenizer.apply_chat_template(history, tokenize=False)
     after = tokenizer.apply_chat_template(
-        [*history, {"role": "tool", "content": observation}], tokenize=False, add_generation_prompt=True
+        [*history, {"role": role, "content": observation}], tokenize=False, add_generation_prompt=True
     )
     cut = before.rfind(turn)
     if cut < 0 or not after.startswith(before[: cut + len(turn)]):
@@ -111,7 +111,7 @@ class MultiTurnEngine:
         counts = [[] for _ in range(B)]  # 1 = model token, 0 = observation token
         logps = [[] for _ in range(B)]
         rewards = [[] for _ in range(B)]  # (token index, reward) per answered turn
-        stats = {"turns": [0] * B, "tool_calls": [0] * B, "tool_errors": [0] * B}
+        stats = {"turns": [0] * B, "tool_calls": [0] * B, "tool_errors": [0] * B, "return": [0.0] * B}
         finish = ["length"] * B
         stops = list(dict.fromkeys([*params.stop_strings, TOOL_CALL_END]))
         active = list(range(B))
@@ -144,14 +144,16 @@ class MultiTurnEngine:
                 step = envs[i].step(ro.texts[j])
                 if step.reward:
                     rewards[i].append((len(ids[i]) - 1, float(step.reward)))
+                    stats["return"][i] += float(step.reward)
                 stats["tool_calls"][i] += int(step.tool_call)
                 stats["tool_errors"][i] += int(step.tool_error)
                 if step.done:
                     finish[i] = "stop"
                     continue
+                role = getattr(envs[i], "observation_role", "tool")
                 history[i].append({"role": "assistant", "content": ro.texts[j]})
-                obs = tok(observation_text(tok, history[i], step.observation), add_special_tokens=False)
-                history[i].append({"role": "tool", "content": step.observation})
+                obs = tok(observation_text(tok, history[i], step.observation, role), add_special_tokens=False)
+                history[i].append({"role": role, "content": step.observation})
                 if turn + 1 < self.max_turns and len(ids[i]) + len(obs["input_ids"]) < self.max_total_tokens:
                     ids[i] += obs["input_ids"]
                     counts[i] += [0] * len(obs["input_ids"])
