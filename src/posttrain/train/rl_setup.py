@@ -21,6 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
+from posttrain.train.prm_guide import prm_guide_metrics, wrap_engine
 from posttrain.train.rl_checks import uses_reference
 from posttrain.train.rl_config import RLConfig, check_dense_reward
 from posttrain.train.rl_roles import (
@@ -200,6 +201,7 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         from posttrain.engines.rollout.budget import ThinkingBudgetEngine
 
         engine = ThinkingBudgetEngine(engine, tokenizer, ro.thinking_budget, ro.thinking_end_phrase)
+    engine = wrap_engine(engine, tokenizer, cfg)  # rollout.prm_guide (off: unchanged)
     env_factory = make_env_factory(cfg)
     if env_factory is not None:
         from posttrain.engines.rollout.multiturn import MultiTurnEngine
@@ -392,6 +394,8 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     gen_s = reward_s = 0.0
     n_tokens = thinking_cut = n_sampled = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
+    guided = cfg.rollout.prm_guide.model_path is not None
+    prm_before = dict(trainer.engine.totals) if guided else {}  # rollout.prm_guide's running counts
     successes: list[torch.Tensor] = []  # [b] per kept sample, for success-rate sampling
     while True:
         idx = source.next(P - kept_groups, step, rounds)
@@ -497,6 +501,8 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     }
     if cfg.rollout.thinking_budget:  # share of this step's samples whose thinking was cut
         metrics["rollout/thinking_cut_frac"] = thinking_cut / max(1, n_sampled)
+    if guided:
+        metrics.update(prm_guide_metrics(prm_before, trainer.engine.totals, cfg.rollout.max_new_tokens))
     for k, vs in per_reward.items():
         v = torch.cat(vs)
         v = v[torch.isfinite(v)]
