@@ -240,10 +240,6 @@ def test_rl_config_errors(tmp_path):
     on = [f"rollout.prm_guide.model_path={prm}", "rollout.prm_guide.threshold=0.5"]
     for bad, key in (
         (["rollout.prm_guide.threshold=0.5"], "model_path"),
-        (
-            [f"rollout.prm_guide.model_path={tmp_path / 'none'}", "rollout.prm_guide.threshold=0.5"],
-            "model_path",
-        ),
         ([f"rollout.prm_guide.model_path={prm}"], "threshold and/or patience"),
         ([f"rollout.prm_guide.model_path={prm}", "rollout.prm_guide.threshold=1.5"], "threshold"),
         ([*on, "rollout.prm_guide.max_resamples=2"], "max_resamples"),
@@ -255,3 +251,15 @@ def test_rl_config_errors(tmp_path):
         with pytest.raises(ConfigError, match=key) as err:
             plan(load_config(RLConfig, None, bad))
         assert "prm_guide" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_prm_is_a_one_line_error_before_any_model(tmp_path, monkeypatch, capsys):
+    from posttrain import cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["rl", "--rollout.prm_guide.model_path", "runs/none", "--rollout.prm_guide.threshold", "0.5"]
+    assert cli.main([*args, "--dry-run"]) == 0  # a later stage's PRM need not exist yet to plan
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "rollout.prm_guide.model_path" in err and "runs/none" in err

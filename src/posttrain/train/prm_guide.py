@@ -51,7 +51,7 @@ class PRMGuideSection:
 
 
 def check_prm_guide(cfg, p: dict[str, Any]) -> None:
-    """rollout.prm_guide: consistent settings, an existing PRM, no untested combination."""
+    """rollout.prm_guide: consistent settings, no untested combination."""
     g = cfg.rollout.prm_guide
     if g.model_path is None:
         changed = [k for k, v in (("threshold", g.threshold is not None), ("patience", g.patience != 0),
@@ -62,8 +62,6 @@ def check_prm_guide(cfg, p: dict[str, Any]) -> None:
                 f"rollout.prm_guide.{changed[0]} needs rollout.prm_guide.model_path (a trained PRM)"
             )
         return
-    if not os.path.isdir(g.model_path):
-        raise ConfigError(f"rollout.prm_guide.model_path: no PRM directory at {g.model_path!r}")
     if g.threshold is None and g.patience == 0:
         raise ConfigError("rollout.prm_guide: set threshold and/or patience (the rule that marks a step bad)")
     if g.threshold is not None and not 0.0 < g.threshold < 1.0:
@@ -84,6 +82,14 @@ def check_prm_guide(cfg, p: dict[str, Any]) -> None:
     ) if on]  # fmt: skip
     if untested:
         raise ConfigError(f"rollout.prm_guide is not supported with {', '.join(untested)}")
+
+
+def check_prm_guide_path(cfg) -> None:
+    """The PRM directory exists: checked when the run starts, before any model is built (not
+    in validate, so a recipe whose PRM an earlier stage writes dry-runs cleanly)."""
+    path = cfg.rollout.prm_guide.model_path
+    if path is not None and not os.path.isdir(path):
+        raise ConfigError(f"rollout.prm_guide.model_path: no PRM directory at {path!r}")
 
 
 def wrap_engine(engine, tokenizer, cfg):

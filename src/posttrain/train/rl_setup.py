@@ -21,7 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
-from posttrain.train.prm_guide import prm_guide_metrics, wrap_engine
+from posttrain.train.prm_guide import check_prm_guide_path, prm_guide_metrics, wrap_engine
 from posttrain.train.rl_checks import uses_reference
 from posttrain.train.rl_config import RLConfig, check_dense_reward
 from posttrain.train.rl_roles import (
@@ -193,6 +193,7 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     from posttrain.engines.models import build_value_model, load_model
     from posttrain.engines.rollout import make_engine
 
+    check_prm_guide_path(cfg)
     tokenizer, model = _load_policy(cfg)
     ro = cfg.rollout
     policy = PolicyRole(model, temperature=ro.temperature)
