@@ -259,7 +259,7 @@ def test_a_missing_prm_is_a_one_line_error_before_any_model(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     args = ["rl", "--rollout.prm_guide.model_path", "runs/none", "--rollout.prm_guide.threshold", "0.5"]
     assert cli.main([*args, "--dry-run"]) == 0  # a later stage's PRM need not exist yet to plan
-    capsys.readouterr()
+    assert "PRM (frozen: runs/none; rollout guide, mode stop)" in capsys.readouterr().out
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "rollout.prm_guide.model_path" in err and "runs/none" in err

@@ -338,6 +338,9 @@ def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
         copies += 1
     if p["teacher_mode"] != "none":
         models.append(f"teacher (frozen: {cfg.teacher.path or cfg.teacher.preset})")
+    if cfg.rollout.prm_guide.model_path is not None:
+        g = cfg.rollout.prm_guide
+        models.append(f"PRM (frozen: {g.model_path}; rollout guide, mode {g.mode})")
     lines = [f"  models: {', '.join(models)}"]
     if n is not None:
         # weights + AdamW moments (2x) + grads for trained models; weights only for frozen ones.

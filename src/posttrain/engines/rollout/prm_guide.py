@@ -162,8 +162,8 @@ class PRMGuidedEngine:
             if sc and not any(m in text[en[-1] :] for m in (self.separator, THINK_END)):
                 sc, en = sc[:-1], en[:-1]  # the last step is not closed yet
             verdict = prm_verdict(sc, judged[i], self.threshold, self.patience)
-            if verdict is None:
-                judged[i] = len(sc)
+            if verdict is None:  # (right after a truncation the kept last step is not closed yet)
+                judged[i] = max(judged[i], len(sc))
                 if len(ids[i]) < cap:
                     go_on.append(i)
                 continue
