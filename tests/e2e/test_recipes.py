@@ -72,6 +72,7 @@ def inputs_of(path: Path) -> list[str]:
         (cfg.get("scorer") or {}).get("prm"),
     ]
     found += [(r.get("options") or {}).get("model_path") for r in cfg.get("rewards") or []]
+    found.append(((cfg.get("rollout") or {}).get("prm_guide") or {}).get("model_path"))
     found.append((cfg.get("data") or {}).get("path"))  # a file an earlier stage wrote (r1 samples)
     found += list(cfg.get("models") or [])  # posttrain merge
     return [p for p in found if p]

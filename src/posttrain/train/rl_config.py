@@ -17,6 +17,7 @@ from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError
 from posttrain.train.alerts import AlertsSection, check_alerts
 from posttrain.train.config import ModelSection, OptimSection, RunSection
+from posttrain.train.prm_guide import PRMGuideSection, check_prm_guide
 
 
 def _h(text: str) -> dict:
@@ -128,6 +129,10 @@ class RolloutSection:
     thinking_end_phrase: str = field(
         default=DEFAULT_PHRASE,
         metadata=_h("Text inserted before </think> when the thinking budget cuts a sample."),
+    )
+    prm_guide: PRMGuideSection = field(
+        default_factory=PRMGuideSection,
+        metadata=_h("A PRM stops, or truncates and resamples, samples whose step scores fall."),
     )
 
 
@@ -511,6 +516,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
             f"difficulty_filter_k, got {cfg.data.difficulty_filter_k} and {cfg.data.difficulty_filter_max_solved}"
         )
     check_thinking_budget(cfg, p)
+    check_prm_guide(cfg, p)
     if p["keep_sampling_mask"] and ro.engine != "native":
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
     _validate_env(cfg, p)

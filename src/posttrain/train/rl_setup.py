@@ -21,6 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
+from posttrain.train.prm_guide import check_prm_guide_path, prm_guide_metrics, wrap_engine
 from posttrain.train.rl_checks import uses_reference
 from posttrain.train.rl_config import RLConfig, check_dense_reward
 from posttrain.train.rl_roles import (
@@ -205,6 +206,7 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     from posttrain.engines.models import build_value_model, load_model
     from posttrain.engines.rollout import make_engine
 
+    check_prm_guide_path(cfg)
     tokenizer, model = _load_policy(cfg)
     ro = cfg.rollout
     policy = PolicyRole(model, temperature=ro.temperature)
@@ -213,6 +215,7 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         from posttrain.engines.rollout.budget import ThinkingBudgetEngine
 
         engine = ThinkingBudgetEngine(engine, tokenizer, ro.thinking_budget, ro.thinking_end_phrase)
+    engine = wrap_engine(engine, tokenizer, cfg)  # rollout.prm_guide (off: unchanged)
     env_factory = make_env_factory(cfg)
     if env_factory is not None:
         from posttrain.engines.rollout.multiturn import MultiTurnEngine
@@ -348,6 +351,9 @@ def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
         copies += 1
     if p["teacher_mode"] != "none":
         models.append(f"teacher (frozen: {cfg.teacher.path or cfg.teacher.preset})")
+    if cfg.rollout.prm_guide.model_path is not None:
+        g = cfg.rollout.prm_guide
+        models.append(f"PRM (frozen: {g.model_path}; rollout guide, mode {g.mode})")
     lines = [f"  models: {', '.join(models)}"]
     if n is not None:
         # weights + AdamW moments (2x) + grads for trained models; weights only for frozen ones.
@@ -405,6 +411,8 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     gen_s = reward_s = 0.0
     n_tokens = thinking_cut = n_sampled = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
+    guided = cfg.rollout.prm_guide.model_path is not None
+    prm_before = dict(trainer.engine.totals) if guided else {}  # rollout.prm_guide's running counts
     successes: list[torch.Tensor] = []  # [b] per kept sample, for success-rate sampling
     while True:
         idx = source.next(P - kept_groups, step, rounds)
@@ -512,6 +520,8 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     }
     if cfg.rollout.thinking_budget:  # share of this step's samples whose thinking was cut
         metrics["rollout/thinking_cut_frac"] = thinking_cut / max(1, n_sampled)
+    if guided:
+        metrics.update(prm_guide_metrics(prm_before, trainer.engine.totals, cfg.rollout.max_new_tokens))
     for k, vs in per_reward.items():
         v = torch.cat(vs)
         v = v[torch.isfinite(v)]

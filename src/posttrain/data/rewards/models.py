@@ -203,7 +203,8 @@ def prm_reward(
     as every reward does). None for completions without steps. The per-step
     marginals for dense rewards come from `prm_step_marginals` on the same scores
     (`fn.step_scores(prompts, completions)`); `fn.scored_steps(prompts, completions)`
-    gives, per completion, the scores and each step's end offset (see `step_spans`).
+    gives, per completion, the scores and each step's end offset (see `step_spans`);
+    `fn.step_separator` is the separator it splits on.
     """
     if not isinstance(dense, bool):
         raise ConfigError(f"prm reward: dense must be true or false, got {dense!r}")
@@ -249,6 +250,7 @@ def prm_reward(
 
     fn.step_scores = step_scores
     fn.scored_steps = scored_steps
+    fn.step_separator = step_separator
     fn.dense = dense
     return fn
 

@@ -334,3 +334,37 @@ def make_generator(seed: int | None, device) -> torch.Generator | None:
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
+
+
+def rollout_from_rows(
+    prompts: list[list[int]],
+    n: int,
+    ids: list[list[int]],
+    masks: list[list[float]],
+    logps: list[list[float]],
+    finish: list[str],
+    tokenizer,
+) -> Rollout:
+    """A Rollout from per-sample lists (sample i answers prompt i // n), right-padded with
+    the pad id; texts exclude the final EOS of a sample finished by "stop" (as the engines')."""
+    B, T = len(ids), max(1, max((len(x) for x in ids), default=0))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    response = torch.full((B, T), pad, dtype=torch.long)
+    mask, slp = torch.zeros((B, T)), torch.zeros((B, T))
+    texts = []
+    for i in range(B):
+        k = len(ids[i])
+        response[i, :k] = torch.tensor(ids[i], dtype=torch.long)
+        mask[i, :k] = torch.tensor(masks[i], dtype=torch.float32)
+        slp[i, :k] = torch.tensor(logps[i], dtype=torch.float32)
+        end = k - 1 if finish[i] == "stop" and k and ids[i][-1] == tokenizer.eos_token_id else k
+        texts.append(tokenizer.decode(ids[i][:end], skip_special_tokens=False))
+    return Rollout(
+        prompt_ids=[list(prompts[i // n]) for i in range(B)],
+        response_ids=response,
+        mask=mask,
+        sampling_logprobs=slp,
+        finish_reason=finish,
+        group_id=torch.arange(len(prompts)).repeat_interleave(n),
+        texts=texts,
+    )

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from posttrain.engines.rollout.base import Rollout, SamplingParams
+from posttrain.engines.rollout.common import rollout_from_rows
 
 # The call format of data/envs/tools.py ends a tool-calling turn.
 TOOL_CALL_END = "</tool_call>"
@@ -164,30 +165,10 @@ class MultiTurnEngine:
         return self._assemble(prompts, n, ids, counts, logps, rewards, finish, stats)
 
     def _assemble(self, prompts, n, ids, counts, logps, rewards, finish, stats) -> Rollout:
-        B = len(ids)
-        T = max((len(x) for x in ids), default=0)
-        response = torch.full((B, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T))
-        slp = torch.zeros((B, T))
-        turn_rewards = torch.zeros((B, T))
-        texts = []
-        for i in range(B):
-            k = len(ids[i])
-            response[i, :k] = torch.tensor(ids[i], dtype=torch.long)
-            mask[i, :k] = torch.tensor(counts[i], dtype=torch.float32)
-            slp[i, :k] = torch.tensor(logps[i], dtype=torch.float32)
+        ro = rollout_from_rows(prompts, n, ids, counts, logps, finish, self.tokenizer)
+        ro.turn_rewards = torch.zeros_like(ro.mask)  # [B, T]
+        for i in range(len(ids)):
             for t, r in rewards[i]:
-                turn_rewards[i, t] += r
-            end = k - 1 if finish[i] == "stop" and k and ids[i][-1] == self.tokenizer.eos_token_id else k
-            texts.append(self.tokenizer.decode(ids[i][:end], skip_special_tokens=False))
-        return Rollout(
-            prompt_ids=[list(prompts[i // n]) for i in range(B)],
-            response_ids=response,
-            mask=mask,
-            sampling_logprobs=slp,
-            finish_reason=finish,
-            group_id=torch.arange(len(prompts)).repeat_interleave(n),
-            texts=texts,
-            turn_rewards=turn_rewards,
-            turn_stats=stats,
-        )
+                ro.turn_rewards[i, t] += r
+        ro.turn_stats = stats
+        return ro
