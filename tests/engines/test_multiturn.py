@@ -245,7 +245,7 @@ def test_textarena_guess_the_number_is_played_to_a_win_through_the_adapter(tok):
 
         def generate(self, prompts, params):
             texts = []
-            for j, p in enumerate([p for p in prompts for _ in range(params.n)]):
+            for p in [p for p in prompts for _ in range(params.n)]:
                 seen = tok.decode(p, skip_special_tokens=False)
                 key = seen.split("<|im_start|>assistant", 1)[0]
                 lo, hi = self.lo.get(key, 1), self.hi.get(key, 20)
