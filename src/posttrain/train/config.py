@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from posttrain.errors import ConfigError
+from posttrain.train.config_checks import check_device, check_preset, validate_optim
 
 C = TypeVar("C")
 
@@ -78,6 +79,11 @@ class ModelSection:
         metadata={"help": "Module names that receive LoRA adapters."},
     )
 
+    def __post_init__(self) -> None:
+        if self.path is None:
+            check_preset("model.preset", self.preset)
+        check_device("model.device", self.device)
+
 
 @dataclass
 class OptimSection:
@@ -97,6 +103,17 @@ class OptimSection:
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "Clip the global gradient norm to this; <= 0 disables clipping."}
     )
+    max_update_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Roll back an update whose L2 norm exceeds this multiple of the trained weights' L2 "
+            "norm, or that makes a weight non-finite, and count it as a bad step (run.max_bad_steps); "
+            "0 disables the check and the copy of weights + optimizer state it keeps per update."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        validate_optim(self)
 
 
 @dataclass
@@ -118,8 +135,19 @@ class RunSection:
     wandb_project: str = field(default="posttrain", metadata={"help": "W&B project name."})
     max_bad_steps: int = field(
         default=5,
-        metadata={"help": "Consecutive non-finite (skipped) steps tolerated before training stops."},
+        metadata={
+            "help": "Consecutive bad optimizer steps (non-finite loss or gradient: skipped; exploding "
+            "update: rolled back) tolerated; the next one stops training. 0 stops at the first."
+        },
     )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_bad_steps, int) or self.max_bad_steps < 0:
+            raise ConfigError(f"run.max_bad_steps must be an integer >= 0, got {self.max_bad_steps!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.save_every < 0:
+            raise ConfigError(f"run.save_every must be >= 0, got {self.save_every}")
 
 
 # --------------------------------------------------------------------------- introspection

@@ -9,6 +9,7 @@ G < 2, batch sizes that do not divide, an unknown KL estimator, ...).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -354,6 +355,22 @@ def _registry_check(registry, name: str, what: str) -> None:
         raise ConfigError(f"{what}: {registry.unknown_message(name)}")
 
 
+def _check_rollout(ro: RolloutSection) -> None:
+    """One-line ConfigError naming the `rollout.*` key of a sampling setting that cannot work."""
+    if ro.max_new_tokens < 1:
+        raise ConfigError(f"rollout.max_new_tokens must be >= 1, got {ro.max_new_tokens}")
+    if not (math.isfinite(ro.temperature) and ro.temperature > 0):
+        raise ConfigError(
+            f"rollout.temperature must be a finite number > 0 (RL samples, and the training forward divides "
+            f"the logits by it), got {ro.temperature}"
+        )
+    if not (0 < ro.top_p <= 1):
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {ro.top_p}")
+    if ro.top_k < 0 or ro.repetition_ngram < 0:
+        key = "top_k" if ro.top_k < 0 else "repetition_ngram"
+        raise ConfigError(f"rollout.{key} must be >= 0, got {getattr(ro, key)}")
+
+
 def validate(cfg: RLConfig) -> dict[str, Any]:
     """Check an RLConfig before any work; return the resolved pieces.
 
@@ -376,6 +393,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(
             f"rollout.prompts_per_step and rollout.group_size must be >= 1, got {ro.prompts_per_step}, {ro.group_size}"
         )
+    _check_rollout(ro)
     if p["advantage"] in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline") and ro.group_size < 2:
         raise ConfigError(
             f"algo.advantage {p['advantage']!r} compares samples of one prompt: rollout.group_size must be >= 2, got {ro.group_size}"

@@ -1,0 +1,69 @@
+"""Value checks of the shared config sections, run when a section is built (so before any
+model is): an absurd or non-finite optimizer setting, an unknown model preset or device is a
+one-line ConfigError naming the key."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import TYPE_CHECKING, Any
+
+from posttrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from posttrain.train.config import OptimSection
+
+MAX_LR = 1.0  # AdamW moves each weight by up to ~lr per step: beyond 1 nothing trains
+
+
+def validate_optim(o: OptimSection) -> None:
+    """One-line ConfigError for an absurd or non-finite `optim` value."""
+
+    def bad(key: str, value: Any, want: str) -> ConfigError:
+        return ConfigError(f"optim.{key} must be {want}, got {value!r}")
+
+    numbers = {"lr": o.lr, "eps": o.eps, "weight_decay": o.weight_decay, "max_grad_norm": o.max_grad_norm,
+               "min_lr_ratio": o.min_lr_ratio, "max_update_ratio": o.max_update_ratio}  # fmt: skip
+    for key, value in numbers.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(key, value, "a finite number")
+    if not 0 < o.lr <= MAX_LR:
+        raise bad("lr", o.lr, f"a positive finite number <= {MAX_LR:g}")
+    if o.eps <= 0 or o.weight_decay < 0 or o.max_update_ratio < 0:
+        key = "eps" if o.eps <= 0 else "weight_decay" if o.weight_decay < 0 else "max_update_ratio"
+        raise bad(key, numbers[key], "> 0" if key == "eps" else ">= 0")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in o.betas):
+        raise bad("betas", list(o.betas), "two numbers in [0, 1)")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise bad("min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+    if o.warmup_steps < 0:
+        raise bad("warmup_steps", o.warmup_steps, ">= 0")
+
+
+def check_preset(key: str, name: str) -> None:
+    """A ConfigError naming `key` when `name` is not a model preset (never a hub lookup)."""
+    from posttrain.engines.models import PRESETS
+
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: unknown preset {name!r}{hint} (valid: {', '.join(PRESETS)})")
+
+
+def check_device(key: str, device: str) -> None:
+    """A ConfigError naming `key` for a device torch does not know or this machine lacks."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{key}: unknown device {device!r} (expected cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            have = f"{n} CUDA device(s)" if n else "no CUDA device"
+            raise ConfigError(f"{key}: {device!r} is not available on this machine ({have})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}: {device!r} is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{key}: unsupported device {device!r} (expected cpu, cuda, cuda:N or mps)")
