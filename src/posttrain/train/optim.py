@@ -207,9 +207,15 @@ def guarded_step(
         optimizer.zero_grad(set_to_none=True)
         return StepResult(ok=False, grad_norm=grad_norm, lr=lr)
     snapshot = _snapshot(params, optimizer) if max_update_ratio > 0 else None
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # e.g. torch's Adam: "value cannot be converted ... without overflow"
+        if snapshot is None or "overflow" not in str(e):
+            raise
+        ratio = math.inf  # the step size itself overflowed; the update may be half applied
+    else:
+        ratio = update_ratio(params, snapshot[0]) if snapshot is not None else 0.0
     optimizer.zero_grad(set_to_none=True)
-    ratio = update_ratio(params, snapshot[0]) if snapshot is not None else 0.0
     if snapshot is not None and not ratio <= max_update_ratio:
         _restore(params, optimizer, snapshot)
         return StepResult(ok=False, grad_norm=grad_norm, lr=lr, rolled_back=True, update_ratio=ratio)
