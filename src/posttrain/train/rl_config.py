@@ -260,10 +260,20 @@ class RewardSpec:
 class RewardsSection:
     """Reward execution."""
 
-    timeout_s: float = field(default=10.0, metadata=_h("Per-call reward timeout."))
+    timeout_s: float = field(
+        default=10.0,
+        metadata=_h(
+            "Deadline of one reward call: the whole batch first; when that times out or raises, each "
+            "sample is scored alone under its own timeout_s, so a slow sample fails alone."
+        ),
+    )
     max_workers: int = field(default=2, metadata=_h("Parallel reward workers."))
     max_error_rate: float = field(
-        default=0.5, metadata=_h("Fraction of failed reward calls tolerated per step before RewardError.")
+        default=0.5,
+        metadata=_h(
+            "Fraction of samples with a reward error (raised, timed out, non-finite or |score| > 1e6) "
+            "tolerated per step before RewardError."
+        ),
     )
 
 
