@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from posttrain.errors import ConfigError
-from posttrain.train.config_checks import check_device, check_preset, validate_optim
+from posttrain.train.config_checks import check_device, check_preset, load_recipe_yaml, validate_optim
 
 C = TypeVar("C")
 
@@ -453,7 +453,7 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = load_recipe_yaml(p.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

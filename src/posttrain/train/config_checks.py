@@ -67,3 +67,37 @@ def check_device(key: str, device: str) -> None:
         raise ConfigError(f"{key}: {device!r} is not available on this machine")
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"{key}: unsupported device {device!r} (expected cpu, cuda, cuda:N or mps)")
+
+
+def _strict_loader():
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # let SafeLoader report the unhashable key
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def load_recipe_yaml(text: str) -> Any:
+    """yaml.safe_load that raises yaml.YAMLError on a key duplicated in one mapping."""
+    import yaml
+
+    return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass

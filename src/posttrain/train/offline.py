@@ -25,6 +25,7 @@ import torch
 from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
+from posttrain.train.input_checks import check_fills_a_batch
 from posttrain.train.offline_data import (
     KIND,
     encode_pairs,
@@ -409,6 +410,7 @@ def build_sft(cfg: SFTConfig):
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages)
     train_items = encode_sft(split.train, tokenizer, cfg.data, split.source)
+    check_fills_a_batch(len(train_items), cfg.train.batch_size, "train.batch_size", split.source)
     eval_items = encode_sft(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     model = _policy(cfg.model, tokenizer)
     method = SFTMethod(
@@ -429,6 +431,7 @@ def build_rm(cfg: RMConfig):
     train_items = encode_pairs(
         split.train, tokenizer, cfg.data, split.source, margin_column=margin, append_eos=False
     )
+    check_fills_a_batch(len(train_items), cfg.train.batch_size, "train.batch_size", split.source)
     eval_items = (
         encode_pairs(
             split.eval, tokenizer, cfg.data, split.source + " (eval)", margin_column=margin, append_eos=False
@@ -449,6 +452,7 @@ def build_prm(cfg: PRMConfig):
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["prm"])
     train_items = encode_steps(split.train, tokenizer, cfg.data, split.source)
+    check_fills_a_batch(len(train_items), cfg.train.batch_size, "train.batch_size", split.source)
     eval_items = encode_steps(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     traces = eval_items  # whole held-out traces for the first-wrong-step metrics
     if cfg.algo.until_first_error:

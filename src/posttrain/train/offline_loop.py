@@ -27,6 +27,7 @@ import torch
 
 from posttrain.errors import ConfigError
 from posttrain.train.checkpoint import CheckpointManager
+from posttrain.train.input_checks import check_context, check_fills_a_batch, offline_tokens
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
 from posttrain.train.optim import BadStepGuard, build_optimizer, build_scheduler, guarded_step
 from posttrain.train.rundir import begin_run, resume_point, run_lock
@@ -123,6 +124,13 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
 
 def _train_offline(cfg, method: OfflineMethod, run_dir: Path, tokenizer) -> dict:
     n_items = len(method.train_items)
+    check_fills_a_batch(n_items, cfg.train.batch_size, "train.batch_size", "training data")
+    for model in method.models.values():
+        check_context(
+            model,
+            [(f"training row {i + 1}", offline_tokens(it)) for i, it in enumerate(method.train_items)],
+            "data.max_prompt_tokens",
+        )
     steps = total_steps(cfg.train, n_items)
     params = [p for m in method.models.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from posttrain.algos.presets import PIECE_DEFAULTS, resolve_pieces
 from posttrain.errors import ConfigError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
+from posttrain.train.config_checks import check_preset
 
 
 def _h(text: str) -> dict:
@@ -404,6 +405,9 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
             f"rollout.prompts_per_step and rollout.group_size must be >= 1, got {ro.prompts_per_step}, {ro.group_size}"
         )
     _check_rollout(ro)
+    for key, aux in (("critic", cfg.critic), ("teacher", cfg.teacher)):
+        if aux.preset is not None and aux.path is None:
+            check_preset(f"{key}.preset", aux.preset)
     if p["advantage"] in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline") and ro.group_size < 2:
         raise ConfigError(
             f"algo.advantage {p['advantage']!r} compares samples of one prompt: rollout.group_size must be >= 2, got {ro.group_size}"

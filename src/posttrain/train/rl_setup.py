@@ -21,6 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
+from posttrain.train.input_checks import check_context, check_fills_a_batch
 from posttrain.train.rl_config import RLConfig, check_dense_reward
 from posttrain.train.rl_roles import (
     CriticRole,
@@ -37,12 +38,11 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- building
 
 
-def _load_policy(cfg: RLConfig):
-    from posttrain.engines.models import load_model, load_tokenizer
+def _load_policy(cfg: RLConfig, tokenizer):
+    from posttrain.engines.models import load_model
 
     m = cfg.model
     source = m.path or m.preset
-    tokenizer = load_tokenizer(m.tokenizer or source)
     lora = None
     if m.lora_r > 0:
         lora = {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
@@ -55,7 +55,7 @@ def _load_policy(cfg: RLConfig):
         lora=lora,
         tokenizer=tokenizer,
     )
-    return tokenizer, model
+    return model
 
 
 def _template(tokenizer, text: str, cfg: RLConfig) -> list[int]:
@@ -172,11 +172,21 @@ def build_rewards(cfg: RLConfig) -> RewardRole:
 
 def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     """Every role of the loop for `cfg` with resolved pieces `p` (see RLTrainer)."""
-    from posttrain.engines.models import build_value_model, load_model
+    from posttrain.engines.models import build_value_model, load_model, load_tokenizer
     from posttrain.engines.rollout import make_engine
 
-    tokenizer, model = _load_policy(cfg)
     ro = cfg.rollout
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path or cfg.model.preset)
+    # The data is read and checked before any model is built.
+    train_items, eval_examples, task = load_prompts(cfg, tokenizer)
+    source = cfg.data.path or f"task {cfg.data.task!r}"
+    check_fills_a_batch(len(train_items), ro.prompts_per_step, "rollout.prompts_per_step", source)
+    model = _load_policy(cfg, tokenizer)
+    check_context(
+        model,
+        [(f"prompt {it.id!r}", len(it.prompt_ids) + ro.max_new_tokens) for it in train_items],
+        "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)",
+    )
     policy = PolicyRole(model, temperature=ro.temperature)
     engine = make_engine(ro.engine, model, tokenizer)
     needs_ref = p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
@@ -200,7 +210,6 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         for q in tmodel.parameters():
             q.requires_grad_(False)
         teacher = ScoringRole(tmodel, temperature=ro.temperature)
-    train_items, eval_examples, task = load_prompts(cfg, tokenizer)
     rewards = (
         build_rewards(cfg) if cfg.rewards else RewardRole([], timeout_s=1, max_workers=1, max_error_rate=1)
     )

@@ -1,0 +1,58 @@
+"""Checks of a run's data against its batch and its model, before anything trains.
+
+- `check_fills_a_batch`: a dataset with fewer rows than one batch is an error naming the
+  file and the batch key; posttrain never silently repeats rows inside one batch.
+- `check_context`: a sequence longer than the model's context window (its
+  ``max_position_embeddings``) is an error naming the row and the key that let it through;
+  position embeddings past the window would train on garbage without any other failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.errors import ConfigError, DataError
+
+
+def check_fills_a_batch(n_rows: int, batch: int, batch_key: str, source: str) -> None:
+    """DataError when `source` has fewer usable rows than one batch of `batch`."""
+    if n_rows < batch:
+        raise DataError(
+            f"{source}: {n_rows} usable row(s), fewer than one batch ({batch_key}={batch}); "
+            f"add rows or lower {batch_key} (rows are never repeated inside a batch)"
+        )
+
+
+def model_context(model: Any) -> int | None:
+    """The model's context window in tokens, or None when its config does not say."""
+    for m in (model, getattr(model, "backbone", None), getattr(model, "base_model", None)):
+        n = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_context(model: Any, lengths: list[tuple[str, int]], key: str) -> None:
+    """ConfigError when any (where, tokens) in `lengths` exceeds the model's context.
+
+    key: the setting that let the sequence through (named in the message).
+    """
+    limit = model_context(model)
+    if limit is None or not lengths:
+        return
+    where, n = max(lengths, key=lambda x: x[1])
+    if n > limit:
+        raise ConfigError(
+            f"{where}: {n} tokens exceed the model's context window of {limit} "
+            f"(max_position_embeddings); lower {key} so that no sequence passes the window"
+        )
+
+
+def offline_tokens(item: dict) -> int:
+    """Tokens of the longest sequence an offline item is trained on."""
+    n = len(item.get("prompt", ()))
+    if "chosen" in item:
+        return n + max(len(item["chosen"]), len(item["rejected"]))
+    if "steps" in item:
+        return n + sum(len(s) + 1 for s in item["steps"])  # + a separator per step
+    return n + len(item.get("completion", ()))
