@@ -12,17 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_args import SFT_ROWS as ROWS
+from tiny_args import SFT_TINY as SFT
 
 import posttrain.engines.models as models
 from posttrain import cli
 
-ROWS = [
-    {"prompt": f"What is {a}+{b}?", "completion": f"<answer>{a + b}</answer>"}
-    for a in range(4)
-    for b in range(3)
-]
-SFT = ["--data.task", "null", "--train.steps", "1", "--train.batch_size", "4", "--train.eval_every", "0",
-       "--train.eval_at_start", "false", "--data.eval_fraction", "0"]  # fmt: skip
 RL = ["--steps", "1", "--rollout.prompts_per_step", "2", "--rollout.group_size", "2",
       "--rollout.max_new_tokens", "4", "--data.n_train", "8", "--data.n_test", "0"]  # fmt: skip
 

@@ -14,19 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_args import SFT_ROWS
+from tiny_args import SFT_TINY as TINY
 
 from posttrain import cli
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.checkpoint import CheckpointManager
 from posttrain.train.rundir import LOCK_FILE, begin_run, resume_point, run_lock
-
-SFT_ROWS = [
-    {"prompt": f"What is {a}+{b}?", "completion": f"<answer>{a + b}</answer>"}
-    for a in range(6)
-    for b in range(3)
-]
-TINY = ["--data.task", "null", "--train.steps", "2", "--train.batch_size", "4", "--train.eval_every", "0",
-        "--train.eval_at_start", "false", "--data.eval_fraction", "0"]  # fmt: skip
 
 
 def _env() -> dict:
