@@ -4,15 +4,18 @@ Every run gets a fresh process in its own session, an empty temporary working di
 an empty environment, resource limits and a wall-clock deadline; stdout/stderr are capped.
 Isolation backends, strongest first (chosen by `detect_backend`, or forced by `backend=`):
 
-- ``"bwrap"``: bubblewrap with every namespace unshared (no network, private /tmp, a
-  read-only view of the host filesystem, its own pid namespace), started under the run's
-  unprivileged uid (as root we drop to it with ``setpriv`` before bwrap).
-- ``"unshare"``: util-linux ``unshare`` (mount, net, pid, ipc, uts namespaces; /tmp and
-  /dev/shm replaced by private tmpfs) and ``setpriv`` to drop to an unprivileged uid with
-  no capabilities and ``no_new_privs``. Needs root or unprivileged user namespaces.
+- ``"bwrap"``: bubblewrap with every namespace unshared (no network, its own pid
+  namespace) and the minimal root of `posttrain.data.sandbox_mounts` (read-only system
+  directories and interpreter, a private size-capped /tmp as the only writable place, no
+  host home, no host sockets), started under the run's unprivileged uid (as root we drop
+  to it with ``setpriv`` before bwrap).
+- ``"unshare"``: util-linux ``unshare`` (mount, net, pid, ipc, uts namespaces) building the
+  same minimal root with a shell script and ``pivot_root``, then ``setpriv`` to drop to an
+  unprivileged uid (as an ordinary user: to no capabilities) with ``no_new_privs``. Needs
+  root or unprivileged user namespaces.
 - ``"rlimits"``: resource limits, a new session, an unprivileged uid when we are root, and
-  nothing else (network is NOT blocked). Used only when neither tool works; a warning is
-  logged once.
+  nothing else (network, host files and total disk use are NOT isolated). Used only when
+  neither tool works; a warning is logged once.
 
 With a pid namespace, the program is pid 1 of its namespace: when it exits or we kill the
 launcher, the kernel kills every process it left behind (fork bombs included). Without one
@@ -39,6 +42,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from posttrain.data.sandbox_mounts import (  # noqa: F401 - _MOUNT_SCRIPT, _unshare_prefix: tests
+    _MOUNT_SCRIPT,
+    _bwrap_args,
+    _setpriv_prefix,
+    _unshare_prefix,
+    command,
+    unshare_setup,
+)
+
 logger = logging.getLogger(__name__)
 
 STATUSES = (
@@ -64,6 +76,9 @@ class SandboxLimits:
     max_open_files: RLIMIT_NOFILE.
     max_processes: RLIMIT_NPROC for the run's uid (threads count too).
     max_output_bytes: stdout and stderr are each cut at this size and the run is killed.
+    disk_mb: everything the program may write in total (work dir, home, /tmp: one private
+        tmpfs of this size, plus 1 MiB of /dev/shm), never on the host's disk; bwrap and
+        unshare only — the rlimits fallback has no private filesystem (see the module doc).
     """
 
     cpu_time_s: int = 2
@@ -73,6 +88,7 @@ class SandboxLimits:
     max_open_files: int = 64
     max_processes: int = 32
     max_output_bytes: int = 1 << 20
+    disk_mb: int = 64
 
 
 @dataclass
@@ -123,13 +139,33 @@ def _probe(cmd: list[str]) -> bool:
     return r.returncode == 0
 
 
-def _probe_bwrap(bwrap: str, true: str) -> bool:
+def _probe_in_workdir(make_cmd) -> bool:
+    """Run make_cmd(workdir) in a scratch work dir holding an empty main.py."""
     probe_dir = tempfile.mkdtemp(prefix="posttrain-sandbox-probe-")
     os.chmod(probe_dir, 0o755)
     try:
-        return _probe(_setpriv_prefix(65534) + [bwrap, *_bwrap_args(probe_dir), true])
+        with open(os.path.join(probe_dir, "main.py"), "w") as f:
+            f.write("")
+        os.chmod(os.path.join(probe_dir, "main.py"), 0o644)
+        try:
+            r = subprocess.run(make_cmd(probe_dir), cwd=probe_dir, stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=10)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
+
+
+def _probe_bwrap(bwrap: str, true: str) -> bool:
+    python = default_python()
+    return _probe_in_workdir(lambda d: _setpriv_prefix(65534) + [bwrap, *_bwrap_args(d, 1, python), true])
+
+
+def _probe_unshare(true: str) -> bool:
+    """Whether the unshare backend can build its minimal root here (root, or unprivileged
+    user namespaces)."""
+    return _probe_in_workdir(lambda d: unshare_setup(1, default_python(), None) + [true])
 
 
 def detect_backend() -> str:
@@ -146,9 +182,7 @@ def detect_backend() -> str:
         bwrap = shutil.which("bwrap")
         if bwrap and _probe_bwrap(bwrap, true):
             choice = "bwrap"
-        elif shutil.which("unshare") and _probe(
-            _unshare_prefix() + ["/bin/sh", "-c", _MOUNT_SCRIPT, "sh", true]
-        ):
+        elif shutil.which("unshare") and _probe_unshare(true):
             choice = "unshare"
         else:
             logger.warning(
@@ -157,117 +191,6 @@ def detect_backend() -> str:
             )
         _backend_cache["auto"] = choice
         return choice
-
-
-# ---------------------------------------------------------------- command building
-
-# Runs as root inside the new mount namespace: hide the host's shared scratch dirs behind
-# private tmpfs mounts. The run's work dir usually lives under /tmp, so it is bind-mounted
-# back at the same path afterwards (with -c, "." is resolved by the kernel against the cwd, which a
-# process keeps even after its path is mounted over).
-_MOUNT_SCRIPT = (
-    'W="$PWD"; mount --make-rprivate / 2>/dev/null; '
-    "for d in /tmp /var/tmp /dev/shm; do "
-    '[ -d "$d" ] && mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$d"; done; '
-    'mkdir -p "$W" && mount -c --bind . "$W" && cd "$W" || exit 125; '
-    # Not exec: this shell stays pid 1 so a signal death of the program comes back as
-    # 128+signo (unshare itself cannot re-raise SIGKILL faithfully).
-    '"$@"; exit $?'
-)
-
-
-def _unshare_prefix() -> list[str]:
-    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-    return [
-        "unshare",
-        *user,
-        "--mount",
-        "--net",
-        "--pid",
-        "--ipc",
-        "--uts",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-    ]
-
-
-def _setpriv_prefix(uid: int) -> list[str]:
-    if os.geteuid() != 0:
-        return []
-    return [
-        "setpriv",
-        f"--reuid={uid}",
-        f"--regid={uid}",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-        "--no-new-privs",
-    ]
-
-
-def _bwrap_args(workdir: str) -> list[str]:
-    # Mount order matters: the private /tmp comes first, then the work dir (usually under
-    # /tmp) is bound back at its own path on top of it.
-    return [
-        "--unshare-all",
-        "--die-with-parent",
-        "--new-session",
-        "--cap-drop",
-        "ALL",
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/var/tmp",
-        "--bind",
-        workdir,
-        workdir,
-        "--chdir",
-        workdir,
-        "--clearenv",
-        "--unsetenv",
-        "PWD",
-    ]
-
-
-# The program's first act is to write one byte to the start pipe and close it. A run whose
-# byte never arrived failed inside the launcher chain (a sandbox error); once it arrived,
-# every outcome belongs to the program, so no exit code it picks can pose as an
-# infrastructure failure.
-_BOOTSTRAP = (
-    "import os as _o; _o.write({fd}, b'S'); _o.close({fd}); del _o; "
-    "__file__ = 'main.py'; exec(compile(open('main.py', encoding='utf-8').read(), 'main.py', 'exec'))"
-)
-
-
-def _command(backend: str, python: str, workdir: str, uid: int, start_fd: int) -> list[str]:
-    # -I: ignore PYTHON* env vars and the user site; -S: no site-packages (stdlib only);
-    # -B: no .pyc writes.
-    prog = [python, "-I", "-S", "-B", "-c", _BOOTSTRAP.format(fd=start_fd)]
-    if backend == "bwrap":
-        # As root, drop to the run's uid *before* bwrap: bwrap then maps that uid into its
-        # user namespace, so host files keep their real owners (run as root, bwrap would map
-        # the sandbox uid to root and let it read root's 0600 files).
-        return _setpriv_prefix(uid) + [shutil.which("bwrap") or "bwrap", *_bwrap_args(workdir), *prog]
-    if backend == "unshare":
-        env_clear = [shutil.which("env") or "/usr/bin/env", "-i"]  # drop the shell's PWD/OLDPWD
-        return _unshare_prefix() + [
-            "/bin/sh",
-            "-c",
-            _MOUNT_SCRIPT,
-            "sh",
-            *env_clear,
-            *_setpriv_prefix(uid),
-            *prog,
-        ]
-    return _setpriv_prefix(uid) + prog
 
 
 # ---------------------------------------------------------------- uid allocation
@@ -444,7 +367,7 @@ def run_program(
         # The launcher tools (unshare, sh, setpriv) run under the same caps; they are small.
         prefix = _prlimit_prefix(limits)
         proc = subprocess.Popen(
-            (prefix or []) + _command(backend, python, workdir, uid, start_w),
+            (prefix or []) + command(backend, python, workdir, uid, start_w, limits.disk_mb),
             pass_fds=(start_w,),
             cwd=workdir,
             env={},  # empty environment: nothing of the parent's leaks in
