@@ -64,7 +64,7 @@ def _finished_run(d: Path) -> dict[str, bytes]:
     (d / "checkpoints" / "step-000002").mkdir(parents=True)
     (d / "checkpoints" / "step-000002" / "meta.json").write_text('{"step": 2}')
     (d / "checkpoints" / "latest").write_text("step-000002\n")
-    (d / "config.yaml").write_text("old: config\n")
+    (d / "config.yaml").write_text(f"run:\n  output_dir: {d}\n")
     (d / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.5}\n')
     (d / "samples.jsonl").write_text('{"step": 2, "completion": "old"}\n')
     (d / "summary.json").write_text('{"old": true}\n')
@@ -207,3 +207,15 @@ def test_kill_inside_the_final_resave_with_keep_1_leaves_a_recognised_checkpoint
     assert state == {"step": 3, "v": version}
     assert bool((model.weight == 7.0).all()) == (version == "second")
     assert sorted(p.name for p in ckpt.dir.iterdir()) == ["latest", "step-000003"]
+
+
+def test_fresh_run_never_replaces_outputs_no_posttrain_run_wrote(tmp_path):
+    from posttrain.train.offline import SFTConfig
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "my_model.bin").write_text("the user's own work")
+    cfg = SFTConfig()
+    with pytest.raises(ConfigError, match="holds final that no posttrain run wrote"):
+        begin_run(tmp_path, cfg, resumed=False)
+    assert (tmp_path / "final" / "my_model.bin").read_text() == "the user's own work"
+    assert not (tmp_path / "config.yaml").exists()

@@ -34,7 +34,7 @@ from posttrain.core.advantages import ADVANTAGES
 from posttrain.core.distill import anneal
 from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
-from posttrain.train.checkpoint import CheckpointManager
+from posttrain.train.checkpoint import CheckpointManager, atomic_write_text
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
 from posttrain.train.optim import BadStepGuard, build_optimizer, build_scheduler, guarded_step
 from posttrain.train.rl_config import RLConfig, validate
@@ -73,6 +73,7 @@ class RLTrainer:
         self.prompts = c["prompts"]
         self.eval_examples = c["eval_examples"]
         self.task = c["task"]
+        self._filter_record = c["difficulty_filter_record"]
         groups = [{"params": self.policy.parameters()}]
         if self.critic is not None:
             groups.append({"params": self.critic.parameters(), "lr": cfg.critic.lr or cfg.optim.lr})
@@ -450,6 +451,8 @@ class RLTrainer:
             self.load_checkpoint(latest)
             resume_step = self.step_count - 1
         begin_run(self.run_dir, cfg, resumed=latest is not None)
+        if self._filter_record is not None:
+            atomic_write_text(self.run_dir / "difficulty_filter.json", self._filter_record)
         logger = MetricsLogger(
             self.run_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, resume_step=resume_step
         )

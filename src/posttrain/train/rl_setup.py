@@ -213,8 +213,9 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     rewards = (
         build_rewards(cfg) if cfg.rewards else RewardRole([], timeout_s=1, max_workers=1, max_error_rate=1)
     )
+    filter_record = None
     if cfg.data.difficulty_filter_k > 0:
-        train_items = filter_by_difficulty(cfg, train_items, engine, rewards)
+        train_items, filter_record = filter_by_difficulty(cfg, train_items, engine, rewards)
     prompts = PromptSource(
         train_items, selection=cfg.data.selection, seed=cfg.run.seed, total_steps=cfg.steps
     )
@@ -229,29 +230,32 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         "prompts": prompts,
         "eval_examples": eval_examples,
         "task": task,
+        "difficulty_filter_record": filter_record,
     }
 
 
 def filter_by_difficulty(
     cfg: RLConfig, items: list[PromptItem], engine, rewards: RewardRole
-) -> list[PromptItem]:
+) -> tuple[list[PromptItem], str | None]:
     """Kimi k1.5 / Qwen3 difficulty filter: keep prompts the initial policy rarely solves.
+
+    Returns (kept items, the JSON record to write as difficulty_filter.json — None when it
+    was read back from a resumed run).
 
     Samples k = data.difficulty_filter_k responses per prompt (the run's sampling settings),
     counts successes (see `_success`) and keeps prompts with at most
     data.difficulty_filter_max_solved of them. The kept ids are written to
-    run_dir/difficulty_filter.json, and a resumed run reads them back instead of
+    run_dir/difficulty_filter.json when training starts, and a resumed run reads them back instead of
     re-filtering with the (by then trained) policy, so resume stays exact.
     """
     import json
 
     from posttrain.data.selection import difficulty_filter
-    from posttrain.train.checkpoint import atomic_write_text
 
     path = Path(cfg.run.output_dir) / "difficulty_filter.json"
     if cfg.run.resume and path.exists():
         kept_ids = set(json.loads(path.read_text())["kept"])
-        return [it for it in items if it.id in kept_ids]
+        return [it for it in items if it.id in kept_ids], None
     k = cfg.data.difficulty_filter_k
     params = replace(_sampling_params(cfg, {"keep_sampling_mask": False}, seed=cfg.run.seed * 7919 + 17), n=k)
 
@@ -279,19 +283,17 @@ def filter_by_difficulty(
             f"data.difficulty_filter_k={k}: every one of {len(items)} prompts was solved more than "
             f"{cfg.data.difficulty_filter_max_solved} times; raise data.difficulty_filter_max_solved or use harder data"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        path,
-        json.dumps(
-            {
-                "k": k,
-                "kept": [it.id for it in result.kept],
-                "counts": dict(zip([it.id for it in items], result.counts)),
-            }
-        ),
+    # Written by the trainer once the run starts writing (rundir.begin_run), never before:
+    # a run that fails later must not touch an existing run's copy.
+    record = json.dumps(
+        {
+            "k": k,
+            "kept": [it.id for it in result.kept],
+            "counts": dict(zip([it.id for it in items], result.counts)),
+        }
     )
     log.info("difficulty filter: kept %d of %d prompts (k=%d)", len(result.kept), len(items), k)
-    return result.kept
+    return result.kept, record
 
 
 def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:

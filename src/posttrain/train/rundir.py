@@ -125,6 +125,18 @@ def resume_point(ckpt: Any, resume: bool) -> Path | None:
     return latest
 
 
+def _written_by_posttrain(d: Path) -> bool:
+    """True when `d` holds the config.yaml of a posttrain command (a mapping with `run`, or
+    `output_dir` for eval)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(cfg, dict) and (isinstance(cfg.get("run"), dict) or "output_dir" in cfg)
+
+
 def begin_run(run_dir: str | os.PathLike, cfg: Any, *, resumed: bool) -> None:
     """Start writing into `run_dir` (everything is validated and loaded by now).
 
@@ -135,7 +147,13 @@ def begin_run(run_dir: str | os.PathLike, cfg: Any, *, resumed: bool) -> None:
 
     d = Path(run_dir)
     if not resumed:
-        for name in _PREVIOUS_OUTPUTS:
+        present = [name for name in _PREVIOUS_OUTPUTS if (d / name).exists() or (d / name).is_symlink()]
+        if present and not _written_by_posttrain(d):
+            raise ConfigError(
+                f"run.output_dir: {d} holds {', '.join(present)} that no posttrain run wrote (no "
+                "config.yaml of one); refusing to replace them — choose another directory"
+            )
+        for name in present:
             target = d / name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
