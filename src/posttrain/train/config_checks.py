@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from posttrain.train.config import OptimSection
+    from posttrain.train.sections import OptimSection
 
 MAX_LR = 1.0  # AdamW moves each weight by up to ~lr per step: beyond 1 nothing trains
 
