@@ -129,9 +129,20 @@ def test_prompt_past_the_models_context(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "key, value", [("max_new_tokens", "0"), ("max_new_tokens", "-3"), ("temperature", "0"),
-                   ("temperature", "-1"), ("temperature", "nan"), ("top_p", "0")],
+    "command, key, value, named",
+    [("rl", "rollout.max_new_tokens", "0", None), ("rl", "rollout.max_new_tokens", "-3", None),
+     ("rl", "rollout.temperature", "0", None), ("rl", "rollout.temperature", "-1", None),
+     ("rl", "rollout.temperature", "nan", None), ("rl", "rollout.top_p", "0", None),
+     ("rl", "eval.temperature", "-1", None), ("rl", "reward_exec.timeout_s", "0", None),
+     ("rl", "reward_exec.max_error_rate", "2", None),
+     ("rl", "rewards", "[{name: format, weight: 1e39}]", "rewards[0].weight"),
+     ("eval", "sampling.max_new_tokens", "0", None), ("eval", "sampling.temperature", "-1", None),
+     ("sft", "train.max_new_tokens", "0", None)],
 )  # fmt: skip
-def test_impossible_sampling_names_the_rollout_key_before_any_model(tmp_path, capsys, no_model, key, value):
-    line = error_line(["rl", f"--rollout.{key}", value, "--run.output_dir", str(tmp_path)], capsys)
-    assert f"rollout.{key}" in line
+def test_impossible_sampling_and_reward_settings_name_their_key_before_any_model(
+    tmp_path, capsys, no_model, command, key, value, named
+):
+    out = "--output_dir" if command == "eval" else "--run.output_dir"
+    line = error_line([command, f"--{key}", value, out, str(tmp_path)], capsys)
+    assert (named or key) in line
+    assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == [".posttrain.lock"]

@@ -131,9 +131,11 @@ def test_failing_commands_leave_a_finished_run_untouched(tmp_path, capsys, monke
         ["sft", "--data.path", "good.jsonl", *TINY, "--resume"],  # a damaged checkpoint
         ["sft", "--data.path", "good.jsonl", *TINY, "--optim.lr", "1e39"],
         ["rl", "--rollout.temperature", "0"],
+        ["eval", "--data.n", "2", "--sampling.k", "1"],  # would write samples.jsonl + config.yaml
     ]
     for args in failing:
-        assert cli.main([*args, "--run.output_dir", str(run_dir)]) == 2, args
+        key = "--output_dir" if args[0] == "eval" else "--run.output_dir"
+        assert cli.main([*args, key, str(run_dir)]) == 2, args
         err = capsys.readouterr().err.splitlines()
         err = [ln for ln in err if "it/s]" not in ln and "%|" not in ln and not ln.startswith("warning: ")]
         assert len(err) == 1 and err[0].startswith("error: "), (args, err)

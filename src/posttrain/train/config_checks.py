@@ -101,3 +101,22 @@ def load_recipe_yaml(text: str) -> Any:
     import yaml
 
     return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+def check_sampling(
+    prefix: str, *, temperature: float, max_new_tokens: int, greedy_ok: bool, zero_tokens_ok: bool = False
+) -> None:
+    """One-line ConfigError naming `{prefix}.temperature` / `{prefix}.max_new_tokens` for
+    sampling settings that cannot generate (checked when the config is read).
+
+    greedy_ok: temperature 0 means greedy decoding (evaluation) rather than an error (RL,
+        whose training forward divides the logits by the temperature).
+    zero_tokens_ok: max_new_tokens 0 means "the default" for this key.
+    """
+    low = 0 if zero_tokens_ok else 1
+    if not isinstance(max_new_tokens, int) or max_new_tokens < low:
+        raise ConfigError(f"{prefix}.max_new_tokens must be >= {low}, got {max_new_tokens!r}")
+    ok = math.isfinite(temperature) and (temperature >= 0 if greedy_ok else temperature > 0)
+    if not ok:
+        want = "a finite number >= 0 (0 = greedy)" if greedy_ok else "a finite number > 0"
+        raise ConfigError(f"{prefix}.temperature must be {want}, got {temperature!r}")

@@ -80,6 +80,13 @@ class EvalSamplingSection:
     engine: str = field(default="native", metadata=_h("Rollout engine: native | hf | vllm."))
     batch_size: int = field(default=32, metadata=_h("Prompts per generate call."))
 
+    def __post_init__(self) -> None:
+        from posttrain.train.config_checks import check_sampling
+
+        check_sampling(
+            "sampling", temperature=self.temperature, max_new_tokens=self.max_new_tokens, greedy_ok=True
+        )
+
 
 @dataclass
 class EvalScorerSection:

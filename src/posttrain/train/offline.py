@@ -25,6 +25,7 @@ import torch
 from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
+from posttrain.train.config_checks import check_sampling
 from posttrain.train.input_checks import check_fills_a_batch
 from posttrain.train.offline_data import (
     KIND,
@@ -168,6 +169,11 @@ class OfflineTrainSection:
     eval_samples: int = field(
         default=4, metadata={"help": "Samples per held-out prompt for eval/accuracy_sampled."}
     )
+
+    def __post_init__(self) -> None:
+        check_sampling(
+            "train", temperature=self.eval_temperature, max_new_tokens=self.max_new_tokens, greedy_ok=True
+        )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from posttrain.algos.presets import PIECE_DEFAULTS, resolve_pieces
 from posttrain.errors import ConfigError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
-from posttrain.train.config_checks import check_preset
+from posttrain.train.config_checks import check_preset, check_sampling
 
 
 def _h(text: str) -> dict:
@@ -368,13 +368,8 @@ def _registry_check(registry, name: str, what: str) -> None:
 
 def _check_rollout(ro: RolloutSection) -> None:
     """One-line ConfigError naming the `rollout.*` key of a sampling setting that cannot work."""
-    if ro.max_new_tokens < 1:
-        raise ConfigError(f"rollout.max_new_tokens must be >= 1, got {ro.max_new_tokens}")
-    if not (math.isfinite(ro.temperature) and ro.temperature > 0):
-        raise ConfigError(
-            f"rollout.temperature must be a finite number > 0 (RL samples, and the training forward divides "
-            f"the logits by it), got {ro.temperature}"
-        )
+    # RL samples, and the training forward divides the logits by the temperature: > 0.
+    check_sampling("rollout", temperature=ro.temperature, max_new_tokens=ro.max_new_tokens, greedy_ok=False)
     if not (0 < ro.top_p <= 1):
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {ro.top_p}")
     if ro.top_k < 0 or ro.repetition_ngram < 0:
@@ -405,6 +400,16 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
             f"rollout.prompts_per_step and rollout.group_size must be >= 1, got {ro.prompts_per_step}, {ro.group_size}"
         )
     _check_rollout(ro)
+    ev, ex = cfg.eval, cfg.reward_exec
+    check_sampling("eval", temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, greedy_ok=True,
+                   zero_tokens_ok=True)  # fmt: skip
+    if not (math.isfinite(ex.timeout_s) and ex.timeout_s > 0) or ex.max_workers < 1:
+        key = "max_workers" if ex.max_workers < 1 else "timeout_s"
+        raise ConfigError(
+            f"reward_exec.{key} must be {'>= 1' if key == 'max_workers' else '> 0'}, got {getattr(ex, key)}"
+        )
+    if not 0.0 <= ex.max_error_rate <= 1.0:
+        raise ConfigError(f"reward_exec.max_error_rate must be in [0, 1], got {ex.max_error_rate}")
     for key, aux in (("critic", cfg.critic), ("teacher", cfg.teacher)):
         if aux.preset is not None and aux.path is None:
             check_preset(f"{key}.preset", aux.preset)
@@ -446,6 +451,8 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     from posttrain.data.rewards import REWARDS
 
     for i, spec in enumerate(cfg.rewards):
+        if not abs(spec.weight) <= 1e6:  # runner.MAX_ABS_REWARD; NaN fails too
+            raise ConfigError(f"rewards[{i}].weight must be a finite number within ±1e6, got {spec.weight}")
         if spec.name not in REWARDS and ":" not in spec.name:  # "module:function" imports at build
             raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(spec.name)}")
         if "dense" in spec.options and spec.name != "prm":
