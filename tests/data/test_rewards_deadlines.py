@@ -121,3 +121,40 @@ def test_code_reward_with_half_the_programs_looping_scores_every_sample():
     res = runner.score(["p"] * B, completions, {"tests": tests})
     assert res.errors == {"code": 0} and res.valid.all()
     assert res.scores.tolist() == [0.0 if i % 2 == 0 else 1.0 for i in range(B)]
+
+
+def test_math_answers_that_exhaust_the_verifier_fail_alone():
+    from posttrain.data.rewards import build_reward
+
+    acc = build_reward("accuracy", budget_s=1.0, num_workers=2)
+    acc.pool.wait_ready()
+    try:
+        n, slow = 32, set(range(0, 30, 5))  # 6 answers that each use the verifier's whole budget
+        completions = [r"\boxed{9^{9^{9^{9}}}}" if i in slow else f"<answer>{i}</answer>" for i in range(n)]
+        # The batch needs >= 6 x 1 s / 2 workers; each answer alone needs ~1 s.
+        runner = RewardRunner([("acc", acc, 1.0)], timeout_s=2.5, max_workers=2, max_error_rate=0.0)
+        res = runner.score(["q"] * n, completions, {"answer": [str(i) for i in range(n)]})
+        assert res.errors == {"acc": 0} and res.valid.all()
+        assert res.scores.tolist() == [0.0 if i in slow else 1.0 for i in range(n)]
+    finally:
+        acc.close()
+
+
+def test_an_abandoned_call_is_told_to_stop():
+    from posttrain.data.rewards.runner import cancel_event
+
+    seen, stopped = [], threading.Event()
+
+    def reward(prompts, completions, **columns):
+        ev = cancel_event()
+        seen.append(ev)
+        if len(completions) > 1:  # the batch call: work until told to stop
+            while not ev.is_set():
+                time.sleep(0.01)
+            stopped.set()
+        return [1.0] * len(completions)
+
+    assert cancel_event() is None
+    res = RewardRunner([("r", reward, 1.0)], timeout_s=0.3, max_error_rate=0.0).score(*_batch(set()))
+    assert res.valid.all() and stopped.wait(2.0)
+    assert len(seen) == 1 + B and all(ev is not None for ev in seen)

@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from posttrain.data.rewards.runner import cancel_event
 from posttrain.data.rewards.text import with_open_think
 from posttrain.data.sandbox import SandboxLimits, run_tests
 from posttrain.errors import RewardError
@@ -77,7 +78,12 @@ def code_reward(
         if tests_column not in columns:
             raise RewardError(f"code reward needs a column {tests_column!r}; got {sorted(columns)}")
         texts = [with_open_think(p, c) for p, c in zip(prompts, completions)]
+        cancel = cancel_event()  # set when the reward runner gave up on this call
+
+        def judge_unless_cancelled(text, tests):
+            return None if cancel is not None and cancel.is_set() else judge(text, tests)
+
         with ThreadPoolExecutor(max_workers=max_parallel) as pool:
-            return list(pool.map(judge, texts, columns[tests_column]))
+            return list(pool.map(judge_unless_cancelled, texts, columns[tests_column]))
 
     return fn

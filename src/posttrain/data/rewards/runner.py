@@ -46,6 +46,17 @@ logger = logging.getLogger(__name__)
 
 MAX_ABS_REWARD = 1e6  # a reward value beyond ±this is an error (see the module doc)
 
+_call = threading.local()
+
+
+def cancel_event() -> threading.Event | None:
+    """For a reward running under `RewardRunner`: an Event set once the runner has given up
+    on this call (it ran past its deadline). Python cannot stop a thread, so a reward that
+    farms work out (worker processes, sandboxed programs) should check it between items and
+    return early instead of keeping those workers from the samples scored after it. None
+    outside a runner call."""
+    return getattr(_call, "cancel", None)
+
 
 @dataclass
 class RewardResult:
@@ -205,7 +216,7 @@ class RewardRunner:
     def _start(self, name, fn, prompts, completions, kw, on_done=None, gated: bool = True) -> dict:
         """Call fn in the background; the slot's "done" event is set (and on_done called)
         when it returns or raises."""
-        slot: dict = {"done": threading.Event(), "t0": time.monotonic()}
+        slot: dict = {"done": threading.Event(), "t0": time.monotonic(), "cancel": threading.Event()}
 
         def finish(*_):
             slot["done"].set()
@@ -225,6 +236,7 @@ class RewardRunner:
             return slot
 
         def target():
+            _call.cancel = slot["cancel"]
             with self._slots if gated else contextlib.nullcontext():
                 try:
                     out = fn(prompts, completions, **kw)
@@ -242,6 +254,7 @@ class RewardRunner:
         return slot
 
     def _abandon(self, slot: dict) -> None:
+        slot["cancel"].set()
         if "future" in slot:
             slot["future"].cancel()
         else:
