@@ -184,3 +184,14 @@ def test_cases_cover_both_backends_as_root_and_as_a_user():
     if os.geteuid() != 0 or not BACKENDS:
         pytest.skip("needs root and an isolating backend to run the sandbox as another user")
     assert {b for b, _ in CASES} == set(BACKENDS) and {u for _, u in CASES} == {"root", "user"}
+
+
+def test_code_reward_refuses_to_run_model_code_without_isolation(monkeypatch):
+    from posttrain.data.rewards import build_reward
+    from posttrain.data.rewards import code as code_module
+    from posttrain.errors import ConfigError
+
+    monkeypatch.setattr(code_module, "detect_backend", lambda: "rlimits")
+    with pytest.raises(ConfigError, match="neither bubblewrap nor unshare"):
+        build_reward("code")
+    assert callable(build_reward("code", backend="rlimits"))  # an explicit, informed choice

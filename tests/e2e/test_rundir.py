@@ -221,3 +221,13 @@ def test_fresh_run_never_replaces_outputs_no_posttrain_run_wrote(tmp_path):
         begin_run(tmp_path, cfg, resumed=False)
     assert (tmp_path / "final" / "my_model.bin").read_text() == "the user's own work"
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_command_that_fails_early_leaves_no_new_directory(tmp_path, capsys):
+    target = tmp_path / "new" / "run"
+    assert (
+        cli.main(["sft", "--data.path", str(tmp_path / "missing.jsonl"), "--run.output_dir", str(target)])
+        == 2
+    )
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not target.exists()

@@ -66,6 +66,7 @@ def _holder(fd: int) -> str:
 @contextlib.contextmanager
 def run_lock(path: str | os.PathLike, key: str = "run.output_dir") -> Iterator[Path]:
     """Hold the run directory's lock for the duration of the block (see the module doc)."""
+    created = not Path(path).exists()
     p = check_output_dir(path, key)
     real = os.path.realpath(p)
     if real in _held:
@@ -75,29 +76,48 @@ def run_lock(path: str | os.PathLike, key: str = "run.output_dir") -> Iterator[P
         finally:
             _held[real][1] -= 1
         return
-    try:
-        fd = os.open(p / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot create the lock file in {p} ({e.strerror or e})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = _holder(fd)
-        os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise ConfigError(f"{key}: cannot lock {p} ({e.strerror or e})") from None
-        raise ConfigError(
-            f"{key}: {p} is in use by another posttrain run (pid {holder}); "
-            "wait for it to finish or choose another directory"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    fd = _acquire(p, key)
     _held[real] = [fd, 1]
     try:
         yield p
     finally:
         _held.pop(real, None)
+        if created and os.listdir(p) == [LOCK_FILE]:
+            # A command that failed before writing anything leaves no empty directory behind.
+            os.unlink(p / LOCK_FILE)
+            with contextlib.suppress(OSError):
+                p.rmdir()
         os.close(fd)  # releases the flock
+
+
+def _acquire(p: Path, key: str) -> int:
+    """Open and flock p/LOCK_FILE (retrying when the file was removed meanwhile); the fd."""
+    while True:
+        try:
+            fd = os.open(p / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot create the lock file in {p} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"{key}: cannot lock {p} ({e.strerror or e})") from None
+            raise ConfigError(
+                f"{key}: {p} is in use by another posttrain run (pid {holder}); "
+                "wait for it to finish or choose another directory"
+            ) from None
+        try:
+            same = os.stat(p / LOCK_FILE).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the previous holder removed the file: lock the one that exists now
+        check_output_dir(p, key)
 
 
 def has_previous_run(run_dir: str | os.PathLike) -> bool:

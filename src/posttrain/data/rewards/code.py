@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from posttrain.data.rewards.runner import cancel_event
 from posttrain.data.rewards.text import with_open_think
-from posttrain.data.sandbox import SandboxLimits, run_tests
-from posttrain.errors import RewardError
+from posttrain.data.sandbox import SandboxLimits, detect_backend, run_tests
+from posttrain.errors import ConfigError, RewardError
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -49,9 +49,17 @@ def code_reward(
     A sandbox (infrastructure) failure raises RewardError, so the runner counts it as an
     error and excludes the sample instead of scoring a correct program 0.
     max_parallel: programs judged at once (each is its own sandboxed process).
-    cpu_time_s, wall_time_s, memory_mb, backend, python: see `posttrain.data.sandbox`.
+    cpu_time_s, wall_time_s, memory_mb, backend, python: see `posttrain.data.sandbox`. With
+        backend "auto" on a machine where only the rlimits fallback works (no isolation), the
+        reward refuses to be built (ConfigError) unless backend="rlimits" is asked for.
     """
     limits = SandboxLimits(cpu_time_s=cpu_time_s, wall_time_s=wall_time_s, memory_mb=memory_mb)
+    if backend == "auto" and detect_backend() == "rlimits":
+        raise ConfigError(
+            "code reward: neither bubblewrap nor unshare can isolate programs on this machine, so "
+            "model-written code would reach its files and network; install bubblewrap, or set the "
+            "reward's option backend: rlimits to accept that"
+        )
 
     def judge(completion: str, tests) -> float | None:
         if tests is None:
