@@ -408,15 +408,19 @@ def _tag(items: list[dict], split: str) -> list[dict]:
 # --------------------------------------------------------------------------- entry points
 
 
-def build_sft(cfg: SFTConfig):
-    """(SFTMethod, tokenizer) for `cfg`: seeded model, tokenized train / held-out rows."""
+def build_sft(cfg: SFTConfig, *, min_rows: int = 0):
+    """(SFTMethod, tokenizer) for `cfg`: seeded model, tokenized train / held-out rows.
+
+    min_rows: fewer usable training rows than this is a DataError raised before the model
+    is built (run_* pass train.batch_size: a batch never repeats rows).
+    """
     from posttrain.train.offline_methods import SFTMethod
 
     _seed_everything(cfg.run.seed)
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages)
     train_items = encode_sft(split.train, tokenizer, cfg.data, split.source)
-    check_fills_a_batch(len(train_items), cfg.train.batch_size, "train.batch_size", split.source)
+    check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
     eval_items = encode_sft(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     model = _policy(cfg.model, tokenizer)
     method = SFTMethod(
@@ -426,7 +430,7 @@ def build_sft(cfg: SFTConfig):
     return method, tokenizer
 
 
-def build_rm(cfg: RMConfig):
+def build_rm(cfg: RMConfig, *, min_rows: int = 0):
     """(RewardModelMethod, tokenizer) for `cfg`."""
     from posttrain.train.offline_methods import RewardModelMethod
 
@@ -437,7 +441,7 @@ def build_rm(cfg: RMConfig):
     train_items = encode_pairs(
         split.train, tokenizer, cfg.data, split.source, margin_column=margin, append_eos=False
     )
-    check_fills_a_batch(len(train_items), cfg.train.batch_size, "train.batch_size", split.source)
+    check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
     eval_items = (
         encode_pairs(
             split.eval, tokenizer, cfg.data, split.source + " (eval)", margin_column=margin, append_eos=False
@@ -450,7 +454,7 @@ def build_rm(cfg: RMConfig):
     return method, tokenizer
 
 
-def build_prm(cfg: PRMConfig):
+def build_prm(cfg: PRMConfig, *, min_rows: int = 0):
     """(PRMMethod, tokenizer) for `cfg`."""
     from posttrain.train.offline_methods import PRMMethod
 
@@ -458,7 +462,7 @@ def build_prm(cfg: PRMConfig):
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["prm"])
     train_items = encode_steps(split.train, tokenizer, cfg.data, split.source)
-    check_fills_a_batch(len(train_items), cfg.train.batch_size, "train.batch_size", split.source)
+    check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
     eval_items = encode_steps(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     traces = eval_items  # whole held-out traces for the first-wrong-step metrics
     if cfg.algo.until_first_error:
@@ -589,7 +593,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     """Supervised fine-tuning; returns the loop summary (losses, eval, output paths)."""
     from posttrain.train.offline_loop import train_offline
 
-    method, tokenizer = build_sft(cfg)
+    method, tokenizer = build_sft(cfg, min_rows=cfg.train.batch_size)  # refused before the model
     summary = train_offline(cfg, method, tokenizer=tokenizer)
     if method.data_filter is not None:
         summary["data_filter"] = method.data_filter
@@ -600,7 +604,7 @@ def run_rm(cfg: RMConfig) -> dict:
     """Bradley–Terry reward model; run_dir/final loads with AutoModelForSequenceClassification."""
     from posttrain.train.offline_loop import train_offline
 
-    method, tokenizer = build_rm(cfg)
+    method, tokenizer = build_rm(cfg, min_rows=cfg.train.batch_size)  # refused before the model
     return train_offline(cfg, method, tokenizer=tokenizer)
 
 
@@ -608,7 +612,7 @@ def run_prm(cfg: PRMConfig) -> dict:
     """Process reward model; run_dir/final holds the model and prm.json (separator)."""
     from posttrain.train.offline_loop import train_offline
 
-    method, tokenizer = build_prm(cfg)
+    method, tokenizer = build_prm(cfg, min_rows=cfg.train.batch_size)  # refused before the model
     return train_offline(cfg, method, tokenizer=tokenizer)
 
 
