@@ -137,7 +137,8 @@ def test_prompt_past_the_models_context(tmp_path, capsys, monkeypatch):
      ("rl", "reward_exec.max_error_rate", "2", None),
      ("rl", "rewards", "[{name: format, weight: 1e39}]", "rewards[0].weight"),
      ("eval", "sampling.max_new_tokens", "0", None), ("eval", "sampling.temperature", "-1", None),
-     ("sft", "train.max_new_tokens", "0", None)],
+     ("sft", "train.max_new_tokens", "0", None), ("rl", "critic.lr", "1e39", None),
+     ("rl", "algo.kl_coef", "nan", None), ("dpo", "algo.beta", "nan", None)],
 )  # fmt: skip
 def test_impossible_sampling_and_reward_settings_name_their_key_before_any_model(
     tmp_path, capsys, no_model, command, key, value, named

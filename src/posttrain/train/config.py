@@ -165,15 +165,17 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise _bad(key, tp, value)
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):
             try:
                 # YAML 1.1 reads "1e-5" (no dot) as a string; float() reads it as meant.
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise _bad(key, tp, value) from None
-        raise _bad(key, tp, value)
+        if not isinstance(value, (int, float)):
+            raise _bad(key, tp, value)
+        if math.isnan(value):  # never a setting: it would only poison the run later
+            raise ConfigError(f"config key {key!r}: expected a number, got NaN")
+        return float(value)
     if tp is str:
         if isinstance(value, str):
             return value

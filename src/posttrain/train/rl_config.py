@@ -16,7 +16,7 @@ from typing import Any, Literal
 from posttrain.algos.presets import PIECE_DEFAULTS, resolve_pieces
 from posttrain.errors import ConfigError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
-from posttrain.train.config_checks import check_preset, check_sampling
+from posttrain.train.config_checks import MAX_LR, check_preset, check_sampling
 
 
 def _h(text: str) -> dict:
@@ -410,6 +410,10 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         )
     if not 0.0 <= ex.max_error_rate <= 1.0:
         raise ConfigError(f"reward_exec.max_error_rate must be in [0, 1], got {ex.max_error_rate}")
+    if cfg.critic.lr is not None and not 0 < cfg.critic.lr <= MAX_LR:
+        raise ConfigError(
+            f"critic.lr must be a positive finite number <= {MAX_LR:g} (or null), got {cfg.critic.lr}"
+        )
     for key, aux in (("critic", cfg.critic), ("teacher", cfg.teacher)):
         if aux.preset is not None and aux.path is None:
             check_preset(f"{key}.preset", aux.preset)
