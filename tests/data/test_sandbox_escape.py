@@ -133,6 +133,38 @@ def test_unix_sockets_on_host_paths_and_abstract_ones_are_unreachable(backend, u
         shutil.rmtree(d, ignore_errors=True)
 
 
+NESTED_TMPFS = textwrap.dedent(
+    """
+    import ctypes, json, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    out = {"unshare": libc.unshare(0x10000000 | 0x00020000), "mounted": False, "mb": 0}  # NEWUSER|NEWNS
+    if out["unshare"] == 0:
+        for f, line in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            try:
+                open(f"/proc/self/{f}", "w").write(line)
+            except OSError:
+                pass
+        os.makedirs("/tmp/m", exist_ok=True)
+        out["mounted"] = libc.mount(b"none", b"/tmp/m", b"tmpfs", 0, b"size=256m") == 0
+        for i in range(32):  # files of 8 MiB each: past disk_mb in a tmpfs of its own
+            try:
+                with open(f"/tmp/m/{i}", "wb") as f:
+                    f.write(b"x" * (8 << 20))
+                out["mb"] += 8
+            except OSError:
+                break
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.parametrize("backend, user", CASES)
+def test_no_user_namespace_of_its_own_to_mount_an_uncapped_tmpfs(backend, user):
+    out = _ok(run_as(user, backend, NESTED_TMPFS))
+    assert out["unshare"] != 0 and not out["mounted"] and out["mb"] == 0, out
+
+
 FIND_HOST = textwrap.dedent(
     """
     import json, os

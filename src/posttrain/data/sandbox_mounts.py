@@ -19,7 +19,9 @@ host beyond what running Python needs, and nothing writable on the host.
 So host files (a user's home, SSH keys, token caches) cannot be read, no host path can be
 written, no Unix-domain socket on a host path can be reached (the network namespace covers
 abstract sockets and TCP/UDP), and everything the program writes lives in RAM within
-`disk_mb` + 1 MiB — never on the host's disk, and never past its cap.
+`disk_mb` + 1 MiB — never on the host's disk, and never past its cap: the program may not
+create a user namespace of its own (bwrap ``--disable-userns``; under unshare a user
+namespace whose ``max_user_namespaces`` is 0), in which it could mount a tmpfs of its own.
 """
 
 from __future__ import annotations
@@ -97,6 +99,21 @@ def unshare_setup(disk_mb: int, python: str, uid: int | None) -> list[str]:
     return _unshare_prefix() + ["/bin/sh", "-c", _MOUNT_SCRIPT, "sh", str(int(disk_mb)), prefix, owner]
 
 
+# Runs as the program's user, last before the program: puts it in a user namespace of its
+# own whose max_user_namespaces is 0, so it cannot create one itself (in a user namespace
+# of its own it could mount a tmpfs outside `disk_mb` and fill the RAM), and drops every
+# capability. Where this user may not create user namespaces at all, neither can the
+# program, and it is exec'd directly.
+_NO_USERNS_SCRIPT = r"""
+DROP='exec setpriv --inh-caps=-all --bounding-set=-all --no-new-privs "$@"'
+if unshare --user --map-root-user true 2>/dev/null; then
+  exec unshare --user --map-root-user /bin/sh -c \
+    "echo 0 > /proc/sys/user/max_user_namespaces || exit 125; $DROP" sh "$@"
+fi
+eval "$DROP"
+"""
+
+
 def _setpriv_prefix(uid: int) -> list[str]:
     """As root: drop to `uid` with no capabilities and no_new_privs; else nothing."""
     if os.geteuid() != 0:
@@ -112,15 +129,20 @@ def _setpriv_prefix(uid: int) -> list[str]:
     ]
 
 
-def _drop_caps_prefix() -> list[str]:
-    """As an ordinary user inside unshare's user namespace the program would be that
-    namespace's root with every capability (it could remount its view): empty the bounding
-    and inheritable sets so the exec'd program holds none."""
-    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+def _no_userns_chain(uid: int | None) -> list[str]:
+    """As root: drop to `uid` (keeping the bounding set for the next step), then
+    `_NO_USERNS_SCRIPT`; as an ordinary user (already root of unshare's user namespace,
+    with every capability there) the script alone. The program ends with no capabilities."""
+    drop = [] if uid is None else [
+        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--no-new-privs"
+    ]  # fmt: skip
+    return [*drop, "/bin/sh", "-c", _NO_USERNS_SCRIPT, "sh"]
 
 
 def _bwrap_args(workdir: str, disk_mb: int, python: str) -> list[str]:
-    args = ["--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    # --disable-userns: no user namespace of its own, where it could mount a tmpfs past disk_mb.
+    args = ["--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL"]  # fmt: skip
     for d in _SYSTEM_DIRS:
         path = "/" + d
         if os.path.islink(path):
@@ -172,6 +194,6 @@ def command(backend: str, python: str, workdir: str, uid: int, start_fd: int, di
         return _setpriv_prefix(uid) + [bwrap, *_bwrap_args(workdir, disk_mb, python), *prog]
     if backend == "unshare":
         env = ["/usr/bin/env", "-i", f"HOME={HOME}"]  # a clean environment, an empty home
-        drop = _setpriv_prefix(uid) if os.geteuid() == 0 else _drop_caps_prefix()
-        return unshare_setup(disk_mb, python, uid if os.geteuid() == 0 else None) + [*env, *drop, *prog]
+        owner = uid if os.geteuid() == 0 else None
+        return unshare_setup(disk_mb, python, owner) + [*env, *_no_userns_chain(owner), *prog]
     return _setpriv_prefix(uid) + prog
