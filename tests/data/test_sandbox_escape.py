@@ -165,6 +165,38 @@ def test_no_user_namespace_of_its_own_to_mount_an_uncapped_tmpfs(backend, user):
     assert out["unshare"] != 0 and not out["mounted"] and out["mb"] == 0, out
 
 
+SYSV_SHM = textwrap.dedent(
+    """
+    import ctypes, json
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    mb = 0
+    for _ in range(8):  # 64 MiB segments, touched then detached: outside RLIMIT_AS
+        sid = libc.shmget(0, ctypes.c_size_t(64 << 20), 0o1600)
+        if sid < 0:
+            break
+        addr = libc.shmat(sid, None, 0)
+        ctypes.memset(addr, 1, 64 << 20)
+        libc.shmdt(ctypes.c_void_p(addr))
+        mb += 64
+    print(json.dumps({"mb": mb, "msgget": libc.msgget(0, 0o1600)}))
+    """
+)
+
+
+@pytest.mark.parametrize("backend, user", [*CASES, ("rlimits", USERS[0])])
+def test_no_system_v_shared_memory_outside_the_memory_cap(backend, user):
+    out = _ok(run_as(user, backend, SYSV_SHM))
+    assert out == {"mb": 0, "msgget": -1}, out
+
+
+def test_seccomp_filter_only_for_known_architectures():
+    from posttrain.data.sandbox_mounts import seccomp_filter
+
+    assert len(seccomp_filter("x86_64")) == 7 * 8 and len(seccomp_filter("aarch64")) == 7 * 8
+    assert seccomp_filter("riscv64") == b""
+
+
 FIND_HOST = textwrap.dedent(
     """
     import json, os

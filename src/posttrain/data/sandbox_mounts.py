@@ -171,21 +171,66 @@ def _bwrap_args(workdir: str, disk_mb: int, python: str) -> list[str]:
     return args
 
 
+# System V shared memory and message queues live outside the program's address space (so
+# outside RLIMIT_AS) until its IPC namespace dies with it: segments created, touched and
+# detached in a loop would fill the RAM. A seccomp filter, installed by the bootstrap below
+# before any of the program's code runs (no_new_privs is set, so no privilege is needed),
+# makes shmget and msgget fail with EPERM. Syscall numbers per architecture: (audit arch,
+# shmget, msgget).
+_SYSV_IPC = {"x86_64": (0xC000003E, 29, 68), "aarch64": (0xC00000B7, 194, 186)}
+
+
+def seccomp_filter(machine: str | None = None) -> bytes:
+    """The BPF program (struct sock_filter[]) denying shmget/msgget; b"" on an architecture
+    not listed in _SYSV_IPC (then no filter is installed)."""
+    import platform
+    import struct
+
+    numbers = _SYSV_IPC.get(machine or platform.machine())
+    if numbers is None:
+        return b""
+    arch, shmget, msgget = numbers
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06
+    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    prog = [
+        (ld_abs, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 0, 3, arch),  # another ABI (e.g. x32): allow
+        (ld_abs, 0, 0, 0),  # seccomp_data.nr
+        (jeq, 2, 0, shmget),
+        (jeq, 1, 0, msgget),
+        (ret, 0, 0, allow),
+        (ret, 0, 0, deny),
+    ]
+    return b"".join(struct.pack("<HBBI", *ins) for ins in prog)
+
+
 # The program's first act is to write one byte to the start pipe and close it. A run whose
 # byte never arrived failed inside the launcher chain (a sandbox error); once it arrived,
 # every outcome belongs to the program, so no exit code it picks can pose as an
-# infrastructure failure.
-_BOOTSTRAP = (
-    "import os as _o; _o.write({fd}, b'S'); _o.close({fd}); del _o; "
-    "__file__ = 'main.py'; exec(compile(open('main.py', encoding='utf-8').read(), 'main.py', 'exec'))"
-)
+# infrastructure failure. Before it, the seccomp filter above is installed (a failure there
+# exits before the byte: a sandbox error).
+_BOOTSTRAP = """\
+import os as _o
+if {filter!r}:
+    import ctypes as _c
+    class _P(_c.Structure):
+        _fields_ = [("n", _c.c_ushort), ("f", _c.c_void_p)]
+    _b = _c.create_string_buffer({filter!r}, len({filter!r}))
+    _p = _P(len({filter!r}) // 8, _c.addressof(_b))
+    _l = _c.CDLL(None, use_errno=True)
+    if _l.prctl(38, 1, 0, 0, 0) or _l.prctl(22, 2, _c.byref(_p), 0, 0):  # NO_NEW_PRIVS; SECCOMP filter
+        raise SystemExit(125)
+    del _c, _P, _b, _p, _l
+_o.write({fd}, b'S'); _o.close({fd}); del _o
+__file__ = 'main.py'; exec(compile(open('main.py', encoding='utf-8').read(), 'main.py', 'exec'))
+"""
 
 
 def command(backend: str, python: str, workdir: str, uid: int, start_fd: int, disk_mb: int) -> list[str]:
     """The argv that runs main.py of `workdir` under `backend` as `uid`."""
     # -I: ignore PYTHON* env vars and the user site; -S: no site-packages (stdlib only);
     # -B: no .pyc writes.
-    prog = [python, "-I", "-S", "-B", "-c", _BOOTSTRAP.format(fd=start_fd)]
+    prog = [python, "-I", "-S", "-B", "-c", _BOOTSTRAP.format(fd=start_fd, filter=seccomp_filter())]
     if backend == "bwrap":
         # As root, drop to the run's uid *before* bwrap: bwrap then maps that uid into its
         # user namespace, so host files keep their real owners (run as root, bwrap would map
