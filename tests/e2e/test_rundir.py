@@ -231,3 +231,13 @@ def test_a_command_that_fails_early_leaves_no_new_directory(tmp_path, capsys):
     )
     assert "missing.jsonl" in capsys.readouterr().err
     assert not target.exists()
+
+
+def test_a_damaged_checkpoint_is_one_error_naming_it(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    ckpt = CheckpointManager(tmp_path, keep=2)
+    path = ckpt.save(1, models={"m": model}, state={"step": 1})
+    weights = path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated on disk
+    with pytest.raises(TrainingError, match=r"checkpoint .*step-000001 is damaged \(\w+"):
+        ckpt.load(path, models={"m": torch.nn.Linear(3, 2)}, restore_rng=False)

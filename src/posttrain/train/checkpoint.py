@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
-from posttrain.errors import ConfigError, TrainingError
+from posttrain.errors import ConfigError, PosttrainError, TrainingError
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 FORMAT_VERSION = 1
@@ -397,6 +397,17 @@ class CheckpointManager:
         path = Path(path)
         if not (path / "meta.json").is_file():
             raise ConfigError(f"not a complete checkpoint (no meta.json): {path}")
+        try:
+            return self._load(path, models, optimizers, schedulers, restore_rng)
+        except PosttrainError:
+            raise
+        except Exception as e:  # a truncated or altered file: name it instead of a traceback
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise TrainingError(
+                f"checkpoint {path} is damaged ({type(e).__name__}: {first}); remove it to resume from an older one"
+            ) from None
+
+    def _load(self, path: Path, models, optimizers, schedulers, restore_rng: bool) -> dict:
         try:
             meta = json.loads((path / "meta.json").read_text())
             meta["models"], meta["step"]  # noqa: B018 - the keys every checkpoint has
