@@ -138,7 +138,9 @@ def test_prompt_past_the_models_context(tmp_path, capsys, monkeypatch):
      ("rl", "rewards", "[{name: format, weight: 1e39}]", "rewards[0].weight"),
      ("eval", "sampling.max_new_tokens", "0", None), ("eval", "sampling.temperature", "-1", None),
      ("sft", "train.max_new_tokens", "0", None), ("rl", "critic.lr", "1e39", None),
-     ("rl", "algo.kl_coef", "nan", None), ("dpo", "algo.beta", "nan", None)],
+     ("rl", "algo.kl_coef", "nan", None), ("dpo", "algo.beta", "nan", None),
+     ("sft", "model.lora_r", "-1", None), ("sft", "run.seed", "-1", None), ("rl", "run.log_every", "-5", None),
+     ("demo", "preset", "huge", None)],
 )  # fmt: skip
 def test_impossible_sampling_and_reward_settings_name_their_key_before_any_model(
     tmp_path, capsys, no_model, command, key, value, named
@@ -147,3 +149,12 @@ def test_impossible_sampling_and_reward_settings_name_their_key_before_any_model
     line = error_line([command, f"--{key}", value, out, str(tmp_path)], capsys)
     assert (named or key) in line
     assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == [".posttrain.lock"]
+
+
+def test_a_reward_column_no_row_has(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i}+1?"} for i in range(8)])
+    line = error_line(["rl", "--data.path", "prompts.jsonl", "--data.task", "null", *RL[:-4],
+                       "--rewards", "[{name: accuracy}]", "--run.output_dir", str(tmp_path / "rl")], capsys)  # fmt: skip
+    assert "rewards[0] ('accuracy') reads the column 'answer'" in line and "prompts.jsonl" in line
+    assert not (tmp_path / "rl").exists()

@@ -133,6 +133,11 @@ class DemoConfig:
     )
     run: DemoRun = field(default_factory=DemoRun, metadata=_h("Run directory and seed."))
 
+    def __post_init__(self) -> None:
+        from posttrain.train.config_checks import check_preset
+
+        check_preset("preset", self.preset)
+
 
 def _stage_configs(cfg: DemoConfig, root: Path):
     from posttrain.train.config import load_config

@@ -56,3 +56,26 @@ def offline_tokens(item: dict) -> int:
     if "steps" in item:
         return n + sum(len(s) + 1 for s in item["steps"])  # + a separator per step
     return n + len(item.get("completion", ()))
+
+
+# Rewards that read a dataset column, with the option naming it and its default.
+_REWARD_COLUMNS = {"task": ("answer_column", "answer"), "accuracy": ("answer_column", "answer"),
+                   "code": ("tests_column", "tests"), "step_credit": ("solution_column", "solution")}  # fmt: skip
+
+
+def check_reward_columns(rewards: list[Any], items: list[Any], source: str) -> None:
+    """ConfigError when a configured reward reads a column that no prompt row has.
+
+    rewards: the `rewards` config entries (name, options); items: PromptItems (`.columns`).
+    Without this every sample of the first step would be a reward error.
+    """
+    for i, spec in enumerate(rewards):
+        if spec.name not in _REWARD_COLUMNS:
+            continue
+        option, default = _REWARD_COLUMNS[spec.name]
+        column = spec.options.get(option, default)
+        if not any(it.columns.get(column) not in (None, "") for it in items):
+            raise ConfigError(
+                f"rewards[{i}] ({spec.name!r}) reads the column {column!r}, which no row of {source} has; "
+                f"add it to the data or set rewards[{i}].options.{option}"
+            )

@@ -21,7 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
-from posttrain.train.input_checks import check_context, check_fills_a_batch
+from posttrain.train.input_checks import check_context, check_fills_a_batch, check_reward_columns
 from posttrain.train.rl_config import RLConfig, check_dense_reward
 from posttrain.train.rl_roles import (
     CriticRole,
@@ -181,6 +181,7 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     train_items, eval_examples, task = load_prompts(cfg, tokenizer)
     source = cfg.data.path or f"task {cfg.data.task!r}"
     check_fills_a_batch(len(train_items), ro.prompts_per_step, "rollout.prompts_per_step", source)
+    check_reward_columns(cfg.rewards, train_items, source)
     model = _load_policy(cfg, tokenizer)
     check_context(
         model,

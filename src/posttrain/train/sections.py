@@ -56,6 +56,9 @@ class ModelSection:
         if self.path is None:
             check_preset("model.preset", self.preset)
         check_device("model.device", self.device)
+        if self.lora_r < 0 or self.lora_alpha <= 0:
+            key, value = ("lora_r", self.lora_r) if self.lora_r < 0 else ("lora_alpha", self.lora_alpha)
+            raise ConfigError(f"model.{key} must be {'>= 0' if key == 'lora_r' else '> 0'}, got {value}")
 
 
 @dataclass
@@ -119,5 +122,8 @@ class RunSection:
             raise ConfigError(f"run.max_bad_steps must be an integer >= 0, got {self.max_bad_steps!r}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.save_every < 0:
-            raise ConfigError(f"run.save_every must be >= 0, got {self.save_every}")
+        if self.save_every < 0 or self.log_every < 0:
+            key = "save_every" if self.save_every < 0 else "log_every"
+            raise ConfigError(f"run.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"run.seed must be in [0, 2**32), got {self.seed}")
