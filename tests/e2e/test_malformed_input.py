@@ -140,7 +140,11 @@ def test_prompt_past_the_models_context(tmp_path, capsys, monkeypatch):
      ("sft", "train.max_new_tokens", "0", None), ("rl", "critic.lr", "1e39", None),
      ("rl", "algo.kl_coef", "nan", None), ("dpo", "algo.beta", "nan", None),
      ("sft", "model.lora_r", "-1", None), ("sft", "run.seed", "-1", None), ("rl", "run.log_every", "-5", None),
-     ("demo", "preset", "huge", None)],
+     ("demo", "preset", "huge", None), ("sft", "model.attn_implementation", "bogus", None),
+     ("dpo", "algo.beta", "-1", None), ("rm", "algo.head_init_std", "-1", None),
+     ("sft", "data.no_think_fraction", "2", None), ("rl", "rollout.stop_strings", "['']", None),
+     ("eval", "sampling.top_p", "0", None), ("eval", "sampling.batch_size", "0", None),
+     ("rl", "eval.n", "-1", None), ("rl", "rewards", "[{name: format, start_step: -3}]", "rewards[0].start_step")],
 )  # fmt: skip
 def test_impossible_sampling_and_reward_settings_name_their_key_before_any_model(
     tmp_path, capsys, no_model, command, key, value, named

@@ -120,3 +120,30 @@ def check_sampling(
     if not ok:
         want = "a finite number >= 0 (0 = greedy)" if greedy_ok else "a finite number > 0"
         raise ConfigError(f"{prefix}.temperature must be {want}, got {temperature!r}")
+
+
+def check_range(
+    key: str, value: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
+) -> None:
+    """ConfigError naming `key` unless lo <= value <= hi (lo < value with lo_open); None passes."""
+    if value is None:
+        return
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    if below or (hi is not None and value > hi):
+        low = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+        high = "" if hi is None else f"<= {hi:g}"
+        raise ConfigError(f"{key} must be {' and '.join(x for x in (low, high) if x)}, got {value!r}")
+
+
+def check_attention(key: str, name: str | None) -> None:
+    """ConfigError naming `key` for an attention kernel transformers does not know (a hub
+    kernel "org/repo" is left to transformers)."""
+    if name is None or name == "eager" or "/" in name:
+        return
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # pragma: no cover - other transformers layouts: let it decide
+        return
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    if name not in known:
+        raise ConfigError(f"{key}: unknown attention implementation {name!r} (valid: {', '.join(known)})")

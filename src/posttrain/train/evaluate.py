@@ -81,11 +81,13 @@ class EvalSamplingSection:
     batch_size: int = field(default=32, metadata=_h("Prompts per generate call."))
 
     def __post_init__(self) -> None:
-        from posttrain.train.config_checks import check_sampling
+        from posttrain.train.config_checks import check_range, check_sampling
 
         check_sampling(
             "sampling", temperature=self.temperature, max_new_tokens=self.max_new_tokens, greedy_ok=True
         )
+        check_range("sampling.top_p", self.top_p, 0, 1, lo_open=True)
+        check_range("sampling.batch_size", self.batch_size, 1)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
-from posttrain.train.config_checks import check_sampling
+from posttrain.train.config_checks import check_range, check_sampling
 from posttrain.train.input_checks import check_fills_a_batch
 from posttrain.train.offline_data import (
     KIND,
@@ -100,6 +100,10 @@ class OfflineDataSection:
             "reasoning stripped from the completion)."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_range("data.no_think_fraction", self.no_think_fraction, 0, 1)
+        check_range("data.max_prompt_tokens", self.max_prompt_tokens, 0)
 
 
 @dataclass
@@ -203,6 +207,9 @@ class RMAlgoSection:
         default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
     )
 
+    def __post_init__(self) -> None:
+        check_range("algo.head_init_std", self.head_init_std, 0)
+
 
 @dataclass
 class PRMAlgoSection:
@@ -224,6 +231,9 @@ class PRMAlgoSection:
     head_init_std: float | None = field(
         default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
     )
+
+    def __post_init__(self) -> None:
+        check_range("algo.head_init_std", self.head_init_std, 0)
 
 
 @dataclass
@@ -249,6 +259,10 @@ class PreferenceAlgoSection:
             "help": "Extra loss options, e.g. {label_smoothing: 0.1} for dpo or {gamma: 0.5} for simpo."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_range("algo.beta", self.beta, 0, lo_open=True)
+        check_range("algo.nll_weight", self.nll_weight, 0)
 
 
 @dataclass

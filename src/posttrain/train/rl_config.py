@@ -16,7 +16,7 @@ from typing import Any, Literal
 from posttrain.algos.presets import PIECE_DEFAULTS, resolve_pieces
 from posttrain.errors import ConfigError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
-from posttrain.train.config_checks import MAX_LR, check_preset, check_sampling
+from posttrain.train.config_checks import MAX_LR, check_preset, check_range, check_sampling
 
 
 def _h(text: str) -> dict:
@@ -370,8 +370,9 @@ def _check_rollout(ro: RolloutSection) -> None:
     """One-line ConfigError naming the `rollout.*` key of a sampling setting that cannot work."""
     # RL samples, and the training forward divides the logits by the temperature: > 0.
     check_sampling("rollout", temperature=ro.temperature, max_new_tokens=ro.max_new_tokens, greedy_ok=False)
-    if not (0 < ro.top_p <= 1):
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {ro.top_p}")
+    check_range("rollout.top_p", ro.top_p, 0, 1, lo_open=True)
+    if any(not s for s in ro.stop_strings):
+        raise ConfigError(f"rollout.stop_strings must not contain an empty string, got {ro.stop_strings}")
     if ro.top_k < 0 or ro.repetition_ngram < 0:
         key = "top_k" if ro.top_k < 0 else "repetition_ngram"
         raise ConfigError(f"rollout.{key} must be >= 0, got {getattr(ro, key)}")
@@ -403,6 +404,8 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     ev, ex = cfg.eval, cfg.reward_exec
     check_sampling("eval", temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, greedy_ok=True,
                    zero_tokens_ok=True)  # fmt: skip
+    check_range("eval.n", ev.n, 0)
+    check_range("eval.every", ev.every, 0)
     if not (math.isfinite(ex.timeout_s) and ex.timeout_s > 0) or ex.max_workers < 1:
         key = "max_workers" if ex.max_workers < 1 else "timeout_s"
         raise ConfigError(
@@ -457,6 +460,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     for i, spec in enumerate(cfg.rewards):
         if not abs(spec.weight) <= 1e6:  # runner.MAX_ABS_REWARD; NaN fails too
             raise ConfigError(f"rewards[{i}].weight must be a finite number within ±1e6, got {spec.weight}")
+        check_range(f"rewards[{i}].start_step", spec.start_step, 0)
         if spec.name not in REWARDS and ":" not in spec.name:  # "module:function" imports at build
             raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(spec.name)}")
         if "dense" in spec.options and spec.name != "prm":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from posttrain.errors import ConfigError
-from posttrain.train.config_checks import check_device, check_preset, validate_optim
+from posttrain.train.config_checks import check_attention, check_device, check_preset, validate_optim
 
 
 @dataclass
@@ -56,6 +56,7 @@ class ModelSection:
         if self.path is None:
             check_preset("model.preset", self.preset)
         check_device("model.device", self.device)
+        check_attention("model.attn_implementation", self.attn_implementation)
         if self.lora_r < 0 or self.lora_alpha <= 0:
             key, value = ("lora_r", self.lora_r) if self.lora_r < 0 else ("lora_alpha", self.lora_alpha)
             raise ConfigError(f"model.{key} must be {'>= 0' if key == 'lora_r' else '> 0'}, got {value}")
