@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,26 @@ def test_a_damaged_checkpoint_is_one_error_naming_it(tmp_path):
     weights.write_bytes(weights.read_bytes()[:40])  # truncated on disk
     with pytest.raises(TrainingError, match=r"checkpoint .*step-000001 is damaged \(\w+"):
         ckpt.load(path, models={"m": torch.nn.Linear(3, 2)}, restore_rng=False)
+
+
+def test_real_run_is_locked_then_resumes_after_kill9(tmp_path):
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SFT_ROWS))
+    run_dir = tmp_path / "run"
+    base = ["sft", "--data.path", "sft.jsonl", *TINY[:2], *TINY[4:], "--train.batch_size", "4",
+            "--run.save_every", "2", "--run.output_dir", str(run_dir)]  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "posttrain", *base, "--train.steps", "100000"], cwd=tmp_path,
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "latest").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not checkpoint"
+            time.sleep(0.2)
+        line = _one_error_line(_posttrain(*base, "--train.steps", "100000", "--resume", cwd=tmp_path))
+        assert f"pid {first.pid}" in line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    step = CheckpointManager.step_of(CheckpointManager(run_dir).latest())
+    proc = _posttrain(*base, "--train.steps", str(step + 2), "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == step
