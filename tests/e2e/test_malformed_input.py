@@ -112,7 +112,7 @@ def test_dataset_smaller_than_a_batch(tmp_path, capsys, monkeypatch, no_model):
     assert "prompts.jsonl" in line and "rollout.prompts_per_step=8" in line
 
 
-def test_prompt_past_the_models_context(tmp_path, capsys, monkeypatch):
+def test_prompt_past_the_models_context(tmp_path, capsys, monkeypatch, no_model):
     monkeypatch.chdir(tmp_path)
     long_prompt = "What is " + "1+" * 700 + "1?"  # ~1410 characters; the tiny preset's window is 1024
     _jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt, "answer": "701"}] * 4)

@@ -24,7 +24,10 @@ def check_fills_a_batch(n_rows: int, batch: int, batch_key: str, source: str) ->
 
 
 def model_context(model: Any) -> int | None:
-    """The model's context window in tokens, or None when its config does not say."""
+    """The context window in tokens of a built model, or of a model source not built yet (a
+    preset name or a local directory with a config.json); None when it does not say."""
+    if isinstance(model, str):
+        return _source_context(model)
     for m in (model, getattr(model, "backbone", None), getattr(model, "base_model", None)):
         n = getattr(getattr(m, "config", None), "max_position_embeddings", None)
         if isinstance(n, int) and n > 0:
@@ -32,9 +35,25 @@ def model_context(model: Any) -> int | None:
     return None
 
 
+def _source_context(source: str) -> int | None:
+    import json
+    from pathlib import Path
+
+    from posttrain.engines.models import PRESETS
+
+    if source in PRESETS:
+        return PRESETS[source].max_position_embeddings
+    try:
+        n = json.loads((Path(source) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def check_context(model: Any, lengths: list[tuple[str, int]], key: str) -> None:
     """ConfigError when any (where, tokens) in `lengths` exceeds the model's context.
 
+    model: a built model, or its source (preset name or local directory) before it is built.
     key: the setting that let the sequence through (named in the message).
     """
     limit = model_context(model)

@@ -26,7 +26,7 @@ from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
 from posttrain.train.config_checks import check_range, check_sampling
-from posttrain.train.input_checks import check_fills_a_batch
+from posttrain.train.input_checks import check_context, check_fills_a_batch, offline_tokens
 from posttrain.train.offline_data import (
     KIND,
     encode_pairs,
@@ -388,6 +388,12 @@ def _lora(m: ModelSection) -> dict | None:
     return {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
 
 
+def _check_context(m: ModelSection, items: list[dict]) -> None:
+    """Sequences past the model's context window, refused before the model is built."""
+    lengths = [(f"training row {i + 1}", offline_tokens(it)) for i, it in enumerate(items)]
+    check_context(m.path or m.preset, lengths, "data.max_prompt_tokens")
+
+
 def _policy(m: ModelSection, tokenizer):
     from posttrain.engines.models import load_model
 
@@ -435,6 +441,7 @@ def build_sft(cfg: SFTConfig, *, min_rows: int = 0):
     split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages)
     train_items = encode_sft(split.train, tokenizer, cfg.data, split.source)
     check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
+    _check_context(cfg.model, train_items)
     eval_items = encode_sft(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     model = _policy(cfg.model, tokenizer)
     method = SFTMethod(
@@ -456,6 +463,7 @@ def build_rm(cfg: RMConfig, *, min_rows: int = 0):
         split.train, tokenizer, cfg.data, split.source, margin_column=margin, append_eos=False
     )
     check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
+    _check_context(cfg.model, train_items)
     eval_items = (
         encode_pairs(
             split.eval, tokenizer, cfg.data, split.source + " (eval)", margin_column=margin, append_eos=False
@@ -477,6 +485,7 @@ def build_prm(cfg: PRMConfig, *, min_rows: int = 0):
     split = load_split(cfg.data, KIND["prm"])
     train_items = encode_steps(split.train, tokenizer, cfg.data, split.source)
     check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
+    _check_context(cfg.model, train_items)
     eval_items = encode_steps(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     traces = eval_items  # whole held-out traces for the first-wrong-step metrics
     if cfg.algo.until_first_error:

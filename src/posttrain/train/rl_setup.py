@@ -182,12 +182,11 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     source = cfg.data.path or f"task {cfg.data.task!r}"
     check_fills_a_batch(len(train_items), ro.prompts_per_step, "rollout.prompts_per_step", source)
     check_reward_columns(cfg.rewards, train_items, source)
+    lengths = [(f"prompt {it.id!r}", len(it.prompt_ids) + ro.max_new_tokens) for it in train_items]
+    key = "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)"
+    check_context(cfg.model.path or cfg.model.preset, lengths, key)  # before the model when it can
     model = _load_policy(cfg, tokenizer)
-    check_context(
-        model,
-        [(f"prompt {it.id!r}", len(it.prompt_ids) + ro.max_new_tokens) for it in train_items],
-        "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)",
-    )
+    check_context(model, lengths, key)
     policy = PolicyRole(model, temperature=ro.temperature)
     engine = make_engine(ro.engine, model, tokenizer)
     needs_ref = p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
