@@ -143,7 +143,7 @@ def _snapshot(params: list[torch.Tensor], optimizer: torch.optim.Optimizer):
         for p in params
         if p in optimizer.state
     }
-    return weights, state
+    return weights, state  # the step replaces optimizer.state[p] entries in place: copies needed
 
 
 def _restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, snapshot) -> None:
@@ -165,9 +165,11 @@ def update_ratio(params: list[torch.Tensor], before: list[torch.Tensor]) -> floa
     `max_update_ratio` is then always accepted. NaN or inf when an update made a weight
     non-finite.
     """
-    deltas = [p.detach().double() - w.double() for p, w in zip(params, before)]
-    d = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in deltas]))
-    w = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.double()) for x in before]))
+    if not params:
+        return 0.0
+    deltas = torch._foreach_sub([p.detach() for p in params], before)
+    d = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(deltas)]))
+    w = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(before)]))
     return float(d / w.clamp(min=1.0))
 
 
