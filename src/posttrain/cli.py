@@ -74,6 +74,9 @@ COMMANDS: dict[str, Command] = {
         "posttrain.train.bench", "BenchConfig", "run_bench", "benchmarks against other frameworks"
     ),
 }
+# Commands whose training loop owns its run directory (rundir.begin_run); every other command
+# refuses a directory that holds a training run rather than overwrite its files.
+TRAINING_COMMANDS = ("sft", "rm", "prm", "dpo", "rl")
 REPORT_SUMMARY = "plots + Markdown/HTML summary of one or more run directories"
 
 
@@ -183,16 +186,30 @@ def run_command(name: str, args: list[str]) -> int:
         sys.stdout.write(f"# posttrain {name} (dry run: nothing is trained or written)\n{text.rstrip()}\n")
         return 0
     out = output_dir_of(cfg)
-    if out is not None:
+    if out is None:
+        _print_summary(name, run_fn(cfg))
+        return 0
+    from posttrain.train.rundir import has_previous_run, run_lock
+
+    # The lock refuses a second run (or a --resume) on a directory in use. Nothing in the
+    # directory is modified here: the training loops write config.yaml and start their
+    # logs only once data, models and checkpoints have loaded (rundir.begin_run), so a
+    # command that fails validation leaves an existing run as it was.
+    key = "run.output_dir" if hasattr(cfg, "run") else "output_dir"
+    with run_lock(out, key):
+        if name not in TRAINING_COMMANDS and has_previous_run(out):
+            raise ConfigError(
+                f"{key}: {out} holds a training run (metrics.jsonl / checkpoints/); posttrain {name} "
+                "would overwrite its files — choose another directory"
+            )
         if resume:
             _warn_changed_config(out / "config.yaml", config_to_dict(cfg))
-        # Written before training so a crashed run still records what it was asked to do.
+        summary = run_fn(cfg)
         save_config(cfg, out / "config.yaml")
-    summary = run_fn(cfg)
-    if out is not None and isinstance(summary, dict):
-        from posttrain.train.checkpoint import atomic_write_text
+        if isinstance(summary, dict):
+            from posttrain.train.checkpoint import atomic_write_text
 
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     _print_summary(name, summary)
     return 0
 

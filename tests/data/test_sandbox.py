@@ -19,7 +19,7 @@ UID_LO, UID_HI = 60000, 60000 + 4096
 
 def _available_backends() -> list[str]:
     out = ["rlimits"]
-    if sandbox._probe(sandbox._unshare_prefix() + ["/bin/sh", "-c", sandbox._MOUNT_SCRIPT, "sh", "true"]):
+    if sandbox._probe_unshare("/bin/true"):
         out.append("unshare")
     if sandbox.detect_backend() == "bwrap":
         out.append("bwrap")

@@ -141,7 +141,7 @@ def test_bad_step_guard():
     guard.update(good, 3)  # resets the streak
     guard.update(bad, 4)
     guard.update(bad, 5)
-    with pytest.raises(TrainingError, match="step 6: 3 consecutive non-finite steps"):
+    with pytest.raises(TrainingError, match="step 6: 3 consecutive bad optimizer steps"):
         guard.update(bad, 6)
     restored = BadStepGuard(2)
     restored.load_state_dict(guard.state_dict())

@@ -50,6 +50,8 @@ def test_difficulty_filter_keeps_rarely_solved_prompts_and_is_reused_on_resume(t
     # at k=4, so "max 0 solved" keeps most prompts but not necessarily all.
     extra = ("data.difficulty_filter_k=4", "data.difficulty_filter_max_solved=0", "data.n_train=16")
     trainer = RLTrainer(tiny_config(tmp_path, "grpo", *extra))
+    assert not (tmp_path / "difficulty_filter.json").exists()  # nothing written before training starts
+    trainer.train()
     record = json.loads((tmp_path / "difficulty_filter.json").read_text())
     counts = record["counts"]
     assert len(counts) == 16 and all(0 <= c <= 4 for c in counts.values())

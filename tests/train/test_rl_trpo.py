@@ -48,7 +48,8 @@ def test_a_step_the_line_search_rejects_leaves_the_policy_unchanged(tmp_path, mo
     trainer = RLTrainer(tiny_config(tmp_path, "trpo", "algo.backtrack_steps=2", steps=1))
     before = [p.detach().clone() for p in trainer.policy.model.parameters()]
     m = trainer.step()
-    assert m["trpo/accepted"] == 0.0 and m["trpo/backtracks"] == 2.0 and m["train/skipped_total"] == 1
+    assert m["trpo/accepted"] == 0.0 and m["trpo/backtracks"] == 2.0
+    assert m["train/skipped_total"] == 0  # a rejected line search is TRPO working, not a bad step
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.model.parameters()))
 
 

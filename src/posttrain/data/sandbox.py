@@ -4,15 +4,18 @@ Every run gets a fresh process in its own session, an empty temporary working di
 an empty environment, resource limits and a wall-clock deadline; stdout/stderr are capped.
 Isolation backends, strongest first (chosen by `detect_backend`, or forced by `backend=`):
 
-- ``"bwrap"``: bubblewrap with every namespace unshared (no network, private /tmp, a
-  read-only view of the host filesystem, its own pid namespace), started under the run's
-  unprivileged uid (as root we drop to it with ``setpriv`` before bwrap).
-- ``"unshare"``: util-linux ``unshare`` (mount, net, pid, ipc, uts namespaces; /tmp and
-  /dev/shm replaced by private tmpfs) and ``setpriv`` to drop to an unprivileged uid with
-  no capabilities and ``no_new_privs``. Needs root or unprivileged user namespaces.
+- ``"bwrap"``: bubblewrap with every namespace unshared (no network, its own pid
+  namespace) and the minimal root of `posttrain.data.sandbox_mounts` (read-only system
+  directories and interpreter, a private size-capped /tmp as the only writable place, no
+  host home, no host sockets), started under the run's unprivileged uid (as root we drop
+  to it with ``setpriv`` before bwrap).
+- ``"unshare"``: util-linux ``unshare`` (mount, net, pid, ipc, uts namespaces) building the
+  same minimal root with a shell script and ``pivot_root``, then ``setpriv`` to drop to an
+  unprivileged uid (as an ordinary user: to no capabilities) with ``no_new_privs``. Needs
+  root or unprivileged user namespaces.
 - ``"rlimits"``: resource limits, a new session, an unprivileged uid when we are root, and
-  nothing else (network is NOT blocked). Used only when neither tool works; a warning is
-  logged once.
+  nothing else (network, host files and total disk use are NOT isolated). Used only when
+  neither tool works; a warning is logged once.
 
 With a pid namespace, the program is pid 1 of its namespace: when it exits or we kill the
 launcher, the kernel kills every process it left behind (fork bombs included). Without one
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import selectors
 import shutil
 import signal
@@ -38,6 +40,16 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+
+from posttrain.data.sandbox_limits import _acquire_uid, _kill_uid, _preexec, _prlimit_prefix, _release_uid
+from posttrain.data.sandbox_mounts import (  # noqa: F401 - _MOUNT_SCRIPT, _unshare_prefix: tests
+    _MOUNT_SCRIPT,
+    _bwrap_args,
+    _setpriv_prefix,
+    _unshare_prefix,
+    command,
+    unshare_setup,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +76,9 @@ class SandboxLimits:
     max_open_files: RLIMIT_NOFILE.
     max_processes: RLIMIT_NPROC for the run's uid (threads count too).
     max_output_bytes: stdout and stderr are each cut at this size and the run is killed.
+    disk_mb: everything the program may write in total (work dir, home, /tmp: one private
+        tmpfs of this size, plus 1 MiB of /dev/shm), never on the host's disk; bwrap and
+        unshare only — the rlimits fallback has no private filesystem (see the module doc).
     """
 
     cpu_time_s: int = 2
@@ -73,6 +88,7 @@ class SandboxLimits:
     max_open_files: int = 64
     max_processes: int = 32
     max_output_bytes: int = 1 << 20
+    disk_mb: int = 64
 
 
 @dataclass
@@ -123,13 +139,33 @@ def _probe(cmd: list[str]) -> bool:
     return r.returncode == 0
 
 
-def _probe_bwrap(bwrap: str, true: str) -> bool:
+def _probe_in_workdir(make_cmd) -> bool:
+    """Run make_cmd(workdir) in a scratch work dir holding an empty main.py."""
     probe_dir = tempfile.mkdtemp(prefix="posttrain-sandbox-probe-")
     os.chmod(probe_dir, 0o755)
     try:
-        return _probe(_setpriv_prefix(65534) + [bwrap, *_bwrap_args(probe_dir), true])
+        with open(os.path.join(probe_dir, "main.py"), "w") as f:
+            f.write("")
+        os.chmod(os.path.join(probe_dir, "main.py"), 0o644)
+        try:
+            r = subprocess.run(make_cmd(probe_dir), cwd=probe_dir, stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=10)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
+
+
+def _probe_bwrap(bwrap: str, true: str) -> bool:
+    python = default_python()
+    return _probe_in_workdir(lambda d: _setpriv_prefix(65534) + [bwrap, *_bwrap_args(d, 1, python), true])
+
+
+def _probe_unshare(true: str) -> bool:
+    """Whether the unshare backend can build its minimal root here (root, or unprivileged
+    user namespaces)."""
+    return _probe_in_workdir(lambda d: unshare_setup(1, default_python(), None) + [true])
 
 
 def detect_backend() -> str:
@@ -146,9 +182,7 @@ def detect_backend() -> str:
         bwrap = shutil.which("bwrap")
         if bwrap and _probe_bwrap(bwrap, true):
             choice = "bwrap"
-        elif shutil.which("unshare") and _probe(
-            _unshare_prefix() + ["/bin/sh", "-c", _MOUNT_SCRIPT, "sh", true]
-        ):
+        elif shutil.which("unshare") and _probe_unshare(true):
             choice = "unshare"
         else:
             logger.warning(
@@ -159,218 +193,7 @@ def detect_backend() -> str:
         return choice
 
 
-# ---------------------------------------------------------------- command building
-
-# Runs as root inside the new mount namespace: hide the host's shared scratch dirs behind
-# private tmpfs mounts. The run's work dir usually lives under /tmp, so it is bind-mounted
-# back at the same path afterwards (with -c, "." is resolved by the kernel against the cwd, which a
-# process keeps even after its path is mounted over).
-_MOUNT_SCRIPT = (
-    'W="$PWD"; mount --make-rprivate / 2>/dev/null; '
-    "for d in /tmp /var/tmp /dev/shm; do "
-    '[ -d "$d" ] && mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$d"; done; '
-    'mkdir -p "$W" && mount -c --bind . "$W" && cd "$W" || exit 125; '
-    # Not exec: this shell stays pid 1 so a signal death of the program comes back as
-    # 128+signo (unshare itself cannot re-raise SIGKILL faithfully).
-    '"$@"; exit $?'
-)
-
-
-def _unshare_prefix() -> list[str]:
-    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-    return [
-        "unshare",
-        *user,
-        "--mount",
-        "--net",
-        "--pid",
-        "--ipc",
-        "--uts",
-        "--fork",
-        "--kill-child",
-        "--mount-proc",
-    ]
-
-
-def _setpriv_prefix(uid: int) -> list[str]:
-    if os.geteuid() != 0:
-        return []
-    return [
-        "setpriv",
-        f"--reuid={uid}",
-        f"--regid={uid}",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-        "--no-new-privs",
-    ]
-
-
-def _bwrap_args(workdir: str) -> list[str]:
-    # Mount order matters: the private /tmp comes first, then the work dir (usually under
-    # /tmp) is bound back at its own path on top of it.
-    return [
-        "--unshare-all",
-        "--die-with-parent",
-        "--new-session",
-        "--cap-drop",
-        "ALL",
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/var/tmp",
-        "--bind",
-        workdir,
-        workdir,
-        "--chdir",
-        workdir,
-        "--clearenv",
-        "--unsetenv",
-        "PWD",
-    ]
-
-
-# The program's first act is to write one byte to the start pipe and close it. A run whose
-# byte never arrived failed inside the launcher chain (a sandbox error); once it arrived,
-# every outcome belongs to the program, so no exit code it picks can pose as an
-# infrastructure failure.
-_BOOTSTRAP = (
-    "import os as _o; _o.write({fd}, b'S'); _o.close({fd}); del _o; "
-    "__file__ = 'main.py'; exec(compile(open('main.py', encoding='utf-8').read(), 'main.py', 'exec'))"
-)
-
-
-def _command(backend: str, python: str, workdir: str, uid: int, start_fd: int) -> list[str]:
-    # -I: ignore PYTHON* env vars and the user site; -S: no site-packages (stdlib only);
-    # -B: no .pyc writes.
-    prog = [python, "-I", "-S", "-B", "-c", _BOOTSTRAP.format(fd=start_fd)]
-    if backend == "bwrap":
-        # As root, drop to the run's uid *before* bwrap: bwrap then maps that uid into its
-        # user namespace, so host files keep their real owners (run as root, bwrap would map
-        # the sandbox uid to root and let it read root's 0600 files).
-        return _setpriv_prefix(uid) + [shutil.which("bwrap") or "bwrap", *_bwrap_args(workdir), *prog]
-    if backend == "unshare":
-        env_clear = [shutil.which("env") or "/usr/bin/env", "-i"]  # drop the shell's PWD/OLDPWD
-        return _unshare_prefix() + [
-            "/bin/sh",
-            "-c",
-            _MOUNT_SCRIPT,
-            "sh",
-            *env_clear,
-            *_setpriv_prefix(uid),
-            *prog,
-        ]
-    return _setpriv_prefix(uid) + prog
-
-
-# ---------------------------------------------------------------- uid allocation
-
-_uid_lock = threading.Lock()
-_uids_in_use: set[int] = set()
-_uid_cursor = (os.getpid() * 7919) % 4096
-
-
-def _acquire_uid(base: int, span: int) -> int:
-    """A uid no other live run of this process uses, so per-uid limits and the final
-    kill-all-of-uid sweep touch only this run. (Runs in other processes may collide; the
-    pid namespace backends do not rely on the sweep.)"""
-    global _uid_cursor
-    with _uid_lock:
-        # Rotate rather than reuse: killed processes of a previous run may linger as
-        # zombies until reaped and would still count against the next run's RLIMIT_NPROC.
-        for _ in range(span):
-            _uid_cursor = (_uid_cursor + 1) % span
-            uid = base + _uid_cursor
-            if uid not in _uids_in_use:
-                _uids_in_use.add(uid)
-                return uid
-    raise RuntimeError("sandbox: no free uid")
-
-
-def _release_uid(uid: int) -> None:
-    with _uid_lock:
-        _uids_in_use.discard(uid)
-
-
-def _kill_uid(uid: int) -> None:
-    """Kill every process owned by `uid` (catches programs that escaped the process group
-    with setsid when no pid namespace contains them)."""
-    if os.geteuid() != 0:
-        return
-    for _ in range(3):
-        found = False
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    os.kill(int(entry), signal.SIGKILL)
-                    found = True
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
-        if not found:
-            return
-        time.sleep(0.01)
-
-
 # ---------------------------------------------------------------- running
-
-
-def _rlimit_values(limits: SandboxLimits) -> dict[str, tuple[int, int]]:
-    mb = 1 << 20
-    cpu = max(1, int(limits.cpu_time_s))
-    return {
-        "cpu": (cpu, cpu + 1),  # soft: SIGXCPU; hard one second later: SIGKILL
-        "as": (limits.memory_mb * mb,) * 2,
-        "fsize": (limits.file_size_mb * mb,) * 2,
-        "nofile": (limits.max_open_files,) * 2,
-        "core": (0, 0),
-        "nproc": (_nproc_budget(limits.max_processes),) * 2,
-    }
-
-
-def _nproc_budget(max_processes: int) -> int:
-    """RLIMIT_NPROC counts *all* processes of the uid. As root each run has a fresh uid, so
-    the budget is the run's own; as an ordinary user the program shares the uid with the
-    user's other processes, so the budget is added on top of what already runs."""
-    if os.geteuid() == 0:
-        return max_processes
-    mine = 0
-    for entry in os.listdir("/proc"):
-        try:
-            mine += entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == os.geteuid()
-        except OSError:
-            continue
-    return mine + max_processes
-
-
-def _prlimit_prefix(limits: SandboxLimits) -> list[str] | None:
-    """Limits applied by exec'ing through util-linux prlimit (no Python code between fork
-    and exec, which `preexec_fn` would need and which is unsafe in a threaded caller)."""
-    tool = shutil.which("prlimit")
-    if tool is None:
-        return None
-    return [tool, *(f"--{k}={soft}:{hard}" for k, (soft, hard) in _rlimit_values(limits).items()), "--"]
-
-
-def _preexec(limits: SandboxLimits):
-    """Fallback when prlimit is missing: set the same limits between fork and exec."""
-    names = {"cpu": "RLIMIT_CPU", "as": "RLIMIT_AS", "fsize": "RLIMIT_FSIZE", "nofile": "RLIMIT_NOFILE"}
-    names.update(core="RLIMIT_CORE", nproc="RLIMIT_NPROC")
-    values = [(getattr(resource, names[k]), v) for k, v in _rlimit_values(limits).items()]
-
-    def apply() -> None:
-        for res, v in values:
-            resource.setrlimit(res, v)
-
-    return apply
 
 
 def _world_executable(path: str) -> bool:
@@ -444,7 +267,7 @@ def run_program(
         # The launcher tools (unshare, sh, setpriv) run under the same caps; they are small.
         prefix = _prlimit_prefix(limits)
         proc = subprocess.Popen(
-            (prefix or []) + _command(backend, python, workdir, uid, start_w),
+            (prefix or []) + command(backend, python, workdir, uid, start_w, limits.disk_mb),
             pass_fds=(start_w,),
             cwd=workdir,
             env={},  # empty environment: nothing of the parent's leaks in

@@ -507,8 +507,10 @@ def _summarize_model(cfg: BenchConfig, per: dict, traces: dict[str, list[dict]])
 
 
 def _write(out: Path, results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(format_markdown(results))
+    from posttrain.train.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "results.md", format_markdown(results))
     print(format_markdown(results))
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
-from posttrain.errors import ConfigError, TrainingError
+from posttrain.errors import ConfigError, PosttrainError, TrainingError
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 FORMAT_VERSION = 1
@@ -257,7 +257,11 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint: the `latest` pointer, else the highest step dir."""
+        """The newest complete checkpoint: the `latest` pointer, else the highest step dir.
+
+        A re-save interrupted between its two renames is completed first (see `recover`).
+        """
+        self.recover()
         pointer = self.dir / "latest"
         if pointer.is_file():
             target = self.dir / pointer.read_text().strip()
@@ -299,7 +303,7 @@ class CheckpointManager:
         except (TypeError, ValueError) as e:
             raise TrainingError(f"checkpoint state for step {step} is not JSON-serialisable: {e}") from None
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps()
+        self.recover()
         name = f"step-{step:06d}"
         final = self.dir / name
         tmp = self.dir / f".tmp-{name}-{os.getpid()}"
@@ -345,12 +349,28 @@ class CheckpointManager:
         self._prune(keep_also=final)
         return final
 
-    def _remove_stale_temps(self) -> None:
-        # Left behind by a process killed mid-save; never a complete checkpoint.
-        for p in self.dir.glob(".tmp-step-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        for p in self.dir.glob(".old-step-*"):
-            shutil.rmtree(p, ignore_errors=True)
+    def recover(self) -> None:
+        """Finish or undo what a process killed inside `save` left behind.
+
+        Re-saving an existing step moves the old copy to ``.old-step-N-*`` and then renames
+        the new one (``.tmp-step-N-*``) into place; a kill between the two renames leaves
+        no ``step-N``. The complete new copy (meta.json present) is renamed into place, else
+        the old one is put back; any other temp directory is incomplete and removed.
+        Called under the run directory's lock (rundir.run_lock).
+        """
+        if not self.dir.is_dir():
+            return
+        for prefix in (".tmp-", ".old-"):
+            for p in sorted(self.dir.glob(f"{prefix}step-*")):
+                name = p.name[len(prefix) :].rsplit("-", 1)[0]
+                final = self.dir / name
+                if _STEP_RE.match(name) and (p / "meta.json").is_file() and not final.exists():
+                    os.replace(p, final)
+                    _fsync_dir(self.dir)
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+        for p in self.dir.glob(".latest.tmp-*"):  # a pointer rewrite cut short
+            p.unlink(missing_ok=True)
 
     def _prune(self, keep_also: Path) -> None:
         found = self.checkpoints()
@@ -377,7 +397,22 @@ class CheckpointManager:
         path = Path(path)
         if not (path / "meta.json").is_file():
             raise ConfigError(f"not a complete checkpoint (no meta.json): {path}")
-        meta = json.loads((path / "meta.json").read_text())
+        try:
+            return self._load(path, models, optimizers, schedulers, restore_rng)
+        except PosttrainError:
+            raise
+        except Exception as e:  # a truncated or altered file: name it instead of a traceback
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise TrainingError(
+                f"checkpoint {path} is damaged ({type(e).__name__}: {first}); remove it to resume from an older one"
+            ) from None
+
+    def _load(self, path: Path, models, optimizers, schedulers, restore_rng: bool) -> dict:
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            meta["models"], meta["step"]  # noqa: B018 - the keys every checkpoint has
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"checkpoint {path} is damaged: meta.json unreadable ({e!r:.80})") from None
         for mname, module in models.items():
             if mname not in meta["models"]:
                 raise TrainingError(f"checkpoint {path} has no model {mname!r} (has {meta['models']})")

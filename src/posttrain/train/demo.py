@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.train.config import RunSection, save_config
+from posttrain.train.config import RunSection
 
 # Test-split rows written next to the SFT training file: only the SFT eval loss reads them.
 _SFT_EVAL_ROWS = 32
@@ -132,6 +132,11 @@ class DemoConfig:
         default=20, metadata=_h("Held-out evaluation every N GRPO steps (for the accuracy plot); 0 = off.")
     )
     run: DemoRun = field(default_factory=DemoRun, metadata=_h("Run directory and seed."))
+
+    def __post_init__(self) -> None:
+        from posttrain.train.config_checks import check_preset
+
+        check_preset("preset", self.preset)
 
 
 def _stage_configs(cfg: DemoConfig, root: Path):
@@ -263,6 +268,7 @@ def _cpu_seconds() -> float:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run SFT -> GRPO -> evaluation; print a before/after table; write plots and report."""
+    from posttrain.train.checkpoint import atomic_write_text
     from posttrain.train.offline import run_sft
     from posttrain.train.plots import plot_run
     from posttrain.train.report import write_report
@@ -278,14 +284,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(
         f"[1/3] SFT warm start: {cfg.preset} model, {cfg.sft_steps} steps on {cfg.task} solutions", flush=True
     )
-    save_config(sft_cfg, root / "sft" / "config.yaml")
-    run_sft(sft_cfg)
+    run_sft(sft_cfg)  # each stage writes its own config.yaml once its inputs are checked
     t_sft = time.perf_counter() - t0
 
     print(
         f"[2/3] GRPO: {cfg.rl_steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}", flush=True
     )
-    save_config(rl_cfg, root / "rl" / "config.yaml")
     rl = run_rl(rl_cfg)
     t_rl = time.perf_counter() - t0 - t_sft
 
@@ -309,8 +313,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "report": str(report),
         "final_model": rl.get("final_model"),
     }
-    (root / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (root / "results.md").write_text(table + "\n")
+    atomic_write_text(root / "demo.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(root / "results.md", table + "\n")
     print()
     print(table)
     print(

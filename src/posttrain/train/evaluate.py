@@ -92,6 +92,15 @@ class EvalSamplingSection:
         metadata=_h("Text inserted before </think> when the thinking budget cuts a sample."),
     )
 
+    def __post_init__(self) -> None:
+        from posttrain.train.config_checks import check_range, check_sampling
+
+        check_sampling(
+            "sampling", temperature=self.temperature, max_new_tokens=self.max_new_tokens, greedy_ok=True
+        )
+        check_range("sampling.top_p", self.top_p, 0, 1, lo_open=True)
+        check_range("sampling.batch_size", self.batch_size, 1)
+
 
 @dataclass
 class EvalScorerSection:

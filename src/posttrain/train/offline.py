@@ -25,6 +25,8 @@ import torch
 from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection, OptimSection, RunSection
+from posttrain.train.config_checks import check_range, check_sampling
+from posttrain.train.input_checks import check_context, check_fills_a_batch, offline_tokens
 from posttrain.train.offline_data import (
     KIND,
     encode_pairs,
@@ -98,6 +100,10 @@ class OfflineDataSection:
             "reasoning stripped from the completion)."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_range("data.no_think_fraction", self.no_think_fraction, 0, 1)
+        check_range("data.max_prompt_tokens", self.max_prompt_tokens, 0)
 
 
 @dataclass
@@ -197,6 +203,11 @@ class OfflineTrainSection:
         default=4, metadata={"help": "Samples per held-out prompt for eval/accuracy_sampled."}
     )
 
+    def __post_init__(self) -> None:
+        check_sampling(
+            "train", temperature=self.eval_temperature, max_new_tokens=self.max_new_tokens, greedy_ok=True
+        )
+
 
 @dataclass
 class SFTAlgoSection:
@@ -242,6 +253,9 @@ class RMAlgoSection:
         default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
     )
 
+    def __post_init__(self) -> None:
+        check_range("algo.head_init_std", self.head_init_std, 0)
+
 
 @dataclass
 class PRMAlgoSection:
@@ -263,6 +277,9 @@ class PRMAlgoSection:
     head_init_std: float | None = field(
         default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
     )
+
+    def __post_init__(self) -> None:
+        check_range("algo.head_init_std", self.head_init_std, 0)
 
 
 @dataclass
@@ -295,6 +312,10 @@ class PreferenceAlgoSection:
             "training gap (gap), or weight all pairs 1 (none)."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_range("algo.beta", self.beta, 0, lo_open=True)
+        check_range("algo.nll_weight", self.nll_weight, 0)
 
 
 @dataclass
@@ -421,6 +442,12 @@ def _lora(m: ModelSection) -> dict | None:
     return {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
 
 
+def _check_context(m: ModelSection, items: list[dict]) -> None:
+    """Sequences past the model's context window, refused before the model is built."""
+    lengths = [(f"training row {i + 1}", offline_tokens(it)) for i, it in enumerate(items)]
+    check_context(m.path or m.preset, lengths, "data.max_prompt_tokens")
+
+
 def _policy(m: ModelSection, tokenizer):
     from posttrain.engines.models import load_model
 
@@ -455,8 +482,12 @@ def _tag(items: list[dict], split: str) -> list[dict]:
 # --------------------------------------------------------------------------- entry points
 
 
-def build_sft(cfg: SFTConfig):
-    """(SFTMethod, tokenizer) for `cfg`: seeded model, tokenized train / held-out rows."""
+def build_sft(cfg: SFTConfig, *, min_rows: int = 0):
+    """(SFTMethod, tokenizer) for `cfg`: seeded model, tokenized train / held-out rows.
+
+    min_rows: fewer usable training rows than this is a DataError raised before the model
+    is built (run_* pass train.batch_size: a batch never repeats rows).
+    """
     from posttrain.train.offline_methods import SFTMethod
 
     _seed_everything(cfg.run.seed)
@@ -472,6 +503,8 @@ def build_sft(cfg: SFTConfig):
         shortest = shortest_per_prompt
     split = load_split(cfg.data, KIND["sft"], messages=cfg.data.messages, transform=shortest)
     train_items = encode_sft(split.train, tokenizer, cfg.data, split.source)
+    check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
+    _check_context(cfg.model, train_items)
     eval_items = encode_sft(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     model = _policy(cfg.model, tokenizer)
     method = SFTMethod(
@@ -481,7 +514,7 @@ def build_sft(cfg: SFTConfig):
     return method, tokenizer
 
 
-def build_rm(cfg: RMConfig):
+def build_rm(cfg: RMConfig, *, min_rows: int = 0):
     """(RewardModelMethod, tokenizer) for `cfg`."""
     from posttrain.train.offline_methods import RewardModelMethod
 
@@ -496,6 +529,8 @@ def build_rm(cfg: RMConfig):
     train_items = encode_pairs(
         split.train, tokenizer, cfg.data, split.source, margin_column=margin, append_eos=False
     )
+    check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
+    _check_context(cfg.model, train_items)
     eval_items = (
         encode_pairs(
             split.eval, tokenizer, cfg.data, split.source + " (eval)", margin_column=margin, append_eos=False
@@ -528,7 +563,7 @@ def _build_pointwise_rm(cfg: RMConfig):
     return PointwiseRewardMethod(cfg, model, tokenizer, train_items, eval_items), tokenizer
 
 
-def build_prm(cfg: PRMConfig):
+def build_prm(cfg: PRMConfig, *, min_rows: int = 0):
     """(PRMMethod, tokenizer) for `cfg`."""
     from posttrain.train.offline_methods import PRMMethod
 
@@ -536,6 +571,8 @@ def build_prm(cfg: PRMConfig):
     tokenizer = _tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["prm"])
     train_items = encode_steps(split.train, tokenizer, cfg.data, split.source)
+    check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
+    _check_context(cfg.model, train_items)
     eval_items = encode_steps(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
     traces = eval_items  # whole held-out traces for the first-wrong-step metrics
     if cfg.algo.until_first_error:
@@ -686,7 +723,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     """Supervised fine-tuning; returns the loop summary (losses, eval, output paths)."""
     from posttrain.train.offline_loop import train_offline
 
-    method, tokenizer = build_sft(cfg)
+    method, tokenizer = build_sft(cfg, min_rows=cfg.train.batch_size)  # refused before the model
     summary = train_offline(cfg, method, tokenizer=tokenizer)
     if method.data_filter is not None:
         summary["data_filter"] = method.data_filter
@@ -697,7 +734,7 @@ def run_rm(cfg: RMConfig) -> dict:
     """Bradley–Terry reward model; run_dir/final loads with AutoModelForSequenceClassification."""
     from posttrain.train.offline_loop import train_offline
 
-    method, tokenizer = build_rm(cfg)
+    method, tokenizer = build_rm(cfg, min_rows=cfg.train.batch_size)  # refused before the model
     return train_offline(cfg, method, tokenizer=tokenizer)
 
 
@@ -705,7 +742,7 @@ def run_prm(cfg: PRMConfig) -> dict:
     """Process reward model; run_dir/final holds the model and prm.json (separator)."""
     from posttrain.train.offline_loop import train_offline
 
-    method, tokenizer = build_prm(cfg)
+    method, tokenizer = build_prm(cfg, min_rows=cfg.train.batch_size)  # refused before the model
     return train_offline(cfg, method, tokenizer=tokenizer)
 
 

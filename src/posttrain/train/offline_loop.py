@@ -28,8 +28,10 @@ import torch
 from posttrain.engines.fastpath import fallback_counts, fallback_metrics
 from posttrain.errors import ConfigError
 from posttrain.train.checkpoint import CheckpointManager
+from posttrain.train.input_checks import check_context, check_fills_a_batch, offline_tokens
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
 from posttrain.train.optim import BadStepGuard, build_optimizer, build_scheduler, guarded_step
+from posttrain.train.rundir import begin_run, resume_point, run_lock
 
 
 class OfflineMethod(Protocol):
@@ -117,9 +119,19 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
     Summary: steps, skipped steps, first/last training loss, final eval metrics, output
     paths.
     """
-    run_dir = Path(cfg.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(cfg.run.output_dir) as run_dir:
+        return _train_offline(cfg, method, run_dir, tokenizer)
+
+
+def _train_offline(cfg, method: OfflineMethod, run_dir: Path, tokenizer) -> dict:
     n_items = len(method.train_items)
+    check_fills_a_batch(n_items, cfg.train.batch_size, "train.batch_size", "training data")
+    for model in method.models.values():
+        check_context(
+            model,
+            [(f"training row {i + 1}", offline_tokens(it)) for i, it in enumerate(method.train_items)],
+            "data.max_prompt_tokens",
+        )
     steps = total_steps(cfg.train, n_items)
     params = [p for m in method.models.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim)
@@ -128,13 +140,14 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
     ckpt = CheckpointManager(run_dir, keep=cfg.run.keep_checkpoints)
 
     start, resumed = 0, False
-    latest = ckpt.latest() if cfg.run.resume else None
+    latest = resume_point(ckpt, cfg.run.resume)
     if latest is not None:
         state = ckpt.load(
             latest, models=method.models, optimizers={"main": optimizer}, schedulers={"main": scheduler}
         )
         start, resumed = int(state["step"]), True
         guard.load_state_dict(state["guard"])
+    begin_run(run_dir, cfg, resumed=resumed)
     logger = MetricsLogger(
         run_dir,
         tensorboard=cfg.run.tensorboard,
@@ -160,13 +173,17 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
                 for i in batch_indices(step, cfg.train.batch_size, n_items, cfg.run.seed)
             ]
             loss, sums = run_microbatches(method, items, cfg.train.micro_batch_size, train=True)
-            result = guarded_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, loss=loss)
+            result = guarded_step(
+                params, optimizer, scheduler, cfg.optim.max_grad_norm, loss=loss,
+                max_update_ratio=cfg.optim.max_update_ratio,
+            )  # fmt: skip
             guard.update(result, step + 1)
             metrics = {
                 "train/loss": loss,
                 "optim/lr": result.lr,
                 "optim/grad_norm": result.grad_norm,
                 "train/skipped_step": 0.0 if result.ok else 1.0,
+                "train/rolled_back_step": 1.0 if result.rolled_back else 0.0,
                 "train/epoch": (step + 1) * cfg.train.batch_size / n_items,
             }
             metrics.update(method.summarize(sums))

@@ -15,21 +15,27 @@ import torch
 
 from posttrain.errors import ConfigError, ModelError, TrainingError
 from posttrain.train.config import OptimSection
+from posttrain.train.config_checks import validate_optim
 
 
 @dataclass
 class StepResult:
     """Outcome of one `guarded_step`.
 
-    ok: True when the update was applied; False when it was skipped (non-finite loss/grad).
+    ok: True when the update was applied; False when it was skipped (non-finite loss/grad)
+        or rolled back (see `guarded_step`).
     grad_norm: global L2 norm of the gradients before clipping (inf / nan when non-finite).
     lr: learning rate of the first param group used for this step (before the scheduler
         advanced).
+    rolled_back: True when the update was applied, found exploding and undone.
+    update_ratio: the update's `update_ratio` (0.0 when not measured).
     """
 
     ok: bool
     grad_norm: float
     lr: float = 0.0
+    rolled_back: bool = False
+    update_ratio: float = 0.0
 
 
 def _trainable(params: Iterable) -> list:
@@ -55,12 +61,7 @@ def build_optimizer(params: Iterable, cfg: OptimSection) -> torch.optim.AdamW:
     The fused kernel is used only when every parameter lives on CUDA; on CPU `fused=False`
     (the fused CPU path is slower and less portable for the tiny models used there).
     """
-    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
-        raise ConfigError(f"optim.lr must be a positive finite number, got {cfg.lr}")
-    if cfg.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay must be >= 0, got {cfg.weight_decay}")
-    if not all(0.0 <= b < 1.0 for b in cfg.betas):
-        raise ConfigError(f"optim.betas must lie in [0, 1), got {list(cfg.betas)}")
+    validate_optim(cfg)  # again: a section's fields may have been set after it was built
     groups = _trainable(params)
     flat = [p for g in groups for p in g["params"]] if isinstance(groups[0], dict) else groups
     on_cuda = all(p.is_cuda for p in flat)
@@ -134,6 +135,44 @@ def _params_of(model_params: Iterable) -> list[torch.Tensor]:
     return out
 
 
+def _snapshot(params: list[torch.Tensor], optimizer: torch.optim.Optimizer):
+    """Copies of the weights and of the optimizer state, for `_restore`."""
+    weights = [p.detach().clone() for p in params]
+    state = {
+        p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
+        for p in params
+        if p in optimizer.state
+    }
+    return weights, state  # the step replaces optimizer.state[p] entries in place: copies needed
+
+
+def _restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, snapshot) -> None:
+    weights, state = snapshot
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    for p in params:
+        if p in state:
+            optimizer.state[p] = state[p]
+        else:
+            optimizer.state.pop(p, None)
+
+
+def update_ratio(params: list[torch.Tensor], before: list[torch.Tensor]) -> float:
+    """‖w_after − w_before‖ / max(‖w_before‖, 1) over all tensors (global L2 norms).
+
+    The floor of 1 keeps all-zero or tiny weights trainable: an update of norm up to
+    `max_update_ratio` is then always accepted. NaN or inf when an update made a weight
+    non-finite.
+    """
+    if not params:
+        return 0.0
+    deltas = torch._foreach_sub([p.detach() for p in params], before)
+    d = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(deltas)]))
+    w = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(before)]))
+    return float(d / w.clamp(min=1.0))
+
+
 def guarded_step(
     model_params: Iterable,
     optimizer: torch.optim.Optimizer,
@@ -141,16 +180,21 @@ def guarded_step(
     max_grad_norm: float,
     *,
     loss: float | torch.Tensor | None = None,
+    max_update_ratio: float = 0.0,
 ) -> StepResult:
-    """Clip gradients and apply one update, unless the loss or gradient is non-finite.
+    """Clip gradients and apply one update, unless it is bad.
 
     model_params: the parameters whose `.grad` was filled by backward (params or groups).
     max_grad_norm: clip threshold for the global L2 norm; <= 0 only measures the norm.
     loss: the (detached or not) loss of this step; a NaN/inf loss skips the update even if
         the gradients happen to be finite.
-    On skip: gradients are zeroed, neither optimizer nor scheduler steps, weights and
-    optimizer moments stay bit-identical. On success: optimizer and scheduler step and
-    gradients are zeroed (set to None) for the next accumulation.
+    max_update_ratio: > 0 rolls back an applied update whose `update_ratio` exceeds it or is
+        non-finite (the update made a weight non-finite or exploded, e.g. lr far too high):
+        weights and optimizer state are restored from a copy taken before the step; 0 skips
+        the check and the copy.
+    On a bad step (skipped or rolled back): gradients are zeroed, the scheduler does not
+    step, weights and optimizer moments are bit-identical to before. On success: optimizer
+    and scheduler step and gradients are zeroed (set to None) for the next accumulation.
     """
     params = [p for p in _params_of(model_params) if p.requires_grad]
     lr = float(optimizer.param_groups[0]["lr"])
@@ -164,22 +208,36 @@ def guarded_step(
     if not (loss_ok and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(ok=False, grad_norm=grad_norm, lr=lr)
-    optimizer.step()
+    snapshot = _snapshot(params, optimizer) if max_update_ratio > 0 else None
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # e.g. torch's Adam: "value cannot be converted ... without overflow"
+        if snapshot is None or "overflow" not in str(e):
+            raise
+        ratio = math.inf  # the step size itself overflowed; the update may be half applied
+    else:
+        ratio = update_ratio(params, snapshot[0]) if snapshot is not None else 0.0
+    optimizer.zero_grad(set_to_none=True)
+    if snapshot is not None and not ratio <= max_update_ratio:
+        _restore(params, optimizer, snapshot)
+        return StepResult(ok=False, grad_norm=grad_norm, lr=lr, rolled_back=True, update_ratio=ratio)
     if scheduler is not None:
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(ok=True, grad_norm=grad_norm, lr=lr)
+    return StepResult(ok=True, grad_norm=grad_norm, lr=lr, update_ratio=ratio)
 
 
 class BadStepGuard:
-    """Counts consecutive skipped steps and stops training past `max_bad_steps`.
+    """Counts consecutive bad steps and stops training past `max_bad_steps`.
 
-    A single NaN batch is tolerated (the step is skipped); a run that keeps producing
-    non-finite gradients has diverged and should stop with a clear error instead of
-    silently logging skipped steps forever. `max_bad_steps` <= 0 disables the limit.
+    A bad step is one `guarded_step` did not apply: a non-finite loss or gradient (skipped)
+    or an exploding update (rolled back). `max_bad_steps` = N tolerates N bad steps in a
+    row and stops training with a TrainingError at the (N+1)-th; 0 stops at the first.
+    The same meaning in every command (sft, rm, prm, dpo, rl).
     """
 
     def __init__(self, max_bad_steps: int):
+        if max_bad_steps < 0:
+            raise ConfigError(f"run.max_bad_steps must be >= 0, got {max_bad_steps}")
         self.max_bad_steps = max_bad_steps
         self.consecutive = 0
         self.total = 0
@@ -191,10 +249,16 @@ class BadStepGuard:
             return
         self.consecutive += 1
         self.total += 1
-        if 0 < self.max_bad_steps < self.consecutive:
+        if self.consecutive > self.max_bad_steps:
+            why = (
+                f"update/weight norm ratio {result.update_ratio:.3g} (rolled back)"
+                if result.rolled_back
+                else f"grad norm {result.grad_norm}"
+            )
             raise TrainingError(
-                f"step {step}: {self.consecutive} consecutive non-finite steps (grad norm "
-                f"{result.grad_norm}) exceed run.max_bad_steps={self.max_bad_steps}; lower optim.lr or check the data"
+                f"step {step}: {self.consecutive} consecutive bad optimizer steps (non-finite loss or "
+                f"gradient, or an exploding update; last: {why}) exceed run.max_bad_steps={self.max_bad_steps}; "
+                "lower optim.lr or check the data"
             )
 
     def state_dict(self) -> dict:

@@ -35,15 +35,15 @@ from posttrain.core.distill import anneal
 from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
 from posttrain.engines.fastpath import fallback_counts, fallback_metrics
-from posttrain.errors import TrainingError
 from posttrain.train.alerts import HackingMonitor, append_alerts, describe
-from posttrain.train.checkpoint import CheckpointManager
+from posttrain.train.checkpoint import CheckpointManager, atomic_write_text
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
-from posttrain.train.optim import build_optimizer, build_scheduler, guarded_step
+from posttrain.train.optim import BadStepGuard, build_optimizer, build_scheduler, guarded_step
 from posttrain.train.rl_checks import uses_reference
 from posttrain.train.rl_config import RLConfig, validate
 from posttrain.train.rl_roles import CriticRole, PolicyRole, RunningMean, ScoringRole
 from posttrain.train.rl_setup import build_components, collect, model_summary
+from posttrain.train.rundir import begin_run, resume_point, run_lock
 from posttrain.train.trpo import trpo_update
 
 __all__ = ["RLConfig", "RLTrainer", "run_rl", "plan"]
@@ -77,6 +77,7 @@ class RLTrainer:
         self.prompts = c["prompts"]
         self.eval_examples = c["eval_examples"]
         self.task = c["task"]
+        self._filter_record = c["difficulty_filter_record"]
         groups = [{"params": self.policy.parameters()}]
         if self.critic is not None:
             groups.append({"params": self.critic.parameters(), "lr": cfg.critic.lr or cfg.optim.lr})
@@ -89,8 +90,7 @@ class RLTrainer:
             self.kl_ctl = FixedKLController(self.p["kl_coef"])
         self.baseline = RunningMean(self.p["baseline_momentum"])
         self.step_count = 0
-        self.bad_in_a_row = 0
-        self.skipped_updates = 0
+        self.guard = BadStepGuard(cfg.run.max_bad_steps)
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.run.keep_checkpoints)
         self.monitor = HackingMonitor(cfg.alerts) if cfg.alerts.enabled else None
 
@@ -294,7 +294,7 @@ class RLTrainer:
         gen = torch.Generator().manual_seed(cfg.run.seed * 100_003 + step)
         sums: dict[str, float] = {}
         n_metric = 0
-        applied = skipped = empty = 0
+        applied = skipped = empty = rolled_back = 0
         grad_norms = []
         for _epoch in range(p["update_epochs"]):
             order = torch.randperm(B, generator=gen) if n_mb > 1 else torch.arange(B)
@@ -320,21 +320,14 @@ class RLTrainer:
                     n_metric += 1
                 sums["loss/total"] = sums.get("loss/total", 0.0) + _f(total)
                 result = guarded_step(
-                    self._train_params(), self.optimizer, self.scheduler, cfg.optim.max_grad_norm, loss=total
-                )
+                    self._train_params(), self.optimizer, self.scheduler, cfg.optim.max_grad_norm, loss=total,
+                    max_update_ratio=cfg.optim.max_update_ratio,
+                )  # fmt: skip
                 grad_norms.append(result.grad_norm)
-                if result.ok:
-                    applied += 1
-                    self.bad_in_a_row = 0
-                else:
-                    skipped += 1
-                    self.skipped_updates += 1
-                    self.bad_in_a_row += 1
-                    if self.bad_in_a_row >= cfg.run.max_bad_steps:
-                        raise TrainingError(
-                            f"{self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                            f"(step {step}); stopping (run.max_bad_steps={cfg.run.max_bad_steps})"
-                        )
+                applied += result.ok
+                skipped += not result.ok
+                rolled_back += result.rolled_back
+                self.guard.update(result, step)
         n_updates = max(1, applied + skipped)
         out = {k: v / max(1, n_metric) for k, v in sums.items() if k != "loss/total"}
         out["loss/total"] = sums.get("loss/total", 0.0) / n_updates
@@ -343,7 +336,8 @@ class RLTrainer:
             {
                 "train/updates": applied,
                 "train/skipped_updates": skipped,
-                "train/skipped_total": self.skipped_updates,
+                "train/rolled_back_updates": rolled_back,
+                "train/skipped_total": self.guard.total,
                 "train/empty_minibatches": empty,
                 "train/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
                 "train/lr": self.scheduler.get_last_lr()[0],
@@ -407,8 +401,8 @@ class RLTrainer:
         kl_state = self.kl_ctl.state_dict() if hasattr(self.kl_ctl, "state_dict") else {}
         return {
             "step": self.step_count,
-            "bad_in_a_row": self.bad_in_a_row,
-            "skipped_updates": self.skipped_updates,
+            "bad_in_a_row": self.guard.consecutive,
+            "skipped_updates": self.guard.total,
             "prompts": self.prompts.state_dict(),
             "kl_ctl": kl_state,
             "baseline": self.baseline.state_dict(),
@@ -444,8 +438,7 @@ class RLTrainer:
             schedulers={"scheduler": self.scheduler},
         )
         self.step_count = int(state["step"])
-        self.bad_in_a_row = int(state["bad_in_a_row"])
-        self.skipped_updates = int(state["skipped_updates"])
+        self.guard.load_state_dict({"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]})
         self.prompts.load_state_dict(state["prompts"])
         if state.get("kl_ctl") and hasattr(self.kl_ctl, "load_state_dict"):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -481,11 +474,19 @@ class RLTrainer:
 
     def train(self) -> dict[str, Any]:
         """Run until cfg.steps with logging, samples, eval, checkpoints; return a summary."""
+        with run_lock(self.run_dir):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         resume_step = None
-        if cfg.run.resume and self.ckpt.latest() is not None:
-            self.load_checkpoint(self.ckpt.latest())
+        latest = resume_point(self.ckpt, cfg.run.resume)
+        if latest is not None:
+            self.load_checkpoint(latest)
             resume_step = self.step_count - 1
+        begin_run(self.run_dir, cfg, resumed=latest is not None)
+        if self._filter_record is not None:
+            atomic_write_text(self.run_dir / "difficulty_filter.json", self._filter_record)
         logger = MetricsLogger(
             self.run_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, resume_step=resume_step
         )

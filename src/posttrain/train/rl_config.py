@@ -9,6 +9,7 @@ G < 2, batch sizes that do not divide, an unknown KL estimator, ...).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError
 from posttrain.train.alerts import AlertsSection, check_alerts
 from posttrain.train.config import ModelSection, OptimSection, RunSection
+from posttrain.train.config_checks import MAX_LR, check_preset, check_range, check_sampling
 from posttrain.train.prm_guide import PRMGuideSection, check_prm_guide
 
 
@@ -324,10 +326,20 @@ class RewardSpec:
 class RewardsSection:
     """Reward execution."""
 
-    timeout_s: float = field(default=10.0, metadata=_h("Per-call reward timeout."))
+    timeout_s: float = field(
+        default=10.0,
+        metadata=_h(
+            "Deadline of one reward call: the whole batch first; when that times out or raises, each "
+            "sample is scored alone under its own timeout_s, so a slow sample fails alone."
+        ),
+    )
     max_workers: int = field(default=2, metadata=_h("Parallel reward workers."))
     max_error_rate: float = field(
-        default=0.5, metadata=_h("Fraction of failed reward calls tolerated per step before RewardError.")
+        default=0.5,
+        metadata=_h(
+            "Fraction of samples with a reward error (raised, timed out, non-finite or |score| > 1e6) "
+            "tolerated per step before RewardError."
+        ),
     )
 
 
@@ -423,6 +435,18 @@ def _registry_check(registry, name: str, what: str) -> None:
         raise ConfigError(f"{what}: {registry.unknown_message(name)}")
 
 
+def _check_rollout(ro: RolloutSection) -> None:
+    """One-line ConfigError naming the `rollout.*` key of a sampling setting that cannot work."""
+    # RL samples, and the training forward divides the logits by the temperature: > 0.
+    check_sampling("rollout", temperature=ro.temperature, max_new_tokens=ro.max_new_tokens, greedy_ok=False)
+    check_range("rollout.top_p", ro.top_p, 0, 1, lo_open=True)
+    if any(not s for s in ro.stop_strings):
+        raise ConfigError(f"rollout.stop_strings must not contain an empty string, got {ro.stop_strings}")
+    if ro.top_k < 0 or ro.repetition_ngram < 0:
+        key = "top_k" if ro.top_k < 0 else "repetition_ngram"
+        raise ConfigError(f"rollout.{key} must be >= 0, got {getattr(ro, key)}")
+
+
 def validate(cfg: RLConfig) -> dict[str, Any]:
     """Check an RLConfig before any work; return the resolved pieces.
 
@@ -446,6 +470,26 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(
             f"rollout.prompts_per_step and rollout.group_size must be >= 1, got {ro.prompts_per_step}, {ro.group_size}"
         )
+    _check_rollout(ro)
+    ev, ex = cfg.eval, cfg.reward_exec
+    check_sampling("eval", temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, greedy_ok=True,
+                   zero_tokens_ok=True)  # fmt: skip
+    check_range("eval.n", ev.n, 0)
+    check_range("eval.every", ev.every, 0)
+    if not (math.isfinite(ex.timeout_s) and ex.timeout_s > 0) or ex.max_workers < 1:
+        key = "max_workers" if ex.max_workers < 1 else "timeout_s"
+        raise ConfigError(
+            f"reward_exec.{key} must be {'>= 1' if key == 'max_workers' else '> 0'}, got {getattr(ex, key)}"
+        )
+    if not 0.0 <= ex.max_error_rate <= 1.0:
+        raise ConfigError(f"reward_exec.max_error_rate must be in [0, 1], got {ex.max_error_rate}")
+    if cfg.critic.lr is not None and not 0 < cfg.critic.lr <= MAX_LR:
+        raise ConfigError(
+            f"critic.lr must be a positive finite number <= {MAX_LR:g} (or null), got {cfg.critic.lr}"
+        )
+    for key, aux in (("critic", cfg.critic), ("teacher", cfg.teacher)):
+        if aux.preset is not None and aux.path is None:
+            check_preset(f"{key}.preset", aux.preset)
     if p["advantage"] in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline") and ro.group_size < 2:
         raise ConfigError(
             f"algo.advantage {p['advantage']!r} compares samples of one prompt: rollout.group_size must be >= 2, got {ro.group_size}"
@@ -489,6 +533,9 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     from posttrain.data.rewards import REWARDS
 
     for i, spec in enumerate(cfg.rewards):
+        if not abs(spec.weight) <= 1e6:  # runner.MAX_ABS_REWARD; NaN fails too
+            raise ConfigError(f"rewards[{i}].weight must be a finite number within ±1e6, got {spec.weight}")
+        check_range(f"rewards[{i}].start_step", spec.start_step, 0)
         if spec.name not in REWARDS and ":" not in spec.name:  # "module:function" imports at build
             raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(spec.name)}")
         if "dense" in spec.options and spec.name != "prm":

@@ -21,6 +21,7 @@ import torch
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError, ModelError
+from posttrain.train.input_checks import check_context, check_fills_a_batch, check_reward_columns
 from posttrain.train.prm_guide import check_prm_guide_path, prm_guide_metrics, wrap_engine
 from posttrain.train.rl_checks import uses_reference
 from posttrain.train.rl_config import RLConfig, check_dense_reward
@@ -39,12 +40,11 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- building
 
 
-def _load_policy(cfg: RLConfig):
-    from posttrain.engines.models import load_model, load_tokenizer
+def _load_policy(cfg: RLConfig, tokenizer):
+    from posttrain.engines.models import load_model
 
     m = cfg.model
     source = m.path or m.preset
-    tokenizer = load_tokenizer(m.tokenizer or source)
     lora = None
     if m.lora_r > 0:
         lora = {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
@@ -57,7 +57,7 @@ def _load_policy(cfg: RLConfig):
         lora=lora,
         tokenizer=tokenizer,
     )
-    return tokenizer, model
+    return model
 
 
 def make_env_factory(cfg: RLConfig):
@@ -203,12 +203,22 @@ def build_rewards(cfg: RLConfig) -> RewardRole:
 
 def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     """Every role of the loop for `cfg` with resolved pieces `p` (see RLTrainer)."""
-    from posttrain.engines.models import build_value_model, load_model
+    from posttrain.engines.models import build_value_model, load_model, load_tokenizer
     from posttrain.engines.rollout import make_engine
 
     check_prm_guide_path(cfg)
-    tokenizer, model = _load_policy(cfg)
     ro = cfg.rollout
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path or cfg.model.preset)
+    # The data is read and checked before any model is built.
+    train_items, eval_examples, task = load_prompts(cfg, tokenizer)
+    source = cfg.data.path or f"task {cfg.data.task!r}"
+    check_fills_a_batch(len(train_items), ro.prompts_per_step, "rollout.prompts_per_step", source)
+    check_reward_columns(cfg.rewards, train_items, source)
+    lengths = [(f"prompt {it.id!r}", len(it.prompt_ids) + ro.max_new_tokens) for it in train_items]
+    key = "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)"
+    check_context(cfg.model.path or cfg.model.preset, lengths, key)  # before the model when it can
+    model = _load_policy(cfg, tokenizer)
+    check_context(model, lengths, key)
     policy = PolicyRole(model, temperature=ro.temperature)
     engine = make_engine(ro.engine, model, tokenizer)
     if ro.thinking_budget:
@@ -243,12 +253,12 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         for q in tmodel.parameters():
             q.requires_grad_(False)
         teacher = ScoringRole(tmodel, temperature=ro.temperature)
-    train_items, eval_examples, task = load_prompts(cfg, tokenizer)
     rewards = (
         build_rewards(cfg) if cfg.rewards else RewardRole([], timeout_s=1, max_workers=1, max_error_rate=1)
     )
+    filter_record = None
     if cfg.data.difficulty_filter_k > 0:
-        train_items = filter_by_difficulty(cfg, train_items, engine, rewards)
+        train_items, filter_record = filter_by_difficulty(cfg, train_items, engine, rewards)
     prompts = PromptSource(
         train_items, selection=cfg.data.selection, seed=cfg.run.seed, total_steps=cfg.steps
     )
@@ -263,29 +273,32 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         "prompts": prompts,
         "eval_examples": eval_examples,
         "task": task,
+        "difficulty_filter_record": filter_record,
     }
 
 
 def filter_by_difficulty(
     cfg: RLConfig, items: list[PromptItem], engine, rewards: RewardRole
-) -> list[PromptItem]:
+) -> tuple[list[PromptItem], str | None]:
     """Kimi k1.5 / Qwen3 difficulty filter: keep prompts the initial policy rarely solves.
+
+    Returns (kept items, the JSON record to write as difficulty_filter.json — None when it
+    was read back from a resumed run).
 
     Samples k = data.difficulty_filter_k responses per prompt (the run's sampling settings),
     counts successes (see `_success`) and keeps prompts with at most
     data.difficulty_filter_max_solved of them. The kept ids are written to
-    run_dir/difficulty_filter.json, and a resumed run reads them back instead of
+    run_dir/difficulty_filter.json when training starts, and a resumed run reads them back instead of
     re-filtering with the (by then trained) policy, so resume stays exact.
     """
     import json
 
     from posttrain.data.selection import difficulty_filter
-    from posttrain.train.checkpoint import atomic_write_text
 
     path = Path(cfg.run.output_dir) / "difficulty_filter.json"
     if cfg.run.resume and path.exists():
         kept_ids = set(json.loads(path.read_text())["kept"])
-        return [it for it in items if it.id in kept_ids]
+        return [it for it in items if it.id in kept_ids], None
     k = cfg.data.difficulty_filter_k
     params = replace(_sampling_params(cfg, {"keep_sampling_mask": False}, seed=cfg.run.seed * 7919 + 17), n=k)
 
@@ -313,19 +326,17 @@ def filter_by_difficulty(
             f"data.difficulty_filter_k={k}: every one of {len(items)} prompts was solved more than "
             f"{cfg.data.difficulty_filter_max_solved} times; raise data.difficulty_filter_max_solved or use harder data"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        path,
-        json.dumps(
-            {
-                "k": k,
-                "kept": [it.id for it in result.kept],
-                "counts": dict(zip([it.id for it in items], result.counts)),
-            }
-        ),
+    # Written by the trainer once the run starts writing (rundir.begin_run), never before:
+    # a run that fails later must not touch an existing run's copy.
+    record = json.dumps(
+        {
+            "k": k,
+            "kept": [it.id for it in result.kept],
+            "counts": dict(zip([it.id for it in items], result.counts)),
+        }
     )
     log.info("difficulty filter: kept %d of %d prompts (k=%d)", len(result.kept), len(items), k)
-    return result.kept
+    return result.kept, record
 
 
 def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:

@@ -105,12 +105,11 @@ def trpo_update(trainer, batch, step: int) -> dict[str, float]:
                 out["trpo/improve"] = loss_old - float(loss_new)
                 break
     if not accepted:
-        vector_to_parameters(theta_old, params)
+        vector_to_parameters(theta_old, params)  # a rejected line search: not a bad step
         frac, kl_new = 0.0, 0.0
-        trainer.skipped_updates += 1
     out.update({"trpo/accepted": float(accepted), "trpo/step_frac": frac, "trpo/kl": kl_new,
                 "trpo/backtracks": float(tries - 1 if accepted else tries), "train/updates": float(accepted),
-                "train/skipped_total": trainer.skipped_updates})  # fmt: skip
+                "train/skipped_total": trainer.guard.total})  # fmt: skip
     for param in params:
         param.grad = None
     if trainer.critic is not None:

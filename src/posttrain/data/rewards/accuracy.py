@@ -24,6 +24,7 @@ import weakref
 from pathlib import Path
 
 from posttrain.data.rewards import math_verifier
+from posttrain.data.rewards.runner import cancel_event
 from posttrain.errors import RewardError
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,10 @@ class MathVerifyPool:
     def check_many(
         self, golds: list[str], completions: list[str], think_open: list[bool] | None = None
     ) -> list:
-        """Score B completions in parallel over the workers; each check has its own budget."""
+        """Score B completions in parallel over the workers; each check has its own budget.
+
+        Stops taking new completions once the reward runner has given up on the call
+        (`runner.cancel_event`), so an abandoned batch frees the workers."""
         n = len(completions)
         think_open = think_open or [False] * n
         out: list = [None] * n
@@ -249,12 +253,13 @@ class MathVerifyPool:
         next_index = iter(range(n))
         lock = threading.Lock()
         failure: list[BaseException] = []
+        cancel = cancel_event()  # set when the reward runner gave up on this call
 
         def drain() -> None:
             while True:
                 with lock:
                     i = next(next_index, None)
-                if i is None or failure:
+                if i is None or failure or (cancel is not None and cancel.is_set()):
                     return
                 try:
                     out[i] = self.check(golds[i], completions[i], think_open=think_open[i])

@@ -7,9 +7,10 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from posttrain.data.rewards.runner import cancel_event
 from posttrain.data.rewards.text import with_open_think
-from posttrain.data.sandbox import SandboxLimits, run_tests
-from posttrain.errors import RewardError
+from posttrain.data.sandbox import SandboxLimits, detect_backend, run_tests
+from posttrain.errors import ConfigError, RewardError
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -48,9 +49,17 @@ def code_reward(
     A sandbox (infrastructure) failure raises RewardError, so the runner counts it as an
     error and excludes the sample instead of scoring a correct program 0.
     max_parallel: programs judged at once (each is its own sandboxed process).
-    cpu_time_s, wall_time_s, memory_mb, backend, python: see `posttrain.data.sandbox`.
+    cpu_time_s, wall_time_s, memory_mb, backend, python: see `posttrain.data.sandbox`. With
+        backend "auto" on a machine where only the rlimits fallback works (no isolation), the
+        reward refuses to be built (ConfigError) unless backend="rlimits" is asked for.
     """
     limits = SandboxLimits(cpu_time_s=cpu_time_s, wall_time_s=wall_time_s, memory_mb=memory_mb)
+    if backend == "auto" and detect_backend() == "rlimits":
+        raise ConfigError(
+            "code reward: neither bubblewrap nor unshare can isolate programs on this machine, so "
+            "model-written code would reach its files and network; install bubblewrap, or set the "
+            "reward's option backend: rlimits to accept that"
+        )
 
     def judge(completion: str, tests) -> float | None:
         if tests is None:
@@ -77,7 +86,12 @@ def code_reward(
         if tests_column not in columns:
             raise RewardError(f"code reward needs a column {tests_column!r}; got {sorted(columns)}")
         texts = [with_open_think(p, c) for p, c in zip(prompts, completions)]
+        cancel = cancel_event()  # set when the reward runner gave up on this call
+
+        def judge_unless_cancelled(text, tests):
+            return None if cancel is not None and cancel.is_set() else judge(text, tests)
+
         with ThreadPoolExecutor(max_workers=max_parallel) as pool:
-            return list(pool.map(judge, texts, columns[tests_column]))
+            return list(pool.map(judge_unless_cancelled, texts, columns[tests_column]))
 
     return fn

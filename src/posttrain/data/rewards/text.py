@@ -165,6 +165,7 @@ def kimi_length_reward(
             raise RewardError(f"kimi_length needs a {group_column!r} column or group_size=")
         return kimi_length_values(_lengths(completions, columns, length_column, tokenizer), correct, gids)
 
+    fn.batch_dependent = True  # group statistics: the runner must never score a sample alone
     return fn
 
 

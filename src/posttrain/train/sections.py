@@ -1,0 +1,130 @@
+"""The config sections every training command shares: `model`, `optim` and `run`.
+
+Each field documents itself in ``metadata["help"]`` (the source of ``--help``); each
+section checks its values when it is built (`__post_init__`, see config_checks), so an
+absurd value is a one-line ConfigError naming the key before any model is built.
+Re-exported by `posttrain.train.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from posttrain.errors import ConfigError
+from posttrain.train.config_checks import check_attention, check_device, check_preset, validate_optim
+
+
+@dataclass
+class ModelSection:
+    """Which model to train and how to load it."""
+
+    path: str | None = field(
+        default=None,
+        metadata={"help": "Local path or hub id of a pretrained model; when set, `preset` is ignored."},
+    )
+    preset: str = field(
+        default="tiny",
+        metadata={"help": "Random-init preset architecture when `path` is unset (tiny | small | base)."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer path or hub id; null = the model's own tokenizer, or the built-in "
+            "character tokenizer for presets."
+        },
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Parameter dtype of the trained model."}
+    )
+    device: str = field(default="cpu", metadata={"help": "Torch device: cpu, cuda, cuda:1, ..."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel passed to transformers (eager | sdpa | flash_attention_2)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."}
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (no LoRA)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (update scaled by alpha/r)."})
+    lora_target: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Module names that receive LoRA adapters."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            check_preset("model.preset", self.preset)
+        check_device("model.device", self.device)
+        check_attention("model.attn_implementation", self.attn_implementation)
+        if self.lora_r < 0 or self.lora_alpha <= 0:
+            key, value = ("lora_r", self.lora_r) if self.lora_r < 0 else ("lora_alpha", self.lora_alpha)
+            raise ConfigError(f"model.{key} must be {'>= 0' if key == 'lora_r' else '> 0'}, got {value}")
+
+
+@dataclass
+class OptimSection:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate (reached after warmup)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled AdamW weight decay."})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)."})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW denominator epsilon."})
+    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup from ~0 to lr."})
+    schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata={"help": "LR shape after warmup."}
+    )
+    min_lr_ratio: float = field(
+        default=0.0, metadata={"help": "Final LR as a fraction of lr for the linear / cosine schedules."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this; <= 0 disables clipping."}
+    )
+    max_update_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Roll back an update whose L2 norm exceeds this multiple of the trained weights' L2 "
+            "norm, or that makes a weight non-finite, and count it as a bad step (run.max_bad_steps); "
+            "0 disables the check and the copy of weights + optimizer state it keeps per update."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        validate_optim(self)
+
+
+@dataclass
+class RunSection:
+    """Where outputs go, seeding, checkpointing and logging."""
+
+    output_dir: str = field(default="runs/default", metadata={"help": "Run directory (created)."})
+    seed: int = field(default=0, metadata={"help": "Seed for python, numpy and torch RNGs."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps; 0 = only at the end."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
+    log_every: int = field(default=1, metadata={"help": "Write a metrics row every N steps."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the latest checkpoint in output_dir if one exists."}
+    )
+    tensorboard: bool = field(
+        default=False, metadata={"help": "Also log to TensorBoard (needs tensorboard)."}
+    )
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs wandb)."})
+    wandb_project: str = field(default="posttrain", metadata={"help": "W&B project name."})
+    max_bad_steps: int = field(
+        default=5,
+        metadata={
+            "help": "Consecutive bad optimizer steps (non-finite loss or gradient: skipped; exploding "
+            "update: rolled back) tolerated; the next one stops training. 0 stops at the first."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_bad_steps, int) or self.max_bad_steps < 0:
+            raise ConfigError(f"run.max_bad_steps must be an integer >= 0, got {self.max_bad_steps!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.save_every < 0 or self.log_every < 0:
+            key = "save_every" if self.save_every < 0 else "log_every"
+            raise ConfigError(f"run.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"run.seed must be in [0, 2**32), got {self.seed}")
