@@ -32,7 +32,9 @@ def record_fallback(path: str, reason: str) -> None:
         first = (path, reason) not in _warned
         _warned.add((path, reason))
     if first:
-        log.warning("fast path %r not taken: %s (warned once; counted as perf/fallback_%s)", path, reason, path)
+        log.warning(
+            "fast path %r not taken: %s (warned once; counted as perf/fallback_%s)", path, reason, path
+        )
 
 
 def fallback_counts() -> dict[str, int]:

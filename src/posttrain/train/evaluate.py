@@ -62,7 +62,12 @@ class EvalDataSection:
     difficulty: int | None = field(default=None, metadata=_h("Task difficulty level; null = mixed levels."))
     prompt_column: str = field(default="prompt", metadata=_h("Prompt column of `path`."))
     answer_column: str = field(default="answer", metadata=_h("Ground-truth answer column of `path`."))
-    chat_template: bool = field(default=True, metadata=_h("Apply the tokenizer's chat template to prompts."))
+    chat_template: bool = field(
+        default=True,
+        metadata=_h(
+            "Apply the tokenizer's chat template to prompts; false uses the raw text (BOS kept, as in training)."
+        ),
+    )
     enable_thinking: bool = field(
         default=True,
         metadata=_h("Thinking mode of the chat template (false pre-fills an empty think block)."),
@@ -160,11 +165,9 @@ def _clean(text: str, tokenizer) -> str:
 
 
 def _prompt_ids(tokenizer, prompt: str, chat_template: bool, enable_thinking: bool) -> list[int]:
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        from posttrain.algos.sft import render_prompt
+    from posttrain.engines.encoding import encode_prompt
 
-        prompt = render_prompt(tokenizer, prompt, enable_thinking)
-    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return encode_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
 
 
 def generate_samples(
@@ -185,7 +188,8 @@ def generate_samples(
     """k completions per prompt: (texts[P][k], token lengths[P][k], finish reasons[P][k]).
 
     prompts: P raw user prompts; rendered with the chat template (as the RL loop does) when
-        `chat_template` and the tokenizer has one, then tokenized without special tokens.
+        `chat_template` and the tokenizer has one, then tokenized with the tokenizer's BOS
+        convention (`posttrain.engines.encoding.encode_prompt`).
     engine: a rollout engine name for `make_engine`, or an engine instance to reuse.
     seed: generate call b uses seed * 1_000_003 + b, so results do not depend on what ran
         before (same seed + same weights -> same samples).
@@ -358,15 +362,17 @@ def orm_scores(
 ) -> list[list[float]]:
     """Outcome reward-model score of every completion: [P][k] floats.
 
-    Sequences are built as in RM training (algos/reward_model.py): templated prompt +
-    completion tokens + EOS, scored at the last completion token, with the reward model's
-    own tokenizer.
+    Each pair is laid out by `posttrain.engines.scoring.reward_model_ids`, the layout of
+    RM training and of the "reward_model" RL reward (templated prompt + completion tokens,
+    no EOS, scored at the last completion token), with the reward model's own tokenizer.
     """
     import torch
 
     from posttrain.algos.reward_model import sequence_scores
     from posttrain.engines.batching import build_sequences
+    from posttrain.engines.encoding import render_prompt
     from posttrain.engines.models import build_value_model, load_tokenizer
+    from posttrain.engines.scoring import reward_model_ids
 
     tok = load_tokenizer(path)
     rm = build_value_model(path, device=device).eval()
@@ -374,8 +380,11 @@ def orm_scores(
     out: list[float] = []
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
-        p_ids = [_prompt_ids(tok, p, chat_template, enable_thinking) for p, _ in chunk]
-        r_ids = [list(tok(t, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id] for _, t in chunk]
+        pairs = [
+            reward_model_ids(tok, render_prompt(tok, p, enable_thinking) if chat_template else p, t)
+            for p, t in chunk
+        ]
+        p_ids, r_ids = [p for p, _ in pairs], [r for _, r in pairs]
         width = max(len(r) for r in r_ids)
         resp = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(chunk), width)
@@ -397,25 +406,31 @@ def prm_scores(
     *,
     aggregate: str = "min",
     device: str = "cpu",
+    chat_template: bool = True,
     enable_thinking: bool = True,
 ) -> list[list[float]]:
     """PRM trace score of every completion: [P][k]; steps are the think block split on the
-    PRM's step separator, aggregated by min / last / mean / prod. No steps -> NaN."""
+    PRM's step separator, aggregated by min / last / mean / prod. No steps -> NaN.
+
+    Prompts are rendered as the policy saw them (chat template when `chat_template`), the
+    layout `posttrain prm` trains on and the "prm" RL reward scores; a <think> opened by
+    the template counts as the completion's own (`with_open_think`)."""
     from posttrain.algos.prm import load_prm, score_steps
+    from posttrain.data.rewards.text import with_open_think
+    from posttrain.engines.encoding import render_prompt
     from posttrain.engines.models import load_tokenizer
 
     model, sep = load_prm(path, device=device)
     tok = load_tokenizer(path)
     flat_p, flat_steps = [], []
     for p, ts in zip(prompts, texts):
+        rendered = render_prompt(tok, p, enable_thinking) if chat_template else p
         for t in ts:
-            m = _THINK_BODY.search(t)
+            m = _THINK_BODY.search(with_open_think(rendered, t))
             body = m.group(1) if m else ""
-            flat_p.append(p)
+            flat_p.append(rendered)
             flat_steps.append([s.strip() for s in body.split(sep) if s.strip()])
-    step_scores = score_steps(
-        model, tok, flat_p, flat_steps, step_separator=sep, enable_thinking=enable_thinking
-    )
+    step_scores = score_steps(model, tok, flat_p, flat_steps, step_separator=sep)
     agg = {"min": min, "last": lambda s: s[-1], "mean": lambda s: sum(s) / len(s), "prod": math.prod}[
         aggregate
     ]
@@ -524,7 +539,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                                    chat_template=d.chat_template, enable_thinking=d.enable_thinking)  # fmt: skip
     if cfg.scorer.prm:
         scores["prm"] = prm_scores(cfg.scorer.prm, prompts, texts, aggregate=cfg.scorer.prm_aggregate,
-                                   device=cfg.model.device, enable_thinking=d.enable_thinking)  # fmt: skip
+                                   device=cfg.model.device, chat_template=d.chat_template,
+                                   enable_thinking=d.enable_thinking)  # fmt: skip
     result = summarize(prompts, answers, texts, lengths, reasons, correct,
                        think_prefilled=d.chat_template and not d.enable_thinking, scores=scores,
                        return_samples=cfg.save_samples)  # fmt: skip

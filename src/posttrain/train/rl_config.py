@@ -65,7 +65,11 @@ class RLDataSection:
         default="error", metadata=_h("What to do with prompts over max_prompt_tokens.")
     )
     chat_template: bool = field(
-        default=True, metadata=_h("Apply the tokenizer's chat template to each prompt.")
+        default=True,
+        metadata=_h(
+            "Apply the tokenizer's chat template to each prompt; false uses the raw text. Either way "
+            "the tokenizer's BOS convention applies once (a BOS-prepending tokenizer gives tokenizer(prompt))."
+        ),
     )
     enable_thinking: bool = field(
         default=True,

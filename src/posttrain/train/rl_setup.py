@@ -59,16 +59,11 @@ def _load_policy(cfg: RLConfig):
 
 
 def _template(tokenizer, text: str, cfg: RLConfig) -> list[int]:
-    if cfg.data.chat_template and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}],
-            add_generation_prompt=True,
-            enable_thinking=cfg.data.enable_thinking,
-            tokenize=False,
-        )
-    else:
-        rendered = text
-    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    from posttrain.engines.encoding import encode_prompt
+
+    return encode_prompt(
+        tokenizer, text, chat_template=cfg.data.chat_template, enable_thinking=cfg.data.enable_thinking
+    )
 
 
 def _items_from_examples(examples, tokenizer, cfg: RLConfig) -> list[PromptItem]:
