@@ -32,7 +32,7 @@ from posttrain.algos.distill import kd_objective, teacher_token_rewards
 from posttrain.algos.policy_gradient import call_with_supported, policy_objective
 from posttrain.core.advantages import ADVANTAGES
 from posttrain.core.distill import anneal
-from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_reward_penalty
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
 from posttrain.errors import TrainingError
 from posttrain.train.checkpoint import CheckpointManager
@@ -73,6 +73,7 @@ class RLTrainer:
         self.prompts = c["prompts"]
         self.eval_examples = c["eval_examples"]
         self.task = c["task"]
+        self.eval_rewards = c["eval_rewards"]
         groups = [{"params": self.policy.parameters()}]
         if self.critic is not None:
             groups.append({"params": self.critic.parameters(), "lr": cfg.critic.lr or cfg.optim.lr})
@@ -124,10 +125,12 @@ class RLTrainer:
                 kl = KL_ESTIMATORS[name](batch.old_logprobs, batch.ref_logprobs)  # [B, T]
                 metrics[f"kl/{name}"] = _f((kl * mask).sum() / mask.sum().clamp(min=1))
         if p["kl_placement"] == "reward" and beta > 0:
-            k1 = KL_ESTIMATORS["k1"](batch.old_logprobs, batch.ref_logprobs)  # [B, T]
-            token_rewards = -beta * k1 * mask
-            # The adaptive controller tracks the per-sequence KL (Ziegler et al. 2019).
-            seq_kl = _f((k1 * mask).sum() / (mask.sum(-1) > 0).sum().clamp(min=1))
+            token_rewards = kl_reward_penalty(
+                batch.old_logprobs, batch.ref_logprobs, mask, beta, p["kl_estimator"]
+            )  # [B, T]
+            # The adaptive controller tracks the per-sequence KL (Ziegler et al. 2019), measured
+            # with the estimator the penalty uses.
+            seq_kl = _f(-token_rewards.sum() / beta / (mask.sum(-1) > 0).sum().clamp(min=1))
             self.kl_ctl.update(seq_kl, len(batch))
         if p["teacher_mode"] == "reward":
             dense = teacher_token_rewards(
@@ -422,28 +425,10 @@ class RLTrainer:
         self.engine.sync_weights(self.policy.model)
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy / format rate / length via train.evaluate.evaluate_policy."""
-        from posttrain.train.evaluate import evaluate_policy
+        """Held-out `eval/*` metrics: task accuracy, or rewards on dataset rows (train/rl_eval.py)."""
+        from posttrain.train.rl_eval import evaluate
 
-        ev, d = self.cfg.eval, self.cfg.data
-        examples = [
-            ex if hasattr(ex, "prompt") else {"prompt": ex.text, "answer": ex.answer}
-            for ex in self.eval_examples[: ev.n]
-        ]
-        out = evaluate_policy(
-            self.policy.model,
-            self.tokenizer,
-            examples,
-            self.task,
-            k=1,
-            temperature=ev.temperature,
-            max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens,
-            engine=self.cfg.rollout.engine,
-            seed=self.cfg.run.seed,
-            chat_template=d.chat_template,
-            enable_thinking=d.enable_thinking,
-        )
-        return {f"eval/{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}
+        return evaluate(self)
 
     def train(self) -> dict[str, Any]:
         """Run until cfg.steps with logging, samples, eval, checkpoints; return a summary."""
@@ -456,7 +441,9 @@ class RLTrainer:
             self.run_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, resume_step=resume_step
         )
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": resume_step}
-        can_eval = self.eval_examples and self.task is not None
+        can_eval = bool(
+            self.eval_examples
+        )  # validate (rl_eval.check_eval) refused eval without held-out prompts
         try:
             if cfg.eval.before_after and can_eval and self.step_count == 0:
                 summary["eval_before"] = self.evaluate()
@@ -491,6 +478,8 @@ class RLTrainer:
         finally:
             logger.close()
             self.rewards.close()
+            if self.eval_rewards is not None:
+                self.eval_rewards.close()
         summary.update(
             {"steps": self.step_count, "final_metrics": metrics, "final_model": str(self.run_dir / "final")}
         )

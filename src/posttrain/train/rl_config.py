@@ -28,7 +28,8 @@ class RLDataSection:
     task: str | None = field(
         default="arithmetic",
         metadata=_h(
-            "Synthetic task name (arithmetic | countdown | sorting | word_problems); ignored when `path` is set."
+            "Synthetic task name (arithmetic | countdown | sorting | word_problems). With `path` set it "
+            "only names the verifier of the dataset's `answer` column (the task reward, eval/accuracy); null = none."
         ),
     )
     task_options: dict[str, Any] = field(
@@ -166,7 +167,13 @@ class AlgoSection:
         default="preset",
         metadata=_h("Where the KL to the reference goes: none, in the reward (k1 per token) or as a loss."),
     )
-    kl_estimator: str | None = field(default=None, metadata=_h("KL-as-loss estimator: k1 | k2 | k3 | k3_is."))
+    kl_estimator: str | None = field(
+        default=None,
+        metadata=_h(
+            "KL estimator: k1 | k2 | k3 | k3_is as a loss (kl_placement=loss); k1 | k2 | k3 as the "
+            "per-token reward penalty −β·k_t (kl_placement=reward)."
+        ),
+    )
     kl_coef: float | None = field(
         default=None, metadata=_h("KL coefficient beta (initial value when adaptive).")
     )
@@ -296,6 +303,13 @@ class RLEvalSection:
     max_new_tokens: int = field(
         default=0, metadata=_h("Evaluation length budget; 0 = rollout.max_new_tokens.")
     )
+    rewards: list[RewardSpec] = field(
+        default_factory=list,
+        metadata=_h(
+            "Rewards that score held-out samples, reported as eval/reward/<name> and eval/reward/mean; "
+            "empty = the run's rewards when there is no data.task (a task reports eval/accuracy)."
+        ),
+    )
 
 
 @dataclass
@@ -405,12 +419,19 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(f"algo.update_epochs must be >= 1, got {p['update_epochs']}")
     if p["kl_placement"] not in ("none", "reward", "loss"):
         raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {p['kl_placement']!r}")
+    if p["kl_placement"] == "reward" and p["kl_estimator"] not in ("k1", "k2", "k3"):
+        raise ConfigError(
+            f"algo.kl_estimator {p['kl_estimator']!r} is a loss-side estimator; with algo.kl_placement=reward use k1, k2 or k3"
+        )
     if p["kl_coef"] < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
     if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
         raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")
     if cfg.data.path is None and not cfg.data.task:
         raise ConfigError("data: set data.task or data.path")
+    from posttrain.train.rl_eval import check_eval
+
+    check_eval(cfg)
     if not cfg.rewards and p["teacher_mode"] != "reward":
         raise ConfigError(
             "rewards: at least one reward is needed (only on-policy distillation runs without one)"

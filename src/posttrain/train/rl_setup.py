@@ -140,22 +140,23 @@ def load_prompts(cfg: RLConfig, tokenizer):
     return train, test_ex, task
 
 
-def build_rewards(cfg: RLConfig) -> RewardRole:
-    """Each `cfg.rewards` entry -> build_reward(name, **options), run by a RewardRunner.
+def build_rewards(cfg: RLConfig, key: str = "rewards") -> RewardRole:
+    """Each entry of `cfg.rewards` (or of `cfg.eval.rewards` with key="eval.rewards") ->
+    build_reward(name, **options), run by a RewardRunner.
 
     The "task" reward verifies with `cfg.data.task` unless its options name a task.
     """
     from posttrain.data.rewards import build_reward
 
     specs = []
-    for i, spec in enumerate(cfg.rewards):
+    for i, spec in enumerate(cfg.eval.rewards if key == "eval.rewards" else cfg.rewards):
         options = dict(spec.options)
         if spec.name == "task" and "task" not in options and cfg.data.task:
             options["task"] = cfg.data.task
         try:
             fn = build_reward(spec.name, **options)
         except TypeError as e:
-            raise ConfigError(f"rewards[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
+            raise ConfigError(f"{key}[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
         if getattr(fn, "dense", False):  # also a "module:function" reward that marks itself dense
             check_dense_reward(spec.name, cfg.algo.pieces()["advantage"], cfg.algo.method)
         specs.append((spec.name, fn, spec.weight, spec.start_step))
@@ -215,6 +216,8 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         "prompts": prompts,
         "eval_examples": eval_examples,
         "task": task,
+        # Held-out samples are scored with eval.rewards when given, else with the run's rewards.
+        "eval_rewards": build_rewards(cfg, "eval.rewards") if cfg.eval.rewards else None,
     }
 
 
