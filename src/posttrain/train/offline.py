@@ -59,9 +59,6 @@ class OfflineDataSection:
             "'correct' on a `posttrain eval` samples.jsonl (rejection-sampling SFT); null = keep all."
         },
     )
-    messages: bool = field(
-        default=False, metadata={"help": "SFT only: `path` rows are conversations in a `messages` column."}
-    )
     task: str | None = field(
         default="arithmetic",
         metadata={
@@ -90,11 +87,21 @@ class OfflineDataSection:
         default="error",
         metadata={"help": "What to do with a prompt over max_prompt_tokens (never truncated)."},
     )
-    max_length: int = field(default=1024, metadata={"help": "SFT packing: tokens per packed row."})
+
+
+@dataclass
+class SFTDataSection(OfflineDataSection):
+    """SFT data: the common data settings plus what only SFT reads (conversations, packing,
+    thinking-mode fusion). `posttrain rm` / `prm` / `dpo` do not accept these keys."""
+
+    messages: bool = field(
+        default=False, metadata={"help": "`path` rows are conversations in a `messages` column."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Packing (algo.packing): tokens per packed row."})
     no_think_fraction: float = field(
         default=0.0,
         metadata={
-            "help": "SFT thinking-mode fusion: share of rows trained in no-think mode (empty <think></think>, "
+            "help": "Thinking-mode fusion: share of rows trained in no-think mode (empty <think></think>, "
             "reasoning stripped from the completion)."
         },
     )
@@ -273,7 +280,7 @@ class SFTConfig:
     """Supervised fine-tuning with a completion-only loss (posttrain sft)."""
 
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Model to train."})
-    data: OfflineDataSection = field(default_factory=OfflineDataSection, metadata={"help": "Training data."})
+    data: SFTDataSection = field(default_factory=SFTDataSection, metadata={"help": "Training data."})
     train: OfflineTrainSection = field(
         default_factory=OfflineTrainSection, metadata={"help": "Steps and batches."}
     )

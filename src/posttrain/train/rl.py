@@ -36,6 +36,7 @@ from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLContro
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
 from posttrain.errors import TrainingError
 from posttrain.train.checkpoint import CheckpointManager
+from posttrain.train.config import config_to_dict
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
 from posttrain.train.optim import build_optimizer, build_scheduler, guarded_step
 from posttrain.train.rl_config import RLConfig, validate
@@ -438,7 +439,12 @@ class RLTrainer:
             self.load_checkpoint(self.ckpt.latest())
             resume_step = self.step_count - 1
         logger = MetricsLogger(
-            self.run_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, resume_step=resume_step
+            self.run_dir,
+            tensorboard=cfg.run.tensorboard,
+            wandb=cfg.run.wandb,
+            resume_step=resume_step,
+            wandb_project=cfg.run.wandb_project,
+            config=config_to_dict(cfg),
         )
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": resume_step}
         can_eval = bool(

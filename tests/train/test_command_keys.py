@@ -1,0 +1,53 @@
+"""Every key a command accepts acts, or the command rejects it (issue #16, item 6)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+from test_rl_common import tiny_config
+
+from posttrain.errors import ConfigError
+from posttrain.train.config import load_config
+from posttrain.train.offline import DPOConfig, PRMConfig, RMConfig, SFTConfig
+
+SFT_ONLY = {"data.max_length": "64", "data.no_think_fraction": "0.5", "data.messages": "true"}
+
+
+@pytest.mark.parametrize("cls", [RMConfig, PRMConfig, DPOConfig])
+@pytest.mark.parametrize("key", sorted(SFT_ONLY))
+def test_sft_only_data_keys_are_rejected_by_other_trainers(cls, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, None, [f"--{key}", SFT_ONLY[key]])
+    msg = str(e.value)
+    assert f"unknown config key {key!r}" in msg and "\n" not in msg
+
+
+def test_sft_accepts_its_data_keys():
+    cfg = load_config(SFTConfig, None, [f"--{k}={v}" for k, v in SFT_ONLY.items()])
+    assert (cfg.data.max_length, cfg.data.no_think_fraction, cfg.data.messages) == (64, 0.5, True)
+
+
+def test_rl_wandb_project_reaches_wandb(tmp_path, monkeypatch):
+    inits = []
+
+    class Run:
+        id = "run-id"
+
+        def log(self, row, step):
+            pass
+
+        def finish(self):
+            pass
+
+    from posttrain.train.rl import RLTrainer
+
+    cfg = tiny_config(tmp_path, "grpo", "run.wandb=true", "run.wandb_project=my-project", steps=1)
+    trainer = RLTrainer(cfg)  # built first: model loading probes for an installed wandb
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: inits.append(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    trainer.train()
+    assert [i["project"] for i in inits] == ["my-project"]
+    assert inits[0]["config"]["run"]["wandb_project"] == "my-project"
