@@ -51,3 +51,36 @@ def test_rl_wandb_project_reaches_wandb(tmp_path, monkeypatch):
     trainer.train()
     assert [i["project"] for i in inits] == ["my-project"]
     assert inits[0]["config"]["run"]["wandb_project"] == "my-project"
+
+
+VALUE_MODEL_REJECTS = {
+    "model.lora_r": "8",  # reward models and PRMs train every weight
+    "train.eval_generations": "4",  # they generate nothing
+    "train.max_new_tokens": "8",
+    "train.eval_temperature": "1.0",
+    "train.eval_samples": "2",
+}
+
+
+@pytest.mark.parametrize("cls", [RMConfig, PRMConfig])
+@pytest.mark.parametrize("key", sorted(VALUE_MODEL_REJECTS))
+def test_reward_models_reject_policy_only_keys(cls, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, None, [f"--{key}", VALUE_MODEL_REJECTS[key]])
+    assert f"unknown config key {key!r}" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_reward_model_attn_implementation_is_applied(kernel):
+    from posttrain.train.offline import build_rm
+
+    cfg = load_config(
+        RMConfig, None, ["--model.attn_implementation", kernel, "--data.n_train", "8", "--data.n_eval", "4"]
+    )
+    method, _ = build_rm(cfg)
+    assert method.models["reward_model"].config._attn_implementation == kernel
+
+
+def test_teacher_has_no_learning_rate(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'teacher.lr'"):
+        tiny_config(tmp_path, "kdrl", "teacher.lr=1e-4")

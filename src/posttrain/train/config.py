@@ -42,8 +42,8 @@ _MISSING_HELP = "(undocumented)"
 
 
 @dataclass
-class ModelSection:
-    """Which model to train and how to load it."""
+class ValueModelSection:
+    """Which model to train and how to load it (reward models and PRMs: no LoRA)."""
 
     path: str | None = field(
         default=None,
@@ -71,6 +71,12 @@ class ModelSection:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."}
     )
+
+
+@dataclass
+class ModelSection(ValueModelSection):
+    """Which model to train and how to load it, with optional LoRA adapters."""
+
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (no LoRA)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (update scaled by alpha/r)."})
     lora_target: list[str] = field(

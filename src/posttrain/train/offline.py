@@ -24,7 +24,7 @@ import torch
 
 from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, DataError
-from posttrain.train.config import ModelSection, OptimSection, RunSection
+from posttrain.train.config import ModelSection, OptimSection, RunSection, ValueModelSection
 from posttrain.train.offline_data import (
     KIND,
     encode_pairs,
@@ -158,9 +158,16 @@ class OfflineTrainSection:
         default=True, metadata={"help": "Also evaluate before the first step (logged at step 0)."}
     )
     eval_batch_size: int = field(default=32, metadata={"help": "Examples per forward during evaluation."})
+
+
+@dataclass
+class GenerativeTrainSection(OfflineTrainSection):
+    """Steps, batches and held-out evaluation of a policy (SFT, DPO): also task accuracy from
+    generations, which reward models and PRMs do not make (their configs reject these keys)."""
+
     eval_generations: int = field(
         default=64,
-        metadata={"help": "Held-out task prompts generated greedily for accuracy (SFT, DPO); 0 = skip."},
+        metadata={"help": "Held-out task prompts generated greedily for accuracy; 0 = skip."},
     )
     max_new_tokens: int = field(
         default=48, metadata={"help": "Generation length cap for the accuracy evaluation."}
@@ -281,8 +288,8 @@ class SFTConfig:
 
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Model to train."})
     data: SFTDataSection = field(default_factory=SFTDataSection, metadata={"help": "Training data."})
-    train: OfflineTrainSection = field(
-        default_factory=OfflineTrainSection, metadata={"help": "Steps and batches."}
+    train: GenerativeTrainSection = field(
+        default_factory=GenerativeTrainSection, metadata={"help": "Steps and batches."}
     )
     algo: SFTAlgoSection = field(default_factory=SFTAlgoSection, metadata={"help": "SFT options."})
     optim: OptimSection = field(default_factory=lambda: _optim(2e-3), metadata={"help": "Optimizer."})
@@ -293,12 +300,14 @@ class SFTConfig:
 class RMConfig:
     """Bradley–Terry outcome reward model on prompt/chosen/rejected pairs (posttrain rm)."""
 
-    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Backbone to start from."})
+    model: ValueModelSection = field(
+        default_factory=ValueModelSection, metadata={"help": "Backbone to start from (all weights trained)."}
+    )
     data: OfflineDataSection = field(
         default_factory=OfflineDataSection, metadata={"help": "Preference data."}
     )
     train: OfflineTrainSection = field(
-        default_factory=lambda: OfflineTrainSection(steps=200, eval_generations=0),
+        default_factory=lambda: OfflineTrainSection(steps=200),
         metadata={"help": "Steps and batches."},
     )
     algo: RMAlgoSection = field(default_factory=RMAlgoSection, metadata={"help": "Reward-model options."})
@@ -310,12 +319,14 @@ class RMConfig:
 class PRMConfig:
     """Process reward model trained on stepwise labels (posttrain prm)."""
 
-    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Backbone to start from."})
+    model: ValueModelSection = field(
+        default_factory=ValueModelSection, metadata={"help": "Backbone to start from (all weights trained)."}
+    )
     data: OfflineDataSection = field(
         default_factory=lambda: OfflineDataSection(difficulty=3), metadata={"help": "Stepwise data."}
     )
     train: OfflineTrainSection = field(
-        default_factory=lambda: OfflineTrainSection(steps=200, eval_generations=0),
+        default_factory=lambda: OfflineTrainSection(steps=200),
         metadata={"help": "Steps and batches."},
     )
     algo: PRMAlgoSection = field(default_factory=PRMAlgoSection, metadata={"help": "PRM options."})
@@ -336,8 +347,8 @@ class DPOConfig:
     data: PreferenceDataSection = field(
         default_factory=PreferenceDataSection, metadata={"help": "Preference data."}
     )
-    train: OfflineTrainSection = field(
-        default_factory=lambda: OfflineTrainSection(steps=100, eval_every=50),
+    train: GenerativeTrainSection = field(
+        default_factory=lambda: GenerativeTrainSection(steps=100, eval_every=50),
         metadata={"help": "Steps and batches."},
     )
     algo: PreferenceAlgoSection = field(
@@ -358,7 +369,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _tokenizer(m: ModelSection):
+def _tokenizer(m: ValueModelSection):
     from posttrain.engines.models import load_tokenizer
     from posttrain.engines.tokenizer import build_char_tokenizer
 
@@ -388,11 +399,16 @@ def _policy(m: ModelSection, tokenizer):
     )
 
 
-def _value_model(m: ModelSection, tokenizer, head_init_std):
+def _value_model(m: ValueModelSection, tokenizer, head_init_std):
     from posttrain.engines.models import build_value_model
 
     model = build_value_model(
-        m.path or m.preset, dtype=m.dtype, device=m.device, head_init_std=head_init_std, tokenizer=tokenizer
+        m.path or m.preset,
+        dtype=m.dtype,
+        device=m.device,
+        head_init_std=head_init_std,
+        tokenizer=tokenizer,
+        attn_implementation=m.attn_implementation,
     )
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -676,7 +692,7 @@ def plan(cfg) -> str:
     lines = [
         f"posttrain {kind}",
         f"  model:  {m.path or 'preset ' + m.preset} ({m.dtype}, {m.device})"
-        + (f", LoRA r={m.lora_r}" if m.lora_r else ""),
+        + (f", LoRA r={m.lora_r}" if getattr(m, "lora_r", 0) else ""),  # rm / prm: no LoRA keys
         f"  data:   {data} [{KIND.get(kind, '?')} rows]",
         f"  train:  {steps}, batch {t.batch_size} = {accum} x micro-batch {t.micro_batch_size}; eval every {t.eval_every}",
         f"  optim:  AdamW lr {o.lr:g} ({o.schedule}, warmup {o.warmup_steps}), clip {o.max_grad_norm:g}",

@@ -279,12 +279,19 @@ class RewardsSection:
 
 @dataclass
 class AuxModelSection:
-    """A second model (critic initialisation or teacher)."""
+    """A second model: the teacher (and, with `CriticSection`, the critic's initialisation)."""
 
     path: str | None = field(
         default=None, metadata=_h("Model path; null = from the policy (critic) / required (teacher).")
     )
     preset: str | None = field(default=None, metadata=_h("Random-init preset instead of a path (tests)."))
+
+
+@dataclass
+class CriticSection(AuxModelSection):
+    """The value model of PPO / A2C: where it starts from and its learning rate (the
+    teacher is frozen, so `teacher` has no `lr`)."""
+
     lr: float | None = field(default=None, metadata=_h("Critic learning rate; null = optim.lr."))
 
 
@@ -334,7 +341,7 @@ class RLConfig:
     reward_exec: RewardsSection = field(
         default_factory=RewardsSection, metadata=_h("Reward execution limits.")
     )
-    critic: AuxModelSection = field(default_factory=AuxModelSection, metadata=_h("Value model (PPO/A2C)."))
+    critic: CriticSection = field(default_factory=CriticSection, metadata=_h("Value model (PPO/A2C)."))
     teacher: AuxModelSection = field(
         default_factory=AuxModelSection, metadata=_h("Teacher model (on-policy distillation, KDRL).")
     )
