@@ -84,3 +84,11 @@ def test_reward_model_attn_implementation_is_applied(kernel):
 def test_teacher_has_no_learning_rate(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'teacher.lr'"):
         tiny_config(tmp_path, "kdrl", "teacher.lr=1e-4")
+
+
+@pytest.mark.parametrize("key, value", [("model.lora_r", "8"), ("model.gradient_checkpointing", "true")])
+def test_eval_rejects_training_only_model_keys(key, value):
+    from posttrain.train.evaluate import EvalConfig
+
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        load_config(EvalConfig, None, [f"--{key}", value])

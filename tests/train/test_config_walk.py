@@ -167,3 +167,30 @@ def test_every_offline_field_is_read(command, tmp_path, monkeypatch):
         _track(cfg, "", seen)
         run(cfg)
     assert sorted(set(valid_keys(cls)) - seen - ON_EVENT) == []
+
+
+def test_every_eval_field_is_read(tmp_path):
+    from posttrain.engines.models import build_preset, build_value_model, save_value_model
+    from posttrain.engines.tokenizer import build_char_tokenizer
+    from posttrain.train.evaluate import EvalConfig, run_eval
+
+    tok = build_char_tokenizer()
+    for name in ("orm", "prm"):
+        save_value_model(
+            build_value_model(build_preset("tiny", vocab_size=len(tok)), tokenizer=tok),
+            tok,
+            str(tmp_path / name),
+        )
+    rows = _jsonl(tmp_path / "rows.jsonl", [{"q": f"{i}+1=", "a": str(i + 1)} for i in range(3)])
+    small = ["--data.n", "2", "--sampling.k", "2", "--sampling.max_new_tokens", "4"]
+    modes = {
+        "task": ["--scorer.orm", str(tmp_path / "orm"), "--scorer.prm", str(tmp_path / "prm"),
+                 "--scorer.prm_aggregate", "last"],
+        "file": ["--data.path", rows, "--data.task", "null", "--data.prompt_column", "q", "--data.answer_column", "a"],
+    }  # fmt: skip
+    seen: set[str] = set()
+    for mode, extra in modes.items():
+        cfg = load_config(EvalConfig, None, ["--output_dir", str(tmp_path / mode), *small, *extra])
+        _track(cfg, "", seen)
+        run_eval(cfg)
+    assert sorted(set(valid_keys(EvalConfig)) - seen) == []

@@ -42,8 +42,8 @@ _MISSING_HELP = "(undocumented)"
 
 
 @dataclass
-class ValueModelSection:
-    """Which model to train and how to load it (reward models and PRMs: no LoRA)."""
+class InferenceModelSection:
+    """Which model to load and how (`posttrain eval`: nothing is trained)."""
 
     path: str | None = field(
         default=None,
@@ -68,6 +68,12 @@ class ValueModelSection:
         default=None,
         metadata={"help": "Attention kernel passed to transformers (eager | sdpa | flash_attention_2)."},
     )
+
+
+@dataclass
+class ValueModelSection(InferenceModelSection):
+    """Which model to train and how to load it (reward models and PRMs: all weights, no LoRA)."""
+
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."}
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from posttrain.errors import ConfigError, DataError
-from posttrain.train.config import ModelSection
+from posttrain.train.config import InferenceModelSection
 
 if TYPE_CHECKING:  # torch is imported inside functions so `posttrain eval --help` stays fast
     import torch
@@ -105,7 +105,9 @@ class EvalScorerSection:
 class EvalConfig:
     """Evaluate a model (`posttrain eval`): pass@1, pass@k, maj@k, best-of-N with an ORM/PRM."""
 
-    model: ModelSection = field(default_factory=ModelSection, metadata=_h("The model to evaluate."))
+    model: InferenceModelSection = field(
+        default_factory=InferenceModelSection, metadata=_h("The model to evaluate.")
+    )
     data: EvalDataSection = field(default_factory=EvalDataSection, metadata=_h("Evaluation prompts."))
     sampling: EvalSamplingSection = field(default_factory=EvalSamplingSection, metadata=_h("Sampling."))
     scorer: EvalScorerSection = field(default_factory=EvalScorerSection, metadata=_h("Best-of-N scorers."))
