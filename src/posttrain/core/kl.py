@@ -146,6 +146,27 @@ def kl_reward_penalty(
     return -beta * kl * mask.to(kl.dtype)
 
 
+def policy_drift_metrics(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The off-policy drift of a batch in the seeds' two factors, π_θ/μ = (π_old/μ)·(π_θ/π_old).
+
+    Train–inference gap, π_old vs the sampler μ: "offpolicy/gap_log_ratio" = mean log(π_old/μ)
+    and "offpolicy/gap_k3" = mean k3 with δ = log π_old − log μ (KL(μ||π_old), tokens from μ).
+    Staleness, π_θ vs π_old (earlier minibatches, older policy versions):
+    "offpolicy/staleness_log_ratio" = mean log(π_θ/π_old) and "offpolicy/staleness_k3" = mean
+    k3 with δ = log π_θ − log π_old. Means over the tokens where mask is 1; detached.
+    Shapes: logprobs (current policy), old_logprobs, sampling_logprobs, mask [B, T] -> scalars.
+    """
+    m = mask.to(compute_dtype(logprobs))
+    n = m.sum().clamp(min=1)
+    out = {}
+    for name, num, den in (("gap", old_logprobs, sampling_logprobs), ("staleness", logprobs, old_logprobs)):
+        out[f"offpolicy/{name}_log_ratio"] = ((num.detach() - den.detach()) * m).sum() / n
+        out[f"offpolicy/{name}_k3"] = (k3(den.detach(), num.detach()) * m).sum() / n
+    return out
+
+
 class FixedKLController:
     """Constant KL coefficient β (the GRPO/REINFORCE++ default). update() is a no-op so
     it is interchangeable with AdaptiveKLController."""

@@ -32,7 +32,13 @@ from posttrain.algos.distill import kd_objective, teacher_token_rewards
 from posttrain.algos.policy_gradient import call_with_supported, policy_objective
 from posttrain.core.advantages import ADVANTAGES
 from posttrain.core.distill import anneal
-from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_reward_penalty
+from posttrain.core.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_reward_penalty,
+    policy_drift_metrics,
+)
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
 from posttrain.errors import TrainingError
 from posttrain.train.checkpoint import CheckpointManager
@@ -218,9 +224,10 @@ class RLTrainer:
                 old, mi.sampling_logprobs, mask, p["tis_cap"], level=p["tis_level"]
             )
             metrics["offpolicy/tis_weight_mean"] = (is_weights * mask).sum() / mask.sum().clamp(min=1)
+        metrics.update(policy_drift_metrics(logprobs, old, mi.sampling_logprobs, mask))
         if p["off_policy_kl_threshold"] is not None:
-            keep = off_policy_sequence_mask(
-                old, mi.sampling_logprobs, mi.advantages, mask, p["off_policy_kl_threshold"]
+            keep = off_policy_sequence_mask(  # against the current policy: gap and staleness
+                logprobs.detach(), mi.sampling_logprobs, mi.advantages, mask, p["off_policy_kl_threshold"]
             )
             mask = mask * keep.to(mask.dtype)[:, None]
             metrics["offpolicy/masked_seq_frac"] = 1.0 - keep.float().mean()
