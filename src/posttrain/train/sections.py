@@ -1,0 +1,106 @@
+"""Config sections shared by the commands: the model to load or train, the optimizer, the
+run directory and logging. Three model sections, each with only the keys its commands
+read: `InferenceModelSection` (`posttrain eval`), `ValueModelSection` (+ gradient
+checkpointing: reward models, PRMs) and `ModelSection` (+ LoRA: the policy trainers).
+Re-exported by train/config.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# --------------------------------------------------------------------------- shared sections
+
+
+@dataclass
+class InferenceModelSection:
+    """Which model to load and how (`posttrain eval`: nothing is trained)."""
+
+    path: str | None = field(
+        default=None,
+        metadata={"help": "Local path or hub id of a pretrained model; when set, `preset` is ignored."},
+    )
+    preset: str = field(
+        default="tiny",
+        metadata={"help": "Random-init preset architecture when `path` is unset (tiny | small | base)."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer path or hub id; null = the model's own tokenizer, or the built-in "
+            "character tokenizer for presets."
+        },
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Parameter dtype of the trained model."}
+    )
+    device: str = field(default="cpu", metadata={"help": "Torch device: cpu, cuda, cuda:1, ..."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel passed to transformers (eager | sdpa | flash_attention_2)."},
+    )
+
+
+@dataclass
+class ValueModelSection(InferenceModelSection):
+    """Which model to train and how to load it (reward models and PRMs: all weights, no LoRA)."""
+
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."}
+    )
+
+
+@dataclass
+class ModelSection(ValueModelSection):
+    """Which model to train and how to load it, with optional LoRA adapters."""
+
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (no LoRA)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (update scaled by alpha/r)."})
+    lora_target: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Module names that receive LoRA adapters."},
+    )
+
+
+@dataclass
+class OptimSection:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate (reached after warmup)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled AdamW weight decay."})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)."})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW denominator epsilon."})
+    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup from ~0 to lr."})
+    schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata={"help": "LR shape after warmup."}
+    )
+    min_lr_ratio: float = field(
+        default=0.0, metadata={"help": "Final LR as a fraction of lr for the linear / cosine schedules."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this; <= 0 disables clipping."}
+    )
+
+
+@dataclass
+class RunSection:
+    """Where outputs go, seeding, checkpointing and logging."""
+
+    output_dir: str = field(default="runs/default", metadata={"help": "Run directory (created)."})
+    seed: int = field(default=0, metadata={"help": "Seed for python, numpy and torch RNGs."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps; 0 = only at the end."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
+    log_every: int = field(default=1, metadata={"help": "Write a metrics row every N steps."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the latest checkpoint in output_dir if one exists."}
+    )
+    tensorboard: bool = field(
+        default=False, metadata={"help": "Also log to TensorBoard (needs tensorboard)."}
+    )
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs wandb)."})
+    wandb_project: str = field(default="posttrain", metadata={"help": "W&B project name."})
+    max_bad_steps: int = field(
+        default=5,
+        metadata={"help": "Consecutive non-finite (skipped) steps tolerated before training stops."},
+    )
