@@ -276,40 +276,38 @@ class SFTConfig:
 
 
 @dataclass
-class RMConfig:
-    """Bradley–Terry outcome reward model on prompt/chosen/rejected pairs (posttrain rm)."""
+class _ValueModelCommand:
+    """What `posttrain rm` and `posttrain prm` share: a value model trained on every weight."""
 
     model: ValueModelSection = field(
         default_factory=ValueModelSection, metadata={"help": "Backbone to start from (all weights trained)."}
     )
+    data: OfflineDataSection = field(default_factory=OfflineDataSection, metadata={"help": "Training data."})
+    train: OfflineTrainSection = field(
+        default_factory=lambda: OfflineTrainSection(steps=200), metadata={"help": "Steps and batches."}
+    )
+    optim: OptimSection = field(default_factory=lambda: _optim(1e-3), metadata={"help": "Optimizer."})
+
+
+@dataclass
+class RMConfig(_ValueModelCommand):
+    """Bradley–Terry outcome reward model on prompt/chosen/rejected pairs (posttrain rm)."""
+
     data: OfflineDataSection = field(
         default_factory=OfflineDataSection, metadata={"help": "Preference data."}
     )
-    train: OfflineTrainSection = field(
-        default_factory=lambda: OfflineTrainSection(steps=200),
-        metadata={"help": "Steps and batches."},
-    )
     algo: RMAlgoSection = field(default_factory=RMAlgoSection, metadata={"help": "Reward-model options."})
-    optim: OptimSection = field(default_factory=lambda: _optim(1e-3), metadata={"help": "Optimizer."})
     run: RunSection = field(default_factory=lambda: _run("rm"), metadata={"help": "Outputs and logging."})
 
 
 @dataclass
-class PRMConfig:
+class PRMConfig(_ValueModelCommand):
     """Process reward model trained on stepwise labels (posttrain prm)."""
 
-    model: ValueModelSection = field(
-        default_factory=ValueModelSection, metadata={"help": "Backbone to start from (all weights trained)."}
-    )
     data: OfflineDataSection = field(
         default_factory=lambda: OfflineDataSection(difficulty=3), metadata={"help": "Stepwise data."}
     )
-    train: OfflineTrainSection = field(
-        default_factory=lambda: OfflineTrainSection(steps=200),
-        metadata={"help": "Steps and batches."},
-    )
     algo: PRMAlgoSection = field(default_factory=PRMAlgoSection, metadata={"help": "PRM options."})
-    optim: OptimSection = field(default_factory=lambda: _optim(1e-3), metadata={"help": "Optimizer."})
     run: RunSection = field(default_factory=lambda: _run("prm"), metadata={"help": "Outputs and logging."})
 
 
