@@ -92,3 +92,33 @@ def test_eval_rejects_training_only_model_keys(key, value):
 
     with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
         load_config(EvalConfig, None, [f"--{key}", value])
+
+
+def test_vllm_settings_reach_the_engine_and_eval_reuses_it(tmp_path, monkeypatch):
+    """rollout.vllm_* reach the vLLM engine's constructor; held-out evaluation samples from
+    the rollout engine instead of building a second one (a fake stands in for vLLM)."""
+    from posttrain.engines.rollout import ENGINES
+    from posttrain.engines.rollout.native import NativeEngine
+    from posttrain.train.rl import RLTrainer
+
+    built = []
+
+    def fake_vllm(model, tokenizer, **kw):
+        built.append(kw)
+        return NativeEngine(model, tokenizer)
+
+    monkeypatch.setitem(ENGINES._items, "vllm", fake_vllm)
+    cfg = tiny_config(
+        tmp_path, "grpo", "rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.7",
+        "rollout.vllm_sleep_mode=true", "data.n_test=2", "eval.every=1", "eval.n=2", steps=1,
+    )  # fmt: skip
+    trainer = RLTrainer(cfg)
+    trainer.evaluate()
+    assert built == [{"gpu_memory_utilization": 0.7, "sleep_between_calls": True}]
+
+
+def test_vllm_settings_without_vllm_are_refused(tmp_path):
+    from posttrain.train.rl_config import validate
+
+    with pytest.raises(ConfigError, match="apply to rollout.engine=vllm, not 'native'"):
+        validate(tiny_config(tmp_path, "grpo", "rollout.vllm_sleep_mode=true"))

@@ -121,6 +121,18 @@ class RolloutSection:
     repetition_ngram: int = field(
         default=0, metadata=_h("Kimi early stop: n-gram size for repetition detection; 0 disables.")
     )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.4,
+        metadata=_h(
+            "engine=vllm: share of GPU memory vLLM may take (leave the rest for training when colocated)."
+        ),
+    )
+    vllm_sleep_mode: bool = field(
+        default=False,
+        metadata=_h(
+            "engine=vllm: release vLLM's weights and KV cache between generate calls (sleep level 1)."
+        ),
+    )
 
 
 @dataclass
@@ -421,6 +433,14 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     if micro < 0 or (micro and (batch // mb) % micro):
         raise ConfigError(
             f"algo.micro_batch_size={micro} must divide the minibatch of {batch // mb} sequences"
+        )
+    if ro.engine != "vllm" and (ro.vllm_gpu_memory_utilization != 0.4 or ro.vllm_sleep_mode):
+        raise ConfigError(
+            f"rollout.vllm_gpu_memory_utilization / rollout.vllm_sleep_mode apply to rollout.engine=vllm, not {ro.engine!r}"
+        )
+    if not 0.0 < ro.vllm_gpu_memory_utilization <= 1.0:
+        raise ConfigError(
+            f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {ro.vllm_gpu_memory_utilization}"
         )
     if p["update_epochs"] < 1:
         raise ConfigError(f"algo.update_epochs must be >= 1, got {p['update_epochs']}")

@@ -174,7 +174,13 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     tokenizer, model = _load_policy(cfg)
     ro = cfg.rollout
     policy = PolicyRole(model, temperature=ro.temperature)
-    engine = make_engine(ro.engine, model, tokenizer)
+    engine_options = {}
+    if ro.engine == "vllm":  # validate refused these keys for the other engines
+        engine_options = {
+            "gpu_memory_utilization": ro.vllm_gpu_memory_utilization,
+            "sleep_between_calls": ro.vllm_sleep_mode,
+        }
+    engine = make_engine(ro.engine, model, tokenizer, **engine_options)
     needs_ref = p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
     reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
     critic = None
