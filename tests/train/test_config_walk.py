@@ -194,3 +194,23 @@ def test_every_eval_field_is_read(tmp_path):
         _track(cfg, "", seen)
         run_eval(cfg)
     assert sorted(set(valid_keys(EvalConfig)) - seen) == []
+
+
+def test_every_demo_field_is_read_and_run_settings_reach_both_stages(tmp_path):
+    from posttrain.train.demo import DemoConfig, _stage_configs, run_demo
+
+    args = [
+        "--sft_steps", "3", "--sft_examples", "16", "--sft_batch_size", "8", "--rl_steps", "2",
+        "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "8", "--eval_n", "4",
+        "--eval_every", "1", "--run.output_dir", str(tmp_path / "demo"),
+    ]  # fmt: skip
+    cfg = load_config(DemoConfig, None, args)
+    seen: set[str] = set()
+    _track(cfg, "", seen)
+    run_demo(cfg)
+    assert sorted(set(valid_keys(DemoConfig)) - seen) == []
+    cfg = load_config(
+        DemoConfig, None, [*args, "--run.log_every", "3", "--run.wandb_project", "p", "--run.seed", "7"]
+    )
+    for stage in _stage_configs(cfg, tmp_path / "demo2"):
+        assert (stage.run.log_every, stage.run.wandb_project, stage.run.seed) == (3, "p", 7)
