@@ -214,3 +214,24 @@ def test_every_demo_field_is_read_and_run_settings_reach_both_stages(tmp_path):
     )
     for stage in _stage_configs(cfg, tmp_path / "demo2"):
         assert (stage.run.log_every, stage.run.wandb_project, stage.run.seed) == (3, "p", 7)
+
+
+def test_every_bench_field_is_read(tmp_path):
+    from posttrain.train.bench import BenchConfig, run_bench
+
+    common = ["presets=[tiny]", "threads=1", "isolate=false", "n_train=16", "max_new_tokens=8"]
+    modes = {
+        "step": ["frameworks=[posttrain]", "steps=2", "skip_steps=1"],
+        "accuracy": [
+            "mode=accuracy", "frameworks=[posttrain]", "difficulty=2", "accuracy.sft_steps=2",
+            "accuracy.sft_examples=16", "accuracy.sft_batch_size=4", "accuracy.n_eval=4", "accuracy.eval_every=1",
+            "accuracy.max_steps=2", "accuracy.target=null", "accuracy.target_gain=0.5",
+        ],
+        "rollout": ["mode=rollout", "rollout.batch=4", "rollout.new_tokens=4", "rollout.repeats=1"],
+    }  # fmt: skip
+    seen: set[str] = set()
+    for mode, extra in modes.items():
+        cfg = load_config(BenchConfig, None, [*common, *extra, f"run.output_dir={tmp_path / mode}"])
+        _track(cfg, "", seen)
+        run_bench(cfg)
+    assert sorted(set(valid_keys(BenchConfig)) - seen) == []
