@@ -1,4 +1,5 @@
-"""Every config field of the training commands reaches the code (issue #16, item 6).
+"""Every config field of every command with a config (rl, sft, rm, prm, dpo, eval, demo,
+bench) reaches the code (issue #16, item 6).
 
 A field is "read" when code outside the config machinery (train/config.py: loading,
 saving, printing) reads it while the command builds and runs. Each command runs a tiny
