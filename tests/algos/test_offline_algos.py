@@ -103,6 +103,43 @@ def test_packed_logprobs_equal_unpacked(tiny, tok):
     torch.testing.assert_close(lp_packed, lp[mask > 0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+@pytest.mark.parametrize("derives_block_mask", [True, False])
+def test_packed_example_cannot_attend_to_another(tok, kernel, derives_block_mask, monkeypatch):
+    """The gradient of example A's loss w.r.t. example B's embeddings is exactly zero, B
+    packed before A in the same row — also when transformers derives no block mask from the
+    position ids (what versions before packed-sequence detection do; simulated here)."""
+    import transformers.masking_utils as masking_utils
+
+    if not derives_block_mask:
+        monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    torch.manual_seed(0)
+    model = build_preset("tiny", len(tok), num_hidden_layers=2, attn_implementation=kernel)
+    b_prompt, b_comp = [5, 6, 7], [8, 9]
+    a_prompt, a_comp = [10, 11], [12, 13, 14]
+    packed = pack_examples([b_prompt, a_prompt], [b_comp, a_comp], max_length=32, pad_id=PAD)
+    assert packed.input_ids.shape[0] == 1
+    embeds = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        embeds["out"] = output
+
+    handle = model.get_input_embeddings().register_forward_hook(keep)
+    try:
+        logprobs = packed_logprobs(model, packed)  # [1, L-1]
+    finally:
+        handle.remove()
+    n_b = len(b_prompt) + len(b_comp)
+    a_targets = packed.mask.clone()
+    a_targets[:, : n_b - 1] = 0.0  # only example A's completion tokens
+    assert a_targets.sum() == len(a_comp)
+    (-(logprobs * a_targets).sum()).backward()
+    grad = embeds["out"].grad[0]  # [L, H]
+    assert torch.count_nonzero(grad[:n_b]) == 0  # B's embeddings: exactly no influence on A
+    assert torch.count_nonzero(grad[n_b:]) > 0
+
+
 def test_strip_thinking_and_no_think_prompt(tok):
     assert strip_thinking("<think>2+1=3</think><answer>3</answer>") == "<answer>3</answer>"
     assert strip_thinking("<answer>3</answer>") == "<answer>3</answer>"

@@ -158,3 +158,41 @@ def test_explained_variance():
     assert explained_variance(torch.full((1, 4), 2.5), ret, m).item() == pytest.approx(0.0)
     assert explained_variance(ret, torch.ones(1, 4), m).item() == 0.0
     assert explained_variance(ret, ret, torch.zeros(1, 4)).item() == 0.0
+
+
+def test_kl_reward_penalty_honours_the_estimator_by_hand():
+    """r_t = −β·k_t with δ = log π_ref − log π_old = [−0.5, 1.0], β = 0.5 (issue #16, item 3)."""
+    from posttrain.core.kl import kl_reward_penalty
+
+    old = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding: no penalty
+    by_hand = {
+        "k1": [-0.5 * 0.5, -0.5 * -1.0, 0.0],  # k1 = −δ
+        "k2": [-0.5 * 0.125, -0.5 * 0.5, 0.0],  # k2 = δ²/2
+        "k3": [-0.5 * (math.exp(-0.5) - 1 + 0.5), -0.5 * (math.e - 1 - 1.0), 0.0],  # e^δ − 1 − δ
+    }
+    for name, want in by_hand.items():
+        got = kl_reward_penalty(old, ref, mask, 0.5, name)
+        assert torch.allclose(got, torch.tensor([want]), atol=1e-6), name
+    with pytest.raises(ValueError, match="k1, k2 or k3"):
+        kl_reward_penalty(old, ref, mask, 0.5, "k3_is")
+
+
+def test_policy_drift_metrics_split_gap_and_staleness_by_hand():
+    """π_θ/μ = (π_old/μ)(π_θ/π_old): log(π_old/μ) = [0.2, -0.1], log(π_θ/π_old) = [0.3, 0.0]."""
+    from posttrain.core.kl import policy_drift_metrics
+
+    mu = torch.tensor([[-1.2, -0.9, -5.0]])
+    old = torch.tensor([[-1.0, -1.0, -7.0]])
+    cur = torch.tensor([[-0.7, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the padding token never counts
+    m = policy_drift_metrics(cur, old, mu, mask)
+
+    def k3(d):
+        return math.exp(d) - 1 - d
+
+    assert m["offpolicy/gap_log_ratio"].item() == pytest.approx((0.2 - 0.1) / 2, abs=1e-6)
+    assert m["offpolicy/gap_k3"].item() == pytest.approx((k3(0.2) + k3(-0.1)) / 2, abs=1e-6)
+    assert m["offpolicy/staleness_log_ratio"].item() == pytest.approx(0.3 / 2, abs=1e-6)
+    assert m["offpolicy/staleness_k3"].item() == pytest.approx(k3(0.3) / 2, abs=1e-6)

@@ -79,9 +79,10 @@ PROMPT_ROWS = [{"prompt": f"What is {a}+{b}?", "answer": str(a + b)} for a, b in
 
 OFFLINE_TINY = (
     "--train.steps 2 --train.batch_size 4 --train.micro_batch_size 2 --train.eval_every 2 "
-    "--train.eval_batch_size 4 --train.eval_generations 2 --train.max_new_tokens 8 "
-    "--optim.warmup_steps 0 --data.eval_fraction 0.2"
+    "--train.eval_batch_size 4 --optim.warmup_steps 0 --data.eval_fraction 0.2"
 ).split()
+# Generation settings of the policy trainers (SFT, DPO); rm / prm generate nothing and reject them.
+POLICY_TINY = [*OFFLINE_TINY, *"--train.eval_generations 2 --train.max_new_tokens 8".split()]
 
 
 def check_training_run(out: Path, steps: int, *, causal_lm: bool = True, cli_run: bool = True) -> list[dict]:
@@ -126,7 +127,7 @@ def work(tmp_path_factory) -> Path:
     write_jsonl(cwd / "prompts.jsonl", PROMPT_ROWS)
     proc = ok(
         run_cli(
-            "sft", "--data.path", "sft.jsonl", "--data.task", "null", *OFFLINE_TINY,
+            "sft", "--data.path", "sft.jsonl", "--data.task", "null", *POLICY_TINY,
             "--run.output_dir", str(cwd / "runs/sft"), cwd=cwd,
         )
     )  # fmt: skip
@@ -257,7 +258,7 @@ def test_malformed_dataset_row_is_one_line_error_from_a_process(tmp_path):
     del rows[3]["completion"]
     write_jsonl(tmp_path / "bad.jsonl", rows)
     line = assert_one_line_error(
-        run_cli("sft", "--data.path", "bad.jsonl", "--data.task", "null", *OFFLINE_TINY, cwd=tmp_path),
+        run_cli("sft", "--data.path", "bad.jsonl", "--data.task", "null", *POLICY_TINY, cwd=tmp_path),
         "bad.jsonl",
     )
     assert "4" in line and "completion" in line  # names the row and the column
@@ -286,7 +287,7 @@ def test_prm_from_a_stepwise_file(work):
 def test_dpo_from_a_preference_file(work, loss):
     out = work / f"runs/{loss}"
     args = ["dpo", "--model.path", "runs/sft/final", "--data.path", "pref.jsonl", "--data.task", "null",
-            "--algo.loss", loss, *OFFLINE_TINY, "--run.output_dir", str(out)]  # fmt: skip
+            "--algo.loss", loss, *POLICY_TINY, "--run.output_dir", str(out)]  # fmt: skip
     proc = ok(run_cli(*args, cwd=work))
     check_training_run(out, 2)
     if loss == "dpo":

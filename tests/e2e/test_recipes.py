@@ -226,14 +226,15 @@ def test_readme_and_docs_name_every_recipe():
 
 OFFLINE_TINY = (
     "--train.steps 2 --train.batch_size 4 --train.micro_batch_size 2 --train.eval_every 2 "
-    "--train.eval_batch_size 4 --train.eval_generations 2 --train.max_new_tokens 8 "
-    "--data.n_train 16 --data.n_eval 4 --optim.warmup_steps 0"
+    "--train.eval_batch_size 4 --data.n_train 16 --data.n_eval 4 --optim.warmup_steps 0"
 ).split()
+# Generation settings of the policy trainers (SFT, DPO); rm / prm generate nothing and reject them.
+POLICY_TINY = [*OFFLINE_TINY, *"--train.eval_generations 2 --train.max_new_tokens 8".split()]
 TINY = {
-    "sft": OFFLINE_TINY,
+    "sft": POLICY_TINY,
     "rm": OFFLINE_TINY,
     "prm": OFFLINE_TINY,
-    "dpo": [*OFFLINE_TINY, "--ref.cache_dir", "cache/reference_logps"],
+    "dpo": [*POLICY_TINY, "--ref.cache_dir", "cache/reference_logps"],
     "rl": (
         "--steps 2 --rollout.prompts_per_step 2 --rollout.group_size 2 --rollout.max_new_tokens 8 "
         "--data.n_train 8 --data.n_test 4 --eval.n 2 --eval.every 0 --algo.micro_batch_size 0"

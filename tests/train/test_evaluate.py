@@ -182,7 +182,10 @@ def test_prm_scores_split_think_steps_and_aggregate(tmp_path):
     mins = ev.prm_scores(str(tmp_path / "prm"), ["q"], texts, aggregate="min")
     lasts = ev.prm_scores(str(tmp_path / "prm"), ["q"], texts, aggregate="last")
     model, sep = load_prm(str(tmp_path / "prm"))
-    (direct,) = score_steps(model, tok, ["q"], [["1+1=2", "2*3=6"]], step_separator=sep)
+    # The prompt is templated, as `posttrain prm` trains on it.
+    (direct,) = score_steps(
+        model, tok, ["q"], [["1+1=2", "2*3=6"]], step_separator=sep, apply_chat_template=True
+    )
     assert len(direct) == 2
     assert mins[0][0] == pytest.approx(min(direct), abs=1e-6)
     assert lasts[0][0] == pytest.approx(direct[-1], abs=1e-6)

@@ -30,20 +30,13 @@ from posttrain.train.offline import (
     run_sft,
 )
 
-SMALL = [
-    "--data.n_train",
-    "64",
-    "--data.n_eval",
-    "16",
-    "--train.eval_generations",
-    "0",
-    "--train.eval_every",
-    "0",
-]
+SMALL = ["--data.n_train", "64", "--data.n_eval", "16", "--train.eval_every", "0"]
 
 
 def _cfg(cls, tmp_path: Path, *overrides: str, name: str = "run"):
-    args = ["--run.output_dir", str(tmp_path / name), *SMALL, *overrides]
+    # Generation only in the policy trainers; rm / prm reject train.eval_generations.
+    policy = ["--train.eval_generations", "0"] if cls in (SFTConfig, DPOConfig) else []
+    args = ["--run.output_dir", str(tmp_path / name), *SMALL, *policy, *overrides]
     if cls is DPOConfig:
         args += ["--ref.cache_dir", str(tmp_path / "ref_cache")]
     return load_config(cls, None, args)

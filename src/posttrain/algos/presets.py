@@ -212,6 +212,10 @@ _preset(
         "policy_loss": "kimi",
         "policy_loss_options": {"beta": 1.0},
         "aggregation": "seq-mean-token-sum",
+        # Several gradient steps on one batch, regularised toward the iteration's starting
+        # policy (old_logprobs): with a single step π_θ = π_old at the only update and the
+        # squared loss's gradient is −A·∇ℓ for every β (plain group-mean REINFORCE).
+        "num_minibatches": 4,
     },
 )
 _preset(

@@ -11,12 +11,11 @@ Two layouts reach the same loss:
 * unpadded rows (`posttrain.engines.batching.build_sequences`, prompts left-padded,
   completions right-padded) scored with `posttrain.engines.logprobs.sequence_logprobs`;
 * packed rows (`pack_examples`): several (prompt, completion) examples concatenated
-  into one row with position ids restarting at 0 for each example. With no 2D
-  attention mask, transformers derives a block-diagonal causal mask from the position
-  ids, so packed examples never attend to each other. That derivation is transformers'
-  behaviour, tested on the declared lower bound (5.23) and the locked release by
-  tests/algos/test_offline_algos.py (the later example's loss has exactly zero gradient
-  with respect to the earlier example's embeddings).
+  into one row with position ids restarting at 0 for each example, and an explicit
+  block-diagonal causal attention mask (`block_causal_mask`) so packed examples never
+  attend to each other — whatever the transformers version does with position ids
+  (versions before ~4.54 derive no block mask from them). flash_attention_2 takes no 4D
+  mask; it gets the position ids alone and runs the examples as variable-length sequences.
 """
 
 from __future__ import annotations
@@ -82,11 +81,14 @@ class PackedBatch:
         so that transformers builds a block-diagonal causal mask.
     mask: [B, L-1] float, 1 where the NEXT token (input_ids[:, 1:]) is a completion token
         — the loss target layout after the one-token shift of causal LM training.
+    segment_ids: [B, L] long, which example of the row each token belongs to (the padding
+        tail is a segment of its own): the blocks of `block_causal_mask`.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     mask: torch.Tensor
+    segment_ids: torch.Tensor | None = None  # [B, L] example index of each token (padding: its own)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -131,28 +133,58 @@ def pack_examples(
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     target = torch.zeros((len(rows), width), dtype=torch.float32)  # 1 where the token is a target
+    segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
     for r, examples in enumerate(rows):
         col = 0
-        for p, c in examples:
+        for k, (p, c) in enumerate(examples):
             n = len(p) + len(c)
             input_ids[r, col : col + n] = torch.tensor(p + c, dtype=torch.long)
             position_ids[r, col : col + n] = torch.arange(n)
             target[r, col + len(p) : col + n] = 1.0
+            segment_ids[r, col : col + n] = k
             col += n
-        # The padding tail gets its own positions from 0 so it forms a separate "example"
-        # in the derived block mask instead of extending the last real one.
+        # The padding tail gets its own positions from 0 and its own segment, so it forms a
+        # separate block instead of extending the last real example.
         position_ids[r, col:] = torch.arange(width - col)
-    return PackedBatch(input_ids=input_ids, position_ids=position_ids, mask=target[:, 1:].contiguous())
+        segment_ids[r, col:] = len(examples)
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        mask=target[:, 1:].contiguous(),
+        segment_ids=segment_ids,
+    )
+
+
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D attention mask [B, 1, L, L]: 0 where query q may attend key k (same
+    segment and k <= q), the dtype's most negative value elsewhere (softmax weight exactly 0).
+
+    segment_ids: [B, L] long, example index of each token. Float-additive rather than
+    boolean: the form every transformers version and attention kernel (eager, sdpa) takes
+    as a prepared 4D mask.
+    """
+    L = segment_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()  # [L, L]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, L, L]
+    allowed = (same & causal)[:, None]  # [B, 1, L, L]
+    zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+    return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=zero.device))
 
 
 def packed_logprobs(model: torch.nn.Module, batch: PackedBatch, *, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs of a packed batch: [B, L-1], entry t = log π(input_ids[t+1] | ≤t).
 
-    The attention mask is deliberately omitted: transformers then infers the packed layout
-    from position ids restarting at 0 and keeps examples from attending to each other.
-    Positions whose next token starts a new example get a log-prob too, but `batch.mask`
-    is 0 there (the first token of every prompt is never a target).
+    Examples attend only within themselves: an explicit `block_causal_mask` of the batch's
+    segments (flash_attention_2, which takes no 4D mask, gets the position ids restarting
+    at 0 alone and treats the examples as variable-length sequences). Positions whose next
+    token starts a new example get a log-prob too, but `batch.mask` is 0 there (the first
+    token of every prompt is never a target).
     """
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    kwargs = {}
+    config = getattr(model, "config", None)
+    if batch.segment_ids is not None and getattr(config, "_attn_implementation", None) != "flash_attention_2":
+        dtype = next(model.parameters()).dtype
+        kwargs["attention_mask"] = block_causal_mask(batch.segment_ids.to(batch.input_ids.device), dtype)
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
     logits = out.logits[:, :-1]  # [B, L-1, V]
     return logprobs_from_logits(logits, batch.input_ids[:, 1:], temperature=temperature)

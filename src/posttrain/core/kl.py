@@ -124,6 +124,49 @@ def kl_penalized_token_rewards(
     return torch.where(m > 0, -beta * kl.detach().to(dt) + placed, torch.zeros_like(m))
 
 
+def kl_reward_penalty(
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    estimator: str = "k1",
+) -> torch.Tensor:
+    """Per-token KL-in-reward penalty r_t = −β · k(log π_old, log π_ref)_t on response tokens.
+
+    The policy that sampled the tokens (π_old) is the one whose KL to the reference is
+    penalised (Ziegler et al. 2019 use k1; Ouyang et al. 2022 eq. 2). `estimator` is k1,
+    k2 or k3 from KL_ESTIMATORS, each a per-token penalty (k3_is is an importance-weighted
+    loss and is refused: with no gradient its weight is 1 and it would silently be k3).
+    Shapes: old_logprobs, ref_logprobs, mask [B, T] -> [B, T] (0 where mask is 0), detached.
+    """
+    if estimator not in ("k1", "k2", "k3"):
+        raise ValueError(f"kl_reward_penalty: estimator must be k1, k2 or k3, got {estimator!r}")
+    positive("kl_reward_penalty", "beta", beta, allow_zero=True)
+    kl = KL_ESTIMATORS[estimator](old_logprobs.detach(), ref_logprobs)  # [B, T]
+    return -beta * kl * mask.to(kl.dtype)
+
+
+def policy_drift_metrics(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The off-policy drift of a batch in the seeds' two factors, π_θ/μ = (π_old/μ)·(π_θ/π_old).
+
+    Train–inference gap, π_old vs the sampler μ: "offpolicy/gap_log_ratio" = mean log(π_old/μ)
+    and "offpolicy/gap_k3" = mean k3 with δ = log π_old − log μ (KL(μ||π_old), tokens from μ).
+    Staleness, π_θ vs π_old (earlier minibatches, older policy versions):
+    "offpolicy/staleness_log_ratio" = mean log(π_θ/π_old) and "offpolicy/staleness_k3" = mean
+    k3 with δ = log π_θ − log π_old. Means over the tokens where mask is 1; detached.
+    Shapes: logprobs (current policy), old_logprobs, sampling_logprobs, mask [B, T] -> scalars.
+    """
+    m = mask.to(compute_dtype(logprobs))
+    n = m.sum().clamp(min=1)
+    out = {}
+    for name, num, den in (("gap", old_logprobs, sampling_logprobs), ("staleness", logprobs, old_logprobs)):
+        out[f"offpolicy/{name}_log_ratio"] = ((num.detach() - den.detach()) * m).sum() / n
+        out[f"offpolicy/{name}_k3"] = (k3(den.detach(), num.detach()) * m).sum() / n
+    return out
+
+
 class FixedKLController:
     """Constant KL coefficient β (the GRPO/REINFORCE++ default). update() is a no-op so
     it is interchangeable with AdaptiveKLController."""

@@ -255,33 +255,37 @@ def truncated_is_weights(
 
 
 def off_policy_sequence_mask(
-    old_logprobs: torch.Tensor,
+    logprobs: torch.Tensor,
     sampling_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     kl_threshold: float,
 ) -> torch.Tensor:
     """DeepSeek-V3.2 off-policy sequence masking (DeepSeek-AI 2025, §3.1, "Off-Policy
-    Sequence Masking"): drop sequence i when its advantage is negative AND the sampler has
-    drifted from the trainer by more than δ:
+    Sequence Masking"): drop sequence i when its advantage is negative AND the policy being
+    trained has drifted from the one that sampled it by more than δ:
 
-        keep_i = not (A_i < 0  and  (1/|y_i|) Σ_t (log π_sampler − log π_old) > δ)
+        keep_i = not (A_i < 0  and  (1/|y_i|) Σ_t (log π_sampler − log π_θ) > δ)
 
-    Negative samples that the current policy would rarely produce teach little and
-    destabilise; positive ones are always kept. A_i = masked mean of advantages[i].
-    Args: old_logprobs, sampling_logprobs, advantages, mask: [B, T]; kl_threshold δ >= 0.
-    Returns: keep [B] bool. Use as mask * keep[:, None].
+    π_θ is the CURRENT policy (pass the detached training log-probs of this minibatch), so
+    the mask reacts to the train–inference gap (π_old vs the sampler) and to staleness
+    (π_θ vs π_old, after earlier minibatches or policy versions) together: π_θ/μ =
+    (π_old/μ)·(π_θ/π_old). Negative samples that the current policy would rarely produce
+    teach little and destabilise; positive ones are always kept. A_i = masked mean of
+    advantages[i].
+    Args: logprobs (current policy), sampling_logprobs, advantages, mask: [B, T];
+    kl_threshold δ >= 0. Returns: keep [B] bool. Use as mask * keep[:, None].
     """
     positive("off_policy_sequence_mask", "kl_threshold", kl_threshold, allow_zero=True)
     same_shape(
         "off_policy_sequence_mask",
-        old_logprobs=old_logprobs,
+        logprobs=logprobs,
         sampling_logprobs=sampling_logprobs,
         advantages=advantages,
         mask=mask,
     )
-    dt = compute_dtype(old_logprobs)
+    dt = compute_dtype(logprobs)
     m = mask.to(dt)
-    kl = masked_mean(sampling_logprobs.detach().to(dt) - old_logprobs.detach().to(dt), m, dim=-1)  # [B]
+    kl = masked_mean(sampling_logprobs.detach().to(dt) - logprobs.detach().to(dt), m, dim=-1)  # [B]
     a_seq = masked_mean(advantages.detach().to(dt), m, dim=-1)  # [B]
     return ~((a_seq < 0) & (kl > kl_threshold))

@@ -26,8 +26,9 @@ def count_prompt_tokens(row: dict, tokenizer, render: Callable[[dict], str] | No
     render: row -> the exact prompt text fed to the model (e.g. with the chat template
         applied); default: a text prompt as is, a message list through the tokenizer's
         chat template with the generation prompt.
-    tokenizer: a Hugging Face tokenizer (anything with `encode(text, add_special_tokens=...)`)
-        or a plain callable text -> token ids.
+    tokenizer: a Hugging Face tokenizer (a text prompt counts its BOS, as
+        `posttrain.engines.encoding.encode_text` tokenizes it) or a plain callable
+        text -> token ids.
     """
     prompt = render(row) if render is not None else _prompt_of(row)
     if isinstance(prompt, list):
@@ -40,7 +41,9 @@ def count_prompt_tokens(row: dict, tokenizer, render: Callable[[dict], str] | No
             ids = ids["input_ids"]
         return len(ids)
     if hasattr(tokenizer, "encode"):
-        return len(tokenizer.encode(prompt, add_special_tokens=False))
+        from posttrain.engines.encoding import encode_text  # the BOS convention the trainers use
+
+        return len(encode_text(tokenizer, prompt))
     return len(tokenizer(prompt))
 
 

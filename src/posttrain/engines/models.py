@@ -412,6 +412,7 @@ def build_value_model(
     device: str | torch.device = "cpu",
     head_init_std: float | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    attn_implementation: str | None = None,
 ) -> ScalarHeadModel:
     """A ScalarHeadModel initialised from a causal LM (critic / reward-model init).
 
@@ -421,15 +422,20 @@ def build_value_model(
     head_init_std: std of the normal init of the new head; default 1/sqrt(hidden+1)
         (the reward-head init used by Stiennon et al. 2020 / TRL). 0 gives a zero head,
         i.e. a critic that starts at V=0.
+    attn_implementation: attention kernel of the value model (eager | sdpa |
+        flash_attention_2); None = transformers' default.
     """
     torch_dtype = _resolve_dtype(dtype)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if isinstance(from_model_or_path, str):
         name = from_model_or_path
         if name not in PRESETS and os.path.isdir(name):
             config = AutoConfig.from_pretrained(name)
             if any("SequenceClassification" in a for a in (config.architectures or [])):
                 try:
-                    seq_cls = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch_dtype)
+                    seq_cls = AutoModelForSequenceClassification.from_pretrained(
+                        name, dtype=torch_dtype, **attn
+                    )
                 except (OSError, ValueError, KeyError) as exc:
                     raise ModelError(f"cannot load value model {name!r}: {_first_line(exc)}") from None
                 return ScalarHeadModel(seq_cls.to(device))
@@ -446,7 +452,7 @@ def build_value_model(
         # HF sequence classification finds the last real token through pad_token_id.
         config.pad_token_id = config.eos_token_id
     try:
-        seq_cls = AutoModelForSequenceClassification.from_config(config)
+        seq_cls = AutoModelForSequenceClassification.from_config(config, **attn)
     except ValueError as exc:
         raise ModelError(
             f"no sequence-classification head for {config.model_type!r}: {_first_line(exc)}"

@@ -6,7 +6,9 @@ This module sits in engines/ so that both algos/ (training a PRM) and data/ (the
 reward built from a YAML path) can use it: imports point down only
 (core <- engines <- data <- algos <- train), and data/ must never import algos/.
 
-* `render_prompt`: the text a model sees before its completion (chat template).
+* `render_prompt` (from engines/encoding.py): the text a model sees before its
+  completion (chat template).
+* `reward_model_ids`: the token layout of an outcome reward model's input.
 * Process reward model layout: a stepwise completion is every step followed by a step
   separator, ``step_1 SEP step_2 SEP ... step_S SEP``, and the scalar head's logit at
   the LAST token of each separator is the step's score (it has seen the whole prefix
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.engines.batching import SequenceBatch, build_sequences
+from posttrain.engines.encoding import encode_continuation, encode_text, render_prompt
 from posttrain.errors import DataError
 
 # The synthetic tasks join reasoning steps with this (data/tasks/base.py re-exports it);
@@ -34,23 +37,18 @@ from posttrain.errors import DataError
 STEP_SEPARATOR = "; "
 
 
-def render_prompt(tokenizer, prompt: str | list[dict], enable_thinking: bool = True) -> str:
-    """The text the model sees before its completion: the chat template with a generation prompt.
+def reward_model_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) an outcome reward model scores for one pair.
 
-    prompt: a user message string, or a conversation (list of {"role", "content"} dicts)
-        ending before the assistant turn to be trained or generated.
-    enable_thinking: Qwen3 thinking-mode switch; False makes the template open an empty
-        <think></think> so the model answers directly (thinking-mode fusion).
-    A tokenizer without a chat template gets a plain string prompt unchanged.
+    The one layout of a reward-model input, shared by `posttrain rm` training
+    (`train/offline_data.encode_pairs` with append_eos=False), the "reward_model" RL
+    reward and `posttrain eval --scorer.orm`: the prompt as the policy saw it
+    (`encode_text`: the tokenizer's BOS once), then the completion's tokens as generated,
+    with no EOS; the score is the head's value at the last completion token.
+
+    prompt: the prompt text with the chat template already applied when the run uses one.
     """
-    if getattr(tokenizer, "chat_template", None) is None:
-        if isinstance(prompt, str):
-            return prompt
-        raise DataError("conversational prompt but the tokenizer has no chat template")
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
-    )
+    return encode_text(tokenizer, prompt), encode_continuation(tokenizer, completion)
 
 
 @dataclass
@@ -172,7 +170,7 @@ def score_steps(
     was_training = prm_model.training
     prm_model.eval()
     pad_id = tokenizer.pad_token_id
-    sep_ids = tokenizer(step_separator, add_special_tokens=False)["input_ids"]
+    sep_ids = encode_continuation(tokenizer, step_separator)
     device = next(prm_model.parameters()).device
     out: list[list[float]] = [[] for _ in prompts]
     todo = [i for i, steps in enumerate(step_lists) if len(steps) > 0]
@@ -186,10 +184,8 @@ def score_steps(
                     if apply_chat_template
                     else prompts[i]
                 )
-                p_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-            s_ids = [
-                [tokenizer(s, add_special_tokens=False)["input_ids"] for s in step_lists[i]] for i in idx
-            ]
+                p_ids.append(encode_text(tokenizer, text))
+            s_ids = [[encode_continuation(tokenizer, s) for s in step_lists[i]] for i in idx]
             batch = build_step_batch(p_ids, s_ids, None, separator_ids=sep_ids, pad_id=pad_id).to(device)
             probs = torch.sigmoid(step_logits(prm_model, batch)).cpu()  # [b, S]
             for row, i in enumerate(idx):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import AddedToken, Tokenizer, decoders, models
+from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, IM_START = "<pad>", "<s>", "<|im_end|>", "<|im_start|>"
@@ -41,10 +41,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
+def build_char_tokenizer(extra_chars: str = "", *, add_bos: bool = False) -> PreTrainedTokenizerFast:
     """Build the character-level tokenizer.
 
     extra_chars: characters to add to printable ASCII + "×÷√" (duplicates ignored).
+    add_bos: prepend ``<s>`` whenever text is encoded with special tokens (a
+        post-processor, the Llama / Gemma / Mistral convention: ``tok("ab")`` gives
+        ``[bos, a, b]``); off by default, where the chat template renders the BOS itself.
     Returns a `PreTrainedTokenizerFast`; ids 0..3 are pad, bos, eos, im_start, then the
     four format tokens, then one id per character. Vocabulary size is `len(tokenizer)`.
     Unknown characters raise nothing at encode time but map to no token; use `extra_chars`
@@ -64,6 +67,11 @@ def build_char_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()  # concatenate characters; the default joins with spaces
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TOKENS])
+    if add_bos:
+        bos_id = vocab[BOS]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,

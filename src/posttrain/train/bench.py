@@ -68,7 +68,7 @@ from posttrain.train.bench_runs import (
     run_posttrain,
     run_trl,
 )
-from posttrain.train.config import RunSection, config_to_dict, load_config, save_config
+from posttrain.train.config import config_to_dict, load_config, save_config
 
 # Re-exported: benchmarks/vs_trl.py and tests import these from here.
 __all__ = [
@@ -97,6 +97,16 @@ def _opt(default: Any, text: str, factory: bool = False) -> Any:
     if factory:
         return field(default_factory=default, metadata={"help": text})
     return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class BenchRunSection:
+    """Where the benchmark writes and its seed. The runs it times keep no checkpoints and
+    log to their own traces, so the training run keys (resume, save_every, trackers, ...)
+    are not accepted here."""
+
+    output_dir: str = _opt("runs/bench", "Output directory (results.json, results.md, traces).")
+    seed: int = _opt(0, "Seed of the problems, the models' initialisation and sampling.")
 
 
 @dataclass
@@ -189,9 +199,7 @@ class BenchConfig:
     )
     accuracy: AccuracySection = _opt(AccuracySection, "Time-to-accuracy mode.", factory=True)
     rollout: RolloutSection = _opt(RolloutSection, "Rollout mode.", factory=True)
-    run: RunSection = _opt(
-        lambda: RunSection(output_dir="runs/bench"), "Output directory and seed.", factory=True
-    )
+    run: BenchRunSection = _opt(BenchRunSection, "Output directory and seed.", factory=True)
 
 
 def _validate(cfg: BenchConfig) -> None:

@@ -32,7 +32,13 @@ import yaml
 
 from posttrain.errors import ConfigError
 from posttrain.train.config_checks import load_recipe_yaml
-from posttrain.train.sections import ModelSection, OptimSection, RunSection  # noqa: F401 - re-exported
+from posttrain.train.sections import (  # noqa: F401  (re-exported: commands import them from here)
+    InferenceModelSection,
+    ModelSection,
+    OptimSection,
+    RunSection,
+    ValueModelSection,
+)
 
 C = TypeVar("C")
 

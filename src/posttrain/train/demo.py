@@ -20,6 +20,7 @@ the same results can be reproduced stage by stage from the saved `config.yaml` f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -39,7 +40,8 @@ def _h(text: str) -> dict:
 
 @dataclass
 class DemoRun(RunSection):
-    """Run directory and seed of the demo (checkpoint options apply to both stages)."""
+    """Run directory of the demo; every other run setting (seed, checkpoints, resume, logging,
+    trackers) applies to both stages."""
 
     output_dir: str = field(
         default="runs/demo", metadata=_h("Run directory; stages go to sft/ and rl/ inside.")
@@ -162,7 +164,6 @@ def _stage_configs(cfg: DemoConfig, root: Path):
     sft.train.max_new_tokens = cfg.max_new_tokens
     sft.optim.lr = cfg.sft_lr
     sft.run.output_dir = str(root / "sft")
-    sft.run.seed = cfg.run.seed
 
     rl = load_config(RLConfig, None, [])
     rl.steps = cfg.rl_steps
@@ -200,9 +201,12 @@ def _stage_configs(cfg: DemoConfig, root: Path):
     rl.eval.every = cfg.eval_every
     rl.eval.before_after = True
     rl.run.output_dir = str(root / "rl")
-    rl.run.seed = cfg.run.seed
-    rl.run.save_every = cfg.run.save_every
-    rl.run.keep_checkpoints = cfg.run.keep_checkpoints
+    # Every run setting but the directory applies to both stages (seed, checkpoints, resume,
+    # logging, trackers).
+    for stage in (sft, rl):
+        for f in dataclasses.fields(RunSection):
+            if f.name != "output_dir":
+                setattr(stage.run, f.name, getattr(cfg.run, f.name))
     return sft, rl
 
 

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError, DataError
-from posttrain.train.config import ModelSection
+from posttrain.train.config import InferenceModelSection
+from posttrain.train.eval_scorers import orm_scores, prm_scores  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # torch is imported inside functions so `posttrain eval --help` stays fast
     import torch
@@ -63,7 +64,12 @@ class EvalDataSection:
     difficulty: int | None = field(default=None, metadata=_h("Task difficulty level; null = mixed levels."))
     prompt_column: str = field(default="prompt", metadata=_h("Prompt column of `path`."))
     answer_column: str = field(default="answer", metadata=_h("Ground-truth answer column of `path`."))
-    chat_template: bool = field(default=True, metadata=_h("Apply the tokenizer's chat template to prompts."))
+    chat_template: bool = field(
+        default=True,
+        metadata=_h(
+            "Apply the tokenizer's chat template to prompts; false uses the raw text (BOS kept, as in training)."
+        ),
+    )
     enable_thinking: bool = field(
         default=True,
         metadata=_h("Thinking mode of the chat template (false pre-fills an empty think block)."),
@@ -121,7 +127,9 @@ class EvalScorerSection:
 class EvalConfig:
     """Evaluate a model (`posttrain eval`): pass@1, pass@k, maj@k, best-of-N with an ORM/PRM."""
 
-    model: ModelSection = field(default_factory=ModelSection, metadata=_h("The model to evaluate."))
+    model: InferenceModelSection = field(
+        default_factory=InferenceModelSection, metadata=_h("The model to evaluate.")
+    )
     data: EvalDataSection = field(default_factory=EvalDataSection, metadata=_h("Evaluation prompts."))
     sampling: EvalSamplingSection = field(default_factory=EvalSamplingSection, metadata=_h("Sampling."))
     scorer: EvalScorerSection = field(default_factory=EvalScorerSection, metadata=_h("Best-of-N scorers."))
@@ -181,11 +189,9 @@ def _clean(text: str, tokenizer) -> str:
 
 
 def _prompt_ids(tokenizer, prompt: str, chat_template: bool, enable_thinking: bool) -> list[int]:
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        from posttrain.algos.sft import render_prompt
+    from posttrain.engines.encoding import encode_prompt
 
-        prompt = render_prompt(tokenizer, prompt, enable_thinking)
-    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return encode_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
 
 
 def generate_samples(
@@ -206,7 +212,8 @@ def generate_samples(
     """k completions per prompt: (texts[P][k], token lengths[P][k], finish reasons[P][k]).
 
     prompts: P raw user prompts; rendered with the chat template (as the RL loop does) when
-        `chat_template` and the tokenizer has one, then tokenized without special tokens.
+        `chat_template` and the tokenizer has one, then tokenized with the tokenizer's BOS
+        convention (`posttrain.engines.encoding.encode_prompt`).
     engine: a rollout engine name for `make_engine`, or an engine instance to reuse.
     seed: generate call b uses seed * 1_000_003 + b, so results do not depend on what ran
         before (same seed + same weights -> same samples).
@@ -364,90 +371,6 @@ def summarize(
     return out
 
 
-# --------------------------------------------------------------------------- scorers
-
-
-def orm_scores(
-    path: str,
-    prompts: Sequence[str],
-    texts: Sequence[Sequence[str]],
-    *,
-    device: str = "cpu",
-    chat_template: bool = True,
-    enable_thinking: bool = True,
-    batch_size: int = 16,
-) -> list[list[float]]:
-    """Outcome reward-model score of every completion: [P][k] floats.
-
-    Sequences are built as in RM training (algos/reward_model.py): templated prompt +
-    completion tokens + EOS, scored at the last completion token, with the reward model's
-    own tokenizer.
-    """
-    import torch
-
-    from posttrain.algos.reward_model import sequence_scores
-    from posttrain.engines.batching import build_sequences
-    from posttrain.engines.models import build_value_model, load_tokenizer
-
-    tok = load_tokenizer(path)
-    rm = build_value_model(path, device=device).eval()
-    flat = [(p, t) for p, ts in zip(prompts, texts) for t in ts]
-    out: list[float] = []
-    for start in range(0, len(flat), batch_size):
-        chunk = flat[start : start + batch_size]
-        p_ids = [_prompt_ids(tok, p, chat_template, enable_thinking) for p, _ in chunk]
-        r_ids = [list(tok(t, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id] for _, t in chunk]
-        width = max(len(r) for r in r_ids)
-        resp = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width)
-        for i, r in enumerate(r_ids):
-            resp[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1.0
-        batch = build_sequences(p_ids, resp, mask, tok.pad_token_id)
-        batch = batch.to(device)
-        with torch.no_grad():
-            out.extend(sequence_scores(rm, batch).cpu().tolist())
-    k = len(texts[0]) if texts else 0
-    return [out[i * k : (i + 1) * k] for i in range(len(prompts))]
-
-
-def prm_scores(
-    path: str,
-    prompts: Sequence[str],
-    texts: Sequence[Sequence[str]],
-    *,
-    aggregate: str = "min",
-    device: str = "cpu",
-    enable_thinking: bool = True,
-) -> list[list[float]]:
-    """PRM trace score of every completion: [P][k]; steps are the think block split on the
-    PRM's step separator, aggregated by min / last / mean / prod. No steps -> NaN."""
-    from posttrain.algos.prm import load_prm, score_steps
-    from posttrain.engines.models import load_tokenizer
-
-    model, sep = load_prm(path, device=device)
-    tok = load_tokenizer(path)
-    flat_p, flat_steps = [], []
-    for p, ts in zip(prompts, texts):
-        for t in ts:
-            m = _THINK_BODY.search(t)
-            body = m.group(1) if m else ""
-            flat_p.append(p)
-            flat_steps.append([s.strip() for s in body.split(sep) if s.strip()])
-    step_scores = score_steps(
-        model, tok, flat_p, flat_steps, step_separator=sep, enable_thinking=enable_thinking
-    )
-    agg = {"min": min, "last": lambda s: s[-1], "mean": lambda s: sum(s) / len(s), "prod": math.prod}[
-        aggregate
-    ]
-    flat = [agg(s) if s else float("nan") for s in step_scores]
-    k = len(texts[0]) if texts else 0
-    return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
-
-
-_THINK_BODY = re.compile(r"<think>(.*?)</think>", re.S)
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -557,7 +480,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                                    chat_template=d.chat_template, enable_thinking=d.enable_thinking)  # fmt: skip
     if cfg.scorer.prm:
         scores["prm"] = prm_scores(cfg.scorer.prm, prompts, texts, aggregate=cfg.scorer.prm_aggregate,
-                                   device=cfg.model.device, enable_thinking=d.enable_thinking)  # fmt: skip
+                                   device=cfg.model.device, chat_template=d.chat_template,
+                                   enable_thinking=d.enable_thinking)  # fmt: skip
     result = summarize(prompts, answers, texts, lengths, reasons, correct,
                        think_prefilled=d.chat_template and not d.enable_thinking, scores=scores,
                        return_samples=cfg.save_samples)  # fmt: skip

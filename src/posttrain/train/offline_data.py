@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from posttrain.algos.sft import render_prompt, strip_thinking
+from posttrain.algos.sft import strip_thinking
+from posttrain.engines.encoding import encode_continuation, encode_prompt
 from posttrain.errors import ConfigError, DataError
 
 # Row kinds of data/datasets.load_rows and data/tasks.task_rows used by each trainer.
@@ -134,10 +135,6 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _text(value, where: str, column: str) -> str:
     """A completion given as a string or as assistant message(s) -> the string."""
     if isinstance(value, str):
@@ -149,39 +146,25 @@ def _text(value, where: str, column: str) -> str:
     )
 
 
-def _prompt_ids(
-    tokenizer, prompt, where: str, *, enable_thinking: bool, max_prompt_tokens: int
-) -> list[int] | None:
+def _prompt_ids(tokenizer, prompt, where: str, data, *, enable_thinking: bool = True) -> list[int] | None:
+    """The prompt's ids (`encode_prompt`), or None for a prompt over data.max_prompt_tokens
+    with data.too_long=skip (an error with data.too_long=error)."""
     if (
         prompt is None
         or (isinstance(prompt, str) and not prompt.strip())
         or (isinstance(prompt, list) and not prompt)
     ):
         raise DataError(f"{where}: empty prompt")
-    ids = _ids(tokenizer, render_prompt(tokenizer, prompt, enable_thinking))
-    if max_prompt_tokens and len(ids) > max_prompt_tokens:
+    ids = encode_prompt(tokenizer, prompt, enable_thinking=enable_thinking)
+    limit = data.max_prompt_tokens
+    if limit and len(ids) > limit:
+        if data.too_long == "error":
+            raise DataError(
+                f"{where}: prompt has {len(ids)} tokens (chat template applied) > data.max_prompt_tokens={limit}; "
+                "raise the limit or set data.too_long=skip"
+            )
         return None
     return ids
-
-
-def encode_prompt(tokenizer, prompt, where: str, data) -> list[int] | None:
-    """Token ids of a row's prompt (chat template, thinking on), or None when it is over
-    data.max_prompt_tokens and data.too_long is "skip" (a DataError when it is "error")."""
-    ids = _prompt_ids(
-        tokenizer, prompt, where, enable_thinking=True, max_prompt_tokens=data.max_prompt_tokens
-    )
-    if ids is None:
-        n = len(_ids(tokenizer, render_prompt(tokenizer, prompt)))
-        _too_long(where, n, data.max_prompt_tokens, data.too_long)
-    return ids
-
-
-def _too_long(where: str, n: int, limit: int, policy: str) -> None:
-    if policy == "error":
-        raise DataError(
-            f"{where}: prompt has {n} tokens (chat template applied) > data.max_prompt_tokens={limit}; "
-            "raise the limit or set data.too_long=skip"
-        )
 
 
 def encode_sft(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
@@ -210,18 +193,12 @@ def encode_sft(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
             completion = strip_thinking(completion)
         if not completion.strip():
             raise DataError(f"{where}: empty completion")
-        p = _prompt_ids(
-            tokenizer, prompt, where, enable_thinking=think, max_prompt_tokens=data.max_prompt_tokens
-        )
+        p = _prompt_ids(tokenizer, prompt, where, data, enable_thinking=think)
         if p is None:
-            _too_long(
-                where,
-                len(_ids(tokenizer, render_prompt(tokenizer, prompt, think))),
-                data.max_prompt_tokens,
-                data.too_long,
-            )
             continue
-        items.append({"prompt": p, "completion": _ids(tokenizer, completion) + [eos], "think": think})
+        items.append(
+            {"prompt": p, "completion": encode_continuation(tokenizer, completion) + [eos], "think": think}
+        )
     if not items:
         raise DataError(f"{source}: no usable rows")
     return items
@@ -262,14 +239,14 @@ def encode_pairs(
             if row.get(margin_column) is None:
                 raise DataError(f"{where}: margin column {margin_column!r} is missing")
             margin = float(row[margin_column])
-        p = encode_prompt(tokenizer, row.get("prompt"), where, data)
+        p = _prompt_ids(tokenizer, row.get("prompt"), where, data)
         if p is None:
             continue
         items.append(
             {
                 "prompt": p,
-                "chosen": _ids(tokenizer, chosen) + tail,
-                "rejected": _ids(tokenizer, rejected) + tail,
+                "chosen": encode_continuation(tokenizer, chosen) + tail,
+                "rejected": encode_continuation(tokenizer, rejected) + tail,
                 "margin": margin,
             }
         )
@@ -301,11 +278,15 @@ def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
             raise DataError(f"{where}: empty step in 'completions'")
         if any(not isinstance(x, (bool, int)) or x not in (0, 1) for x in labels):
             raise DataError(f"{where}: 'labels' must be booleans")
-        p = encode_prompt(tokenizer, row.get("prompt"), where, data)
+        p = _prompt_ids(tokenizer, row.get("prompt"), where, data)
         if p is None:
             continue
         items.append(
-            {"prompt": p, "steps": [_ids(tokenizer, s) for s in steps], "labels": [bool(x) for x in labels]}
+            {
+                "prompt": p,
+                "steps": [encode_continuation(tokenizer, s) for s in steps],
+                "labels": [bool(x) for x in labels],
+            }
         )
     if not items:
         raise DataError(f"{source}: no usable rows")

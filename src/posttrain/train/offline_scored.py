@@ -21,8 +21,9 @@ import torch
 from posttrain.algos.reward_model import pointwise_reward_loss
 from posttrain.core.nbest import induced_pairs, pair_weights
 from posttrain.core.pointwise import prompt_baselines
+from posttrain.engines.encoding import encode_continuation
 from posttrain.errors import ConfigError, DataError
-from posttrain.train.offline_data import _ids, _text, encode_prompt
+from posttrain.train.offline_data import _prompt_ids, _text
 from posttrain.train.offline_methods import RewardModelMethod, _device, _ratio, completion_batch
 
 
@@ -42,10 +43,16 @@ def encode_scored(rows: list[dict], tokenizer, data, source: str, *, baseline: s
         completion = _text(row.get("completion"), where, "completion")
         if not completion.strip():
             raise DataError(f"{where}: empty completion")
-        p = encode_prompt(tokenizer, row.get("prompt"), where, data)
+        p = _prompt_ids(tokenizer, row.get("prompt"), where, data)
         if p is None:
             continue
-        items.append({"prompt": p, "completion": _ids(tokenizer, completion), "score": float(row["score"])})
+        items.append(
+            {
+                "prompt": p,
+                "completion": encode_continuation(tokenizer, completion),
+                "score": float(row["score"]),
+            }
+        )
     if not items:
         raise DataError(f"{source}: no usable rows")
     scores = torch.tensor([it["score"] for it in items], dtype=torch.float64)
@@ -70,10 +77,12 @@ def encode_ranked(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
     items = []
     for i, row in enumerate(rows):
         where = f"{source} row {i + 1}"
-        p = encode_prompt(tokenizer, row.get("prompt"), where, data)
+        p = _prompt_ids(tokenizer, row.get("prompt"), where, data)
         if p is None:
             continue
-        cands = [_ids(tokenizer, _text(c, where, "completions")) + [eos] for c in row["completions"]]
+        cands = [
+            encode_continuation(tokenizer, _text(c, where, "completions")) + [eos] for c in row["completions"]
+        ]
         chosen, rejected, gaps = induced_pairs(torch.tensor(row["scores"], dtype=torch.float64))
         for c, r, g in zip(chosen.tolist(), rejected.tolist(), gaps.tolist()):
             items.append(

@@ -32,11 +32,18 @@ from posttrain.algos.distill import kd_objective, teacher_token_rewards
 from posttrain.algos.policy_gradient import call_with_supported, policy_objective
 from posttrain.core.advantages import ADVANTAGES
 from posttrain.core.distill import anneal
-from posttrain.core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from posttrain.core.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_reward_penalty,
+    policy_drift_metrics,
+)
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
 from posttrain.engines.fastpath import fallback_counts, fallback_metrics
 from posttrain.train.alerts import HackingMonitor, append_alerts, describe
 from posttrain.train.checkpoint import CheckpointManager, atomic_write_text
+from posttrain.train.config import config_to_dict
 from posttrain.train.metrics import MetricsLogger, format_postfix, progress
 from posttrain.train.optim import BadStepGuard, build_optimizer, build_scheduler, guarded_step
 from posttrain.train.rl_checks import uses_reference
@@ -78,6 +85,7 @@ class RLTrainer:
         self.eval_examples = c["eval_examples"]
         self.task = c["task"]
         self._filter_record = c["difficulty_filter_record"]
+        self.eval_rewards = c["eval_rewards"]
         groups = [{"params": self.policy.parameters()}]
         if self.critic is not None:
             groups.append({"params": self.critic.parameters(), "lr": cfg.critic.lr or cfg.optim.lr})
@@ -130,10 +138,12 @@ class RLTrainer:
                 kl = KL_ESTIMATORS[name](batch.old_logprobs, batch.ref_logprobs)  # [B, T]
                 metrics[f"kl/{name}"] = _f((kl * mask).sum() / mask.sum().clamp(min=1))
         if p["kl_placement"] == "reward" and beta > 0:
-            k1 = KL_ESTIMATORS["k1"](batch.old_logprobs, batch.ref_logprobs)  # [B, T]
-            token_rewards = -beta * k1 * mask
-            # The adaptive controller tracks the per-sequence KL (Ziegler et al. 2019).
-            seq_kl = _f((k1 * mask).sum() / (mask.sum(-1) > 0).sum().clamp(min=1))
+            token_rewards = kl_reward_penalty(
+                batch.old_logprobs, batch.ref_logprobs, mask, beta, p["kl_estimator"]
+            )  # [B, T]
+            # The adaptive controller tracks the per-sequence KL (Ziegler et al. 2019), measured
+            # with the estimator the penalty uses.
+            seq_kl = _f(-token_rewards.sum() / beta / (mask.sum(-1) > 0).sum().clamp(min=1))
             self.kl_ctl.update(seq_kl, len(batch))
         if p["teacher_mode"] == "reward":
             dense = teacher_token_rewards(
@@ -220,9 +230,10 @@ class RLTrainer:
                 old, mi.sampling_logprobs, mask, p["tis_cap"], level=p["tis_level"]
             )
             metrics["offpolicy/tis_weight_mean"] = (is_weights * mask).sum() / mask.sum().clamp(min=1)
+        metrics.update(policy_drift_metrics(logprobs, old, mi.sampling_logprobs, mask))
         if p["off_policy_kl_threshold"] is not None:
-            keep = off_policy_sequence_mask(
-                old, mi.sampling_logprobs, mi.advantages, mask, p["off_policy_kl_threshold"]
+            keep = off_policy_sequence_mask(  # against the current policy: gap and staleness
+                logprobs.detach(), mi.sampling_logprobs, mi.advantages, mask, p["off_policy_kl_threshold"]
             )
             mask = mask * keep.to(mask.dtype)[:, None]
             metrics["offpolicy/masked_seq_frac"] = 1.0 - keep.float().mean()
@@ -448,29 +459,10 @@ class RLTrainer:
         self.engine.sync_weights(self.policy.model)
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy / format rate / length via train.evaluate.evaluate_policy."""
-        from posttrain.train.evaluate import evaluate_policy
+        """Held-out `eval/*` metrics: task accuracy, or rewards on dataset rows (train/rl_eval.py)."""
+        from posttrain.train.rl_eval import evaluate
 
-        ev, d = self.cfg.eval, self.cfg.data
-        examples = [
-            ex if hasattr(ex, "prompt") else {"prompt": ex.text, "answer": ex.answer}
-            for ex in self.eval_examples[: ev.n]
-        ]
-        out = evaluate_policy(
-            self.policy.model,
-            self.tokenizer,
-            examples,
-            self.task,
-            k=1,
-            temperature=ev.temperature,
-            max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens,
-            # Multi-turn: held-out prompts run through the same environment as training.
-            engine=self.engine if self.cfg.env.name is not None else self.cfg.rollout.engine,
-            seed=self.cfg.run.seed,
-            chat_template=d.chat_template,
-            enable_thinking=d.enable_thinking,
-        )
-        return {f"eval/{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))}
+        return evaluate(self)
 
     def train(self) -> dict[str, Any]:
         """Run until cfg.steps with logging, samples, eval, checkpoints; return a summary."""
@@ -488,10 +480,17 @@ class RLTrainer:
         if self._filter_record is not None:
             atomic_write_text(self.run_dir / "difficulty_filter.json", self._filter_record)
         logger = MetricsLogger(
-            self.run_dir, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, resume_step=resume_step
+            self.run_dir,
+            tensorboard=cfg.run.tensorboard,
+            wandb=cfg.run.wandb,
+            resume_step=resume_step,
+            wandb_project=cfg.run.wandb_project,
+            config=config_to_dict(cfg),
         )
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": resume_step}
-        can_eval = self.eval_examples and self.task is not None
+        can_eval = bool(
+            self.eval_examples
+        )  # validate (rl_eval.check_eval) refused eval without held-out prompts
         try:
             if cfg.eval.before_after and can_eval and self.step_count == 0:
                 summary["eval_before"] = self.evaluate()
@@ -530,6 +529,8 @@ class RLTrainer:
         finally:
             logger.close()
             self.rewards.close()
+            if self.eval_rewards is not None:
+                self.eval_rewards.close()
         summary.update(
             {"steps": self.step_count, "final_metrics": metrics, "final_model": str(self.run_dir / "final")}
         )

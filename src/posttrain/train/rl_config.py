@@ -33,7 +33,8 @@ class RLDataSection:
     task: str | None = field(
         default="arithmetic",
         metadata=_h(
-            "Synthetic task name (arithmetic | countdown | sorting | word_problems); ignored when `path` is set."
+            "Synthetic task name (arithmetic | countdown | sorting | word_problems). With `path` set it "
+            "only names the verifier of the dataset's `answer` column (the task reward, eval/accuracy); null = none."
         ),
     )
     task_options: dict[str, Any] = field(
@@ -70,7 +71,11 @@ class RLDataSection:
         default="error", metadata=_h("What to do with prompts over max_prompt_tokens.")
     )
     chat_template: bool = field(
-        default=True, metadata=_h("Apply the tokenizer's chat template to each prompt.")
+        default=True,
+        metadata=_h(
+            "Apply the tokenizer's chat template to each prompt; false uses the raw text. Either way "
+            "the tokenizer's BOS convention applies once (a BOS-prepending tokenizer gives tokenizer(prompt))."
+        ),
     )
     enable_thinking: bool = field(
         default=True,
@@ -120,6 +125,18 @@ class RolloutSection:
     stop_strings: list[str] = field(default_factory=list, metadata=_h("Decoded strings that end a response."))
     repetition_ngram: int = field(
         default=0, metadata=_h("Kimi early stop: n-gram size for repetition detection; 0 disables.")
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.4,
+        metadata=_h(
+            "engine=vllm: share of GPU memory vLLM may take (leave the rest for training when colocated)."
+        ),
+    )
+    vllm_sleep_mode: bool = field(
+        default=False,
+        metadata=_h(
+            "engine=vllm: release vLLM's weights and KV cache between generate calls (sleep level 1)."
+        ),
     )
     thinking_budget: int = field(
         default=0,
@@ -210,7 +227,13 @@ class AlgoSection:
         default="preset",
         metadata=_h("Where the KL to the reference goes: none, in the reward (k1 per token) or as a loss."),
     )
-    kl_estimator: str | None = field(default=None, metadata=_h("KL-as-loss estimator: k1 | k2 | k3 | k3_is."))
+    kl_estimator: str | None = field(
+        default=None,
+        metadata=_h(
+            "KL estimator: k1 | k2 | k3 | k3_is as a loss (kl_placement=loss); k1 | k2 | k3 as the "
+            "per-token reward penalty −β·k_t (kl_placement=reward)."
+        ),
+    )
     kl_coef: float | None = field(
         default=None, metadata=_h("KL coefficient beta (initial value when adaptive).")
     )
@@ -345,12 +368,19 @@ class RewardsSection:
 
 @dataclass
 class AuxModelSection:
-    """A second model (critic initialisation or teacher)."""
+    """A second model: the teacher (and, with `CriticSection`, the critic's initialisation)."""
 
     path: str | None = field(
         default=None, metadata=_h("Model path; null = from the policy (critic) / required (teacher).")
     )
     preset: str | None = field(default=None, metadata=_h("Random-init preset instead of a path (tests)."))
+
+
+@dataclass
+class CriticSection(AuxModelSection):
+    """The value model of PPO / A2C: where it starts from and its learning rate (the
+    teacher is frozen, so `teacher` has no `lr`)."""
+
     lr: float | None = field(default=None, metadata=_h("Critic learning rate; null = optim.lr."))
 
 
@@ -368,6 +398,13 @@ class RLEvalSection:
     temperature: float = field(default=0.0, metadata=_h("Evaluation sampling temperature (0 = greedy)."))
     max_new_tokens: int = field(
         default=0, metadata=_h("Evaluation length budget; 0 = rollout.max_new_tokens.")
+    )
+    rewards: list[RewardSpec] = field(
+        default_factory=list,
+        metadata=_h(
+            "Rewards that score held-out samples, reported as eval/reward/<name> and eval/reward/mean; "
+            "empty = the run's rewards when there is no data.task (a task reports eval/accuracy)."
+        ),
     )
 
 
@@ -393,7 +430,7 @@ class RLConfig:
     reward_exec: RewardsSection = field(
         default_factory=RewardsSection, metadata=_h("Reward execution limits.")
     )
-    critic: AuxModelSection = field(default_factory=AuxModelSection, metadata=_h("Value model (PPO/A2C)."))
+    critic: CriticSection = field(default_factory=CriticSection, metadata=_h("Value model (PPO/A2C)."))
     teacher: AuxModelSection = field(
         default_factory=AuxModelSection, metadata=_h("Teacher model (on-policy distillation, KDRL).")
     )
@@ -511,10 +548,22 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(
             f"algo.micro_batch_size={micro} must divide the minibatch of {batch // mb} sequences"
         )
+    if ro.engine != "vllm" and (ro.vllm_gpu_memory_utilization != 0.4 or ro.vllm_sleep_mode):
+        raise ConfigError(
+            f"rollout.vllm_gpu_memory_utilization / rollout.vllm_sleep_mode apply to rollout.engine=vllm, not {ro.engine!r}"
+        )
+    if not 0.0 < ro.vllm_gpu_memory_utilization <= 1.0:
+        raise ConfigError(
+            f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {ro.vllm_gpu_memory_utilization}"
+        )
     if p["update_epochs"] < 1:
         raise ConfigError(f"algo.update_epochs must be >= 1, got {p['update_epochs']}")
     if p["kl_placement"] not in ("none", "reward", "loss"):
         raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {p['kl_placement']!r}")
+    if p["kl_placement"] == "reward" and p["kl_estimator"] not in ("k1", "k2", "k3"):
+        raise ConfigError(
+            f"algo.kl_estimator {p['kl_estimator']!r} is a loss-side estimator; with algo.kl_placement=reward use k1, k2 or k3"
+        )
     if p["kl_coef"] < 0:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
     check_ref_refresh(cfg, p)
@@ -526,6 +575,9 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(
             "data: set data.task or data.path (or an env.name whose environment provides prompts)"
         )
+    from posttrain.train.rl_eval import check_eval
+
+    check_eval(cfg)
     if not cfg.rewards and p["teacher_mode"] != "reward":
         raise ConfigError(
             "rewards: at least one reward is needed (only on-policy distillation runs without one)"

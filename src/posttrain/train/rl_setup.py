@@ -73,20 +73,18 @@ def make_env_factory(cfg: RLConfig):
 
 
 def _template(tokenizer, text: str, cfg: RLConfig) -> list[int]:
-    if cfg.data.chat_template and getattr(tokenizer, "chat_template", None):
-        factory = make_env_factory(cfg)
-        # Tool declarations go where the model's template puts them (e.g. Qwen's system block).
-        tools = factory().tool_schemas() if factory is not None else None
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}],
-            add_generation_prompt=True,
-            enable_thinking=cfg.data.enable_thinking,
-            tokenize=False,
-            **({"tools": tools} if tools else {}),
-        )
-    else:
-        rendered = text
-    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    from posttrain.engines.encoding import encode_prompt
+
+    factory = make_env_factory(cfg)
+    # Tool declarations go where the model's template puts them (e.g. Qwen's system block).
+    tools = factory().tool_schemas() if factory is not None else None
+    return encode_prompt(
+        tokenizer,
+        text,
+        chat_template=cfg.data.chat_template,
+        enable_thinking=cfg.data.enable_thinking,
+        tools=tools,
+    )
 
 
 def _items_from_examples(examples, tokenizer, cfg: RLConfig) -> list[PromptItem]:
@@ -176,22 +174,23 @@ def load_prompts(cfg: RLConfig, tokenizer):
     return train, test_ex, task
 
 
-def build_rewards(cfg: RLConfig) -> RewardRole:
-    """Each `cfg.rewards` entry -> build_reward(name, **options), run by a RewardRunner.
+def build_rewards(cfg: RLConfig, key: str = "rewards") -> RewardRole:
+    """Each entry of `cfg.rewards` (or of `cfg.eval.rewards` with key="eval.rewards") ->
+    build_reward(name, **options), run by a RewardRunner.
 
     The "task" reward verifies with `cfg.data.task` unless its options name a task.
     """
     from posttrain.data.rewards import build_reward
 
     specs = []
-    for i, spec in enumerate(cfg.rewards):
+    for i, spec in enumerate(cfg.eval.rewards if key == "eval.rewards" else cfg.rewards):
         options = dict(spec.options)
         if spec.name == "task" and "task" not in options and cfg.data.task:
             options["task"] = cfg.data.task
         try:
             fn = build_reward(spec.name, **options)
         except TypeError as e:
-            raise ConfigError(f"rewards[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
+            raise ConfigError(f"{key}[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
         if getattr(fn, "dense", False):  # also a "module:function" reward that marks itself dense
             check_dense_reward(spec.name, cfg.algo.pieces()["advantage"], cfg.algo.method)
         specs.append((spec.name, fn, spec.weight, spec.start_step))
@@ -220,7 +219,13 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     model = _load_policy(cfg, tokenizer)
     check_context(model, lengths, key)
     policy = PolicyRole(model, temperature=ro.temperature)
-    engine = make_engine(ro.engine, model, tokenizer)
+    engine_options = {}
+    if ro.engine == "vllm":  # validate refused these keys for the other engines
+        engine_options = {
+            "gpu_memory_utilization": ro.vllm_gpu_memory_utilization,
+            "sleep_between_calls": ro.vllm_sleep_mode,
+        }
+    engine = make_engine(ro.engine, model, tokenizer, **engine_options)
     if ro.thinking_budget:
         from posttrain.engines.rollout.budget import ThinkingBudgetEngine
 
@@ -274,6 +279,8 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
         "eval_examples": eval_examples,
         "task": task,
         "difficulty_filter_record": filter_record,
+        # Held-out samples are scored with eval.rewards when given, else with the run's rewards.
+        "eval_rewards": build_rewards(cfg, "eval.rewards") if cfg.eval.rewards else None,
     }
 
 

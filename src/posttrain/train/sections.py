@@ -1,4 +1,7 @@
-"""The config sections every training command shares: `model`, `optim` and `run`.
+"""Config sections shared by the commands: the model to load or train, the optimizer, the
+run directory and logging. Three model sections, each with only the keys its commands
+read: `InferenceModelSection` (`posttrain eval`), `ValueModelSection` (+ gradient
+checkpointing: reward models, PRMs) and `ModelSection` (+ LoRA: the policy trainers).
 
 Each field documents itself in ``metadata["help"]`` (the source of ``--help``); each
 section checks its values when it is built (`__post_init__`, see config_checks), so an
@@ -14,10 +17,12 @@ from typing import Literal
 from posttrain.errors import ConfigError
 from posttrain.train.config_checks import check_attention, check_device, check_preset, validate_optim
 
+# --------------------------------------------------------------------------- shared sections
+
 
 @dataclass
-class ModelSection:
-    """Which model to train and how to load it."""
+class InferenceModelSection:
+    """Which model to load and how (`posttrain eval`: nothing is trained)."""
 
     path: str | None = field(
         default=None,
@@ -42,9 +47,27 @@ class ModelSection:
         default=None,
         metadata={"help": "Attention kernel passed to transformers (eager | sdpa | flash_attention_2)."},
     )
+
+    def __post_init__(self) -> None:
+        if self.path is None:
+            check_preset("model.preset", self.preset)
+        check_device("model.device", self.device)
+        check_attention("model.attn_implementation", self.attn_implementation)
+
+
+@dataclass
+class ValueModelSection(InferenceModelSection):
+    """Which model to train and how to load it (reward models and PRMs: all weights, no LoRA)."""
+
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."}
     )
+
+
+@dataclass
+class ModelSection(ValueModelSection):
+    """Which model to train and how to load it, with optional LoRA adapters."""
+
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (no LoRA)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (update scaled by alpha/r)."})
     lora_target: list[str] = field(
@@ -53,10 +76,7 @@ class ModelSection:
     )
 
     def __post_init__(self) -> None:
-        if self.path is None:
-            check_preset("model.preset", self.preset)
-        check_device("model.device", self.device)
-        check_attention("model.attn_implementation", self.attn_implementation)
+        super().__post_init__()
         if self.lora_r < 0 or self.lora_alpha <= 0:
             key, value = ("lora_r", self.lora_r) if self.lora_r < 0 else ("lora_alpha", self.lora_alpha)
             raise ConfigError(f"model.{key} must be {'>= 0' if key == 'lora_r' else '> 0'}, got {value}")

@@ -9,6 +9,7 @@ import torch
 
 from posttrain.data.rewards.text import with_open_think
 from posttrain.data.tasks.base import STEP_SEPARATOR
+from posttrain.engines.scoring import reward_model_ids
 from posttrain.errors import ConfigError, ModelError, RewardError
 
 # ---------------------------------------------------------------------------- reward model
@@ -61,8 +62,10 @@ def reward_model_reward(
     InstructGPT / Ouyang et al. 2022: the head's value at the last real token).
 
     Give an in-memory `model` + `tokenizer`, or `model_path` to a checkpoint that
-    AutoModelForSequenceClassification loads (what `posttrain rm` saves). The text scored
-    is prompt + completion as strings (prompts already chat-templated by the caller).
+    AutoModelForSequenceClassification loads (what `posttrain rm` saves). The ids scored
+    are `posttrain.engines.scoring.reward_model_ids` of (prompt, completion), the layout
+    `posttrain rm` trains on (prompts already chat-templated by the caller: the RL loop
+    passes them in `model_prompt`; the completion exactly as generated, no EOS).
     batch_size: sequences per forward; no grad, eval mode. max_length: longer inputs keep
     their last max_length tokens (the end, where the score is read).
     """
@@ -86,24 +89,22 @@ def reward_model_reward(
         # The RL loop passes the prompt as the policy saw it (chat template applied) in the
         # `model_prompt` column: the layout `posttrain rm` trains on.
         prompts = model_prompt if model_prompt is not None else prompts
-        texts = [with_open_think(p, c) if isinstance(p, str) else c for p, c in zip(prompts, completions)]
-        texts = [(p if isinstance(p, str) else "") + t for p, t in zip(prompts, texts)]
+        ids = []
+        for p, c in zip(prompts, completions):
+            p_ids, c_ids = reward_model_ids(tokenizer, p if isinstance(p, str) else "", c)
+            ids.append((p_ids + c_ids)[-max_length:] if max_length else p_ids + c_ids)
         out: list[float] = []
         dev = next(model.parameters()).device
         with lock, torch.no_grad():
             was_training = model.training
             model.eval()
             try:
-                for s in range(0, len(texts), batch_size):
-                    ids = [
-                        tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + batch_size]
-                    ]
-                    if max_length:
-                        ids = [x[-max_length:] for x in ids]
-                    width = max(len(x) for x in ids)
-                    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-                    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-                    for r, x in enumerate(ids):  # right padding
+                for s in range(0, len(ids), batch_size):
+                    chunk = ids[s : s + batch_size]
+                    width = max(len(x) for x in chunk)
+                    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                    attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                    for r, x in enumerate(chunk):  # right padding
                         input_ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
                         attention_mask[r, : len(x)] = 1
                     scores = _last_token_scores(model, input_ids.to(dev), attention_mask.to(dev))  # [b]

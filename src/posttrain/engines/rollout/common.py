@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.engines.encoding import encode_text
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ModelError
 
@@ -38,7 +39,8 @@ def check_params(params: SamplingParams) -> None:
 
 
 def encode_prompts(prompts, tokenizer, context_length: int | None) -> list[list[int]]:
-    """Token ids of each prompt; strings are tokenized as-is (no special tokens added).
+    """Token ids of each prompt; strings are raw text, tokenized with the tokenizer's own
+    BOS convention (`posttrain.engines.encoding.encode_text`), token lists used as given.
 
     Raises ModelError naming the prompt for an empty prompt or one that leaves no room
     to generate within `context_length` (the model's max positions).
@@ -50,7 +52,7 @@ def encode_prompts(prompts, tokenizer, context_length: int | None) -> list[list[
     out: list[list[int]] = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
-            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            ids = encode_text(tokenizer, p)
         elif isinstance(p, torch.Tensor):
             ids = p.reshape(-1).tolist()
         else:
