@@ -11,12 +11,12 @@ so π_θ = π_old throughout a step unless a test lets minibatches update.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from test_rl_common import tiny_config
 
+from posttrain.train.optim import StepResult
 from posttrain.train.rl import RLTrainer
 
 
@@ -46,7 +46,7 @@ def _step_grads(trainer, monkeypatch, apply=False):
         if apply:
             return real(params, optimizer, *args, **kwargs)
         optimizer.zero_grad(set_to_none=True)
-        return SimpleNamespace(ok=True, grad_norm=0.0, lr=0.0)
+        return StepResult(ok=True, grad_norm=0.0, lr=0.0)
 
     monkeypatch.setattr(rl, "guarded_step", record)
     metrics = trainer.step()
