@@ -70,8 +70,10 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         "posttrain.train.demo", "DemoConfig", "run_demo", "CPU demo: SFT warm start -> GRPO -> eval"
     ),
+    # A launcher only: the comparison with TRL lives in benchmarks/trlbench/, outside the
+    # package (the library never imports trl); it runs from a source checkout.
     "bench": Command(
-        "posttrain.train.bench", "BenchConfig", "run_bench", "benchmarks against other frameworks"
+        "trlbench.bench", "BenchConfig", "run_bench", "benchmarks against other frameworks (source checkout)"
     ),
 }
 # Commands whose training loop owns its run directory (rundir.begin_run); every other command
@@ -109,11 +111,26 @@ def _unknown_command(name: str) -> ConfigError:
     return ConfigError(f"unknown command {name!r}{hint} (valid: {', '.join(valid)})")
 
 
+def _add_benchmarks_to_path() -> None:
+    """Put a source checkout's benchmarks/ (next to src/) on sys.path for `posttrain bench`."""
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (benchmarks / "trlbench").is_dir():
+        raise ConfigError(
+            "command 'bench' needs a source checkout of posttrain: benchmarks/trlbench/ not found "
+            f"next to {Path(__file__).resolve().parents[1]} (clone the repository and run "
+            "python benchmarks/vs_trl.py)"
+        )
+    if str(benchmarks) not in sys.path:
+        sys.path.append(str(benchmarks))
+
+
 def load_command(name: str) -> tuple[Any, type, Any]:
     """Import a command's module lazily: (module, ConfigClass, run_function)."""
     if name not in COMMANDS:
         raise _unknown_command(name)
     cmd = COMMANDS[name]
+    if cmd.module.startswith("trlbench."):
+        _add_benchmarks_to_path()
     try:
         module = importlib.import_module(cmd.module)
     except ImportError as e:

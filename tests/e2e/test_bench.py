@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from posttrain.errors import ConfigError
-from posttrain.train.bench import (
+from posttrain.train.config import load_config
+from trlbench.bench import (
     BenchConfig,
     format_markdown,
     plan,
@@ -21,7 +22,6 @@ from posttrain.train.bench import (
     summarize,
     time_to_target,
 )
-from posttrain.train.config import load_config
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -228,8 +228,8 @@ def test_trl_trainer_gets_posttrain_lr_schedule_exactly(tmp_path, schedule, warm
     pytest.importorskip("trl")
     from transformers import Trainer, TrainingArguments
 
-    from posttrain.train.bench_runs import use_posttrain_schedule
     from posttrain.train.optim import lr_factor
+    from trlbench.runs import use_posttrain_schedule
 
     steps = 40
     cfg = load_config(
@@ -260,7 +260,7 @@ def _trace(seed, evals, step_s):
 
 
 def test_seed_rows_handle_targets_not_reached():
-    from posttrain.train.bench import seed_rows
+    from trlbench.bench import seed_rows
 
     ev = lambda *accs: [
         {"step": 10 * (i + 1), "train_s": 5.0 * (i + 1), "accuracy": a} for i, a in enumerate(accs)
@@ -377,7 +377,7 @@ def test_trl_parity_same_batch_gives_the_same_gradient(tmp_path):
     )  # fmt: skip
     # A brief SFT so responses end at EOS at different lengths: with equal lengths token-mean
     # and sequence-mean aggregation coincide and the comparison could not tell them apart.
-    from posttrain.train.bench import prepare_sft
+    from trlbench.bench import prepare_sft
 
     model_dir = prepare_sft(cfg, parity.prepare_model("tiny", tmp_path, 0), tmp_path)
     scores = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.2, 0.9, 0.0, 0.0])  # an untrained model earns ~0
