@@ -22,8 +22,11 @@ import yaml
 from posttrain import cli
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", POSTTRAIN_CACHE=str(cwd / "cache"), HF_HUB_OFFLINE="1")
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m posttrain ARGS` in `cwd` (its cache under cwd/cache), offline, one thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if cwd is not None:
+        env["POSTTRAIN_CACHE"] = str(Path(cwd) / "cache")
     return subprocess.run(
         [sys.executable, "-m", "posttrain", *args],
         capture_output=True,
