@@ -1,4 +1,5 @@
-"""Small Hugging Face models with random weights, shared by the engine and reward tests.
+"""Small Hugging Face models with random weights and scripted rollouts, shared by tests in
+several folders.
 
 Not a test module: tests import it as `tiny_models` (tests/ is on pytest's pythonpath).
 """
@@ -31,3 +32,17 @@ def small_family_model(kind: str, vocab_size: int) -> torch.nn.Module:
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**common)).eval()
     return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common)).eval()
+
+
+def scripted_rollout(prompts: list[list[int]], n: int, rows: list[list[int]], texts: list[str]):
+    """The Rollout a scripted engine returns: `rows` (token ids, n per prompt, prompt-major)
+    right-padded with 0, mask 1 on their tokens, sampling log-prob −1 per token, every
+    sample finished by "stop"."""
+    from posttrain.engines.rollout.base import Rollout
+
+    T = max(map(len, rows))
+    ids, mask = torch.zeros((len(rows), T), dtype=torch.long), torch.zeros((len(rows), T))
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1.0
+    return Rollout([list(p) for p in prompts for _ in range(n)], ids, mask, -mask, ["stop"] * len(rows),
+                   torch.arange(len(prompts)).repeat_interleave(n), texts)  # fmt: skip

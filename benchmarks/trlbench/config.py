@@ -5,19 +5,13 @@ What each mode measures and what is held equal between frameworks: `trlbench.ben
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from posttrain.errors import ConfigError
+from posttrain.train.config_checks import setting
 
 FRAMEWORKS = ("posttrain", "trl", "trl_gc")
-
-
-def _opt(default: Any, text: str, factory: bool = False) -> Any:
-    """A documented config field (`factory`: `default` is a zero-argument constructor)."""
-    if factory:
-        return field(default_factory=default, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
@@ -26,27 +20,29 @@ class BenchRunSection:
     log to their own traces, so the training run keys (resume, save_every, trackers, ...)
     are not accepted here."""
 
-    output_dir: str = _opt("runs/bench", "Output directory (results.json, results.md, traces).")
-    seed: int = _opt(0, "Seed of the problems, the models' initialisation and sampling.")
+    output_dir: str = setting("runs/bench", "Output directory (results.json, results.md, traces).")
+    seed: int = setting(0, "Seed of the problems, the models' initialisation and sampling.")
 
 
 @dataclass
 class AccuracySection:
     """Time-to-accuracy mode: SFT warm start, then GRPO until a held-out accuracy is reached."""
 
-    sft_steps: int = _opt(300, "SFT optimizer steps for the shared warm start; 0 = the model is the start.")
-    sft_lr: float = _opt(3e-3, "SFT learning rate.")
-    sft_batch_size: int = _opt(32, "SFT examples per optimizer step.")
-    sft_examples: int = _opt(2000, "Task training examples for SFT.")
-    n_eval: int = _opt(100, "Held-out test examples for the greedy evaluation.")
-    eval_every: int = _opt(5, "Evaluate every N GRPO steps (clock paused).")
-    target: float | None = _opt(
+    sft_steps: int = setting(
+        300, "SFT optimizer steps for the shared warm start; 0 = the model is the start."
+    )
+    sft_lr: float = setting(3e-3, "SFT learning rate.")
+    sft_batch_size: int = setting(32, "SFT examples per optimizer step.")
+    sft_examples: int = setting(2000, "Task training examples for SFT.")
+    n_eval: int = setting(100, "Held-out test examples for the greedy evaluation.")
+    eval_every: int = setting(5, "Evaluate every N GRPO steps (clock paused).")
+    target: float | None = setting(
         None, "Absolute held-out accuracy to reach; null = SFT accuracy + target_gain."
     )
-    target_gain: float = _opt(0.10, "Accuracy gain over the SFT start that defines the target.")
-    max_steps: int = _opt(200, "Give up after this many GRPO steps.")
-    max_seconds: float = _opt(600.0, "Give up after this much training time (seconds, eval excluded).")
-    stop_at_target: bool = _opt(
+    target_gain: float = setting(0.10, "Accuracy gain over the SFT start that defines the target.")
+    max_steps: int = setting(200, "Give up after this many GRPO steps.")
+    max_seconds: float = setting(600.0, "Give up after this much training time (seconds, eval excluded).")
+    stop_at_target: bool = setting(
         True, "Stop a run at the first evaluation that reaches the target; false = run to the limits."
     )
 
@@ -55,72 +51,74 @@ class AccuracySection:
 class RolloutSection:
     """Rollout mode: generation throughput of our engines."""
 
-    engines: list[str] = _opt(lambda: ["native"], "Rollout engines to time (native | hf).", factory=True)
-    batch: int = _opt(64, "Sequences per generate call.")
-    new_tokens: int = _opt(64, "Maximum tokens generated per sequence.")
-    repeats: int = _opt(3, "Timed generate calls (after one warm-up call).")
+    engines: list[str] = setting(lambda: ["native"], "Rollout engines to time (native | hf).", factory=True)
+    batch: int = setting(64, "Sequences per generate call.")
+    new_tokens: int = setting(64, "Maximum tokens generated per sequence.")
+    repeats: int = setting(3, "Timed generate calls (after one warm-up call).")
 
 
 @dataclass
 class BenchConfig:
     """Benchmark posttrain's GRPO step (and TRL's, when the `bench` extra is installed)."""
 
-    mode: Literal["step", "accuracy", "rollout"] = _opt(
+    mode: Literal["step", "accuracy", "rollout"] = setting(
         "step", "step: time per GRPO step; accuracy: time to a held-out accuracy; rollout: tokens/s."
     )
-    frameworks: list[str] = _opt(
+    frameworks: list[str] = setting(
         lambda: ["posttrain"],
         "Any of posttrain, trl (TRL, gradient checkpointing off), trl_gc (TRL default, on).",
         factory=True,
     )
-    presets: list[str] = _opt(
+    presets: list[str] = setting(
         lambda: ["small"], "Model presets (tiny | small | base); small is issue #8's config.", factory=True
     )
-    model_path: str | None = _opt(None, "Benchmark this HF model directory instead of presets.")
-    task: str = _opt("arithmetic", "Synthetic task giving prompts and the verifier.")
-    task_options: dict[str, Any] = _opt(
+    model_path: str | None = setting(None, "Benchmark this HF model directory instead of presets.")
+    task: str = setting("arithmetic", "Synthetic task giving prompts and the verifier.")
+    task_options: dict[str, Any] = setting(
         dict, "Options of the task, e.g. {operators: '+-', trace: columns} for arithmetic.", factory=True
     )
-    difficulty: int | None = _opt(None, "Task difficulty; null = the task's mix of levels.")
-    n_train: int = _opt(2000, "Training prompts drawn from the task.")
-    prompts_per_step: int = _opt(4, "Prompts per GRPO step.")
-    group_size: int = _opt(8, "Samples per prompt (G).")
-    max_new_tokens: int = _opt(32, "Maximum completion length.")
-    temperature: float = _opt(1.0, "Sampling temperature.")
-    lr: float = _opt(1e-5, "Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine"] = _opt(
+    difficulty: int | None = setting(None, "Task difficulty; null = the task's mix of levels.")
+    n_train: int = setting(2000, "Training prompts drawn from the task.")
+    prompts_per_step: int = setting(4, "Prompts per GRPO step.")
+    group_size: int = setting(8, "Samples per prompt (G).")
+    max_new_tokens: int = setting(32, "Maximum completion length.")
+    temperature: float = setting(1.0, "Sampling temperature.")
+    lr: float = setting(1e-5, "Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "cosine"] = setting(
         "constant", "LR shape after warmup over the run's steps (accuracy: accuracy.max_steps)."
     )
-    warmup_steps: int = _opt(0, "Linear LR warmup steps, the first update at lr / warmup_steps.")
-    min_lr_ratio: float = _opt(0.0, "Cosine: final LR as a fraction of lr (the demo uses 0.1).")
-    format_weight: float = _opt(0.0, "Weight of the R1 format reward added to the task reward (demo: 0.2).")
-    advantage_scale: Literal["group", "batch"] = _opt(
+    warmup_steps: int = setting(0, "Linear LR warmup steps, the first update at lr / warmup_steps.")
+    min_lr_ratio: float = setting(0.0, "Cosine: final LR as a fraction of lr (the demo uses 0.1).")
+    format_weight: float = setting(
+        0.0, "Weight of the R1 format reward added to the task reward (demo: 0.2)."
+    )
+    advantage_scale: Literal["group", "batch"] = setting(
         "group", "GRPO advantage denominator: group std (GRPO) or batch std (the demo's)."
     )
-    rl_seeds: list[int] = _opt(
+    rl_seeds: list[int] = setting(
         list, "GRPO sampling seeds, one round each from the same start; empty = [run.seed].", factory=True
     )
-    beta: float = _opt(0.04, "KL coefficient (the KL is a loss term, as in TRL's GRPO).")
-    kl_estimator: Literal["k3_is", "k3"] = _opt(
+    beta: float = setting(0.04, "KL coefficient (the KL is a loss term, as in TRL's GRPO).")
+    kl_estimator: Literal["k3_is", "k3"] = setting(
         "k3_is",
         "KL loss estimator. k3_is (TRL's default use_bias_correction_kl=True): k3 times the "
         "ratio pi/pi_old, which is 1 on-policy but adds k3 * grad log pi to the gradient "
         "(DeepSeek-V3.2's unbiased KL); k3: plain k3 (TRL use_bias_correction_kl=False).",
     )
-    clip_eps: float = _opt(0.2, "PPO clip range (both sides).")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
-    thinking: bool = _opt(True, "Chat template thinking mode for prompts.")
-    steps: int = _opt(10, "GRPO steps per framework (step mode).")
-    skip_steps: int = _opt(2, "First steps excluded from medians (allocator / lazy-init warm-up).")
-    repeats: int = _opt(1, "Back-to-back rounds over all frameworks (medians pool the rounds).")
-    threads: int = _opt(2, "torch.set_num_threads for every framework.")
-    isolate: bool = _opt(True, "Run each framework in its own subprocess.")
-    sft_init: bool = _opt(
+    clip_eps: float = setting(0.2, "PPO clip range (both sides).")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    thinking: bool = setting(True, "Chat template thinking mode for prompts.")
+    steps: int = setting(10, "GRPO steps per framework (step mode).")
+    skip_steps: int = setting(2, "First steps excluded from medians (allocator / lazy-init warm-up).")
+    repeats: int = setting(1, "Back-to-back rounds over all frameworks (medians pool the rounds).")
+    threads: int = setting(2, "torch.set_num_threads for every framework.")
+    isolate: bool = setting(True, "Run each framework in its own subprocess.")
+    sft_init: bool = setting(
         False, "Step mode: start from the SFT warm start (accuracy.sft_*), not random init."
     )
-    accuracy: AccuracySection = _opt(AccuracySection, "Time-to-accuracy mode.", factory=True)
-    rollout: RolloutSection = _opt(RolloutSection, "Rollout mode.", factory=True)
-    run: BenchRunSection = _opt(BenchRunSection, "Output directory and seed.", factory=True)
+    accuracy: AccuracySection = setting(AccuracySection, "Time-to-accuracy mode.", factory=True)
+    rollout: RolloutSection = setting(RolloutSection, "Rollout mode.", factory=True)
+    run: BenchRunSection = setting(BenchRunSection, "Output directory and seed.", factory=True)
 
 
 def _validate(cfg: BenchConfig) -> None:

@@ -162,6 +162,17 @@ def test_time_to_target_is_first_crossing():
     assert time_to_target([{"step": 10, "train_s": 1.0, "accuracy": 86 / 200}], 0.33 + 0.10) == 1.0
 
 
+def _run(step_s: float, tokens_per_s: float, generate_s: float, curve: list[float]) -> dict:
+    """One framework's summary as `summarize` writes it (its reward's second half = curve[-1])."""
+    return {
+        "median_step_s": step_s,
+        "completion_tokens_per_s": tokens_per_s,
+        "phase_median_s": {"generate_s": generate_s},
+        "reward_curve": curve,
+        "reward_mean_second_half": curve[-1],
+    }
+
+
 def test_markdown_reports_speedup():
     results = {
         "machine": {
@@ -178,20 +189,8 @@ def test_markdown_reports_speedup():
                 "params": 3_200_000,
                 "speedup": {"trl": 3.5},
                 "frameworks": {
-                    "posttrain": {
-                        "median_step_s": 0.2,
-                        "completion_tokens_per_s": 4000.0,
-                        "phase_median_s": {"generate_s": 0.1},
-                        "reward_curve": [0.0, 1.0],
-                        "reward_mean_second_half": 1.0,
-                    },
-                    "trl": {
-                        "median_step_s": 0.7,
-                        "completion_tokens_per_s": 1000.0,
-                        "phase_median_s": {"generate_s": 0.3},
-                        "reward_curve": [0.0, 0.0],
-                        "reward_mean_second_half": 0.0,
-                    },
+                    "posttrain": _run(0.2, 4000.0, 0.1, [0.0, 1.0]),
+                    "trl": _run(0.7, 1000.0, 0.3, [0.0, 0.0]),
                 },
             }
         },

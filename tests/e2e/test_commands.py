@@ -42,6 +42,20 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_rl_yaml(work: Path, config: dict) -> tuple[list[dict], list[dict]]:
+    """`posttrain rl --config rl.yaml` in `work` with `config` written there; it must
+    succeed. Returns the run's (metrics rows, logged samples)."""
+    (work / "rl.yaml").write_text(yaml.safe_dump(config))
+    proc = ok(run_cli("rl", "--config", "rl.yaml", cwd=work))
+    assert "posttrain rl done" in proc.stdout
+    run_dir = work / config["run"]["output_dir"]
+    return read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "samples.jsonl")
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
