@@ -25,6 +25,8 @@ from posttrain.train.config import load_config, valid_keys
 # Read only after a non-finite loss: tests/train/test_rl_loop.py::test_non_finite_loss_skips_step_and_stops_after_k
 # and tests/train/test_offline.py (skipped non-finite steps).
 ON_EVENT = {"run.max_bad_steps"}
+# Read only when a reward-hacking alert fires: tests/train/test_rl_alerts.py (alerts.stop ends the run).
+ON_EVENT |= {"alerts.stop"}
 _CONFIG_CODE = (str(Path("posttrain", "train", "config.py")), "dataclasses.py")
 
 
@@ -88,6 +90,10 @@ def test_every_rl_field_and_piece_is_read(tmp_path, monkeypatch):
         ],
         "on_policy_distill": ["teacher.preset=tiny"],
         "kdrl": ["teacher.preset=tiny"],
+        "trpo": [],
+        "dr_grpo": ["env.name=tools", "env.tools=[calculator]", "env.max_turns=2", "env.max_total_tokens=32",
+                    "env.options={error_reward: 0.0}"],
+        "gspo": ["rollout.thinking_budget=4", "rollout.thinking_end_phrase=Enough."],
     }  # fmt: skip
     seen: set[str] = set()
     pieces: set[str] = set()
@@ -159,6 +165,14 @@ def test_every_offline_field_is_read(command, tmp_path, monkeypatch):
         "file": file_mode,
         "file_eval_path": [*file_mode, "--data.eval_path", held_out],
     }
+    if command == "rm":  # pointwise regression on the task's scored rows
+        modes["pointwise"] = ["--algo.loss", "pointwise", "--algo.baseline", "prompt_mean"]
+    if command == "dpo":  # long-vs-short pairs from sampled completions (Kimi long2short)
+        samples = [{"prompt": f"{i}+1=", "completion": c, "correct": ok}
+                   for i in range(6) for c, ok in ((f"<answer>{i + 1}</answer>", True),
+                                                   (f"<think>{i}+1</think><answer>{i}</answer>", False))]  # fmt: skip
+        modes["long_short"] = ["--data.path", _jsonl(tmp_path / "samples.jsonl", samples), "--data.task", "null",
+                               "--data.pairs", "long_short", "--data.long_ratio", "1.5"]  # fmt: skip
     seen: set[str] = set()
     for mode, extra in modes.items():
         args = ["--run.output_dir", str(tmp_path / mode), *OFFLINE_TINY, *policy, *extra]
@@ -186,7 +200,8 @@ def test_every_eval_field_is_read(tmp_path):
     small = ["--data.n", "2", "--sampling.k", "2", "--sampling.max_new_tokens", "4"]
     modes = {
         "task": ["--scorer.orm", str(tmp_path / "orm"), "--scorer.prm", str(tmp_path / "prm"),
-                 "--scorer.prm_aggregate", "last"],
+                 "--scorer.prm_aggregate", "last", "--sampling.thinking_budget", "2",
+                 "--sampling.thinking_end_phrase", "Enough."],
         "file": ["--data.path", rows, "--data.task", "null", "--data.prompt_column", "q", "--data.answer_column", "a"],
     }  # fmt: skip
     seen: set[str] = set()

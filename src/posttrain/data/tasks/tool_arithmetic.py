@@ -19,15 +19,23 @@ Two solution styles (option `tools`):
   build demonstrations with `tool_transcript(..., tokenizer=...)`.
 - tools=False: the answer alone (``<answer>138790</answer>``): the no-tool baseline.
 
+`tool_fraction` (with tools=True) mixes the two: that share of the problems (chosen by a
+hash of the problem, so the same problems in every split and seed) get the calculator
+transcript, the rest the bare answer. SFT on such a mix gives a policy that calls the
+tool only sometimes; RL can then learn *when* calling pays (tools/call_rate rises with
+accuracy), which is what the learning test measures.
+
 The wrong solution is the same with the answer off by one digit in one place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
 from posttrain.data.tasks.base import Example, Problem, Task
+from posttrain.errors import ConfigError
 
 # What the character tokenizer's chat template puts between a model turn and the next
 # assistant turn when a tool message comes back (engines/rollout/multiturn.py).
@@ -62,14 +70,18 @@ def tool_transcript(expression: str, result: str, final: str, *, tokenizer=None)
 
 
 class ToolArithmetic(Task):
-    """See module docstring. Options: tools (bool, default True)."""
+    """See module docstring. Options: tools (bool, default True), tool_fraction (float in
+    [0, 1], default 1: share of problems whose solution calls the calculator)."""
 
     name = "tool_arithmetic"
     max_difficulty = 4
 
-    def __init__(self, *, tools: bool = True, **kw):
+    def __init__(self, *, tools: bool = True, tool_fraction: float = 1.0, **kw):
         super().__init__(**kw)
+        if not 0.0 <= float(tool_fraction) <= 1.0:
+            raise ConfigError(f"task tool_arithmetic: tool_fraction must be in [0, 1], got {tool_fraction}")
         self.tools = bool(tools)
+        self.tool_fraction = float(tool_fraction)
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
         digits, ops = LEVELS[difficulty]
@@ -92,12 +104,17 @@ class ToolArithmetic(Task):
         for ex in out:
             expr = ex.prompt[len("What is ") : -1]
             wrong = ex.wrong_solution.split("<answer>")[1].split("</answer>")[0]
-            if self.tools:
+            if self.tools and _share(expr) < self.tool_fraction:
                 ex.solution = tool_transcript(expr, ex.answer, ex.answer)
                 ex.wrong_solution = tool_transcript(expr, ex.answer, wrong)
             else:
                 ex.solution, ex.wrong_solution = f"<answer>{ex.answer}</answer>", f"<answer>{wrong}</answer>"
         return out
+
+
+def _share(key: str) -> float:
+    """A uniform number in [0, 1) fixed by the problem (which problems get a tool transcript)."""
+    return int.from_bytes(hashlib.sha256(f"tool_fraction|{key}".encode()).digest()[:8], "big") / 2**64
 
 
 def _slip(value: int, rng: random.Random) -> int:
