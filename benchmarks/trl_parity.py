@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from posttrain.train.bench import BenchConfig, prepare_model
-from posttrain.train.bench_runs import build_trl_trainer, rl_config_dict
 from posttrain.train.config import load_config
+from trlbench.bench import BenchConfig, prepare_model
+from trlbench.runs import build_trl_trainer, rl_config_dict
 
 
 def trl_advantages(rewards: torch.Tensor, group_size: int, scale: str) -> torch.Tensor:

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain.train.bench import BenchConfig, format_markdown, machine_info, prepare_model, run_bench
 from posttrain.train.config import load_config
+from trlbench.bench import BenchConfig, format_markdown, machine_info, prepare_model, run_bench
 
 
 def _header(args: argparse.Namespace, started: float) -> str:
@@ -100,8 +100,8 @@ def _rl_factory(cfg, model_dir: Path, out: Path):
     """RLConfig builder for the step probe: the benchmark's GRPO, one run dir per variant."""
     import yaml
 
-    from posttrain.train.bench import rl_config_dict
     from posttrain.train.rl import RLConfig
+    from trlbench.bench import rl_config_dict
 
     def build(name: str):
         run_dir = out / f"probe-{name}"
@@ -115,7 +115,6 @@ def _rl_factory(cfg, model_dir: Path, out: Path):
 def run_probe(args: argparse.Namespace) -> str:
     """Phase split of posttrain's own step, then the shared-prompt, prefill and mask probes."""
     import _common as probes
-
     from posttrain.engines.models import load_model, load_tokenizer
     from posttrain.engines.rollout import make_engine
 
@@ -204,12 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = time.time()
     if args.combine:
-        from posttrain.train.bench import combine_results, format_combined
+        from trlbench.bench import combine_results, format_combined
 
         print(format_combined(combine_results(args.combine)))
         return 0
     if args.rebuild:
-        from posttrain.train.bench import rebuild_results
+        from trlbench.bench import rebuild_results
 
         print(format_markdown(rebuild_results(Path(args.out) / args.mode)))
         return 0

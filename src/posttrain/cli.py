@@ -70,8 +70,10 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         "posttrain.train.demo", "DemoConfig", "run_demo", "CPU demo: SFT warm start -> GRPO -> eval"
     ),
+    # A launcher only: the comparison with TRL lives in benchmarks/trlbench/, outside the
+    # package (the library never imports trl); it runs from a source checkout.
     "bench": Command(
-        "posttrain.train.bench", "BenchConfig", "run_bench", "benchmarks against other frameworks"
+        "trlbench.bench", "BenchConfig", "run_bench", "benchmarks against other frameworks (source checkout)"
     ),
 }
 # Commands whose training loop owns its run directory (rundir.begin_run); every other command
@@ -109,11 +111,26 @@ def _unknown_command(name: str) -> ConfigError:
     return ConfigError(f"unknown command {name!r}{hint} (valid: {', '.join(valid)})")
 
 
+def _add_benchmarks_to_path() -> None:
+    """Put a source checkout's benchmarks/ (next to src/) on sys.path for `posttrain bench`."""
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (benchmarks / "trlbench").is_dir():
+        raise ConfigError(
+            "command 'bench' needs a source checkout of posttrain: benchmarks/trlbench/ not found "
+            f"next to {Path(__file__).resolve().parents[1]} (clone the repository and run "
+            "python benchmarks/vs_trl.py)"
+        )
+    if str(benchmarks) not in sys.path:
+        sys.path.append(str(benchmarks))
+
+
 def load_command(name: str) -> tuple[Any, type, Any]:
     """Import a command's module lazily: (module, ConfigClass, run_function)."""
     if name not in COMMANDS:
         raise _unknown_command(name)
     cmd = COMMANDS[name]
+    if cmd.module.startswith("trlbench."):
+        _add_benchmarks_to_path()
     try:
         module = importlib.import_module(cmd.module)
     except ImportError as e:
@@ -124,21 +141,30 @@ def load_command(name: str) -> tuple[Any, type, Any]:
         raise ConfigError(f"command {name!r} is unavailable: {cmd.module} has no {e.name!r}") from None
 
 
+def _option_value(args: list[str], i: int, names: tuple[str, ...], what: str) -> tuple[str | None, int]:
+    """(value, index after it) when args[i] is `NAME VALUE` or `--name=VALUE` (the first of
+    `names`), else (None, i); `NAME` without a value is a ConfigError saying it needs `what`."""
+    a = args[i]
+    if a in names:
+        if i + 1 >= len(args):
+            raise ConfigError(f"{names[0]} needs {what}")
+        return args[i + 1], i + 2
+    if a.startswith(names[0] + "="):
+        return a.split("=", 1)[1], i + 1
+    return None, i
+
+
 def _split_args(args: list[str]) -> tuple[str | None, bool, bool, bool, list[str]]:
     """(config_path, dry_run, resume, help, overrides) from a command's argument list."""
     config, dry, resume, want_help, rest = None, False, False, False, []
     i = 0
     while i < len(args):
         a = args[i]
-        if a in ("--config", "-c"):
-            if i + 1 >= len(args):
-                raise ConfigError("--config needs a file path")
-            config = args[i + 1]
-            i += 2
+        value, i = _option_value(args, i, ("--config", "-c"), "a file path")
+        if value is not None:
+            config = value
             continue
-        if a.startswith("--config="):
-            config = a.split("=", 1)[1]
-        elif a == "--dry-run":
+        if a == "--dry-run":
             dry = True
         elif a == "--resume":
             resume = True
@@ -266,15 +292,11 @@ def run_report(args: list[str]) -> int:
                 "./report for several.\n"
             )
             return 0
-        if a == "--out":
-            if i + 1 >= len(args):
-                raise ConfigError("--out needs a directory")
-            out = args[i + 1]
-            i += 2
+        value, i = _option_value(args, i, ("--out",), "a directory")
+        if value is not None:
+            out = value
             continue
-        if a.startswith("--out="):
-            out = a.split("=", 1)[1]
-        elif a.startswith("-"):
+        if a.startswith("-"):
             raise ConfigError(f"report: unknown option {a!r} (valid: --out DIR)")
         else:
             run_dirs.append(a)

@@ -103,6 +103,23 @@ def test_packed_logprobs_equal_unpacked(tiny, tok):
     torch.testing.assert_close(lp_packed, lp[mask > 0], atol=1e-5, rtol=1e-5)
 
 
+def _logprobs_and_embeddings(model, packed):
+    """`packed_logprobs(model, packed)` and the input embeddings it ran on, kept with
+    retain_grad so a test can read which positions a loss's gradient reaches."""
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["embeds"] = output
+
+    handle = model.get_input_embeddings().register_forward_hook(keep)
+    try:
+        logprobs = packed_logprobs(model, packed)
+    finally:
+        handle.remove()
+    return logprobs, captured["embeds"]
+
+
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 @pytest.mark.parametrize("derives_block_mask", [True, False])
 def test_packed_example_cannot_attend_to_another(tok, kernel, derives_block_mask, monkeypatch):
@@ -119,23 +136,13 @@ def test_packed_example_cannot_attend_to_another(tok, kernel, derives_block_mask
     a_prompt, a_comp = [10, 11], [12, 13, 14]
     packed = pack_examples([b_prompt, a_prompt], [b_comp, a_comp], max_length=32, pad_id=PAD)
     assert packed.input_ids.shape[0] == 1
-    embeds = {}
-
-    def keep(module, inputs, output):
-        output.retain_grad()
-        embeds["out"] = output
-
-    handle = model.get_input_embeddings().register_forward_hook(keep)
-    try:
-        logprobs = packed_logprobs(model, packed)  # [1, L-1]
-    finally:
-        handle.remove()
+    logprobs, embeds = _logprobs_and_embeddings(model, packed)  # [1, L-1], [1, L, H]
     n_b = len(b_prompt) + len(b_comp)
     a_targets = packed.mask.clone()
     a_targets[:, : n_b - 1] = 0.0  # only example A's completion tokens
     assert a_targets.sum() == len(a_comp)
     (-(logprobs * a_targets).sum()).backward()
-    grad = embeds["out"].grad[0]  # [L, H]
+    grad = embeds.grad[0]  # [L, H]
     assert torch.count_nonzero(grad[:n_b]) == 0  # B's embeddings: exactly no influence on A
     assert torch.count_nonzero(grad[n_b:]) > 0
 
@@ -312,21 +319,11 @@ def test_packed_examples_get_exactly_zero_gradient_from_each_other(tok):
     a, b = [5, 6, 7, 8], [9, 10, 11]
     packed = pack_examples([a[:2], b[:1]], [a[2:], b[1:]], max_length=16, pad_id=tok.pad_token_id)
     assert packed.input_ids.shape == (1, 7)  # A in columns 0-3, B in 4-6
-    captured = {}
-
-    def keep(module, args, out):
-        out.retain_grad()
-        captured["embeds"] = out
-
-    handle = model.get_input_embeddings().register_forward_hook(keep)
-    try:
-        logprobs = packed_logprobs(model, packed)  # [1, 6]
-    finally:
-        handle.remove()
+    logprobs, embeds = _logprobs_and_embeddings(model, packed)  # [1, 6], [1, 7, H]
     assert packed.mask[0].tolist() == [0, 1, 1, 0, 1, 1]
     logprobs[0, 4:6].sum().backward()  # B's two completion targets (tokens at columns 5, 6)
-    grad = captured["embeds"].grad[0]  # [7, H]
+    grad = embeds.grad[0]  # [7, H]
     assert grad[4:6].abs().sum() > 0
     assert torch.equal(grad[:4], torch.zeros_like(grad[:4]))
-    captured["embeds"].grad = None
+    embeds.grad = None
     model.zero_grad()

@@ -16,6 +16,11 @@ from posttrain.algos.presets import METHODS, PIECE_DEFAULTS, resolve_pieces
 from posttrain.errors import ConfigError
 
 
+def _scale(mask):
+    """The global sizes an objective divides by, for a batch that is all of `mask`."""
+    return dict(num_tokens=float(mask.sum()), num_seqs=float((mask.sum(-1) > 0).sum()), max_len=mask.shape[1])
+
+
 def _pg(lp, adv, mask, **kw):
     return policy_objective(
         lp,
@@ -25,9 +30,7 @@ def _pg(lp, adv, mask, **kw):
         policy_loss=kw.pop("policy_loss", "pg"),
         loss_options=kw.pop("loss_options", {}),
         aggregation=kw.pop("aggregation", "token-mean"),
-        num_tokens=float(mask.sum()),
-        num_seqs=float((mask.sum(-1) > 0).sum()),
-        max_len=mask.shape[1],
+        **_scale(mask),
         **kw,
     )
 
@@ -118,9 +121,7 @@ def test_critic_objective_hand_arithmetic():
         value_coef=0.5,
         clip_range=None,
         aggregation="token-mean",
-        num_tokens=2.0,
-        num_seqs=1.0,
-        max_len=2,
+        **_scale(mask),
     )
     # ½(V − R)² = 0.5, 2 -> mean 1.25, times c_v = 0.5
     assert m["value/loss"].item() == pytest.approx(1.25)
@@ -141,9 +142,7 @@ def test_value_clipping_keeps_pessimistic_branch():
         value_coef=1.0,
         clip_range=0.2,
         aggregation="token-mean",
-        num_tokens=1.0,
-        num_seqs=1.0,
-        max_len=1,
+        **_scale(torch.ones(1, 1)),
     )
     # unclipped error 0, clipped V = 0.2 -> ½(0.8)² wins
     assert loss.item() == pytest.approx(0.5 * 0.8**2)
@@ -170,9 +169,7 @@ def test_kd_objective_only_on_low_reward_samples_and_k2_gradient():
         coef=0.5,
         reward_threshold=0.5,
         aggregation="token-mean",
-        num_tokens=4.0,
-        num_seqs=2.0,
-        max_len=2,
+        **_scale(mask),
     )
     # k2 = ½·(1)², ½·0 on sample 0; sample 1 masked -> sum 0.5 over 4 tokens
     assert m["distill/k2"].item() == pytest.approx(0.5 / 4)

@@ -15,6 +15,7 @@ from posttrain.data.rewards.code import extract_code
 from posttrain.data.rewards.models import prm_step_marginals, split_steps, step_spans
 from posttrain.engines.tokenizer import build_char_tokenizer
 from posttrain.errors import ConfigError, ModelError, RewardError
+from tiny_models import tiny_hf_kwargs
 
 # ------------------------------------------------------------------ reward model
 
@@ -23,16 +24,7 @@ from posttrain.errors import ConfigError, ModelError, RewardError
 def tiny_rm():
     tok = build_char_tokenizer()
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = Qwen2Config(**tiny_hf_kwargs(len(tok), 32, 64, num_labels=1, pad_token_id=tok.pad_token_id))
     return Qwen2ForSequenceClassification(cfg).eval(), tok
 
 

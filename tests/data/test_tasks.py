@@ -168,13 +168,16 @@ def test_examples_argument_errors():
 
 def test_hand_arithmetic_examples():
     a = get_task("arithmetic")
-    assert a.score("<think>7+5=12</think><answer>12</answer>", "12") == 1.0
-    assert a.score("<answer> 12.0 </answer>", "12") == 1.0
-    assert a.score("<answer>-3</answer>", "-3") == 1.0
-    assert a.score("<answer>13</answer>", "12") == 0.0
-    assert a.score("12", "12") == 0.0  # no answer tag
-    assert a.score("<answer>12 apples</answer>", "12") == 0.0
-    assert a.score("<answer>1</answer> then <answer>12</answer>", "12") == 1.0  # last answer counts
+    for text, answer, score in [
+        ("<think>7+5=12</think><answer>12</answer>", "12", 1.0),
+        ("<answer> 12.0 </answer>", "12", 1.0),
+        ("<answer>-3</answer>", "-3", 1.0),
+        ("<answer>13</answer>", "12", 0.0),
+        ("12", "12", 0.0),  # no answer tag
+        ("<answer>12 apples</answer>", "12", 0.0),
+        ("<answer>1</answer> then <answer>12</answer>", "12", 1.0),  # last answer counts
+    ]:
+        assert a.score(text, answer) == score, text
     with pytest.raises(DataError, match="not an integer"):
         a.score("<answer>1</answer>", "one")
     from posttrain.data.tasks.arithmetic import precedence_program

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from posttrain.errors import ConfigError
-from posttrain.train.bench import (
+from posttrain.train.config import load_config
+from trlbench.bench import (
     BenchConfig,
     format_markdown,
     plan,
@@ -21,7 +22,6 @@ from posttrain.train.bench import (
     summarize,
     time_to_target,
 )
-from posttrain.train.config import load_config
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -162,6 +162,17 @@ def test_time_to_target_is_first_crossing():
     assert time_to_target([{"step": 10, "train_s": 1.0, "accuracy": 86 / 200}], 0.33 + 0.10) == 1.0
 
 
+def _run(step_s: float, tokens_per_s: float, generate_s: float, curve: list[float]) -> dict:
+    """One framework's summary as `summarize` writes it (its reward's second half = curve[-1])."""
+    return {
+        "median_step_s": step_s,
+        "completion_tokens_per_s": tokens_per_s,
+        "phase_median_s": {"generate_s": generate_s},
+        "reward_curve": curve,
+        "reward_mean_second_half": curve[-1],
+    }
+
+
 def test_markdown_reports_speedup():
     results = {
         "machine": {
@@ -178,20 +189,8 @@ def test_markdown_reports_speedup():
                 "params": 3_200_000,
                 "speedup": {"trl": 3.5},
                 "frameworks": {
-                    "posttrain": {
-                        "median_step_s": 0.2,
-                        "completion_tokens_per_s": 4000.0,
-                        "phase_median_s": {"generate_s": 0.1},
-                        "reward_curve": [0.0, 1.0],
-                        "reward_mean_second_half": 1.0,
-                    },
-                    "trl": {
-                        "median_step_s": 0.7,
-                        "completion_tokens_per_s": 1000.0,
-                        "phase_median_s": {"generate_s": 0.3},
-                        "reward_curve": [0.0, 0.0],
-                        "reward_mean_second_half": 0.0,
-                    },
+                    "posttrain": _run(0.2, 4000.0, 0.1, [0.0, 1.0]),
+                    "trl": _run(0.7, 1000.0, 0.3, [0.0, 0.0]),
                 },
             }
         },
@@ -228,8 +227,8 @@ def test_trl_trainer_gets_posttrain_lr_schedule_exactly(tmp_path, schedule, warm
     pytest.importorskip("trl")
     from transformers import Trainer, TrainingArguments
 
-    from posttrain.train.bench_runs import use_posttrain_schedule
     from posttrain.train.optim import lr_factor
+    from trlbench.runs import use_posttrain_schedule
 
     steps = 40
     cfg = load_config(
@@ -260,7 +259,7 @@ def _trace(seed, evals, step_s):
 
 
 def test_seed_rows_handle_targets_not_reached():
-    from posttrain.train.bench import seed_rows
+    from trlbench.bench import seed_rows
 
     ev = lambda *accs: [
         {"step": 10 * (i + 1), "train_s": 5.0 * (i + 1), "accuracy": a} for i, a in enumerate(accs)
@@ -377,7 +376,7 @@ def test_trl_parity_same_batch_gives_the_same_gradient(tmp_path):
     )  # fmt: skip
     # A brief SFT so responses end at EOS at different lengths: with equal lengths token-mean
     # and sequence-mean aggregation coincide and the comparison could not tell them apart.
-    from posttrain.train.bench import prepare_sft
+    from trlbench.bench import prepare_sft
 
     model_dir = prepare_sft(cfg, parity.prepare_model("tiny", tmp_path, 0), tmp_path)
     scores = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.2, 0.9, 0.0, 0.0])  # an untrained model earns ~0

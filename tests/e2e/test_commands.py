@@ -22,8 +22,11 @@ import yaml
 from posttrain import cli
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", POSTTRAIN_CACHE=str(cwd / "cache"), HF_HUB_OFFLINE="1")
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m posttrain ARGS` in `cwd` (its cache under cwd/cache), offline, one thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if cwd is not None:
+        env["POSTTRAIN_CACHE"] = str(Path(cwd) / "cache")
     return subprocess.run(
         [sys.executable, "-m", "posttrain", *args],
         capture_output=True,
@@ -37,6 +40,20 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_rl_yaml(work: Path, config: dict) -> tuple[list[dict], list[dict]]:
+    """`posttrain rl --config rl.yaml` in `work` with `config` written there; it must
+    succeed. Returns the run's (metrics rows, logged samples)."""
+    (work / "rl.yaml").write_text(yaml.safe_dump(config))
+    proc = ok(run_cli("rl", "--config", "rl.yaml", cwd=work))
+    assert "posttrain rl done" in proc.stdout
+    run_dir = work / config["run"]["output_dir"]
+    return read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "samples.jsonl")
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -6,13 +6,11 @@ with its first step under the threshold, every other closed step is at or above 
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 import pytest
-import yaml
-from test_commands import ok, run_cli
+from test_commands import ok, run_cli, run_rl_yaml
 
 COLUMNS = "{operators: '+-', trace: columns}"
 TOL = 1e-4  # the run scores in its own batches; re-scoring may differ in the last float bits
@@ -77,15 +75,11 @@ def test_rl_with_prm_guided_resampling(work):
         "samples_per_log": 8,
         "run": {"output_dir": "runs/rl"},
     }  # fmt: skip
-    (work / "rl.yaml").write_text(yaml.safe_dump(config))
-    proc = ok(run_cli("rl", "--config", "rl.yaml", cwd=work))
-    assert "posttrain rl done" in proc.stdout
-    rows = [json.loads(line) for line in (work / "runs/rl/metrics.jsonl").read_text().splitlines()]
+    rows, samples = run_rl_yaml(work, config)
     train = [r for r in rows if "rollout/prm_stop_frac" in r]
     assert len(train) == 2
     assert sum(r["rollout/prm_resamples"] for r in train) > 0
     assert sum(r["rollout/prm_tokens_discarded"] for r in train) > 0
-    samples = [json.loads(line) for line in (work / "runs/rl/samples.jsonl").read_text().splitlines()]
     assert len(samples) == 16
     stopped = 0
     for s in samples:

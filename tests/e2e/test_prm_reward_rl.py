@@ -7,13 +7,11 @@ names it with ``rewards: [{name: prm, options: {model_path: ..., aggregate: min}
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-import yaml
-from test_commands import ok, run_cli
+from test_commands import ok, run_cli, run_rl_yaml
 
 COLUMNS = "{operators: '+-', trace: columns}"
 
@@ -46,10 +44,7 @@ def test_rl_with_a_prm_reward_from_yaml(work):
         "sample_log_every": 1,
         "run": {"output_dir": "runs/rl"},
     }  # fmt: skip
-    (work / "rl.yaml").write_text(yaml.safe_dump(config))
-    proc = ok(run_cli("rl", "--config", "rl.yaml", cwd=work))
-    assert "posttrain rl done" in proc.stdout
-    rows = [json.loads(line) for line in (work / "runs/rl/metrics.jsonl").read_text().splitlines()]
+    rows, samples = run_rl_yaml(work, config)
     train = [r for r in rows if "reward/prm" in r]
     assert len(train) == 2
     assert all(0.0 < r["reward/prm"] < 1.0 for r in train), train  # a PRM score is a probability
@@ -57,7 +52,6 @@ def test_rl_with_a_prm_reward_from_yaml(work):
     # PRM (the prm reward alone, weight 1, so score == PRM min step score) gives them back.
     from posttrain.data.rewards import build_reward
 
-    samples = [json.loads(line) for line in (work / "runs/rl/samples.jsonl").read_text().splitlines()]
     samples = [s for s in samples if s.get("score") is not None]
     assert samples
     prm = build_reward("prm", model_path=str(work / "runs/prm/final"), aggregate="min")

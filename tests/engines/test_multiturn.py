@@ -17,6 +17,7 @@ from posttrain.engines.rollout import SamplingParams, make_engine
 from posttrain.engines.rollout.base import Rollout
 from posttrain.engines.rollout.multiturn import MultiTurnEngine, observation_text
 from posttrain.engines.tokenizer import build_char_tokenizer
+from tiny_models import scripted_rollout
 
 
 @pytest.fixture(scope="module")
@@ -258,12 +259,7 @@ def test_textarena_guess_the_number_is_played_to_a_win_through_the_adapter(tok):
                 self.guess[key] = (lo + hi) // 2
                 texts.append(f"[{self.guess[key]}]")
             rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-            T = max(map(len, rows))
-            ids, mask = torch.zeros((len(rows), T), dtype=torch.long), torch.zeros((len(rows), T))
-            for i, r in enumerate(rows):
-                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1.0
-            return Rollout([list(p) for p in prompts for _ in range(params.n)], ids, mask, -mask, ["stop"] * len(rows),
-                           torch.arange(len(prompts)).repeat_interleave(params.n), texts)  # fmt: skip
+            return scripted_rollout(prompts, params.n, rows, texts)
 
     eng = MultiTurnEngine(Bisect(), tok, lambda: make_env("textarena", env_id="GuessTheNumber-v0"),
                           max_turns=8, max_total_tokens=2000)  # fmt: skip

@@ -14,6 +14,7 @@ from posttrain.engines.logprobs import sequence_logprobs
 from posttrain.engines.rollout import SamplingParams, make_engine
 from posttrain.engines.rollout import native as native_mod
 from posttrain.engines.rollout.common import inverse_cdf_draw
+from tiny_models import small_family_model
 
 PROMPTS = ["12+3=", "Sort: 3 1 2\n", "x"]  # three different lengths: left padding differs
 
@@ -102,22 +103,7 @@ def test_inverse_cdf_uniform_at_its_extremes():
 def test_dedupe_other_families_and_one_token_prompts(char_tok, kind):
     # Llama (no qkv bias) and Qwen3 (per-head q/k norm: the unfused path); one-token prompts
     # make the prefill a single query, which must still take the prefill path.
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=len(char_tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common)).eval()
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common)).eval()
+    model = small_family_model(kind, len(char_tok))
     eng = make_engine("native", model, char_tok)
     for prompts in (["x", "y"], PROMPTS):
         r = eng.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=10, n=2))

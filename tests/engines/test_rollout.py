@@ -2,42 +2,20 @@ import math
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.logprobs import sequence_logprobs
 from posttrain.engines.rollout import SamplingParams, make_engine
 from posttrain.engines.rollout.common import filter_logits, repetition_hit, sample_tokens
 from posttrain.errors import ConfigError, ModelError
+from tiny_models import small_family_model
 
 PROMPTS = ["12+3=", "Sort: 3 1 2\n", "x"]  # different lengths exercise left padding
 
 
 def _greedy(**kw):
     return SamplingParams(temperature=0.0, max_new_tokens=kw.pop("max_new_tokens", 24), **kw)
-
-
-def _small_family_model(kind, vocab):
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
-    return Qwen3ForCausalLM(Qwen3Config(head_dim=16, **common)).eval()
 
 
 @pytest.mark.parametrize("engine", ["native", "hf"])
@@ -67,7 +45,7 @@ def test_greedy_native_equals_hf_token_for_token(tiny_model, char_tok):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_greedy_native_equals_hf_other_families(char_tok, kind):
-    model = _small_family_model(kind, len(char_tok))
+    model = small_family_model(kind, len(char_tok))
     params = _greedy(max_new_tokens=16)
     nat = make_engine("native", model, char_tok).generate(PROMPTS, params)
     hf = make_engine("hf", model, char_tok).generate(PROMPTS, params)

@@ -1,4 +1,4 @@
-"""Paired comparison of frameworks over GRPO seeds (bench_report) and pooling of runs."""
+"""Paired comparison of frameworks over GRPO seeds (trlbench.report) and pooling of runs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posttrain.errors import ConfigError
-from posttrain.train.bench import BenchConfig, combine_results, format_combined, paired_summary
-from posttrain.train.bench_report import sign_flip_p, t_quantile_975
 from posttrain.train.config import config_to_dict, load_config
+from trlbench.bench import BenchConfig, combine_results, format_combined, paired_summary
+from trlbench.report import sign_flip_p, t_quantile_975
 
 
 def test_t_quantiles_by_hand_and_continuous_past_the_table():

@@ -233,7 +233,7 @@ def test_every_demo_field_is_read_and_run_settings_reach_both_stages(tmp_path):
 
 
 def test_every_bench_field_is_read(tmp_path):
-    from posttrain.train.bench import BenchConfig, run_bench
+    from trlbench.bench import BenchConfig, run_bench
 
     common = ["presets=[tiny]", "threads=1", "isolate=false", "n_train=16", "max_new_tokens=8"]
     modes = {

@@ -282,6 +282,19 @@ def test_conversational_sft_rows_train_on_the_last_assistant_turn(tmp_path):
 # ----------------------------------------------------------------------------- reference cache
 
 
+def count_calls(monkeypatch, module, name: str) -> dict:
+    """Wrap `module.<name>` so that every call is counted in the returned {"n": calls}."""
+    calls = {"n": 0}
+    real = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 def test_reference_cache_is_reused_without_reference_forwards(tmp_path, monkeypatch):
     from posttrain.engines.models import build_preset, save_model
     from posttrain.engines.tokenizer import build_char_tokenizer
@@ -291,14 +304,8 @@ def test_reference_cache_is_reused_without_reference_forwards(tmp_path, monkeypa
     ref_dir = tmp_path / "ref_model"
     save_model(build_preset("tiny", len(tok)), tok, str(ref_dir))
 
-    calls = {"n": 0}
     real = methods.reference_logps
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(methods, "reference_logps", counting)
+    calls = count_calls(monkeypatch, methods, "reference_logps")
     args = ("--model.path", str(ref_dir), "--train.steps", "1", "--train.batch_size", "4")
     first = run_dpo(_cfg(DPOConfig, tmp_path, *args, name="a"))
     assert first["reference_cache_hit"] is False and calls["n"] == 2  # train + held-out
@@ -363,24 +370,10 @@ def test_self_generated_pairs_are_scored_by_the_verifier_and_reuse_the_reference
     # A random-init policy never answers arithmetic; a stand-in verifier (even length =
     # "correct") gives mixed outcomes so the pairing logic is exercised on real samples.
     monkeypatch.setattr(Arithmetic, "score", lambda self, text, answer: float(len(text) % 2 == 0))
-    calls = {"n": 0}
-    real = methods.reference_logps
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(methods, "reference_logps", counting)
+    calls = count_calls(monkeypatch, methods, "reference_logps")
     import posttrain.train.evaluate as evaluate
 
-    sampled = {"n": 0}
-    real_generate = evaluate.generate_samples
-
-    def counting_generate(*args, **kwargs):
-        sampled["n"] += 1
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "generate_samples", counting_generate)
+    sampled = count_calls(monkeypatch, evaluate, "generate_samples")
     args = ("--data.pairs", "self", "--data.n_train", "12", "--data.n_eval", "6", "--data.samples_per_prompt", "4",
             "--data.pairs_per_prompt", "2", "--data.sample_max_new_tokens", "12", "--data.keep_truncated", "true", "--train.steps", "1",
             "--train.batch_size", "4")  # fmt: skip

@@ -11,10 +11,16 @@ from pathlib import Path
 
 import torch
 
+from posttrain.algos.presets import METHODS
 from posttrain.train.config import load_config
 from posttrain.train.rl import RLConfig
 
 DIGIT_REWARD = "test_digit_fraction"
+
+# Every registered RL method preset (the parametrised tests run each one), and those that
+# need a teacher model (teacher.path).
+ALL_METHODS = METHODS.names()
+TEACHER_METHODS = {m for m in ALL_METHODS if METHODS[m]().get("teacher_mode", "none") != "none"}
 
 
 def digit_fraction(prompts, completions, **columns):

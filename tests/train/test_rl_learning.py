@@ -9,29 +9,12 @@ budget of 20 steps x 16 samples.
 from __future__ import annotations
 
 import pytest
-from test_rl_common import tiny_config, train_digit_teacher
+from test_rl_common import ALL_METHODS, TEACHER_METHODS, tiny_config, train_digit_teacher
 
 from posttrain.train.rl import RLTrainer
 
 STEPS = 20
 MARGIN = 0.3
-METHODS = [
-    "reinforce",
-    "rloo",
-    "reinforce_pp",
-    "reinforce_pp_baseline",
-    "a2c",
-    "ppo",
-    "trpo",
-    "grpo",
-    "dr_grpo",
-    "dapo",
-    "gspo",
-    "cispo",
-    "kimi",
-    "on_policy_distill",
-    "kdrl",
-]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +23,10 @@ def teacher_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_method_raises_mean_reward(method, tmp_path, teacher_dir):
     extra = []
-    if method in ("on_policy_distill", "kdrl"):
+    if method in TEACHER_METHODS:
         extra.append(f"teacher.path={teacher_dir}")
     if method == "dapo":
         # With an 8-token budget a random model almost never stops by itself, so DAPO's

@@ -6,31 +6,19 @@ import math
 
 import pytest
 import torch
-from test_rl_common import DIGIT_REWARD, register_digit_reward, tiny_config, train_digit_teacher
+from test_rl_common import (
+    ALL_METHODS,
+    DIGIT_REWARD,
+    TEACHER_METHODS,
+    register_digit_reward,
+    tiny_config,
+    train_digit_teacher,
+)
 
 from posttrain.algos.presets import METHODS
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.rl import RLTrainer, plan
 from posttrain.train.rl_config import validate
-
-ALL_METHODS = [
-    "reinforce",
-    "rloo",
-    "reinforce_pp",
-    "reinforce_pp_baseline",
-    "a2c",
-    "ppo",
-    "trpo",
-    "grpo",
-    "dr_grpo",
-    "dapo",
-    "gspo",
-    "cispo",
-    "kimi",
-    "on_policy_distill",
-    "kdrl",
-]
-TEACHER_METHODS = {"on_policy_distill", "kdrl"}
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ logged, and bad env settings fail before any model is built."""
 import json
 
 import pytest
-import torch
 from test_rl_common import tiny_config
 
-from posttrain.engines.rollout.base import Rollout
 from posttrain.errors import ConfigError
 from posttrain.train.rl import RLTrainer
+from tiny_models import scripted_rollout
 
 
 class _Calls:
@@ -37,12 +36,7 @@ class _Calls:
                 texts.append(f"<tool_call>{call if j % 2 == 0 else call[:-3]}</tool_call>")
         rows = [self.tok(t, add_special_tokens=False)["input_ids"] + ([self.tok.eos_token_id] if t.startswith("<answer>") else [])
                 for t in texts]  # fmt: skip
-        T = max(map(len, rows))
-        ids, mask = torch.zeros((len(rows), T), dtype=torch.long), torch.zeros((len(rows), T))
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1.0
-        return Rollout([list(p) for p in prompts for _ in range(params.n)], ids, mask, -mask, ["stop"] * len(rows),
-                       torch.arange(len(prompts)).repeat_interleave(params.n), texts)  # fmt: skip
+        return scripted_rollout(prompts, params.n, rows, texts)
 
 
 def test_tool_trajectories_train_with_observations_masked(tmp_path):

@@ -16,6 +16,8 @@ With h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -95,11 +97,6 @@ def preference_metrics(
         }
 
 
-def _margin(name, c, r, rc, rr, beta, cl, rl):
-    rw_c, rw_r = implicit_rewards(c, r, rc, rr, beta=beta, chosen_lengths=cl, rejected_lengths=rl, loss=name)
-    return rw_c, rw_r, preference_metrics(rw_c, rw_r)
-
-
 def _smoothed_sigmoid_loss(logits, label_smoothing):
     if not 0.0 <= label_smoothing < 0.5:
         raise ConfigError(f"preference loss: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
@@ -107,144 +104,111 @@ def _smoothed_sigmoid_loss(logits, label_smoothing):
     return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-@PREFERENCE_LOSSES.register("dpo")
-def dpo_loss(
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    *,
-    beta=0.1,
-    chosen_lengths=None,
-    rejected_lengths=None,
-    label_smoothing=0.0,
-    **_,
-):
+_P = inspect.Parameter
+
+
+def _pairwise(name: str, *, beta: float):
+    """Register `margin_loss(margin [B], *, beta, **options) -> loss [B]` as preference loss `name`.
+
+    Every preference loss is a function of the implicit-reward margin r_chosen − r_rejected
+    (`implicit_rewards`), so the registered function wraps the margin loss in the one call
+    signature all of them share:
+
+        loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
+             chosen_lengths=None, rejected_lengths=None, <the margin loss's options>, **_)
+        -> (loss [B], `preference_metrics` of the implicit rewards)
+
+    The reference log-probs are optional only for reference-free losses (ignored there).
+    The signature carries `beta`'s default and the margin loss's own keyword options: that is
+    where `algos.preference` reads the default β and the valid `algo.options`.
+    """
+
+    def register(margin_loss: Callable[..., torch.Tensor]) -> PreferenceFn:
+        ref_default = None if name in REFERENCE_FREE else _P.empty
+        own = [
+            p
+            for p in inspect.signature(margin_loss).parameters.values()
+            if p.kind is _P.KEYWORD_ONLY and p.name != "beta"
+        ]
+        signature = inspect.Signature(
+            [
+                _P("chosen_logps", _P.POSITIONAL_OR_KEYWORD),
+                _P("rejected_logps", _P.POSITIONAL_OR_KEYWORD),
+                _P("ref_chosen_logps", _P.POSITIONAL_OR_KEYWORD, default=ref_default),
+                _P("ref_rejected_logps", _P.POSITIONAL_OR_KEYWORD, default=ref_default),
+                _P("beta", _P.KEYWORD_ONLY, default=beta),
+                _P("chosen_lengths", _P.KEYWORD_ONLY, default=None),
+                _P("rejected_lengths", _P.KEYWORD_ONLY, default=None),
+                *own,
+                _P("_", _P.VAR_KEYWORD),
+            ]
+        )
+
+        @functools.wraps(margin_loss)
+        def loss(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            rc, rr = implicit_rewards(
+                a["chosen_logps"],
+                a["rejected_logps"],
+                a["ref_chosen_logps"],
+                a["ref_rejected_logps"],
+                beta=a["beta"],
+                chosen_lengths=a["chosen_lengths"],
+                rejected_lengths=a["rejected_lengths"],
+                loss=name,
+            )
+            options = {p.name: a[p.name] for p in own}
+            return margin_loss(rc - rr, beta=a["beta"], **options), preference_metrics(rc, rr)
+
+        loss.__signature__ = signature  # what inspect.signature reports (not margin_loss's)
+        return PREFERENCE_LOSSES.register(name)(loss)
+
+    return register
+
+
+@_pairwise("dpo", beta=0.1)
+def dpo_loss(margin, *, beta, label_smoothing=0.0):
     """DPO sigmoid loss; label_smoothing ε ∈ [0, 0.5) assumes a fraction ε of flipped labels
     (conservative DPO, Mitchell 2023)."""
-    rc, rr, metrics = _margin(
-        "dpo",
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta,
-        chosen_lengths,
-        rejected_lengths,
-    )
-    return _smoothed_sigmoid_loss(rc - rr, label_smoothing), metrics
+    return _smoothed_sigmoid_loss(margin, label_smoothing)
 
 
-@PREFERENCE_LOSSES.register("ln_dpo")
-def ln_dpo_loss(
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    *,
-    beta=0.1,
-    chosen_lengths=None,
-    rejected_lengths=None,
-    label_smoothing=0.0,
-    **_,
-):
+@_pairwise("ln_dpo", beta=0.1)
+def ln_dpo_loss(margin, *, beta, label_smoothing=0.0):
     """Length-normalised DPO: β·[(log π − log π_ref)(y_w)/|y_w| − (…)(y_l)/|y_l|] in the
     sigmoid, removing DPO's preference for longer chosen answers (cf. SimPO §2, R-DPO)."""
-    rc, rr, metrics = _margin(
-        "ln_dpo",
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta,
-        chosen_lengths,
-        rejected_lengths,
-    )
-    return _smoothed_sigmoid_loss(rc - rr, label_smoothing), metrics
+    return _smoothed_sigmoid_loss(margin, label_smoothing)
 
 
-@PREFERENCE_LOSSES.register("ipo")
-def ipo_loss(
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    *,
-    beta=0.1,
-    chosen_lengths=None,
-    rejected_lengths=None,
-    **_,
-):
+@_pairwise("ipo", beta=0.1)
+def ipo_loss(margin, *, beta):
     """IPO: squared regression of h onto 1/(2β). Unlike DPO the target is finite, so h is
     pulled DOWN when it overshoots: gradients raise chosen / lower rejected only while
     h < 1/(2β). Summed (not length-averaged) log-probs, as in the paper.
     Shapes: *_logps [B] -> loss [B].
     """
-    rc, rr, metrics = _margin(
-        "ipo",
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta,
-        chosen_lengths,
-        rejected_lengths,
-    )
-    h = (rc - rr) / beta
-    return (h - 1.0 / (2.0 * beta)).pow(2), metrics
+    h = margin / beta
+    return (h - 1.0 / (2.0 * beta)).pow(2)
 
 
-@PREFERENCE_LOSSES.register("simpo")
-def simpo_loss(
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps=None,
-    ref_rejected_logps=None,
-    *,
-    beta=2.0,
-    chosen_lengths=None,
-    rejected_lengths=None,
-    gamma=0.5,
-    label_smoothing=0.0,
-    **_,
-):
+@_pairwise("simpo", beta=2.0)
+def simpo_loss(margin, *, beta, gamma=0.5, label_smoothing=0.0):
     """SimPO: reference-free, length-normalised rewards β·log π/|y| with target margin γ.
     Defaults β=2.0, γ=0.5 are in the paper's recommended ranges; ref log-probs are ignored.
     Shapes: chosen_logps, rejected_logps, chosen_lengths, rejected_lengths [B] -> loss [B].
     """
-    rc, rr, metrics = _margin(
-        "simpo", chosen_logps, rejected_logps, None, None, beta, chosen_lengths, rejected_lengths
-    )
-    return _smoothed_sigmoid_loss(rc - rr - gamma, label_smoothing), metrics
+    return _smoothed_sigmoid_loss(margin - gamma, label_smoothing)
 
 
-@PREFERENCE_LOSSES.register("hinge")
-def hinge_loss(
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    *,
-    beta=0.1,
-    chosen_lengths=None,
-    rejected_lengths=None,
-    **_,
-):
+@_pairwise("hinge", beta=0.1)
+def hinge_loss(margin, *, beta):
     """Hinge (SLiC-HF calibration loss with the reference log-ratio): relu(1 − β h).
     Pairs already separated by margin 1/β contribute no gradient.
     Shapes: *_logps [B] -> loss [B].
     """
-    rc, rr, metrics = _margin(
-        "hinge",
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta,
-        chosen_lengths,
-        rejected_lengths,
-    )
-    return torch.relu(1.0 - (rc - rr)), metrics
+    return torch.relu(1.0 - margin)
 
 
 def bradley_terry_loss(

@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError
+from posttrain.train.config_checks import setting
 
 log = logging.getLogger(__name__)
 
@@ -45,41 +46,31 @@ KL_KEYS = ("kl/k3", "kl/loss", "kl/k1")
 KINDS = ("kl_spike", "length_explosion", "entropy_collapse", "reward_vs_heldout", "template_mimicry")
 
 
-def _h(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class AlertsSection:
     """Reward-hacking alerts (case studies I §7): thresholds, and whether an alert stops the run."""
 
-    enabled: bool = field(default=True, metadata=_h("Run the reward-hacking checks every step."))
-    stop: bool = field(
-        default=False,
-        metadata=_h(
-            "Stop the run after the first step that raises an alert (checkpoint and final model are written)."
-        ),
+    enabled: bool = setting(True, "Run the reward-hacking checks every step.")
+    stop: bool = setting(
+        False,
+        "Stop the run after the first step that raises an alert (checkpoint and final model are written).",
     )
-    window: int = field(default=10, metadata=_h("Steps of history the relative checks compare against."))
-    kl_spike_factor: float | None = field(
-        default=5.0, metadata=_h("KL spike: KL > factor × mean KL of the previous window; null = off.")
+    window: int = setting(10, "Steps of history the relative checks compare against.")
+    kl_spike_factor: float | None = setting(
+        5.0, "KL spike: KL > factor × mean KL of the previous window; null = off."
     )
-    kl_floor: float = field(default=0.01, metadata=_h("KL spike: KLs below this never alert."))
-    length_factor: float | None = field(
-        default=2.0,
-        metadata=_h("Length explosion: mean length > factor × its mean over the previous window."),
+    kl_floor: float = setting(0.01, "KL spike: KLs below this never alert.")
+    length_factor: float | None = setting(
+        2.0, "Length explosion: mean length > factor × its mean over the previous window."
     )
-    entropy_fraction: float | None = field(
-        default=0.2,
-        metadata=_h("Entropy collapse: entropy < fraction × its mean over the first window steps."),
+    entropy_fraction: float | None = setting(
+        0.2, "Entropy collapse: entropy < fraction × its mean over the first window steps."
     )
-    heldout_drop: float | None = field(
-        default=0.05,
-        metadata=_h("Reward up, held-out down: eval/accuracy this far below its best while reward rose."),
+    heldout_drop: float | None = setting(
+        0.05, "Reward up, held-out down: eval/accuracy this far below its best while reward rose."
     )
-    mimicry_frac: float | None = field(
-        default=0.5,
-        metadata=_h("Template mimicry: one response text for at least this share of the prompts."),
+    mimicry_frac: float | None = setting(
+        0.5, "Template mimicry: one response text for at least this share of the prompts."
     )
 
 

@@ -153,9 +153,9 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise _bad(key, tp, value)
+    if tp in (int, float) and isinstance(value, bool):  # YAML's true is not the number 1
+        raise _bad(key, tp, value)
     if tp is int:
-        if isinstance(value, bool):
-            raise _bad(key, tp, value)
         if isinstance(value, int):
             return value
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -169,8 +169,6 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
                 return int(f)
         raise _bad(key, tp, value)
     if tp is float:
-        if isinstance(value, bool):
-            raise _bad(key, tp, value)
         if isinstance(value, str):
             try:
                 # YAML 1.1 reads "1e-5" (no dot) as a string; float() reads it as meant.

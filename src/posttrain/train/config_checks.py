@@ -1,9 +1,11 @@
 """Value checks of the shared config sections, run when a section is built (so before any
 model is): an absurd or non-finite optimizer setting, an unknown model preset or device is a
-one-line ConfigError naming the key."""
+one-line ConfigError naming the key. Also `setting`, the documented config field every
+command's dataclasses are written with."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from typing import TYPE_CHECKING, Any
@@ -12,6 +14,15 @@ from posttrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from posttrain.train.sections import OptimSection
+
+
+def setting(default: Any, help: str, *, factory: bool = False) -> Any:
+    """A documented config field: `default` (with `factory`, a zero-argument constructor of
+    it, for mutable defaults) and the `help` text `posttrain <command> --help` prints."""
+    if factory:
+        return dataclasses.field(default_factory=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
 
 MAX_LR = 1.0  # AdamW moves each weight by up to ~lr per step: beyond 1 nothing trains
 

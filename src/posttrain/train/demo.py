@@ -24,18 +24,15 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from posttrain.train.config import RunSection
+from posttrain.train.config_checks import setting
 
 # Test-split rows written next to the SFT training file: only the SFT eval loss reads them.
 _SFT_EVAL_ROWS = 32
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass
@@ -43,97 +40,70 @@ class DemoRun(RunSection):
     """Run directory of the demo; every other run setting (seed, checkpoints, resume, logging,
     trackers) applies to both stages."""
 
-    output_dir: str = field(
-        default="runs/demo", metadata=_h("Run directory; stages go to sft/ and rl/ inside.")
-    )
+    output_dir: str = setting("runs/demo", "Run directory; stages go to sft/ and rl/ inside.")
 
 
 @dataclass
 class DemoConfig:
     """One-command CPU demo: SFT warm start -> GRPO (accuracy + format rewards) -> evaluation."""
 
-    task: str = field(
-        default="arithmetic",
-        metadata=_h("Synthetic task (arithmetic | countdown | sorting | word_problems)."),
+    task: str = setting("arithmetic", "Synthetic task (arithmetic | countdown | sorting | word_problems).")
+    task_options: dict[str, Any] = setting(
+        lambda: {"operators": "+-", "trace": "columns"},
+        "Options of get_task(task, ...); the default is two-digit +/- worked column by column "
+        "(set --task_options '{}' for another task).",
+        factory=True,
     )
-    task_options: dict[str, Any] = field(
-        default_factory=lambda: {"operators": "+-", "trace": "columns"},
-        metadata=_h(
-            "Options of get_task(task, ...); the default is two-digit +/- worked column by column "
-            "(set --task_options '{}' for another task)."
-        ),
+    difficulty: int = setting(2, "Task difficulty level.")
+    preset: str = setting("tiny", "Model preset trained from random init (tiny | small | base).")
+    sft_steps: int = setting(
+        250,
+        "SFT warm-start optimizer steps (250 -> ~30-38% held-out greedy: enough correct samples per "
+        "GRPO group for a signal, far from the ceiling for RL to show; 200 -> ~16% is too weak).",
     )
-    difficulty: int = field(default=2, metadata=_h("Task difficulty level."))
-    preset: str = field(
-        default="tiny", metadata=_h("Model preset trained from random init (tiny | small | base).")
+    sft_examples: int = setting(2000, "Reference solutions used for the warm start.")
+    sft_batch_size: int = setting(32, "SFT examples per optimizer step.")
+    sft_lr: float = setting(3e-3, "SFT learning rate.")
+    rl_steps: int = setting(
+        600,
+        "GRPO steps. 600 (~8 CPU-minutes for the whole demo): +13 to +32 held-out points over the "
+        'seeds measured; 300: +12 to +24 (docs/benchmarks.md, "Demo").',
     )
-    sft_steps: int = field(
-        default=250,
-        metadata=_h(
-            "SFT warm-start optimizer steps (250 -> ~30-38% held-out greedy: enough correct samples per "
-            "GRPO group for a signal, far from the ceiling for RL to show; 200 -> ~16% is too weak)."
-        ),
+    rl_lr: float = setting(
+        1e-4,
+        "GRPO peak learning rate (after warmup, cosine down to a tenth). 1e-4 rose on every seed "
+        "measured (+12 to +24 points); 2e-4 rose faster on some seeds but collapsed on one.",
     )
-    sft_examples: int = field(default=2000, metadata=_h("Reference solutions used for the warm start."))
-    sft_batch_size: int = field(default=32, metadata=_h("SFT examples per optimizer step."))
-    sft_lr: float = field(default=3e-3, metadata=_h("SFT learning rate."))
-    rl_steps: int = field(
-        default=600,
-        metadata=_h(
-            "GRPO steps. 600 (~8 CPU-minutes for the whole demo): +13 to +32 held-out points over the "
-            'seeds measured; 300: +12 to +24 (docs/benchmarks.md, "Demo").'
-        ),
+    rl_prompts: int = setting(
+        8000,
+        "Train-split prompts GRPO samples from (the first sft_examples of them are the SFT problems, "
+        "the rest are new to the model, like the held-out ones).",
     )
-    rl_lr: float = field(
-        default=1e-4,
-        metadata=_h(
-            "GRPO peak learning rate (after warmup, cosine down to a tenth). 1e-4 rose on every seed "
-            "measured (+12 to +24 points); 2e-4 rose faster on some seeds but collapsed on one."
-        ),
+    rl_warmup: int = setting(5, "GRPO learning-rate warmup steps.")
+    kl_coef: float = setting(0.0, "KL-to-reference loss coefficient (0 = no reference model, faster).")
+    advantage_scale: str = setting(
+        "batch",
+        "GRPO advantage denominator: group | batch | none. 'group' (the paper's z-score) makes a "
+        "0.2-point format difference inside an all-wrong group as loud as a correct answer, and the "
+        "tiny model then trades arithmetic for short well-formed replies; 'batch' keeps the group "
+        "mean baseline but divides by the batch std, so reward weights keep their meaning.",
     )
-    rl_prompts: int = field(
-        default=8000,
-        metadata=_h(
-            "Train-split prompts GRPO samples from (the first sft_examples of them are the SFT problems, "
-            "the rest are new to the model, like the held-out ones)."
-        ),
+    prompts_per_step: int = setting(12, "Prompts per GRPO step.")
+    group_size: int = setting(8, "GRPO group size G (samples per prompt).")
+    temperature: float = setting(
+        1.0, "Rollout sampling temperature (the log-prob forward of the update uses the same)."
     )
-    rl_warmup: int = field(default=5, metadata=_h("GRPO learning-rate warmup steps."))
-    kl_coef: float = field(
-        default=0.0, metadata=_h("KL-to-reference loss coefficient (0 = no reference model, faster).")
+    format_weight: float = setting(0.2, "Weight of the format reward next to accuracy (1.0).")
+    step_weight: float = setting(
+        0.0,
+        "Weight of the step_credit reward (share of the reference trace's column steps reproduced "
+        "before the first wrong one); 0 = off. Measured at 0.5: no gain over accuracy + format "
+        "in held-out accuracy (docs/benchmarks.md).",
     )
-    advantage_scale: str = field(
-        default="batch",
-        metadata=_h(
-            "GRPO advantage denominator: group | batch | none. 'group' (the paper's z-score) makes a "
-            "0.2-point format difference inside an all-wrong group as loud as a correct answer, and the "
-            "tiny model then trades arithmetic for short well-formed replies; 'batch' keeps the group "
-            "mean baseline but divides by the batch std, so reward weights keep their meaning."
-        ),
-    )
-    prompts_per_step: int = field(default=12, metadata=_h("Prompts per GRPO step."))
-    group_size: int = field(default=8, metadata=_h("GRPO group size G (samples per prompt)."))
-    temperature: float = field(
-        default=1.0,
-        metadata=_h("Rollout sampling temperature (the log-prob forward of the update uses the same)."),
-    )
-    format_weight: float = field(
-        default=0.2, metadata=_h("Weight of the format reward next to accuracy (1.0).")
-    )
-    step_weight: float = field(
-        default=0.0,
-        metadata=_h(
-            "Weight of the step_credit reward (share of the reference trace's column steps reproduced "
-            "before the first wrong one); 0 = off. Measured at 0.5: no gain over accuracy + format "
-            "in held-out accuracy (docs/benchmarks.md)."
-        ),
-    )
-    max_new_tokens: int = field(default=40, metadata=_h("Response length budget."))
-    eval_n: int = field(default=128, metadata=_h("Held-out prompts evaluated (greedy) before and after RL."))
-    eval_every: int = field(
-        default=20, metadata=_h("Held-out evaluation every N GRPO steps (for the accuracy plot); 0 = off.")
-    )
-    run: DemoRun = field(default_factory=DemoRun, metadata=_h("Run directory and seed."))
+    max_new_tokens: int = setting(40, "Response length budget.")
+    eval_n: int = setting(128, "Held-out prompts evaluated (greedy) before and after RL.")
+    eval_every: int = setting(20, "Held-out evaluation every N GRPO steps (for the accuracy plot); 0 = off.")
+    run: DemoRun = setting(DemoRun, "Run directory and seed.", factory=True)
 
     def __post_init__(self) -> None:
         from posttrain.train.config_checks import check_preset

@@ -23,56 +23,46 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import InferenceModelSection
+from posttrain.train.config_checks import setting
 from posttrain.train.eval_scorers import orm_scores, prm_scores  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # torch is imported inside functions so `posttrain eval --help` stays fast
     import torch
 
 
-def _h(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class EvalDataSection:
     """What to evaluate on: a synthetic task or a dataset file."""
 
-    task: str | None = field(
-        default="arithmetic",
-        metadata=_h("Synthetic task name (its verifier scores answers); null with `path`."),
+    task: str | None = setting(
+        "arithmetic", "Synthetic task name (its verifier scores answers); null with `path`."
     )
-    path: str | None = field(
-        default=None,
-        metadata=_h(
-            "Dataset file/dir with prompt and answer columns, used instead of the task's examples; "
-            "answers are checked by `task`'s verifier, or by math-verify when task is null."
-        ),
+    path: str | None = setting(
+        None,
+        "Dataset file/dir with prompt and answer columns, used instead of the task's examples; "
+        "answers are checked by `task`'s verifier, or by math-verify when task is null.",
     )
-    task_options: dict[str, Any] = field(
-        default_factory=dict,
-        metadata=_h("Keyword options passed to get_task(name, **options), e.g. {trace: columns}."),
+    task_options: dict[str, Any] = setting(
+        dict, "Keyword options passed to get_task(name, **options), e.g. {trace: columns}.", factory=True
     )
-    split: Literal["train", "test"] = field(default="test", metadata=_h("Task split to evaluate."))
-    n: int = field(default=100, metadata=_h("Number of prompts (0 = every row of `path`)."))
-    difficulty: int | None = field(default=None, metadata=_h("Task difficulty level; null = mixed levels."))
-    prompt_column: str = field(default="prompt", metadata=_h("Prompt column of `path`."))
-    answer_column: str = field(default="answer", metadata=_h("Ground-truth answer column of `path`."))
-    chat_template: bool = field(
-        default=True,
-        metadata=_h(
-            "Apply the tokenizer's chat template to prompts; false uses the raw text (BOS kept, as in training)."
-        ),
+    split: Literal["train", "test"] = setting("test", "Task split to evaluate.")
+    n: int = setting(100, "Number of prompts (0 = every row of `path`).")
+    difficulty: int | None = setting(None, "Task difficulty level; null = mixed levels.")
+    prompt_column: str = setting("prompt", "Prompt column of `path`.")
+    answer_column: str = setting("answer", "Ground-truth answer column of `path`.")
+    chat_template: bool = setting(
+        True,
+        "Apply the tokenizer's chat template to prompts; false uses the raw text (BOS kept, as in training).",
     )
-    enable_thinking: bool = field(
-        default=True,
-        metadata=_h("Thinking mode of the chat template (false pre-fills an empty think block)."),
+    enable_thinking: bool = setting(
+        True, "Thinking mode of the chat template (false pre-fills an empty think block)."
     )
 
 
@@ -80,22 +70,19 @@ class EvalDataSection:
 class EvalSamplingSection:
     """How completions are sampled."""
 
-    k: int = field(default=4, metadata=_h("Samples per prompt (pass@k, maj@k, best-of-k)."))
-    temperature: float = field(default=1.0, metadata=_h("Sampling temperature (0 = greedy; then use k=1)."))
-    top_p: float = field(default=1.0, metadata=_h("Nucleus sampling mass; 1 disables it."))
-    max_new_tokens: int = field(default=64, metadata=_h("Longest completion in tokens."))
-    engine: str = field(default="native", metadata=_h("Rollout engine: native | hf | vllm."))
-    batch_size: int = field(default=32, metadata=_h("Prompts per generate call."))
-    thinking_budget: int = field(
-        default=0,
-        metadata=_h(
-            "Qwen3 thinking budget: a sample still thinking after this many tokens gets thinking_end_phrase and "
-            "</think> inserted, then answers within max_new_tokens; 0 = no budget."
-        ),
+    k: int = setting(4, "Samples per prompt (pass@k, maj@k, best-of-k).")
+    temperature: float = setting(1.0, "Sampling temperature (0 = greedy; then use k=1).")
+    top_p: float = setting(1.0, "Nucleus sampling mass; 1 disables it.")
+    max_new_tokens: int = setting(64, "Longest completion in tokens.")
+    engine: str = setting("native", "Rollout engine: native | hf | vllm.")
+    batch_size: int = setting(32, "Prompts per generate call.")
+    thinking_budget: int = setting(
+        0,
+        "Qwen3 thinking budget: a sample still thinking after this many tokens gets thinking_end_phrase and "
+        "</think> inserted, then answers within max_new_tokens; 0 = no budget.",
     )
-    thinking_end_phrase: str = field(
-        default=DEFAULT_PHRASE,
-        metadata=_h("Text inserted before </think> when the thinking budget cuts a sample."),
+    thinking_end_phrase: str = setting(
+        DEFAULT_PHRASE, "Text inserted before </think> when the thinking budget cuts a sample."
     )
 
     def __post_init__(self) -> None:
@@ -112,14 +99,10 @@ class EvalSamplingSection:
 class EvalScorerSection:
     """Optional verifier-free selection of one sample out of k (best-of-N)."""
 
-    orm: str | None = field(
-        default=None, metadata=_h("Reward model directory (from `posttrain rm`) for best-of-k.")
-    )
-    prm: str | None = field(
-        default=None, metadata=_h("Process reward model directory (from `posttrain prm`).")
-    )
-    prm_aggregate: Literal["min", "last", "mean", "prod"] = field(
-        default="min", metadata=_h("How step scores become one trace score (min: Lightman et al. 2023).")
+    orm: str | None = setting(None, "Reward model directory (from `posttrain rm`) for best-of-k.")
+    prm: str | None = setting(None, "Process reward model directory (from `posttrain prm`).")
+    prm_aggregate: Literal["min", "last", "mean", "prod"] = setting(
+        "min", "How step scores become one trace score (min: Lightman et al. 2023)."
     )
 
 
@@ -127,15 +110,13 @@ class EvalScorerSection:
 class EvalConfig:
     """Evaluate a model (`posttrain eval`): pass@1, pass@k, maj@k, best-of-N with an ORM/PRM."""
 
-    model: InferenceModelSection = field(
-        default_factory=InferenceModelSection, metadata=_h("The model to evaluate.")
-    )
-    data: EvalDataSection = field(default_factory=EvalDataSection, metadata=_h("Evaluation prompts."))
-    sampling: EvalSamplingSection = field(default_factory=EvalSamplingSection, metadata=_h("Sampling."))
-    scorer: EvalScorerSection = field(default_factory=EvalScorerSection, metadata=_h("Best-of-N scorers."))
-    output_dir: str = field(default="runs/eval", metadata=_h("Where eval.json and samples.jsonl go."))
-    seed: int = field(default=0, metadata=_h("Seed for example selection and sampling."))
-    save_samples: bool = field(default=True, metadata=_h("Write every completion to samples.jsonl."))
+    model: InferenceModelSection = setting(InferenceModelSection, "The model to evaluate.", factory=True)
+    data: EvalDataSection = setting(EvalDataSection, "Evaluation prompts.", factory=True)
+    sampling: EvalSamplingSection = setting(EvalSamplingSection, "Sampling.", factory=True)
+    scorer: EvalScorerSection = setting(EvalScorerSection, "Best-of-N scorers.", factory=True)
+    output_dir: str = setting("runs/eval", "Where eval.json and samples.jsonl go.")
+    seed: int = setting(0, "Seed for example selection and sampling.")
+    save_samples: bool = setting(True, "Write every completion to samples.jsonl.")
 
     def __post_init__(self):
         if self.sampling.k < 1:
@@ -265,24 +246,18 @@ def evaluate_policy(
     task: Any,
     *,
     k: int,
-    temperature: float,
-    max_new_tokens: int,
-    engine: str | Any = "native",
-    seed: int = 0,
-    top_p: float = 1.0,
-    batch_size: int = 32,
-    chat_template: bool = True,
-    enable_thinking: bool = True,
     return_samples: bool = False,
+    **sampling: Any,
 ) -> dict[str, Any]:
     """Sample k completions per example and score them with `task` (before/after numbers
     for the RL loop, the demo and the benchmarks).
 
     examples: P Example objects (or dicts) with `prompt` and `answer`.
     task: anything with ``score(completion, answer) -> float`` (1.0 = correct); a Task.
-    k / temperature / top_p / max_new_tokens: sampling; greedy (temperature 0) with k=1 is
-        the usual held-out accuracy.
-    engine / seed / batch_size / chat_template / enable_thinking: see `generate_samples`.
+    k: completions per example; greedy (temperature 0) with k=1 is the usual held-out accuracy.
+    sampling: the other keyword arguments of `generate_samples`, passed on: temperature and
+        max_new_tokens (required), engine, seed, top_p, batch_size, chat_template,
+        enable_thinking.
     Returns {"accuracy" (= pass@1), "pass@k" and "maj@k" (when k > 1), "format_rate",
     "length_mean" (tokens), "truncated_frac" (finished by length), "n", "k"}; with
     return_samples also "samples": one dict per completion.
@@ -291,14 +266,13 @@ def evaluate_policy(
         raise ConfigError(f"evaluation needs k >= 1 samples per prompt, got {k}")
     prompts = [_field(ex, "prompt") for ex in examples]
     answers = [str(_field(ex, "answer")) for ex in examples]
-    texts, lengths, reasons = generate_samples(
-        model, tokenizer, prompts, k=k, temperature=temperature, max_new_tokens=max_new_tokens, engine=engine,
-        seed=seed, top_p=top_p, batch_size=batch_size, chat_template=chat_template, enable_thinking=enable_thinking,
-    )  # fmt: skip
+    texts, lengths, reasons = generate_samples(model, tokenizer, prompts, k=k, **sampling)
     correct = [[task.score(t, a) >= 1.0 for t in ts] for ts, a in zip(texts, answers)]
+    # generate_samples' defaults: the chat template on, thinking enabled.
+    think_prefilled = sampling.get("chat_template", True) and not sampling.get("enable_thinking", True)
     return summarize(
         prompts, answers, texts, lengths, reasons, correct,
-        think_prefilled=chat_template and not enable_thinking, return_samples=return_samples,
+        think_prefilled=think_prefilled, return_samples=return_samples,
     )  # fmt: skip
 
 

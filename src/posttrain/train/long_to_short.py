@@ -22,12 +22,13 @@ length (completion tokens); a row without `length` is measured in characters.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from posttrain.errors import ConfigError, DataError
+from posttrain.train.config_checks import setting
 
 
 def _length(row: dict) -> float:
@@ -151,15 +152,13 @@ def merge_state_dicts(states: list[dict[str, torch.Tensor]], weights: list[float
 class MergeConfig:
     """Weight averaging of causal LMs with one architecture (posttrain merge; Kimi long2short)."""
 
-    models: list[str] = field(
-        default_factory=list, metadata={"help": "Model directories (>= 2, same architecture and tokenizer)."}
+    models: list[str] = setting(
+        list, "Model directories (>= 2, same architecture and tokenizer).", factory=True
     )
-    weights: list[float] | None = field(
-        default=None, metadata={"help": "One weight per model, normalised to sum 1; null = equal weights."}
+    weights: list[float] | None = setting(
+        None, "One weight per model, normalised to sum 1; null = equal weights."
     )
-    output_dir: str = field(
-        default="runs/merge", metadata={"help": "The merged model goes to output_dir/final."}
-    )
+    output_dir: str = setting("runs/merge", "The merged model goes to output_dir/final.")
 
 
 def run_merge(cfg: MergeConfig) -> dict[str, Any]:

@@ -167,6 +167,27 @@ def _prompt_ids(tokenizer, prompt, where: str, data, *, enable_thinking: bool = 
     return ids
 
 
+def encode_rows(rows: list[dict], tokenizer, data, source: str, read_row) -> list[dict]:
+    """The loop every row format shares, in one place.
+
+    `read_row(i, row, where)` checks row i (a one-line DataError naming `where`) and returns
+    (prompt, enable_thinking, build). The prompt is encoded next (`_prompt_ids`: a prompt
+    over data.max_prompt_tokens is skipped or refused, per data.too_long); for a kept row,
+    `build()` gives its items without the prompt ids, a list since a ranked row gives
+    several. Each item is {"prompt": ids, **fields}. No usable row at all is an error.
+    """
+    items = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i + 1}"
+        prompt, think, build = read_row(i, row, where)
+        p = _prompt_ids(tokenizer, prompt, where, data, enable_thinking=think)
+        if p is not None:
+            items += [{"prompt": p, **fields} for fields in build()]
+    if not items:
+        raise DataError(f"{source}: no usable rows")
+    return items
+
+
 def encode_sft(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
     """SFT items {"prompt": ids, "completion": ids + [eos], "think": bool}.
 
@@ -177,9 +198,8 @@ def encode_sft(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
     Qwen3 thinking-mode-fusion mix in one run.
     """
     eos = tokenizer.eos_token_id
-    items = []
-    for i, row in enumerate(rows):
-        where = f"{source} row {i + 1}"
+
+    def read_row(i, row, where):
         if "messages" in row and "completion" not in row:
             msgs = row["messages"]
             last = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
@@ -193,15 +213,13 @@ def encode_sft(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
             completion = strip_thinking(completion)
         if not completion.strip():
             raise DataError(f"{where}: empty completion")
-        p = _prompt_ids(tokenizer, prompt, where, data, enable_thinking=think)
-        if p is None:
-            continue
-        items.append(
-            {"prompt": p, "completion": encode_continuation(tokenizer, completion) + [eos], "think": think}
+        return (
+            prompt,
+            think,
+            lambda: [{"completion": encode_continuation(tokenizer, completion) + [eos], "think": think}],
         )
-    if not items:
-        raise DataError(f"{source}: no usable rows")
-    return items
+
+    return encode_rows(rows, tokenizer, data, source, read_row)
 
 
 def encode_pairs(
@@ -223,9 +241,8 @@ def encode_pairs(
     (a pair that carries no preference), missing margin when a margin column is asked for.
     """
     tail = [tokenizer.eos_token_id] if append_eos else []
-    items = []
-    for i, row in enumerate(rows):
-        where = f"{source} row {i + 1}"
+
+    def read_row(i, row, where):
         for col in ("chosen", "rejected"):
             if col not in row or row[col] is None:
                 raise DataError(f"{where}: column {col!r} is missing")
@@ -239,20 +256,19 @@ def encode_pairs(
             if row.get(margin_column) is None:
                 raise DataError(f"{where}: margin column {margin_column!r} is missing")
             margin = float(row[margin_column])
-        p = _prompt_ids(tokenizer, row.get("prompt"), where, data)
-        if p is None:
-            continue
-        items.append(
-            {
-                "prompt": p,
-                "chosen": encode_continuation(tokenizer, chosen) + tail,
-                "rejected": encode_continuation(tokenizer, rejected) + tail,
-                "margin": margin,
-            }
+        return (
+            row.get("prompt"),
+            True,
+            lambda: [
+                {
+                    "chosen": encode_continuation(tokenizer, chosen) + tail,
+                    "rejected": encode_continuation(tokenizer, rejected) + tail,
+                    "margin": margin,
+                }
+            ],
         )
-    if not items:
-        raise DataError(f"{source}: no usable rows")
-    return items
+
+    return encode_rows(rows, tokenizer, data, source, read_row)
 
 
 def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
@@ -262,9 +278,8 @@ def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
     `step_labels`. Errors: no steps, an empty step, a label count that does not match
     the step count, a non-boolean label.
     """
-    items = []
-    for i, row in enumerate(rows):
-        where = f"{source} row {i + 1}"
+
+    def read_row(i, row, where):
         steps = row.get("completions", row.get("steps"))
         labels = row.get("labels", row.get("step_labels"))
         if not isinstance(steps, list) or not steps:
@@ -278,19 +293,18 @@ def encode_steps(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
             raise DataError(f"{where}: empty step in 'completions'")
         if any(not isinstance(x, (bool, int)) or x not in (0, 1) for x in labels):
             raise DataError(f"{where}: 'labels' must be booleans")
-        p = _prompt_ids(tokenizer, row.get("prompt"), where, data)
-        if p is None:
-            continue
-        items.append(
-            {
-                "prompt": p,
-                "steps": [encode_continuation(tokenizer, s) for s in steps],
-                "labels": [bool(x) for x in labels],
-            }
+        return (
+            row.get("prompt"),
+            True,
+            lambda: [
+                {
+                    "steps": [encode_continuation(tokenizer, s) for s in steps],
+                    "labels": [bool(x) for x in labels],
+                }
+            ],
         )
-    if not items:
-        raise DataError(f"{source}: no usable rows")
-    return items
+
+    return encode_rows(rows, tokenizer, data, source, read_row)
 
 
 def until_first_error(items: list[dict]) -> list[dict]:

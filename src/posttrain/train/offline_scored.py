@@ -23,7 +23,7 @@ from posttrain.core.nbest import induced_pairs, pair_weights
 from posttrain.core.pointwise import prompt_baselines
 from posttrain.engines.encoding import encode_continuation
 from posttrain.errors import ConfigError, DataError
-from posttrain.train.offline_data import _prompt_ids, _text
+from posttrain.train.offline_data import _text, encode_rows
 from posttrain.train.offline_methods import RewardModelMethod, _device, _ratio, completion_batch
 
 
@@ -35,26 +35,22 @@ def encode_scored(rows: list[dict], tokenizer, data, source: str, *, baseline: s
     mean score of the rows sharing its (rendered) prompt, computed over `rows` only (train
     and held-out rows get their own means); "none": 0.
     """
-    items = []
-    for i, row in enumerate(rows):
-        where = f"{source} row {i + 1}"
+
+    def read_row(i, row, where):
         if row.get("score") is None:
             raise DataError(f"{where}: column 'score' is missing")
         completion = _text(row.get("completion"), where, "completion")
         if not completion.strip():
             raise DataError(f"{where}: empty completion")
-        p = _prompt_ids(tokenizer, row.get("prompt"), where, data)
-        if p is None:
-            continue
-        items.append(
-            {
-                "prompt": p,
-                "completion": encode_continuation(tokenizer, completion),
-                "score": float(row["score"]),
-            }
+        return (
+            row.get("prompt"),
+            True,
+            lambda: [
+                {"completion": encode_continuation(tokenizer, completion), "score": float(row["score"])}
+            ],
         )
-    if not items:
-        raise DataError(f"{source}: no usable rows")
+
+    items = encode_rows(rows, tokenizer, data, source, read_row)
     scores = torch.tensor([it["score"] for it in items], dtype=torch.float64)
     if baseline == "prompt_mean":
         groups: dict[tuple[int, ...], int] = {}
@@ -74,23 +70,22 @@ def encode_ranked(rows: list[dict], tokenizer, data, source: str) -> list[dict]:
     `weight_pairs` once the training pairs' mean gap is known.
     """
     eos = tokenizer.eos_token_id
-    items = []
-    for i, row in enumerate(rows):
-        where = f"{source} row {i + 1}"
-        p = _prompt_ids(tokenizer, row.get("prompt"), where, data)
-        if p is None:
-            continue
-        cands = [
-            encode_continuation(tokenizer, _text(c, where, "completions")) + [eos] for c in row["completions"]
-        ]
-        chosen, rejected, gaps = induced_pairs(torch.tensor(row["scores"], dtype=torch.float64))
-        for c, r, g in zip(chosen.tolist(), rejected.tolist(), gaps.tolist()):
-            items.append(
-                {"prompt": p, "chosen": cands[c], "rejected": cands[r], "margin": 0.0, "gap": g, "row": i}
-            )
-    if not items:
-        raise DataError(f"{source}: no usable rows")
-    return items
+
+    def read_row(i, row, where):
+        def build():  # after the prompt is kept: candidates of a skipped row are not checked
+            cands = [
+                encode_continuation(tokenizer, _text(c, where, "completions")) + [eos]
+                for c in row["completions"]
+            ]
+            chosen, rejected, gaps = induced_pairs(torch.tensor(row["scores"], dtype=torch.float64))
+            return [
+                {"chosen": cands[c], "rejected": cands[r], "margin": 0.0, "gap": g, "row": i}
+                for c, r, g in zip(chosen.tolist(), rejected.tolist(), gaps.tolist())
+            ]
+
+        return row.get("prompt"), True, build
+
+    return encode_rows(rows, tokenizer, data, source, read_row)
 
 
 def weight_pairs(items: list[dict], mode: str, normalizer: float | None) -> list[dict]:

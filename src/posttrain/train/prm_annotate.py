@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from posttrain.data.tasks.base import STEP_SEPARATOR
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config import ModelSection
+from posttrain.train.config_checks import setting
 
 # sample_fn(prompts, prefixes, k) -> k continuation texts per (prompt, prefix)
 SampleFn = Callable[[Sequence[Any], Sequence[str], int], list[list[str]]]
@@ -124,38 +125,27 @@ def agreement(rows: list[dict]) -> dict[str, float]:
 class AnnotateDataSection:
     """The traces to label: a stepwise file, or the synthetic task's traces."""
 
-    path: str | None = field(
-        default=None,
-        metadata={"help": "Stepwise file (prompt, completions, answer[, labels]); overrides task."},
-    )
-    task: str | None = field(
-        default="arithmetic", metadata={"help": "Synthetic task whose traces are labelled."}
-    )
-    task_options: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Keyword options of get_task."}
-    )
-    split: str = field(default="train", metadata={"help": "Task split of the traces."})
-    difficulty: int | None = field(default=2, metadata={"help": "Task difficulty (multi-step levels)."})
-    n: int = field(
-        default=64, metadata={"help": "Task problems (two traces each: with a slip, and correct)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the task problems."})
+    path: str | None = setting(None, "Stepwise file (prompt, completions, answer[, labels]); overrides task.")
+    task: str | None = setting("arithmetic", "Synthetic task whose traces are labelled.")
+    task_options: dict[str, Any] = setting(dict, "Keyword options of get_task.", factory=True)
+    split: str = setting("train", "Task split of the traces.")
+    difficulty: int | None = setting(2, "Task difficulty (multi-step levels).")
+    n: int = setting(64, "Task problems (two traces each: with a slip, and correct).")
+    seed: int = setting(0, "Seed of the task problems.")
 
 
 @dataclass
 class AnnotateConfig:
     """Monte-Carlo PRM step labels, Math-Shepherd style (posttrain annotate)."""
 
-    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "The completer policy."})
-    data: AnnotateDataSection = field(default_factory=AnnotateDataSection, metadata={"help": "Traces."})
-    k: int = field(default=8, metadata={"help": "Continuations sampled from every step prefix."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature of the continuations (> 0)."}
-    )
-    max_new_tokens: int = field(default=48, metadata={"help": "Length cap of a continuation."})
-    batch_size: int = field(default=32, metadata={"help": "Prefixes per generate call."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    output_dir: str = field(default="runs/annotate", metadata={"help": "Writes stepwise.jsonl here."})
+    model: ModelSection = setting(ModelSection, "The completer policy.", factory=True)
+    data: AnnotateDataSection = setting(AnnotateDataSection, "Traces.", factory=True)
+    k: int = setting(8, "Continuations sampled from every step prefix.")
+    temperature: float = setting(1.0, "Sampling temperature of the continuations (> 0).")
+    max_new_tokens: int = setting(48, "Length cap of a continuation.")
+    batch_size: int = setting(32, "Prefixes per generate call.")
+    seed: int = setting(0, "Sampling seed.")
+    output_dir: str = setting("runs/annotate", "Writes stepwise.jsonl here.")
 
 
 def model_sampler(

@@ -8,46 +8,35 @@ the rollout engine, and the step's metrics from the engine's running totals.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from posttrain.errors import ConfigError
+from posttrain.train.config_checks import setting
 
 DEFAULT_MAX_RESAMPLES = 2
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass
 class PRMGuideSection:
     """PRM-guided early stop / truncate-and-resample during rollout (null model_path = off)."""
 
-    model_path: str | None = field(
-        default=None, metadata=_h("A PRM saved by `posttrain prm` (run_dir/final); null = no guidance.")
+    model_path: str | None = setting(
+        None, "A PRM saved by `posttrain prm` (run_dir/final); null = no guidance."
     )
-    threshold: float | None = field(
-        default=None, metadata=_h("A step scoring PRM(x, y<=t) below this is bad; null = rule off.")
+    threshold: float | None = setting(None, "A step scoring PRM(x, y<=t) below this is bad; null = rule off.")
+    patience: int = setting(0, "A step ending this many score drops in a row is bad; 0 = rule off.")
+    mode: Literal["stop", "resample"] = setting(
+        "stop",
+        "stop: end the sample at its bad step (finish reason prm_stop); resample: cut it after its "
+        "last good step and sample again from there.",
     )
-    patience: int = field(
-        default=0, metadata=_h("A step ending this many score drops in a row is bad; 0 = rule off.")
+    max_resamples: int | None = setting(
+        None,
+        f"Truncations per sample in resample mode (null = {DEFAULT_MAX_RESAMPLES}); after them the sample "
+        "is stopped at its next bad step.",
     )
-    mode: Literal["stop", "resample"] = field(
-        default="stop",
-        metadata=_h(
-            "stop: end the sample at its bad step (finish reason prm_stop); resample: cut it after its "
-            "last good step and sample again from there."
-        ),
-    )
-    max_resamples: int | None = field(
-        default=None,
-        metadata=_h(
-            f"Truncations per sample in resample mode (null = {DEFAULT_MAX_RESAMPLES}); after them the sample "
-            "is stopped at its next bad step."
-        ),
-    )
-    batch_size: int = field(default=16, metadata=_h("Traces per PRM forward."))
+    batch_size: int = setting(16, "Traces per PRM forward.")
 
 
 def check_prm_guide(cfg, p: dict[str, Any]) -> None:

@@ -11,11 +11,11 @@ Re-exported by `posttrain.train.config`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from posttrain.errors import ConfigError
-from posttrain.train.config_checks import check_attention, check_device, check_preset, validate_optim
+from posttrain.train.config_checks import check_attention, check_device, check_preset, setting, validate_optim
 
 # --------------------------------------------------------------------------- shared sections
 
@@ -24,28 +24,23 @@ from posttrain.train.config_checks import check_attention, check_device, check_p
 class InferenceModelSection:
     """Which model to load and how (`posttrain eval`: nothing is trained)."""
 
-    path: str | None = field(
-        default=None,
-        metadata={"help": "Local path or hub id of a pretrained model; when set, `preset` is ignored."},
+    path: str | None = setting(
+        None, "Local path or hub id of a pretrained model; when set, `preset` is ignored."
     )
-    preset: str = field(
-        default="tiny",
-        metadata={"help": "Random-init preset architecture when `path` is unset (tiny | small | base)."},
+    preset: str = setting(
+        "tiny", "Random-init preset architecture when `path` is unset (tiny | small | base)."
     )
-    tokenizer: str | None = field(
-        default=None,
-        metadata={
-            "help": "Tokenizer path or hub id; null = the model's own tokenizer, or the built-in "
-            "character tokenizer for presets."
-        },
+    tokenizer: str | None = setting(
+        None,
+        "Tokenizer path or hub id; null = the model's own tokenizer, or the built-in "
+        "character tokenizer for presets.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata={"help": "Parameter dtype of the trained model."}
+    dtype: Literal["float32", "bfloat16", "float16"] = setting(
+        "float32", "Parameter dtype of the trained model."
     )
-    device: str = field(default="cpu", metadata={"help": "Torch device: cpu, cuda, cuda:1, ..."})
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={"help": "Attention kernel passed to transformers (eager | sdpa | flash_attention_2)."},
+    device: str = setting("cpu", "Torch device: cpu, cuda, cuda:1, ...")
+    attn_implementation: str | None = setting(
+        None, "Attention kernel passed to transformers (eager | sdpa | flash_attention_2)."
     )
 
     def __post_init__(self) -> None:
@@ -59,20 +54,19 @@ class InferenceModelSection:
 class ValueModelSection(InferenceModelSection):
     """Which model to train and how to load it (reward models and PRMs: all weights, no LoRA)."""
 
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in backward to save memory."}
-    )
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
 
 
 @dataclass
 class ModelSection(ValueModelSection):
     """Which model to train and how to load it, with optional LoRA adapters."""
 
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights (no LoRA)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (update scaled by alpha/r)."})
-    lora_target: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata={"help": "Module names that receive LoRA adapters."},
+    lora_r: int = setting(0, "LoRA rank; 0 trains all weights (no LoRA).")
+    lora_alpha: int = setting(16, "LoRA scaling alpha (update scaled by alpha/r).")
+    lora_target: list[str] = setting(
+        lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "Module names that receive LoRA adapters.",
+        factory=True,
     )
 
     def __post_init__(self) -> None:
@@ -86,27 +80,19 @@ class ModelSection(ValueModelSection):
 class OptimSection:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate (reached after warmup)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled AdamW weight decay."})
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)."})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW denominator epsilon."})
-    warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup from ~0 to lr."})
-    schedule: Literal["constant", "linear", "cosine"] = field(
-        default="constant", metadata={"help": "LR shape after warmup."}
-    )
-    min_lr_ratio: float = field(
-        default=0.0, metadata={"help": "Final LR as a fraction of lr for the linear / cosine schedules."}
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Clip the global gradient norm to this; <= 0 disables clipping."}
-    )
-    max_update_ratio: float = field(
-        default=1.0,
-        metadata={
-            "help": "Roll back an update whose L2 norm exceeds this multiple of the trained weights' L2 "
-            "norm, or that makes a weight non-finite, and count it as a bad step (run.max_bad_steps); "
-            "0 disables the check and the copy of weights + optimizer state it keeps per update."
-        },
+    lr: float = setting(1e-5, "Peak learning rate (reached after warmup).")
+    weight_decay: float = setting(0.0, "Decoupled AdamW weight decay.")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW (beta1, beta2).")
+    eps: float = setting(1e-8, "AdamW denominator epsilon.")
+    warmup_steps: int = setting(0, "Optimizer steps of linear warmup from ~0 to lr.")
+    schedule: Literal["constant", "linear", "cosine"] = setting("constant", "LR shape after warmup.")
+    min_lr_ratio: float = setting(0.0, "Final LR as a fraction of lr for the linear / cosine schedules.")
+    max_grad_norm: float = setting(1.0, "Clip the global gradient norm to this; <= 0 disables clipping.")
+    max_update_ratio: float = setting(
+        1.0,
+        "Roll back an update whose L2 norm exceeds this multiple of the trained weights' L2 "
+        "norm, or that makes a weight non-finite, and count it as a bad step (run.max_bad_steps); "
+        "0 disables the check and the copy of weights + optimizer state it keeps per update.",
     )
 
     def __post_init__(self) -> None:
@@ -117,25 +103,19 @@ class OptimSection:
 class RunSection:
     """Where outputs go, seeding, checkpointing and logging."""
 
-    output_dir: str = field(default="runs/default", metadata={"help": "Run directory (created)."})
-    seed: int = field(default=0, metadata={"help": "Seed for python, numpy and torch RNGs."})
-    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps; 0 = only at the end."})
-    keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
-    log_every: int = field(default=1, metadata={"help": "Write a metrics row every N steps."})
-    resume: bool = field(
-        default=False, metadata={"help": "Continue from the latest checkpoint in output_dir if one exists."}
-    )
-    tensorboard: bool = field(
-        default=False, metadata={"help": "Also log to TensorBoard (needs tensorboard)."}
-    )
-    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs wandb)."})
-    wandb_project: str = field(default="posttrain", metadata={"help": "W&B project name."})
-    max_bad_steps: int = field(
-        default=5,
-        metadata={
-            "help": "Consecutive bad optimizer steps (non-finite loss or gradient: skipped; exploding "
-            "update: rolled back) tolerated; the next one stops training. 0 stops at the first."
-        },
+    output_dir: str = setting("runs/default", "Run directory (created).")
+    seed: int = setting(0, "Seed for python, numpy and torch RNGs.")
+    save_every: int = setting(0, "Checkpoint every N steps; 0 = only at the end.")
+    keep_checkpoints: int = setting(2, "How many recent checkpoints to keep.")
+    log_every: int = setting(1, "Write a metrics row every N steps.")
+    resume: bool = setting(False, "Continue from the latest checkpoint in output_dir if one exists.")
+    tensorboard: bool = setting(False, "Also log to TensorBoard (needs tensorboard).")
+    wandb: bool = setting(False, "Also log to Weights & Biases (needs wandb).")
+    wandb_project: str = setting("posttrain", "W&B project name.")
+    max_bad_steps: int = setting(
+        5,
+        "Consecutive bad optimizer steps (non-finite loss or gradient: skipped; exploding "
+        "update: rolled back) tolerated; the next one stops training. 0 stops at the first.",
     )
 
     def __post_init__(self) -> None:

@@ -50,6 +50,12 @@ class Tool:
                 "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}  # fmt: skip
 
 
+def string_parameter(name: str, description: str) -> dict[str, Any]:
+    """The JSON schema of a tool's arguments when it takes one required string, `name`."""
+    return {"type": "object", "properties": {name: {"type": "string", "description": description}},
+            "required": [name]}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """One parsed call; `error` is set when the call could not be parsed."""
@@ -149,10 +155,9 @@ def calculator_tool() -> Tool:
     return Tool(
         "calculator",
         "Evaluate an arithmetic expression exactly: numbers, + - * / // % ** and parentheses.",
-        {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 48213+90577"}},
-         "required": ["expression"]},
+        string_parameter("expression", "e.g. 48213+90577"),
         calculate,
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------- python
@@ -178,10 +183,9 @@ def python_tool(wall_time_s: float = 4.0, memory_mb: int = 256, backend: str = "
     return Tool(
         "python",
         "Run a Python program (standard library only, no files or network) and return its printed output.",
-        {"type": "object", "properties": {"code": {"type": "string", "description": "a complete program"}},
-         "required": ["code"]},
+        string_parameter("code", "a complete program"),
         run_python,
-    )  # fmt: skip
+    )
 
 
 TOOLS: Registry = Registry("tool")

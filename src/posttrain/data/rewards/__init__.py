@@ -29,32 +29,25 @@ from posttrain.errors import ConfigError, RewardError
 REWARDS: Registry = Registry("reward")
 
 
-@REWARDS.register("accuracy")
-def _accuracy(**options) -> Callable:
-    from posttrain.data.rewards.accuracy import AccuracyReward
+def _lazy(module: str, factory: str) -> Callable[..., Callable]:
+    """`factory(**options)` from `module`, imported only when the reward is built (the code
+    sandbox and model-based rewards pull in more than a config check needs)."""
 
-    return AccuracyReward(**options)
+    def build(**options) -> Callable:
+        import importlib
 
+        return getattr(importlib.import_module(module), factory)(**options)
 
-@REWARDS.register("code")
-def _code(**options) -> Callable:
-    from posttrain.data.rewards.code import code_reward
-
-    return code_reward(**options)
+    return build
 
 
-@REWARDS.register("reward_model")
-def _reward_model(**options) -> Callable:
-    from posttrain.data.rewards.models import reward_model_reward
-
-    return reward_model_reward(**options)
-
-
-@REWARDS.register("prm")
-def _prm(**options) -> Callable:
-    from posttrain.data.rewards.models import prm_reward
-
-    return prm_reward(**options)
+for _name, _module, _factory in (
+    ("accuracy", "posttrain.data.rewards.accuracy", "AccuracyReward"),
+    ("code", "posttrain.data.rewards.code", "code_reward"),
+    ("reward_model", "posttrain.data.rewards.models", "reward_model_reward"),
+    ("prm", "posttrain.data.rewards.models", "prm_reward"),
+):
+    REWARDS.register(_name)(_lazy(_module, _factory))
 
 
 @REWARDS.register("kimi_length")

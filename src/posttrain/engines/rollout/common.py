@@ -69,6 +69,21 @@ def encode_prompts(prompts, tokenizer, context_length: int | None) -> list[list[
     return out
 
 
+def generate_in_eval_mode(engine, prompts, params: SamplingParams) -> Rollout:
+    """`engine._generate(prompt ids, params)` for an engine that samples from its own
+    `engine.model` in process: checked params, encoded prompts (`encode_prompts`), no
+    autograd, and dropout off while sampling (the model's train/eval mode is restored)."""
+    check_params(params)
+    prompt_ids = encode_prompts(prompts, engine.tokenizer, engine.context_length)
+    was_training = engine.model.training
+    engine.model.eval()
+    try:
+        with torch.inference_mode():
+            return engine._generate(prompt_ids, params)
+    finally:
+        engine.model.train(was_training)
+
+
 def eos_ids(tokenizer, model_config, params: SamplingParams) -> list[int]:
     """EOS ids (tokenizer's, model config's) plus the caller's stop token ids."""
     ids = [int(t) for t in params.stop_token_ids]

@@ -22,9 +22,8 @@ from posttrain.engines.rollout.common import (
     RUNNING,
     FinishTracker,
     assemble_rollout,
-    check_params,
-    encode_prompts,
     eos_ids,
+    generate_in_eval_mode,
     repetition_hit,
 )
 
@@ -58,15 +57,7 @@ class HFEngine:
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> Rollout:
         """Sample `params.n` responses per prompt (rows prompt-major), see `Rollout`."""
-        check_params(params)
-        prompt_ids = encode_prompts(prompts, self.tokenizer, self.context_length)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                return self._generate(prompt_ids, params)
-        finally:
-            self.model.train(was_training)
+        return generate_in_eval_mode(self, prompts, params)
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         device = next(self.model.parameters()).device

@@ -38,9 +38,8 @@ from posttrain.engines.rollout.common import (
     FinishTracker,
     assemble_rollout,
     cdf_dtype,
-    check_params,
-    encode_prompts,
     eos_ids,
+    generate_in_eval_mode,
     make_generator,
     sample_tokens,
 )
@@ -102,15 +101,7 @@ class NativeEngine:
         EOS / a stop token (included, mask 1), right after a stop string, on repetition,
         at max_new_tokens, or where position prompt_len + t reaches the model's context.
         """
-        check_params(params)
-        prompt_ids = encode_prompts(prompts, self.tokenizer, self.context_length)
-        was_training = self.model.training
-        self.model.eval()  # dropout off while sampling; restored for the trainer below
-        try:
-            with torch.inference_mode():
-                return self._generate(prompt_ids, params)
-        finally:
-            self.model.train(was_training)
+        return generate_in_eval_mode(self, prompts, params)
 
     # -- the sampler -----------------------------------------------------------------
 

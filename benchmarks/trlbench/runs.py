@@ -1,7 +1,7 @@
 """The per-framework side of `posttrain bench`: one GRPO run in posttrain or in TRL.
 
 `run_posttrain` and `run_trl` train from the same model directory with the settings of a
-`BenchConfig` (see `posttrain.train.bench` for what is held equal), recording each step's
+`BenchConfig` (see `trlbench.bench` for what is held equal), recording each step's
 wall time, completion tokens, mean reward and phase split in a `_Trace`; in accuracy mode
 the trace also evaluates held-out accuracy with one code path for both (`HeldOutEval`).
 """
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from posttrain.train.bench_report import reached
 from posttrain.train.config import load_config
+from trlbench.report import reached
 
 if TYPE_CHECKING:
-    from posttrain.train.bench import BenchConfig
+    from trlbench.config import BenchConfig
 
 
 def _train_examples(cfg: BenchConfig):

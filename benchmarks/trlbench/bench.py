@@ -1,4 +1,7 @@
-"""`posttrain bench`: measured speed of our GRPO step and rollouts, optionally side by side with TRL.
+"""The TRL comparison: measured speed of our GRPO step and rollouts, optionally side by side with TRL.
+
+Run it as `python benchmarks/vs_trl.py ...`, or `posttrain bench ...` in a source checkout
+(the CLI finds this package next to src/; the library itself never imports it or `trl`).
 
 Three modes (`BenchConfig.mode`):
 
@@ -18,7 +21,7 @@ tokenizer saved once in HF format), sees the same task prompts through the same 
 template, is rewarded by the same Python verifier (`Task.score`), and runs with the same
 G, prompts per step, max new tokens, temperature, learning rate and its schedule
 (`lr_schedule`, `warmup_steps`, `min_lr_ratio` over the run's steps; TRL's Trainer is
-given our exact scheduler, `bench_runs.use_posttrain_schedule`), AdamW settings,
+given our exact scheduler, `trlbench.runs.use_posttrain_schedule`), AdamW settings,
 gradient clipping, clip range and beta (KL to the reference in the loss: by default our
 `k3_is`, k3 times the differentiable ratio pi/pi_old, which is TRL's default
 `use_bias_correction_kl=True`; `kl_estimator=k3` for plain k3 in both), token-level loss
@@ -43,15 +46,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
 
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.train.bench_report import (
+from posttrain.train.config import config_to_dict, load_config, save_config
+from trlbench.config import FRAMEWORKS, BenchConfig, _seeds, _validate, plan
+from trlbench.report import (
     format_combined,
     format_markdown,
     paired_summaries,
@@ -60,7 +64,7 @@ from posttrain.train.bench_report import (
     summarize,
     time_to_target,
 )
-from posttrain.train.bench_runs import (
+from trlbench.runs import (
     HeldOutEval,
     _Trace,
     _train_examples,
@@ -68,11 +72,13 @@ from posttrain.train.bench_runs import (
     run_posttrain,
     run_trl,
 )
-from posttrain.train.config import config_to_dict, load_config, save_config
+
+BENCHMARKS_DIR = str(Path(__file__).resolve().parents[1])
 
 # Re-exported: benchmarks/vs_trl.py and tests import these from here.
 __all__ = [
     "BenchConfig",
+    "FRAMEWORKS",
     "combine_results",
     "format_combined",
     "format_markdown",
@@ -85,198 +91,6 @@ __all__ = [
     "summarize",
     "time_to_target",
 ]
-
-FRAMEWORKS = ("posttrain", "trl", "trl_gc")
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _opt(default: Any, text: str, factory: bool = False) -> Any:
-    """A documented config field (`factory`: `default` is a zero-argument constructor)."""
-    if factory:
-        return field(default_factory=default, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class BenchRunSection:
-    """Where the benchmark writes and its seed. The runs it times keep no checkpoints and
-    log to their own traces, so the training run keys (resume, save_every, trackers, ...)
-    are not accepted here."""
-
-    output_dir: str = _opt("runs/bench", "Output directory (results.json, results.md, traces).")
-    seed: int = _opt(0, "Seed of the problems, the models' initialisation and sampling.")
-
-
-@dataclass
-class AccuracySection:
-    """Time-to-accuracy mode: SFT warm start, then GRPO until a held-out accuracy is reached."""
-
-    sft_steps: int = _opt(300, "SFT optimizer steps for the shared warm start; 0 = the model is the start.")
-    sft_lr: float = _opt(3e-3, "SFT learning rate.")
-    sft_batch_size: int = _opt(32, "SFT examples per optimizer step.")
-    sft_examples: int = _opt(2000, "Task training examples for SFT.")
-    n_eval: int = _opt(100, "Held-out test examples for the greedy evaluation.")
-    eval_every: int = _opt(5, "Evaluate every N GRPO steps (clock paused).")
-    target: float | None = _opt(
-        None, "Absolute held-out accuracy to reach; null = SFT accuracy + target_gain."
-    )
-    target_gain: float = _opt(0.10, "Accuracy gain over the SFT start that defines the target.")
-    max_steps: int = _opt(200, "Give up after this many GRPO steps.")
-    max_seconds: float = _opt(600.0, "Give up after this much training time (seconds, eval excluded).")
-    stop_at_target: bool = _opt(
-        True, "Stop a run at the first evaluation that reaches the target; false = run to the limits."
-    )
-
-
-@dataclass
-class RolloutSection:
-    """Rollout mode: generation throughput of our engines."""
-
-    engines: list[str] = _opt(lambda: ["native"], "Rollout engines to time (native | hf).", factory=True)
-    batch: int = _opt(64, "Sequences per generate call.")
-    new_tokens: int = _opt(64, "Maximum tokens generated per sequence.")
-    repeats: int = _opt(3, "Timed generate calls (after one warm-up call).")
-
-
-@dataclass
-class BenchConfig:
-    """Benchmark posttrain's GRPO step (and TRL's, when the `bench` extra is installed)."""
-
-    mode: Literal["step", "accuracy", "rollout"] = _opt(
-        "step", "step: time per GRPO step; accuracy: time to a held-out accuracy; rollout: tokens/s."
-    )
-    frameworks: list[str] = _opt(
-        lambda: ["posttrain"],
-        "Any of posttrain, trl (TRL, gradient checkpointing off), trl_gc (TRL default, on).",
-        factory=True,
-    )
-    presets: list[str] = _opt(
-        lambda: ["small"], "Model presets (tiny | small | base); small is issue #8's config.", factory=True
-    )
-    model_path: str | None = _opt(None, "Benchmark this HF model directory instead of presets.")
-    task: str = _opt("arithmetic", "Synthetic task giving prompts and the verifier.")
-    task_options: dict[str, Any] = _opt(
-        dict, "Options of the task, e.g. {operators: '+-', trace: columns} for arithmetic.", factory=True
-    )
-    difficulty: int | None = _opt(None, "Task difficulty; null = the task's mix of levels.")
-    n_train: int = _opt(2000, "Training prompts drawn from the task.")
-    prompts_per_step: int = _opt(4, "Prompts per GRPO step.")
-    group_size: int = _opt(8, "Samples per prompt (G).")
-    max_new_tokens: int = _opt(32, "Maximum completion length.")
-    temperature: float = _opt(1.0, "Sampling temperature.")
-    lr: float = _opt(1e-5, "Peak learning rate (AdamW).")
-    lr_schedule: Literal["constant", "cosine"] = _opt(
-        "constant", "LR shape after warmup over the run's steps (accuracy: accuracy.max_steps)."
-    )
-    warmup_steps: int = _opt(0, "Linear LR warmup steps, the first update at lr / warmup_steps.")
-    min_lr_ratio: float = _opt(0.0, "Cosine: final LR as a fraction of lr (the demo uses 0.1).")
-    format_weight: float = _opt(0.0, "Weight of the R1 format reward added to the task reward (demo: 0.2).")
-    advantage_scale: Literal["group", "batch"] = _opt(
-        "group", "GRPO advantage denominator: group std (GRPO) or batch std (the demo's)."
-    )
-    rl_seeds: list[int] = _opt(
-        list, "GRPO sampling seeds, one round each from the same start; empty = [run.seed].", factory=True
-    )
-    beta: float = _opt(0.04, "KL coefficient (the KL is a loss term, as in TRL's GRPO).")
-    kl_estimator: Literal["k3_is", "k3"] = _opt(
-        "k3_is",
-        "KL loss estimator. k3_is (TRL's default use_bias_correction_kl=True): k3 times the "
-        "ratio pi/pi_old, which is 1 on-policy but adds k3 * grad log pi to the gradient "
-        "(DeepSeek-V3.2's unbiased KL); k3: plain k3 (TRL use_bias_correction_kl=False).",
-    )
-    clip_eps: float = _opt(0.2, "PPO clip range (both sides).")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
-    thinking: bool = _opt(True, "Chat template thinking mode for prompts.")
-    steps: int = _opt(10, "GRPO steps per framework (step mode).")
-    skip_steps: int = _opt(2, "First steps excluded from medians (allocator / lazy-init warm-up).")
-    repeats: int = _opt(1, "Back-to-back rounds over all frameworks (medians pool the rounds).")
-    threads: int = _opt(2, "torch.set_num_threads for every framework.")
-    isolate: bool = _opt(True, "Run each framework in its own subprocess.")
-    sft_init: bool = _opt(
-        False, "Step mode: start from the SFT warm start (accuracy.sft_*), not random init."
-    )
-    accuracy: AccuracySection = _opt(AccuracySection, "Time-to-accuracy mode.", factory=True)
-    rollout: RolloutSection = _opt(RolloutSection, "Rollout mode.", factory=True)
-    run: BenchRunSection = _opt(BenchRunSection, "Output directory and seed.", factory=True)
-
-
-def _validate(cfg: BenchConfig) -> None:
-    for name in cfg.frameworks:
-        if name not in FRAMEWORKS:
-            import difflib
-
-            close = difflib.get_close_matches(name, FRAMEWORKS, n=1)
-            hint = f" did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"bench.frameworks: unknown framework {name!r};{hint} valid: {', '.join(FRAMEWORKS)}"
-            )
-    if not cfg.frameworks and cfg.mode != "rollout":
-        raise ConfigError("bench.frameworks is empty: name at least one of " + ", ".join(FRAMEWORKS))
-    if cfg.group_size < 2:
-        raise ConfigError(f"bench.group_size must be >= 2 for GRPO, got {cfg.group_size}")
-    if cfg.warmup_steps < 0:
-        raise ConfigError(f"bench.warmup_steps must be >= 0, got {cfg.warmup_steps}")
-    horizon = cfg.accuracy.max_steps if cfg.mode == "accuracy" else cfg.steps
-    if cfg.warmup_steps >= horizon and cfg.mode != "rollout":
-        raise ConfigError(
-            f"bench.warmup_steps ({cfg.warmup_steps}) must be below the run's steps ({horizon})"
-        )
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ConfigError(f"bench.min_lr_ratio must lie in [0, 1], got {cfg.min_lr_ratio}")
-    if cfg.format_weight < 0:
-        raise ConfigError(f"bench.format_weight must be >= 0, got {cfg.format_weight}")
-    if len(set(cfg.rl_seeds)) != len(cfg.rl_seeds):
-        raise ConfigError(f"bench.rl_seeds has duplicates: {cfg.rl_seeds}")
-    if cfg.steps <= cfg.skip_steps and cfg.mode == "step":
-        raise ConfigError(f"bench.steps ({cfg.steps}) must exceed bench.skip_steps ({cfg.skip_steps})")
-    if any(f.startswith("trl") for f in cfg.frameworks) and cfg.mode != "rollout":
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "bench.frameworks names TRL but trl is not installed: pip install 'posttrain[bench]'"
-            ) from None
-
-
-def _seeds(cfg: BenchConfig) -> list[int]:
-    return list(cfg.rl_seeds) or [cfg.run.seed]
-
-
-def _schedule_text(cfg: BenchConfig) -> str:
-    text = cfg.lr_schedule + (f" to {cfg.min_lr_ratio:g}x" if cfg.lr_schedule == "cosine" else "")
-    return text + (f", warmup {cfg.warmup_steps}" if cfg.warmup_steps else "")
-
-
-def plan(cfg: BenchConfig) -> str:
-    """What `posttrain bench` will run (for --dry-run)."""
-    _validate(cfg)
-    models = [cfg.model_path] if cfg.model_path else cfg.presets
-    lines = [f"bench mode={cfg.mode} models={models} frameworks={cfg.frameworks}"]
-    if cfg.mode == "rollout":
-        r = cfg.rollout
-        lines.append(f"engines={r.engines} batch={r.batch} new_tokens={r.new_tokens} repeats={r.repeats}")
-    else:
-        lines.append(
-            f"GRPO: {cfg.prompts_per_step} prompts x G={cfg.group_size}, <= {cfg.max_new_tokens} new tokens, "
-            f"T={cfg.temperature}, lr={cfg.lr} ({_schedule_text(cfg)}), beta={cfg.beta}, "
-            f"reward task{f' + {cfg.format_weight} format' if cfg.format_weight else ''}, "
-            f"{cfg.advantage_scale}-std advantages, seeds {_seeds(cfg)}, {cfg.threads} threads"
-        )
-        if cfg.mode == "step":
-            lines.append(f"{cfg.steps} steps ({cfg.skip_steps} warm-up) x {cfg.repeats} rounds per framework")
-        else:
-            a = cfg.accuracy
-            lines.append(
-                f"SFT {a.sft_steps} steps, then GRPO <= {a.max_steps} steps / {a.max_seconds}s, eval every "
-                f"{a.eval_every} on {a.n_eval} held-out examples"
-            )
-    lines.append(f"output: {cfg.run.output_dir}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- shared setup
 
 
 def machine_info() -> dict:
@@ -408,11 +222,13 @@ def _run_one(
         OMP_NUM_THREADS=str(cfg.threads),
         MKL_NUM_THREADS=str(cfg.threads),
         TOKENIZERS_PARALLELISM="false",
+        # trlbench lives outside the package: the worker finds it next to this directory.
+        PYTHONPATH=os.pathsep.join(p for p in (BENCHMARKS_DIR, os.environ.get("PYTHONPATH")) if p),
     )
     log = out_dir / "worker.log"
     with open(log, "w") as fh:
         proc = subprocess.run(
-            [sys.executable, "-m", "posttrain.train.bench", str(spec)],
+            [sys.executable, "-m", "trlbench.bench", str(spec)],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
@@ -659,7 +475,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    # Worker entry (see _run_one): python -m posttrain.train.bench SPEC.json
+    # Worker entry (see _run_one): python -m trlbench.bench SPEC.json
     _spec = json.loads(Path(sys.argv[1]).read_text())
     _cfg = load_config(BenchConfig, _spec["config"], [])
     _trace = _worker(
