@@ -201,16 +201,19 @@ def run_command(name: str, args: list[str]) -> int:
         )
     if nproc > 1 and dist.env_world_size() > 1:
         raise ConfigError("--nproc starts its own processes; under torchrun leave it out")
-    if nproc > 1 and not dry:
-        load_config(config_cls, config_path, overrides)  # a bad config fails once, here
-        from posttrain.train.launch import launch
-
-        return launch([name, *args], nproc)
     if resume:
         if not hasattr(getattr(config_cls(), "run", None), "resume"):
             raise ConfigError(f"posttrain {name} has no --resume (it keeps no checkpoints)")
         overrides = [*overrides, "--run.resume=true"]
     cfg = load_config(config_cls, config_path, overrides)
+    if world > 1:
+        from posttrain.train.offline_dp import check_world
+
+        check_world(cfg, world)  # before any process starts or any model is built
+    if nproc > 1 and not dry:
+        from posttrain.train.launch import launch
+
+        return launch([name, *args], nproc)
     if dry:
         plan = getattr(module, "plan", None)
         if callable(plan):

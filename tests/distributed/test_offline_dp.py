@@ -127,13 +127,31 @@ def test_dpo_two_processes_under_torchrun_match_one(tmp_path):
     assert steps == sorted(set(steps))  # one writer: no row twice
 
 
-def test_uneven_share_is_refused_with_one_line(tmp_path):
-    args = [*DPO, "--train.batch_size", "7", "--run.output_dir", str(tmp_path / "run")]
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--train.batch_size", "7"], "must be a multiple of the number of processes (2)"),
+        (["--model.lora_r", "4"], "LoRA (model.lora_r > 0) does not run under torch.distributed yet"),
+    ],
+)
+def test_refusals_end_with_one_line(tmp_path, extra, words):
+    args = [*DPO, *extra, "--run.output_dir", str(tmp_path / "run"), "--ref.cache_dir", str(tmp_path / "ref")]
     proc = subprocess.run([sys.executable, "-m", "posttrain", "dpo", *args, "--nproc", "2"], env=_env(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == [lines[-1]] and "must be a multiple of the number of processes (2)" in lines[-1]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before any process started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["rm", "prm"])
+def test_reward_models_two_processes_match_one(tmp_path, command):
+    args = [*TINY, "--train.eval_every", "5"]
+    posttrain(command, *args, "--run.output_dir", str(tmp_path / "one"))
+    posttrain(command, *args, "--run.output_dir", str(tmp_path / "two"), nproc=2)
+    assert_same_rows(rows(tmp_path / "one"), rows(tmp_path / "two"))
+    assert relative_gap(weights(tmp_path / "one"), weights(tmp_path / "two")) < WEIGHT_RTOL
 
 
 def test_other_commands_refuse_several_processes():
@@ -187,3 +205,38 @@ def test_killed_rank_ends_the_job_with_one_line_and_a_loadable_checkpoint(tmp_pa
     posttrain("dpo", *args[:-4], "--train.steps", str(step + 1), "--run.output_dir", str(run), "--resume",
               "--ref.cache_dir", str(tmp_path / "ref"))  # fmt: skip
     assert json.loads((run / "summary.json").read_text())["resumed_from"] == step
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
+def test_hung_rank_is_bounded_by_the_collective_timeout(tmp_path):
+    """A rank that stops answering (SIGSTOP) without dying: the others' collectives time out
+    (POSTTRAIN_DIST_TIMEOUT_S=10 here) and the job ends with one line."""
+    run = tmp_path / "run"
+    args = [
+        *DPO,
+        "--train.steps",
+        "500",
+        "--run.output_dir",
+        str(run),
+        "--ref.cache_dir",
+        str(tmp_path / "ref"),
+    ]
+    env = dict(_env(), POSTTRAIN_DIST_TIMEOUT_S="10")
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "dpo", *args, "--nproc", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not (run / "checkpoints" / "latest").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - stopped < 60
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost contact with another rank during"), (
+        err
+    )

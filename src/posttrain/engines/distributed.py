@@ -18,7 +18,6 @@ weights; on CPU everything stays fp32.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from datetime import timedelta
 
@@ -54,8 +53,9 @@ def env_rank() -> int:
 
 
 def is_main() -> bool:
-    """True on rank 0 (and in a single process): the one writer of logs and files."""
-    return rank() == 0 if is_initialized() else env_rank() == 0
+    """True on rank 0 and in a single process (whatever RANK says): the one writer of logs
+    and files."""
+    return not is_initialized() or dist.get_rank() == 0
 
 
 def timeout_s() -> float:
@@ -174,12 +174,6 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def full_model_state(model: torch.nn.Module, *, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict: on CPU on rank 0 only ({} elsewhere), or with
     `everywhere` on every rank on the model's device. A collective: call on every rank."""
@@ -217,14 +211,3 @@ def is_comm_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         s in text for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "gloo")
     )
-
-
-@contextlib.contextmanager
-def phase_of(name: str):
-    """Set the phase for the block, restoring the previous one after it."""
-    before = _phase
-    set_phase(name)
-    try:
-        yield
-    finally:
-        set_phase(before)

@@ -130,7 +130,7 @@ def _message(folder: Path, order: list[int], codes: list[int]) -> tuple[int, str
             except ValueError:
                 pass
     root = next((r for r in order if "lost contact" not in reports.get(r, {}).get("message", "")), order[0])
-    if root in reports and "lost contact" not in reports[root]["message"]:
+    if root in reports:  # its own words; "lost contact" only when no rank said more (a hang)
         return root, reports[root]["message"]
     phases = [rep["phase"] for r, rep in sorted(reports.items()) if r != root]
     during = f" during {phases[0]}" if phases else ""

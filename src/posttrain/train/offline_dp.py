@@ -40,20 +40,27 @@ from posttrain.engines import distributed as dist
 from posttrain.errors import ConfigError
 
 
-def check_data_parallel(cfg, method, world: int) -> None:
-    """What data parallelism needs, as ConfigErrors before any work."""
+def check_world(cfg, world: int) -> None:
+    """What `world` processes need from an offline config; ConfigErrors, checked by the CLI
+    before any process starts or any model is built."""
     if cfg.train.batch_size % world:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} must be a multiple of the number of processes ({world}) "
             "so every rank gets an equal share of each step"
         )
+    if getattr(cfg.model, "lora_r", 0) > 0:
+        raise ConfigError("LoRA (model.lora_r > 0) does not run under torch.distributed yet; use one process")
+
+
+def check_data_parallel(cfg, method, world: int) -> None:
+    """check_world, and one trained model (all four offline methods have one)."""
+    check_world(cfg, world)
     if len(method.models) != 1:
         raise ConfigError(
             f"posttrain {method.name} trains {len(method.models)} models; data parallel needs one"
         )
-    model = next(iter(method.models.values()))
-    if hasattr(model, "peft_config"):
-        raise ConfigError("LoRA (model.lora_r > 0) does not run under torch.distributed yet; use one process")
+    if hasattr(next(iter(method.models.values())), "peft_config"):
+        raise ConfigError("LoRA does not run under torch.distributed yet; use one process")
 
 
 class _Fixed:
