@@ -168,33 +168,38 @@ def _rank_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} among {kids}")
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
-def test_killed_rank_ends_the_job_with_one_line_and_a_loadable_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    args = [
-        *DPO,
-        "--train.steps",
-        "500",
-        "--run.output_dir",
-        str(run),
-        "--ref.cache_dir",
-        str(tmp_path / "ref"),
-    ]
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "dpo", *args, "--nproc", "2"], env=_env(),
+LONG_DPO = [*DPO, "--train.steps", "500"]
+
+
+def _signal_rank_one(run: Path, cache: Path, sig: int, timeout_s: str) -> tuple[int, str, float]:
+    """Start a long 2-process DPO run, send `sig` to rank 1 once a checkpoint exists; (exit
+    status, stderr, seconds from the signal to the end of the job)."""
+    args = [*LONG_DPO, "--run.output_dir", str(run), "--ref.cache_dir", str(cache), "--nproc", "2"]
+    env = dict(_env(), POSTTRAIN_DIST_TIMEOUT_S=timeout_s)
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "dpo", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 90
         while not (run / "checkpoints" / "latest").is_file():
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.2)
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
-        killed = time.monotonic()
+        os.kill(_rank_pid(proc.pid, 1), sig)
+        sent = time.monotonic()
         _, err = proc.communicate(timeout=60)
+        return proc.returncode, err, time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert time.monotonic() - killed < 60
-    assert proc.returncode != 0
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
+
+
+@needs_proc
+def test_killed_rank_ends_the_job_with_one_line_and_a_loadable_checkpoint(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "ref"
+    status, err, seconds = _signal_rank_one(run, cache, signal.SIGKILL, "30")
+    assert status != 0 and seconds < 60
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL during step"), err
 
@@ -202,40 +207,17 @@ def test_killed_rank_ends_the_job_with_one_line_and_a_loadable_checkpoint(tmp_pa
     from posttrain.train.checkpoint import CheckpointManager
 
     step = CheckpointManager.step_of(CheckpointManager(run).latest())
-    posttrain("dpo", *args[:-4], "--train.steps", str(step + 1), "--run.output_dir", str(run), "--resume",
-              "--ref.cache_dir", str(tmp_path / "ref"))  # fmt: skip
+    posttrain("dpo", *LONG_DPO, "--train.steps", str(step + 1), "--run.output_dir", str(run), "--resume",
+              "--ref.cache_dir", str(cache))  # fmt: skip
     assert json.loads((run / "summary.json").read_text())["resumed_from"] == step
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
+@needs_proc
 def test_hung_rank_is_bounded_by_the_collective_timeout(tmp_path):
     """A rank that stops answering (SIGSTOP) without dying: the others' collectives time out
     (POSTTRAIN_DIST_TIMEOUT_S=10 here) and the job ends with one line."""
-    run = tmp_path / "run"
-    args = [
-        *DPO,
-        "--train.steps",
-        "500",
-        "--run.output_dir",
-        str(run),
-        "--ref.cache_dir",
-        str(tmp_path / "ref"),
-    ]
-    env = dict(_env(), POSTTRAIN_DIST_TIMEOUT_S="10")
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "dpo", *args, "--nproc", "2"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while not (run / "checkpoints" / "latest").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.2)
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGSTOP)
-        stopped = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert time.monotonic() - stopped < 60
+    status, err, seconds = _signal_rank_one(tmp_path / "run", tmp_path / "ref", signal.SIGSTOP, "10")
+    assert status != 0 and seconds < 60
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost contact with another rank during"), (
         err
