@@ -14,6 +14,11 @@ big batch (1×8 == 8×1 up to float summation order).
 Exact resume: the data order of step s is a pure function of (seed, s) — a fresh seeded
 permutation per epoch — so a checkpoint only needs the step counter; RNG states,
 optimizer and scheduler come back through train/checkpoint.py.
+
+Several processes (torchrun, or `--nproc N`): train/offline_dp.py shards the model with
+FSDP2 and gives each rank its share of every step; everything above still holds for the
+global batch, and rank 0 alone writes logs, checkpoints and final/. One process never
+touches torch.distributed (`dp` is None below).
 """
 
 from __future__ import annotations
