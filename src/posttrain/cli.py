@@ -79,6 +79,8 @@ COMMANDS: dict[str, Command] = {
 # Commands whose training loop owns its run directory (rundir.begin_run); every other command
 # refuses a directory that holds a training run rather than overwrite its files.
 TRAINING_COMMANDS = ("sft", "rm", "prm", "dpo", "rl")
+# Commands that run data parallel under torch.distributed (`--nproc N` or torchrun).
+DISTRIBUTED_COMMANDS = ("sft", "rm", "prm", "dpo")
 REPORT_SUMMARY = "plots + Markdown/HTML summary of one or more run directories"
 
 
@@ -184,23 +186,60 @@ def output_dir_of(cfg: Any) -> Path | None:
     return Path(out) if out is not None else None
 
 
+def _split_nproc(args: list[str]) -> tuple[int, list[str]]:
+    """(N of `--nproc N` / `--nproc=N`, or 1; the other arguments)."""
+    nproc, rest, i = 1, [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--nproc" or a.startswith("--nproc="):
+            value = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if "=" in a else 2
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--nproc needs a positive number of processes, got {value!r}")
+            nproc = int(value)
+            continue
+        rest.append(a)
+        i += 1
+    return nproc, rest
+
+
 def run_command(name: str, args: list[str]) -> int:
     """Resolve the config for `name` from `args`, then print a plan or run it."""
+    from posttrain.engines import distributed as dist
     from posttrain.train.config import config_help, config_to_dict, load_config, save_config
 
+    nproc, args = _split_nproc(args)
     config_path, dry, resume, want_help, overrides = _split_args(args)
     module, config_cls, run_fn = load_command(name)
     if want_help:
         sys.stdout.write(
-            f"usage: posttrain {name} [--config recipe.yaml] [--key VALUE ...] [--dry-run] [--resume]\n\n"
+            f"usage: posttrain {name} [--config recipe.yaml] [--key VALUE ...] [--dry-run] [--resume]"
+            + (" [--nproc N]" if name in DISTRIBUTED_COMMANDS else "")
+            + "\n\n"
         )
         sys.stdout.write(config_help(config_cls))
         return 0
+    world = max(nproc, dist.env_world_size())
+    if world > 1 and name not in DISTRIBUTED_COMMANDS:
+        raise ConfigError(
+            f"posttrain {name} runs in one process; torch.distributed (--nproc / torchrun) serves "
+            f"{', '.join(DISTRIBUTED_COMMANDS)}"
+        )
+    if nproc > 1 and dist.env_world_size() > 1:
+        raise ConfigError("--nproc starts its own processes; under torchrun leave it out")
     if resume:
         if not hasattr(getattr(config_cls(), "run", None), "resume"):
             raise ConfigError(f"posttrain {name} has no --resume (it keeps no checkpoints)")
         overrides = [*overrides, "--run.resume=true"]
     cfg = load_config(config_cls, config_path, overrides)
+    if world > 1:
+        from posttrain.train.offline_dp import check_world
+
+        check_world(cfg, world)  # before any process starts or any model is built
+    if nproc > 1 and not dry:
+        from posttrain.train.launch import launch
+
+        return launch([name, *args], nproc)
     if dry:
         plan = getattr(module, "plan", None)
         if callable(plan):
@@ -209,8 +248,12 @@ def run_command(name: str, args: list[str]) -> int:
             import yaml
 
             text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+        if world > 1:
+            text += f"\n  launch: {world} processes (torch.distributed, FSDP2 data parallel)"
         sys.stdout.write(f"# posttrain {name} (dry run: nothing is trained or written)\n{text.rstrip()}\n")
         return 0
+    if dist.init_from_env():
+        return _run_distributed(name, cfg, run_fn)
     out = output_dir_of(cfg)
     if out is None:
         _print_summary(name, run_fn(cfg))
@@ -236,6 +279,31 @@ def run_command(name: str, args: list[str]) -> int:
             from posttrain.train.checkpoint import atomic_write_text
 
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    _print_summary(name, summary)
+    return 0
+
+
+def _run_distributed(name: str, cfg: Any, run_fn) -> int:
+    """One rank of a torch.distributed run: rank 0 alone locks the run directory, writes
+    config.yaml / summary.json and prints the summary (train/offline_dp.py)."""
+    from posttrain.engines import distributed as dist
+    from posttrain.train.checkpoint import atomic_write_text
+    from posttrain.train.config import config_to_dict, save_config
+    from posttrain.train.rundir import run_lock
+
+    out = output_dir_of(cfg)
+    if not dist.is_main():
+        run_fn(cfg)
+        dist.shutdown()
+        return 0
+    with run_lock(out, "run.output_dir"):
+        if cfg.run.resume:
+            _warn_changed_config(out / "config.yaml", config_to_dict(cfg))
+        summary = run_fn(cfg)
+        summary["world_size"] = dist.world_size()
+        save_config(cfg, out / "config.yaml")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    dist.shutdown()
     _print_summary(name, summary)
     return 0
 
@@ -329,11 +397,32 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(rest)
         return run_command(name, rest)
     except PosttrainError as e:
-        sys.stderr.write(f"error: {_one_line(e)}\n")
-        return EXIT_USAGE
+        return _fail(_one_line(e), EXIT_USAGE)
+    except Exception as e:
+        from posttrain.engines import distributed as dist
+
+        if not (dist.is_initialized() and dist.is_comm_error(e)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        return _fail(f"lost contact with another rank during {dist.phase()} ({first})", 1)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130
+
+
+def _fail(message: str, status: int) -> int:
+    """Report a failure: `error: ...` on stderr, naming the rank under torch.distributed; a
+    rank started by `--nproc` hands it to the launcher, which prints the job's one line."""
+    from posttrain.engines import distributed as dist
+
+    if dist.env_world_size() > 1:
+        message = f"rank {dist.env_rank()}: {message}"
+        from posttrain.train.launch import report_to_launcher
+
+        if report_to_launcher(message, dist.phase()):
+            return status
+    sys.stderr.write(f"error: {message}\n")
+    return status
 
 
 if __name__ == "__main__":

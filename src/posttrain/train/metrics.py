@@ -192,6 +192,19 @@ class MetricsLogger:
         self.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to under torch.distributed: nothing (rank 0 is the writer)."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict:
+        return {"step": int(step), **metrics}
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # Postfix fields in display order: (label, predicate on metric key).
 _POSTFIX = (
     ("reward", lambda k: k == "reward/mean"),

@@ -14,10 +14,16 @@ big batch (1×8 == 8×1 up to float summation order).
 Exact resume: the data order of step s is a pure function of (seed, s) — a fresh seeded
 permutation per epoch — so a checkpoint only needs the step counter; RNG states,
 optimizer and scheduler come back through train/checkpoint.py.
+
+Several processes (torchrun, or `--nproc N`): train/offline_dp.py shards the model with
+FSDP2 and gives each rank its share of every step; everything above still holds for the
+global batch, and rank 0 alone writes logs, checkpoints and final/. One process never
+touches torch.distributed (`dp` is None below).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -25,11 +31,13 @@ from typing import Protocol
 
 import torch
 
+from posttrain.engines import distributed as dist
 from posttrain.engines.fastpath import fallback_counts, fallback_metrics
 from posttrain.errors import ConfigError
 from posttrain.train.checkpoint import CheckpointManager
 from posttrain.train.input_checks import check_context, check_fills_a_batch, offline_tokens
-from posttrain.train.metrics import MetricsLogger, format_postfix, progress
+from posttrain.train.metrics import MetricsLogger, NullLogger, format_postfix, progress
+from posttrain.train.offline_dp import DataParallel, check_data_parallel
 from posttrain.train.optim import BadStepGuard, build_optimizer, build_scheduler, guarded_step
 from posttrain.train.rundir import begin_run, resume_point, run_lock
 
@@ -92,13 +100,22 @@ def _add(sums: dict[str, float], metrics: dict[str, torch.Tensor]) -> None:
 
 
 def run_microbatches(
-    method: OfflineMethod, items: list[dict], micro_batch_size: int, *, train: bool
+    method: OfflineMethod,
+    items: list[dict],
+    micro_batch_size: int,
+    *,
+    train: bool,
+    counts: dict | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[float, dict]:
     """Sum loss and metrics of `items` over micro-batches; backward when `train`.
 
+    counts: the step's global normalisers when `items` is one rank's share of the step
+    (default: computed from `items`). grad_scale: backward of grad_scale · loss (data
+    parallel: undoes FSDP2's averaging of gradients over ranks).
     Returns (summed loss as a float, summed metrics). With train=False nothing needs grad.
     """
-    counts = method.step_counts(items)
+    counts = method.step_counts(items) if counts is None else counts
     sums: dict[str, float] = {}
     total = 0.0
     for start in range(0, len(items), micro_batch_size):
@@ -106,7 +123,7 @@ def run_microbatches(
         with torch.set_grad_enabled(train):
             loss, metrics = method.loss(chunk, counts)
         if train:
-            loss.backward()
+            (loss * grad_scale if grad_scale != 1.0 else loss).backward()
         total += float(loss.detach())
         _add(sums, metrics)
     return total, sums
@@ -119,7 +136,11 @@ def train_offline(cfg, method: OfflineMethod, *, tokenizer=None) -> dict:
     Summary: steps, skipped steps, first/last training loss, final eval metrics, output
     paths.
     """
-    with run_lock(cfg.run.output_dir) as run_dir:
+    # Under torch.distributed rank 0 owns the run directory (lock, logs, checkpoints).
+    lock = (
+        run_lock(cfg.run.output_dir) if dist.is_main() else contextlib.nullcontext(Path(cfg.run.output_dir))
+    )
+    with lock as run_dir:
         return _train_offline(cfg, method, run_dir, tokenizer)
 
 
@@ -133,38 +154,51 @@ def _train_offline(cfg, method: OfflineMethod, run_dir: Path, tokenizer) -> dict
             "data.max_prompt_tokens",
         )
     steps = total_steps(cfg.train, n_items)
+    ckpt = CheckpointManager(run_dir, keep=cfg.run.keep_checkpoints)
+    world = dist.world_size()
+    if world > 1:
+        check_data_parallel(cfg, method, world)
+        latest = dist.broadcast_object(resume_point(ckpt, cfg.run.resume) if dist.is_main() else None)
+        dp = DataParallel(method, ckpt, latest)  # loads a checkpoint's weights, then shards
+    else:
+        latest, dp = resume_point(ckpt, cfg.run.resume), None
     params = [p for m in method.models.values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     guard = BadStepGuard(cfg.run.max_bad_steps)
-    ckpt = CheckpointManager(run_dir, keep=cfg.run.keep_checkpoints)
 
     start, resumed = 0, False
-    latest = resume_point(ckpt, cfg.run.resume)
     if latest is not None:
-        state = ckpt.load(
-            latest, models=method.models, optimizers={"main": optimizer}, schedulers={"main": scheduler}
-        )
+        if dp is None:
+            state = ckpt.load(
+                latest, models=method.models, optimizers={"main": optimizer}, schedulers={"main": scheduler}
+            )
+        else:
+            state = dp.load_rest(latest, optimizer, scheduler)
         start, resumed = int(state["step"]), True
         guard.load_state_dict(state["guard"])
-    begin_run(run_dir, cfg, resumed=resumed)
-    logger = MetricsLogger(
-        run_dir,
-        tensorboard=cfg.run.tensorboard,
-        wandb=cfg.run.wandb,
-        resume_step=start if resumed else None,
-        wandb_project=cfg.run.wandb_project,
-    )
+    if dist.is_main():
+        begin_run(run_dir, cfg, resumed=resumed)
+        logger = MetricsLogger(
+            run_dir,
+            tensorboard=cfg.run.tensorboard,
+            wandb=cfg.run.wandb,
+            resume_step=start if resumed else None,
+            wandb_project=cfg.run.wandb_project,
+        )
+    else:
+        logger = NullLogger()
     summary: dict = {"command": method.name, "steps": steps, "resumed_from": start if resumed else None}
     try:
         if start == 0 and cfg.train.eval_at_start:
-            first = method.evaluate()
+            first = (dp or method).evaluate()
             logger.log(0, first)
             _log_samples(logger, 0, method)
             summary["initial_eval"] = first
-        bar = progress(steps, method.name, initial=start)
+        bar = progress(steps, method.name, initial=start, disable=None if dist.is_main() else True)
         last: dict = {}
         for step in range(start, steps):
+            dist.set_phase(f"step {step + 1}")
             t0, missed = time.perf_counter(), fallback_counts()
             for m in method.models.values():
                 m.train()
@@ -172,7 +206,10 @@ def _train_offline(cfg, method: OfflineMethod, run_dir: Path, tokenizer) -> dict
                 method.train_items[i]
                 for i in batch_indices(step, cfg.train.batch_size, n_items, cfg.run.seed)
             ]
-            loss, sums = run_microbatches(method, items, cfg.train.micro_batch_size, train=True)
+            if dp is None:
+                loss, sums = run_microbatches(method, items, cfg.train.micro_batch_size, train=True)
+            else:
+                loss, sums = dp.run_step(items, cfg.train.micro_batch_size)
             result = guarded_step(
                 params, optimizer, scheduler, cfg.optim.max_grad_norm, loss=loss,
                 max_update_ratio=cfg.optim.max_update_ratio,
@@ -192,21 +229,25 @@ def _train_offline(cfg, method: OfflineMethod, run_dir: Path, tokenizer) -> dict
             done = step + 1
             evaluate_now = cfg.train.eval_every > 0 and (done % cfg.train.eval_every == 0 or done == steps)
             if evaluate_now:
-                metrics.update(method.evaluate())
+                dist.set_phase(f"evaluation after step {done}")
+                metrics.update((dp or method).evaluate())
                 _log_samples(logger, done, method)
             if done % max(cfg.run.log_every, 1) == 0 or evaluate_now or done == steps:
                 logger.log(done, metrics)
             if cfg.run.save_every > 0 and done % cfg.run.save_every == 0 and done < steps:
-                _save(ckpt, done, method, optimizer, scheduler, guard, tokenizer)
+                _save(ckpt, done, method, optimizer, scheduler, guard, tokenizer, dp)
             summary.setdefault("first_loss", loss)
             last = metrics
             bar.update(1)
             bar.set_postfix_str(format_postfix(metrics))
         bar.close()
         if steps > start:
-            _save(ckpt, steps, method, optimizer, scheduler, guard, tokenizer)
+            _save(ckpt, steps, method, optimizer, scheduler, guard, tokenizer, dp)
         final_dir = run_dir / "final"
-        method.save_final(final_dir)
+        if dp is None:
+            method.save_final(final_dir)
+        else:
+            dp.save_final(final_dir)
         summary.update(
             {
                 "last_loss": last.get("train/loss"),
@@ -229,12 +270,19 @@ def _log_samples(logger: MetricsLogger, step: int, method) -> None:
         method.samples = []
 
 
-def _save(ckpt, step, method, optimizer, scheduler, guard, tokenizer) -> None:
-    ckpt.save(
-        step,
-        models=method.models,
-        tokenizer=tokenizer,
-        optimizers={"main": optimizer},
-        schedulers={"main": scheduler},
-        state={"step": step, "guard": guard.state_dict()},
-    )
+def _save(ckpt, step, method, optimizer, scheduler, guard, tokenizer, dp=None) -> None:
+    models, optimizers = method.models, {"main": optimizer}
+    if dp is not None:  # gathered to rank 0: the same files as a one-process run writes
+        dist.set_phase(f"checkpoint at step {step}")
+        models, optimizers = dp.gather(optimizer)
+    if models is not None:
+        ckpt.save(
+            step,
+            models=models,
+            tokenizer=tokenizer,
+            optimizers=optimizers,
+            schedulers={"main": scheduler},
+            state={"step": step, "guard": guard.state_dict()},
+        )
+    if dp is not None:
+        dist.barrier()

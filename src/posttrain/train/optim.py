@@ -158,6 +158,11 @@ def _restore(params: list[torch.Tensor], optimizer: torch.optim.Optimizer, snaps
             optimizer.state.pop(p, None)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: the global value of a DTensor (sharded parameters), else `t` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def update_ratio(params: list[torch.Tensor], before: list[torch.Tensor]) -> float:
     """‖w_after − w_before‖ / max(‖w_before‖, 1) over all tensors (global L2 norms).
 
@@ -168,8 +173,8 @@ def update_ratio(params: list[torch.Tensor], before: list[torch.Tensor]) -> floa
     if not params:
         return 0.0
     deltas = torch._foreach_sub([p.detach() for p in params], before)
-    d = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(deltas)]))
-    w = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(before)]))
+    d = torch.linalg.vector_norm(torch.stack([_full(n).double() for n in torch._foreach_norm(deltas)]))
+    w = torch.linalg.vector_norm(torch.stack([_full(n).double() for n in torch._foreach_norm(before)]))
     return float(d / w.clamp(min=1.0))
 
 
@@ -201,7 +206,7 @@ def guarded_step(
     # error_if_nonfinite=False: we want to *observe* a bad norm and skip, not crash.
     limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
-    grad_norm = float(norm)
+    grad_norm = float(_full(norm))  # FSDP2: the norm over every rank's shards
     loss_ok = True
     if loss is not None:
         loss_ok = bool(torch.isfinite(torch.as_tensor(loss, dtype=torch.float64)).all())
