@@ -15,7 +15,6 @@ rows into token ids (train/offline_data.py) and hands a method object
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 
@@ -257,7 +256,9 @@ def build_dpo(cfg: DPOConfig):
     ref_train = ref_eval = None
     hit = None
     if use_ref:
-        ref_train, ref_eval, hit = _reference_logps(cfg, model, tokenizer, train_items, eval_items)
+        from posttrain.train.offline_ref import cached_reference_logps
+
+        ref_train, ref_eval, hit = cached_reference_logps(cfg, model, tokenizer, train_items, eval_items)
     method = PreferenceMethod(
         cfg,
         model,
@@ -394,44 +395,6 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if method.pair_counts is not None:
         summary["self_pairs"] = method.pair_counts
     return summary
-
-
-def _reference_logps(cfg: DPOConfig, policy, tokenizer, train_items, eval_items):
-    """(ref_train [2N], ref_eval [2M], cache_hit) from the cache or one reference pass."""
-    from posttrain.train.offline_methods import reference_logps
-    from posttrain.train.offline_ref import (
-        cache_key,
-        data_digest,
-        default_cache_dir,
-        load_or_compute,
-        model_identity,
-    )
-
-    source = cfg.ref.path or cfg.model.path
-    # A preset policy is random-init: identify it by its weights (built from run.seed).
-    identity = model_identity(source) if source else model_identity(policy)
-    seqs = [[it["prompt"], it["chosen"], it["rejected"]] for it in train_items + eval_items]
-    digest = data_digest(seqs, {"n_train": len(train_items), "dtype": cfg.model.dtype, "temperature": 1.0})
-    key = cache_key(identity, digest)
-
-    def compute() -> dict[str, torch.Tensor]:
-        if cfg.ref.path:
-            from posttrain.engines.models import load_model
-
-            ref = load_model(
-                cfg.ref.path, dtype=cfg.model.dtype, device=cfg.model.device, tokenizer=tokenizer
-            )
-        else:
-            ref = copy.deepcopy(policy)  # the policy before any update
-        pad = tokenizer.pad_token_id
-        out = {"train": reference_logps(ref, train_items, pad, cfg.ref.micro_batch_size)}
-        if eval_items:
-            out["eval"] = reference_logps(ref, eval_items, pad, cfg.ref.micro_batch_size)
-        del ref
-        return out
-
-    tensors, hit = load_or_compute(cfg.ref.cache_dir or default_cache_dir(), key, compute)
-    return tensors["train"], tensors.get("eval"), hit
 
 
 def plan(cfg) -> str:

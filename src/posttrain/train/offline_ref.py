@@ -17,6 +17,7 @@ run never leaves a truncated cache behind.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -148,3 +149,35 @@ def load_or_compute_json(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return obj, False
+
+
+def cached_reference_logps(cfg, policy, tokenizer, train_items, eval_items):
+    """(ref_train [2N], ref_eval [2M], cache_hit) of a DPO config's pairs, from the cache or
+    one reference pass (the reference: cfg.ref.path, else a copy of the untrained policy)."""
+    from posttrain.train.offline_methods import reference_logps
+
+    source = cfg.ref.path or cfg.model.path
+    # A preset policy is random-init: identify it by its weights (built from run.seed).
+    identity = model_identity(source) if source else model_identity(policy)
+    seqs = [[it["prompt"], it["chosen"], it["rejected"]] for it in train_items + eval_items]
+    digest = data_digest(seqs, {"n_train": len(train_items), "dtype": cfg.model.dtype, "temperature": 1.0})
+    key = cache_key(identity, digest)
+
+    def compute() -> dict[str, torch.Tensor]:
+        if cfg.ref.path:
+            from posttrain.engines.models import load_model
+
+            ref = load_model(
+                cfg.ref.path, dtype=cfg.model.dtype, device=cfg.model.device, tokenizer=tokenizer
+            )
+        else:
+            ref = copy.deepcopy(policy)  # the policy before any update
+        pad = tokenizer.pad_token_id
+        out = {"train": reference_logps(ref, train_items, pad, cfg.ref.micro_batch_size)}
+        if eval_items:
+            out["eval"] = reference_logps(ref, eval_items, pad, cfg.ref.micro_batch_size)
+        del ref
+        return out
+
+    tensors, hit = load_or_compute(cfg.ref.cache_dir or default_cache_dir(), key, compute)
+    return tensors["train"], tensors.get("eval"), hit
