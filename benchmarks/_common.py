@@ -125,8 +125,8 @@ def probe_step_shared_prefix(rl_cfg_factory: Callable[[str], object], steps: int
     up to float noise: same seeds, same samples)."""
     import functools
 
-    import posttrain.train.rl_roles as roles
-    from posttrain.train.rl import RLTrainer
+    import posttrain.roles as roles
+    from posttrain.train.rl.controller import RLTrainer
 
     results = {}
     original = roles.sequence_logprobs

@@ -1,6 +1,6 @@
 """Per-rank memory of parameters + optimizer state, and step time, at 1 and N processes.
 
-The offline loop's data parallelism (train/offline_dp.py) shards parameters, gradients and
+The offline loop's data parallelism (train/offline/dp.py) shards parameters, gradients and
 AdamW state with FSDP2 (engines/distributed.shard_model). This measures what one rank
 holds after the first optimizer step:
 

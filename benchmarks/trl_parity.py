@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from posttrain.train.config import load_config
+from posttrain.train.config.loader import load_config
 from trlbench.bench import BenchConfig, prepare_model
 from trlbench.runs import build_trl_trainer, rl_config_dict
 
@@ -80,7 +80,7 @@ def _optimizer_summary(opt: torch.optim.Optimizer) -> dict:
 
 def posttrain_trainer(cfg: BenchConfig, model_dir: Path, work: Path, steps: int):
     """posttrain's RLTrainer with the benchmark's GRPO recipe (`rl_config_dict`) in `work`."""
-    from posttrain.train.rl import RLConfig, RLTrainer
+    from posttrain.train.rl.controller import RLConfig, RLTrainer
 
     torch.set_num_threads(cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def compare(
     scores: [B] rewards replacing the sampled batch's (for both frameworks), e.g. random ones
     so that an untrained model, whose rewards are all 0, still gets a non-zero gradient.
     """
-    from posttrain.train.rl_setup import collect
+    from posttrain.train.rl.setup import collect
 
     pt = posttrain_trainer(cfg, model_dir, work, 300)
     batch, _ = collect(pt, step)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.train.config import load_config
+from posttrain.train.config.loader import load_config
 from trlbench.bench import BenchConfig, format_markdown, machine_info, prepare_model, run_bench
 
 
@@ -100,7 +100,7 @@ def _rl_factory(cfg, model_dir: Path, out: Path):
     """RLConfig builder for the step probe: the benchmark's GRPO, one run dir per variant."""
     import yaml
 
-    from posttrain.train.rl import RLConfig
+    from posttrain.train.rl.controller import RLConfig
     from trlbench.bench import rl_config_dict
 
     def build(name: str):

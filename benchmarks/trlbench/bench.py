@@ -53,7 +53,7 @@ import torch
 import yaml
 
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.train.config import config_to_dict, load_config, save_config
+from posttrain.train.config.loader import config_to_dict, load_config, save_config
 from trlbench.config import FRAMEWORKS, BenchConfig, _seeds, _validate, plan
 from trlbench.report import (
     format_combined,
@@ -138,7 +138,7 @@ def prepare_model(preset: str, out_dir: Path, seed: int) -> Path:
 
 def prepare_sft(cfg: BenchConfig, init_dir: Path, out_dir: Path) -> Path:
     """The shared SFT warm start: posttrain's run_sft on the task's reference solutions."""
-    from posttrain.train.offline import SFTConfig, run_sft
+    from posttrain.train.offline.commands import SFTConfig, run_sft
 
     path = out_dir / "sft"
     final = path / "final"
@@ -331,7 +331,7 @@ def _summarize_model(cfg: BenchConfig, per: dict, traces: dict[str, list[dict]])
 
 
 def _write(out: Path, results: dict) -> None:
-    from posttrain.train.checkpoint import atomic_write_text
+    from posttrain.train.common.checkpoint import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     atomic_write_text(out / "results.md", format_markdown(results))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from posttrain.errors import ConfigError
-from posttrain.train.config_checks import setting
+from posttrain.train.config.checks import setting
 
 FRAMEWORKS = ("posttrain", "trl", "trl_gc")
 

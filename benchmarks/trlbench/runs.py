@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from posttrain.train.config import load_config
+from posttrain.train.config.loader import load_config
 from trlbench.report import reached
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def use_posttrain_schedule(trainer, cfg: BenchConfig) -> None:
     Trainer passes (max_steps, the `steps` of posttrain's run): both frameworks then use
     the same learning rate on every step (recorded in each trace's "lr").
     """
-    from posttrain.train.optim import lr_factor
+    from posttrain.train.common.optim import lr_factor
 
     floor = cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 0.0
 
@@ -357,7 +357,7 @@ def run_posttrain(
     cfg: BenchConfig, model_dir: Path, out_dir: Path, *, trace: _Trace, steps: int, seed: int | None = None
 ) -> None:
     """posttrain's GRPO through the public RLTrainer, one `.step()` per timed step."""
-    from posttrain.train.rl import RLConfig, RLTrainer
+    from posttrain.train.rl.controller import RLConfig, RLTrainer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "rl.yaml"

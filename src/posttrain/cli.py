@@ -37,26 +37,35 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "sft": Command(
-        "posttrain.train.offline", "SFTConfig", "run_sft", "supervised fine-tuning on completions"
+        "posttrain.train.offline.commands", "SFTConfig", "run_sft", "supervised fine-tuning on completions"
     ),
     "rm": Command(
-        "posttrain.train.offline",
+        "posttrain.train.offline.commands",
         "RMConfig",
         "run_rm",
         "train an outcome reward model (Bradley-Terry or pointwise)",
     ),
     "prm": Command(
-        "posttrain.train.offline", "PRMConfig", "run_prm", "train a process reward model on step labels"
+        "posttrain.train.offline.commands",
+        "PRMConfig",
+        "run_prm",
+        "train a process reward model on step labels",
     ),
     "dpo": Command(
-        "posttrain.train.offline", "DPOConfig", "run_dpo", "preference optimization (DPO / IPO / SimPO ...)"
+        "posttrain.train.offline.commands",
+        "DPOConfig",
+        "run_dpo",
+        "preference optimization (DPO / IPO / SimPO ...)",
     ),
     "rl": Command(
-        "posttrain.train.rl", "RLConfig", "run_rl", "online RL: PPO, GRPO, DAPO, GSPO, RLOO, ... one loop"
+        "posttrain.train.rl.controller",
+        "RLConfig",
+        "run_rl",
+        "online RL: PPO, GRPO, DAPO, GSPO, RLOO, ... one loop",
     ),
     "eval": Command("posttrain.train.evaluate", "EvalConfig", "run_eval", "pass@1, pass@k, maj@k, best-of-N"),
     "annotate": Command(
-        "posttrain.train.prm_annotate",
+        "posttrain.train.offline.prm_annotate",
         "AnnotateConfig",
         "run_annotate",
         "label PRM steps by Monte-Carlo continuations (Math-Shepherd)",
@@ -206,7 +215,7 @@ def _split_nproc(args: list[str]) -> tuple[int, list[str]]:
 def run_command(name: str, args: list[str]) -> int:
     """Resolve the config for `name` from `args`, then print a plan or run it."""
     from posttrain.engines import distributed as dist
-    from posttrain.train.config import config_help, config_to_dict, load_config, save_config
+    from posttrain.train.config.loader import config_help, config_to_dict, load_config, save_config
 
     nproc, args = _split_nproc(args)
     config_path, dry, resume, want_help, overrides = _split_args(args)
@@ -233,11 +242,11 @@ def run_command(name: str, args: list[str]) -> int:
         overrides = [*overrides, "--run.resume=true"]
     cfg = load_config(config_cls, config_path, overrides)
     if world > 1:
-        from posttrain.train.offline_dp import check_world
+        from posttrain.train.offline.dp import check_world
 
         check_world(cfg, world)  # before any process starts or any model is built
     if nproc > 1 and not dry:
-        from posttrain.train.launch import launch
+        from posttrain.train.common.launch import launch
 
         return launch([name, *args], nproc)
     if dry:
@@ -258,7 +267,7 @@ def run_command(name: str, args: list[str]) -> int:
     if out is None:
         _print_summary(name, run_fn(cfg))
         return 0
-    from posttrain.train.rundir import has_previous_run, run_lock
+    from posttrain.train.common.rundir import has_previous_run, run_lock
 
     # The lock refuses a second run (or a --resume) on a directory in use. Nothing in the
     # directory is modified here: the training loops write config.yaml and start their
@@ -276,7 +285,7 @@ def run_command(name: str, args: list[str]) -> int:
         summary = run_fn(cfg)
         save_config(cfg, out / "config.yaml")
         if isinstance(summary, dict):
-            from posttrain.train.checkpoint import atomic_write_text
+            from posttrain.train.common.checkpoint import atomic_write_text
 
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     _print_summary(name, summary)
@@ -285,11 +294,11 @@ def run_command(name: str, args: list[str]) -> int:
 
 def _run_distributed(name: str, cfg: Any, run_fn) -> int:
     """One rank of a torch.distributed run: rank 0 alone locks the run directory, writes
-    config.yaml / summary.json and prints the summary (train/offline_dp.py)."""
+    config.yaml / summary.json and prints the summary (train/offline/dp.py)."""
     from posttrain.engines import distributed as dist
-    from posttrain.train.checkpoint import atomic_write_text
-    from posttrain.train.config import config_to_dict, save_config
-    from posttrain.train.rundir import run_lock
+    from posttrain.train.common.checkpoint import atomic_write_text
+    from posttrain.train.common.rundir import run_lock
+    from posttrain.train.config.loader import config_to_dict, save_config
 
     out = output_dir_of(cfg)
     if not dist.is_main():
@@ -373,7 +382,7 @@ def run_report(args: list[str]) -> int:
         raise ConfigError("report needs at least one run directory: posttrain report RUN_DIR [RUN_DIR ...]")
     if out is None:
         out = str(Path(run_dirs[0]) / "report") if len(run_dirs) == 1 else "report"
-    from posttrain.train.report import write_report
+    from posttrain.train.common.report import write_report
 
     md = write_report(run_dirs, out)
     sys.stdout.write(f"wrote {md} and {md.with_suffix('.html')}\n")
@@ -417,7 +426,7 @@ def _fail(message: str, status: int) -> int:
 
     if dist.env_world_size() > 1:
         message = f"rank {dist.env_rank()}: {message}"
-        from posttrain.train.launch import report_to_launcher
+        from posttrain.train.common.launch import report_to_launcher
 
         if report_to_launcher(message, dist.phase()):
             return status

@@ -1,4 +1,4 @@
-"""2-process gloo runs of the offline loop on CPU (train/offline_dp.py).
+"""2-process gloo runs of the offline loop on CPU (train/offline/dp.py).
 
 N processes must give what one process gives on the same global batch: the same metrics
 rows and the same weights up to float summation order, a checkpoint that resumes at the
@@ -204,7 +204,7 @@ def test_killed_rank_ends_the_job_with_one_line_and_a_loadable_checkpoint(tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL during step"), err
 
     # The last checkpoint loads: a one-process resume continues from it.
-    from posttrain.train.checkpoint import CheckpointManager
+    from posttrain.train.common.checkpoint import CheckpointManager
 
     step = CheckpointManager.step_of(CheckpointManager(run).latest())
     posttrain("dpo", *LONG_DPO, "--train.steps", str(step + 1), "--run.output_dir", str(run), "--resume",

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from posttrain.errors import ConfigError
-from posttrain.train.config import load_config
+from posttrain.train.config.loader import load_config
 from trlbench.bench import (
     BenchConfig,
     format_markdown,
@@ -227,7 +227,7 @@ def test_trl_trainer_gets_posttrain_lr_schedule_exactly(tmp_path, schedule, warm
     pytest.importorskip("trl")
     from transformers import Trainer, TrainingArguments
 
-    from posttrain.train.optim import lr_factor
+    from posttrain.train.common.optim import lr_factor
     from trlbench.runs import use_posttrain_schedule
 
     steps = 40
@@ -436,7 +436,7 @@ def test_trl_grpo_recipe_matches_grpoconfig_defaults():
     pytest.importorskip("trl")
     from trl import GRPOConfig
 
-    from posttrain.train.rl import RLConfig
+    from posttrain.train.rl.controller import RLConfig
 
     trl = GRPOConfig(output_dir="unused", report_to="none", use_cpu=True, bf16=False)
     cfg = load_config(

@@ -66,7 +66,7 @@ TOY_MODULE = textwrap.dedent(
     '''
     from dataclasses import dataclass, field
     from posttrain.errors import TrainingError
-    from posttrain.train.config import RunSection
+    from posttrain.train.config.loader import RunSection
 
     @dataclass
     class ToyConfig:
@@ -148,7 +148,7 @@ def test_eval_end_to_end_in_process(tmp_path, capsys):
 
 
 def test_report_command(tmp_path, capsys):
-    from posttrain.train.metrics import MetricsLogger
+    from posttrain.train.common.metrics import MetricsLogger
 
     with MetricsLogger(tmp_path / "run") as log:
         for s in range(1, 4):

@@ -1,7 +1,7 @@
 """`posttrain demo`: stage wiring, warm-start data, and a tiny end-to-end run via the CLI.
 
 The full-size demo (SFT warm start -> GRPO -> held-out before/after) is measured in
-docs/benchmarks.md ("Demo") and asserted by the slow tests/train/test_grpo_heldout.py.
+docs/benchmarks.md ("Demo") and asserted by the slow tests/train/rl/test_grpo_heldout.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from posttrain.data.tasks import get_task
-from posttrain.train.config import load_config
+from posttrain.train.config.loader import load_config
 from posttrain.train.demo import DemoConfig, _stage_configs, results_table, write_sft_data
 
 

@@ -20,8 +20,8 @@ from tiny_args import SFT_TINY as TINY
 
 from posttrain import cli
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.train.checkpoint import CheckpointManager
-from posttrain.train.rundir import LOCK_FILE, begin_run, resume_point, run_lock
+from posttrain.train.common.checkpoint import CheckpointManager
+from posttrain.train.common.rundir import LOCK_FILE, begin_run, resume_point, run_lock
 
 
 def _env() -> dict:
@@ -45,7 +45,7 @@ def _holder(run_dir: Path) -> subprocess.Popen:
     code = textwrap.dedent(
         f"""
         import sys, time
-        from posttrain.train.rundir import run_lock
+        from posttrain.train.common.rundir import run_lock
         with run_lock({str(run_dir)!r}):
             print("held", flush=True)
             time.sleep(600)
@@ -161,7 +161,7 @@ def test_resume_with_metrics_but_no_checkpoint_refuses(tmp_path):
 
 
 def test_fresh_run_replaces_the_previous_runs_outputs_only_in_begin_run(tmp_path):
-    from posttrain.train.offline import SFTConfig
+    from posttrain.train.offline.commands import SFTConfig
 
     _finished_run(tmp_path)
     cfg = SFTConfig()
@@ -176,8 +176,8 @@ def test_fresh_run_replaces_the_previous_runs_outputs_only_in_begin_run(tmp_path
 _KILL_AT_RENAME = textwrap.dedent(
     """
     import os, sys, torch
-    from posttrain.train import checkpoint
-    from posttrain.train.checkpoint import CheckpointManager
+    from posttrain.train.common import checkpoint
+    from posttrain.train.common.checkpoint import CheckpointManager
     model = torch.nn.Linear(3, 2)
     ckpt = CheckpointManager(sys.argv[1], keep=1)
     ckpt.save(3, models={"m": model}, state={"step": 3, "v": "first"})
@@ -213,7 +213,7 @@ def test_kill_inside_the_final_resave_with_keep_1_leaves_a_recognised_checkpoint
 
 
 def test_fresh_run_never_replaces_outputs_no_posttrain_run_wrote(tmp_path):
-    from posttrain.train.offline import SFTConfig
+    from posttrain.train.offline.commands import SFTConfig
 
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "my_model.bin").write_text("the user's own work")

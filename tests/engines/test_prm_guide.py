@@ -232,8 +232,8 @@ def test_resampled_samples_carry_what_the_sampler_drew(engine_name, tiny_model, 
 
 
 def test_rl_config_errors(tmp_path):
-    from posttrain.train.config import load_config
-    from posttrain.train.rl import RLConfig, plan
+    from posttrain.train.config.loader import load_config
+    from posttrain.train.rl.controller import RLConfig, plan
 
     prm = tmp_path / "prm"
     prm.mkdir()

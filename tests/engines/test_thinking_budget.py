@@ -141,8 +141,8 @@ def test_eval_and_rl_with_a_thinking_budget(thinking_model, tmp_path):
     assert len(cut) == round(result["thinking_cut_frac"] * len(samples))
     assert all("directly now.\n</think>" in c for c in cut)
 
-    from posttrain.train.config import load_config
-    from posttrain.train.rl import RLConfig, RLTrainer
+    from posttrain.train.config.loader import load_config
+    from posttrain.train.rl.controller import RLConfig, RLTrainer
 
     cfg = load_config(RLConfig, None, [
         "steps=1", f"model.path={thinking_model}", f"run.output_dir={tmp_path / 'rl'}", "data.task=arithmetic",
@@ -163,8 +163,8 @@ def test_eval_and_rl_with_a_thinking_budget(thinking_model, tmp_path):
 
 def test_rl_config_errors(tmp_path):
     from posttrain.errors import ConfigError
-    from posttrain.train.config import load_config
-    from posttrain.train.rl import RLConfig, plan
+    from posttrain.train.config.loader import load_config
+    from posttrain.train.rl.controller import RLConfig, plan
 
     for bad in (
         ["rollout.thinking_budget=-1"],

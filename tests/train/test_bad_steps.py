@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rl_common import tiny_config
 
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.train.config import OptimSection, load_config
-from posttrain.train.offline import SFTConfig, run_sft
-from posttrain.train.optim import BadStepGuard, StepResult, build_scheduler, guarded_step, update_ratio
-from posttrain.train.rl import RLTrainer
+from posttrain.train.common.optim import BadStepGuard, StepResult, build_scheduler, guarded_step, update_ratio
+from posttrain.train.config.loader import OptimSection, load_config
+from posttrain.train.offline.commands import SFTConfig, run_sft
+from posttrain.train.rl.controller import RLTrainer
+from rl_common import tiny_config
 
 
 def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:

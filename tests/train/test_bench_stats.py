@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posttrain.errors import ConfigError
-from posttrain.train.config import config_to_dict, load_config
+from posttrain.train.config.loader import config_to_dict, load_config
 from trlbench.bench import BenchConfig, combine_results, format_combined, paired_summary
 from trlbench.report import sign_flip_p, t_quantile_975
 

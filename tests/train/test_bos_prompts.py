@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_rl_common import tiny_config
 
 from posttrain.engines.tokenizer import build_char_tokenizer
+from rl_common import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _tok(bos_dir):
 
 
 def test_sft_encoding_keeps_bos_once(bos_dir):
-    from posttrain.train.offline_data import encode_sft
+    from posttrain.train.offline.data import encode_sft
 
     tok = _tok(bos_dir)
     data = SimpleNamespace(seed=0, no_think_fraction=0.0, max_prompt_tokens=0, too_long="error")
@@ -44,7 +44,7 @@ def test_sft_encoding_keeps_bos_once(bos_dir):
 
 
 def test_rl_rollout_and_scoring_see_the_bos(bos_dir, tmp_path):
-    from posttrain.train.rl import RLTrainer
+    from posttrain.train.rl.controller import RLTrainer
 
     tok = _tok(bos_dir)
     cfg = tiny_config(

@@ -1,4 +1,4 @@
-"""train/checkpoint.py: atomic saves (exception and SIGKILL mid-save), bit-exact resume,
+"""train/common/checkpoint.py: atomic saves (exception and SIGKILL mid-save), bit-exact resume,
 pruning, HF-loadable model directories."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.train import checkpoint as ckpt_mod
-from posttrain.train.checkpoint import CheckpointManager
-from posttrain.train.config import OptimSection
-from posttrain.train.optim import build_optimizer, build_scheduler, guarded_step
+from posttrain.train.common import checkpoint as ckpt_mod
+from posttrain.train.common.checkpoint import CheckpointManager
+from posttrain.train.common.optim import build_optimizer, build_scheduler, guarded_step
+from posttrain.train.config.loader import OptimSection
 
 
 def tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:
@@ -165,7 +165,7 @@ def test_sigkill_mid_save_leaves_previous_loadable(tmp_path):
     script = textwrap.dedent(
         f"""
         import time, torch
-        from posttrain.train import checkpoint as c
+        from posttrain.train.common import checkpoint as c
         mgr = c.CheckpointManager({str(tmp_path)!r}, keep=1)
         lin = torch.nn.Linear(4, 4)
         torch.nn.init.constant_(lin.weight, 1.0)

@@ -6,11 +6,11 @@ import sys
 import types
 
 import pytest
-from test_rl_common import tiny_config
 
 from posttrain.errors import ConfigError
-from posttrain.train.config import load_config
-from posttrain.train.offline import DPOConfig, PRMConfig, RMConfig, SFTConfig
+from posttrain.train.config.loader import load_config
+from posttrain.train.offline.commands import DPOConfig, PRMConfig, RMConfig, SFTConfig
+from rl_common import tiny_config
 
 SFT_ONLY = {"data.max_length": "64", "data.no_think_fraction": "0.5", "data.messages": "true"}
 
@@ -41,7 +41,7 @@ def test_rl_wandb_project_reaches_wandb(tmp_path, monkeypatch):
         def finish(self):
             pass
 
-    from posttrain.train.rl import RLTrainer
+    from posttrain.train.rl.controller import RLTrainer
 
     cfg = tiny_config(tmp_path, "grpo", "run.wandb=true", "run.wandb_project=my-project", steps=1)
     trainer = RLTrainer(cfg)  # built first: model loading probes for an installed wandb
@@ -72,7 +72,7 @@ def test_reward_models_reject_policy_only_keys(cls, key):
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_reward_model_attn_implementation_is_applied(kernel):
-    from posttrain.train.offline import build_rm
+    from posttrain.train.offline.commands import build_rm
 
     cfg = load_config(
         RMConfig, None, ["--model.attn_implementation", kernel, "--data.n_train", "8", "--data.n_eval", "4"]
@@ -99,7 +99,7 @@ def test_vllm_settings_reach_the_engine_and_eval_reuses_it(tmp_path, monkeypatch
     the rollout engine instead of building a second one (a fake stands in for vLLM)."""
     from posttrain.engines.rollout import ENGINES
     from posttrain.engines.rollout.native import NativeEngine
-    from posttrain.train.rl import RLTrainer
+    from posttrain.train.rl.controller import RLTrainer
 
     built = []
 
@@ -118,7 +118,7 @@ def test_vllm_settings_reach_the_engine_and_eval_reuses_it(tmp_path, monkeypatch
 
 
 def test_vllm_settings_without_vllm_are_refused(tmp_path):
-    from posttrain.train.rl_config import validate
+    from posttrain.train.config.rl import validate
 
     with pytest.raises(ConfigError, match="apply to rollout.engine=vllm, not 'native'"):
         validate(tiny_config(tmp_path, "grpo", "rollout.vllm_sleep_mode=true"))

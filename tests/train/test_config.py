@@ -1,4 +1,4 @@
-"""train/config.py: YAML + dotted overrides, type coercion, unknown-key suggestions, help."""
+"""train/config/loader.py: YAML + dotted overrides, type coercion, unknown-key suggestions, help."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posttrain.errors import ConfigError
-from posttrain.train.config import (
+from posttrain.train.config.loader import (
     ModelSection,
     OptimSection,
     RunSection,

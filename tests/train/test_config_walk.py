@@ -1,7 +1,7 @@
 """Every config field of every command with a config (rl, sft, rm, prm, dpo, eval, demo,
 bench) reaches the code (issue #16, item 6).
 
-A field is "read" when code outside the config machinery (train/config.py: loading,
+A field is "read" when code outside the config machinery (train/config/loader.py: loading,
 saving, printing) reads it while the command builds and runs. Each command runs a tiny
 configuration per mode (task / dataset file, LoRA, critic, teacher, ...) so that fields
 read only in one mode are read in some run; the union must cover every key the command
@@ -18,21 +18,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_rl_common import tiny_config
 
-from posttrain.train.config import load_config, valid_keys
+from posttrain.train.config.loader import load_config, valid_keys
+from rl_common import tiny_config
 
-# Read only after a non-finite loss: tests/train/test_rl_loop.py::test_non_finite_loss_skips_step_and_stops_after_k
-# and tests/train/test_offline.py (skipped non-finite steps).
+# Read only after a non-finite loss: tests/train/rl/test_rl_loop.py::test_non_finite_loss_skips_step_and_stops_after_k
+# and tests/train/offline/test_offline.py (skipped non-finite steps).
 ON_EVENT = {"run.max_bad_steps"}
-# Read only when a reward-hacking alert fires: tests/train/test_rl_alerts.py (alerts.stop ends the run).
+# Read only when a reward-hacking alert fires: tests/train/rl/test_rl_alerts.py (alerts.stop ends the run).
 ON_EVENT |= {"alerts.stop"}
 _CONFIG_CODE = (str(Path("posttrain", "train", "config.py")), "dataclasses.py")
 
 
 def _track(obj, prefix: str, seen: set[str]) -> None:
     """Record into `seen` every dotted field of `obj` (sections and lists of sections
-    included) that code outside train/config.py reads from now on."""
+    included) that code outside train/config/loader.py reads from now on."""
     if isinstance(obj, list):
         for x in obj:
             _track(x, prefix, seen)
@@ -74,9 +74,9 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def test_every_rl_field_and_piece_is_read(tmp_path, monkeypatch):
-    import posttrain.train.rl as rl
+    import posttrain.train.rl.controller as rl
     from posttrain.algos.presets import PIECE_DEFAULTS
-    from posttrain.train.rl import RLConfig, RLTrainer
+    from posttrain.train.rl.controller import RLConfig, RLTrainer
 
     # One over-long prompt (skipped: data.long_prompts) among short ones.
     rows = [{"prompt": f"{i}+1=" + "x" * (30 * (i == 0)), "answer": str(i + 1)} for i in range(12)]

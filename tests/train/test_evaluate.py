@@ -9,7 +9,7 @@ import torch
 from posttrain.engines.rollout.base import Rollout
 from posttrain.errors import ConfigError, PosttrainError
 from posttrain.train import evaluate as ev
-from posttrain.train.config import load_config
+from posttrain.train.config.loader import load_config
 
 GOOD = "<think>2+2=4</think><answer>4</answer>"
 

@@ -11,9 +11,9 @@ import torch
 
 from posttrain import cli
 from posttrain.errors import ConfigError, DataError
-from posttrain.train.config import load_config
+from posttrain.train.config.loader import load_config
 from posttrain.train.long_to_short import long_short_pairs, merge_state_dicts, shortest_per_prompt
-from posttrain.train.offline import DPOConfig, SFTConfig, build_dpo, build_sft
+from posttrain.train.offline.commands import DPOConfig, SFTConfig, build_dpo, build_sft
 
 
 def _row(prompt, completion, correct, length=None):

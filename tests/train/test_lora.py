@@ -11,11 +11,12 @@ import json
 
 import pytest
 import torch
-from test_rl_common import tiny_config
+
+from rl_common import tiny_config
 
 pytest.importorskip("peft")
 
-from posttrain.train.rl import RLTrainer  # noqa: E402
+from posttrain.train.rl.controller import RLTrainer  # noqa: E402
 
 LORA = ["model.lora_r=8", "model.lora_alpha=16", "model.lora_target=[q_proj, v_proj, up_proj, down_proj]"]
 

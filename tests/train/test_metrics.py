@@ -1,4 +1,4 @@
-"""train/metrics.py: JSONL rows, resume truncation, torn lines, postfix, trackers."""
+"""train/common/metrics.py: JSONL rows, resume truncation, torn lines, postfix, trackers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.train.metrics import MetricsLogger, format_postfix, progress, read_jsonl
+from posttrain.train.common.metrics import MetricsLogger, format_postfix, progress, read_jsonl
 
 
 def test_rows_written_and_flushed(tmp_path):

@@ -1,4 +1,4 @@
-"""train/optim.py: schedules against hand arithmetic, guarded_step never corrupts weights."""
+"""train/common/optim.py: schedules against hand arithmetic, guarded_step never corrupts weights."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from posttrain.errors import ConfigError, ModelError, TrainingError
-from posttrain.train.config import OptimSection
-from posttrain.train.optim import (
+from posttrain.train.common.optim import (
     BadStepGuard,
     StepResult,
     build_optimizer,
@@ -17,6 +16,7 @@ from posttrain.train.optim import (
     guarded_step,
     lr_factor,
 )
+from posttrain.train.config.loader import OptimSection
 
 
 def _lrs(schedule: str, warmup: int, total: int, min_ratio: float = 0.0) -> list[float]:

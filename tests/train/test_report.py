@@ -1,4 +1,4 @@
-"""train/plots.py + train/report.py on synthetic metrics.jsonl files."""
+"""train/common/plots.py + train/common/report.py on synthetic metrics.jsonl files."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import pytest
 
 from posttrain.errors import ConfigError
-from posttrain.train.config import RunSection, save_config
-from posttrain.train.metrics import MetricsLogger
-from posttrain.train.plots import plot_run
-from posttrain.train.report import summarize_run, write_report
+from posttrain.train.common.metrics import MetricsLogger
+from posttrain.train.common.plots import plot_run
+from posttrain.train.common.report import summarize_run, write_report
+from posttrain.train.config.loader import RunSection, save_config
 
 
 def _fake_run(path, slope: float, steps: int = 12):

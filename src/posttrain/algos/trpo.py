@@ -3,7 +3,7 @@
 Shapes: B sequences, T response tokens, V vocabulary. Both are aggregated with GLOBAL
 counts so that summing over micro-batches gives the whole batch's value. The step itself
 (conjugate gradient, trust-region scaling) is `posttrain.core.trpo`; the line search that
-accepts or shrinks it runs in train/trpo.py.
+accepts or shrinks it runs in train/rl/trpo.py.
 
 Study guide §4.1 (TRPO): maximise E[π_θ/π_old · A] subject to KL(π_old ‖ π_θ) ≤ δ. The
 surrogate here is its negative (a loss), L(θ) = aggregate(−exp(log π_θ − log π_old)·A);

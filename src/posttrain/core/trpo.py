@@ -10,7 +10,7 @@ Schulman et al. 2015 (Appendix C) solve it approximately: with g the gradient of
 surrogate and F the Fisher matrix (the Hessian of the KL at θ_old), the direction is
 x = F⁻¹ g, found by conjugate gradient from Fisher-vector products F·v alone; the step
 β·x with β = sqrt(2δ / xᵀFx) puts the quadratic KL model exactly at δ; a backtracking
-line search (in train/trpo.py) then shrinks it until the surrogate improves and the
+line search (in train/rl/trpo.py) then shrinks it until the surrogate improves and the
 measured KL is ≤ δ.
 
 Shapes: flat parameter vectors [D] (D = number of trainable scalars).

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.train.config import RunSection
-from posttrain.train.config_checks import setting
+from posttrain.train.config.checks import setting
+from posttrain.train.config.loader import RunSection
 
 # Test-split rows written next to the SFT training file: only the SFT eval loss reads them.
 _SFT_EVAL_ROWS = 32
@@ -106,16 +106,16 @@ class DemoConfig:
     run: DemoRun = setting(DemoRun, "Run directory and seed.", factory=True)
 
     def __post_init__(self) -> None:
-        from posttrain.train.config_checks import check_preset
+        from posttrain.train.config.checks import check_preset
 
         check_preset("preset", self.preset)
 
 
 def _stage_configs(cfg: DemoConfig, root: Path):
-    from posttrain.train.config import load_config
-    from posttrain.train.offline import SFTConfig
-    from posttrain.train.rl import RLConfig
-    from posttrain.train.rl_config import RewardSpec
+    from posttrain.train.config.loader import load_config
+    from posttrain.train.config.rl import RewardSpec
+    from posttrain.train.offline.commands import SFTConfig
+    from posttrain.train.rl.controller import RLConfig
 
     sft = load_config(SFTConfig, None, [])
     sft.model.preset = cfg.preset
@@ -181,8 +181,8 @@ def _stage_configs(cfg: DemoConfig, root: Path):
 
 
 def plan(cfg: DemoConfig) -> str:
-    from posttrain.train.offline import plan as sft_plan
-    from posttrain.train.rl import plan as rl_plan
+    from posttrain.train.offline.commands import plan as sft_plan
+    from posttrain.train.rl.controller import plan as rl_plan
 
     sft, rl = _stage_configs(cfg, Path(cfg.run.output_dir))
     return "posttrain demo\n\n[1/2] SFT warm start\n" + sft_plan(sft) + "\n\n[2/2] GRPO\n" + rl_plan(rl)
@@ -242,11 +242,11 @@ def _cpu_seconds() -> float:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run SFT -> GRPO -> evaluation; print a before/after table; write plots and report."""
-    from posttrain.train.checkpoint import atomic_write_text
-    from posttrain.train.offline import run_sft
-    from posttrain.train.plots import plot_run
-    from posttrain.train.report import write_report
-    from posttrain.train.rl import run_rl
+    from posttrain.train.common.checkpoint import atomic_write_text
+    from posttrain.train.common.plots import plot_run
+    from posttrain.train.common.report import write_report
+    from posttrain.train.offline.commands import run_sft
+    from posttrain.train.rl.controller import run_rl
 
     root = Path(cfg.run.output_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError, DataError
-from posttrain.train.config import InferenceModelSection
-from posttrain.train.config_checks import setting
+from posttrain.train.config.checks import setting
+from posttrain.train.config.loader import InferenceModelSection
 from posttrain.train.eval_scorers import orm_scores, prm_scores  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # torch is imported inside functions so `posttrain eval --help` stays fast
@@ -86,7 +86,7 @@ class EvalSamplingSection:
     )
 
     def __post_init__(self) -> None:
-        from posttrain.train.config_checks import check_range, check_sampling
+        from posttrain.train.config.checks import check_range, check_sampling
 
         check_sampling(
             "sampling", temperature=self.temperature, max_new_tokens=self.max_new_tokens, greedy_ok=True
@@ -425,7 +425,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     import torch
 
     from posttrain.engines.models import load_model, load_tokenizer
-    from posttrain.train.checkpoint import atomic_write_text
+    from posttrain.train.common.checkpoint import atomic_write_text
 
     torch.manual_seed(cfg.seed)
     rows, task = _load_examples(cfg)

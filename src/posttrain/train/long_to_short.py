@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import ConfigError, DataError
-from posttrain.train.config_checks import setting
+from posttrain.train.config.checks import setting
 
 
 def _length(row: dict) -> float:

@@ -1,0 +1,67 @@
+"""The policy role: the trained causal LM, scored with or without grad."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from posttrain.core.logprobs import entropy_from_logits, logprobs_from_logits
+from posttrain.engines.batching import SequenceBatch
+from posttrain.engines.logprobs import response_logits, sequence_logprobs
+
+
+def _support_logprobs(
+    model: torch.nn.Module, seq: SequenceBatch, keep_mask: torch.Tensor, temperature: float, entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs renormalised over the sampler's kept top-p/top-k support (DeepSeek-V3.2).
+
+    keep_mask: [B, T, V] bool. Tokens outside the support get −inf logits, so the trainer's
+    distribution is the same truncated one the sampler drew from. Materialises [B, T, V]
+    logits, so keep micro-batches small when using it.
+    """
+    logits = response_logits(model, seq).float() / temperature  # [B, T, V]
+    logits = logits.masked_fill(~keep_mask, float("-inf"))
+    tokens = seq.response_ids
+    logprobs = logprobs_from_logits(logits, tokens)
+    ent = entropy_from_logits(logits.masked_fill(~keep_mask, -1e30)) if entropy else None
+    return logprobs, ent
+
+
+class PolicyRole:
+    """The trained causal LM. `logprobs` is the only forward the loop calls on it.
+
+    temperature: the sampler's τ (trainer and sampler must score the same distribution).
+    micro_batch_size: rows per no-grad scoring forward (None = engine's automatic choice).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, temperature: float, micro_batch_size: int | None = None):
+        self.model = model
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable tensors (LoRA: adapters only)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def logprobs(
+        self,
+        seq: SequenceBatch,
+        *,
+        with_grad: bool = False,
+        return_entropy: bool = False,
+        keep_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, T] log π_θ of the responses (and [B, T] entropy if asked)."""
+        if keep_mask is not None:
+            ctx = nullcontext() if with_grad else torch.no_grad()
+            with ctx:
+                return _support_logprobs(self.model, seq, keep_mask, self.temperature, return_entropy)
+        return sequence_logprobs(
+            self.model,
+            seq,
+            temperature=self.temperature,
+            micro_batch_size=None if with_grad else self.micro_batch_size,
+            return_entropy=return_entropy,
+            with_grad=with_grad,
+        )

@@ -1,0 +1,304 @@
+"""Validation of an RLConfig (`validate`), run before any model is built.
+
+`validate(cfg)` turns every bad combination into a one-line ConfigError naming the key
+(unknown method/piece names with suggestions, PPO without a critic, GRPO with G < 2, batch
+sizes that do not divide, an unknown KL estimator, ...) and returns the resolved pieces.
+The sections themselves are in rl_config.py, which re-exports `validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from posttrain.errors import ConfigError
+from posttrain.train.common.alerts import check_alerts
+from posttrain.train.config.checks import MAX_LR, check_preset, check_range, check_sampling
+from posttrain.train.rl.prm_guide import check_prm_guide
+
+if TYPE_CHECKING:
+    from posttrain.train.config.rl import RLConfig, RolloutSection
+
+
+def uses_reference(p: dict[str, Any]) -> bool:
+    """Whether the resolved pieces read π_ref (a KL term that can be non-zero)."""
+    return p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
+
+
+def check_ref_refresh(cfg, p: dict[str, Any]) -> None:
+    """algo.ref_refresh_every needs a reference in use and a policy that is not LoRA."""
+    n = cfg.algo.ref_refresh_every
+    if n < 0:
+        raise ConfigError(f"algo.ref_refresh_every must be >= 0 (0 = never), got {n}")
+    if n and not uses_reference(p):
+        raise ConfigError(
+            "algo.ref_refresh_every refreshes the KL reference, but this config has none "
+            f"(kl_placement {p['kl_placement']!r}, kl_coef {p['kl_coef']}); set a KL term or drop it"
+        )
+    if n and cfg.model.lora_r > 0:
+        raise ConfigError(
+            "algo.ref_refresh_every is not supported with LoRA: π_ref is the base model with adapters off, "
+            "so a refresh would have to merge the adapters into the base and restart them"
+        )
+
+
+def check_trust_region(cfg, p: dict[str, Any]) -> None:
+    """TRPO takes one natural step per batch on its own surrogate: settings of the other
+    policy losses would do nothing, so they are errors."""
+    if p["trust_region"] is None:
+        return
+    if p["trust_region"] <= 0 or p["cg_iters"] < 1 or p["cg_damping"] < 0 or p["backtrack_steps"] < 1:
+        raise ConfigError(
+            "algo.trust_region must be > 0, cg_iters >= 1, cg_damping >= 0, backtrack_steps >= 1; got "
+            f"{p['trust_region']}, {p['cg_iters']}, {p['cg_damping']}, {p['backtrack_steps']}"
+        )
+    if p["update_epochs"] != 1 or p["num_minibatches"] != 1:
+        raise ConfigError(
+            "algo.trust_region (TRPO) takes one step per batch: set update_epochs 1, num_minibatches 1"
+        )
+    a = cfg.algo
+    unused = [name for name, on in (
+        ("algo.policy_loss", a.policy_loss is not None), ("algo.clip_eps_low", a.clip_eps_low is not None),
+        ("algo.clip_eps_high", a.clip_eps_high is not None), ("algo.dual_clip", p["dual_clip"] is not None),
+        ("algo.tis_cap", p["tis_cap"] is not None), ("algo.off_policy_kl_threshold", p["off_policy_kl_threshold"] is not None),
+        ("algo.keep_sampling_mask", p["keep_sampling_mask"]), ("algo.entropy_coef", p["entropy_coef"] > 0),
+        ("algo.kl_placement loss", p["kl_placement"] == "loss"), ("algo.teacher_mode loss", p["teacher_mode"] == "loss"),
+    ) if on]  # fmt: skip
+    if unused:
+        raise ConfigError(
+            f"algo.trust_region (TRPO) steps on its own surrogate E[ratio * A]; {', '.join(unused)} would do nothing"
+        )
+
+
+def check_thinking_budget(cfg, p: dict[str, Any]) -> None:
+    """rollout.thinking_budget: >= 0, and not with keep masks or a multi-turn environment."""
+    budget = cfg.rollout.thinking_budget
+    if budget < 0 or (budget and p["keep_sampling_mask"]):
+        raise ConfigError(
+            f"rollout.thinking_budget must be >= 0 (0 = off) and cannot be combined with algo.keep_sampling_mask "
+            f"(inserted tokens have no sampler support), got {budget}"
+        )
+    if budget and cfg.env.name is not None:
+        raise ConfigError(
+            "rollout.thinking_budget is not supported with a multi-turn environment (env.name): the budget "
+            "would apply to each turn's generation, which is untested"
+        )
+
+
+# The advantage estimators that read `token_rewards` (core/advantages.py: GAE and the
+# γ-return REINFORCE family). The group/leave-one-out ones (grpo, rloo, kimi, ...) only see
+# the summed score, so a dense reward would silently vanish under them.
+TOKEN_REWARD_ADVANTAGES = ("gae", "reinforce", "reinforce_pp", "reinforce_pp_baseline")
+
+
+def check_dense_reward(name: str, advantage: str, method: str) -> None:
+    """ConfigError unless `advantage` can use the dense reward `name` (token rewards)."""
+    if advantage not in TOKEN_REWARD_ADVANTAGES:
+        raise ConfigError(
+            f"reward {name!r} is dense (per-step token rewards) but algo.method {method!r} uses advantage "
+            f"{advantage!r}, which ignores token rewards; use one of {', '.join(TOKEN_REWARD_ADVANTAGES)} "
+            "(e.g. method reinforce_pp or ppo) or drop options.dense"
+        )
+
+
+def _registry_check(registry, name: str, what: str) -> None:
+    if name not in registry:
+        raise ConfigError(f"{what}: {registry.unknown_message(name)}")
+
+
+def _check_rollout(ro: RolloutSection) -> None:
+    """One-line ConfigError naming the `rollout.*` key of a sampling setting that cannot work."""
+    # RL samples, and the training forward divides the logits by the temperature: > 0.
+    check_sampling("rollout", temperature=ro.temperature, max_new_tokens=ro.max_new_tokens, greedy_ok=False)
+    check_range("rollout.top_p", ro.top_p, 0, 1, lo_open=True)
+    if any(not s for s in ro.stop_strings):
+        raise ConfigError(f"rollout.stop_strings must not contain an empty string, got {ro.stop_strings}")
+    if ro.top_k < 0 or ro.repetition_ngram < 0:
+        key = "top_k" if ro.top_k < 0 else "repetition_ngram"
+        raise ConfigError(f"rollout.{key} must be >= 0, got {getattr(ro, key)}")
+
+
+def validate(cfg: RLConfig) -> dict[str, Any]:
+    """Check an RLConfig before any work; return the resolved pieces.
+
+    Raises ConfigError (one line, naming the key) for the problems listed in the module doc.
+    """
+    from posttrain.core.advantages import ADVANTAGES
+    from posttrain.core.kl import KL_ESTIMATORS
+    from posttrain.core.masking import AGGREGATIONS
+    from posttrain.core.policy_losses import POLICY_LOSSES
+
+    p = cfg.algo.pieces()  # unknown method -> ConfigError with suggestion
+    _registry_check(ADVANTAGES, p["advantage"], "algo.advantage")
+    _registry_check(POLICY_LOSSES, p["policy_loss"], "algo.policy_loss")
+    _registry_check(AGGREGATIONS, p["aggregation"], "algo.aggregation")
+    _registry_check(KL_ESTIMATORS, p["kl_estimator"], "algo.kl_estimator")
+    ro = cfg.rollout
+    if cfg.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
+    if ro.prompts_per_step < 1 or ro.group_size < 1:
+        raise ConfigError(
+            f"rollout.prompts_per_step and rollout.group_size must be >= 1, got {ro.prompts_per_step}, {ro.group_size}"
+        )
+    _check_rollout(ro)
+    ev, ex = cfg.eval, cfg.reward_exec
+    check_sampling("eval", temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, greedy_ok=True,
+                   zero_tokens_ok=True)  # fmt: skip
+    check_range("eval.n", ev.n, 0)
+    check_range("eval.every", ev.every, 0)
+    if not (math.isfinite(ex.timeout_s) and ex.timeout_s > 0) or ex.max_workers < 1:
+        key = "max_workers" if ex.max_workers < 1 else "timeout_s"
+        raise ConfigError(
+            f"reward_exec.{key} must be {'>= 1' if key == 'max_workers' else '> 0'}, got {getattr(ex, key)}"
+        )
+    if not 0.0 <= ex.max_error_rate <= 1.0:
+        raise ConfigError(f"reward_exec.max_error_rate must be in [0, 1], got {ex.max_error_rate}")
+    if cfg.critic.lr is not None and not 0 < cfg.critic.lr <= MAX_LR:
+        raise ConfigError(
+            f"critic.lr must be a positive finite number <= {MAX_LR:g} (or null), got {cfg.critic.lr}"
+        )
+    for key, aux in (("critic", cfg.critic), ("teacher", cfg.teacher)):
+        if aux.preset is not None and aux.path is None:
+            check_preset(f"{key}.preset", aux.preset)
+    if p["advantage"] in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline") and ro.group_size < 2:
+        raise ConfigError(
+            f"algo.advantage {p['advantage']!r} compares samples of one prompt: rollout.group_size must be >= 2, got {ro.group_size}"
+        )
+    if p["dynamic_sampling"] and ro.group_size < 2:
+        raise ConfigError("algo.dynamic_sampling drops zero-variance groups: rollout.group_size must be >= 2")
+    if p["advantage"] == "gae" and not p["critic"]:
+        raise ConfigError(
+            f"algo.method {cfg.algo.method!r} with advantage 'gae' needs a critic: set algo.critic=true"
+        )
+    batch = ro.prompts_per_step * ro.group_size
+    mb = p["num_minibatches"]
+    if mb < 1 or batch % mb:
+        raise ConfigError(
+            f"algo.num_minibatches={mb} must divide the batch of {batch} sequences (prompts_per_step x group_size)"
+        )
+    micro = cfg.algo.micro_batch_size
+    if micro < 0 or (micro and (batch // mb) % micro):
+        raise ConfigError(
+            f"algo.micro_batch_size={micro} must divide the minibatch of {batch // mb} sequences"
+        )
+    if ro.engine != "vllm" and (ro.vllm_gpu_memory_utilization != 0.4 or ro.vllm_sleep_mode):
+        raise ConfigError(
+            f"rollout.vllm_gpu_memory_utilization / rollout.vllm_sleep_mode apply to rollout.engine=vllm, not {ro.engine!r}"
+        )
+    if not 0.0 < ro.vllm_gpu_memory_utilization <= 1.0:
+        raise ConfigError(
+            f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {ro.vllm_gpu_memory_utilization}"
+        )
+    if p["update_epochs"] < 1:
+        raise ConfigError(f"algo.update_epochs must be >= 1, got {p['update_epochs']}")
+    if p["kl_placement"] not in ("none", "reward", "loss"):
+        raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {p['kl_placement']!r}")
+    if p["kl_placement"] == "reward" and p["kl_estimator"] not in ("k1", "k2", "k3"):
+        raise ConfigError(
+            f"algo.kl_estimator {p['kl_estimator']!r} is a loss-side estimator; with algo.kl_placement=reward use k1, k2 or k3"
+        )
+    if p["kl_coef"] < 0:
+        raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
+    check_ref_refresh(cfg, p)
+    check_trust_region(cfg, p)
+    check_alerts(cfg.alerts)
+    if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
+        raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")
+    if cfg.data.path is None and not cfg.data.task and not _env_provides_prompts(cfg):
+        raise ConfigError(
+            "data: set data.task or data.path (or an env.name whose environment provides prompts)"
+        )
+    from posttrain.train.rl.eval import check_eval
+
+    check_eval(cfg)
+    if not cfg.rewards and p["teacher_mode"] != "reward":
+        raise ConfigError(
+            "rewards: at least one reward is needed (only on-policy distillation runs without one)"
+        )
+    from posttrain.data.rewards import REWARDS
+
+    for i, spec in enumerate(cfg.rewards):
+        if not abs(spec.weight) <= 1e6:  # runner.MAX_ABS_REWARD; NaN fails too
+            raise ConfigError(f"rewards[{i}].weight must be a finite number within ±1e6, got {spec.weight}")
+        check_range(f"rewards[{i}].start_step", spec.start_step, 0)
+        if spec.name not in REWARDS and ":" not in spec.name:  # "module:function" imports at build
+            raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(spec.name)}")
+        if "dense" in spec.options and spec.name != "prm":
+            raise ConfigError(f"rewards[{i}].options.dense: only the prm reward is dense, not {spec.name!r}")
+        if "dense" in spec.options and not isinstance(spec.options["dense"], bool):
+            raise ConfigError(
+                f"rewards[{i}].options.dense must be true or false, got {spec.options['dense']!r}"
+            )
+        if spec.options.get("dense"):
+            check_dense_reward(spec.name, p["advantage"], cfg.algo.method)
+            if cfg.data.success_reward == spec.name:
+                raise ConfigError(
+                    f"data.success_reward {spec.name!r} is dense (no per-sample score); name a scalar reward"
+                )
+    names = [spec.name for spec in cfg.rewards]
+    if cfg.data.success_reward is not None and cfg.data.success_reward not in names:
+        raise ConfigError(
+            f"data.success_reward {cfg.data.success_reward!r} is not one of the configured rewards: {', '.join(names)}"
+        )
+    if cfg.data.difficulty_filter_k < 0 or not 0 <= cfg.data.difficulty_filter_max_solved < max(
+        1, cfg.data.difficulty_filter_k
+    ):
+        raise ConfigError(
+            "data.difficulty_filter_k must be >= 0 and 0 <= data.difficulty_filter_max_solved < "
+            f"difficulty_filter_k, got {cfg.data.difficulty_filter_k} and {cfg.data.difficulty_filter_max_solved}"
+        )
+    check_thinking_budget(cfg, p)
+    check_prm_guide(cfg, p)
+    if p["keep_sampling_mask"] and ro.engine != "native":
+        raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
+    _validate_env(cfg, p)
+    return p
+
+
+def _env_provides_prompts(cfg: RLConfig) -> bool:
+    """Whether cfg.env's environment has prompt rows of its own (`dataset_rows`)."""
+    if cfg.env.name is None:
+        return False
+    from posttrain.data.envs import ENVIRONMENTS
+
+    if cfg.env.name not in ENVIRONMENTS:
+        return False  # _validate_env names the error
+    return hasattr(ENVIRONMENTS[cfg.env.name](**cfg.env.options), "dataset_rows")
+
+
+def _validate_env(cfg: RLConfig, p: dict[str, Any]) -> None:
+    """The env section, checked before any model is built."""
+    env = cfg.env
+    if env.name is None:
+        return
+    from posttrain.data.envs import ENVIRONMENTS, TOOLS
+
+    if env.name not in ENVIRONMENTS:
+        raise ConfigError(f"env.name: {ENVIRONMENTS.unknown_message(env.name)}")
+    if env.max_turns < 1 or env.max_total_tokens < 1:
+        raise ConfigError(
+            f"env.max_turns and env.max_total_tokens must be >= 1, got {env.max_turns}, {env.max_total_tokens}"
+        )
+    for i, tool in enumerate(env.tools):
+        if tool not in TOOLS:
+            raise ConfigError(f"env.tools[{i}]: {TOOLS.unknown_message(tool)}")
+    import inspect
+
+    accepted = set(inspect.signature(ENVIRONMENTS[env.name]).parameters) - {"tools"}
+    unknown = sorted(set(env.options) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"env.options: unknown option(s) {', '.join(unknown)} for environment {env.name!r}; "
+            f"valid: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    if p["keep_sampling_mask"]:
+        raise ConfigError("algo.keep_sampling_mask is not supported with env (multi-turn rollouts)")
+    options = {**env.options, **({"tools": list(env.tools)} if env.name == "tools" else {})}
+    instance = ENVIRONMENTS[env.name](**options)  # an invalid option value fails here, before any model
+    if env.dense_rewards:  # per-turn rewards reach only token-reward estimators
+        check_dense_reward("env.dense_rewards", p["advantage"], cfg.algo.method)
+    elif getattr(instance, "gives_rewards", False) and "env_return" not in [r.name for r in cfg.rewards]:
+        raise ConfigError(
+            f"environment {env.name!r} gives rewards that this run would ignore: add the reward "
+            "{name: env_return} (the summed rewards as the score) or set env.dense_rewards true"
+        )

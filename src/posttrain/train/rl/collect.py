@@ -1,0 +1,405 @@
+"""The rollout-collection phase of one RL step (`collect`), and dense-reward placement.
+
+`collect` runs the generate + reward phase of one step, including DAPO dynamic sampling
+(drop zero-variance groups and keep generating, at most `max_gen_rounds` extra rounds,
+until the batch is full). `dense_token_rewards` puts per-step rewards (a PRM's, an
+environment's) on the token that ends each step. Building the roles is rl_setup.py's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.engines.batching import build_sequences
+from posttrain.engines.rollout.base import Rollout, SamplingParams
+from posttrain.errors import ConfigError
+from posttrain.roles import (
+    PromptItem,
+    PromptSource,
+    RewardRole,
+    RLBatch,
+)
+from posttrain.train.config.rl import RLConfig
+from posttrain.train.rl.prm_guide import prm_guide_metrics
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def filter_by_difficulty(
+    cfg: RLConfig, items: list[PromptItem], engine, rewards: RewardRole
+) -> tuple[list[PromptItem], str | None]:
+    """Kimi k1.5 / Qwen3 difficulty filter: keep prompts the initial policy rarely solves.
+
+    Returns (kept items, the JSON record to write as difficulty_filter.json — None when it
+    was read back from a resumed run).
+
+    Samples k = data.difficulty_filter_k responses per prompt (the run's sampling settings),
+    counts successes (see `_success`) and keeps prompts with at most
+    data.difficulty_filter_max_solved of them. The kept ids are written to
+    run_dir/difficulty_filter.json when training starts, and a resumed run reads them back instead of
+    re-filtering with the (by then trained) policy, so resume stays exact.
+    """
+    import json
+
+    from posttrain.data.selection import difficulty_filter
+
+    path = Path(cfg.run.output_dir) / "difficulty_filter.json"
+    if cfg.run.resume and path.exists():
+        kept_ids = set(json.loads(path.read_text())["kept"])
+        return [it for it in items if it.id in kept_ids], None
+    k = cfg.data.difficulty_filter_k
+    params = replace(_sampling_params(cfg, {"keep_sampling_mask": False}, seed=cfg.run.seed * 7919 + 17), n=k)
+
+    def count(batch_items: list[PromptItem], k: int) -> list[int]:
+        counts = []
+        for start in range(0, len(batch_items), max(1, cfg.rollout.prompts_per_step)):
+            chunk = batch_items[start : start + cfg.rollout.prompts_per_step]
+            ro = engine.generate([it.prompt_ids for it in chunk], params)
+            samples = [chunk[int(g)] for g in ro.group_id]
+            columns = {
+                key: [it.columns.get(key) for it in samples]
+                for key in {c for it in chunk for c in it.columns}
+            }
+            columns["response_length"] = ro.mask.sum(-1).long().tolist()
+            columns["group_id"] = ro.group_id.tolist()
+            columns["model_prompt"] = model_prompts(engine.tokenizer, samples)
+            res = rewards.score([it.text for it in samples], ro.texts, columns, 0)
+            success = _success(res, res.scores.float(), cfg.data.success_reward) >= 0.5  # [B]
+            counts += [int(success[ro.group_id == g].sum()) for g in range(len(chunk))]
+        return counts
+
+    result = difficulty_filter(items, count, k=k, max_successes=cfg.data.difficulty_filter_max_solved)
+    if not result.kept:
+        raise ConfigError(
+            f"data.difficulty_filter_k={k}: every one of {len(items)} prompts was solved more than "
+            f"{cfg.data.difficulty_filter_max_solved} times; raise data.difficulty_filter_max_solved or use harder data"
+        )
+    # Written by the trainer once the run starts writing (rundir.begin_run), never before:
+    # a run that fails later must not touch an existing run's copy.
+    record = json.dumps(
+        {
+            "k": k,
+            "kept": [it.id for it in result.kept],
+            "counts": dict(zip([it.id for it in items], result.counts)),
+        }
+    )
+    log.info("difficulty filter: kept %d of %d prompts (k=%d)", len(result.kept), len(items), k)
+    return result.kept, record
+
+
+def _pad_cat(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    padded = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors]
+    return torch.cat(padded, dim=0)
+
+
+def _sampling_params(cfg: RLConfig, p: dict, seed: int) -> SamplingParams:
+    ro = cfg.rollout
+    return SamplingParams(
+        temperature=ro.temperature,
+        top_p=ro.top_p,
+        top_k=ro.top_k,
+        max_new_tokens=ro.max_new_tokens,
+        stop_strings=list(ro.stop_strings),
+        n=ro.group_size,
+        seed=seed,
+        return_keep_mask=bool(p["keep_sampling_mask"]),
+        repetition_ngram=ro.repetition_ngram,
+    )
+
+
+def _group_has_signal(
+    scores: torch.Tensor, valid: torch.Tensor, group: torch.Tensor, n_groups: int
+) -> torch.Tensor:
+    """[n_groups] bool: the group has >= 2 valid samples whose scores differ (DAPO filter)."""
+    keep = torch.zeros(n_groups, dtype=torch.bool)
+    for g in range(n_groups):  # over prompts, not tokens: a handful per step
+        s = scores[(group == g) & valid]
+        keep[g] = s.numel() >= 2 and bool((s.max() - s.min()) > 0)
+    return keep
+
+
+def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
+    """Generate and reward one step's batch; returns (RLBatch, metrics)."""
+    cfg, p = trainer.cfg, trainer.p
+    P = cfg.rollout.prompts_per_step
+    source: PromptSource = trainer.prompts
+    parts: list[tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    all_scores, all_valid, per_reward, errors, dense_stats = [], [], {}, {}, {}
+    turn_stats: dict[str, list[float]] = {}
+    gen_s = reward_s = 0.0
+    n_tokens = thinking_cut = n_sampled = 0
+    kept_groups = rounds = dropped = zero_var = seen_groups = 0
+    guided = cfg.rollout.prm_guide.model_path is not None
+    prm_before = dict(trainer.engine.totals) if guided else {}  # rollout.prm_guide's running counts
+    successes: list[torch.Tensor] = []  # [b] per kept sample, for success-rate sampling
+    while True:
+        idx = source.next(P - kept_groups, step, rounds)
+        items = [source.items[i] for i in idx]
+        params = _sampling_params(cfg, p, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds)
+        t = time.perf_counter()
+        cut_before = getattr(trainer.engine, "cut_total", 0)
+        if cfg.env.name is not None:  # the environment sees each prompt's row (answer, columns)
+            env_rows = [{"prompt": it.text, "answer": it.answer, **it.columns} for it in items]
+            ro = trainer.engine.generate([it.prompt_ids for it in items], params, rows=env_rows)
+        else:
+            ro = trainer.engine.generate([it.prompt_ids for it in items], params)
+        thinking_cut += getattr(trainer.engine, "cut_total", 0) - cut_before
+        gen_s += time.perf_counter() - t
+        n_tokens += int(ro.mask.sum())
+        n_sampled += len(ro)
+        t = time.perf_counter()
+        sample_items = [items[int(g)] for g in ro.group_id]
+        columns: dict[str, list] = {}
+        for key in sorted({k for it in items for k in it.columns}):
+            columns[key] = [it.columns.get(key) for it in sample_items]
+        # What length / group-aware rewards read (kimi_length, length_linear, dapo_overlong).
+        columns["response_length"] = ro.mask.sum(-1).long().tolist()
+        columns["group_id"] = (ro.group_id + seen_groups).tolist()
+        # The prompt exactly as the policy saw it (chat template applied): what reward and
+        # process reward models trained by `posttrain rm` / `posttrain prm` score.
+        columns["model_prompt"] = model_prompts(trainer.tokenizer, sample_items)
+        if ro.turn_stats is not None:  # what the env_return reward reads
+            columns["env_return"] = list(ro.turn_stats["return"])
+        if trainer.rewards.specs:
+            res = trainer.rewards.score([it.text for it in sample_items], ro.texts, columns, step)
+            scores = res.scores.float()
+            valid = res.valid.bool() & torch.isfinite(scores)
+            success = _success(res, scores, cfg.data.success_reward)
+            for k, v in res.per_reward.items():
+                per_reward.setdefault(k, []).append(v.float())
+            for k, v in res.errors.items():
+                errors[k] = errors.get(k, 0) + int(v)
+        else:  # pure distillation: the teacher's dense reward is the only signal
+            scores = torch.zeros(len(ro))
+            valid = torch.ones(len(ro), dtype=torch.bool)
+            success = scores
+        dense, stats = dense_token_rewards(
+            trainer.rewards, trainer.tokenizer, [it.prompt_ids for it in sample_items], ro, step
+        )
+        if cfg.env.dense_rewards and ro.turn_rewards is not None:  # each turn's reward at its last token
+            dense = ro.turn_rewards if dense is None else dense + ro.turn_rewards
+        if ro.turn_stats is not None:
+            for k, v in ro.turn_stats.items():
+                turn_stats.setdefault(k, []).extend(v)
+        for k, v in stats.items():
+            dense_stats.setdefault(k, []).append(v)
+        reward_s += time.perf_counter() - t
+        all_scores.append(scores)
+        all_valid.append(valid)
+        n_groups = len(items)
+        # A group whose samples differ only in their dense rewards still carries signal.
+        total = scores if dense is None else scores + dense.sum(-1)
+        signal = _group_has_signal(total, valid, ro.group_id, n_groups)
+        zero_var += int((~signal).sum())
+        seen_groups += n_groups
+        keep = signal if p["dynamic_sampling"] else torch.ones(n_groups, dtype=torch.bool)
+        rows = keep[ro.group_id]  # [B] samples of kept groups
+        if p["dynamic_sampling"]:
+            dropped += int((~keep).sum())
+        if rows.any():
+            parts.append((idx, ro, rows, torch.where(valid, scores, torch.zeros_like(scores)), valid, dense))
+            successes.append(success[rows])
+            kept_groups += int(keep.sum())
+        rounds += 1
+        if not p["dynamic_sampling"] or kept_groups >= P or rounds > p["max_gen_rounds"]:
+            break
+    if not parts:  # nothing had signal: train on the last round (all advantages are 0)
+        successes.append(success)
+        parts.append(
+            (
+                idx,
+                ro,
+                torch.ones(len(ro), dtype=torch.bool),
+                torch.where(valid, scores, torch.zeros_like(scores)),
+                valid,
+                dense,
+            )
+        )
+    batch = _merge(parts, trainer.tokenizer.pad_token_id)
+    scores_all = torch.cat(all_scores)
+    valid_all = torch.cat(all_valid)
+    good = scores_all[valid_all]
+    lengths = batch.seq.response_mask.sum(-1)
+    metrics: dict[str, float] = {
+        "reward/mean": float(good.mean()) if good.numel() else float("nan"),
+        "reward/std": float(good.std()) if good.numel() > 1 else 0.0,
+        "reward/valid_frac": float(valid_all.float().mean()),
+        "rollout/zero_var_group_frac": zero_var / max(1, seen_groups),
+        "rollout/gen_rounds": rounds,
+        "rollout/dropped_groups": dropped,
+        "rollout/batch_groups": len({int(g) for g in batch.group_id}),
+        "rollout/batch_size": len(batch),
+        "rollout/length_mean": float(lengths.mean()),
+        "rollout/length_max": float(lengths.max()),
+        "rollout/truncated_frac": sum(r == "length" for r in batch.finish_reason) / max(1, len(batch)),
+        "rollout/tokens_per_s": n_tokens / max(gen_s, 1e-9),
+        "time/generate_s": gen_s,
+        "time/reward_s": reward_s,
+    }
+    if cfg.rollout.thinking_budget:  # share of this step's samples whose thinking was cut
+        metrics["rollout/thinking_cut_frac"] = thinking_cut / max(1, n_sampled)
+    if guided:
+        metrics.update(prm_guide_metrics(prm_before, trainer.engine.totals, cfg.rollout.max_new_tokens))
+    for k, vs in per_reward.items():
+        v = torch.cat(vs)
+        v = v[torch.isfinite(v)]
+        metrics[f"reward/{k}"] = float(v.mean()) if v.numel() else float("nan")
+    for k, n in errors.items():
+        metrics[f"reward/errors_{k}"] = n
+    for k, vs in dense_stats.items():
+        sums, no_steps = torch.cat([v[0] for v in vs]), torch.cat([v[1] for v in vs])
+        metrics[f"reward/{k}_dense_mean"] = float(sums.mean())
+        metrics[f"reward/{k}_no_steps_frac"] = float(no_steps.float().mean())
+    if turn_stats:  # multi-turn rollouts: every sample generated this step, dropped groups too
+        n, calls = max(1, len(turn_stats["turns"])), sum(turn_stats["tool_calls"])
+        metrics["tools/turns_mean"] = sum(turn_stats["turns"]) / n
+        metrics["tools/call_rate"] = sum(c > 0 for c in turn_stats["tool_calls"]) / n
+        metrics["tools/calls_per_sample"] = calls / n
+        metrics["tools/error_rate"] = sum(turn_stats["tool_errors"]) / max(1, calls)
+        metrics["env/return_mean"] = sum(turn_stats["return"]) / n
+    if p["teacher_mode"] == "none" or trainer.rewards.specs:
+        ok = batch.valid.tolist()
+        idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()
+        source.update([i for i, v in zip(idx_list, ok) if v], [s for s, v in zip(succ, ok) if v])
+    return batch, metrics
+
+
+def _success(res, scores: torch.Tensor, reward_name: str | None) -> torch.Tensor:
+    """[B] per-sample success in [0, 1] for success-rate sampling.
+
+    With `data.success_reward` set, that reward's own value (e.g. accuracy's 0/1), so
+    shaping terms (format, length) do not count as solving the prompt; otherwise the
+    summed score clipped to [0, 1]. Non-finite values (excluded samples) become 0.
+    """
+    chosen = res.per_reward.get(reward_name) if reward_name is not None else None  # None: not active yet
+    raw = chosen.float() if chosen is not None else scores
+    return torch.nan_to_num(raw, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+
+
+def _merge(parts, pad_id: int) -> RLBatch:
+    """Concatenate the kept rows of every generation round into one RLBatch."""
+    prompt_ids, resp, masks, slp, finish, texts, gids, items, scores, valids, keeps, dense = (
+        [] for _ in range(12)
+    )
+    offset = 0
+    for idx, ro, rows, sc, ok, dr in parts:
+        r = rows.nonzero().squeeze(1)
+        prompt_ids += [ro.prompt_ids[i] for i in r.tolist()]
+        resp.append(ro.response_ids[r])
+        masks.append(ro.mask[r].float())
+        slp.append(ro.sampling_logprobs[r].float())
+        finish += [ro.finish_reason[i] for i in r.tolist()]
+        texts += [ro.texts[i] for i in r.tolist()]
+        gids.append(ro.group_id[r] + offset)
+        items.append(torch.tensor([idx[int(g)] for g in ro.group_id[r]], dtype=torch.long))
+        scores.append(sc[r])
+        valids.append(ok[r])
+        if ro.keep_mask is not None:
+            keeps.append(ro.keep_mask[r])
+        if dr is not None:
+            dense.append(dr[r])
+        offset += len(idx)
+    response_ids = _pad_cat(resp, pad_id).long()
+    mask = _pad_cat(masks, 0.0)
+    seq = build_sequences(prompt_ids, response_ids, mask, pad_id)
+    valid = torch.cat(valids)
+    keep_mask = None
+    if keeps:
+        width = mask.shape[1]
+        keep_mask = torch.cat(
+            [torch.nn.functional.pad(k, (0, 0, 0, width - k.shape[1]), value=True) for k in keeps], dim=0
+        )
+    return RLBatch(
+        seq=seq,
+        mask=mask * valid.to(mask.dtype)[:, None],  # an excluded sample teaches nothing
+        sampling_logprobs=_pad_cat(slp, 0.0),
+        group_id=torch.cat(gids),
+        scores=torch.cat(scores),
+        valid=valid,
+        item_index=torch.cat(items),
+        finish_reason=finish,
+        texts=texts,
+        keep_mask=keep_mask,
+        dense_rewards=_pad_cat(dense, 0.0) if dense else None,
+    )
+
+
+# --------------------------------------------------------------------------- dense rewards
+
+
+def step_token_index(ends: list[int], token_lengths: list[int]) -> list[int]:
+    """Index of the response token holding character end − 1, for each step end offset.
+
+    token_lengths: decoded length of each response token, so token j covers characters
+    [Σ_{i<j} len_i, Σ_{i≤j} len_i) of the response text. Exact for the char tokenizer and
+    for any tokenizer whose tokens decode independently; a byte-level BPE token holding
+    part of a multi-byte character decodes to U+FFFD (one character), so offsets after it
+    can drift by a token. An offset past the decoded text maps to the last token;
+    an empty response gives −1 (no token to put the reward on).
+    """
+    cum = list(itertools.accumulate(token_lengths))
+    if not cum:
+        return [-1] * len(ends)
+    return [min(bisect.bisect_left(cum, e), len(cum) - 1) for e in ends]
+
+
+def model_prompts(tokenizer, items: list[PromptItem]) -> list[str]:
+    """Each item's prompt as the policy saw it: its templated prompt ids, decoded."""
+    cache: dict[int, str] = {}
+    out = []
+    for it in items:
+        key = id(it)
+        if key not in cache:
+            cache[key] = tokenizer.decode(it.prompt_ids, skip_special_tokens=False)
+        out.append(cache[key])
+    return out
+
+
+def dense_token_rewards(
+    rewards: RewardRole, tokenizer, prompt_ids: list[list[int]], ro: Rollout, step: int
+) -> tuple[torch.Tensor | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Token rewards [B, T] of the dense rewards active at `step` (None when there are none).
+
+    Each dense reward k gives weight_k · r_t, r_t = PRM(x, y≤t) − PRM(x, y≤t−1) (PRM(x, y≤0)
+    = 0), at the sampled token that ends step t (`step_token_index` on the per-token decoded
+    lengths of ro.response_ids). prompt_ids: the B prompts as the policy saw them (chat
+    template applied); the PRM gets them decoded, the layout `posttrain prm` trains on,
+    and a template that opens <think> is seen. Also returns, per reward name, ([B]
+    unweighted sum of its r_t, [B] bool "the completion has no steps") for the metrics.
+    """
+    from posttrain.core.advantages import prm_token_rewards
+
+    if not any(getattr(fn, "dense", False) for _, fn, _, _ in rewards.active(step)):
+        return None, {}
+    prompts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
+    dense = rewards.dense(prompts, ro.texts, step)
+    lengths = ro.mask.sum(-1).long().tolist()
+    rows = [ro.response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    decoded = {t: len(tokenizer.decode([t], skip_special_tokens=False)) for t in {t for r in rows for t in r}}
+    token_lengths = [[decoded[t] for t in r] for r in rows]
+    out = torch.zeros(ro.mask.shape)
+    stats = {}
+    for name, weight, scores, ends in dense:
+        width = max(1, max(len(s) for s in scores))
+        step_scores = torch.zeros(len(ro), width)
+        index = torch.full((len(ro), width), -1, dtype=torch.long)  # -1: padding step
+        for i, (sc, en) in enumerate(zip(scores, ends)):
+            if sc:
+                step_scores[i, : len(sc)] = torch.tensor(sc)
+                index[i, : len(en)] = torch.tensor(step_token_index(en, token_lengths[i]))
+        raw = prm_token_rewards(step_scores, index, ro.mask).float()  # [B, T]
+        out += weight * raw
+        stats[name] = (raw.sum(-1), torch.tensor([not sc for sc in scores]))
+    return out, stats

@@ -1,0 +1,183 @@
+"""The run around the RL steps: checkpoints and resume, the train loop with its logging,
+held-out evaluation, reward-hacking alerts and sample rows.
+
+`RLRunMixin` holds the part of `RLTrainer` (train/rl/controller.py) that is not one step: it reads the
+trainer's roles and counters (`policy`, `critic`, `reference`, `optimizer`, `step_count`,
+`_last_batch`, ...) and calls its `step()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.train.common.alerts import append_alerts
+from posttrain.train.common.checkpoint import atomic_write_text
+from posttrain.train.common.metrics import MetricsLogger, format_postfix, progress
+from posttrain.train.common.rundir import begin_run, resume_point, run_lock
+from posttrain.train.config.loader import config_to_dict
+
+
+def _f(x: torch.Tensor | float) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+class RLRunMixin:
+    """Checkpointing, the train loop, evaluation, alerts and samples of `RLTrainer`."""
+
+    def state(self) -> dict:
+        """JSON-serialisable loop state (counters, data position, controllers)."""
+        kl_state = self.kl_ctl.state_dict() if hasattr(self.kl_ctl, "state_dict") else {}
+        return {
+            "step": self.step_count,
+            "bad_in_a_row": self.guard.consecutive,
+            "skipped_updates": self.guard.total,
+            "prompts": self.prompts.state_dict(),
+            "kl_ctl": kl_state,
+            "baseline": self.baseline.state_dict(),
+            "alerts": self.monitor.state_dict() if self.monitor is not None else None,
+        }
+
+    def _models(self) -> dict[str, torch.nn.Module]:
+        models = {"policy": self.policy.model}
+        if self.critic is not None:
+            models["critic"] = self.critic.model
+        if self.cfg.algo.ref_refresh_every and self.reference is not None:
+            # A refreshed π_ref is no longer the initial policy: exact resume needs its weights.
+            models["reference"] = self.reference.model
+        return models
+
+    def save_checkpoint(self) -> Path:
+        """Write run_dir/checkpoints/step-N (models, optimizer, scheduler, RNGs, loop state)."""
+        return self.ckpt.save(
+            self.step_count,
+            models=self._models(),
+            tokenizer=self.tokenizer,
+            optimizers={"optimizer": self.optimizer},
+            schedulers={"scheduler": self.scheduler},
+            state=self.state(),
+        )
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights, optimizer, scheduler, RNGs, data position and controllers."""
+        state = self.ckpt.load(
+            path,
+            models=self._models(),
+            optimizers={"optimizer": self.optimizer},
+            schedulers={"scheduler": self.scheduler},
+        )
+        self.step_count = int(state["step"])
+        self.guard.load_state_dict({"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]})
+        self.prompts.load_state_dict(state["prompts"])
+        if state.get("kl_ctl") and hasattr(self.kl_ctl, "load_state_dict"):
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.baseline.load_state_dict(state["baseline"])
+        if self.monitor is not None and state.get("alerts"):
+            self.monitor.load_state_dict(state["alerts"])
+        self.engine.sync_weights(self.policy.model)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out `eval/*` metrics: task accuracy, or rewards on dataset rows (train/rl/eval.py)."""
+        from posttrain.train.rl.eval import evaluate
+
+        return evaluate(self)
+
+    def train(self) -> dict[str, Any]:
+        """Run until cfg.steps with logging, samples, eval, checkpoints; return a summary."""
+        with run_lock(self.run_dir):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        resume_step = None
+        latest = resume_point(self.ckpt, cfg.run.resume)
+        if latest is not None:
+            self.load_checkpoint(latest)
+            resume_step = self.step_count - 1
+        begin_run(self.run_dir, cfg, resumed=latest is not None)
+        if self._filter_record is not None:
+            atomic_write_text(self.run_dir / "difficulty_filter.json", self._filter_record)
+        logger = MetricsLogger(
+            self.run_dir,
+            tensorboard=cfg.run.tensorboard,
+            wandb=cfg.run.wandb,
+            resume_step=resume_step,
+            wandb_project=cfg.run.wandb_project,
+            config=config_to_dict(cfg),
+        )
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": resume_step}
+        can_eval = bool(
+            self.eval_examples
+        )  # validate (rl_eval.check_eval) refused eval without held-out prompts
+        try:
+            if cfg.eval.before_after and can_eval and self.step_count == 0:
+                summary["eval_before"] = self.evaluate()
+                logger.log(0, summary["eval_before"])
+            bar = progress(cfg.steps, "rl", initial=self.step_count)
+            metrics: dict[str, float] = {}
+            while self.step_count < cfg.steps:
+                step = self.step_count
+                metrics = self.step()
+                if cfg.eval.every and can_eval and (step + 1) % cfg.eval.every == 0:
+                    metrics.update(self.evaluate())
+                fired = self._alerts(step, metrics)
+                if step % max(1, cfg.run.log_every) == 0 or fired:
+                    logger.log(step, metrics)
+                if cfg.sample_log_every and step % cfg.sample_log_every == 0:
+                    logger.log_samples(step, self._sample_rows(step))
+                bar.update(1)
+                bar.set_postfix_str(format_postfix(metrics))
+                if cfg.run.save_every and self.step_count % cfg.run.save_every == 0:
+                    self.save_checkpoint()
+                if fired and cfg.alerts.stop:
+                    summary["stopped_by_alert"] = [a.row() for a in fired]
+                    break
+            bar.close()
+            if cfg.eval.before_after and can_eval:
+                summary["eval_after"] = self.evaluate()
+                logger.log(self.step_count, summary["eval_after"])
+            self.save_checkpoint()
+            from posttrain.engines.models import save_model
+
+            save_model(self.policy.model, self.tokenizer, str(self.run_dir / "final"))
+            if self.critic is not None:
+                from posttrain.engines.models import save_value_model
+
+                save_value_model(self.critic.model, self.tokenizer, str(self.run_dir / "final_critic"))
+        finally:
+            logger.close()
+            self.rewards.close()
+            if self.eval_rewards is not None:
+                self.eval_rewards.close()
+        summary.update(
+            {"steps": self.step_count, "final_metrics": metrics, "final_model": str(self.run_dir / "final")}
+        )
+        return summary
+
+    def _alerts(self, step: int, metrics: dict[str, float]) -> list:
+        """Reward-hacking checks on this step's metrics and responses (train/common/alerts.py)."""
+        if self.monitor is None:
+            return []
+        b = self._last_batch
+        fired = self.monitor.observe(step, metrics, list(b.texts), b.group_id.tolist())
+        append_alerts(self.run_dir, fired)
+        return fired
+
+    def _sample_rows(self, step: int) -> list[dict]:
+        b = self._last_batch
+        rows = []
+        for i in range(min(self.cfg.samples_per_log, len(b))):
+            item = self.prompts.items[int(b.item_index[i])]
+            rows.append(
+                {
+                    "prompt_id": item.id,
+                    "prompt": item.text,
+                    "completion": b.texts[i],
+                    "answer": item.answer,
+                    "score": _f(b.scores[i]) if bool(b.valid[i]) else None,
+                    "finish_reason": b.finish_reason[i],
+                }
+            )
+        return rows

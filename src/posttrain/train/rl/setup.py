@@ -1,0 +1,316 @@
+"""Building the RL loop's roles from an RLConfig.
+
+`build_components` loads the policy/tokenizer, the rollout engine, the optional reference,
+critic and teacher, the rewards and the prompt source. The rollout-collection phase
+(`collect`) is in rl_collect.py and re-exported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.errors import ConfigError, ModelError
+from posttrain.roles import (
+    CriticRole,
+    PolicyRole,
+    PromptItem,
+    PromptSource,
+    RewardRole,
+    ScoringRole,
+)
+from posttrain.train.common.input_checks import check_context, check_fills_a_batch, check_reward_columns
+from posttrain.train.config.rl import RLConfig, check_dense_reward
+from posttrain.train.config.rl_checks import uses_reference
+
+# The collection phase; re-exported: callers and tests import these from here.
+from posttrain.train.rl.collect import (  # noqa: F401
+    collect,
+    dense_token_rewards,
+    filter_by_difficulty,
+    model_prompts,
+    step_token_index,
+)
+from posttrain.train.rl.prm_guide import check_prm_guide_path, wrap_engine
+
+# --------------------------------------------------------------------------- building
+
+
+def _load_policy(cfg: RLConfig, tokenizer):
+    from posttrain.engines.models import load_model
+
+    m = cfg.model
+    source = m.path or m.preset
+    lora = None
+    if m.lora_r > 0:
+        lora = {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
+    model = load_model(
+        source,
+        dtype=m.dtype,
+        device=m.device,
+        attn_implementation=m.attn_implementation,
+        gradient_checkpointing=m.gradient_checkpointing,
+        lora=lora,
+        tokenizer=tokenizer,
+    )
+    return model
+
+
+def make_env_factory(cfg: RLConfig):
+    """() -> a fresh environment of cfg.env (None without one)."""
+    if cfg.env.name is None:
+        return None
+    from posttrain.data.envs import make_env
+
+    options = dict(cfg.env.options)
+    if cfg.env.name == "tools":
+        options["tools"] = list(cfg.env.tools)
+    return lambda: make_env(cfg.env.name, **options)
+
+
+def _template(tokenizer, text: str, cfg: RLConfig) -> list[int]:
+    from posttrain.engines.encoding import encode_prompt
+
+    factory = make_env_factory(cfg)
+    # Tool declarations go where the model's template puts them (e.g. Qwen's system block).
+    tools = factory().tool_schemas() if factory is not None else None
+    return encode_prompt(
+        tokenizer,
+        text,
+        chat_template=cfg.data.chat_template,
+        enable_thinking=cfg.data.enable_thinking,
+        tools=tools,
+    )
+
+
+def _items_from_examples(examples, tokenizer, cfg: RLConfig) -> list[PromptItem]:
+    return [
+        PromptItem(
+            id=ex.id,
+            text=ex.prompt,
+            prompt_ids=_template(tokenizer, ex.prompt, cfg),
+            answer=ex.answer,
+            difficulty=ex.difficulty,
+            # The reference solution is for rewards that check the reasoning (step_credit).
+            columns={"answer": ex.answer, "solution": ex.solution},
+        )
+        for ex in examples
+    ]
+
+
+def _items_from_rows(rows: list[dict], tokenizer, cfg: RLConfig, source: str) -> list[PromptItem]:
+    col = cfg.data.prompt_column
+    items = []
+    for i, row in enumerate(rows):
+        extra = {k: v for k, v in row.items() if k != col}
+        items.append(
+            PromptItem(
+                id=str(row.get("id", f"{source}:{i}")),
+                text=row[col],
+                prompt_ids=_template(tokenizer, row[col], cfg),
+                answer=str(row.get("answer", "")),
+                difficulty=int(row.get("difficulty", 1) or 1),
+                columns=extra,
+            )
+        )
+    return items
+
+
+def _check_lengths(items: list[PromptItem], cfg: RLConfig, where: str) -> list[PromptItem]:
+    limit = cfg.data.max_prompt_tokens
+    long = [it for it in items if len(it.prompt_ids) > limit]
+    if long and cfg.data.long_prompts == "error":
+        it = long[0]
+        raise ConfigError(
+            f"{where}: prompt {it.id!r} has {len(it.prompt_ids)} tokens after the chat template, over "
+            f"data.max_prompt_tokens={limit} (raise it or set data.long_prompts=skip)"
+        )
+    return [it for it in items if len(it.prompt_ids) <= limit]
+
+
+def load_prompts(cfg: RLConfig, tokenizer):
+    """(train items, eval examples or items, task or None) from a task, dataset files, or
+    the environment's own prompt rows (an env with `dataset_rows`, e.g. a game's openings)."""
+    d = cfg.data
+    factory = make_env_factory(cfg)
+    if not d.path and not d.task and factory is not None:
+        env, data_seed = factory(), cfg.run.seed if d.seed is None else d.seed
+        where = f"environment {cfg.env.name!r}"
+        train = _check_lengths(_items_from_rows(env.dataset_rows("train", d.n_train, data_seed), tokenizer, cfg, where),
+                               cfg, where)  # fmt: skip
+        test = (
+            _items_from_rows(env.dataset_rows("test", d.n_test, data_seed), tokenizer, cfg, where)
+            if d.n_test
+            else []
+        )
+        return train, test, None
+    if d.path:
+        from posttrain.data.datasets import load_rows
+
+        rows = load_rows(d.path, "prompt", prompt_column=d.prompt_column)
+        train = _check_lengths(_items_from_rows(rows, tokenizer, cfg, d.path), cfg, d.path)
+        test: list = []
+        if d.test_path:
+            test = _items_from_rows(
+                load_rows(d.test_path, "prompt", prompt_column=d.prompt_column), tokenizer, cfg, d.test_path
+            )
+        task = None
+        if d.task:
+            from posttrain.data.tasks import get_task
+
+            task = get_task(d.task, **d.task_options)
+        return train, test, task
+    from posttrain.data.tasks import get_task
+
+    task = get_task(d.task, **d.task_options)
+    data_seed = cfg.run.seed if d.seed is None else d.seed
+    train_ex = task.examples("train", d.n_train, seed=data_seed, difficulty=d.difficulty)
+    test_ex = task.examples("test", d.n_test, seed=data_seed, difficulty=d.difficulty) if d.n_test else []
+    train = _check_lengths(_items_from_examples(train_ex, tokenizer, cfg), cfg, f"task {d.task!r}")
+    return train, test_ex, task
+
+
+def build_rewards(cfg: RLConfig, key: str = "rewards") -> RewardRole:
+    """Each entry of `cfg.rewards` (or of `cfg.eval.rewards` with key="eval.rewards") ->
+    build_reward(name, **options), run by a RewardRunner.
+
+    The "task" reward verifies with `cfg.data.task` unless its options name a task.
+    """
+    from posttrain.data.rewards import build_reward
+
+    specs = []
+    for i, spec in enumerate(cfg.eval.rewards if key == "eval.rewards" else cfg.rewards):
+        options = dict(spec.options)
+        if spec.name == "task" and "task" not in options and cfg.data.task:
+            options["task"] = cfg.data.task
+        try:
+            fn = build_reward(spec.name, **options)
+        except TypeError as e:
+            raise ConfigError(f"{key}[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
+        if getattr(fn, "dense", False):  # also a "module:function" reward that marks itself dense
+            check_dense_reward(spec.name, cfg.algo.pieces()["advantage"], cfg.algo.method)
+        specs.append((spec.name, fn, spec.weight, spec.start_step))
+    ex = cfg.reward_exec
+    return RewardRole(
+        specs, timeout_s=ex.timeout_s, max_workers=ex.max_workers, max_error_rate=ex.max_error_rate
+    )
+
+
+def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
+    """Every role of the loop for `cfg` with resolved pieces `p` (see RLTrainer)."""
+    from posttrain.engines.models import build_value_model, load_model, load_tokenizer
+    from posttrain.engines.rollout import make_engine
+
+    check_prm_guide_path(cfg)
+    ro = cfg.rollout
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path or cfg.model.preset)
+    # The data is read and checked before any model is built.
+    train_items, eval_examples, task = load_prompts(cfg, tokenizer)
+    source = cfg.data.path or f"task {cfg.data.task!r}"
+    check_fills_a_batch(len(train_items), ro.prompts_per_step, "rollout.prompts_per_step", source)
+    check_reward_columns(cfg.rewards, train_items, source)
+    lengths = [(f"prompt {it.id!r}", len(it.prompt_ids) + ro.max_new_tokens) for it in train_items]
+    key = "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)"
+    check_context(cfg.model.path or cfg.model.preset, lengths, key)  # before the model when it can
+    model = _load_policy(cfg, tokenizer)
+    check_context(model, lengths, key)
+    policy = PolicyRole(model, temperature=ro.temperature)
+    engine_options = {}
+    if ro.engine == "vllm":  # validate refused these keys for the other engines
+        engine_options = {
+            "gpu_memory_utilization": ro.vllm_gpu_memory_utilization,
+            "sleep_between_calls": ro.vllm_sleep_mode,
+        }
+    engine = make_engine(ro.engine, model, tokenizer, **engine_options)
+    if ro.thinking_budget:
+        from posttrain.engines.rollout.budget import ThinkingBudgetEngine
+
+        engine = ThinkingBudgetEngine(engine, tokenizer, ro.thinking_budget, ro.thinking_end_phrase)
+    engine = wrap_engine(engine, tokenizer, cfg)  # rollout.prm_guide (off: unchanged)
+    env_factory = make_env_factory(cfg)
+    if env_factory is not None:
+        from posttrain.engines.rollout.multiturn import MultiTurnEngine
+
+        engine = MultiTurnEngine(engine, tokenizer, env_factory, max_turns=cfg.env.max_turns,
+                                 max_total_tokens=cfg.env.max_total_tokens)  # fmt: skip
+    needs_ref = uses_reference(p)
+    reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
+    critic = None
+    if p["critic"]:
+        source = cfg.critic.path or cfg.critic.preset or model
+        # A zero head makes the critic start at V = 0: returns are learned from a neutral
+        # baseline instead of a random one that would inject noise into the first advantages.
+        critic = CriticRole(
+            build_value_model(source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device)
+        )
+    teacher = None
+    if p["teacher_mode"] != "none":
+        tsrc = cfg.teacher.path or cfg.teacher.preset
+        tmodel = load_model(tsrc, device=cfg.model.device, tokenizer=tokenizer).eval()
+        if tmodel.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
+            raise ModelError(
+                f"teacher {tsrc!r} has a different vocabulary from the policy; distillation needs one tokenizer"
+            )
+        for q in tmodel.parameters():
+            q.requires_grad_(False)
+        teacher = ScoringRole(tmodel, temperature=ro.temperature)
+    rewards = (
+        build_rewards(cfg) if cfg.rewards else RewardRole([], timeout_s=1, max_workers=1, max_error_rate=1)
+    )
+    filter_record = None
+    if cfg.data.difficulty_filter_k > 0:
+        train_items, filter_record = filter_by_difficulty(cfg, train_items, engine, rewards)
+    prompts = PromptSource(
+        train_items, selection=cfg.data.selection, seed=cfg.run.seed, total_steps=cfg.steps
+    )
+    return {
+        "tokenizer": tokenizer,
+        "policy": policy,
+        "engine": engine,
+        "reference": reference,
+        "critic": critic,
+        "teacher": teacher,
+        "rewards": rewards,
+        "prompts": prompts,
+        "eval_examples": eval_examples,
+        "task": task,
+        "difficulty_filter_record": filter_record,
+        # Held-out samples are scored with eval.rewards when given, else with the run's rewards.
+        "eval_rewards": build_rewards(cfg, "eval.rewards") if cfg.eval.rewards else None,
+    }
+
+
+def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
+    """Lines for `plan`: models that will exist, parameter counts, a memory estimate."""
+    from posttrain.engines.models import PRESETS, count_parameters, load_model
+
+    m = cfg.model
+    source = m.path or m.preset
+    if source in PRESETS:
+        n = count_parameters(load_model(source))
+    else:
+        n = None
+    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
+    models = ["policy (trained)"]
+    copies = 1
+    if p["kl_placement"] != "none" and p["kl_coef"] > 0:
+        models.append("reference (frozen copy)" if m.lora_r == 0 else "reference (policy with adapters off)")
+        if cfg.algo.ref_refresh_every:
+            models[-1] = f"reference (reset to the policy every {cfg.algo.ref_refresh_every} steps)"
+        copies += 1 if m.lora_r == 0 else 0
+    if p["critic"]:
+        models.append("critic (trained)")
+        copies += 1
+    if p["teacher_mode"] != "none":
+        models.append(f"teacher (frozen: {cfg.teacher.path or cfg.teacher.preset})")
+    if cfg.rollout.prm_guide.model_path is not None:
+        g = cfg.rollout.prm_guide
+        models.append(f"PRM (frozen: {g.model_path}; rollout guide, mode {g.mode})")
+    lines = [f"  models: {', '.join(models)}"]
+    if n is not None:
+        # weights + AdamW moments (2x) + grads for trained models; weights only for frozen ones.
+        trained = 1 + (1 if p["critic"] else 0)
+        est = n * bytes_per * copies + n * 4 * 3 * trained
+        lines.append(f"  policy parameters: {n:,}; rough memory for weights/optimizer: {est / 2**20:.1f} MiB")
+    else:
+        lines.append(f"  policy: {source} (parameter count known after loading)")
+    return lines

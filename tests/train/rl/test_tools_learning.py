@@ -1,0 +1,89 @@
+"""Learning with tools (issue #20), through the CLI as a user runs recipes/tools/: on
+three-digit addition and subtraction, a tiny model that learned (SFT) to call a
+calculator and GRPO-trained with it answers held-out problems far better than the same
+model and budget without tools, and keeps calling the tool.
+
+Still open, and marked so: GRPO raising held-out accuracy above its tool-using SFT start
+(measured flat at lr 5e-5, collapsing at 3e-4; docs/benchmarks.md, "Tool use"). The
+strict xfail turns into a failure the day it starts passing.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain import cli
+
+pytestmark = pytest.mark.slow
+
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "tools"
+NO_EVAL = ["--eval.every", "0", "--eval.before_after", "false"]
+
+
+def _run(*args) -> None:
+    assert cli.main([str(a) for a in args]) == 0
+
+
+def _accuracy(model_dir: Path, tools: bool) -> dict[str, float]:
+    """Held-out accuracy on 64 test problems: greedy, and sampled (T=1, 2 per problem);
+    the tool-call rate of the sampled answers."""
+    from posttrain.data.envs import make_env
+    from posttrain.data.tasks import get_task
+    from posttrain.engines.models import load_model, load_tokenizer
+    from posttrain.engines.rollout import make_engine
+    from posttrain.engines.rollout.multiturn import MultiTurnEngine
+    from posttrain.train.evaluate import evaluate_policy
+
+    tok = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), tokenizer=tok)
+    task = get_task("tool_arithmetic")
+    examples = task.examples("test", 64, seed=0, difficulty=1)
+    engine = make_engine("native", model, tok)
+    if tools:
+        engine = MultiTurnEngine(engine, tok, lambda: make_env("tools"), max_turns=2, max_total_tokens=160)
+    torch.manual_seed(0)
+    greedy = evaluate_policy(
+        model, tok, examples, task, k=1, temperature=0.0, max_new_tokens=100, engine=engine
+    )
+    sampled = evaluate_policy(model, tok, examples, task, k=2, temperature=1.0, max_new_tokens=100, engine=engine,
+                              seed=1, return_samples=True)  # fmt: skip
+    calls = sum("<tool_call>" in s["completion"] for s in sampled["samples"]) / len(sampled["samples"])
+    return {"greedy": greedy["accuracy"], "sampled": sampled["accuracy"], "calls": calls}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tools")
+    _run("sft", "--config", RECIPES / "1_sft.yaml", "--run.output_dir", out / "sft")
+    _run("rl", "--config", RECIPES / "2_grpo.yaml", "--model.path", out / "sft" / "final", "--steps", 30,
+         "--optim.lr", "5e-5", *NO_EVAL, "--run.output_dir", out / "grpo")  # fmt: skip
+    _run("sft", "--config", RECIPES / "3_sft_no_tools.yaml", "--train.steps", 200,
+         "--run.output_dir", out / "sft_plain")  # fmt: skip
+    _run("rl", "--config", RECIPES / "4_grpo_no_tools.yaml", "--model.path", out / "sft_plain" / "final",
+         "--steps", 10, "--optim.lr", "5e-5", *NO_EVAL, "--run.output_dir", out / "grpo_plain")  # fmt: skip
+    rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "sft": _accuracy(out / "sft" / "final", tools=True),
+        "grpo": _accuracy(out / "grpo" / "final", tools=True),
+        "plain": _accuracy(out / "grpo_plain" / "final", tools=False),
+        "rows": rows,
+    }
+
+
+def test_tool_use_beats_the_same_budget_without_tools(runs):
+    steps = [r for r in runs["rows"] if "reward/mean" in r]
+    assert len(steps) == 30 and all("tools/call_rate" in r and "tools/error_rate" in r for r in steps)
+    assert runs["grpo"]["calls"] > 0.8, runs["grpo"]
+    assert runs["grpo"]["greedy"] > runs["plain"]["greedy"] + 0.4, (runs["grpo"], runs["plain"])
+    assert runs["grpo"]["sampled"] > runs["plain"]["sampled"] + 0.2, (runs["grpo"], runs["plain"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue #20): 30 GRPO steps at lr 5e-5 keep held-out accuracy at the tool-using SFT "
+    "start (measured 0.78 -> 0.75 greedy, 0.50 -> 0.48 sampled); lr 3e-4 collapsed it (0.78 -> 0.11 by step 10)",
+)
+def test_grpo_raises_accuracy_above_the_tool_using_sft_start(runs):
+    assert runs["grpo"]["sampled"] > runs["sft"]["sampled"] + 0.10, (runs["sft"], runs["grpo"])
