@@ -182,11 +182,11 @@ def test_kd_objective_only_on_low_reward_samples_and_k2_gradient():
 
 def test_presets_resolve_with_override_precedence():
     p = resolve_pieces("dapo", {"clip_eps_high": 0.3, "advantage_options": {"std_eps": 1e-3}})
-    assert p["clip_eps_high"] == 0.3  # user wins
-    assert p["clip_eps_low"] == 0.2 and p["dynamic_sampling"] is True  # preset
-    assert p["advantage_options"] == {"scale": "group", "std_eps": 1e-3}  # merged
-    assert p["entropy_coef"] == PIECE_DEFAULTS["entropy_coef"]  # default
-    assert set(p) == set(PIECE_DEFAULTS)
+    assert p.clip_eps_high == 0.3  # user wins
+    assert p.clip_eps_low == 0.2 and p.dynamic_sampling is True  # preset
+    assert p.advantage_options == {"scale": "group", "std_eps": 1e-3}  # merged
+    assert p.entropy_coef == PIECE_DEFAULTS["entropy_coef"]  # default
+    assert set(p.as_dict()) == set(PIECE_DEFAULTS)
 
 
 def test_every_named_method_exists_and_unknown_suggests():

@@ -31,12 +31,12 @@ def test_default_stages_use_the_column_task_without_a_reference(tmp_path):
     assert rl.data.n_train == cfg.rl_prompts > cfg.sft_examples
     assert rl.optim.schedule == "cosine" and rl.optim.lr == cfg.rl_lr
     pieces = rl.algo.pieces()
-    assert pieces["kl_placement"] == "none" and pieces["advantage"] == "grpo"
+    assert pieces.kl_placement == "none" and pieces.advantage == "grpo"
     # Group-mean baseline, batch-std scale: the 0.2 format weight stays small next to accuracy.
-    assert pieces["advantage_options"]["scale"] == "batch"
+    assert pieces.advantage_options["scale"] == "batch"
     # A KL coefficient puts the preset's KL loss back.
     _, rl_kl = _stage_configs(load_config(DemoConfig, None, ["kl_coef=0.01"]), tmp_path)
-    assert rl_kl.algo.pieces()["kl_placement"] == "loss" and rl_kl.algo.pieces()["kl_coef"] == 0.01
+    assert rl_kl.algo.pieces().kl_placement == "loss" and rl_kl.algo.pieces().kl_coef == 0.01
     # Another task: options are replaced as a whole, so '{}' clears the arithmetic ones.
     other = load_config(DemoConfig, None, ["task=sorting", "task_options={}", "difficulty=1"])
     assert _stage_configs(other, tmp_path)[1].data.task_options == {}

@@ -7,7 +7,7 @@ configuration per mode (task / dataset file, LoRA, critic, teacher, ...) so that
 read only in one mode are read in some run; the union must cover every key the command
 accepts, except the few read only on a rare event, listed below with the test that
 exercises them. For `posttrain rl` the resolved method pieces (`algo.*`) are also tracked
-as the loop reads them from the pieces dict.
+as the loop reads them from the resolved RLSpec.
 """
 
 from __future__ import annotations
@@ -52,20 +52,17 @@ def _track(obj, prefix: str, seen: set[str]) -> None:
     obj.__class__ = type(base.__name__, (base,), {"__getattribute__": getattribute})
 
 
-class _Pieces(dict):
-    """The resolved pieces dict, recording which pieces the loop reads."""
+def _tracked_spec(spec, seen: set[str]):
+    """A copy of the resolved RLSpec that records which of its fields the loop reads."""
+    names = {f.name for f in dataclasses.fields(spec)}
 
-    def __init__(self, pieces: dict, seen: set[str]):
-        super().__init__(pieces)
-        self.seen = seen
+    class Tracked(type(spec)):
+        def __getattribute__(self, name):
+            if name in names:
+                seen.add(f"algo.{name}")
+            return object.__getattribute__(self, name)
 
-    def __getitem__(self, key):
-        self.seen.add(f"algo.{key}")
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        self.seen.add(f"algo.{key}")
-        return super().get(key, default)
+    return Tracked(**{name: getattr(spec, name) for name in names})
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -98,7 +95,7 @@ def test_every_rl_field_and_piece_is_read(tmp_path, monkeypatch):
     seen: set[str] = set()
     pieces: set[str] = set()
     validate = rl.validate
-    monkeypatch.setattr(rl, "validate", lambda cfg: _Pieces(validate(cfg), pieces))
+    monkeypatch.setattr(rl, "validate", lambda cfg: _tracked_spec(validate(cfg), pieces))
     for method, extra in runs.items():
         cfg = tiny_config(tmp_path / method, method, *extra, steps=1)
         _track(cfg, "", seen)

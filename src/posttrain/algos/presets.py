@@ -35,51 +35,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from posttrain.algos.spec import RLSpec, spec_defaults
 from posttrain.core.registry import Registry
 
 # Every piece of the loop with the value used when neither the preset nor the user sets it.
-PIECE_DEFAULTS: dict[str, Any] = {
-    "advantage": "grpo",
-    "advantage_options": {},
-    "policy_loss": "ppo",
-    "policy_loss_options": {},
-    "clip_eps_low": 0.2,
-    "clip_eps_high": 0.2,
-    "dual_clip": None,
-    "aggregation": "token-mean",
-    "kl_placement": "none",  # "none" | "reward" | "loss"
-    "kl_estimator": "k3",
-    "kl_coef": 0.0,
-    "kl_target": None,  # adaptive controller target KL; None = fixed coefficient
-    "kl_horizon": 10000,
-    "entropy_coef": 0.0,
-    "update_epochs": 1,
-    "num_minibatches": 1,
-    "critic": False,
-    "value_coef": 0.5,
-    "value_clip": None,
-    "gamma": 1.0,
-    "lam": 0.95,
-    "baseline_momentum": 0.9,
-    "dynamic_sampling": False,
-    "max_gen_rounds": 3,
-    "overlong": "none",  # "none" | "mask" (drop truncated samples from the loss)
-    "teacher_mode": "none",  # "none" | "reward" (on-policy distillation) | "loss" (KDRL)
-    "teacher_reward_weight": 1.0,
-    "kd_coef_start": 0.0,
-    "kd_coef_end": 0.0,
-    "kd_anneal_steps": 0,
-    "kd_anneal": "linear",
-    "kd_reward_threshold": 0.5,
-    "tis_cap": None,
-    "tis_level": "token",
-    "off_policy_kl_threshold": None,
-    "keep_sampling_mask": False,
-    "trust_region": None,  # TRPO: max mean token KL δ of one natural-gradient step; None = optimizer steps
-    "cg_iters": 10,
-    "cg_damping": 0.1,
-    "backtrack_steps": 10,
-}
+PIECE_DEFAULTS: dict[str, Any] = spec_defaults()
 
 
 METHODS: Registry = Registry("RL method")
@@ -247,7 +207,7 @@ _preset(
 )
 
 
-def resolve_pieces(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def resolve_pieces(method: str, overrides: dict[str, Any]) -> RLSpec:
     """Merge piece settings: explicit override (not None) > method preset > PIECE_DEFAULTS.
 
     Args:
@@ -258,7 +218,7 @@ def resolve_pieces(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
             key by key over the preset's, so setting one option keeps the others.
 
     Returns:
-        piece -> value for every key of PIECE_DEFAULTS.
+        the frozen RLSpec (every field of PIECE_DEFAULTS set).
     """
     preset = METHODS[method]()
     out: dict[str, Any] = {}
@@ -270,4 +230,4 @@ def resolve_pieces(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
         elif given is not None and given != UNSET:
             value = given
         out[piece] = value
-    return out
+    return RLSpec(**out)

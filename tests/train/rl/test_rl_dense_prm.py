@@ -225,9 +225,9 @@ def test_rl_steps_with_a_saved_prm_from_yaml(tmp_path, method):
         want = torch.tensor([0.5 * s[-1] if s else 0.0 for s in scores])
         torch.testing.assert_close(batch.dense_rewards.sum(-1), want, atol=1e-5, rtol=0)
         assert batch.scores.abs().max() <= 1.0  # format alone (0/1), no PRM score added
-        p = trainer.p
+        spec = trainer.spec
         if method == "reinforce_pp":  # γ = 1 returns: the rewards reach every earlier token
-            assert p["gamma"] == 1.0
+            assert spec.gamma == 1.0
             r = batch.dense_rewards * batch.mask
             last = (batch.mask.cumsum(-1) == batch.mask.sum(-1, keepdim=True)) & (batch.mask > 0)
             r = r + last * batch.scores[:, None]
@@ -235,7 +235,7 @@ def test_rl_steps_with_a_saved_prm_from_yaml(tmp_path, method):
             torch.testing.assert_close(batch.returns, want_g, atol=1e-5, rtol=0)
         else:  # GAE's returns are those of the critic's values and score + dense rewards
             gae = {"scores": batch.scores, "mask": batch.mask, "values": batch.values}
-            gae |= {"gamma": p["gamma"], "lam": p["lam"]}
+            gae |= {"gamma": spec.gamma, "lam": spec.lam}
             _, with_dense = ADVANTAGES["gae"](token_rewards=batch.dense_rewards, **gae)
             _, without = ADVANTAGES["gae"](**gae)
             torch.testing.assert_close(batch.returns, with_dense * batch.mask, atol=1e-5, rtol=0)

@@ -234,10 +234,10 @@ def test_register_helper_is_idempotent():
 def test_choice_none_overrides_the_preset(tmp_path):
     """`none` is a real choice for kl_placement / overlong / teacher_mode, not "unset"."""
     cfg = tiny_config(tmp_path, "grpo", "algo.kl_placement=none")
-    assert validate(cfg)["kl_placement"] == "none"
+    assert validate(cfg).kl_placement == "none"
     cfg = tiny_config(tmp_path, "dapo", "algo.overlong=none")
-    assert validate(cfg)["overlong"] == "none"
-    assert validate(tiny_config(tmp_path, "dapo"))["overlong"] == "mask"
+    assert validate(cfg).overlong == "none"
+    assert validate(tiny_config(tmp_path, "dapo")).overlong == "mask"
 
 
 def test_off_policy_controls_run_and_report(tmp_path):

@@ -17,23 +17,19 @@ from posttrain.train.config.checks import MAX_LR, check_preset, check_range, che
 from posttrain.train.rl.prm_guide import check_prm_guide
 
 if TYPE_CHECKING:
+    from posttrain.algos.spec import RLSpec
     from posttrain.train.config.rl import RLConfig, RolloutSection
 
 
-def uses_reference(p: dict[str, Any]) -> bool:
-    """Whether the resolved pieces read π_ref (a KL term that can be non-zero)."""
-    return p["kl_placement"] != "none" and (p["kl_coef"] > 0 or p["kl_target"] is not None)
-
-
-def check_ref_refresh(cfg, p: dict[str, Any]) -> None:
+def check_ref_refresh(cfg, spec: RLSpec) -> None:
     """algo.ref_refresh_every needs a reference in use and a policy that is not LoRA."""
     n = cfg.algo.ref_refresh_every
     if n < 0:
         raise ConfigError(f"algo.ref_refresh_every must be >= 0 (0 = never), got {n}")
-    if n and not uses_reference(p):
+    if n and not spec.uses_reference:
         raise ConfigError(
             "algo.ref_refresh_every refreshes the KL reference, but this config has none "
-            f"(kl_placement {p['kl_placement']!r}, kl_coef {p['kl_coef']}); set a KL term or drop it"
+            f"(kl_placement {spec.kl_placement!r}, kl_coef {spec.kl_coef}); set a KL term or drop it"
         )
     if n and cfg.model.lora_r > 0:
         raise ConfigError(
@@ -42,27 +38,27 @@ def check_ref_refresh(cfg, p: dict[str, Any]) -> None:
         )
 
 
-def check_trust_region(cfg, p: dict[str, Any]) -> None:
+def check_trust_region(cfg, spec: RLSpec) -> None:
     """TRPO takes one natural step per batch on its own surrogate: settings of the other
     policy losses would do nothing, so they are errors."""
-    if p["trust_region"] is None:
+    if spec.trust_region is None:
         return
-    if p["trust_region"] <= 0 or p["cg_iters"] < 1 or p["cg_damping"] < 0 or p["backtrack_steps"] < 1:
+    if spec.trust_region <= 0 or spec.cg_iters < 1 or spec.cg_damping < 0 or spec.backtrack_steps < 1:
         raise ConfigError(
             "algo.trust_region must be > 0, cg_iters >= 1, cg_damping >= 0, backtrack_steps >= 1; got "
-            f"{p['trust_region']}, {p['cg_iters']}, {p['cg_damping']}, {p['backtrack_steps']}"
+            f"{spec.trust_region}, {spec.cg_iters}, {spec.cg_damping}, {spec.backtrack_steps}"
         )
-    if p["update_epochs"] != 1 or p["num_minibatches"] != 1:
+    if spec.update_epochs != 1 or spec.num_minibatches != 1:
         raise ConfigError(
             "algo.trust_region (TRPO) takes one step per batch: set update_epochs 1, num_minibatches 1"
         )
     a = cfg.algo
     unused = [name for name, on in (
         ("algo.policy_loss", a.policy_loss is not None), ("algo.clip_eps_low", a.clip_eps_low is not None),
-        ("algo.clip_eps_high", a.clip_eps_high is not None), ("algo.dual_clip", p["dual_clip"] is not None),
-        ("algo.tis_cap", p["tis_cap"] is not None), ("algo.off_policy_kl_threshold", p["off_policy_kl_threshold"] is not None),
-        ("algo.keep_sampling_mask", p["keep_sampling_mask"]), ("algo.entropy_coef", p["entropy_coef"] > 0),
-        ("algo.kl_placement loss", p["kl_placement"] == "loss"), ("algo.teacher_mode loss", p["teacher_mode"] == "loss"),
+        ("algo.clip_eps_high", a.clip_eps_high is not None), ("algo.dual_clip", spec.dual_clip is not None),
+        ("algo.tis_cap", spec.tis_cap is not None), ("algo.off_policy_kl_threshold", spec.off_policy_kl_threshold is not None),
+        ("algo.keep_sampling_mask", spec.keep_sampling_mask), ("algo.entropy_coef", spec.entropy_coef > 0),
+        ("algo.kl_placement loss", spec.kl_placement == "loss"), ("algo.teacher_mode loss", spec.teacher_mode == "loss"),
     ) if on]  # fmt: skip
     if unused:
         raise ConfigError(
@@ -70,10 +66,10 @@ def check_trust_region(cfg, p: dict[str, Any]) -> None:
         )
 
 
-def check_thinking_budget(cfg, p: dict[str, Any]) -> None:
+def check_thinking_budget(cfg, spec: RLSpec) -> None:
     """rollout.thinking_budget: >= 0, and not with keep masks or a multi-turn environment."""
     budget = cfg.rollout.thinking_budget
-    if budget < 0 or (budget and p["keep_sampling_mask"]):
+    if budget < 0 or (budget and spec.keep_sampling_mask):
         raise ConfigError(
             f"rollout.thinking_budget must be >= 0 (0 = off) and cannot be combined with algo.keep_sampling_mask "
             f"(inserted tokens have no sampler support), got {budget}"
@@ -128,11 +124,11 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     from posttrain.core.masking import AGGREGATIONS
     from posttrain.core.policy_losses import POLICY_LOSSES
 
-    p = cfg.algo.pieces()  # unknown method -> ConfigError with suggestion
-    _registry_check(ADVANTAGES, p["advantage"], "algo.advantage")
-    _registry_check(POLICY_LOSSES, p["policy_loss"], "algo.policy_loss")
-    _registry_check(AGGREGATIONS, p["aggregation"], "algo.aggregation")
-    _registry_check(KL_ESTIMATORS, p["kl_estimator"], "algo.kl_estimator")
+    spec = cfg.algo.pieces()  # unknown method -> ConfigError with suggestion
+    _registry_check(ADVANTAGES, spec.advantage, "algo.advantage")
+    _registry_check(POLICY_LOSSES, spec.policy_loss, "algo.policy_loss")
+    _registry_check(AGGREGATIONS, spec.aggregation, "algo.aggregation")
+    _registry_check(KL_ESTIMATORS, spec.kl_estimator, "algo.kl_estimator")
     ro = cfg.rollout
     if cfg.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
@@ -160,18 +156,18 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     for key, aux in (("critic", cfg.critic), ("teacher", cfg.teacher)):
         if aux.preset is not None and aux.path is None:
             check_preset(f"{key}.preset", aux.preset)
-    if p["advantage"] in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline") and ro.group_size < 2:
+    if spec.advantage in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline") and ro.group_size < 2:
         raise ConfigError(
-            f"algo.advantage {p['advantage']!r} compares samples of one prompt: rollout.group_size must be >= 2, got {ro.group_size}"
+            f"algo.advantage {spec.advantage!r} compares samples of one prompt: rollout.group_size must be >= 2, got {ro.group_size}"
         )
-    if p["dynamic_sampling"] and ro.group_size < 2:
+    if spec.dynamic_sampling and ro.group_size < 2:
         raise ConfigError("algo.dynamic_sampling drops zero-variance groups: rollout.group_size must be >= 2")
-    if p["advantage"] == "gae" and not p["critic"]:
+    if spec.advantage == "gae" and not spec.critic:
         raise ConfigError(
             f"algo.method {cfg.algo.method!r} with advantage 'gae' needs a critic: set algo.critic=true"
         )
     batch = ro.prompts_per_step * ro.group_size
-    mb = p["num_minibatches"]
+    mb = spec.num_minibatches
     if mb < 1 or batch % mb:
         raise ConfigError(
             f"algo.num_minibatches={mb} must divide the batch of {batch} sequences (prompts_per_step x group_size)"
@@ -189,21 +185,21 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(
             f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {ro.vllm_gpu_memory_utilization}"
         )
-    if p["update_epochs"] < 1:
-        raise ConfigError(f"algo.update_epochs must be >= 1, got {p['update_epochs']}")
-    if p["kl_placement"] not in ("none", "reward", "loss"):
-        raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {p['kl_placement']!r}")
-    if p["kl_placement"] == "reward" and p["kl_estimator"] not in ("k1", "k2", "k3"):
+    if spec.update_epochs < 1:
+        raise ConfigError(f"algo.update_epochs must be >= 1, got {spec.update_epochs}")
+    if spec.kl_placement not in ("none", "reward", "loss"):
+        raise ConfigError(f"algo.kl_placement must be none | reward | loss, got {spec.kl_placement!r}")
+    if spec.kl_placement == "reward" and spec.kl_estimator not in ("k1", "k2", "k3"):
         raise ConfigError(
-            f"algo.kl_estimator {p['kl_estimator']!r} is a loss-side estimator; with algo.kl_placement=reward use k1, k2 or k3"
+            f"algo.kl_estimator {spec.kl_estimator!r} is a loss-side estimator; with algo.kl_placement=reward use k1, k2 or k3"
         )
-    if p["kl_coef"] < 0:
-        raise ConfigError(f"algo.kl_coef must be >= 0, got {p['kl_coef']}")
-    check_ref_refresh(cfg, p)
-    check_trust_region(cfg, p)
+    if spec.kl_coef < 0:
+        raise ConfigError(f"algo.kl_coef must be >= 0, got {spec.kl_coef}")
+    check_ref_refresh(cfg, spec)
+    check_trust_region(cfg, spec)
     check_alerts(cfg.alerts)
-    if p["teacher_mode"] != "none" and not (cfg.teacher.path or cfg.teacher.preset):
-        raise ConfigError(f"algo.teacher_mode {p['teacher_mode']!r} needs a teacher: set teacher.path")
+    if spec.teacher_mode != "none" and not (cfg.teacher.path or cfg.teacher.preset):
+        raise ConfigError(f"algo.teacher_mode {spec.teacher_mode!r} needs a teacher: set teacher.path")
     if cfg.data.path is None and not cfg.data.task and not _env_provides_prompts(cfg):
         raise ConfigError(
             "data: set data.task or data.path (or an env.name whose environment provides prompts)"
@@ -211,31 +207,33 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     from posttrain.train.rl.eval import check_eval
 
     check_eval(cfg)
-    if not cfg.rewards and p["teacher_mode"] != "reward":
+    if not cfg.rewards and spec.teacher_mode != "reward":
         raise ConfigError(
             "rewards: at least one reward is needed (only on-policy distillation runs without one)"
         )
     from posttrain.data.rewards import REWARDS
 
-    for i, spec in enumerate(cfg.rewards):
-        if not abs(spec.weight) <= 1e6:  # runner.MAX_ABS_REWARD; NaN fails too
-            raise ConfigError(f"rewards[{i}].weight must be a finite number within ±1e6, got {spec.weight}")
-        check_range(f"rewards[{i}].start_step", spec.start_step, 0)
-        if spec.name not in REWARDS and ":" not in spec.name:  # "module:function" imports at build
-            raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(spec.name)}")
-        if "dense" in spec.options and spec.name != "prm":
-            raise ConfigError(f"rewards[{i}].options.dense: only the prm reward is dense, not {spec.name!r}")
-        if "dense" in spec.options and not isinstance(spec.options["dense"], bool):
+    for i, reward in enumerate(cfg.rewards):
+        if not abs(reward.weight) <= 1e6:  # runner.MAX_ABS_REWARD; NaN fails too
+            raise ConfigError(f"rewards[{i}].weight must be a finite number within ±1e6, got {reward.weight}")
+        check_range(f"rewards[{i}].start_step", reward.start_step, 0)
+        if reward.name not in REWARDS and ":" not in reward.name:  # "module:function" imports at build
+            raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(reward.name)}")
+        if "dense" in reward.options and reward.name != "prm":
             raise ConfigError(
-                f"rewards[{i}].options.dense must be true or false, got {spec.options['dense']!r}"
+                f"rewards[{i}].options.dense: only the prm reward is dense, not {reward.name!r}"
             )
-        if spec.options.get("dense"):
-            check_dense_reward(spec.name, p["advantage"], cfg.algo.method)
-            if cfg.data.success_reward == spec.name:
+        if "dense" in reward.options and not isinstance(reward.options["dense"], bool):
+            raise ConfigError(
+                f"rewards[{i}].options.dense must be true or false, got {reward.options['dense']!r}"
+            )
+        if reward.options.get("dense"):
+            check_dense_reward(reward.name, spec.advantage, cfg.algo.method)
+            if cfg.data.success_reward == reward.name:
                 raise ConfigError(
-                    f"data.success_reward {spec.name!r} is dense (no per-sample score); name a scalar reward"
+                    f"data.success_reward {reward.name!r} is dense (no per-sample score); name a scalar reward"
                 )
-    names = [spec.name for spec in cfg.rewards]
+    names = [reward.name for reward in cfg.rewards]
     if cfg.data.success_reward is not None and cfg.data.success_reward not in names:
         raise ConfigError(
             f"data.success_reward {cfg.data.success_reward!r} is not one of the configured rewards: {', '.join(names)}"
@@ -247,12 +245,12 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
             "data.difficulty_filter_k must be >= 0 and 0 <= data.difficulty_filter_max_solved < "
             f"difficulty_filter_k, got {cfg.data.difficulty_filter_k} and {cfg.data.difficulty_filter_max_solved}"
         )
-    check_thinking_budget(cfg, p)
-    check_prm_guide(cfg, p)
-    if p["keep_sampling_mask"] and ro.engine != "native":
+    check_thinking_budget(cfg, spec)
+    check_prm_guide(cfg, spec)
+    if spec.keep_sampling_mask and ro.engine != "native":
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
-    _validate_env(cfg, p)
-    return p
+    _validate_env(cfg, spec)
+    return spec
 
 
 def _env_provides_prompts(cfg: RLConfig) -> bool:
@@ -266,7 +264,7 @@ def _env_provides_prompts(cfg: RLConfig) -> bool:
     return hasattr(ENVIRONMENTS[cfg.env.name](**cfg.env.options), "dataset_rows")
 
 
-def _validate_env(cfg: RLConfig, p: dict[str, Any]) -> None:
+def _validate_env(cfg: RLConfig, spec: RLSpec) -> None:
     """The env section, checked before any model is built."""
     env = cfg.env
     if env.name is None:
@@ -291,12 +289,12 @@ def _validate_env(cfg: RLConfig, p: dict[str, Any]) -> None:
             f"env.options: unknown option(s) {', '.join(unknown)} for environment {env.name!r}; "
             f"valid: {', '.join(sorted(accepted)) or 'none'}"
         )
-    if p["keep_sampling_mask"]:
+    if spec.keep_sampling_mask:
         raise ConfigError("algo.keep_sampling_mask is not supported with env (multi-turn rollouts)")
     options = {**env.options, **({"tools": list(env.tools)} if env.name == "tools" else {})}
     instance = ENVIRONMENTS[env.name](**options)  # an invalid option value fails here, before any model
     if env.dense_rewards:  # per-turn rewards reach only token-reward estimators
-        check_dense_reward("env.dense_rewards", p["advantage"], cfg.algo.method)
+        check_dense_reward("env.dense_rewards", spec.advantage, cfg.algo.method)
     elif getattr(instance, "gives_rewards", False) and "env_return" not in [r.name for r in cfg.rewards]:
         raise ConfigError(
             f"environment {env.name!r} gives rewards that this run would ignore: add the reward "

@@ -59,7 +59,7 @@ def filter_by_difficulty(
         kept_ids = set(json.loads(path.read_text())["kept"])
         return [it for it in items if it.id in kept_ids], None
     k = cfg.data.difficulty_filter_k
-    params = replace(_sampling_params(cfg, {"keep_sampling_mask": False}, seed=cfg.run.seed * 7919 + 17), n=k)
+    params = replace(_sampling_params(cfg, seed=cfg.run.seed * 7919 + 17), n=k)
 
     def count(batch_items: list[PromptItem], k: int) -> list[int]:
         counts = []
@@ -104,7 +104,7 @@ def _pad_cat(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
-def _sampling_params(cfg: RLConfig, p: dict, seed: int) -> SamplingParams:
+def _sampling_params(cfg: RLConfig, seed: int, *, keep_mask: bool = False) -> SamplingParams:
     ro = cfg.rollout
     return SamplingParams(
         temperature=ro.temperature,
@@ -114,7 +114,7 @@ def _sampling_params(cfg: RLConfig, p: dict, seed: int) -> SamplingParams:
         stop_strings=list(ro.stop_strings),
         n=ro.group_size,
         seed=seed,
-        return_keep_mask=bool(p["keep_sampling_mask"]),
+        return_keep_mask=keep_mask,
         repetition_ngram=ro.repetition_ngram,
     )
 
@@ -132,7 +132,7 @@ def _group_has_signal(
 
 def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     """Generate and reward one step's batch; returns (RLBatch, metrics)."""
-    cfg, p = trainer.cfg, trainer.p
+    cfg, spec = trainer.cfg, trainer.spec
     P = cfg.rollout.prompts_per_step
     source: PromptSource = trainer.prompts
     parts: list[tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
@@ -147,7 +147,9 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
     while True:
         idx = source.next(P - kept_groups, step, rounds)
         items = [source.items[i] for i in idx]
-        params = _sampling_params(cfg, p, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds)
+        params = _sampling_params(
+            cfg, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds, keep_mask=spec.keep_sampling_mask
+        )
         t = time.perf_counter()
         cut_before = getattr(trainer.engine, "cut_total", 0)
         if cfg.env.name is not None:  # the environment sees each prompt's row (answer, columns)
@@ -204,16 +206,16 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         signal = _group_has_signal(total, valid, ro.group_id, n_groups)
         zero_var += int((~signal).sum())
         seen_groups += n_groups
-        keep = signal if p["dynamic_sampling"] else torch.ones(n_groups, dtype=torch.bool)
+        keep = signal if spec.dynamic_sampling else torch.ones(n_groups, dtype=torch.bool)
         rows = keep[ro.group_id]  # [B] samples of kept groups
-        if p["dynamic_sampling"]:
+        if spec.dynamic_sampling:
             dropped += int((~keep).sum())
         if rows.any():
             parts.append((idx, ro, rows, torch.where(valid, scores, torch.zeros_like(scores)), valid, dense))
             successes.append(success[rows])
             kept_groups += int(keep.sum())
         rounds += 1
-        if not p["dynamic_sampling"] or kept_groups >= P or rounds > p["max_gen_rounds"]:
+        if not spec.dynamic_sampling or kept_groups >= P or rounds > spec.max_gen_rounds:
             break
     if not parts:  # nothing had signal: train on the last round (all advantages are 0)
         successes.append(success)
@@ -269,7 +271,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         metrics["tools/calls_per_sample"] = calls / n
         metrics["tools/error_rate"] = sum(turn_stats["tool_errors"]) / max(1, calls)
         metrics["env/return_mean"] = sum(turn_stats["return"]) / n
-    if p["teacher_mode"] == "none" or trainer.rewards.specs:
+    if spec.teacher_mode == "none" or trainer.rewards.specs:
         ok = batch.valid.tolist()
         idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()
         source.update([i for i, v in zip(idx_list, ok) if v], [s for s, v in zip(succ, ok) if v])

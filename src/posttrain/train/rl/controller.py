@@ -46,7 +46,6 @@ from posttrain.train.common.alerts import HackingMonitor, describe
 from posttrain.train.common.checkpoint import CheckpointManager
 from posttrain.train.common.optim import BadStepGuard, build_optimizer, build_scheduler, guarded_step
 from posttrain.train.config.rl import RLConfig, validate
-from posttrain.train.config.rl_checks import uses_reference
 from posttrain.train.rl.run import RLRunMixin, _f
 from posttrain.train.rl.setup import build_components, collect, model_summary
 from posttrain.train.rl.trpo import trpo_update
@@ -63,11 +62,11 @@ class RLTrainer(RLRunMixin):
 
     def __init__(self, cfg: RLConfig):
         self.cfg = cfg
-        self.p = validate(cfg)
+        self.spec = validate(cfg)
         random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
         self.run_dir = Path(cfg.run.output_dir)
-        c = build_components(cfg, self.p)
+        c = build_components(cfg, self.spec)
         self.tokenizer = c["tokenizer"]
         self.policy: PolicyRole = c["policy"]
         self.engine = c["engine"]
@@ -84,13 +83,13 @@ class RLTrainer(RLRunMixin):
         if self.critic is not None:
             groups.append({"params": self.critic.parameters(), "lr": cfg.critic.lr or cfg.optim.lr})
         self.optimizer = build_optimizer(groups, cfg.optim)
-        self.updates_per_step = self.p["update_epochs"] * self.p["num_minibatches"]
+        self.updates_per_step = self.spec.update_epochs * self.spec.num_minibatches
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps * self.updates_per_step)
-        if self.p["kl_target"] is not None:
-            self.kl_ctl = AdaptiveKLController(self.p["kl_coef"], self.p["kl_target"], self.p["kl_horizon"])
+        if self.spec.kl_target is not None:
+            self.kl_ctl = AdaptiveKLController(self.spec.kl_coef, self.spec.kl_target, self.spec.kl_horizon)
         else:
-            self.kl_ctl = FixedKLController(self.p["kl_coef"])
-        self.baseline = RunningMean(self.p["baseline_momentum"])
+            self.kl_ctl = FixedKLController(self.spec.kl_coef)
+        self.baseline = RunningMean(self.spec.baseline_momentum)
         self.step_count = 0
         self.guard = BadStepGuard(cfg.run.max_bad_steps)
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.run.keep_checkpoints)
@@ -104,13 +103,13 @@ class RLTrainer(RLRunMixin):
 
     def _score(self, batch) -> None:
         """No-grad scoring passes — each only when a piece reads its output."""
-        p = self.p
+        spec = self.spec
         beta = self.kl_ctl.value
         needs_old = (
             self.updates_per_step > 1
-            or (p["kl_placement"] == "reward" and beta > 0)
-            or p["teacher_mode"] == "reward"
-            or p["trust_region"] is not None  # TRPO's surrogate ratio
+            or (spec.kl_placement == "reward" and beta > 0)
+            or spec.teacher_mode == "reward"
+            or spec.trust_region is not None  # TRPO's surrogate ratio
         )
         if needs_old:
             batch.old_logprobs, _ = self.policy.logprobs(batch.seq, keep_mask=batch.keep_mask)
@@ -122,7 +121,7 @@ class RLTrainer(RLRunMixin):
             batch.teacher_logprobs = self.teacher.logprobs(batch.seq)
 
     def _advantages(self, batch, step: int) -> dict[str, float]:
-        p = self.p
+        spec = self.spec
         mask = batch.mask
         beta = self.kl_ctl.value
         token_rewards = None
@@ -131,26 +130,26 @@ class RLTrainer(RLRunMixin):
             for name in ("k1", "k2", "k3"):
                 kl = KL_ESTIMATORS[name](batch.old_logprobs, batch.ref_logprobs)  # [B, T]
                 metrics[f"kl/{name}"] = _f((kl * mask).sum() / mask.sum().clamp(min=1))
-        if p["kl_placement"] == "reward" and beta > 0:
+        if spec.kl_placement == "reward" and beta > 0:
             token_rewards = kl_reward_penalty(
-                batch.old_logprobs, batch.ref_logprobs, mask, beta, p["kl_estimator"]
+                batch.old_logprobs, batch.ref_logprobs, mask, beta, spec.kl_estimator
             )  # [B, T]
             # The adaptive controller tracks the per-sequence KL (Ziegler et al. 2019), measured
             # with the estimator the penalty uses.
             seq_kl = _f(-token_rewards.sum() / beta / (mask.sum(-1) > 0).sum().clamp(min=1))
             self.kl_ctl.update(seq_kl, len(batch))
-        if p["teacher_mode"] == "reward":
+        if spec.teacher_mode == "reward":
             dense = teacher_token_rewards(
-                batch.old_logprobs, batch.teacher_logprobs, mask, p["teacher_reward_weight"]
+                batch.old_logprobs, batch.teacher_logprobs, mask, spec.teacher_reward_weight
             )
             token_rewards = dense if token_rewards is None else token_rewards + dense
             metrics["distill/reverse_kl"] = _f(
-                -(dense * mask).sum() / mask.sum().clamp(min=1) / p["teacher_reward_weight"]
+                -(dense * mask).sum() / mask.sum().clamp(min=1) / spec.teacher_reward_weight
             )
         if batch.dense_rewards is not None:  # dense reward specs (PRM step marginals), not in scores
             prm = batch.dense_rewards * mask
             token_rewards = prm if token_rewards is None else token_rewards + prm
-        use_scores = p["teacher_mode"] != "reward"  # pure distillation: the teacher is the reward
+        use_scores = spec.teacher_mode != "reward"  # pure distillation: the teacher is the reward
         # An excluded sample (NaN reward) gets a group of its own, so it neither receives
         # an advantage (singleton -> 0, mask 0) nor shifts its group's mean and std.
         gid = batch.group_id.clone()
@@ -158,21 +157,21 @@ class RLTrainer(RLRunMixin):
         if bad.any():
             gid[bad] = gid.max() + 1 + torch.arange(int(bad.sum()))
         adv, ret = call_with_supported(
-            ADVANTAGES[p["advantage"]],
+            ADVANTAGES[spec.advantage],
             scores=batch.scores if use_scores else None,
             mask=mask,
             group_id=gid,
             token_rewards=token_rewards,
             values=batch.values,
-            gamma=p["gamma"],
-            lam=p["lam"],
+            gamma=spec.gamma,
+            lam=spec.lam,
             baseline=self.baseline.value if use_scores else 0.0,
-            **p["advantage_options"],
+            **spec.advantage_options,
         )
         batch.advantages, batch.returns = adv * mask, ret * mask
         if use_scores and batch.valid.any():
             self.baseline.update(_f(batch.scores[batch.valid].mean()))
-        if p["overlong"] == "mask":  # DAPO overlong filtering: truncated samples teach nothing
+        if spec.overlong == "mask":  # DAPO overlong filtering: truncated samples teach nothing
             trunc = torch.tensor([r == "length" for r in batch.finish_reason])
             batch.mask = mask * (~trunc).to(mask.dtype)[:, None]
             metrics["rollout/overlong_masked_frac"] = _f(trunc.float().mean())
@@ -192,22 +191,22 @@ class RLTrainer(RLRunMixin):
         return metrics
 
     def _kd_coef(self, step: int) -> float:
-        p = self.p
-        if p["kd_anneal_steps"] <= 0:
-            return p["kd_coef_start"]
-        return anneal(step, p["kd_coef_start"], p["kd_coef_end"], p["kd_anneal_steps"], kind=p["kd_anneal"])
+        spec = self.spec
+        if spec.kd_anneal_steps <= 0:
+            return spec.kd_coef_start
+        return anneal(step, spec.kd_coef_start, spec.kd_coef_end, spec.kd_anneal_steps, kind=spec.kd_anneal)
 
     def _micro_loss(self, mi, counts: dict[str, float], step: int) -> tuple[torch.Tensor, dict]:
         """Total loss of one micro-batch (policy + KL + entropy + KD + value) and metrics."""
-        p = self.p
+        spec = self.spec
         beta = self.kl_ctl.value
-        kl_loss_on = p["kl_placement"] == "loss" and beta > 0
+        kl_loss_on = spec.kl_placement == "loss" and beta > 0
         # The entropy is needed for the bonus; otherwise it is a (configurable) diagnostic.
-        want_entropy = p["entropy_coef"] > 0 or self.cfg.log_entropy
+        want_entropy = spec.entropy_coef > 0 or self.cfg.log_entropy
         logprobs, entropy = self.policy.logprobs(
             mi.seq, with_grad=True, return_entropy=want_entropy, keep_mask=mi.keep_mask
         )
-        if entropy is not None and p["entropy_coef"] <= 0:
+        if entropy is not None and spec.entropy_coef <= 0:
             entropy = entropy.detach()
         old = mi.old_logprobs if mi.old_logprobs is not None else logprobs.detach()
         mask = mi.mask
@@ -219,52 +218,52 @@ class RLTrainer(RLRunMixin):
                 kl = KL_ESTIMATORS[name](old, mi.ref_logprobs)  # [b, T]
                 metrics[f"kl/{name}"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         is_weights = None
-        if p["tis_cap"] is not None:
+        if spec.tis_cap is not None:
             is_weights = truncated_is_weights(
-                old, mi.sampling_logprobs, mask, p["tis_cap"], level=p["tis_level"]
+                old, mi.sampling_logprobs, mask, spec.tis_cap, level=spec.tis_level
             )
             metrics["offpolicy/tis_weight_mean"] = (is_weights * mask).sum() / mask.sum().clamp(min=1)
         metrics.update(policy_drift_metrics(logprobs, old, mi.sampling_logprobs, mask))
-        if p["off_policy_kl_threshold"] is not None:
+        if spec.off_policy_kl_threshold is not None:
             keep = off_policy_sequence_mask(  # against the current policy: gap and staleness
-                logprobs.detach(), mi.sampling_logprobs, mi.advantages, mask, p["off_policy_kl_threshold"]
+                logprobs.detach(), mi.sampling_logprobs, mi.advantages, mask, spec.off_policy_kl_threshold
             )
             mask = mask * keep.to(mask.dtype)[:, None]
             metrics["offpolicy/masked_seq_frac"] = 1.0 - keep.float().mean()
         loss_options = {
-            "clip_eps_low": p["clip_eps_low"],
-            "clip_eps_high": p["clip_eps_high"],
-            "dual_clip": p["dual_clip"],
+            "clip_eps_low": spec.clip_eps_low,
+            "clip_eps_high": spec.clip_eps_high,
+            "dual_clip": spec.dual_clip,
             "ref_logprobs": mi.ref_logprobs if mi.ref_logprobs is not None else old,
             "scores": mi.scores,
-            **p["policy_loss_options"],
+            **spec.policy_loss_options,
         }
         loss, m = policy_objective(
             logprobs,
             old,
             mi.advantages,
             mask,
-            policy_loss=p["policy_loss"],
+            policy_loss=spec.policy_loss,
             loss_options=loss_options,
-            aggregation=p["aggregation"],
+            aggregation=spec.aggregation,
             is_weights=is_weights,
             entropy=entropy,
-            entropy_coef=p["entropy_coef"],
+            entropy_coef=spec.entropy_coef,
             ref_logprobs=mi.ref_logprobs,
-            kl_estimator=p["kl_estimator"],
+            kl_estimator=spec.kl_estimator,
             kl_coef=beta if kl_loss_on else 0.0,
             **counts,
         )
         metrics.update(m)
-        if p["teacher_mode"] == "loss":
+        if spec.teacher_mode == "loss":
             kd, km = kd_objective(
                 logprobs,
                 mi.teacher_logprobs,
                 mask,
                 mi.scores,
                 coef=self._kd_coef(step),
-                reward_threshold=p["kd_reward_threshold"],
-                aggregation=p["aggregation"],
+                reward_threshold=spec.kd_reward_threshold,
+                aggregation=spec.aggregation,
                 **counts,
             )
             loss = loss + kd
@@ -276,9 +275,9 @@ class RLTrainer(RLRunMixin):
                 mi.values,
                 mi.returns,
                 mask,
-                value_coef=p["value_coef"],
-                clip_range=p["value_clip"],
-                aggregation=p["aggregation"],
+                value_coef=spec.value_coef,
+                clip_range=spec.value_clip,
+                aggregation=spec.aggregation,
                 **counts,
             )
             loss = loss + vloss
@@ -291,17 +290,17 @@ class RLTrainer(RLRunMixin):
         Each minibatch's loss is aggregated with its GLOBAL token / sequence counts, so
         the accumulated gradient is identical for any micro-batch size (1×8 == 8×1).
         """
-        p, cfg = self.p, self.cfg
-        if p["trust_region"] is not None:  # TRPO: one natural-gradient step (train/rl/trpo.py)
+        spec, cfg = self.spec, self.cfg
+        if spec.trust_region is not None:  # TRPO: one natural-gradient step (train/rl/trpo.py)
             return trpo_update(self, batch, step)
         B = len(batch)
-        n_mb = min(p["num_minibatches"], B)
+        n_mb = min(spec.num_minibatches, B)
         gen = torch.Generator().manual_seed(cfg.run.seed * 100_003 + step)
         sums: dict[str, float] = {}
         n_metric = 0
         applied = skipped = empty = rolled_back = 0
         grad_norms = []
-        for _epoch in range(p["update_epochs"]):
+        for _epoch in range(spec.update_epochs):
             order = torch.randperm(B, generator=gen) if n_mb > 1 else torch.arange(B)
             for mb_idx in torch.tensor_split(order, n_mb):
                 mb = batch.select(mb_idx)
@@ -361,7 +360,7 @@ class RLTrainer(RLRunMixin):
         metrics.update(self._advantages(batch, step))
         t3 = time.perf_counter()
         metrics.update(self._update(batch, step))
-        if self.p["kl_placement"] == "loss" and "kl/loss" in metrics:
+        if self.spec.kl_placement == "loss" and "kl/loss" in metrics:
             # The adaptive controller wants a per-sequence KL; the KL loss is a per-token mean
             # estimate, so scale it by the mean response length (a no-op for a fixed β).
             self.kl_ctl.update(metrics["kl/loss"] * metrics["rollout/length_mean"], len(batch))
@@ -407,23 +406,23 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
 
 def plan(cfg: RLConfig) -> str:
     """Dry-run description: method pieces, models and sizes, memory estimate, steps, tokens."""
-    p = validate(cfg)
+    spec = validate(cfg)
     ro = cfg.rollout
     batch = ro.prompts_per_step * ro.group_size
     lines = [f"posttrain rl — method {cfg.algo.method!r}, {cfg.steps} steps"]
-    lines += [f"  {k}: {v}" for k, v in p.items()]
-    lines += model_summary(cfg, p)
+    lines += [f"  {k}: {v}" for k, v in spec.as_dict().items()]
+    lines += model_summary(cfg, spec)
     tokens = batch * ro.max_new_tokens
     lines.append(
         f"  batch: {ro.prompts_per_step} prompts x G={ro.group_size} = {batch} sequences, "
         f"<= {tokens} response tokens/step, <= {tokens * cfg.steps} in total"
     )
     lines.append(
-        f"  updates: {p['update_epochs']} epoch(s) x {p['num_minibatches']} minibatch(es) per step "
-        f"= {cfg.steps * p['update_epochs'] * p['num_minibatches']} optimizer steps"
+        f"  updates: {spec.update_epochs} epoch(s) x {spec.num_minibatches} minibatch(es) per step "
+        f"= {cfg.steps * spec.update_epochs * spec.num_minibatches} optimizer steps"
     )
     # TRPO's update makes no entropy pass (train/rl/trpo.py), so policy/entropy is not logged.
-    logs_entropy = (cfg.log_entropy or p["entropy_coef"] > 0) and p["trust_region"] is None
-    flags = dict(has_reference=uses_reference(p), logs_entropy=logs_entropy, evaluates=cfg.eval.every > 0)
+    logs_entropy = (cfg.log_entropy or spec.entropy_coef > 0) and spec.trust_region is None
+    flags = dict(has_reference=spec.uses_reference, logs_entropy=logs_entropy, evaluates=cfg.eval.every > 0)
     lines.append("  " + describe(cfg.alerts, **flags))
     return "\n".join(lines)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from posttrain.algos.spec import RLSpec
 from posttrain.errors import ConfigError
 from posttrain.train.config.checks import setting
 
@@ -39,7 +40,7 @@ class PRMGuideSection:
     batch_size: int = setting(16, "Traces per PRM forward.")
 
 
-def check_prm_guide(cfg, p: dict[str, Any]) -> None:
+def check_prm_guide(cfg, spec: RLSpec) -> None:
     """rollout.prm_guide: consistent settings, no untested combination."""
     g = cfg.rollout.prm_guide
     if g.model_path is None:
@@ -67,7 +68,7 @@ def check_prm_guide(cfg, p: dict[str, Any]) -> None:
         ("env.name (multi-turn environment)", cfg.env.name is not None),
         ("rollout.thinking_budget", cfg.rollout.thinking_budget > 0),
         ("rollout.repetition_ngram (counted per round, not per sample)", cfg.rollout.repetition_ngram > 0),
-        ("algo.keep_sampling_mask", bool(p["keep_sampling_mask"])),
+        ("algo.keep_sampling_mask", bool(spec.keep_sampling_mask)),
     ) if on]  # fmt: skip
     if untested:
         raise ConfigError(f"rollout.prm_guide is not supported with {', '.join(untested)}")

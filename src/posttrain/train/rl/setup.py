@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from posttrain.algos.spec import RLSpec
 from posttrain.errors import ConfigError, ModelError
 from posttrain.roles import (
     CriticRole,
@@ -20,7 +21,6 @@ from posttrain.roles import (
 )
 from posttrain.train.common.input_checks import check_context, check_fills_a_batch, check_reward_columns
 from posttrain.train.config.rl import RLConfig, check_dense_reward
-from posttrain.train.config.rl_checks import uses_reference
 
 # The collection phase; re-exported: callers and tests import these from here.
 from posttrain.train.rl.collect import (  # noqa: F401
@@ -187,7 +187,7 @@ def build_rewards(cfg: RLConfig, key: str = "rewards") -> RewardRole:
         except TypeError as e:
             raise ConfigError(f"{key}[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
         if getattr(fn, "dense", False):  # also a "module:function" reward that marks itself dense
-            check_dense_reward(spec.name, cfg.algo.pieces()["advantage"], cfg.algo.method)
+            check_dense_reward(spec.name, cfg.algo.pieces().advantage, cfg.algo.method)
         specs.append((spec.name, fn, spec.weight, spec.start_step))
     ex = cfg.reward_exec
     return RewardRole(
@@ -195,8 +195,8 @@ def build_rewards(cfg: RLConfig, key: str = "rewards") -> RewardRole:
     )
 
 
-def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
-    """Every role of the loop for `cfg` with resolved pieces `p` (see RLTrainer)."""
+def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
+    """Every role of the loop for `cfg` with resolved method `spec` (see RLTrainer)."""
     from posttrain.engines.models import build_value_model, load_model, load_tokenizer
     from posttrain.engines.rollout import make_engine
 
@@ -232,10 +232,10 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
 
         engine = MultiTurnEngine(engine, tokenizer, env_factory, max_turns=cfg.env.max_turns,
                                  max_total_tokens=cfg.env.max_total_tokens)  # fmt: skip
-    needs_ref = uses_reference(p)
+    needs_ref = spec.uses_reference
     reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
     critic = None
-    if p["critic"]:
+    if spec.critic:
         source = cfg.critic.path or cfg.critic.preset or model
         # A zero head makes the critic start at V = 0: returns are learned from a neutral
         # baseline instead of a random one that would inject noise into the first advantages.
@@ -243,7 +243,7 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
             build_value_model(source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device)
         )
     teacher = None
-    if p["teacher_mode"] != "none":
+    if spec.teacher_mode != "none":
         tsrc = cfg.teacher.path or cfg.teacher.preset
         tmodel = load_model(tsrc, device=cfg.model.device, tokenizer=tokenizer).eval()
         if tmodel.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
@@ -279,7 +279,7 @@ def build_components(cfg: RLConfig, p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
+def model_summary(cfg: RLConfig, spec: RLSpec) -> list[str]:
     """Lines for `plan`: models that will exist, parameter counts, a memory estimate."""
     from posttrain.engines.models import PRESETS, count_parameters, load_model
 
@@ -292,15 +292,15 @@ def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[m.dtype]
     models = ["policy (trained)"]
     copies = 1
-    if p["kl_placement"] != "none" and p["kl_coef"] > 0:
+    if spec.kl_placement != "none" and spec.kl_coef > 0:
         models.append("reference (frozen copy)" if m.lora_r == 0 else "reference (policy with adapters off)")
         if cfg.algo.ref_refresh_every:
             models[-1] = f"reference (reset to the policy every {cfg.algo.ref_refresh_every} steps)"
         copies += 1 if m.lora_r == 0 else 0
-    if p["critic"]:
+    if spec.critic:
         models.append("critic (trained)")
         copies += 1
-    if p["teacher_mode"] != "none":
+    if spec.teacher_mode != "none":
         models.append(f"teacher (frozen: {cfg.teacher.path or cfg.teacher.preset})")
     if cfg.rollout.prm_guide.model_path is not None:
         g = cfg.rollout.prm_guide
@@ -308,7 +308,7 @@ def model_summary(cfg: RLConfig, p: dict[str, Any]) -> list[str]:
     lines = [f"  models: {', '.join(models)}"]
     if n is not None:
         # weights + AdamW moments (2x) + grads for trained models; weights only for frozen ones.
-        trained = 1 + (1 if p["critic"] else 0)
+        trained = 1 + (1 if spec.critic else 0)
         est = n * bytes_per * copies + n * 4 * 3 * trained
         lines.append(f"  policy parameters: {n:,}; rough memory for weights/optimizer: {est / 2**20:.1f} MiB")
     else:

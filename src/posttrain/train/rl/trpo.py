@@ -37,7 +37,7 @@ def _logits(trainer, seq) -> torch.Tensor:
 
 def _pieces(trainer, batch, micro: int, counts: dict, old_logits: list[torch.Tensor], with_grad: bool):
     """(surrogate, kl) summed over micro-batches at the current weights."""
-    p = trainer.p
+    spec = trainer.spec
     surrogate = kl = torch.zeros(())
     ctx = torch.enable_grad() if with_grad else torch.no_grad()
     with ctx:
@@ -48,29 +48,29 @@ def _pieces(trainer, batch, micro: int, counts: dict, old_logits: list[torch.Ten
                 torch.log_softmax(logits, -1).gather(-1, mi.seq.response_ids[..., None]).squeeze(-1)
             )  # [b, T]
             surrogate = surrogate + trpo_surrogate(lp, mi.old_logprobs, mi.advantages, mi.mask,
-                                                   aggregation=p["aggregation"], **counts)  # fmt: skip
+                                                   aggregation=spec.aggregation, **counts)  # fmt: skip
             kl = kl + trpo_kl(
                 old_logits[j], logits, mi.mask, temperature=1.0, num_tokens=counts["num_tokens"]
             )
     return surrogate, kl
 
 
-def _natural_step(surrogate, kl, params, p) -> tuple[torch.Tensor, torch.Tensor]:
+def _natural_step(surrogate, kl, params, spec) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, full step s): the surrogate's gradient and β·x with x ≈ −(F + λI)⁻¹ g. The KL
     graph (kept for the Fisher-vector products) is freed when this returns."""
     g = flat(torch.autograd.grad(surrogate, params, retain_graph=True))
     kl_grad = flat(torch.autograd.grad(kl, params, create_graph=True))
 
     def fvp(v):
-        return fisher_vector_product(kl_grad, params, v, p["cg_damping"])
+        return fisher_vector_product(kl_grad, params, v, spec.cg_damping)
 
-    direction = conjugate_gradient(fvp, -g.detach(), iters=p["cg_iters"])
-    return g.detach(), trust_region_step(direction, fvp(direction), p["trust_region"]).detach()
+    direction = conjugate_gradient(fvp, -g.detach(), iters=spec.cg_iters)
+    return g.detach(), trust_region_step(direction, fvp(direction), spec.trust_region).detach()
 
 
 def trpo_update(trainer, batch, step: int) -> dict[str, float]:
     """One TRPO step on `batch` (see module doc); returns the step's metrics."""
-    p, cfg = trainer.p, trainer.cfg
+    spec, cfg = trainer.spec, trainer.cfg
     params = trainer.policy.parameters()
     micro = cfg.algo.micro_batch_size or len(batch)
     counts = {
@@ -84,7 +84,7 @@ def trpo_update(trainer, batch, step: int) -> dict[str, float]:
     # differentiable ops, so the Fisher-vector products can differentiate through it.
     with sdpa_kernel(SDPBackend.MATH):
         surrogate, kl = _pieces(trainer, batch, micro, counts, old_logits, with_grad=True)
-        g, full = _natural_step(surrogate, kl, params, p)
+        g, full = _natural_step(surrogate, kl, params, spec)
     loss_old = float(surrogate.detach())
     theta_old = parameters_to_vector(params).detach().clone()
     out = {
@@ -94,13 +94,13 @@ def trpo_update(trainer, batch, step: int) -> dict[str, float]:
     }
     accepted, frac, kl_new, tries = False, 0.0, 0.0, 0
     if math.isfinite(float(full.norm())) and math.isfinite(loss_old):
-        for i in range(p["backtrack_steps"]):
+        for i in range(spec.backtrack_steps):
             tries = i + 1
             frac = 0.5**i
             vector_to_parameters(theta_old + frac * full, params)
             loss_new, kl_t = _pieces(trainer, batch, micro, counts, old_logits, with_grad=False)
             kl_new = float(kl_t)
-            if kl_new <= p["trust_region"] and float(loss_new) < loss_old:
+            if kl_new <= spec.trust_region and float(loss_new) < loss_old:
                 accepted = True
                 out["trpo/improve"] = loss_old - float(loss_new)
                 break
@@ -121,12 +121,12 @@ def trpo_update(trainer, batch, step: int) -> dict[str, float]:
 
 def _critic_step(trainer, batch, micro: int, counts: dict) -> dict[str, float]:
     """One optimizer step of the value loss (the policy's grads are None, so Adam skips it)."""
-    p, sums, total = trainer.p, {}, torch.zeros(())
+    spec, sums, total = trainer.spec, {}, torch.zeros(())
     for idx in torch.arange(len(batch)).split(micro):
         mi = batch.select(idx)
         values = trainer.critic.values(mi.seq, with_grad=True)
-        vloss, vm = critic_objective(values, mi.values, mi.returns, mi.mask, value_coef=p["value_coef"],
-                                     clip_range=p["value_clip"], aggregation=p["aggregation"], **counts)  # fmt: skip
+        vloss, vm = critic_objective(values, mi.values, mi.returns, mi.mask, value_coef=spec.value_coef,
+                                     clip_range=spec.value_clip, aggregation=spec.aggregation, **counts)  # fmt: skip
         vloss.backward()
         total = total + vloss.detach()
         for k, v in vm.items():
