@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from posttrain.algos.spec import RLSpec
+from posttrain.core.advantages import ADVANTAGES
 from posttrain.core.kl import KL_ESTIMATORS
 from posttrain.core.masking import aggregate, masked_mean
 from posttrain.core.policy_losses import POLICY_LOSSES
@@ -113,3 +115,82 @@ def policy_objective(
         if entropy_coef > 0.0:
             loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, **counts)
     return loss, metrics
+
+
+def estimate_advantages(
+    spec: RLSpec,
+    *,
+    scores: torch.Tensor | None,
+    mask: torch.Tensor,
+    group_id: torch.Tensor,
+    token_rewards: torch.Tensor | None,
+    values: torch.Tensor | None,
+    baseline: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages [B, T] and returns [B, T] of the spec's estimator (core/advantages.py).
+
+    scores: [B] summed rewards (None: only token rewards count, e.g. pure distillation).
+    token_rewards: [B, T] dense rewards (KL-in-reward, teacher, PRM) or None.
+    values: [B, T] critic values or None. baseline: the running-mean baseline b.
+    """
+    return call_with_supported(
+        ADVANTAGES[spec.advantage],
+        scores=scores,
+        mask=mask,
+        group_id=group_id,
+        token_rewards=token_rewards,
+        values=values,
+        gamma=spec.gamma,
+        lam=spec.lam,
+        baseline=baseline,
+        **spec.advantage_options,
+    )
+
+
+def rl_objective(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    spec: RLSpec,
+    kl_coef: float,
+    ref_logprobs: torch.Tensor | None,
+    scores: torch.Tensor,
+    is_weights: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    num_tokens: float,
+    num_seqs: float,
+    max_len: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`policy_objective` with the spec's policy loss, its options, aggregation and KL.
+
+    kl_coef: β of the KL-as-loss term now (0 when the KL is not in the loss).
+    ref_logprobs: [B, T] log π_ref or None; scores: [B] (the Kimi loss reads them).
+    """
+    loss_options = {
+        "clip_eps_low": spec.clip_eps_low,
+        "clip_eps_high": spec.clip_eps_high,
+        "dual_clip": spec.dual_clip,
+        "ref_logprobs": ref_logprobs if ref_logprobs is not None else old_logprobs,
+        "scores": scores,
+        **spec.policy_loss_options,
+    }
+    return policy_objective(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        policy_loss=spec.policy_loss,
+        loss_options=loss_options,
+        aggregation=spec.aggregation,
+        is_weights=is_weights,
+        entropy=entropy,
+        entropy_coef=spec.entropy_coef,
+        ref_logprobs=ref_logprobs,
+        kl_estimator=spec.kl_estimator,
+        kl_coef=kl_coef,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+        max_len=max_len,
+    )

@@ -28,13 +28,13 @@ def test_kl_in_reward_penalises_with_the_chosen_estimator(estimator, tmp_path, m
         for q in trainer.reference.model.parameters():
             q.add_(0.05 * torch.randn_like(q))
     seen = {}
-    real = rl.call_with_supported
+    real = rl.estimate_advantages
 
-    def spy(fn, **kwargs):
+    def spy(spec, **kwargs):
         seen["token_rewards"] = kwargs["token_rewards"]
-        return real(fn, **kwargs)
+        return real(spec, **kwargs)
 
-    monkeypatch.setattr(rl, "call_with_supported", spy)
+    monkeypatch.setattr(rl, "estimate_advantages", spy)
     trainer.step()
     b = trainer._last_batch
     want = -0.5 * KL_ESTIMATORS[estimator](b.old_logprobs, b.ref_logprobs) * b.mask

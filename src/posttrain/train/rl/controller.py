@@ -29,8 +29,7 @@ import torch
 
 from posttrain.algos.critic import critic_objective
 from posttrain.algos.distill import kd_objective, teacher_token_rewards
-from posttrain.algos.policy_gradient import call_with_supported, policy_objective
-from posttrain.core.advantages import ADVANTAGES
+from posttrain.algos.policy_gradient import estimate_advantages, rl_objective
 from posttrain.core.distill import anneal
 from posttrain.core.kl import (
     KL_ESTIMATORS,
@@ -156,17 +155,14 @@ class RLTrainer(RLRunMixin):
         bad = ~batch.valid
         if bad.any():
             gid[bad] = gid.max() + 1 + torch.arange(int(bad.sum()))
-        adv, ret = call_with_supported(
-            ADVANTAGES[spec.advantage],
+        adv, ret = estimate_advantages(
+            spec,
             scores=batch.scores if use_scores else None,
             mask=mask,
             group_id=gid,
             token_rewards=token_rewards,
             values=batch.values,
-            gamma=spec.gamma,
-            lam=spec.lam,
             baseline=self.baseline.value if use_scores else 0.0,
-            **spec.advantage_options,
         )
         batch.advantages, batch.returns = adv * mask, ret * mask
         if use_scores and batch.valid.any():
@@ -230,28 +226,17 @@ class RLTrainer(RLRunMixin):
             )
             mask = mask * keep.to(mask.dtype)[:, None]
             metrics["offpolicy/masked_seq_frac"] = 1.0 - keep.float().mean()
-        loss_options = {
-            "clip_eps_low": spec.clip_eps_low,
-            "clip_eps_high": spec.clip_eps_high,
-            "dual_clip": spec.dual_clip,
-            "ref_logprobs": mi.ref_logprobs if mi.ref_logprobs is not None else old,
-            "scores": mi.scores,
-            **spec.policy_loss_options,
-        }
-        loss, m = policy_objective(
+        loss, m = rl_objective(
             logprobs,
             old,
             mi.advantages,
             mask,
-            policy_loss=spec.policy_loss,
-            loss_options=loss_options,
-            aggregation=spec.aggregation,
+            spec=spec,
+            kl_coef=beta if kl_loss_on else 0.0,
+            ref_logprobs=mi.ref_logprobs,
+            scores=mi.scores,
             is_weights=is_weights,
             entropy=entropy,
-            entropy_coef=spec.entropy_coef,
-            ref_logprobs=mi.ref_logprobs,
-            kl_estimator=spec.kl_estimator,
-            kl_coef=beta if kl_loss_on else 0.0,
             **counts,
         )
         metrics.update(m)
