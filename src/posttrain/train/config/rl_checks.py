@@ -69,6 +69,34 @@ def check_trust_region(cfg, spec: RLSpec) -> None:
         )
 
 
+# algo.<field> -> (the piece naming the registry entry, the need that reads the field).
+SPEC_INPUTS = {
+    "gamma": ("advantage", "gamma"),
+    "lam": ("advantage", "lam"),
+    "baseline_momentum": ("advantage", "baseline"),
+    "clip_eps_low": ("policy_loss", "clip_eps_low"),
+    "clip_eps_high": ("policy_loss", "clip_eps_high"),
+    "dual_clip": ("policy_loss", "dual_clip"),
+}
+
+
+def check_unread_settings(cfg, spec: RLSpec) -> None:
+    """A spec-level setting the user gave that the chosen estimator or loss does not read
+    (its registry `needs`) would do nothing: a ConfigError naming the key."""
+    from posttrain.core.advantages import ADVANTAGES
+    from posttrain.core.policy_losses import POLICY_LOSSES
+
+    registries = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES}
+    for key, (piece, need) in SPEC_INPUTS.items():
+        name = getattr(spec, piece)
+        needs = registries[piece].needs(name)
+        if getattr(cfg.algo, key) is not None and need not in needs:
+            raise ConfigError(
+                f"algo.{key} does nothing with algo.{piece} {name!r}, which reads "
+                f"{', '.join(sorted(needs)) or 'none of the spec-level inputs'}; drop it or pick a {piece} that uses it"
+            )
+
+
 def check_thinking_budget(cfg, spec: RLSpec) -> None:
     """rollout.thinking_budget: >= 0, and not with keep masks or a multi-turn environment."""
     budget = cfg.rollout.thinking_budget
@@ -203,6 +231,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {spec.kl_coef}")
     check_ref_refresh(cfg, spec)
     check_trust_region(cfg, spec)
+    check_unread_settings(cfg, spec)
     check_alerts(cfg.alerts)
     if spec.teacher_mode != "none" and not (cfg.teacher.path or cfg.teacher.preset):
         raise ConfigError(f"algo.teacher_mode {spec.teacher_mode!r} needs a teacher: set teacher.path")
