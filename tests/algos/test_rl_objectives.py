@@ -13,7 +13,8 @@ from posttrain.algos.critic import critic_objective
 from posttrain.algos.distill import kd_objective, teacher_token_rewards
 from posttrain.algos.policy_gradient import policy_objective
 from posttrain.algos.presets import METHODS, PIECE_DEFAULTS, resolve_pieces
-from posttrain.core.advantages import GRPOOptions
+from posttrain.core.advantages import GRPOOptions, WhitenOptions
+from posttrain.core.policy_losses import RatioOptions
 from posttrain.errors import ConfigError
 
 
@@ -182,6 +183,18 @@ def test_presets_resolve_with_override_precedence():
     assert p.as_dict()["advantage_options"] == {"scale": "group", "std_eps": 1e-3, "unbiased_std": True}
     assert p.entropy_coef == PIECE_DEFAULTS["entropy_coef"]  # default
     assert set(p.as_dict()) == set(PIECE_DEFAULTS)
+
+
+def test_preset_options_belong_to_the_preset_entry():
+    # grpo's {scale: group} is not offered to rloo (which has no options) once the user picks it.
+    assert resolve_pieces("grpo", {"advantage": "rloo"}).advantage_options is None
+    p = resolve_pieces("grpo", {"advantage": "reinforce_pp", "advantage_options": {"std_eps": 1e-6}})
+    assert p.advantage_options == WhitenOptions(std_eps=1e-6)
+    assert resolve_pieces("kimi", {"policy_loss": "ppo"}).policy_loss_options == RatioOptions()
+    with pytest.raises(
+        ConfigError, match=r"^algo.policy_loss_options.beta: unknown option for policy loss 'ppo'"
+    ):
+        resolve_pieces("kimi", {"policy_loss": "ppo", "policy_loss_options": {"beta": 2.0}})
 
 
 def test_every_named_method_exists_and_unknown_suggests():
