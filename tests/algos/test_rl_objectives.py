@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from posttrain.algos.critic import critic_objective
 from posttrain.algos.distill import kd_objective, teacher_token_rewards
-from posttrain.algos.policy_gradient import call_with_supported, policy_objective
+from posttrain.algos.policy_gradient import policy_objective
 from posttrain.algos.presets import METHODS, PIECE_DEFAULTS, resolve_pieces
+from posttrain.core.advantages import GRPOOptions, WhitenOptions
+from posttrain.core.policy_losses import RatioOptions
 from posttrain.errors import ConfigError
 
 
@@ -28,7 +30,7 @@ def _pg(lp, adv, mask, **kw):
         adv,
         mask,
         policy_loss=kw.pop("policy_loss", "pg"),
-        loss_options=kw.pop("loss_options", {}),
+        loss_kwargs=kw.pop("loss_kwargs", {}),
         aggregation=kw.pop("aggregation", "token-mean"),
         **_scale(mask),
         **kw,
@@ -91,7 +93,7 @@ def test_micro_batch_sum_equals_whole_batch(seed, split, agg, loss_name):
     adv = torch.randn(B, T, generator=g)
     mask = (torch.rand(B, T, generator=g) > 0.3).float()
     counts = {"num_tokens": float(mask.sum()), "num_seqs": float((mask.sum(-1) > 0).sum()), "max_len": T}
-    kw = {"policy_loss": loss_name, "loss_options": {}, "aggregation": agg, **counts}
+    kw = {"policy_loss": loss_name, "loss_kwargs": {}, "aggregation": agg, **counts}
     whole, _ = policy_objective(lp, old, adv, mask, **kw)
     parts = sum(
         policy_objective(lp[s], old[s], adv[s], mask[s], **kw)[0] for s in (slice(0, split), slice(split, B))
@@ -100,13 +102,6 @@ def test_micro_batch_sum_equals_whole_batch(seed, split, agg, loss_name):
     (g_whole,) = torch.autograd.grad(whole, lp)
     (g_parts,) = torch.autograd.grad(parts, lp)
     assert torch.allclose(g_whole, g_parts, atol=1e-6)
-
-
-def test_call_with_supported_drops_unknown_and_none_options():
-    def f(a, *, x=1, y=2):
-        return a + x + y
-
-    assert call_with_supported(f, 10, x=5, z=100, y=None) == 10 + 5 + 2
 
 
 def test_critic_objective_hand_arithmetic():
@@ -184,9 +179,22 @@ def test_presets_resolve_with_override_precedence():
     p = resolve_pieces("dapo", {"clip_eps_high": 0.3, "advantage_options": {"std_eps": 1e-3}})
     assert p.clip_eps_high == 0.3  # user wins
     assert p.clip_eps_low == 0.2 and p.dynamic_sampling is True  # preset
-    assert p.advantage_options == {"scale": "group", "std_eps": 1e-3}  # merged
+    assert p.advantage_options == GRPOOptions(scale="group", std_eps=1e-3)  # merged, typed
+    assert p.as_dict()["advantage_options"] == {"scale": "group", "std_eps": 1e-3, "unbiased_std": True}
     assert p.entropy_coef == PIECE_DEFAULTS["entropy_coef"]  # default
     assert set(p.as_dict()) == set(PIECE_DEFAULTS)
+
+
+def test_preset_options_belong_to_the_preset_entry():
+    # grpo's {scale: group} is not offered to rloo (which has no options) once the user picks it.
+    assert resolve_pieces("grpo", {"advantage": "rloo"}).advantage_options is None
+    p = resolve_pieces("grpo", {"advantage": "reinforce_pp", "advantage_options": {"std_eps": 1e-6}})
+    assert p.advantage_options == WhitenOptions(std_eps=1e-6)
+    assert resolve_pieces("kimi", {"policy_loss": "ppo"}).policy_loss_options == RatioOptions()
+    with pytest.raises(
+        ConfigError, match=r"^algo.policy_loss_options.beta: unknown option for policy loss 'ppo'"
+    ):
+        resolve_pieces("kimi", {"policy_loss": "ppo", "policy_loss_options": {"beta": 2.0}})
 
 
 def test_every_named_method_exists_and_unknown_suggests():

@@ -65,7 +65,9 @@ def test_rloo_two_forms_equal():
 
 def test_singleton_and_zero_variance_groups():
     kw = dict(scores=torch.tensor([5.0, 2.0, 2.0]), mask=torch.ones(3, 2), group_id=torch.tensor([7, 9, 9]))
-    for name in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline"):
+    grouped = [name for name in ADVANTAGES if "group_id" in ADVANTAGES.needs(name)]
+    assert set(grouped) == {"grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline"}
+    for name in grouped:
         adv, ret = ADVANTAGES[name](**kw)
         assert torch.isfinite(adv).all() and torch.isfinite(ret).all(), name
         assert torch.all(adv == 0), name
@@ -183,11 +185,15 @@ def test_missing_inputs_and_bad_names():
 
 
 def test_bf16_and_empty_mask():
-    kw = dict(
-        scores=torch.tensor([1.0, 0.0]).bfloat16(), mask=torch.zeros(2, 3), group_id=torch.tensor([0, 0])
+    offered = dict(
+        scores=torch.tensor([1.0, 0.0]).bfloat16(),
+        group_id=torch.tensor([0, 0]),
+        token_rewards=None,
+        gamma=1.0,
     )
+    offered["baseline"] = 0.0
     for name in ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "reinforce"):
-        adv, ret = ADVANTAGES[name](**kw)
+        adv, ret = ADVANTAGES[name](mask=torch.zeros(2, 3), **ADVANTAGES.inputs(name, offered))
         assert adv.dtype == torch.float32 and torch.isfinite(adv).all() and torch.all(adv == 0)
 
 
@@ -207,9 +213,10 @@ def test_nan_scores_are_excluded_not_propagated():
     gid = torch.tensor([0, 0, 0, 1, 1])
     mask = torch.ones(5, 2)
     clean = dict(scores=torch.tensor([1.0, 0.0]), mask=torch.ones(2, 2), group_id=torch.tensor([0, 0]))
+    offered = dict(scores=scores, group_id=gid, values=torch.zeros(5, 2), token_rewards=None)
+    offered.update(baseline=0.0, gamma=1.0, lam=0.95)  # the estimators' own defaults
     for name in ADVANTAGES.names():
-        kw = dict(scores=scores, mask=mask, group_id=gid, values=torch.zeros(5, 2))
-        adv, ret = ADVANTAGES[name](**kw)
+        adv, ret = ADVANTAGES[name](mask=mask, **ADVANTAGES.inputs(name, offered))
         assert torch.isfinite(adv).all() and torch.isfinite(ret).all(), name
         assert torch.all(adv[[2, 4]] == 0) and torch.all(ret[[2, 4]] == 0), name
         if name in ("grpo", "dr_grpo", "kimi", "rloo"):

@@ -33,7 +33,7 @@ def test_default_stages_use_the_column_task_without_a_reference(tmp_path):
     pieces = rl.algo.pieces()
     assert pieces.kl_placement == "none" and pieces.advantage == "grpo"
     # Group-mean baseline, batch-std scale: the 0.2 format weight stays small next to accuracy.
-    assert pieces.advantage_options["scale"] == "batch"
+    assert pieces.advantage_options.scale == "batch"
     # A KL coefficient puts the preset's KL loss back.
     _, rl_kl = _stage_configs(load_config(DemoConfig, None, ["kl_coef=0.01"]), tmp_path)
     assert rl_kl.algo.pieces().kl_placement == "loss" and rl_kl.algo.pieces().kl_coef == 0.01

@@ -19,8 +19,6 @@ aggregated with the same mode as the policy term instead of always per-sequence.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,22 +30,6 @@ from posttrain.core.masking import aggregate, masked_mean
 from posttrain.core.policy_losses import POLICY_LOSSES
 
 
-def call_with_supported(fn: Callable, *args: Any, **options: Any) -> Any:
-    """Call `fn(*args, **options)` passing only the keyword options `fn` declares.
-
-    The loop offers every option a piece might want (clip bounds, reference log-probs,
-    scores, β) and each registry function takes the ones it documents — so the loop never
-    special-cases a piece's name (DESIGN.md §4). `None` options are dropped so the
-    function's own default applies.
-    """
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kept = {k: v for k, v in options.items() if v is not None}
-    else:
-        kept = {k: v for k, v in options.items() if k in params and v is not None}
-    return fn(*args, **kept)
-
-
 def policy_objective(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -55,7 +37,7 @@ def policy_objective(
     mask: torch.Tensor,
     *,
     policy_loss: str,
-    loss_options: dict[str, Any],
+    loss_kwargs: dict[str, Any],
     aggregation: str,
     num_tokens: float,
     num_seqs: float,
@@ -75,8 +57,9 @@ def policy_objective(
         advantages: [B, T] per-token advantages (already filtered and masked).
         mask: [B, T] 1 where a response token counts.
         policy_loss: name in POLICY_LOSSES.
-        loss_options: keyword options offered to the policy loss (clip bounds, β, scores,
-            ref_logprobs…); each loss takes the ones it declares.
+        loss_kwargs: the policy loss's keyword arguments, passed as they are: the inputs it
+            declares (`POLICY_LOSSES.needs`) and its options' fields; {} = its defaults.
+            `rl_objective` builds them from the spec.
         aggregation: name in AGGREGATIONS.
         num_tokens / num_seqs / max_len: GLOBAL counts of the whole optimiser step (all
             micro-batches), so that summing this over micro-batches is exact.
@@ -92,9 +75,7 @@ def policy_objective(
         "kl/loss", "policy/entropy" plus the policy loss's own metrics).
     """
     counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
-    per_token, metrics = call_with_supported(
-        POLICY_LOSSES[policy_loss], logprobs, old_logprobs, advantages, mask, **loss_options
-    )
+    per_token, metrics = POLICY_LOSSES[policy_loss](logprobs, old_logprobs, advantages, mask, **loss_kwargs)
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
     pg_loss = aggregate(per_token, mask, aggregation, **counts)
@@ -105,7 +86,8 @@ def policy_objective(
     if kl_coef > 0.0:
         if ref_logprobs is None or kl_estimator is None:
             raise ValueError("policy_objective: kl_coef > 0 needs ref_logprobs and kl_estimator")
-        kl = KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs, old_logprobs=old_logprobs)  # [B, T]
+        kl_inputs = KL_ESTIMATORS.inputs(kl_estimator, {"old_logprobs": old_logprobs})  # k3_is reads it
+        kl = KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs, **kl_inputs)  # [B, T]
         kl_loss = aggregate(kl, mask, aggregation, **counts)
         loss = loss + kl_coef * kl_loss
         metrics["kl/loss"] = kl_loss.detach()
@@ -132,18 +114,23 @@ def estimate_advantages(
     scores: [B] summed rewards (None: only token rewards count, e.g. pure distillation).
     token_rewards: [B, T] dense rewards (KL-in-reward, teacher, PRM) or None.
     values: [B, T] critic values or None. baseline: the running-mean baseline b.
+    The estimator receives only the inputs it declares (`ADVANTAGES.needs`: e.g. GRPO gets
+    scores and group_id, GAE values, γ and λ) plus the fields of `spec.advantage_options`.
     """
-    return call_with_supported(
-        ADVANTAGES[spec.advantage],
-        scores=scores,
+    available = {
+        "scores": scores,
+        "group_id": group_id,
+        "token_rewards": token_rewards,
+        "values": values,
+        "baseline": baseline,
+        "gamma": spec.gamma,
+        "lam": spec.lam,
+    }
+    name = spec.advantage
+    return ADVANTAGES[name](
         mask=mask,
-        group_id=group_id,
-        token_rewards=token_rewards,
-        values=values,
-        gamma=spec.gamma,
-        lam=spec.lam,
-        baseline=baseline,
-        **spec.advantage_options,
+        **ADVANTAGES.inputs(name, available),
+        **ADVANTAGES.option_kwargs(name, spec.advantage_options),
     )
 
 
@@ -166,15 +153,22 @@ def rl_objective(
     """`policy_objective` with the spec's policy loss, its options, aggregation and KL.
 
     kl_coef: β of the KL-as-loss term now (0 when the KL is not in the loss).
-    ref_logprobs: [B, T] log π_ref or None; scores: [B] (the Kimi loss reads them).
+    ref_logprobs: [B, T] log π_ref or None (a loss that reads it then gets old_logprobs, the
+    previous iterate); scores: [B], for a loss that declares it.
+    The loss receives only the inputs it declares (`POLICY_LOSSES.needs`: the clip bounds
+    for PPO/GSPO/CISPO, ref_logprobs for Kimi) plus the fields of `spec.policy_loss_options`.
     """
-    loss_options = {
+    available = {
         "clip_eps_low": spec.clip_eps_low,
         "clip_eps_high": spec.clip_eps_high,
         "dual_clip": spec.dual_clip,
         "ref_logprobs": ref_logprobs if ref_logprobs is not None else old_logprobs,
         "scores": scores,
-        **spec.policy_loss_options,
+    }
+    name = spec.policy_loss
+    loss_kwargs = {
+        **POLICY_LOSSES.inputs(name, available),
+        **POLICY_LOSSES.option_kwargs(name, spec.policy_loss_options),
     }
     return policy_objective(
         logprobs,
@@ -182,7 +176,7 @@ def rl_objective(
         advantages,
         mask,
         policy_loss=spec.policy_loss,
-        loss_options=loss_options,
+        loss_kwargs=loss_kwargs,
         aggregation=spec.aggregation,
         is_weights=is_weights,
         entropy=entropy,

@@ -36,13 +36,17 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.algos.spec import RLSpec, spec_defaults
-from posttrain.core.registry import Registry
+from posttrain.core.registry import Registry, UnknownNameError
 
 # Every piece of the loop with the value used when neither the preset nor the user sets it.
 PIECE_DEFAULTS: dict[str, Any] = spec_defaults()
 
 
 METHODS: Registry = Registry("RL method")
+
+# Dict-valued pieces holding a registry entry's options (merged over the preset's, then
+# typed by the registry) -> the piece naming that entry.
+_OPTION_PIECES = {"advantage_options": "advantage", "policy_loss_options": "policy_loss"}
 
 # A choice-valued config field cannot use null for "not set" when one of its choices is the
 # word "none" (YAML/CLI read `none` as null), so those fields default to this marker.
@@ -214,20 +218,37 @@ def resolve_pieces(method: str, overrides: dict[str, Any]) -> RLSpec:
         method: a name in METHODS (unknown names raise ConfigError with suggestions).
         overrides: piece -> value from `RLConfig.algo`; None or UNSET ("preset") means "not
             set by the user".
-            Dict-valued pieces (`advantage_options`, `policy_loss_options`) are merged
-            key by key over the preset's, so setting one option keeps the others.
+            The option pieces (`advantage_options`, `policy_loss_options`) are dicts merged
+            key by key over the preset's, so setting one option keeps the others; a preset's
+            options apply only while its own entry is used (overriding algo.advantage drops
+            them), then the registry builds the entry's typed options dataclass.
 
     Returns:
         the frozen RLSpec (every field of PIECE_DEFAULTS set).
+
+    Raises:
+        ConfigError (one line naming the key) for an unknown method, advantage or policy
+        loss name, or an unknown or ill-typed option.
     """
+    from posttrain.core.advantages import ADVANTAGES
+    from posttrain.core.policy_losses import POLICY_LOSSES
+
+    registries = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES}
     preset = METHODS[method]()
     out: dict[str, Any] = {}
     for piece, default in PIECE_DEFAULTS.items():
         value = preset.get(piece, default)
         given = overrides.get(piece)
-        if isinstance(default, dict):
-            value = {**value, **(given or {})}
-        elif given is not None and given != UNSET:
+        if piece not in _OPTION_PIECES and given is not None and given != UNSET:
             value = given
         out[piece] = value
+    for options_piece, entry_piece in _OPTION_PIECES.items():
+        registry, name = registries[entry_piece], out[entry_piece]
+        if name not in registry:
+            raise UnknownNameError(f"algo.{entry_piece}: {registry.unknown_message(name)}")
+        from_preset = preset.get(options_piece) or {}
+        if preset.get(entry_piece, PIECE_DEFAULTS[entry_piece]) != name:
+            from_preset = {}  # the preset's options belong to the entry it chose
+        merged = {**from_preset, **(overrides.get(options_piece) or {})}
+        out[options_piece] = registry.options(name, merged, f"algo.{options_piece}")
     return RLSpec(**out)

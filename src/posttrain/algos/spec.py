@@ -7,14 +7,15 @@ advantage estimator, which policy loss, where the KL goes, which aggregation, wh
 critic or a teacher exists.
 
 A parameter goes from YAML to the math through three forms: the YAML value, the
-`algo.<field>` config field, and the field of this spec (or of a registry entry's options,
-`advantage_options` / `policy_loss_options`) that the loss receives.
+`algo.<field>` config field, and the field of this spec (or of a registry entry's typed
+options dataclass, `advantage_options` / `policy_loss_options`) that the loss receives.
+Which spec fields reach which registry entry is the entry's `needs` (core/registry.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -24,13 +25,15 @@ class RLSpec:
 
     # advantage estimation (core/advantages.py)
     advantage: str = "grpo"  # ADVANTAGES entry
-    advantage_options: dict[str, Any] = field(default_factory=dict)  # that entry's options
+    # that entry's options: an instance of ADVANTAGES.options_type(advantage), built and
+    # checked by `resolve_pieces` from `algo.advantage_options`; None = the entry's defaults
+    advantage_options: Any = None
     gamma: float = 1.0  # discount γ
     lam: float = 0.95  # GAE λ
     baseline_momentum: float = 0.9  # REINFORCE running-mean baseline EMA
     # policy loss (core/policy_losses.py)
     policy_loss: str = "ppo"  # POLICY_LOSSES entry
-    policy_loss_options: dict[str, Any] = field(default_factory=dict)  # that entry's options
+    policy_loss_options: Any = None  # likewise, POLICY_LOSSES.options_type(policy_loss)
     clip_eps_low: float = 0.2  # ratio clip 1 − ε_low
     clip_eps_high: float = 0.2  # ratio clip 1 + ε_high (DAPO clip-higher)
     dual_clip: float | None = None  # dual-clip constant c (Ye et al. 2020); None = off
@@ -73,7 +76,8 @@ class RLSpec:
     backtrack_steps: int = 10
 
     def as_dict(self) -> dict[str, Any]:
-        """field -> value (for `--dry-run` and the run's config record)."""
+        """field -> value (for `--dry-run` and the run's config record); the typed options
+        become dicts of their fields."""
         return dataclasses.asdict(self)
 
     @property

@@ -1,13 +1,17 @@
 """Advantage estimators: one registry, one signature.
 
-Every estimator is called as
-    fn(*, scores, mask, group_id=None, token_rewards=None, values=None, **options)
-        -> (advantages [B, T], returns [B, T])
-with scores [B] (outcome reward per sequence), mask [B, T] (1 = response token that counts),
-group_id [B] (same id = same prompt, G samples each), token_rewards [B, T] (dense rewards,
-e.g. -β·k1 KL shaping or PRM step rewards) and values [B, T] (critic). Inputs an estimator
-does not use are ignored. Outputs are 0 where mask is 0 and never NaN (empty masks,
-singleton groups and zero-variance groups are all defined below).
+Every estimator is called with keywords only,
+    fn(*, mask, <its needs>, <its options>) -> (advantages [B, T], returns [B, T])
+where mask [B, T] is 1 on a response token that counts and `needs` (registry metadata,
+`ADVANTAGES.needs(name)`) names the inputs it reads, out of: scores [B] (outcome reward per
+sequence), group_id [B] (same id = same prompt, G samples each), token_rewards [B, T]
+(dense rewards, e.g. -β·k1 KL shaping or PRM step rewards), values [B, T] (critic),
+baseline (a running-mean b) and the spec-level gamma γ / lam λ. An estimator's signature
+holds exactly its needs and the fields of its options dataclass (whose defaults are the
+function's), so an input it would ignore is a TypeError, not silently dropped; validation
+reads `needs` (group_id: G >= 2; values: a critic; token_rewards: dense rewards reach it).
+Outputs are 0 where mask is 0 and never NaN (empty masks, singleton groups and
+zero-variance groups are all defined below).
 
 A non-finite score (NaN/inf: the reward failed) excludes that sample: it is left out of
 every group/batch statistic and gets advantage 0 and return 0.
@@ -21,6 +25,8 @@ only GAE's returns are meant as value targets.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -31,7 +37,33 @@ from posttrain.core.registry import Registry
 from posttrain.errors import DataError
 
 AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+ADVANTAGES: Registry[AdvantageFn] = Registry(
+    "advantage estimator",
+    inputs=("scores", "group_id", "token_rewards", "values", "baseline", "gamma", "lam"),
+)
+
+
+@dataclass(frozen=True)
+class GAEOptions:
+    """Options of "gae" (γ and λ are the spec's `algo.gamma` / `algo.lam`)."""
+
+    whiten: bool = False  # masked_whiten the advantages over the batch (PPO practice)
+
+
+@dataclass(frozen=True)
+class GRPOOptions:
+    """Options of "grpo"."""
+
+    scale: Literal["group", "batch", "none"] = "group"  # std to divide by (none: Dr. GRPO)
+    std_eps: float = 1e-6  # added to the std; bounds |A| when a group has tiny spread
+    unbiased_std: bool = True  # sample std (n−1, torch.std as in TRL/verl) or population (n)
+
+
+@dataclass(frozen=True)
+class WhitenOptions:
+    """Options of the globally whitened REINFORCE++ estimators."""
+
+    std_eps: float = 1e-8  # variance epsilon of the batch whitening
 
 
 def _need(where: str, **tensors: torch.Tensor | None) -> None:
@@ -97,18 +129,16 @@ def _rewards(scores, m, token_rewards):
     return r if token_rewards is None else r + token_rewards * m
 
 
-@ADVANTAGES.register("gae")
+@ADVANTAGES.register("gae", needs={"scores", "token_rewards", "values", "gamma", "lam"}, options=GAEOptions)
 def gae(
     *,
-    scores=None,
     mask,
-    group_id=None,
+    scores=None,
     token_rewards=None,
     values=None,
     gamma=1.0,
     lam=0.95,
-    whiten=False,
-    **_,
+    whiten=GAEOptions.whiten,
 ):
     """Generalised Advantage Estimation (Schulman et al. 2016, eq. 16).
 
@@ -116,8 +146,8 @@ def gae(
     r_t = token_rewards (+ score at the last token). V after the last active token is 0
     (episode ends). λ=0 gives the TD error, λ=1 the Monte-Carlo return minus V.
     Masked positions are skipped (not terminal), so the recursion jumps over them.
-    Options: gamma (γ), lam (λ) in [0, 1]; whiten: masked_whiten the advantages over
-    the batch (PPO practice; returns are computed before whitening).
+    Inputs gamma (γ), lam (λ) in [0, 1] (the spec's); option whiten: masked_whiten the
+    advantages over the batch (PPO practice; returns are computed before whitening).
     Shapes: values [B, T] required; scores [B] and/or token_rewards [B, T].
     """
     _need("gae", values=values)
@@ -147,25 +177,22 @@ def _broadcast(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return a[:, None] * m  # [B] -> [B, T]
 
 
-@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("grpo", needs={"scores", "group_id"}, options=GRPOOptions)
 def grpo(
     *,
     scores,
     mask,
     group_id=None,
-    token_rewards=None,
-    values=None,
-    scale="group",
-    std_eps=1e-6,
-    unbiased_std=True,
-    **_,
+    scale=GRPOOptions.scale,
+    std_eps=GRPOOptions.std_eps,
+    unbiased_std=GRPOOptions.unbiased_std,
 ):
     """Group-relative advantage (DeepSeekMath, Shao et al. 2024, eq. 3 outcome supervision).
 
     A_i = (r_i − mean_g(r)) / (std + std_eps), same for every token of sequence i.
-    scale: "group" = std of the sample's group (GRPO); "batch" = std of the whole batch
-    (more stable for small G); "none" = no division (Dr. GRPO, Liu et al. 2025).
-    std_eps: added to the std, bounds |A| when a group has tiny spread.
+    Options (GRPOOptions): scale: "group" = std of the sample's group (GRPO); "batch" = std
+    of the whole batch (more stable for small G); "none" = no division (Dr. GRPO, Liu et
+    al. 2025). std_eps: added to the std, bounds |A| when a group has tiny spread.
     unbiased_std: sample std (n−1, as torch.std in TRL/verl) or population std (n).
     Singleton group: std := 0 and r − mean = 0, so A = 0. Zero-variance group: A = 0 exactly.
     Shapes: scores [B], group_id [B], mask [B, T] -> [B, T].
@@ -186,18 +213,18 @@ def grpo(
     return _broadcast(a, m), _broadcast(scores, m)
 
 
-@ADVANTAGES.register("dr_grpo")
-def dr_grpo(*, scores, mask, group_id=None, token_rewards=None, values=None, **options):
+@ADVANTAGES.register("dr_grpo", needs={"scores", "group_id"})
+def dr_grpo(*, scores, mask, group_id=None):
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): GRPO without the
     std division, A_i = r_i − mean_g(r). Pair with aggregate mode "seq-mean-token-sum-norm".
+    No options: without a std there is nothing for std_eps or unbiased_std to change.
     Shapes: scores [B], group_id [B], mask [B, T] -> (advantages, returns) [B, T].
     """
-    options.pop("scale", None)
-    return grpo(scores=scores, mask=mask, group_id=group_id, scale="none", **options)
+    return grpo(scores=scores, mask=mask, group_id=group_id, scale="none")
 
 
-@ADVANTAGES.register("kimi")
-def kimi(*, scores, mask, group_id=None, token_rewards=None, values=None, **_):
+@ADVANTAGES.register("kimi", needs={"scores", "group_id"})
+def kimi(*, scores, mask, group_id=None):
     """Kimi k1.5 baseline (Kimi Team 2025, §2.3.2): A_i = r_i − mean_g(r), no std division.
     Numerically identical to dr_grpo; kept as its own name so configs read like the paper.
     Shapes: scores [B], group_id [B], mask [B, T] -> (advantages, returns) [B, T].
@@ -205,8 +232,8 @@ def kimi(*, scores, mask, group_id=None, token_rewards=None, values=None, **_):
     return grpo(scores=scores, mask=mask, group_id=group_id, scale="none")
 
 
-@ADVANTAGES.register("rloo")
-def rloo(*, scores, mask, group_id=None, token_rewards=None, values=None, **_):
+@ADVANTAGES.register("rloo", needs={"scores", "group_id"})
+def rloo(*, scores, mask, group_id=None):
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024, eq. 7).
 
     A_i = r_i − (1/(G−1)) Σ_{j≠i} r_j  ==  G/(G−1) · (r_i − mean_g(r)).
@@ -224,10 +251,8 @@ def rloo(*, scores, mask, group_id=None, token_rewards=None, values=None, **_):
     return _broadcast(a, m), _broadcast(scores, m)
 
 
-@ADVANTAGES.register("reinforce")
-def reinforce(
-    *, scores=None, mask, group_id=None, token_rewards=None, values=None, baseline=0.0, gamma=1.0, **_
-):
+@ADVANTAGES.register("reinforce", needs={"scores", "token_rewards", "baseline", "gamma"})
+def reinforce(*, mask, scores=None, token_rewards=None, baseline=0.0, gamma=1.0):
     """REINFORCE with a constant baseline (Williams 1992): A_t = G_t − b.
 
     G_t is the γ-discounted return-to-go of token_rewards plus the score at the last token.
@@ -243,10 +268,8 @@ def reinforce(
     return (returns - b) * m, returns
 
 
-@ADVANTAGES.register("reinforce_pp")
-def reinforce_pp(
-    *, scores=None, mask, group_id=None, token_rewards=None, values=None, gamma=1.0, std_eps=1e-8, **_
-):
+@ADVANTAGES.register("reinforce_pp", needs={"scores", "token_rewards", "gamma"}, options=WhitenOptions)
+def reinforce_pp(*, mask, scores=None, token_rewards=None, gamma=1.0, std_eps=WhitenOptions.std_eps):
     """REINFORCE++ (Hu et al. 2025): γ-discounted token returns (KL shaping usually arrives
     in token_rewards), then GLOBAL batch whitening: A = (G − mean_batch) / sqrt(var_batch + eps).
     std_eps: variance epsilon of the whitening.
@@ -259,9 +282,11 @@ def reinforce_pp(
     return masked_whiten(returns, m, eps=std_eps), returns
 
 
-@ADVANTAGES.register("reinforce_pp_baseline")
+@ADVANTAGES.register(
+    "reinforce_pp_baseline", needs={"scores", "group_id", "token_rewards", "gamma"}, options=WhitenOptions
+)
 def reinforce_pp_baseline(
-    *, scores, mask, group_id=None, token_rewards=None, values=None, gamma=1.0, std_eps=1e-8, **_
+    *, scores, mask, group_id=None, token_rewards=None, gamma=1.0, std_eps=WhitenOptions.std_eps
 ):
     """REINFORCE++-baseline (Hu et al. 2025, §3): subtract the group mean of the scores
     (the per-prompt baseline), add dense token_rewards, take γ-returns, whiten globally.

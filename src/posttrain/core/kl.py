@@ -9,11 +9,14 @@ tokens SAMPLED FROM π_θ, with log-ratio δ = log π_ref − log π_θ (so ρ =
 The ratio MUST be π_ref/π_θ for k3 to be unbiased under sampling from π_θ; the study
 guide's code uses π_θ/π_ref, which estimates KL(π_ref || π_θ)-ish quantities instead —
 see docs/errata.md. Shapes: logprobs, ref_logprobs, old_logprobs [B, T] -> [B, T].
+Every estimator is fn(logprobs, ref_logprobs, *, <needs>, log_ratio_clamp); only k3_is
+needs old_logprobs (registry metadata `KL_ESTIMATORS.needs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -21,9 +24,16 @@ from posttrain.core._checks import compute_dtype, ndim, positive, same_shape
 from posttrain.core.registry import Registry
 
 KLFn = Callable[..., torch.Tensor]
-KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")
+KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator", inputs=("old_logprobs",))
 
 LOG_RATIO_CLAMP = 20.0  # bounds e^δ for tokens where the two models disagree wildly
+
+
+@dataclass(frozen=True)
+class KLOptions:
+    """Options of every KL estimator."""
+
+    log_ratio_clamp: float = LOG_RATIO_CLAMP  # |δ| bound before exp
 
 
 def _delta(where, logprobs, ref_logprobs, clamp):
@@ -32,16 +42,16 @@ def _delta(where, logprobs, ref_logprobs, clamp):
     return (ref_logprobs.detach().to(dt) - logprobs.to(dt)).clamp(-clamp, clamp)
 
 
-@KL_ESTIMATORS.register("k1")
-def k1(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_CLAMP):
+@KL_ESTIMATORS.register("k1", options=KLOptions)
+def k1(logprobs, ref_logprobs, *, log_ratio_clamp=KLOptions.log_ratio_clamp):
     """k1 = log π_θ − log π_ref per token (unbiased; the classic KL-in-reward penalty).
     Shapes: logprobs, ref_logprobs [B, T] -> [B, T].
     """
     return -_delta("k1", logprobs, ref_logprobs, log_ratio_clamp)
 
 
-@KL_ESTIMATORS.register("k2")
-def k2(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_CLAMP):
+@KL_ESTIMATORS.register("k2", options=KLOptions)
+def k2(logprobs, ref_logprobs, *, log_ratio_clamp=KLOptions.log_ratio_clamp):
     """k2 = ½(log π_θ − log π_ref)² per token. Biased as a value, but on-policy its
     expected gradient equals ∇KL(π_θ||π_ref) (KDRL, GRPO-as-loss variants).
     Shapes: logprobs, ref_logprobs [B, T] -> [B, T].
@@ -49,8 +59,8 @@ def k2(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_C
     return 0.5 * _delta("k2", logprobs, ref_logprobs, log_ratio_clamp).pow(2)
 
 
-@KL_ESTIMATORS.register("k3")
-def k3(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_CLAMP):
+@KL_ESTIMATORS.register("k3", options=KLOptions)
+def k3(logprobs, ref_logprobs, *, log_ratio_clamp=KLOptions.log_ratio_clamp):
     """k3 = π_ref/π_θ − 1 − log(π_ref/π_θ) per token (GRPO's KL loss, Shao et al. 2024 eq. 4).
     Shapes: logprobs, ref_logprobs [B, T] -> [B, T]; always >= 0.
     """
@@ -58,8 +68,8 @@ def k3(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_C
     return torch.expm1(d) - d  # expm1 keeps precision for |δ| << 1
 
 
-@KL_ESTIMATORS.register("k3_is")
-def k3_is(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=LOG_RATIO_CLAMP):
+@KL_ESTIMATORS.register("k3_is", needs={"old_logprobs"}, options=KLOptions)
+def k3_is(logprobs, ref_logprobs, *, old_logprobs=None, log_ratio_clamp=KLOptions.log_ratio_clamp):
     """DeepSeek-V3.2 unbiased KL (DeepSeek-AI 2025, §3.1): (π_θ/π_old) · k3.
 
     Tokens come from π_old, not π_θ, once the policy has taken a step; the importance

@@ -1,12 +1,18 @@
 """Policy losses: one registry, one signature.
 
 Every loss is called as
-    fn(logprobs, old_logprobs, advantages, mask, **options) -> (loss [B, T], metrics)
+    fn(logprobs, old_logprobs, advantages, mask, *, <its needs>, <its options>)
+        -> (loss [B, T], metrics)
 with logprobs [B, T] (current policy, differentiable), old_logprobs [B, T] (the policy that
-produced the data, no grad), advantages [B, T] and mask [B, T]. `loss` is per token, to be
-MINIMISED after `aggregate(loss, mask, mode)`. Metrics are detached masked means over this
-call's tokens (fractions of active tokens), namespaced "policy/...".
-Unknown options are ignored so one options dict can feed any loss of the family.
+produced the data, no grad), advantages [B, T] and mask [B, T]. `needs` (registry metadata,
+`POLICY_LOSSES.needs(name)`) names the further inputs it reads, out of ref_logprobs [B, T],
+scores [B] and the spec-level clip bounds clip_eps_low / clip_eps_high / dual_clip (only the
+ratio-clipping losses declare those). The signature holds exactly the needs and the fields
+of the entry's options dataclass, whose defaults are the function's: an option a loss does
+not have is a TypeError (and a ConfigError at config time), never silently ignored.
+`loss` is per token, to be MINIMISED after `aggregate(loss, mask, mode)`. Metrics are
+detached masked means over this call's tokens (fractions of active tokens), namespaced
+"policy/...".
 
 Log-ratios are clamped to ±`log_ratio_clamp` before exp: a stale token with a log-ratio
 of +100 would otherwise give inf·0 = NaN in masked positions or overflow bf16.
@@ -15,6 +21,7 @@ of +100 would otherwise give inf·0 = NaN in masked positions or overflow bf16.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -24,9 +31,27 @@ from posttrain.core.registry import Registry
 from posttrain.errors import ConfigError
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry(
+    "policy loss", inputs=("ref_logprobs", "scores", "clip_eps_low", "clip_eps_high", "dual_clip")
+)
 
 LOG_RATIO_CLAMP = 20.0  # exp(20) ~ 5e8: far outside any clip range, still finite in bf16
+CLIP_BOUNDS = ("clip_eps_low", "clip_eps_high")  # the spec's ratio clip, read by clipping losses
+
+
+@dataclass(frozen=True)
+class RatioOptions:
+    """Options of the importance-ratio losses (ppo, gspo, cispo); the clip bounds themselves
+    are the spec's `algo.clip_eps_low` / `algo.clip_eps_high` / `algo.dual_clip`."""
+
+    log_ratio_clamp: float = LOG_RATIO_CLAMP  # |log r| bound before exp (see module doc)
+
+
+@dataclass(frozen=True)
+class KimiOptions:
+    """Options of "kimi"."""
+
+    beta: float = 1.0  # β > 0: weight of the log-ratio regulariser (the paper's τ)
 
 
 def _prep(where, logprobs, old_logprobs, advantages, mask):
@@ -62,7 +87,7 @@ def _approx_kl(log_ratio, m):
 
 
 @POLICY_LOSSES.register("pg")
-def pg_loss(logprobs, old_logprobs, advantages, mask, **_):
+def pg_loss(logprobs, old_logprobs, advantages, mask):
     """Vanilla policy gradient (REINFORCE, Williams 1992; A2C with critic advantages):
     loss_t = −A_t · log π(y_t).  On-policy only: it has no importance ratio, so use it with
     one gradient step per batch (or pair with truncated_is_weights).
@@ -82,7 +107,7 @@ def _ratio(lp, old, clamp):
     return torch.exp((lp - old).clamp(-clamp, clamp))
 
 
-@POLICY_LOSSES.register("ppo")
+@POLICY_LOSSES.register("ppo", needs={*CLIP_BOUNDS, "dual_clip"}, options=RatioOptions)
 def ppo_loss(
     logprobs,
     old_logprobs,
@@ -92,8 +117,7 @@ def ppo_loss(
     clip_eps_low=0.2,
     clip_eps_high=None,
     dual_clip=None,
-    log_ratio_clamp=LOG_RATIO_CLAMP,
-    **_,
+    log_ratio_clamp=RatioOptions.log_ratio_clamp,
 ):
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss:
 
@@ -102,8 +126,8 @@ def ppo_loss(
     unclipped one. ε_high > ε_low is DAPO's clip-higher (Yu et al. 2025).
     dual_clip: constant c > 1 (Ye et al. 2020): for A < 0 the loss is capped at −c·A, so
     a huge ratio on a bad token cannot produce an unbounded update.
-    Options: clip_eps_low ε_low, clip_eps_high ε_high (None = ε_low), dual_clip c or None,
-    log_ratio_clamp (see module doc). Metrics: clipfrac_low/high/dual, ratio_mean, approx_kl.
+    Inputs (the spec's): clip_eps_low ε_low, clip_eps_high ε_high (None = ε_low), dual_clip
+    c or None; option log_ratio_clamp (see module doc). Metrics: clipfrac_low/high/dual, ratio_mean, approx_kl.
     Shapes: logprobs, old_logprobs, advantages, mask [B, T] -> loss [B, T].
     """
     lp, old, adv, m = _prep("ppo", logprobs, old_logprobs, advantages, mask)
@@ -125,7 +149,7 @@ def ppo_loss(
     return loss * m, metrics
 
 
-@POLICY_LOSSES.register("gspo")
+@POLICY_LOSSES.register("gspo", needs=CLIP_BOUNDS, options=RatioOptions)
 def gspo_loss(
     logprobs,
     old_logprobs,
@@ -134,8 +158,7 @@ def gspo_loss(
     *,
     clip_eps_low=3e-4,
     clip_eps_high=4e-4,
-    log_ratio_clamp=LOG_RATIO_CLAMP,
-    **_,
+    log_ratio_clamp=RatioOptions.log_ratio_clamp,
 ):
     """GSPO (Zheng et al. 2025, eq. 5–7, the GSPO-token form).
 
@@ -157,7 +180,7 @@ def gspo_loss(
     return loss * m, metrics
 
 
-@POLICY_LOSSES.register("cispo")
+@POLICY_LOSSES.register("cispo", needs=CLIP_BOUNDS, options=RatioOptions)
 def cispo_loss(
     logprobs,
     old_logprobs,
@@ -166,8 +189,7 @@ def cispo_loss(
     *,
     clip_eps_low=None,
     clip_eps_high=0.28,
-    log_ratio_clamp=LOG_RATIO_CLAMP,
-    **_,
+    log_ratio_clamp=RatioOptions.log_ratio_clamp,
 ):
     """CISPO (MiniMax-M1, 2025, eq. 4): loss_t = −sg(clip(r_t, 1−ε_low, 1+ε_high)) · A_t · log π_t.
 
@@ -188,8 +210,8 @@ def cispo_loss(
     return loss * m, metrics
 
 
-@POLICY_LOSSES.register("kimi")
-def kimi_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, beta=1.0, **_):
+@POLICY_LOSSES.register("kimi", needs={"ref_logprobs"}, options=KimiOptions)
+def kimi_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, beta=KimiOptions.beta):
     """Kimi k1.5 squared policy loss (Kimi Team 2025, §2.3.2; seeds: "The Kimi RL Algorithm").
 
     Per sequence i with ℓ_i = Σ_t m (log π − log π_ref) and A_i = r_i − r̄ (the "kimi"

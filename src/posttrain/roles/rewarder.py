@@ -14,16 +14,19 @@ class RewardRole:
     future is left out of the runner for that step (Kimi k1.5 enables its length reward
     late), so it neither costs time nor changes the score.
 
-    A reward fn with `fn.dense` true (the prm reward with dense=true) is not part of the
-    summed score: `dense` returns its per-step scores and step end offsets, which the loop
-    turns into token rewards. It runs in the caller's thread, without the runner's
-    deadline: an error in it raises instead of excluding samples.
+    dense: the indices into specs of the dense rewards (`data.rewards.is_dense`: the prm
+    reward with dense=true, or a "module:function" reward with `fn.dense = True`). A dense
+    reward is not part of the summed score: `dense` returns its per-step scores and step end
+    offsets (`fn.scored_steps`), which the loop turns into token rewards. It runs in the
+    caller's thread, without the runner's deadline: an error in it raises instead of
+    excluding samples.
     """
 
     def __init__(
         self,
         specs: list[tuple[str, Any, float, int]],
         *,
+        dense: frozenset[int] = frozenset(),
         timeout_s: float,
         max_workers: int,
         max_error_rate: float,
@@ -32,6 +35,7 @@ class RewardRole:
 
         self._runner_cls = RewardRunner
         self.specs = specs
+        self.dense_indices = dense
         self.options = {"timeout_s": timeout_s, "max_workers": max_workers, "max_error_rate": max_error_rate}
         self._runners: dict[tuple[str, ...], Any] = {}
 
@@ -39,21 +43,27 @@ class RewardRole:
         """The reward specs that count at `step` (start_step <= step)."""
         return [s for s in self.specs if step >= s[3]]
 
+    def _active(self, step: int, dense: bool) -> list[tuple[str, Any, float, int]]:
+        return [s for k, s in enumerate(self.specs) if step >= s[3] and (k in self.dense_indices) == dense]
+
+    def has_dense(self, step: int) -> bool:
+        """Whether a dense reward is active at `step`."""
+        return bool(self._active(step, dense=True))
+
     def dense(self, prompts: list[str], completions: list[str], step: int):
         """[(name, weight, step scores, step ends)] of the dense rewards active at `step`:
         per completion, PRM(x, y≤t) for each step t and the step's end offset in the
         completion's characters (lists of equal length; empty without steps)."""
         out = []
-        for name, fn, weight, _ in self.active(step):
-            if getattr(fn, "dense", False):
-                scores, ends = fn.scored_steps(prompts, completions)
-                out.append((name, weight, scores, ends))
+        for name, fn, weight, _ in self._active(step, dense=True):
+            scores, ends = fn.scored_steps(prompts, completions)
+            out.append((name, weight, scores, ends))
         return out
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list], step: int):
         """RewardResult of the scalar rewards active at `step` (scores [B], NaN where
         excluded); all zeros and valid when only dense rewards are active."""
-        active = [s for s in self.active(step) if not getattr(s[1], "dense", False)]
+        active = self._active(step, dense=False)
         if not active:
             from posttrain.data.rewards.runner import RewardResult
 

@@ -14,14 +14,13 @@ import pytest
 import torch
 import yaml
 
-from posttrain.algos.policy_gradient import call_with_supported
 from posttrain.core.advantages import ADVANTAGES
-from posttrain.data.rewards import REWARDS, build_reward
+from posttrain.data.rewards import build_reward
 from posttrain.engines.rollout.base import Rollout
 from posttrain.errors import ConfigError
 from posttrain.roles import RewardRole
 from posttrain.train.config.loader import load_config
-from posttrain.train.config.rl import TOKEN_REWARD_ADVANTAGES, validate
+from posttrain.train.config.rl import token_reward_advantages, validate
 from posttrain.train.rl.controller import RLConfig, RLTrainer
 from posttrain.train.rl.setup import collect, step_token_index
 from rl_common import DIGIT_REWARD, digit_fraction, tiny_config
@@ -79,6 +78,7 @@ def _dense_trainer(tmp_path, method: str = "reinforce"):
     prm = build_reward("prm", scorer=_fake_prm, dense=True)
     trainer.rewards = RewardRole(
         [("prm", prm, WEIGHT, 0), (DIGIT_REWARD, digit_fraction, 1.0, 0)],
+        dense=frozenset({0}),
         timeout_s=10,
         max_workers=1,
         max_error_rate=0.0,
@@ -131,7 +131,8 @@ def test_hand_worked_batch_has_the_marginals_at_the_step_ends(tmp_path):
 
 
 def test_the_token_reward_estimators_are_the_ones_that_read_token_rewards():
-    """TOKEN_REWARD_ADVANTAGES (what the config check allows) matches core/advantages.py."""
+    """The `token_rewards` need (what the config check allows) matches core/advantages.py:
+    the estimators that declare it change with the token rewards, the others do not take them."""
     torch.manual_seed(0)
     B, T = 4, 5
     common = {
@@ -141,16 +142,25 @@ def test_the_token_reward_estimators_are_the_ones_that_read_token_rewards():
         "values": torch.randn(B, T),
         "gamma": 1.0,
         "lam": 1.0,
+        "baseline": 0.0,
     }
     dense = torch.randn(B, T)
     reads = set()
     for name in ADVANTAGES.names():
         fn = ADVANTAGES[name]
-        a0, _ = call_with_supported(fn, token_rewards=None, **common)
-        a1, _ = call_with_supported(fn, token_rewards=dense, **common)
+        if "token_rewards" not in ADVANTAGES.needs(name):
+            with pytest.raises(TypeError, match="token_rewards"):
+                fn(mask=torch.ones(B, T), token_rewards=dense, **ADVANTAGES.inputs(name, common))
+            continue
+        a0, _ = fn(mask=torch.ones(B, T), **ADVANTAGES.inputs(name, {**common, "token_rewards": None}))
+        a1, _ = fn(mask=torch.ones(B, T), **ADVANTAGES.inputs(name, {**common, "token_rewards": dense}))
         if not torch.allclose(a0, a1):
             reads.add(name)
-    assert reads == set(TOKEN_REWARD_ADVANTAGES)
+    assert (
+        reads
+        == set(token_reward_advantages())
+        == {"gae", "reinforce", "reinforce_pp", "reinforce_pp_baseline"}
+    )
 
 
 def _cfg(tmp_path, method: str, *extra: str, options: str = "{model_path: p, dense: true}"):
@@ -173,12 +183,15 @@ def test_config_errors_are_one_line(tmp_path):
         build_reward("prm", scorer=_fake_prm, dense=True, aggregate="min")
 
 
-def test_a_custom_reward_marked_dense_is_checked_when_built(tmp_path):
-    """A "module:function"-style reward that marks itself dense cannot pass validate's
-    option check, so build_rewards checks the estimator again before the first step."""
-    if "test_dense_prm" not in REWARDS:
-        REWARDS.register("test_dense_prm")(lambda **o: build_reward("prm", scorer=_fake_prm, dense=True))
-    cfg = tiny_config(tmp_path, "grpo", "rewards=[{name: test_dense_prm}]")
+def test_a_custom_reward_marked_dense_is_checked_when_built(tmp_path, monkeypatch):
+    """A "module:function" reward that marks itself dense (`fn.dense = True`) cannot pass
+    validate's option check, so build_rewards checks the estimator again before the first step."""
+    (tmp_path / "my_dense_prm.py").write_text(
+        "from posttrain.data.rewards import build_reward\n"
+        "reward = build_reward('prm', scorer=lambda prompts, steps: [[0.5] * len(s) for s in steps], dense=True)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_config(tmp_path, "grpo", "rewards=[{name: 'my_dense_prm:reward'}]")
     validate(cfg)
     with pytest.raises(ConfigError, match="ignores token rewards"):
         RLTrainer(cfg)

@@ -117,6 +117,26 @@ def test_accumulation_one_by_eight_equals_eight_by_one(method, tmp_path, monkeyp
         (["algo.method=grpo", "algo.kl_estimator=k4"], "kl_estimator.*k4"),
         (["algo.method=grpo", "algo.policy_loss=ppp"], "policy_loss.*ppo"),
         (["algo.method=on_policy_distill"], "needs a teacher"),
+        (
+            ["algo.method=grpo", "algo.advantage_options={sacle: batch}"],
+            r"^algo.advantage_options.sacle: unknown option .*'grpo'. Did you mean 'scale'\? Valid: scale, std_eps",
+        ),
+        (
+            ["algo.method=grpo", "algo.advantage_options={scale: grop}"],
+            r"^algo.advantage_options.scale: .*'group'",
+        ),
+        (
+            ["algo.method=kimi", "algo.policy_loss_options={beta: high}"],
+            r"^algo.policy_loss_options.beta: .*float",
+        ),
+        (
+            ["algo.method=grpo", "algo.advantage=rloo", "algo.advantage_options={std_eps: 0.1}"],
+            r"'rloo'.*no options",
+        ),
+        (
+            ["algo.method=ppo", "algo.policy_loss_options={clip_eps: 0.1}"],
+            r"^algo.policy_loss_options.clip_eps: ",
+        ),
     ],
 )
 def test_bad_configs_fail_before_the_first_step(overrides, match, tmp_path):

@@ -6,11 +6,18 @@ Extra dataset columns (``answer``, ``tests``, ``group_id``, ``response_length`` 
 as keyword arguments. `build_reward(name, **options)` builds one by name; `RewardRunner`
 runs several with weights, each under a deadline, and turns failures into counted,
 excluded samples (see runner.py). docs/rewards.md lists every reward and its options.
+
+Each registered reward carries a `RewardInfo` (registry metadata, `REWARDS.info(name)`)
+saying what validation and the loop must know before and after building it: whether it
+can be dense (per-step token rewards instead of a score). `is_dense` answers for one
+configured reward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from posttrain.core.registry import Registry
 from posttrain.data.rewards.runner import RewardResult, RewardRunner
@@ -29,6 +36,32 @@ from posttrain.errors import ConfigError, RewardError
 REWARDS: Registry = Registry("reward")
 
 
+@dataclass(frozen=True)
+class RewardInfo:
+    """What is known about a registered reward without building it."""
+
+    # Accepts `options.dense` (bool): true makes it a dense reward, per-step scores turned
+    # into token rewards (the prm reward), instead of one score per sample.
+    dense_option: bool = False
+
+
+SCALAR = RewardInfo()
+
+
+def is_dense(name: str, options: dict[str, Any], fn: Callable) -> bool:
+    """Whether the configured reward `name` with `options` (built as `fn`) is dense.
+
+    A registered reward is dense when its RewardInfo allows `options.dense` and the option
+    is true. A user's ``"module:function"`` reward, which has no registry entry, marks
+    itself dense with the attribute ``fn.dense = True`` (and then provides
+    ``fn.scored_steps(prompts, completions)`` like the prm reward).
+    """
+    if name in REWARDS:
+        info = REWARDS.info(name) or SCALAR  # registered without a RewardInfo: a scalar reward
+        return info.dense_option and options.get("dense", False) is True
+    return getattr(fn, "dense", False) is True
+
+
 def _lazy(module: str, factory: str) -> Callable[..., Callable]:
     """`factory(**options)` from `module`, imported only when the reward is built (the code
     sandbox and model-based rewards pull in more than a config check needs)."""
@@ -41,16 +74,16 @@ def _lazy(module: str, factory: str) -> Callable[..., Callable]:
     return build
 
 
-for _name, _module, _factory in (
-    ("accuracy", "posttrain.data.rewards.accuracy", "AccuracyReward"),
-    ("code", "posttrain.data.rewards.code", "code_reward"),
-    ("reward_model", "posttrain.data.rewards.models", "reward_model_reward"),
-    ("prm", "posttrain.data.rewards.models", "prm_reward"),
+for _name, _module, _factory, _info in (
+    ("accuracy", "posttrain.data.rewards.accuracy", "AccuracyReward", SCALAR),
+    ("code", "posttrain.data.rewards.code", "code_reward", SCALAR),
+    ("reward_model", "posttrain.data.rewards.models", "reward_model_reward", SCALAR),
+    ("prm", "posttrain.data.rewards.models", "prm_reward", RewardInfo(dense_option=True)),
 ):
-    REWARDS.register(_name)(_lazy(_module, _factory))
+    REWARDS.register(_name, info=_info)(_lazy(_module, _factory))
 
 
-@REWARDS.register("kimi_length")
+@REWARDS.register("kimi_length", info=SCALAR)
 def _kimi_length(
     *, correctness: str | Callable | None = None, correctness_options: dict | None = None, **options
 ):
@@ -60,16 +93,19 @@ def _kimi_length(
     return kimi_length_reward(correctness=correctness, **options)
 
 
-REWARDS.register("format")(format_reward)
-REWARDS.register("length_linear")(length_linear_reward)
-REWARDS.register("dapo_overlong")(dapo_overlong_reward)
-REWARDS.register("repetition")(repetition_reward)
-REWARDS.register("language")(language_reward)
-REWARDS.register("task")(task_reward)
-REWARDS.register("step_credit")(step_credit_reward)
+for _name, _factory in (
+    ("format", format_reward),
+    ("length_linear", length_linear_reward),
+    ("dapo_overlong", dapo_overlong_reward),
+    ("repetition", repetition_reward),
+    ("language", language_reward),
+    ("task", task_reward),
+    ("step_credit", step_credit_reward),
+):
+    REWARDS.register(_name, info=SCALAR)(_factory)
 
 
-@REWARDS.register("env_return")
+@REWARDS.register("env_return", info=SCALAR)
 def _env_return() -> Callable:
     """The environment's summed step rewards of each trajectory (multi-turn rollouts,
     `env.name`): a game's win/loss, a tool environment's error penalties."""
@@ -119,4 +155,4 @@ def _import_reward(spec: str, options: dict) -> Callable:
     return fn(**options) if options else fn
 
 
-__all__ = ["REWARDS", "RewardResult", "RewardRunner", "build_reward"]
+__all__ = ["REWARDS", "RewardInfo", "RewardResult", "RewardRunner", "build_reward", "is_dense"]

@@ -18,7 +18,7 @@ from posttrain.train.config.checks import setting
 from posttrain.train.config.loader import ModelSection, OptimSection, RunSection
 
 # Validation lives in rl_checks.py (which needs no section class at run time); re-exported.
-from posttrain.train.config.rl_checks import TOKEN_REWARD_ADVANTAGES, check_dense_reward, validate  # noqa: F401
+from posttrain.train.config.rl_checks import check_dense_reward, token_reward_advantages, validate  # noqa: F401
 from posttrain.train.rl.prm_guide import PRMGuideSection
 
 
@@ -148,13 +148,19 @@ class AlgoSection:
         "Advantage estimator (core ADVANTAGES): gae | grpo | dr_grpo | rloo | reinforce | reinforce_pp | reinforce_pp_baseline | kimi.",
     )
     advantage_options: dict[str, Any] = setting(
-        dict, "Extra estimator options (e.g. scale, std_eps), merged over the preset's.", factory=True
+        dict,
+        "The estimator's own options (e.g. grpo: scale, std_eps, unbiased_std), merged over the preset's; "
+        "an unknown option or a wrong type is an error.",
+        factory=True,
     )
     policy_loss: str | None = setting(
         None, "Policy loss (core POLICY_LOSSES): pg | ppo | gspo | cispo | kimi."
     )
     policy_loss_options: dict[str, Any] = setting(
-        dict, "Extra policy-loss options (e.g. beta for kimi), merged over the preset's.", factory=True
+        dict,
+        "The policy loss's own options (e.g. kimi: beta; ppo: log_ratio_clamp), merged over the preset's; "
+        "the clip bounds are algo.clip_eps_low/high and algo.dual_clip.",
+        factory=True,
     )
     clip_eps_low: float | None = setting(None, "Lower ratio clip epsilon.")
     clip_eps_high: float | None = setting(None, "Upper ratio clip epsilon (DAPO clip-higher: 0.28).")

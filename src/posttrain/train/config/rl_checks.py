@@ -1,8 +1,11 @@
 """Validation of an RLConfig (`validate`), run before any model is built.
 
 `validate(cfg)` turns every bad combination into a one-line ConfigError naming the key
-(unknown method/piece names with suggestions, PPO without a critic, GRPO with G < 2, batch
-sizes that do not divide, an unknown KL estimator, ...) and returns the resolved pieces.
+(unknown method/piece names or registry-entry options with suggestions, an estimator that
+reads critic values without a critic, one that compares samples of a prompt with G < 2,
+batch sizes that do not divide, an unknown KL estimator, ...) and returns the resolved
+spec. What an estimator reads comes from its registry metadata (`ADVANTAGES.needs`), not
+from lists of names here.
 The sections themselves are in rl_config.py, which re-exports `validate`.
 """
 
@@ -66,6 +69,34 @@ def check_trust_region(cfg, spec: RLSpec) -> None:
         )
 
 
+# algo.<field> -> (the piece naming the registry entry, the need that reads the field).
+SPEC_INPUTS = {
+    "gamma": ("advantage", "gamma"),
+    "lam": ("advantage", "lam"),
+    "baseline_momentum": ("advantage", "baseline"),
+    "clip_eps_low": ("policy_loss", "clip_eps_low"),
+    "clip_eps_high": ("policy_loss", "clip_eps_high"),
+    "dual_clip": ("policy_loss", "dual_clip"),
+}
+
+
+def check_unread_settings(cfg, spec: RLSpec) -> None:
+    """A spec-level setting the user gave that the chosen estimator or loss does not read
+    (its registry `needs`) would do nothing: a ConfigError naming the key."""
+    from posttrain.core.advantages import ADVANTAGES
+    from posttrain.core.policy_losses import POLICY_LOSSES
+
+    registries = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES}
+    for key, (piece, need) in SPEC_INPUTS.items():
+        name = getattr(spec, piece)
+        needs = registries[piece].needs(name)
+        if getattr(cfg.algo, key) is not None and need not in needs:
+            raise ConfigError(
+                f"algo.{key} does nothing with algo.{piece} {name!r}, which reads "
+                f"{', '.join(sorted(needs)) or 'none of the spec-level inputs'}; drop it or pick a {piece} that uses it"
+            )
+
+
 def check_thinking_budget(cfg, spec: RLSpec) -> None:
     """rollout.thinking_budget: >= 0, and not with keep masks or a multi-turn environment."""
     budget = cfg.rollout.thinking_budget
@@ -81,18 +112,23 @@ def check_thinking_budget(cfg, spec: RLSpec) -> None:
         )
 
 
-# The advantage estimators that read `token_rewards` (core/advantages.py: GAE and the
-# γ-return REINFORCE family). The group/leave-one-out ones (grpo, rloo, kimi, ...) only see
-# the summed score, so a dense reward would silently vanish under them.
-TOKEN_REWARD_ADVANTAGES = ("gae", "reinforce", "reinforce_pp", "reinforce_pp_baseline")
+def token_reward_advantages() -> list[str]:
+    """The advantage estimators that read `token_rewards` (their registry `needs`). The
+    group/leave-one-out ones (grpo, rloo, kimi, ...) only see the summed score, so a dense
+    reward would silently vanish under them."""
+    from posttrain.core.advantages import ADVANTAGES
+
+    return [name for name in ADVANTAGES if "token_rewards" in ADVANTAGES.needs(name)]
 
 
 def check_dense_reward(name: str, advantage: str, method: str) -> None:
     """ConfigError unless `advantage` can use the dense reward `name` (token rewards)."""
-    if advantage not in TOKEN_REWARD_ADVANTAGES:
+    from posttrain.core.advantages import ADVANTAGES
+
+    if "token_rewards" not in ADVANTAGES.needs(advantage):
         raise ConfigError(
             f"reward {name!r} is dense (per-step token rewards) but algo.method {method!r} uses advantage "
-            f"{advantage!r}, which ignores token rewards; use one of {', '.join(TOKEN_REWARD_ADVANTAGES)} "
+            f"{advantage!r}, which ignores token rewards; use one of {', '.join(token_reward_advantages())} "
             "(e.g. method reinforce_pp or ppo) or drop options.dense"
         )
 
@@ -122,11 +158,9 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     from posttrain.core.advantages import ADVANTAGES
     from posttrain.core.kl import KL_ESTIMATORS
     from posttrain.core.masking import AGGREGATIONS
-    from posttrain.core.policy_losses import POLICY_LOSSES
 
-    spec = cfg.algo.pieces()  # unknown method -> ConfigError with suggestion
-    _registry_check(ADVANTAGES, spec.advantage, "algo.advantage")
-    _registry_check(POLICY_LOSSES, spec.policy_loss, "algo.policy_loss")
+    # unknown method / advantage / policy loss, unknown or ill-typed options -> ConfigError
+    spec = cfg.algo.pieces()
     _registry_check(AGGREGATIONS, spec.aggregation, "algo.aggregation")
     _registry_check(KL_ESTIMATORS, spec.kl_estimator, "algo.kl_estimator")
     ro = cfg.rollout
@@ -156,15 +190,15 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     for key, aux in (("critic", cfg.critic), ("teacher", cfg.teacher)):
         if aux.preset is not None and aux.path is None:
             check_preset(f"{key}.preset", aux.preset)
-    if spec.advantage in ("grpo", "dr_grpo", "rloo", "kimi", "reinforce_pp_baseline") and ro.group_size < 2:
+    if "group_id" in ADVANTAGES.needs(spec.advantage) and ro.group_size < 2:
         raise ConfigError(
             f"algo.advantage {spec.advantage!r} compares samples of one prompt: rollout.group_size must be >= 2, got {ro.group_size}"
         )
     if spec.dynamic_sampling and ro.group_size < 2:
         raise ConfigError("algo.dynamic_sampling drops zero-variance groups: rollout.group_size must be >= 2")
-    if spec.advantage == "gae" and not spec.critic:
+    if "values" in ADVANTAGES.needs(spec.advantage) and not spec.critic:
         raise ConfigError(
-            f"algo.method {cfg.algo.method!r} with advantage 'gae' needs a critic: set algo.critic=true"
+            f"algo.method {cfg.algo.method!r} with advantage {spec.advantage!r} needs a critic (it reads values): set algo.critic=true"
         )
     batch = ro.prompts_per_step * ro.group_size
     mb = spec.num_minibatches
@@ -197,6 +231,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(f"algo.kl_coef must be >= 0, got {spec.kl_coef}")
     check_ref_refresh(cfg, spec)
     check_trust_region(cfg, spec)
+    check_unread_settings(cfg, spec)
     check_alerts(cfg.alerts)
     if spec.teacher_mode != "none" and not (cfg.teacher.path or cfg.teacher.preset):
         raise ConfigError(f"algo.teacher_mode {spec.teacher_mode!r} needs a teacher: set teacher.path")
@@ -219,9 +254,11 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         check_range(f"rewards[{i}].start_step", reward.start_step, 0)
         if reward.name not in REWARDS and ":" not in reward.name:  # "module:function" imports at build
             raise ConfigError(f"rewards[{i}].name: {REWARDS.unknown_message(reward.name)}")
-        if "dense" in reward.options and reward.name != "prm":
+        if "dense" in reward.options and not _dense_option(reward.name):
+            dense = [name for name in REWARDS if _dense_option(name)]
             raise ConfigError(
-                f"rewards[{i}].options.dense: only the prm reward is dense, not {reward.name!r}"
+                f"rewards[{i}].options.dense: only the {' / '.join(dense)} reward is dense (RewardInfo.dense_option), "
+                f"not {reward.name!r}"
             )
         if "dense" in reward.options and not isinstance(reward.options["dense"], bool):
             raise ConfigError(
@@ -251,6 +288,13 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
     _validate_env(cfg, spec)
     return spec
+
+
+def _dense_option(name: str) -> bool:
+    """Whether reward `name` is registered with a `dense` option (data/rewards RewardInfo)."""
+    from posttrain.data.rewards import REWARDS, SCALAR
+
+    return name in REWARDS and (REWARDS.info(name) or SCALAR).dense_option
 
 
 def _env_provides_prompts(cfg: RLConfig) -> bool:

@@ -383,7 +383,7 @@ def dense_token_rewards(
     """
     from posttrain.core.advantages import prm_token_rewards
 
-    if not any(getattr(fn, "dense", False) for _, fn, _, _ in rewards.active(step)):
+    if not rewards.has_dense(step):
         return None, {}
     prompts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
     dense = rewards.dense(prompts, ro.texts, step)

@@ -175,9 +175,9 @@ def build_rewards(cfg: RLConfig, key: str = "rewards") -> RewardRole:
 
     The "task" reward verifies with `cfg.data.task` unless its options name a task.
     """
-    from posttrain.data.rewards import build_reward
+    from posttrain.data.rewards import build_reward, is_dense
 
-    specs = []
+    specs, dense = [], set()
     for i, spec in enumerate(cfg.eval.rewards if key == "eval.rewards" else cfg.rewards):
         options = dict(spec.options)
         if spec.name == "task" and "task" not in options and cfg.data.task:
@@ -186,12 +186,17 @@ def build_rewards(cfg: RLConfig, key: str = "rewards") -> RewardRole:
             fn = build_reward(spec.name, **options)
         except TypeError as e:
             raise ConfigError(f"{key}[{i}] ({spec.name!r}): bad options {sorted(options)}: {e}") from None
-        if getattr(fn, "dense", False):  # also a "module:function" reward that marks itself dense
+        if is_dense(spec.name, options, fn):  # also a "module:function" reward that marks itself dense
             check_dense_reward(spec.name, cfg.algo.pieces().advantage, cfg.algo.method)
+            dense.add(len(specs))
         specs.append((spec.name, fn, spec.weight, spec.start_step))
     ex = cfg.reward_exec
     return RewardRole(
-        specs, timeout_s=ex.timeout_s, max_workers=ex.max_workers, max_error_rate=ex.max_error_rate
+        specs,
+        dense=frozenset(dense),
+        timeout_s=ex.timeout_s,
+        max_workers=ex.max_workers,
+        max_error_rate=ex.max_error_rate,
     )
 
 
