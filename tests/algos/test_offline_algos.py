@@ -327,3 +327,61 @@ def test_packed_examples_get_exactly_zero_gradient_from_each_other(tok):
     assert torch.equal(grad[:4], torch.zeros_like(grad[:4]))
     embeds.grad = None
     model.zero_grad()
+
+
+def test_dpo_training_loss_and_gradient_equal_trl_on_unbatched_forwards(tok):
+    """The offline DPO path (PreferenceMethod.loss: padded pair batch with shared prompts,
+    reference log-probs looked up by item index in the [chosen N | rejected N] table of
+    `reference_logps`) gives the loss and gradient of TRL's sigmoid DPO loss,
+    −log σ(β((log π − log π_ref)(y_w) − (log π − log π_ref)(y_l))), with every sequence
+    log-prob summed by TRL's own selective_log_softmax over one unpadded forward per
+    sequence. Catches a shifted completion mask, a padding leak, or a reference table
+    read at the wrong index or with chosen / rejected swapped."""
+    import copy
+    from types import SimpleNamespace
+
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    from posttrain.engines.encoding import encode_continuation, encode_prompt
+    from posttrain.train.offline_methods import PreferenceMethod, reference_logps
+
+    torch.manual_seed(0)
+    policy = build_preset("tiny", len(tok), num_hidden_layers=1).eval()
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():  # a reference that differs from the policy, so every ratio is non-zero
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eos = tok.eos_token_id
+    rows = [("What is 7-3?", "4", "2"), ("What is 12+9?", "21", "2l"), ("Sort 3 1 2", "1 2 3", "3 2 1 0")]
+    items = [
+        {"prompt": encode_prompt(tok, p), "chosen": encode_continuation(tok, c) + [eos],
+         "rejected": encode_continuation(tok, r) + [eos], "split": "train", "idx": i}
+        for i, (p, c, r) in enumerate(rows)
+    ]  # fmt: skip
+    beta = 0.1
+    cfg = SimpleNamespace(algo=SimpleNamespace(loss="dpo", beta=beta, options={}, nll_weight=0.0))
+    table = reference_logps(ref, items, tok.pad_token_id, micro_batch_size=2)  # [2N]
+    method = PreferenceMethod(cfg, policy, tok, items, [], table, None)
+    batch_items = [items[2], items[0]]  # an optimizer micro-batch in another order than the table
+    loss, metrics = method.loss(batch_items, {"num_pairs": len(batch_items)})
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+
+    def trl_logp(model, prompt, completion):  # TRL: logits[:, :-1] scored against ids[:, 1:]
+        ids = torch.tensor([prompt + completion])
+        per_token = trl_utils.selective_log_softmax(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+        return per_token[0, len(prompt) - 1 :].sum()
+
+    def logratio(it, key):
+        with torch.no_grad():
+            r = trl_logp(ref, it["prompt"], it[key])
+        return trl_logp(policy, it["prompt"], it[key]) - r
+
+    delta = torch.stack([logratio(it, "chosen") - logratio(it, "rejected") for it in batch_items])
+    expected = -torch.nn.functional.logsigmoid(beta * delta).mean()  # TRL loss_type="sigmoid"
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert metrics["pref/correct"].item() == (delta > 0).sum().item()
+    assert metrics["pref/margin_sum"].item() == pytest.approx(beta * delta.sum().item(), abs=1e-5)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
