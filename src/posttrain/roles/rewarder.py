@@ -35,6 +35,14 @@ class RewardRole:
         self.options = {"timeout_s": timeout_s, "max_workers": max_workers, "max_error_rate": max_error_rate}
         self._runners: dict[tuple[str, ...], Any] = {}
 
+    def configured(self) -> bool:
+        """Whether any reward is configured (pure distillation runs have none)."""
+        return bool(self.specs)
+
+    def has_dense(self, step: int) -> bool:
+        """Whether a dense reward (`fn.dense`) is active at `step`."""
+        return any(getattr(fn, "dense", False) for _, fn, _, _ in self.active(step))
+
     def active(self, step: int) -> list[tuple[str, Any, float, int]]:
         """The reward specs that count at `step` (start_step <= step)."""
         return [s for s in self.specs if step >= s[3]]

@@ -161,7 +161,7 @@ def collect(
     successes: list[torch.Tensor] = []  # [b] per kept sample, for success-rate sampling
     while True:
         idx = source.next(P - kept_groups, step, rounds)
-        items = [source.items[i] for i in idx]
+        items = source.get(idx)
         params = _sampling_params(
             cfg, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds, keep_mask=spec.keep_sampling_mask
         )
@@ -186,7 +186,7 @@ def collect(
         columns["model_prompt"] = model_prompts(tokenizer, sample_items)
         if ro.turn_stats is not None:  # what the env_return reward reads
             columns["env_return"] = list(ro.turn_stats["return"])
-        if rewards.specs:
+        if rewards.configured():
             res = rewards.score([it.text for it in sample_items], ro.texts, columns, step)
             scores = res.scores.float()
             valid = res.valid.bool() & torch.isfinite(scores)
@@ -285,7 +285,7 @@ def collect(
         metrics["tools/calls_per_sample"] = calls / n
         metrics["tools/error_rate"] = sum(turn_stats["tool_errors"]) / max(1, calls)
         metrics["env/return_mean"] = sum(turn_stats["return"]) / n
-    if spec.teacher_mode == "none" or rewards.specs:
+    if spec.teacher_mode == "none" or rewards.configured():
         ok = batch.valid.tolist()
         idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()
         source.update([i for i, v in zip(idx_list, ok) if v], [s for s, v in zip(succ, ok) if v])
@@ -401,7 +401,7 @@ def dense_token_rewards(
     """
     from posttrain.core.advantages import prm_token_rewards
 
-    if not any(getattr(fn, "dense", False) for _, fn, _, _ in rewards.active(step)):
+    if not rewards.has_dense(step):
         return None, {}
     prompts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
     dense = rewards.dense(prompts, ro.texts, step)
