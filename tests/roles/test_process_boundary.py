@@ -129,3 +129,28 @@ def test_controller_holds_no_optimizer_and_runs_no_backward():
     source = inspect.getsource(controller)
     assert ".backward(" not in source
     assert "optimizer" not in source
+
+
+def test_learner_state_dicts_cross_a_boundary_and_continue_exactly(tmp_path):
+    """PolicyLearner / CriticLearner.state_dict() (model, optimizer, scheduler, guard),
+    pickled into a fresh trainer's learners, continue training bit-identically."""
+    a = RLTrainer(tiny_config(tmp_path / "a", "ppo", steps=3))
+    a.step()
+    b = RLTrainer(tiny_config(tmp_path / "b", "ppo", steps=3))
+    b.policy.load_state_dict(_copy(a.policy.state_dict()))
+    b.critic.load_state_dict(_copy(a.critic.state_dict()))
+    # The controller's own state, as a checkpoint restores it.
+    b.step_count = a.step_count
+    b.prompts.load_state_dict(a.prompts.state_dict())
+    b.baseline.load_state_dict(a.baseline.state_dict())
+    rng = torch.get_rng_state()
+    a.step()
+    torch.set_rng_state(rng)
+    b.step()
+    for x, y in zip(
+        _weights({"policy": a.policy, "critic": a.critic}),
+        _weights({"policy": b.policy, "critic": b.critic}),
+        strict=True,
+    ):
+        assert torch.equal(x, y)
+    assert a.policy.scheduler.get_last_lr() == b.policy.scheduler.get_last_lr()

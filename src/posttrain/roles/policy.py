@@ -45,10 +45,6 @@ class PolicyRole:
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable tensors (LoRA: adapters only)."""
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def logprobs(
         self,
         seq: SequenceBatch,
