@@ -1,8 +1,10 @@
 """Building the RL loop's roles from an RLConfig.
 
-`build_components` loads the policy/tokenizer, the rollout engine, the optional reference,
-critic and teacher, the rewards and the prompt source. The rollout-collection phase
-(`collect`) is in rl_collect.py and re-exported here.
+`build_components` loads the policy/tokenizer and builds the roles: the policy learner,
+the generator (`build_generator`: the rollout engine stack), the optional reference,
+critic learner and teacher, the rewards and the prompt source. `plan` describes a run
+without training it. The rollout-collection phase (`collect`, train/rl/collect.py) and
+the dense-reward helpers (train/rl/dense.py) are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,13 +27,8 @@ from posttrain.train.common.input_checks import check_context, check_fills_a_bat
 from posttrain.train.config.rl import RLConfig, check_dense_reward, validate
 
 # The collection phase; re-exported: callers and tests import these from here.
-from posttrain.train.rl.collect import (  # noqa: F401
-    collect,
-    dense_token_rewards,
-    filter_by_difficulty,
-    model_prompts,
-    step_token_index,
-)
+from posttrain.train.rl.collect import collect, filter_by_difficulty  # noqa: F401
+from posttrain.train.rl.dense import dense_token_rewards, model_prompts, step_token_index  # noqa: F401
 from posttrain.train.rl.prm_guide import check_prm_guide_path, wrap_engine
 
 # --------------------------------------------------------------------------- building
