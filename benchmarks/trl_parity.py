@@ -125,7 +125,8 @@ def compare(
     from posttrain.train.rl.setup import collect
 
     pt = posttrain_trainer(cfg, model_dir, work, 300)
-    batch, _ = collect(pt, step)
+    batch, _ = collect(pt.cfg, pt.spec, step, generator=pt.generator, rewards=pt.rewards, prompts=pt.prompts,
+                       tokenizer=pt.tokenizer)  # fmt: skip
     if scores is not None:
         batch.scores, batch.valid = scores.float(), torch.ones(len(batch), dtype=torch.bool)
     pt._score(batch)
@@ -136,7 +137,7 @@ def compare(
     counts = {"num_tokens": float(mask.sum()), "num_seqs": float((mask.sum(-1) > 0).sum()),
               "max_len": cfg.max_new_tokens}  # fmt: skip
     pt.policy.model.zero_grad()
-    pt_loss, _ = pt._micro_loss(batch, counts, step)
+    pt_loss, _ = pt.policy._micro_loss(batch, counts, step, pt.kl_ctl.value, pt._kd_coef(step))
     pt_loss.backward()
     g_pt = _grads(pt.policy.model)
 
@@ -191,7 +192,7 @@ def compare(
         "grad_norm": {"posttrain": float(g_pt.norm()), "trl": float(g_trl.norm())},
         "grad_rel_l2_diff": float((g_pt - g_trl).norm() / g_trl.norm().clamp(min=1e-30)),
         "grad_cosine": float(torch.nn.functional.cosine_similarity(g_pt, g_trl, dim=0)),
-        "optimizer": {"posttrain": _optimizer_summary(pt.optimizer), "trl": _optimizer_summary(opt)},
+        "optimizer": {"posttrain": _optimizer_summary(pt.policy.optimizer), "trl": _optimizer_summary(opt)},
     }
 
 
@@ -237,7 +238,7 @@ def replay(cfg: BenchConfig, model_dir: Path, work: Path, steps: int, random_sco
     pt._advantages, pt._update = scored, recording
     lrs_pt = []
     for _ in range(steps):
-        lrs_pt.append(float(pt.optimizer.param_groups[0]["lr"]))
+        lrs_pt.append(float(pt.policy.optimizer.param_groups[0]["lr"]))
         pt.step()
     w_pt = _flat(pt.policy.model)
 
@@ -292,7 +293,7 @@ def sample_compare(cfg: BenchConfig, model_dir: Path, work: Path, n_prompts: int
             trl_texts = trl.processing_class.batch_decode(completions, skip_special_tokens=True)
             params = SamplingParams(n=G, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                     seed=1_000 * r + start)  # fmt: skip
-            ro = pt.engine.generate([it.prompt_ids for it in chunk], params)
+            ro = pt.generator.generate([it.prompt_ids for it in chunk], params)
             prompts = [c for c in conv for _ in range(G)]
             answers = [it.answer for it in chunk for _ in range(G)]
             for fw, texts, lengths in (("trl", trl_texts, [len(c) for c in completions]),

@@ -97,3 +97,18 @@ def train_digit_teacher(path: Path, steps: int = 60, seed: int = 0) -> Path:
         opt.step()
     save_model(model, tok, str(path))
     return path
+
+
+def collect_batch(trainer, step: int):
+    """`collect` for `trainer`'s step `step` with the trainer's own roles: (RLBatch, metrics)."""
+    from posttrain.train.rl.setup import collect
+
+    return collect(
+        trainer.cfg,
+        trainer.spec,
+        step,
+        generator=trainer.generator,
+        rewards=trainer.rewards,
+        prompts=trainer.prompts,
+        tokenizer=trainer.tokenizer,
+    )

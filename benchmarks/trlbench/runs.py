@@ -366,7 +366,7 @@ def run_posttrain(
     trainer = RLTrainer(rl_cfg)
     try:
         for _ in range(steps):
-            trace.lr.append(float(trainer.optimizer.param_groups[0]["lr"]))
+            trace.lr.append(float(trainer.policy.optimizer.param_groups[0]["lr"]))
             t0 = time.perf_counter()
             metrics = trainer.step()
             seconds = time.perf_counter() - t0

@@ -153,7 +153,7 @@ def test_eval_and_rl_with_a_thinking_budget(thinking_model, tmp_path):
     metrics = trainer.step()
     assert metrics["rollout/thinking_cut_frac"] > 0.5
     batch = trainer._last_batch
-    phrase_len = len(trainer.engine.forced_ids)
+    phrase_len = len(trainer.generator.engine.forced_ids)
     cut_rows = [b for b, t in enumerate(batch.texts) if "Considering the limited time" in t]
     assert cut_rows
     for b in cut_rows:  # the forced tokens are context, never trained on

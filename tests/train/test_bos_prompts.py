@@ -54,13 +54,13 @@ def test_rl_rollout_and_scoring_see_the_bos(bos_dir, tmp_path):
     for it in trainer.prompts.items[:8]:
         assert it.prompt_ids == tok(it.text)["input_ids"]
     seen = []
-    generate = trainer.engine.generate
+    generate = trainer.generator.engine.generate
 
     def recording(prompts, params):
         seen.extend(list(p) for p in prompts)
         return generate(prompts, params)
 
-    trainer.engine.generate = recording
+    trainer.generator.engine.generate = recording
     trainer.step()
     b = trainer._last_batch
     texts = [trainer.prompts.items[int(i)].text for i in b.item_index]

@@ -7,13 +7,19 @@ process (a torch.distributed rank, a Ray actor) without the controller changing.
 
 from posttrain.roles.baseline import RunningMean
 from posttrain.roles.batch import RLBatch
+from posttrain.roles.critic import CriticLearner
+from posttrain.roles.generator import Generator
+from posttrain.roles.learner import PolicyLearner
 from posttrain.roles.policy import PolicyRole
 from posttrain.roles.prompts import PromptItem, PromptSource
 from posttrain.roles.rewarder import RewardRole
-from posttrain.roles.scorer import CriticRole, ScoringRole
+from posttrain.roles.scorer import ScoringRole
+from posttrain.roles.weights import SharedModule, StateDictWeights, WeightSource
 
 __all__ = [
-    "CriticRole",
+    "CriticLearner",
+    "Generator",
+    "PolicyLearner",
     "PolicyRole",
     "PromptItem",
     "PromptSource",
@@ -21,4 +27,7 @@ __all__ = [
     "RewardRole",
     "RunningMean",
     "ScoringRole",
+    "SharedModule",
+    "StateDictWeights",
+    "WeightSource",
 ]

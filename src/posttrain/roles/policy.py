@@ -1,4 +1,6 @@
-"""The policy role: the trained causal LM, scored with or without grad."""
+"""The policy model's forward: log-probs of responses, with or without grad.
+
+Used by the policy learner (roles/learner.py), which owns the model and its optimizer."""
 
 from __future__ import annotations
 
@@ -9,18 +11,21 @@ import torch
 from posttrain.core.logprobs import entropy_from_logits, logprobs_from_logits
 from posttrain.engines.batching import SequenceBatch
 from posttrain.engines.logprobs import response_logits, sequence_logprobs
+from posttrain.roles.batch import keep_mask_from_ids
 
 
 def _support_logprobs(
-    model: torch.nn.Module, seq: SequenceBatch, keep_mask: torch.Tensor, temperature: float, entropy: bool
+    model: torch.nn.Module, seq: SequenceBatch, keep_ids: torch.Tensor, temperature: float, entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs renormalised over the sampler's kept top-p/top-k support (DeepSeek-V3.2).
 
-    keep_mask: [B, T, V] bool. Tokens outside the support get −inf logits, so the trainer's
-    distribution is the same truncated one the sampler drew from. Materialises [B, T, V]
-    logits, so keep micro-batches small when using it.
+    keep_ids: [B, T, K] long kept token ids (−1 padding, RLBatch.keep_ids), expanded here to
+    the [B, T, V] bool mask, so the full mask exists only for this forward. Tokens outside
+    the support get −inf logits, so the trainer's distribution is the same truncated one
+    the sampler drew from. Materialises [B, T, V] logits: keep micro-batches small.
     """
     logits = response_logits(model, seq).float() / temperature  # [B, T, V]
+    keep_mask = keep_mask_from_ids(keep_ids.to(logits.device), logits.shape[-1])
     logits = logits.masked_fill(~keep_mask, float("-inf"))
     tokens = seq.response_ids
     logprobs = logprobs_from_logits(logits, tokens)
@@ -40,23 +45,23 @@ class PolicyRole:
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable tensors (LoRA: adapters only)."""
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def logprobs(
         self,
         seq: SequenceBatch,
         *,
         with_grad: bool = False,
         return_entropy: bool = False,
-        keep_mask: torch.Tensor | None = None,
+        keep_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[B, T] log π_θ of the responses (and [B, T] entropy if asked)."""
-        if keep_mask is not None:
+        """[B, T] log π_θ of the responses (and [B, T] entropy if asked).
+
+        keep_ids: [B, T, K] the sampler's kept support (RLBatch.keep_ids) or None for the
+        full vocabulary.
+        """
+        if keep_ids is not None:
             ctx = nullcontext() if with_grad else torch.no_grad()
             with ctx:
-                return _support_logprobs(self.model, seq, keep_mask, self.temperature, return_entropy)
+                return _support_logprobs(self.model, seq, keep_ids, self.temperature, return_entropy)
         return sequence_logprobs(
             self.model,
             seq,

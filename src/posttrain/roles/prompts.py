@@ -82,6 +82,10 @@ class PromptSource:
             self.position += 1
         return out
 
+    def get(self, indices: list[int]) -> list[PromptItem]:
+        """The items at `indices` (as returned by `next`)."""
+        return [self.items[i] for i in indices]
+
     def update(self, indices: list[int], successes: list[float]) -> None:
         """Feed back per-sample success (success-rate sampling); a no-op otherwise."""
         if self._sampler is not None:

@@ -39,6 +39,10 @@ class RewardRole:
         self.options = {"timeout_s": timeout_s, "max_workers": max_workers, "max_error_rate": max_error_rate}
         self._runners: dict[tuple[str, ...], Any] = {}
 
+    def configured(self) -> bool:
+        """Whether any reward is configured (pure distillation runs have none)."""
+        return bool(self.specs)
+
     def active(self, step: int) -> list[tuple[str, Any, float, int]]:
         """The reward specs that count at `step` (start_step <= step)."""
         return [s for s in self.specs if step >= s[3]]

@@ -1,4 +1,4 @@
-"""Scorers: frozen models that score tokens (reference policy, teacher) and the critic."""
+"""Scorers: frozen models that score tokens (reference policy, teacher)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from contextlib import nullcontext
 import torch
 
 from posttrain.engines.batching import SequenceBatch
-from posttrain.engines.logprobs import sequence_logprobs, sequence_values
+from posttrain.engines.logprobs import sequence_logprobs
 from posttrain.errors import TrainingError
+from posttrain.roles.weights import WeightSource
 
 
 class ScoringRole:
@@ -35,11 +36,12 @@ class ScoringRole:
         return cls(ref, temperature=temperature)
 
     @torch.no_grad()
-    def refresh_from(self, policy: torch.nn.Module) -> None:
-        """Copy `policy`'s current weights into this frozen model (periodic π_ref reset)."""
+    def refresh_from(self, weights: WeightSource) -> None:
+        """Copy the policy's weights (`PolicyLearner.weights()`) into this frozen model
+        (the periodic π_ref reset)."""
         if self.disable_adapter:
             raise TrainingError("a LoRA reference (adapters off) cannot be refreshed from the policy")
-        self.model.load_state_dict(policy.state_dict())
+        self.model.load_state_dict(weights.state_dict())
 
     @torch.no_grad()
     def logprobs(self, seq: SequenceBatch, micro_batch_size: int | None = None) -> torch.Tensor:
@@ -50,18 +52,3 @@ class ScoringRole:
                 self.model, seq, temperature=self.temperature, micro_batch_size=micro_batch_size
             )
         return out
-
-
-class CriticRole:
-    """The value model V(s_t) (a ScalarHeadModel), trained alongside the policy."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """The critic's trainable tensors."""
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def values(self, seq: SequenceBatch, *, with_grad: bool = False) -> torch.Tensor:
-        """[B, T] values of the state before each response token (logprob alignment)."""
-        return sequence_values(self.model, seq, with_grad=with_grad)

@@ -122,7 +122,7 @@ def test_lr_jump_provokes_kl_spike_then_entropy_collapse_in_the_loop(tmp_path):
     kinds = []
     for step in range(11):
         if step >= 4:
-            for group in trainer.optimizer.param_groups:
+            for group in trainer.policy.optimizer.param_groups:
                 group["lr"] = 0.1
         kinds.append([a.kind for a in trainer._alerts(step, trainer.step())])
     assert kinds[:5] == [[]] * 5

@@ -22,8 +22,8 @@ from posttrain.roles import RewardRole
 from posttrain.train.config.loader import load_config
 from posttrain.train.config.rl import token_reward_advantages, validate
 from posttrain.train.rl.controller import RLConfig, RLTrainer
-from posttrain.train.rl.setup import collect, step_token_index
-from rl_common import DIGIT_REWARD, digit_fraction, tiny_config
+from posttrain.train.rl.setup import step_token_index
+from rl_common import DIGIT_REWARD, collect_batch, digit_fraction, tiny_config
 
 # Char tokenizer: "<think>" is one token (7 characters), every other character one token.
 # Step "1+2=3" ends at character 12 (token 5, the "3"), step "3+4=7" at character 19 (token 12).
@@ -74,7 +74,7 @@ class _FixedEngine:
 def _dense_trainer(tmp_path, method: str = "reinforce"):
     cfg = tiny_config(tmp_path, method, "algo.kl_coef=0", steps=1)
     trainer = RLTrainer(cfg)
-    trainer.engine = _FixedEngine(trainer.tokenizer)
+    trainer.generator.engine = _FixedEngine(trainer.tokenizer)
     prm = build_reward("prm", scorer=_fake_prm, dense=True)
     trainer.rewards = RewardRole(
         [("prm", prm, WEIGHT, 0), (DIGIT_REWARD, digit_fraction, 1.0, 0)],
@@ -97,7 +97,7 @@ def test_step_token_index_by_hand():
 def test_hand_worked_batch_has_the_marginals_at_the_step_ends(tmp_path):
     trainer = _dense_trainer(tmp_path)
     SEEN_PROMPTS.clear()
-    batch, metrics = collect(trainer, step=0)
+    batch, metrics = collect_batch(trainer, step=0)
     # The PRM sees each prompt as the policy did (chat template applied), as it was trained.
     templated = trainer.tokenizer.decode(trainer.prompts.items[int(batch.item_index[0])].prompt_ids)
     assert templated.startswith("<s><|im_start|>user\n") and templated in SEEN_PROMPTS

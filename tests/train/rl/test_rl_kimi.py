@@ -12,7 +12,7 @@ from rl_common import tiny_config
 
 
 def _updates_per_minibatch(tmp_path, beta, monkeypatch):
-    import posttrain.train.rl.controller as rl
+    import posttrain.roles.updates as rl
 
     cfg = tiny_config(tmp_path / f"beta{beta}", "kimi", f"algo.policy_loss_options={{beta: {beta}}}", steps=1)
     trainer = RLTrainer(cfg)

@@ -15,6 +15,7 @@ from rl_common import (
     ALL_METHODS,
     DIGIT_REWARD,
     TEACHER_METHODS,
+    collect_batch,
     register_digit_reward,
     tiny_config,
     train_digit_teacher,
@@ -70,7 +71,7 @@ def test_accumulation_one_by_eight_equals_eight_by_one(method, tmp_path, monkeyp
     a small fraction of the learning rate (Adam's first step is ~lr·sign(g), so coordinates
     whose gradient is at round-off level can differ by up to lr — none should here).
     """
-    import posttrain.train.rl.controller as rl_mod
+    import posttrain.roles.updates as rl_mod
 
     real_step = rl_mod.guarded_step
     finals, grads = [], []
@@ -176,13 +177,13 @@ def test_non_finite_loss_skips_step_and_stops_after_k(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "grpo", "run.max_bad_steps=1", steps=5)
     trainer = RLTrainer(cfg)
     before = _params(trainer.policy.model)
-    real = trainer._micro_loss
+    real = trainer.policy._micro_loss
 
     def nan_loss(*a, **k):
         loss, metrics = real(*a, **k)
         return loss * float("nan"), metrics
 
-    monkeypatch.setattr(trainer, "_micro_loss", nan_loss)
+    monkeypatch.setattr(trainer.policy, "_micro_loss", nan_loss)
     m = trainer.step()
     assert m["train/skipped_updates"] == 1
     for a, b in zip(before, _params(trainer.policy.model)):
@@ -193,9 +194,7 @@ def test_non_finite_loss_skips_step_and_stops_after_k(tmp_path, monkeypatch):
 
 def test_all_masked_batch_gives_zero_loss_and_no_update(tmp_path):
     trainer = RLTrainer(tiny_config(tmp_path, "grpo", "algo.kl_coef=0"))
-    from posttrain.train.rl.setup import collect
-
-    batch, _ = collect(trainer, 0)
+    batch, _ = collect_batch(trainer, 0)
     batch.mask = torch.zeros_like(batch.mask)
     trainer._score(batch)
     trainer._advantages(batch, 0)
@@ -275,15 +274,13 @@ def test_off_policy_controls_run_and_report(tmp_path):
     trainer = RLTrainer(cfg)
     m = trainer.step()
     assert "offpolicy/tis_weight_mean" in m and "offpolicy/masked_seq_frac" in m
-    assert trainer._last_batch.keep_mask is not None and trainer._last_batch.old_logprobs is not None
+    assert trainer._last_batch.keep_ids is not None and trainer._last_batch.old_logprobs is not None
     assert math.isfinite(m["loss/total"])
     # Within the sampler's support the trainer scores the truncated distribution the sampler
     # drew from, so before any update trainer and sampler log-probs agree.
     fresh = RLTrainer(cfg)
-    from posttrain.train.rl.setup import collect
-
-    batch, _ = collect(fresh, 0)
-    lp, _ = fresh.policy.logprobs(batch.seq, keep_mask=batch.keep_mask)
+    batch, _ = collect_batch(fresh, 0)
+    lp, _ = fresh.policy.logprobs(batch.seq, keep_ids=batch.keep_ids)
     torch.testing.assert_close(lp * batch.mask, batch.sampling_logprobs * batch.mask, rtol=1e-4, atol=1e-4)
 
 

@@ -23,20 +23,20 @@ from rl_common import tiny_config
 def _trainer(tmp_path, name, *extra, shift=0.0):
     """A dr_grpo trainer (pg-style loss, no KL) whose sampler reports log μ = log π + shift."""
     trainer = RLTrainer(tiny_config(tmp_path / name, "dr_grpo", *extra, steps=1))
-    generate = trainer.engine.generate
+    generate = trainer.generator.engine.generate
 
     def shifted(prompts, params):
         ro = generate(prompts, params)
         ro.sampling_logprobs = ro.sampling_logprobs + shift * ro.mask
         return ro
 
-    trainer.engine.generate = shifted
+    trainer.generator.engine.generate = shifted
     return trainer
 
 
 def _step_grads(trainer, monkeypatch, apply=False):
     """(gradient of each optimizer step of one RL step, the step's metrics)."""
-    import posttrain.train.rl.controller as rl
+    import posttrain.roles.updates as rl
 
     grads = []
     real = rl.guarded_step
@@ -104,7 +104,7 @@ def test_off_policy_mask_reacts_to_staleness_across_minibatches(tmp_path, monkey
     """Sampler = trainer, so only staleness can trigger the mask: none on the first
     minibatch (π_θ = π_old = μ), and on later minibatches the sequences whose probability
     the earlier updates lowered (DeepSeek-V3.2 compares μ with the CURRENT policy)."""
-    import posttrain.train.rl.controller as rl
+    import posttrain.roles.learner as rl
 
     calls = []
     real = rl.off_policy_sequence_mask

@@ -43,7 +43,7 @@ def test_tool_trajectories_train_with_observations_masked(tmp_path):
     cfg = tiny_config(tmp_path / "run", "grpo", "env.name=tools", "env.max_turns=2", "env.max_total_tokens=200",
                       "rollout.max_new_tokens=100", "rewards=[{name: task}]")  # fmt: skip
     trainer = RLTrainer(cfg)
-    trainer.engine.engine = _Calls(trainer.tokenizer)
+    trainer.generator.engine.engine = _Calls(trainer.tokenizer)
     metrics = trainer.step()
     assert metrics["tools/call_rate"] == 1.0 and metrics["tools/turns_mean"] == 2.0
     assert metrics["tools/error_rate"] == pytest.approx(0.5)  # the odd rows' calls are broken JSON

@@ -59,7 +59,9 @@ class Rollout:
         "repetition".
     group_id: [B] long, index of the prompt each sample came from.
     texts: B decoded response strings (stop strings included, padding excluded).
-    keep_mask: [B, T, V] bool when requested, else None.
+    keep_mask: [B, T, V] bool when requested, else None (what engines return).
+    keep_ids: [B, T, K] long, the same support as kept token ids padded with −1: the compact
+        form the Generator role (roles/generator.py) hands on instead of keep_mask.
     turn_rewards: [B, T] float, multi-turn rollouts only: each environment turn's reward
         at the last token of the model turn it answered (None: single turn).
     turn_stats: multi-turn rollouts only: per-sample lists "turns", "tool_calls",
@@ -74,6 +76,7 @@ class Rollout:
     group_id: torch.Tensor
     texts: list[str]
     keep_mask: torch.Tensor | None = None
+    keep_ids: torch.Tensor | None = None
     turn_rewards: torch.Tensor | None = None
     turn_stats: dict[str, list[float]] | None = None
 

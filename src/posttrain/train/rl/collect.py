@@ -3,13 +3,12 @@
 `collect` runs the generate + reward phase of one step, including DAPO dynamic sampling
 (drop zero-variance groups and keep generating, at most `max_gen_rounds` extra rounds,
 until the batch is full). `dense_token_rewards` puts per-step rewards (a PRM's, an
-environment's) on the token that ends each step. Building the roles is rl_setup.py's.
+environment's) on the token that ends each step (train/rl/dense.py). Building the roles is
+train/rl/setup.py's.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import logging
 import time
 from dataclasses import replace
@@ -18,16 +17,19 @@ from typing import Any
 
 import torch
 
+from posttrain.algos.spec import RLSpec
 from posttrain.engines.batching import build_sequences
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.errors import ConfigError
 from posttrain.roles import (
+    Generator,
     PromptItem,
     PromptSource,
     RewardRole,
     RLBatch,
 )
 from posttrain.train.config.rl import RLConfig
+from posttrain.train.rl.dense import dense_token_rewards, model_prompts
 from posttrain.train.rl.prm_guide import prm_guide_metrics
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def filter_by_difficulty(
-    cfg: RLConfig, items: list[PromptItem], engine, rewards: RewardRole
+    cfg: RLConfig, items: list[PromptItem], generator: Generator, rewards: RewardRole, tokenizer
 ) -> tuple[list[PromptItem], str | None]:
     """Kimi k1.5 / Qwen3 difficulty filter: keep prompts the initial policy rarely solves.
 
@@ -65,7 +67,7 @@ def filter_by_difficulty(
         counts = []
         for start in range(0, len(batch_items), max(1, cfg.rollout.prompts_per_step)):
             chunk = batch_items[start : start + cfg.rollout.prompts_per_step]
-            ro = engine.generate([it.prompt_ids for it in chunk], params)
+            ro = generator.generate([it.prompt_ids for it in chunk], params)
             samples = [chunk[int(g)] for g in ro.group_id]
             columns = {
                 key: [it.columns.get(key) for it in samples]
@@ -73,7 +75,7 @@ def filter_by_difficulty(
             }
             columns["response_length"] = ro.mask.sum(-1).long().tolist()
             columns["group_id"] = ro.group_id.tolist()
-            columns["model_prompt"] = model_prompts(engine.tokenizer, samples)
+            columns["model_prompt"] = model_prompts(tokenizer, samples)
             res = rewards.score([it.text for it in samples], ro.texts, columns, 0)
             success = _success(res, res.scores.float(), cfg.data.success_reward) >= 0.5  # [B]
             counts += [int(success[ro.group_id == g].sum()) for g in range(len(chunk))]
@@ -130,34 +132,44 @@ def _group_has_signal(
     return keep
 
 
-def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
-    """Generate and reward one step's batch; returns (RLBatch, metrics)."""
-    cfg, spec = trainer.cfg, trainer.spec
+def collect(
+    cfg: RLConfig,
+    spec: RLSpec,
+    step: int,
+    *,
+    generator: Generator,
+    rewards: RewardRole,
+    prompts: PromptSource,
+    tokenizer,
+) -> tuple[RLBatch, dict[str, float]]:
+    """Generate and reward one step's batch; returns (RLBatch, metrics).
+
+    Talks only to the roles it is given: `prompts` (which prompts, success feedback),
+    `generator` (rollouts, its counters), `rewards` (scores, dense rewards); `tokenizer`
+    decodes prompts for rewards and pads the batch.
+    """
     P = cfg.rollout.prompts_per_step
-    source: PromptSource = trainer.prompts
+    source = prompts
     parts: list[tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
     all_scores, all_valid, per_reward, errors, dense_stats = [], [], {}, {}, {}
     turn_stats: dict[str, list[float]] = {}
     gen_s = reward_s = 0.0
-    n_tokens = thinking_cut = n_sampled = 0
+    n_tokens = n_sampled = 0
     kept_groups = rounds = dropped = zero_var = seen_groups = 0
     guided = cfg.rollout.prm_guide.model_path is not None
-    prm_before = dict(trainer.engine.totals) if guided else {}  # rollout.prm_guide's running counts
+    before = generator.counters() if guided or cfg.rollout.thinking_budget else {}
     successes: list[torch.Tensor] = []  # [b] per kept sample, for success-rate sampling
     while True:
         idx = source.next(P - kept_groups, step, rounds)
-        items = [source.items[i] for i in idx]
+        items = source.get(idx)
         params = _sampling_params(
             cfg, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds, keep_mask=spec.keep_sampling_mask
         )
         t = time.perf_counter()
-        cut_before = getattr(trainer.engine, "cut_total", 0)
+        env_rows = None
         if cfg.env.name is not None:  # the environment sees each prompt's row (answer, columns)
             env_rows = [{"prompt": it.text, "answer": it.answer, **it.columns} for it in items]
-            ro = trainer.engine.generate([it.prompt_ids for it in items], params, rows=env_rows)
-        else:
-            ro = trainer.engine.generate([it.prompt_ids for it in items], params)
-        thinking_cut += getattr(trainer.engine, "cut_total", 0) - cut_before
+        ro = generator.generate([it.prompt_ids for it in items], params, rows=env_rows)
         gen_s += time.perf_counter() - t
         n_tokens += int(ro.mask.sum())
         n_sampled += len(ro)
@@ -171,11 +183,11 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         columns["group_id"] = (ro.group_id + seen_groups).tolist()
         # The prompt exactly as the policy saw it (chat template applied): what reward and
         # process reward models trained by `posttrain rm` / `posttrain prm` score.
-        columns["model_prompt"] = model_prompts(trainer.tokenizer, sample_items)
+        columns["model_prompt"] = model_prompts(tokenizer, sample_items)
         if ro.turn_stats is not None:  # what the env_return reward reads
             columns["env_return"] = list(ro.turn_stats["return"])
-        if trainer.rewards.specs:
-            res = trainer.rewards.score([it.text for it in sample_items], ro.texts, columns, step)
+        if rewards.configured():
+            res = rewards.score([it.text for it in sample_items], ro.texts, columns, step)
             scores = res.scores.float()
             valid = res.valid.bool() & torch.isfinite(scores)
             success = _success(res, scores, cfg.data.success_reward)
@@ -188,7 +200,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
             valid = torch.ones(len(ro), dtype=torch.bool)
             success = scores
         dense, stats = dense_token_rewards(
-            trainer.rewards, trainer.tokenizer, [it.prompt_ids for it in sample_items], ro, step
+            rewards, tokenizer, [it.prompt_ids for it in sample_items], ro, step
         )
         if cfg.env.dense_rewards and ro.turn_rewards is not None:  # each turn's reward at its last token
             dense = ro.turn_rewards if dense is None else dense + ro.turn_rewards
@@ -229,7 +241,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
                 dense,
             )
         )
-    batch = _merge(parts, trainer.tokenizer.pad_token_id)
+    batch = _merge(parts, tokenizer.pad_token_id)
     scores_all = torch.cat(all_scores)
     valid_all = torch.cat(all_valid)
     good = scores_all[valid_all]
@@ -250,10 +262,12 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         "time/generate_s": gen_s,
         "time/reward_s": reward_s,
     }
+    after = generator.counters() if before else {}
     if cfg.rollout.thinking_budget:  # share of this step's samples whose thinking was cut
+        thinking_cut = after["thinking_cut"] - before["thinking_cut"]
         metrics["rollout/thinking_cut_frac"] = thinking_cut / max(1, n_sampled)
-    if guided:
-        metrics.update(prm_guide_metrics(prm_before, trainer.engine.totals, cfg.rollout.max_new_tokens))
+    if guided:  # rollout.prm_guide's running counts
+        metrics.update(prm_guide_metrics(before["prm"], after["prm"], cfg.rollout.max_new_tokens))
     for k, vs in per_reward.items():
         v = torch.cat(vs)
         v = v[torch.isfinite(v)]
@@ -271,7 +285,7 @@ def collect(trainer, step: int) -> tuple[RLBatch, dict[str, float]]:
         metrics["tools/calls_per_sample"] = calls / n
         metrics["tools/error_rate"] = sum(turn_stats["tool_errors"]) / max(1, calls)
         metrics["env/return_mean"] = sum(turn_stats["return"]) / n
-    if spec.teacher_mode == "none" or trainer.rewards.specs:
+    if spec.teacher_mode == "none" or rewards.configured():
         ok = batch.valid.tolist()
         idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()
         source.update([i for i, v in zip(idx_list, ok) if v], [s for s, v in zip(succ, ok) if v])
@@ -308,8 +322,8 @@ def _merge(parts, pad_id: int) -> RLBatch:
         items.append(torch.tensor([idx[int(g)] for g in ro.group_id[r]], dtype=torch.long))
         scores.append(sc[r])
         valids.append(ok[r])
-        if ro.keep_mask is not None:
-            keeps.append(ro.keep_mask[r])
+        if ro.keep_ids is not None:
+            keeps.append(ro.keep_ids[r])
         if dr is not None:
             dense.append(dr[r])
         offset += len(idx)
@@ -317,11 +331,15 @@ def _merge(parts, pad_id: int) -> RLBatch:
     mask = _pad_cat(masks, 0.0)
     seq = build_sequences(prompt_ids, response_ids, mask, pad_id)
     valid = torch.cat(valids)
-    keep_mask = None
-    if keeps:
-        width = mask.shape[1]
-        keep_mask = torch.cat(
-            [torch.nn.functional.pad(k, (0, 0, 0, width - k.shape[1]), value=True) for k in keeps], dim=0
+    keep_ids = None
+    if keeps:  # [B, T, K]: rounds differ in T and K; −1 pads (no kept token, as after a row's end)
+        width, k_max = mask.shape[1], max(k.shape[2] for k in keeps)
+        keep_ids = torch.cat(
+            [
+                torch.nn.functional.pad(k, (0, k_max - k.shape[2], 0, width - k.shape[1]), value=-1)
+                for k in keeps
+            ],
+            dim=0,
         )
     return RLBatch(
         seq=seq,
@@ -333,75 +351,6 @@ def _merge(parts, pad_id: int) -> RLBatch:
         item_index=torch.cat(items),
         finish_reason=finish,
         texts=texts,
-        keep_mask=keep_mask,
+        keep_ids=keep_ids,
         dense_rewards=_pad_cat(dense, 0.0) if dense else None,
     )
-
-
-# --------------------------------------------------------------------------- dense rewards
-
-
-def step_token_index(ends: list[int], token_lengths: list[int]) -> list[int]:
-    """Index of the response token holding character end − 1, for each step end offset.
-
-    token_lengths: decoded length of each response token, so token j covers characters
-    [Σ_{i<j} len_i, Σ_{i≤j} len_i) of the response text. Exact for the char tokenizer and
-    for any tokenizer whose tokens decode independently; a byte-level BPE token holding
-    part of a multi-byte character decodes to U+FFFD (one character), so offsets after it
-    can drift by a token. An offset past the decoded text maps to the last token;
-    an empty response gives −1 (no token to put the reward on).
-    """
-    cum = list(itertools.accumulate(token_lengths))
-    if not cum:
-        return [-1] * len(ends)
-    return [min(bisect.bisect_left(cum, e), len(cum) - 1) for e in ends]
-
-
-def model_prompts(tokenizer, items: list[PromptItem]) -> list[str]:
-    """Each item's prompt as the policy saw it: its templated prompt ids, decoded."""
-    cache: dict[int, str] = {}
-    out = []
-    for it in items:
-        key = id(it)
-        if key not in cache:
-            cache[key] = tokenizer.decode(it.prompt_ids, skip_special_tokens=False)
-        out.append(cache[key])
-    return out
-
-
-def dense_token_rewards(
-    rewards: RewardRole, tokenizer, prompt_ids: list[list[int]], ro: Rollout, step: int
-) -> tuple[torch.Tensor | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Token rewards [B, T] of the dense rewards active at `step` (None when there are none).
-
-    Each dense reward k gives weight_k · r_t, r_t = PRM(x, y≤t) − PRM(x, y≤t−1) (PRM(x, y≤0)
-    = 0), at the sampled token that ends step t (`step_token_index` on the per-token decoded
-    lengths of ro.response_ids). prompt_ids: the B prompts as the policy saw them (chat
-    template applied); the PRM gets them decoded, the layout `posttrain prm` trains on,
-    and a template that opens <think> is seen. Also returns, per reward name, ([B]
-    unweighted sum of its r_t, [B] bool "the completion has no steps") for the metrics.
-    """
-    from posttrain.core.advantages import prm_token_rewards
-
-    if not rewards.has_dense(step):
-        return None, {}
-    prompts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
-    dense = rewards.dense(prompts, ro.texts, step)
-    lengths = ro.mask.sum(-1).long().tolist()
-    rows = [ro.response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
-    decoded = {t: len(tokenizer.decode([t], skip_special_tokens=False)) for t in {t for r in rows for t in r}}
-    token_lengths = [[decoded[t] for t in r] for r in rows]
-    out = torch.zeros(ro.mask.shape)
-    stats = {}
-    for name, weight, scores, ends in dense:
-        width = max(1, max(len(s) for s in scores))
-        step_scores = torch.zeros(len(ro), width)
-        index = torch.full((len(ro), width), -1, dtype=torch.long)  # -1: padding step
-        for i, (sc, en) in enumerate(zip(scores, ends)):
-            if sc:
-                step_scores[i, : len(sc)] = torch.tensor(sc)
-                index[i, : len(en)] = torch.tensor(step_token_index(en, token_lengths[i]))
-        raw = prm_token_rewards(step_scores, index, ro.mask).float()  # [B, T]
-        out += weight * raw
-        stats[name] = (raw.sum(-1), torch.tensor([not sc for sc in scores]))
-    return out, stats

@@ -2,8 +2,9 @@
 held-out evaluation, reward-hacking alerts and sample rows.
 
 `RLRunMixin` holds the part of `RLTrainer` (train/rl/controller.py) that is not one step: it reads the
-trainer's roles and counters (`policy`, `critic`, `reference`, `optimizer`, `step_count`,
-`_last_batch`, ...) and calls its `step()`.
+trainer's roles and counters (`policy`, `critic`, `reference`, `step_count`, `_last_batch`,
+...) and calls its `step()`. Each learner's model, optimizer, scheduler and bad-step guard
+are checkpointed as that learner's (`checkpoint_parts`, guard state in state.json).
 """
 
 from __future__ import annotations
@@ -32,51 +33,50 @@ class RLRunMixin:
         kl_state = self.kl_ctl.state_dict() if hasattr(self.kl_ctl, "state_dict") else {}
         return {
             "step": self.step_count,
-            "bad_in_a_row": self.guard.consecutive,
-            "skipped_updates": self.guard.total,
+            "bad_in_a_row": self.policy.guard.consecutive,
+            "skipped_updates": self.policy.guard.total,
+            "critic_guard": self.critic.guard.state_dict() if self.critic is not None else None,
             "prompts": self.prompts.state_dict(),
             "kl_ctl": kl_state,
             "baseline": self.baseline.state_dict(),
             "alerts": self.monitor.state_dict() if self.monitor is not None else None,
         }
 
-    def _models(self) -> dict[str, torch.nn.Module]:
-        models = {"policy": self.policy.model}
-        if self.critic is not None:
-            models["critic"] = self.critic.model
+    def _checkpoint_parts(self) -> dict[str, dict]:
+        """models / optimizers / schedulers for CheckpointManager, from each learner."""
+        parts: dict[str, dict] = {"models": {}, "optimizers": {}, "schedulers": {}}
+        learners = [("policy", self.policy)] + ([("critic", self.critic)] if self.critic is not None else [])
+        for name, learner in learners:
+            for key, objs in zip(parts, learner.checkpoint_parts(name)):
+                parts[key].update(objs)
         if self.cfg.algo.ref_refresh_every and self.reference is not None:
             # A refreshed π_ref is no longer the initial policy: exact resume needs its weights.
-            models["reference"] = self.reference.model
-        return models
+            parts["models"]["reference"] = self.reference.model
+        return parts
 
     def save_checkpoint(self) -> Path:
-        """Write run_dir/checkpoints/step-N (models, optimizer, scheduler, RNGs, loop state)."""
+        """Write run_dir/checkpoints/step-N (each learner's model, optimizer and scheduler,
+        the reference when it is refreshed, RNGs, loop state)."""
         return self.ckpt.save(
-            self.step_count,
-            models=self._models(),
-            tokenizer=self.tokenizer,
-            optimizers={"optimizer": self.optimizer},
-            schedulers={"scheduler": self.scheduler},
-            state=self.state(),
+            self.step_count, tokenizer=self.tokenizer, state=self.state(), **self._checkpoint_parts()
         )
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore weights, optimizer, scheduler, RNGs, data position and controllers."""
-        state = self.ckpt.load(
-            path,
-            models=self._models(),
-            optimizers={"optimizer": self.optimizer},
-            schedulers={"scheduler": self.scheduler},
-        )
+        """Restore weights, optimizers, schedulers, RNGs, data position and controllers."""
+        state = self.ckpt.load(path, **self._checkpoint_parts())
         self.step_count = int(state["step"])
-        self.guard.load_state_dict({"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]})
+        self.policy.guard.load_state_dict(
+            {"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]}
+        )
+        if self.critic is not None and state.get("critic_guard"):
+            self.critic.guard.load_state_dict(state["critic_guard"])
         self.prompts.load_state_dict(state["prompts"])
         if state.get("kl_ctl") and hasattr(self.kl_ctl, "load_state_dict"):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.baseline.load_state_dict(state["baseline"])
         if self.monitor is not None and state.get("alerts"):
             self.monitor.load_state_dict(state["alerts"])
-        self.engine.sync_weights(self.policy.model)
+        self.generator.sync(self.policy.weights())
 
     def evaluate(self) -> dict[str, float]:
         """Held-out `eval/*` metrics: task accuracy, or rewards on dataset rows (train/rl/eval.py)."""
@@ -139,13 +139,9 @@ class RLRunMixin:
                 summary["eval_after"] = self.evaluate()
                 logger.log(self.step_count, summary["eval_after"])
             self.save_checkpoint()
-            from posttrain.engines.models import save_model
-
-            save_model(self.policy.model, self.tokenizer, str(self.run_dir / "final"))
+            self.policy.save_pretrained(self.run_dir / "final", self.tokenizer)
             if self.critic is not None:
-                from posttrain.engines.models import save_value_model
-
-                save_value_model(self.critic.model, self.tokenizer, str(self.run_dir / "final_critic"))
+                self.critic.save_pretrained(self.run_dir / "final_critic", self.tokenizer)
         finally:
             logger.close()
             self.rewards.close()

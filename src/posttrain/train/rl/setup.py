@@ -1,8 +1,10 @@
 """Building the RL loop's roles from an RLConfig.
 
-`build_components` loads the policy/tokenizer, the rollout engine, the optional reference,
-critic and teacher, the rewards and the prompt source. The rollout-collection phase
-(`collect`) is in rl_collect.py and re-exported here.
+`build_components` loads the policy/tokenizer and builds the roles: the policy learner,
+the generator (`build_generator`: the rollout engine stack), the optional reference,
+critic learner and teacher, the rewards and the prompt source. `plan` describes a run
+without training it. The rollout-collection phase (`collect`, train/rl/collect.py) and
+the dense-reward helpers (train/rl/dense.py) are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,24 +14,21 @@ from typing import Any
 from posttrain.algos.spec import RLSpec
 from posttrain.errors import ConfigError, ModelError
 from posttrain.roles import (
-    CriticRole,
-    PolicyRole,
+    CriticLearner,
+    Generator,
+    PolicyLearner,
     PromptItem,
     PromptSource,
     RewardRole,
     ScoringRole,
 )
+from posttrain.train.common.alerts import describe
 from posttrain.train.common.input_checks import check_context, check_fills_a_batch, check_reward_columns
-from posttrain.train.config.rl import RLConfig, check_dense_reward
+from posttrain.train.config.rl import RLConfig, check_dense_reward, validate
 
 # The collection phase; re-exported: callers and tests import these from here.
-from posttrain.train.rl.collect import (  # noqa: F401
-    collect,
-    dense_token_rewards,
-    filter_by_difficulty,
-    model_prompts,
-    step_token_index,
-)
+from posttrain.train.rl.collect import collect, filter_by_difficulty  # noqa: F401
+from posttrain.train.rl.dense import dense_token_rewards, model_prompts, step_token_index  # noqa: F401
 from posttrain.train.rl.prm_guide import check_prm_guide_path, wrap_engine
 
 # --------------------------------------------------------------------------- building
@@ -200,25 +199,13 @@ def build_rewards(cfg: RLConfig, key: str = "rewards") -> RewardRole:
     )
 
 
-def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
-    """Every role of the loop for `cfg` with resolved method `spec` (see RLTrainer)."""
-    from posttrain.engines.models import build_value_model, load_model, load_tokenizer
+def build_generator(cfg: RLConfig, model, tokenizer) -> Generator:
+    """The Generator role over the engine stack of `cfg.rollout` / `cfg.env` for `model`:
+    the engine, then a thinking budget, a PRM guide and a multi-turn environment driver,
+    each only when configured."""
     from posttrain.engines.rollout import make_engine
 
-    check_prm_guide_path(cfg)
     ro = cfg.rollout
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path or cfg.model.preset)
-    # The data is read and checked before any model is built.
-    train_items, eval_examples, task = load_prompts(cfg, tokenizer)
-    source = cfg.data.path or f"task {cfg.data.task!r}"
-    check_fills_a_batch(len(train_items), ro.prompts_per_step, "rollout.prompts_per_step", source)
-    check_reward_columns(cfg.rewards, train_items, source)
-    lengths = [(f"prompt {it.id!r}", len(it.prompt_ids) + ro.max_new_tokens) for it in train_items]
-    key = "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)"
-    check_context(cfg.model.path or cfg.model.preset, lengths, key)  # before the model when it can
-    model = _load_policy(cfg, tokenizer)
-    check_context(model, lengths, key)
-    policy = PolicyRole(model, temperature=ro.temperature)
     engine_options = {}
     if ro.engine == "vllm":  # validate refused these keys for the other engines
         engine_options = {
@@ -237,6 +224,29 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
 
         engine = MultiTurnEngine(engine, tokenizer, env_factory, max_turns=cfg.env.max_turns,
                                  max_total_tokens=cfg.env.max_total_tokens)  # fmt: skip
+    # In-process engines sample from the policy module itself; vLLM keeps its own weights.
+    return Generator(engine, None if ro.engine == "vllm" else model, multi_turn=env_factory is not None)
+
+
+def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
+    """Every role of the loop for `cfg` with resolved method `spec` (see RLTrainer)."""
+    from posttrain.engines.models import build_value_model, load_model, load_tokenizer
+
+    check_prm_guide_path(cfg)
+    ro = cfg.rollout
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path or cfg.model.preset)
+    # The data is read and checked before any model is built.
+    train_items, eval_examples, task = load_prompts(cfg, tokenizer)
+    source = cfg.data.path or f"task {cfg.data.task!r}"
+    check_fills_a_batch(len(train_items), ro.prompts_per_step, "rollout.prompts_per_step", source)
+    check_reward_columns(cfg.rewards, train_items, source)
+    lengths = [(f"prompt {it.id!r}", len(it.prompt_ids) + ro.max_new_tokens) for it in train_items]
+    key = "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)"
+    check_context(cfg.model.path or cfg.model.preset, lengths, key)  # before the model when it can
+    model = _load_policy(cfg, tokenizer)
+    check_context(model, lengths, key)
+    policy = PolicyLearner(model, cfg, spec)
+    generator = build_generator(cfg, model, tokenizer)
     needs_ref = spec.uses_reference
     reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
     critic = None
@@ -244,8 +254,10 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         source = cfg.critic.path or cfg.critic.preset or model
         # A zero head makes the critic start at V = 0: returns are learned from a neutral
         # baseline instead of a random one that would inject noise into the first advantages.
-        critic = CriticRole(
-            build_value_model(source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device)
+        critic = CriticLearner(
+            build_value_model(source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device),
+            cfg,
+            spec,
         )
     teacher = None
     if spec.teacher_mode != "none":
@@ -263,14 +275,14 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
     )
     filter_record = None
     if cfg.data.difficulty_filter_k > 0:
-        train_items, filter_record = filter_by_difficulty(cfg, train_items, engine, rewards)
+        train_items, filter_record = filter_by_difficulty(cfg, train_items, generator, rewards, tokenizer)
     prompts = PromptSource(
         train_items, selection=cfg.data.selection, seed=cfg.run.seed, total_steps=cfg.steps
     )
     return {
         "tokenizer": tokenizer,
         "policy": policy,
-        "engine": engine,
+        "generator": generator,
         "reference": reference,
         "critic": critic,
         "teacher": teacher,
@@ -319,3 +331,27 @@ def model_summary(cfg: RLConfig, spec: RLSpec) -> list[str]:
     else:
         lines.append(f"  policy: {source} (parameter count known after loading)")
     return lines
+
+
+def plan(cfg: RLConfig) -> str:
+    """Dry-run description: method pieces, models and sizes, memory estimate, steps, tokens."""
+    spec = validate(cfg)
+    ro = cfg.rollout
+    batch = ro.prompts_per_step * ro.group_size
+    lines = [f"posttrain rl — method {cfg.algo.method!r}, {cfg.steps} steps"]
+    lines += [f"  {k}: {v}" for k, v in spec.as_dict().items()]
+    lines += model_summary(cfg, spec)
+    tokens = batch * ro.max_new_tokens
+    lines.append(
+        f"  batch: {ro.prompts_per_step} prompts x G={ro.group_size} = {batch} sequences, "
+        f"<= {tokens} response tokens/step, <= {tokens * cfg.steps} in total"
+    )
+    lines.append(
+        f"  updates: {spec.update_epochs} epoch(s) x {spec.num_minibatches} minibatch(es) per step "
+        f"= {cfg.steps * spec.update_epochs * spec.num_minibatches} optimizer steps"
+    )
+    # TRPO's update makes no entropy pass (train/rl/trpo.py), so policy/entropy is not logged.
+    logs_entropy = (cfg.log_entropy or spec.entropy_coef > 0) and spec.trust_region is None
+    flags = dict(has_reference=spec.uses_reference, logs_entropy=logs_entropy, evaluates=cfg.eval.every > 0)
+    lines.append("  " + describe(cfg.alerts, **flags))
+    return "\n".join(lines)

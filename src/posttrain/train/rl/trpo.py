@@ -11,7 +11,8 @@ guide §4.1; Schulman et al. 2015, Appendix C):
    first whose surrogate is lower than at θ_old and whose measured KL(π_old ‖ π_θ) ≤ δ is
    accepted; if none is, θ stays θ_old (metric trpo/accepted 0).
 
-A critic, if any, still takes one optimizer step on its value loss. Costs per batch: one
+This is the policy learner's update (`PolicyLearner.update` calls `trpo_update(self,
+batch)`); a critic, if any, is updated by its own learner. Costs per batch: one
 forward for old logits, one forward/backward for g, one KL graph kept for cg_iters + 1
 double-backward passes, and one forward per line-search try — for small models.
 """
@@ -24,26 +25,24 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from posttrain.algos.critic import critic_objective
 from posttrain.algos.trpo import trpo_kl, trpo_surrogate
 from posttrain.core.trpo import conjugate_gradient, fisher_vector_product, flat, trust_region_step
 from posttrain.engines.logprobs import response_logits
-from posttrain.train.common.optim import guarded_step
 
 
-def _logits(trainer, seq) -> torch.Tensor:
-    return response_logits(trainer.policy.model, seq).float() / trainer.policy.temperature  # [b, T, V]
+def _logits(learner, seq) -> torch.Tensor:
+    return response_logits(learner.model, seq).float() / learner.temperature  # [b, T, V]
 
 
-def _pieces(trainer, batch, micro: int, counts: dict, old_logits: list[torch.Tensor], with_grad: bool):
+def _pieces(learner, batch, micro: int, counts: dict, old_logits: list[torch.Tensor], with_grad: bool):
     """(surrogate, kl) summed over micro-batches at the current weights."""
-    spec = trainer.spec
+    spec = learner.spec
     surrogate = kl = torch.zeros(())
     ctx = torch.enable_grad() if with_grad else torch.no_grad()
     with ctx:
         for j, idx in enumerate(torch.arange(len(batch)).split(micro)):
             mi = batch.select(idx)
-            logits = _logits(trainer, mi.seq)
+            logits = _logits(learner, mi.seq)
             lp = (
                 torch.log_softmax(logits, -1).gather(-1, mi.seq.response_ids[..., None]).squeeze(-1)
             )  # [b, T]
@@ -68,10 +67,11 @@ def _natural_step(surrogate, kl, params, spec) -> tuple[torch.Tensor, torch.Tens
     return g.detach(), trust_region_step(direction, fvp(direction), spec.trust_region).detach()
 
 
-def trpo_update(trainer, batch, step: int) -> dict[str, float]:
-    """One TRPO step on `batch` (see module doc); returns the step's metrics."""
-    spec, cfg = trainer.spec, trainer.cfg
-    params = trainer.policy.parameters()
+def trpo_update(learner, batch) -> dict[str, float]:
+    """One TRPO step of the PolicyLearner `learner` on `batch` (see module doc); returns
+    the step's metrics (train/updates is 1 when the line search accepted a step)."""
+    spec, cfg = learner.spec, learner.cfg
+    params = learner.parameters()
     micro = cfg.algo.micro_batch_size or len(batch)
     counts = {
         "num_tokens": float(batch.mask.sum()),
@@ -79,11 +79,11 @@ def trpo_update(trainer, batch, step: int) -> dict[str, float]:
         "max_len": cfg.rollout.max_new_tokens,
     }
     with torch.no_grad():
-        old_logits = [_logits(trainer, batch.select(i).seq) for i in torch.arange(len(batch)).split(micro)]
+        old_logits = [_logits(learner, batch.select(i).seq) for i in torch.arange(len(batch)).split(micro)]
     # The fused attention kernels have no double backward; the math kernel is plain
     # differentiable ops, so the Fisher-vector products can differentiate through it.
     with sdpa_kernel(SDPBackend.MATH):
-        surrogate, kl = _pieces(trainer, batch, micro, counts, old_logits, with_grad=True)
+        surrogate, kl = _pieces(learner, batch, micro, counts, old_logits, with_grad=True)
         g, full = _natural_step(surrogate, kl, params, spec)
     loss_old = float(surrogate.detach())
     theta_old = parameters_to_vector(params).detach().clone()
@@ -98,7 +98,7 @@ def trpo_update(trainer, batch, step: int) -> dict[str, float]:
             tries = i + 1
             frac = 0.5**i
             vector_to_parameters(theta_old + frac * full, params)
-            loss_new, kl_t = _pieces(trainer, batch, micro, counts, old_logits, with_grad=False)
+            loss_new, kl_t = _pieces(learner, batch, micro, counts, old_logits, with_grad=False)
             kl_new = float(kl_t)
             if kl_new <= spec.trust_region and float(loss_new) < loss_old:
                 accepted = True
@@ -109,29 +109,9 @@ def trpo_update(trainer, batch, step: int) -> dict[str, float]:
         frac, kl_new = 0.0, 0.0
     out.update({"trpo/accepted": float(accepted), "trpo/step_frac": frac, "trpo/kl": kl_new,
                 "trpo/backtracks": float(tries - 1 if accepted else tries), "train/updates": float(accepted),
-                "train/skipped_total": trainer.guard.total})  # fmt: skip
+                "train/skipped_total": learner.guard.total})  # fmt: skip
     for param in params:
         param.grad = None
-    if trainer.critic is not None:
-        out.update(_critic_step(trainer, batch, micro, counts))
-    out["train/lr"] = trainer.scheduler.get_last_lr()[0]
-    out["loss/total"] = loss_old + out.get("value/loss", 0.0)
+    out["train/lr"] = learner.lr()
+    out["loss/total"] = loss_old
     return out
-
-
-def _critic_step(trainer, batch, micro: int, counts: dict) -> dict[str, float]:
-    """One optimizer step of the value loss (the policy's grads are None, so Adam skips it)."""
-    spec, sums, total = trainer.spec, {}, torch.zeros(())
-    for idx in torch.arange(len(batch)).split(micro):
-        mi = batch.select(idx)
-        values = trainer.critic.values(mi.seq, with_grad=True)
-        vloss, vm = critic_objective(values, mi.values, mi.returns, mi.mask, value_coef=spec.value_coef,
-                                     clip_range=spec.value_clip, aggregation=spec.aggregation, **counts)  # fmt: skip
-        vloss.backward()
-        total = total + vloss.detach()
-        for k, v in vm.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    n = max(1, len(range(0, len(batch), micro)))
-    result = guarded_step(trainer.critic.parameters(), trainer.optimizer, trainer.scheduler,
-                          trainer.cfg.optim.max_grad_norm, loss=total)  # fmt: skip
-    return {**{k: v / n for k, v in sums.items()}, "value/grad_norm": result.grad_norm}

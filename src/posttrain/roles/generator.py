@@ -1,0 +1,79 @@
+"""The generator role: the rollout engine stack behind `generate` and `sync`.
+
+The engine stack (native | hf | vllm, optionally wrapped by a thinking budget, a PRM
+guide and a multi-turn environment driver) is built by train/rl/setup.py
+(`build_generator`); this role is what the controller and `collect` talk to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from posttrain.engines.rollout.base import Rollout, SamplingParams
+from posttrain.roles.batch import keep_ids_from_mask
+from posttrain.roles.weights import WeightSource
+
+
+class Generator:
+    """Samples rollouts from the current policy weights.
+
+    engine: the outermost engine of the stack (its `generate` takes `rows=` when it drives
+        an environment). model: the module the engine samples from when it lives in this
+        process (native / hf engines: the policy module itself), else None (vLLM keeps
+        its own copy of the weights).
+    version: the policy version the engine's weights are at (see `sync`).
+    """
+
+    def __init__(self, engine, model: torch.nn.Module | None, *, multi_turn: bool):
+        self.engine = engine
+        self.model = model
+        self.multi_turn = multi_turn
+        self.version = 0
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, rows: list[dict] | None = None
+    ) -> Rollout:
+        """`params.n` samples per prompt (token-id prompts, chat template applied).
+
+        rows: one dict per prompt for a multi-turn environment's `reset` (ignored by the
+        engine when there is no environment, so pass None then). A [B, T, V] keep mask
+        from the engine is handed on as `Rollout.keep_ids` [B, T, K] (keep_mask None), so
+        what crosses this role's boundary is K/V the size.
+        """
+        ro = (
+            self.engine.generate(prompts, params, rows=rows)
+            if self.multi_turn
+            else self.engine.generate(prompts, params)
+        )
+        if ro.keep_mask is not None:
+            ro = replace(ro, keep_ids=keep_ids_from_mask(ro.keep_mask), keep_mask=None)
+        return ro
+
+    def counters(self) -> dict[str, dict[str, int] | int]:
+        """Running totals of the engine wrappers (plain ints): "thinking_cut" (samples whose
+        thinking the budget cut) and "prm" (the PRM guide's counts, {} without one)."""
+        return {
+            "thinking_cut": int(getattr(self.engine, "cut_total", 0)),
+            "prm": dict(getattr(self.engine, "totals", {})),
+        }
+
+    def sync(self, weights: WeightSource) -> None:
+        """Make the engine sample from `weights`.
+
+        A `SharedModule` goes to the engine's `sync_weights` (a no-op for the native / hf
+        engines, which call that very module; vLLM copies its tensors). A snapshot (a
+        `StateDictWeights`, e.g. after a process boundary) is loaded into the engine's
+        in-process module, or handed to `sync_weights` of an engine that keeps its own
+        weights (it reads `.state_dict()`).
+        """
+        module = getattr(weights, "module", None)
+        if module is not None:
+            self.engine.sync_weights(module)
+        elif self.model is not None:
+            with torch.no_grad():
+                self.model.load_state_dict(weights.state_dict())
+        else:
+            self.engine.sync_weights(weights)
+        self.version = weights.version
