@@ -424,15 +424,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """`posttrain eval`: load, sample, score, print a table, write eval.json (+ samples.jsonl)."""
     import torch
 
-    from posttrain.engines.models import load_model, load_tokenizer
     from posttrain.train.common.checkpoint import atomic_write_text
+    from posttrain.train.common.loading import load_policy, load_section_tokenizer, model_source
 
     torch.manual_seed(cfg.seed)
     rows, task = _load_examples(cfg)
-    source = cfg.model.path or cfg.model.preset
-    tokenizer = load_tokenizer(cfg.model.tokenizer or source)
-    model = load_model(source, dtype=cfg.model.dtype, device=cfg.model.device,
-                       attn_implementation=cfg.model.attn_implementation, tokenizer=tokenizer)  # fmt: skip
+    source = model_source(cfg.model)
+    tokenizer = load_section_tokenizer(cfg.model)
+    model = load_policy(cfg.model, tokenizer)
     s, d = cfg.sampling, cfg.data
     t0 = time.perf_counter()
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]

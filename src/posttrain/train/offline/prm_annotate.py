@@ -201,16 +201,13 @@ def _rows(cfg: AnnotateConfig) -> tuple[list[dict], Any]:
 
 def run_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     """Label the traces, write output_dir/stepwise.jsonl, return counts and agreement."""
-    from posttrain.engines.models import load_model, load_tokenizer
-    from posttrain.engines.tokenizer import build_char_tokenizer
+    from posttrain.train.common.loading import load_policy, load_section_tokenizer
 
     if cfg.k < 1 or cfg.temperature <= 0:
         raise ConfigError(f"k must be >= 1 and temperature > 0, got {cfg.k} and {cfg.temperature}")
     rows, task = _rows(cfg)
-    m = cfg.model
-    source = m.tokenizer or m.path
-    tokenizer = load_tokenizer(source) if source else build_char_tokenizer()
-    model = load_model(m.path or m.preset, dtype=m.dtype, device=m.device, tokenizer=tokenizer)
+    tokenizer = load_section_tokenizer(cfg.model)
+    model = load_policy(cfg.model, tokenizer)
     sampler = model_sampler(model, tokenizer, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                             seed=cfg.seed, batch_size=cfg.batch_size)  # fmt: skip
     labelled = annotate(rows, sampler, task.score, cfg.k)
