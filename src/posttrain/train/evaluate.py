@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from posttrain.engines.encoding import encode_prompt
 from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config.checks import setting
@@ -169,12 +170,6 @@ def _clean(text: str, tokenizer) -> str:
     return text
 
 
-def _prompt_ids(tokenizer, prompt: str, chat_template: bool, enable_thinking: bool) -> list[int]:
-    from posttrain.engines.encoding import encode_prompt
-
-    return encode_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
-
-
 def generate_samples(
     model: torch.nn.Module,
     tokenizer,
@@ -218,7 +213,10 @@ def generate_samples(
     try:
         for b, start in enumerate(range(0, len(prompts), batch_size)):
             chunk = prompts[start : start + batch_size]
-            ids = [_prompt_ids(tokenizer, p, chat_template, enable_thinking) for p in chunk]
+            ids = [
+                encode_prompt(tokenizer, p, chat_template=chat_template, enable_thinking=enable_thinking)
+                for p in chunk
+            ]
             params = SamplingParams(
                 temperature=temperature,
                 top_p=top_p,

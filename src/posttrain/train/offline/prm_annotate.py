@@ -154,7 +154,7 @@ def model_sampler(
     """A SampleFn drawing continuations of (chat-rendered prompt + prefix) with the native engine."""
     import torch
 
-    from posttrain.algos.sft import render_prompt
+    from posttrain.engines.encoding import encode_text, render_prompt
     from posttrain.engines.rollout import make_engine
     from posttrain.engines.rollout.base import SamplingParams
 
@@ -164,7 +164,8 @@ def model_sampler(
         out: list[list[str]] = []
         model.eval()
         for b, start in enumerate(range(0, len(prompts), batch_size)):
-            ids = [tokenizer(render_prompt(tokenizer, p) + x, add_special_tokens=False)["input_ids"]
+            # the prompt as the policy was trained on it (template, BOS once), then the prefix
+            ids = [encode_text(tokenizer, render_prompt(tokenizer, p) + x)
                    for p, x in zip(prompts[start : start + batch_size], prefixes[start : start + batch_size])]  # fmt: skip
             params = SamplingParams(
                 temperature=temperature, max_new_tokens=max_new_tokens, n=k, seed=seed * 1_000_003 + b
