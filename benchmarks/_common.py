@@ -177,6 +177,7 @@ def teacher_forced_warm_start(
     Saved in HF format to out_dir/final (reused if present) and returned.
     """
     from posttrain.data.tasks import get_task
+    from posttrain.engines.encoding import encode_prompt
     from posttrain.engines.models import load_model, load_tokenizer, save_model
 
     final = Path(out_dir) / "final"
@@ -185,11 +186,7 @@ def teacher_forced_warm_start(
     torch.manual_seed(seed)
     model, tok = load_model(str(init_dir)), load_tokenizer(str(init_dir))
     examples = get_task(task_name).examples("train", n_examples, seed=seed, difficulty=difficulty)
-    prompts = [
-        tok(tok.apply_chat_template([{"role": "user", "content": e.prompt}], add_generation_prompt=True,
-                                    tokenize=False), add_special_tokens=False).input_ids
-        for e in examples
-    ]  # fmt: skip
+    prompts = [encode_prompt(tok, e.prompt) for e in examples]  # as posttrain's trainers encode them
     targets = [tok(e.solution, add_special_tokens=False).input_ids + [tok.eos_token_id] for e in examples]
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)

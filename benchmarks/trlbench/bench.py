@@ -246,6 +246,7 @@ def _run_one(
 
 def _bench_rollout(cfg: BenchConfig, model_dir: Path) -> dict:
     """Tokens/s of each rollout engine on templated task prompts (one warm-up call)."""
+    from posttrain.engines.encoding import render_prompt
     from posttrain.engines.models import load_model, load_tokenizer
     from posttrain.engines.rollout import make_engine
     from posttrain.engines.rollout.base import SamplingParams
@@ -255,12 +256,7 @@ def _bench_rollout(cfg: BenchConfig, model_dir: Path) -> dict:
     model.eval()
     _, examples = _train_examples(cfg)
     prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": examples[i % len(examples)].prompt}],
-            add_generation_prompt=True,
-            tokenize=False,
-            enable_thinking=cfg.thinking,
-        )
+        render_prompt(tokenizer, examples[i % len(examples)].prompt, enable_thinking=cfg.thinking)
         for i in range(cfg.rollout.batch)
     ]
     r = cfg.rollout

@@ -161,17 +161,11 @@ def _trl_reward(fn, name: str, tokenizer, thinking: bool):
     posttrain's rewards see the chat-templated prompt text and the completion text, as in
     our loop, so the very same function scores both frameworks.
     """
+    from posttrain.engines.encoding import render_prompt
 
     def reward(prompts, completions, answer, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        prompt_texts = [
-            tokenizer.apply_chat_template(
-                p, add_generation_prompt=True, tokenize=False, enable_thinking=thinking
-            )
-            if isinstance(p, list)
-            else p
-            for p in prompts
-        ]
+        prompt_texts = [render_prompt(tokenizer, p, thinking) if isinstance(p, list) else p for p in prompts]
         return fn(prompt_texts, texts, answer=list(answer))
 
     reward.__name__ = name

@@ -341,9 +341,8 @@ def test_dpo_training_loss_and_gradient_equal_trl_on_unbatched_forwards(tok):
     from types import SimpleNamespace
 
     trl_utils = pytest.importorskip("trl.trainer.utils")
-    from posttrain.train.offline.methods import PreferenceMethod, reference_logps
-
     from posttrain.engines.encoding import encode_continuation, encode_prompt
+    from posttrain.train.offline.methods import PreferenceMethod, reference_logps
 
     torch.manual_seed(0)
     policy = build_preset("tiny", len(tok), num_hidden_layers=1).eval()

@@ -3,12 +3,13 @@ import math
 import pytest
 import torch
 
+from posttrain.core.advantages import last_token_rewards
 from posttrain.core.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     exact_kl_from_logits,
-    kl_penalized_token_rewards,
+    kl_reward_penalty,
 )
 from posttrain.core.value import explained_variance, value_loss
 from posttrain.errors import ConfigError
@@ -108,9 +109,13 @@ def test_exact_kl_from_logits():
 
 
 def test_kl_penalized_token_rewards():
+    """KL-in-reward shaping r_t = −β·kl_t plus the score at the last active token, as the RL
+    loop builds it: kl_reward_penalty's k1 (log π_old − log π_ref; here π_ref = 1, so k1 = kl)
+    and the estimators' score placement."""
     kl = torch.tensor([[0.1, -0.5, 0.1, 9.0], [0.2, 0.2, 0.2, 0.2]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    r = kl_penalized_token_rewards(torch.tensor([1.0, 5.0]), kl, mask, beta=0.1)
+    penalty = kl_reward_penalty(kl, torch.zeros_like(kl), mask, 0.1, "k1")
+    r = penalty + last_token_rewards(torch.tensor([1.0, 5.0]), mask)
     assert torch.allclose(r, torch.tensor([[-0.01, 0.05, 0.99, 0.0], [0.0, 0.0, 0.0, 0.0]]))
 
 
@@ -162,8 +167,6 @@ def test_explained_variance():
 
 def test_kl_reward_penalty_honours_the_estimator_by_hand():
     """r_t = −β·k_t with δ = log π_ref − log π_old = [−0.5, 1.0], β = 0.5 (issue #16, item 3)."""
-    from posttrain.core.kl import kl_reward_penalty
-
     old = torch.tensor([[-1.0, -2.0, -3.0]])
     ref = torch.tensor([[-1.5, -1.0, -9.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding: no penalty

@@ -114,3 +114,26 @@ def test_sft_and_rl_stop_at_the_same_bad_step_and_never_keep_exploded_weights(tm
 def test_sft_default_lr_is_never_rolled_back(tmp_path):
     summary = run_sft(_sft(tmp_path, "--optim.lr", "1e-3", "--run.max_bad_steps", "0"))
     assert summary["skipped_steps"] == 0
+
+
+OPTIMIZER_KEYS = {
+    "train/lr",
+    "train/grad_norm",
+    "train/updates",
+    "train/skipped_updates",
+    "train/rolled_back_updates",
+    "train/skipped_total",
+}
+
+
+def test_sft_and_rl_log_the_same_optimizer_keys(tmp_path):
+    """One metric namespace (issue #17): the offline loop logs the RL controller's train/* keys."""
+    from posttrain.train.common.metrics import METRICS_FILE, read_jsonl
+
+    run_sft(_sft(tmp_path / "sft", "--optim.lr", "1e-3"))
+    rows = [r for r in read_jsonl(tmp_path / "sft" / METRICS_FILE) if "train/loss" in r]
+    rl_row = RLTrainer(tiny_config(tmp_path / "rl", "grpo", steps=1)).step()
+    assert rows and all(OPTIMIZER_KEYS <= r.keys() for r in rows)
+    assert OPTIMIZER_KEYS <= rl_row.keys()
+    assert not any(k.startswith("optim/") for r in rows for k in r)
+    assert [r["train/updates"] for r in rows] == [1] * len(rows) and rows[-1]["train/skipped_total"] == 0

@@ -8,7 +8,8 @@ reward, so it runs through the same policy loss as RL (`teacher_token_rewards`).
 
 KDRL (Xu et al. 2025): J = J_GRPO − β·KL_k2(π_θ ‖ π_T), with β annealed from strong
 imitation to reward-driven and the KD term applied only on low-reward samples
-(`kd_objective`). k2 = ½(log π_θ − log π_T)² is used because its gradient is the unbiased
+(`kd_objective`). k2 = ½(log π_θ − log π_T)² (core.kl's k2 estimator, log-ratio clamped at
+±LOG_RATIO_CLAMP like every KL term) is used because its gradient is the unbiased
 reverse-KL gradient on on-policy samples (seed: grpo-kl-estimators…, "KDRL").
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.core.distill import kdrl_kd_mask, reverse_kl_tokens
+from posttrain.core.kl import KL_ESTIMATORS
 from posttrain.core.masking import aggregate
 
 
@@ -67,8 +69,7 @@ def kd_objective(
         (coef · aggregated k2 loss, metrics "distill/k2", "distill/kd_frac").
     """
     keep = kdrl_kd_mask(scores, reward_threshold).to(mask.dtype)  # [B]
-    diff = logprobs - teacher_logprobs.detach()
-    k2 = 0.5 * diff.pow(2) * keep[:, None]  # [B, T]
+    k2 = KL_ESTIMATORS["k2"](logprobs, teacher_logprobs) * keep[:, None]  # [B, T], teacher detached
     loss = aggregate(k2, mask, aggregation, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
     metrics = {"distill/k2": loss.detach(), "distill/kd_frac": keep.mean().detach()}
     return coef * loss, metrics

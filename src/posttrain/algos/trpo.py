@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.core.kl import exact_kl_from_logits
+from posttrain.core.distill import forward_kl_from_logits
 from posttrain.core.masking import aggregate
 
 
@@ -49,5 +49,5 @@ def trpo_kl(
 
     old_logits, logits: [B, T, V] (the same response positions); mask [B, T].
     """
-    kl = exact_kl_from_logits(old_logits.detach(), logits, temperature=temperature)  # [B, T]
+    kl = forward_kl_from_logits(logits, old_logits, temperature)  # [B, T] KL(π_old ‖ π_θ), π_old detached
     return (kl * mask).sum() / max(num_tokens, 1.0)

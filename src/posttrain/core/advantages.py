@@ -72,7 +72,7 @@ def _need(where: str, **tensors: torch.Tensor | None) -> None:
             raise DataError(f"advantage estimator {where!r} needs {name}, got None")
 
 
-def _last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def last_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Place scores [B] at each row's last active token -> [B, T] (empty rows get nothing)."""
     t = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask > 0, t, torch.full_like(t, -1)).max(dim=1).values  # [B]
@@ -125,7 +125,7 @@ def _prepare(where, scores, mask, token_rewards):
 
 
 def _rewards(scores, m, token_rewards):
-    r = torch.zeros_like(m) if scores is None else _last_token_rewards(scores, m)
+    r = torch.zeros_like(m) if scores is None else last_token_rewards(scores, m)
     return r if token_rewards is None else r + token_rewards * m
 
 

@@ -111,29 +111,6 @@ def exact_kl_from_logits(
     return out.reshape(logits_p.shape[:-1])
 
 
-def kl_penalized_token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """KL-in-reward shaping (Ziegler et al. 2019; Ouyang et al. 2022 eq. 2):
-    r_t = −β·kl_t on every response token, plus the sequence score at the last active token.
-
-    Args: scores [B]; kl [B, T] (usually k1, detached here); mask [B, T]; beta >= 0.
-    Returns: token_rewards [B, T] (0 where mask is 0). Feed to an advantage estimator as
-    token_rewards with scores=None (the score is already placed).
-    """
-    positive("kl_penalized_token_rewards", "beta", beta, allow_zero=True)
-    same_shape("kl_penalized_token_rewards", kl=kl, mask=mask)
-    dt = compute_dtype(kl)
-    m = mask.to(dt)
-    t = torch.arange(m.shape[1], device=m.device).expand_as(m)
-    last = torch.where(m > 0, t, torch.full_like(t, -1)).max(dim=1).values  # [B]
-    at_last = (t == last[:, None]).to(dt) * m  # [B, T] one-hot of the last active token
-    # where() rather than a product: a NaN score (failed reward) stays on its last token
-    # instead of turning the whole row into NaN; the estimators then exclude it.
-    placed = torch.where(at_last > 0, scores.detach().to(dt)[:, None].expand_as(m), torch.zeros_like(m))
-    return torch.where(m > 0, -beta * kl.detach().to(dt) + placed, torch.zeros_like(m))
-
-
 def kl_reward_penalty(
     old_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -148,6 +125,9 @@ def kl_reward_penalty(
     k2 or k3 from KL_ESTIMATORS, each a per-token penalty (k3_is is an importance-weighted
     loss and is refused: with no gradient its weight is 1 and it would silently be k3).
     Shapes: old_logprobs, ref_logprobs, mask [B, T] -> [B, T] (0 where mask is 0), detached.
+    The one KL-in-reward shaping: pass the result as `token_rewards` to an advantage
+    estimator together with the sequence `scores`, which it places at each row's last
+    active token (core.advantages.last_token_rewards).
     """
     if estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"kl_reward_penalty: estimator must be k1, k2 or k3, got {estimator!r}")

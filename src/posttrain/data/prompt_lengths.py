@@ -25,13 +25,17 @@ def count_prompt_tokens(row: dict, tokenizer, render: Callable[[dict], str] | No
 
     render: row -> the exact prompt text fed to the model (e.g. with the chat template
         applied); default: a text prompt as is, a message list through the tokenizer's
-        chat template with the generation prompt.
+        chat template with the generation prompt (`posttrain.engines.encoding.encode_prompt`).
     tokenizer: a Hugging Face tokenizer (a text prompt counts its BOS, as
         `posttrain.engines.encoding.encode_text` tokenizes it) or a plain callable
         text -> token ids.
     """
+    from posttrain.engines.encoding import encode_prompt, encode_text, has_chat_template
+
     prompt = render(row) if render is not None else _prompt_of(row)
-    if isinstance(prompt, list):
+    if isinstance(prompt, list) and has_chat_template(tokenizer):
+        return len(encode_prompt(tokenizer, prompt))  # the ids the trainers feed the model
+    if isinstance(prompt, list):  # a tokenizer-like object with its own template method
         if not hasattr(tokenizer, "apply_chat_template"):
             raise ConfigError(
                 "a conversational prompt needs a tokenizer with a chat template, or a render function"
@@ -41,9 +45,7 @@ def count_prompt_tokens(row: dict, tokenizer, render: Callable[[dict], str] | No
             ids = ids["input_ids"]
         return len(ids)
     if hasattr(tokenizer, "encode"):
-        from posttrain.engines.encoding import encode_text  # the BOS convention the trainers use
-
-        return len(encode_text(tokenizer, prompt))
+        return len(encode_text(tokenizer, prompt))  # the BOS convention the trainers use
     return len(tokenizer(prompt))
 
 

@@ -1,8 +1,10 @@
 """Text -> token ids with the tokenizer's own special-token convention.
 
 Every place that turns a prompt into ids (the RL loop, rollout engines given strings, the
-offline trainers, evaluation, reward-model and PRM scoring) goes through `encode_prompt`
-/ `encode_text`, so a model sees the same ids in training, rewards and evaluation:
+offline trainers, evaluation, reward-model and PRM scoring, prompt-length checks) goes
+through `encode_prompt` / `encode_text`, and every chat-template rendering (prompts,
+multi-turn observations) through `render_messages`, so a model sees the same ids in
+training, rewards and evaluation:
 
 * a text that *starts* a sequence gets the tokens the tokenizer itself puts in front of
   text (its BOS for Llama / Gemma / Mistral-style tokenizers; nothing for Qwen-style
@@ -21,6 +23,33 @@ from __future__ import annotations
 from posttrain.errors import DataError
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether prompts are rendered through the tokenizer's chat template (a Hugging Face
+    tokenizer whose `chat_template` is set)."""
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def render_messages(
+    tokenizer,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool,
+    enable_thinking: bool | None = None,
+    tools: list[dict] | None = None,
+) -> str:
+    """The chat template applied to `messages`, as text: the one call of
+    `apply_chat_template` (prompts, multi-turn observations). enable_thinking / tools are
+    passed only when set, so templates that do not know them render as without."""
+    options: dict = {}
+    if enable_thinking is not None:
+        options["enable_thinking"] = enable_thinking
+    if tools:
+        options["tools"] = tools
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **options
+    )
+
+
 def render_prompt(
     tokenizer, prompt: str | list[dict], enable_thinking: bool = True, tools: list[dict] | None = None
 ) -> str:
@@ -34,15 +63,53 @@ def render_prompt(
         them (multi-turn tool use, data/envs); None = no tools.
     A tokenizer without a chat template gets a plain string prompt unchanged.
     """
-    if getattr(tokenizer, "chat_template", None) is None:
+    if not has_chat_template(tokenizer):
         if isinstance(prompt, str):
             return prompt
         raise DataError("conversational prompt but the tokenizer has no chat template")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking,
-        **({"tools": tools} if tools else {}),
-    )  # fmt: skip
+    return render_messages(
+        tokenizer, messages, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools
+    )
+
+
+def prompt_text(
+    tokenizer, prompt, *, chat_template: bool = True, enable_thinking: bool = True, tools=None
+) -> str:
+    """The prompt's text as the model sees it: `render_prompt` when `chat_template`, else the
+    string as is (raw-text prompts: base models, R1-Zero-style prompts). Arguments as in
+    `encode_prompt`."""
+    if chat_template:
+        return render_prompt(tokenizer, prompt, enable_thinking, tools)
+    if isinstance(prompt, str):
+        return prompt
+    raise DataError("conversational prompt but data.chat_template is false")
+
+
+def observation_text(tokenizer, history: list[dict[str, str]], observation: str, role: str = "tool") -> str:
+    """The text that follows the model's last turn when `observation` comes back as a tool
+    message, up to the next assistant generation prompt — as the tokenizer's chat template
+    renders it (multi-turn rollouts). history: the conversation so far, ending with the
+    model's turn.
+
+    Computed as the difference of two renderings (with and without the tool message), so
+    it follows whatever the template does (Qwen's <tool_response>, Llama's ipython role,
+    ...). A tokenizer without a chat template gets a plain ``<tool_response>`` block.
+    """
+    turn = history[-1]["content"]
+    if not has_chat_template(tokenizer):
+        return f"\n<tool_response>\n{observation}\n</tool_response>\n"
+    before = render_messages(tokenizer, history, add_generation_prompt=False)
+    after = render_messages(
+        tokenizer, [*history, {"role": role, "content": observation}], add_generation_prompt=True
+    )
+    cut = before.rfind(turn)
+    if cut < 0 or not after.startswith(before[: cut + len(turn)]):
+        raise ValueError(
+            "the chat template does not render the model's turn verbatim before a tool message; "
+            "multi-turn rollouts need a template that does (or none)"
+        )
+    return after[cut + len(turn) :]
 
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
@@ -101,12 +168,10 @@ def encode_prompt(
 
     chat_template: render with the tokenizer's chat template (`render_prompt`) when it has
         one; False (raw-text prompts: base models, R1-Zero-style prompts) uses the string
-        as is. Either way `encode_text` adds the tokenizer's BOS convention, once.
+        as is (`prompt_text`). Either way `encode_text` adds the tokenizer's BOS
+        convention, once.
     """
-    if chat_template:
-        text = render_prompt(tokenizer, prompt, enable_thinking, tools)
-    elif isinstance(prompt, str):
-        text = prompt
-    else:
-        raise DataError("conversational prompt but data.chat_template is false")
+    text = prompt_text(
+        tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking, tools=tools
+    )
     return encode_text(tokenizer, text)

@@ -28,7 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.engines.batching import SequenceBatch, build_sequences
-from posttrain.engines.encoding import encode_continuation, encode_text, render_prompt
+from posttrain.engines.encoding import (
+    encode_continuation,
+    encode_prompt,
+    encode_text,
+    render_prompt,  # noqa: F401  (re-exported: algos.sft)
+)
 from posttrain.errors import DataError
 
 # The synthetic tasks join reasoning steps with this (data/tasks/base.py re-exports it);
@@ -177,14 +182,12 @@ def score_steps(
     try:
         for start in range(0, len(todo), batch_size):
             idx = todo[start : start + batch_size]
-            p_ids = []
-            for i in idx:
-                text = (
-                    render_prompt(tokenizer, prompts[i], enable_thinking)
-                    if apply_chat_template
-                    else prompts[i]
+            p_ids = [
+                encode_prompt(
+                    tokenizer, prompts[i], chat_template=apply_chat_template, enable_thinking=enable_thinking
                 )
-                p_ids.append(encode_text(tokenizer, text))
+                for i in idx
+            ]
             s_ids = [[encode_continuation(tokenizer, s) for s in step_lists[i]] for i in idx]
             batch = build_step_batch(p_ids, s_ids, None, separator_ids=sep_ids, pad_id=pad_id).to(device)
             probs = torch.sigmoid(step_logits(prm_model, batch)).cpu()  # [b, S]

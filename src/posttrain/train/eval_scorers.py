@@ -33,7 +33,7 @@ def orm_scores(
 
     from posttrain.algos.reward_model import sequence_scores
     from posttrain.engines.batching import build_sequences
-    from posttrain.engines.encoding import render_prompt
+    from posttrain.engines.encoding import prompt_text
     from posttrain.engines.models import build_value_model, load_tokenizer
     from posttrain.engines.scoring import reward_model_ids
 
@@ -44,7 +44,9 @@ def orm_scores(
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
         pairs = [
-            reward_model_ids(tok, render_prompt(tok, p, enable_thinking) if chat_template else p, t)
+            reward_model_ids(
+                tok, prompt_text(tok, p, chat_template=chat_template, enable_thinking=enable_thinking), t
+            )
             for p, t in chunk
         ]
         p_ids, r_ids = [p for p, _ in pairs], [r for _, r in pairs]
@@ -80,14 +82,14 @@ def prm_scores(
     the template counts as the completion's own (`with_open_think`)."""
     from posttrain.algos.prm import load_prm, score_steps
     from posttrain.data.rewards.text import with_open_think
-    from posttrain.engines.encoding import render_prompt
+    from posttrain.engines.encoding import prompt_text
     from posttrain.engines.models import load_tokenizer
 
     model, sep = load_prm(path, device=device)
     tok = load_tokenizer(path)
     flat_p, flat_steps = [], []
     for p, ts in zip(prompts, texts):
-        rendered = render_prompt(tok, p, enable_thinking) if chat_template else p
+        rendered = prompt_text(tok, p, chat_template=chat_template, enable_thinking=enable_thinking)
         for t in ts:
             m = _THINK_BODY.search(with_open_think(rendered, t))
             body = m.group(1) if m else ""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from posttrain.engines.encoding import encode_prompt
 from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config.checks import setting
@@ -169,12 +170,6 @@ def _clean(text: str, tokenizer) -> str:
     return text
 
 
-def _prompt_ids(tokenizer, prompt: str, chat_template: bool, enable_thinking: bool) -> list[int]:
-    from posttrain.engines.encoding import encode_prompt
-
-    return encode_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
-
-
 def generate_samples(
     model: torch.nn.Module,
     tokenizer,
@@ -218,7 +213,10 @@ def generate_samples(
     try:
         for b, start in enumerate(range(0, len(prompts), batch_size)):
             chunk = prompts[start : start + batch_size]
-            ids = [_prompt_ids(tokenizer, p, chat_template, enable_thinking) for p in chunk]
+            ids = [
+                encode_prompt(tokenizer, p, chat_template=chat_template, enable_thinking=enable_thinking)
+                for p in chunk
+            ]
             params = SamplingParams(
                 temperature=temperature,
                 top_p=top_p,
@@ -424,15 +422,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """`posttrain eval`: load, sample, score, print a table, write eval.json (+ samples.jsonl)."""
     import torch
 
-    from posttrain.engines.models import load_model, load_tokenizer
     from posttrain.train.common.checkpoint import atomic_write_text
+    from posttrain.train.common.loading import load_policy, load_section_tokenizer, model_source
 
     torch.manual_seed(cfg.seed)
     rows, task = _load_examples(cfg)
-    source = cfg.model.path or cfg.model.preset
-    tokenizer = load_tokenizer(cfg.model.tokenizer or source)
-    model = load_model(source, dtype=cfg.model.dtype, device=cfg.model.device,
-                       attn_implementation=cfg.model.attn_implementation, tokenizer=tokenizer)  # fmt: skip
+    source = model_source(cfg.model)
+    tokenizer = load_section_tokenizer(cfg.model)
+    model = load_policy(cfg.model, tokenizer)
     s, d = cfg.sampling, cfg.data
     t0 = time.perf_counter()
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]

@@ -183,7 +183,7 @@ def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
     summary = run_sft(cfg)
     assert summary["skipped_steps"] == 1
     rows = {r["step"]: r for r in _rows(Path(cfg.run.output_dir) / "metrics.jsonl")}
-    assert rows[1]["train/skipped_step"] == 1.0 and rows[2]["train/skipped_step"] == 0.0
+    assert rows[1]["train/skipped_updates"] == 1.0 and rows[2]["train/skipped_updates"] == 0.0
 
 
 # ----------------------------------------------------------------------------- outputs

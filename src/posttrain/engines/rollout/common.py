@@ -292,27 +292,30 @@ def cut_after_stop_string(text: str, stop_strings: list[str]) -> str:
 
 
 def assemble_rollout(
+    engine,
     prompt_ids: list[list[int]],
     n: int,
     response_ids: torch.Tensor,
     lengths: torch.Tensor,
     sampling_logprobs: torch.Tensor,
     codes: torch.Tensor,
-    tokenizer,
     params: SamplingParams,
-    pad_id: int,
     stop_ids: list[int],
     keep_mask: torch.Tensor | None = None,
 ) -> Rollout:
     """Build the Rollout from [B, T] buffers and per-row lengths [B] / finish codes [B].
 
+    engine: the engine that sampled them; its `tokenizer` decodes the texts and its
+    `pad_id` fills the padding.
+
     Everything at or after a row's length becomes padding (ids = pad, log-prob 0, mask 0,
     keep mask False). Texts exclude a final EOS/stop token and padding, keep stop strings.
     """
+    tokenizer = engine.tokenizer
     B, T = response_ids.shape
     cols = torch.arange(T, device=response_ids.device)
     mask = (cols[None, :] < lengths[:, None]).float()  # [B, T]
-    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, engine.pad_id))
     # where, not multiply: a padding step may carry -inf (e.g. a pad token outside top-k)
     sampling_logprobs = torch.where(
         mask.bool(), sampling_logprobs.float(), torch.zeros((), device=mask.device)

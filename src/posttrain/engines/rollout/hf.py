@@ -109,17 +109,7 @@ class HFEngine:
         keep = torch.isfinite(scores) if params.return_keep_mask else None
         lengths, codes = self._replay_finish(response, params, stop_ids, scores.shape[-1], max_new)
         return assemble_rollout(
-            prompt_ids,
-            n,
-            response,
-            lengths,
-            logprobs,
-            codes,
-            self.tokenizer,
-            params,
-            self.pad_id,
-            stop_ids,
-            keep,
+            self, prompt_ids, n, response, lengths, logprobs, codes, params, stop_ids, keep
         )
 
     def _replay_finish(

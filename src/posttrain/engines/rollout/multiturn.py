@@ -33,36 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from posttrain.engines.encoding import observation_text  # noqa: F401  (re-exported: tests, tasks)
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.engines.rollout.common import rollout_from_rows
 
 # The call format of data/envs/tools.py ends a tool-calling turn.
 TOOL_CALL_END = "</tool_call>"
-
-
-def observation_text(tokenizer, history: list[dict[str, str]], observation: str, role: str = "tool") -> str:
-    """The text that follows the model's last turn when `observation` comes back as a tool
-    message, up to the next assistant generation prompt — as the tokenizer's chat template
-    renders it. history: the conversation so far, ending with the model's turn.
-
-    Computed as the difference of two renderings (with and without the tool message), so
-    it follows whatever the template does (Qwen's <tool_response>, Llama's ipython role,
-    ...). A tokenizer without a chat template gets a plain ``<tool_response>`` block.
-    """
-    turn = history[-1]["content"]
-    if getattr(tokenizer, "chat_template", None) is None:
-        return f"\n<tool_response>\n{observation}\n</tool_response>\n"
-    before = tokenizer.apply_chat_template(history, tokenize=False)
-    after = tokenizer.apply_chat_template(
-        [*history, {"role": role, "content": observation}], tokenize=False, add_generation_prompt=True
-    )
-    cut = before.rfind(turn)
-    if cut < 0 or not after.startswith(before[: cut + len(turn)]):
-        raise ValueError(
-            "the chat template does not render the model's turn verbatim before a tool message; "
-            "multi-turn rollouts need a template that does (or none)"
-        )
-    return after[cut + len(turn) :]
 
 
 class MultiTurnEngine:

@@ -241,15 +241,14 @@ class NativeEngine:
 
         steps = int(lengths.max())
         return assemble_rollout(
+            self,
             prompt_ids,
             n,
             out_ids[:B, :steps],
             lengths,
             out_lp[:B, :steps],
             codes,
-            self.tokenizer,
             params,
-            self.pad_id,
             stop_ids,
             out_keep[:B, :steps] if out_keep is not None else None,
         )

@@ -200,16 +200,7 @@ class VLLMEngine:
                 logprobs[i, : len(ids)] = torch.tensor([lp[t].logprob for t, lp in zip(ids, c.logprobs)])
         lengths, codes = self._replay_finish(response, rows, params, stop_ids)
         return assemble_rollout(
-            prompt_ids,
-            params.n,
-            response,
-            lengths,
-            logprobs,
-            codes,
-            self.tokenizer,
-            params,
-            self.pad_id,
-            stop_ids,
+            self, prompt_ids, params.n, response, lengths, logprobs, codes, params, stop_ids
         )
 
     def _replay_finish(self, response, rows, params, stop_ids):

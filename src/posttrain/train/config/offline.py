@@ -214,7 +214,19 @@ class SFTAlgoSection:
 
 
 @dataclass
-class RMAlgoSection:
+class _ScalarHeadAlgoSection:
+    """What the reward-model and PRM options share: the init of the new scalar head."""
+
+    head_init_std: float | None = field(
+        default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
+    )
+
+    def __post_init__(self) -> None:
+        check_range("algo.head_init_std", self.head_init_std, 0)
+
+
+@dataclass
+class RMAlgoSection(_ScalarHeadAlgoSection):
     """Reward-model options."""
 
     loss: Literal["bradley_terry", "pointwise"] = field(
@@ -238,16 +250,10 @@ class RMAlgoSection:
         default=None,
         metadata={"help": "Column with a per-pair margin m in −log σ(r_w − r_l − m); null = no margin."},
     )
-    head_init_std: float | None = field(
-        default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
-    )
-
-    def __post_init__(self) -> None:
-        check_range("algo.head_init_std", self.head_init_std, 0)
 
 
 @dataclass
-class PRMAlgoSection:
+class PRMAlgoSection(_ScalarHeadAlgoSection):
     """Process-reward-model options."""
 
     step_separator: str = field(
@@ -263,12 +269,6 @@ class PRMAlgoSection:
             "as PRM800K labels them; the first-wrong-step metrics still read whole held-out traces."
         },
     )
-    head_init_std: float | None = field(
-        default=None, metadata={"help": "Std of the scalar head init; null = 1/sqrt(hidden+1)."}
-    )
-
-    def __post_init__(self) -> None:
-        check_range("algo.head_init_std", self.head_init_std, 0)
 
 
 @dataclass

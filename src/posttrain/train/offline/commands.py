@@ -23,7 +23,8 @@ import torch
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.common.input_checks import check_context, check_fills_a_batch, offline_tokens
-from posttrain.train.config.loader import ModelSection, ValueModelSection
+from posttrain.train.common.loading import load_policy, load_section_tokenizer, load_value_model, model_source
+from posttrain.train.config.loader import ModelSection
 from posttrain.train.config.offline import (  # noqa: F401  (re-exported: the commands' configs)
     DPOConfig,
     GenerativeTrainSection,
@@ -58,56 +59,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _tokenizer(m: ValueModelSection):
-    from posttrain.engines.models import load_tokenizer
-    from posttrain.engines.tokenizer import build_char_tokenizer
-
-    source = m.tokenizer or m.path
-    if not source:
-        return build_char_tokenizer()
-    return load_tokenizer(source)
-
-
-def _lora(m: ModelSection) -> dict | None:
-    if m.lora_r <= 0:
-        return None
-    return {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
-
-
 def _check_context(m: ModelSection, items: list[dict]) -> None:
     """Sequences past the model's context window, refused before the model is built."""
     lengths = [(f"training row {i + 1}", offline_tokens(it)) for i, it in enumerate(items)]
-    check_context(m.path or m.preset, lengths, "data.max_prompt_tokens")
-
-
-def _policy(m: ModelSection, tokenizer):
-    from posttrain.engines.models import load_model
-
-    return load_model(
-        m.path or m.preset,
-        dtype=m.dtype,
-        device=m.device,
-        attn_implementation=m.attn_implementation,
-        gradient_checkpointing=m.gradient_checkpointing,
-        lora=_lora(m),
-        tokenizer=tokenizer,
-    )
-
-
-def _value_model(m: ValueModelSection, tokenizer, head_init_std):
-    from posttrain.engines.models import build_value_model
-
-    model = build_value_model(
-        m.path or m.preset,
-        dtype=m.dtype,
-        device=m.device,
-        head_init_std=head_init_std,
-        tokenizer=tokenizer,
-        attn_implementation=m.attn_implementation,
-    )
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
+    check_context(model_source(m), lengths, "data.max_prompt_tokens")
 
 
 def _tag(items: list[dict], split: str) -> list[dict]:
@@ -128,7 +83,7 @@ def build_sft(cfg: SFTConfig, *, min_rows: int = 0):
     from posttrain.train.offline.methods import SFTMethod
 
     _seed_everything(cfg.run.seed)
-    tokenizer = _tokenizer(cfg.model)
+    tokenizer = load_section_tokenizer(cfg.model)
     shortest = None
     if cfg.data.keep_shortest:
         from posttrain.train.long_to_short import shortest_per_prompt
@@ -143,7 +98,7 @@ def build_sft(cfg: SFTConfig, *, min_rows: int = 0):
     check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
     _check_context(cfg.model, train_items)
     eval_items = encode_sft(split.eval, tokenizer, cfg.data, split.source + " (eval)") if split.eval else []
-    model = _policy(cfg.model, tokenizer)
+    model = load_policy(cfg.model, tokenizer)
     method = SFTMethod(
         cfg, model, tokenizer, train_items, eval_items, task=split.task, eval_examples=split.eval_examples
     )
@@ -160,7 +115,7 @@ def build_rm(cfg: RMConfig, *, min_rows: int = 0):
     if cfg.algo.baseline != "none":
         raise ConfigError("algo.baseline applies to algo.loss=pointwise; Bradley–Terry needs no baseline")
     _seed_everything(cfg.run.seed)
-    tokenizer = _tokenizer(cfg.model)
+    tokenizer = load_section_tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["rm"])
     margin = cfg.algo.margin_column
     train_items = encode_pairs(
@@ -175,7 +130,7 @@ def build_rm(cfg: RMConfig, *, min_rows: int = 0):
         if split.eval
         else []
     )
-    model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
+    model = load_value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
     method = RewardModelMethod(cfg, model, tokenizer, train_items, eval_items)
     return method, tokenizer
 
@@ -187,7 +142,7 @@ def _build_pointwise_rm(cfg: RMConfig):
     if cfg.algo.margin_column:
         raise ConfigError("algo.margin_column is a Bradley–Terry pair margin; algo.loss=pointwise has none")
     _seed_everything(cfg.run.seed)
-    tokenizer = _tokenizer(cfg.model)
+    tokenizer = load_section_tokenizer(cfg.model)
     split = load_split(cfg.data, "scored", score_column=cfg.algo.score_column)
     base = cfg.algo.baseline
     train_items = encode_scored(split.train, tokenizer, cfg.data, split.source, baseline=base)
@@ -196,7 +151,7 @@ def _build_pointwise_rm(cfg: RMConfig):
         if split.eval
         else []
     )
-    model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
+    model = load_value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
     return PointwiseRewardMethod(cfg, model, tokenizer, train_items, eval_items), tokenizer
 
 
@@ -205,7 +160,7 @@ def build_prm(cfg: PRMConfig, *, min_rows: int = 0):
     from posttrain.train.offline.methods import PRMMethod
 
     _seed_everything(cfg.run.seed)
-    tokenizer = _tokenizer(cfg.model)
+    tokenizer = load_section_tokenizer(cfg.model)
     split = load_split(cfg.data, KIND["prm"])
     train_items = encode_steps(split.train, tokenizer, cfg.data, split.source)
     check_fills_a_batch(len(train_items), min_rows, "train.batch_size", split.source)
@@ -214,7 +169,7 @@ def build_prm(cfg: PRMConfig, *, min_rows: int = 0):
     traces = eval_items  # whole held-out traces for the first-wrong-step metrics
     if cfg.algo.until_first_error:
         train_items, eval_items = until_first_error(train_items), until_first_error(eval_items)
-    model = _value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
+    model = load_value_model(cfg.model, tokenizer, cfg.algo.head_init_std)
     method = PRMMethod(cfg, model, tokenizer, train_items, eval_items, eval_traces=traces)
     return method, tokenizer
 
@@ -235,13 +190,13 @@ def build_dpo(cfg: DPOConfig):
     if cfg.data.pairs == "self":
         _check_self_pairs(cfg.data)
     _seed_everything(cfg.run.seed)
-    tokenizer = _tokenizer(cfg.model)
+    tokenizer = load_section_tokenizer(cfg.model)
     ranked = check_ranked(cfg.data, cfg.algo)
     if cfg.data.pairs == "long_short":
         split = _long_short_split(cfg.data)
     else:
         split = load_split(cfg.data, "ranked" if ranked else KIND["dpo"])
-    model = _policy(cfg.model, tokenizer)
+    model = load_policy(cfg.model, tokenizer)
     pair_counts = None
     if cfg.data.pairs == "self":
         split, pair_counts = _self_pairs(cfg, model, tokenizer, split)

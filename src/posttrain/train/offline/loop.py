@@ -217,10 +217,13 @@ def _train_offline(cfg, method: OfflineMethod, run_dir: Path, tokenizer) -> dict
             guard.update(result, step + 1)
             metrics = {
                 "train/loss": loss,
-                "optim/lr": result.lr,
-                "optim/grad_norm": result.grad_norm,
-                "train/skipped_step": 0.0 if result.ok else 1.0,
-                "train/rolled_back_step": 1.0 if result.rolled_back else 0.0,
+                # the RL controller's names for the same quantities; one optimizer update per step here
+                "train/lr": result.lr,
+                "train/grad_norm": result.grad_norm,
+                "train/updates": int(result.ok),
+                "train/skipped_updates": int(not result.ok),
+                "train/rolled_back_updates": int(result.rolled_back),
+                "train/skipped_total": guard.total,
                 "train/epoch": (step + 1) * cfg.train.batch_size / n_items,
             }
             metrics.update(method.summarize(sums))

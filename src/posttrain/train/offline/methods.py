@@ -56,7 +56,29 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else float("nan")
 
 
-class SFTMethod:
+class _PolicyMethod:
+    """What the methods that train the policy itself (SFT, DPO) share: the model under
+    "policy", held-out task prompts for generative evaluation, a Hugging Face save."""
+
+    def __init__(self, cfg, model, tokenizer, train_items, eval_items, task, eval_examples):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.models = {"policy": model}
+        self.train_items, self.eval_items = train_items, eval_items
+        self.task, self.eval_examples = task, list(eval_examples)
+        self.pad_id = tokenizer.pad_token_id
+        self.samples: list[dict] = []  # held-out generations of the last evaluation
+
+    @property
+    def model(self):
+        return self.models["policy"]
+
+    def save_final(self, path):
+        from posttrain.engines.models import save_model
+
+        save_model(self.model, self.tokenizer, str(path))
+
+
+class SFTMethod(_PolicyMethod):
     """Completion-only NLL (algos/sft.py), plain or packed; eval loss + task accuracy."""
 
     name = "sft"
@@ -64,16 +86,7 @@ class SFTMethod:
     def __init__(self, cfg, model, tokenizer, train_items, eval_items, task=None, eval_examples=()):
         if cfg.algo.packing and cfg.algo.aggregation != "token-mean":
             raise ConfigError("algo.packing needs algo.aggregation=token-mean (packed rows mix sequences)")
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.models = {"policy": model}
-        self.train_items, self.eval_items = train_items, eval_items
-        self.task, self.eval_examples = task, list(eval_examples)
-        self.pad_id = tokenizer.pad_token_id
-        self.samples: list[dict] = []
-
-    @property
-    def model(self):
-        return self.models["policy"]
+        super().__init__(cfg, model, tokenizer, train_items, eval_items, task, eval_examples)
 
     def step_counts(self, items):
         lengths = [len(it["completion"]) for it in items]
@@ -112,11 +125,6 @@ class SFTMethod:
             )
         )
         return out
-
-    def save_final(self, path):
-        from posttrain.engines.models import save_model
-
-        save_model(self.model, self.tokenizer, str(path))
 
 
 def _eval_sums(method, items):
@@ -300,7 +308,7 @@ class PRMMethod:
         (Path(path) / "prm.json").write_text(json.dumps(meta))
 
 
-class PreferenceMethod:
+class PreferenceMethod(_PolicyMethod):
     """DPO-family training (algos/preference.py) against cached reference log-probs.
 
     ref_train / ref_eval: [2N] reference log-probs per item (chosen at i, rejected at
@@ -312,17 +320,8 @@ class PreferenceMethod:
     def __init__(
         self, cfg, model, tokenizer, train_items, eval_items, ref_train, ref_eval, task=None, eval_examples=()
     ):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.models = {"policy": model}
-        self.train_items, self.eval_items = train_items, eval_items
+        super().__init__(cfg, model, tokenizer, train_items, eval_items, task, eval_examples)
         self.ref = {"train": ref_train, "eval": ref_eval}
-        self.task, self.eval_examples = task, list(eval_examples)
-        self.pad_id = tokenizer.pad_token_id
-        self.samples: list[dict] = []
-
-    @property
-    def model(self):
-        return self.models["policy"]
 
     def step_counts(self, items):
         return {"num_pairs": len(items)}
@@ -376,11 +375,6 @@ class PreferenceMethod:
         out.update(self.summarize(sums, prefix="eval/pref"))
         out.update(_accuracy(self, self.cfg))
         return out
-
-    def save_final(self, path):
-        from posttrain.engines.models import save_model
-
-        save_model(self.model, self.tokenizer, str(path))
 
 
 def pair_weight_tensor(items: list[dict]) -> torch.Tensor | None:

@@ -154,7 +154,7 @@ def model_sampler(
     """A SampleFn drawing continuations of (chat-rendered prompt + prefix) with the native engine."""
     import torch
 
-    from posttrain.algos.sft import render_prompt
+    from posttrain.engines.encoding import encode_text, render_prompt
     from posttrain.engines.rollout import make_engine
     from posttrain.engines.rollout.base import SamplingParams
 
@@ -164,7 +164,8 @@ def model_sampler(
         out: list[list[str]] = []
         model.eval()
         for b, start in enumerate(range(0, len(prompts), batch_size)):
-            ids = [tokenizer(render_prompt(tokenizer, p) + x, add_special_tokens=False)["input_ids"]
+            # the prompt as the policy was trained on it (template, BOS once), then the prefix
+            ids = [encode_text(tokenizer, render_prompt(tokenizer, p) + x)
                    for p, x in zip(prompts[start : start + batch_size], prefixes[start : start + batch_size])]  # fmt: skip
             params = SamplingParams(
                 temperature=temperature, max_new_tokens=max_new_tokens, n=k, seed=seed * 1_000_003 + b
@@ -201,16 +202,13 @@ def _rows(cfg: AnnotateConfig) -> tuple[list[dict], Any]:
 
 def run_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     """Label the traces, write output_dir/stepwise.jsonl, return counts and agreement."""
-    from posttrain.engines.models import load_model, load_tokenizer
-    from posttrain.engines.tokenizer import build_char_tokenizer
+    from posttrain.train.common.loading import load_policy, load_section_tokenizer
 
     if cfg.k < 1 or cfg.temperature <= 0:
         raise ConfigError(f"k must be >= 1 and temperature > 0, got {cfg.k} and {cfg.temperature}")
     rows, task = _rows(cfg)
-    m = cfg.model
-    source = m.tokenizer or m.path
-    tokenizer = load_tokenizer(source) if source else build_char_tokenizer()
-    model = load_model(m.path or m.preset, dtype=m.dtype, device=m.device, tokenizer=tokenizer)
+    tokenizer = load_section_tokenizer(cfg.model)
+    model = load_policy(cfg.model, tokenizer)
     sampler = model_sampler(model, tokenizer, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                             seed=cfg.seed, batch_size=cfg.batch_size)  # fmt: skip
     labelled = annotate(rows, sampler, task.score, cfg.k)

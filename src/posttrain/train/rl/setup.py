@@ -35,23 +35,9 @@ from posttrain.train.rl.prm_guide import check_prm_guide_path, wrap_engine
 
 
 def _load_policy(cfg: RLConfig, tokenizer):
-    from posttrain.engines.models import load_model
+    from posttrain.train.common.loading import load_policy
 
-    m = cfg.model
-    source = m.path or m.preset
-    lora = None
-    if m.lora_r > 0:
-        lora = {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target)}
-    model = load_model(
-        source,
-        dtype=m.dtype,
-        device=m.device,
-        attn_implementation=m.attn_implementation,
-        gradient_checkpointing=m.gradient_checkpointing,
-        lora=lora,
-        tokenizer=tokenizer,
-    )
-    return model
+    return load_policy(cfg.model, tokenizer)
 
 
 def make_env_factory(cfg: RLConfig):
