@@ -89,7 +89,7 @@ COMMANDS: dict[str, Command] = {
 # refuses a directory that holds a training run rather than overwrite its files.
 TRAINING_COMMANDS = ("sft", "rm", "prm", "dpo", "rl")
 # Commands that run data parallel under torch.distributed (`--nproc N` or torchrun).
-DISTRIBUTED_COMMANDS = ("sft", "rm", "prm", "dpo")
+DISTRIBUTED_COMMANDS = ("sft", "rm", "prm", "dpo", "rl")
 REPORT_SUMMARY = "plots + Markdown/HTML summary of one or more run directories"
 
 
@@ -242,7 +242,10 @@ def run_command(name: str, args: list[str]) -> int:
         overrides = [*overrides, "--run.resume=true"]
     cfg = load_config(config_cls, config_path, overrides)
     if world > 1:
-        from posttrain.train.offline.dp import check_world
+        if name == "rl":
+            from posttrain.train.rl.dp import check_world
+        else:
+            from posttrain.train.offline.dp import check_world
 
         check_world(cfg, world)  # before any process starts or any model is built
     if nproc > 1 and not dry:

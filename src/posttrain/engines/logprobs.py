@@ -75,6 +75,19 @@ def _mask_or_none(mask: torch.Tensor) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
+def _is_sharded(decoder: nn.Module) -> bool:
+    """True for an FSDP2-sharded decoder (torch.distributed). Sharing is data dependent (it
+    pays on one rank's rows and not on another's) and adds a decoder call, so ranks would
+    issue different numbers of all-gathers: sharded decoders always take the full forward."""
+    layers = getattr(decoder, "layers", None)
+    first = layers[0] if layers is not None and len(layers) else decoder
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(first, FSDPModule)
+
+
 def _share_plan(decoder: nn.Module, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(first [U], inverse [B]) from `SequenceBatch.prompt_groups` when sharing pays off.
 
@@ -82,7 +95,7 @@ def _share_plan(decoder: nn.Module, batch: SequenceBatch) -> tuple[torch.Tensor,
     decoder that cannot share on a batch that would pay is counted (`record_fallback`).
     """
     B, P, T = len(batch), batch.response_start, batch.response_mask.shape[1]
-    if B < 2 or T < 1:
+    if B < 2 or T < 1 or _is_sharded(decoder):
         return None
     first, inverse = batch.prompt_groups()
     saved = (B - len(first)) * P / (B * (P + T - 1))  # fraction of token-forwards skipped

@@ -37,8 +37,8 @@ _RENAMED = {
 class CriticLearner(ModelLearner):
     """The value model (a ScalarHeadModel) with its own AdamW, schedule and guard."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RLConfig, spec: RLSpec):
-        super().__init__(model, cfg, spec, lr=cfg.critic.lr or cfg.optim.lr)
+    def __init__(self, model: torch.nn.Module, cfg: RLConfig, spec: RLSpec, *, dp=None):
+        super().__init__(model, cfg, spec, lr=cfg.critic.lr or cfg.optim.lr, dp=dp)
 
     def values(self, seq: SequenceBatch, *, with_grad: bool = False) -> torch.Tensor:
         """[B, T] values of the state before each response token (logprob alignment)."""
@@ -48,7 +48,9 @@ class CriticLearner(ModelLearner):
         """Export the value model (backbone + scalar head) with the tokenizer to `path`."""
         from posttrain.engines.models import save_value_model
 
-        save_value_model(self.model, tokenizer, str(path))
+        module = self.export_module()  # under torch.distributed: rank 0 writes
+        if module is not None:
+            save_value_model(module, tokenizer, str(path))
 
     def update(self, batch: RLBatch, step: int) -> dict[str, float]:
         """Value-loss updates on `batch` (old values and returns filled) over the same

@@ -18,11 +18,12 @@ from posttrain.algos.distill import kd_objective
 from posttrain.algos.policy_gradient import rl_objective
 from posttrain.core.kl import KL_ESTIMATORS, policy_drift_metrics
 from posttrain.core.policy_losses import off_policy_sequence_mask, truncated_is_weights
+from posttrain.engines import distributed as dist
 from posttrain.engines.batching import SequenceBatch
 from posttrain.roles.batch import RLBatch
 from posttrain.roles.policy import PolicyRole
 from posttrain.roles.updates import ModelLearner
-from posttrain.roles.weights import SharedModule, WeightSource
+from posttrain.roles.weights import SharedModule, StateDictWeights, WeightSource
 
 if TYPE_CHECKING:
     from posttrain.algos.spec import RLSpec
@@ -35,8 +36,8 @@ class PolicyLearner(ModelLearner):
     version: number of `update` calls so far (the policy version `weights()` reports).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: RLConfig, spec: RLSpec):
-        super().__init__(model, cfg, spec, lr=cfg.optim.lr)
+    def __init__(self, model: torch.nn.Module, cfg: RLConfig, spec: RLSpec, *, dp=None):
+        super().__init__(model, cfg, spec, lr=cfg.optim.lr, dp=dp)
         self.temperature = cfg.rollout.temperature
         self.scorer = PolicyRole(model, temperature=cfg.rollout.temperature)
         self.version = 0
@@ -57,14 +58,20 @@ class PolicyLearner(ModelLearner):
 
     def weights(self) -> WeightSource:
         """The current weights for the generator and the reference refresh (in process: the
-        module itself, no copy; pickled: a state-dict snapshot)."""
+        module itself, no copy; pickled: a state-dict snapshot). Sharded (torch.distributed):
+        the full weights gathered on every rank (a collective), for the generator's and the
+        reference's plain copies."""
+        if self.dp is not None:
+            return StateDictWeights(self.version, dist.full_model_state(self.model, everywhere=True))
         return SharedModule(self.model, self.version)
 
     def save_pretrained(self, path: Path, tokenizer) -> None:
         """Export the policy in Hugging Face format (+ tokenizer) to `path`."""
         from posttrain.engines.models import save_model
 
-        save_model(self.model, tokenizer, str(path))
+        module = self.export_module()  # under torch.distributed: rank 0 writes
+        if module is not None:
+            save_model(module, tokenizer, str(path))
 
     def update(self, batch: RLBatch, step: int, *, kl_coef: float, kd_coef: float) -> dict[str, float]:
         """Update the policy on `batch` (advantages filled); returns metrics.

@@ -87,6 +87,11 @@ class RolloutSection:
         8, "Prompts per RL step; the batch is prompts_per_step x group_size sequences."
     )
     group_size: int = setting(4, "G: samples per prompt.")
+    shards: int = setting(
+        0,
+        "Contiguous shards the step's prompts are sampled in, each with its own seed (0 = the "
+        "number of processes): a run with shards=N in one process samples what N processes sample.",
+    )
     temperature: float = setting(1.0, "Sampling temperature (also used by the training log-prob forward).")
     top_p: float = setting(1.0, "Nucleus sampling; 1.0 disables.")
     top_k: int = setting(0, "Top-k sampling; 0 disables.")

@@ -10,7 +10,6 @@ train/rl/setup.py's.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,9 @@ from posttrain.roles import (
     RLBatch,
 )
 from posttrain.train.config.rl import RLConfig
-from posttrain.train.rl.dense import dense_token_rewards, model_prompts
+from posttrain.train.rl.dense import model_prompts
 from posttrain.train.rl.prm_guide import prm_guide_metrics
+from posttrain.train.rl.shards import _pad_cat, _success, sample_round
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,6 @@ def filter_by_difficulty(
     return result.kept, record
 
 
-def _pad_cat(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
-    width = max(t.shape[1] for t in tensors)
-    padded = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors]
-    return torch.cat(padded, dim=0)
-
-
 def _sampling_params(cfg: RLConfig, seed: int, *, keep_mask: bool = False) -> SamplingParams:
     ro = cfg.rollout
     return SamplingParams(
@@ -165,51 +159,23 @@ def collect(
         params = _sampling_params(
             cfg, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds, keep_mask=spec.keep_sampling_mask
         )
-        t = time.perf_counter()
-        env_rows = None
-        if cfg.env.name is not None:  # the environment sees each prompt's row (answer, columns)
-            env_rows = [{"prompt": it.text, "answer": it.answer, **it.columns} for it in items]
-        ro = generator.generate([it.prompt_ids for it in items], params, rows=env_rows)
-        gen_s += time.perf_counter() - t
+        r = sample_round(
+            cfg, step, items, params, seen_groups, generator=generator, rewards=rewards, tokenizer=tokenizer
+        )
+        ro, scores, valid, success, dense = r.ro, r.scores, r.valid, r.success, r.dense
+        gen_s += r.gen_s
+        reward_s += r.reward_s
         n_tokens += int(ro.mask.sum())
         n_sampled += len(ro)
-        t = time.perf_counter()
-        sample_items = [items[int(g)] for g in ro.group_id]
-        columns: dict[str, list] = {}
-        for key in sorted({k for it in items for k in it.columns}):
-            columns[key] = [it.columns.get(key) for it in sample_items]
-        # What length / group-aware rewards read (kimi_length, length_linear, dapo_overlong).
-        columns["response_length"] = ro.mask.sum(-1).long().tolist()
-        columns["group_id"] = (ro.group_id + seen_groups).tolist()
-        # The prompt exactly as the policy saw it (chat template applied): what reward and
-        # process reward models trained by `posttrain rm` / `posttrain prm` score.
-        columns["model_prompt"] = model_prompts(tokenizer, sample_items)
-        if ro.turn_stats is not None:  # what the env_return reward reads
-            columns["env_return"] = list(ro.turn_stats["return"])
-        if rewards.configured():
-            res = rewards.score([it.text for it in sample_items], ro.texts, columns, step)
-            scores = res.scores.float()
-            valid = res.valid.bool() & torch.isfinite(scores)
-            success = _success(res, scores, cfg.data.success_reward)
-            for k, v in res.per_reward.items():
-                per_reward.setdefault(k, []).append(v.float())
-            for k, v in res.errors.items():
-                errors[k] = errors.get(k, 0) + int(v)
-        else:  # pure distillation: the teacher's dense reward is the only signal
-            scores = torch.zeros(len(ro))
-            valid = torch.ones(len(ro), dtype=torch.bool)
-            success = scores
-        dense, stats = dense_token_rewards(
-            rewards, tokenizer, [it.prompt_ids for it in sample_items], ro, step
-        )
-        if cfg.env.dense_rewards and ro.turn_rewards is not None:  # each turn's reward at its last token
-            dense = ro.turn_rewards if dense is None else dense + ro.turn_rewards
+        for k, v in r.per_reward.items():
+            per_reward.setdefault(k, []).append(v)
+        for k, v in r.errors.items():
+            errors[k] = errors.get(k, 0) + int(v)
         if ro.turn_stats is not None:
             for k, v in ro.turn_stats.items():
                 turn_stats.setdefault(k, []).extend(v)
-        for k, v in stats.items():
+        for k, v in r.stats.items():
             dense_stats.setdefault(k, []).append(v)
-        reward_s += time.perf_counter() - t
         all_scores.append(scores)
         all_valid.append(valid)
         n_groups = len(items)
@@ -290,18 +256,6 @@ def collect(
         idx_list, succ = batch.item_index.tolist(), torch.cat(successes).tolist()
         source.update([i for i, v in zip(idx_list, ok) if v], [s for s, v in zip(succ, ok) if v])
     return batch, metrics
-
-
-def _success(res, scores: torch.Tensor, reward_name: str | None) -> torch.Tensor:
-    """[B] per-sample success in [0, 1] for success-rate sampling.
-
-    With `data.success_reward` set, that reward's own value (e.g. accuracy's 0/1), so
-    shaping terms (format, length) do not count as solving the prompt; otherwise the
-    summed score clipped to [0, 1]. Non-finite values (excluded samples) become 0.
-    """
-    chosen = res.per_reward.get(reward_name) if reward_name is not None else None  # None: not active yet
-    raw = chosen.float() if chosen is not None else scores
-    return torch.nan_to_num(raw, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
 
 
 def _merge(parts, pad_id: int) -> RLBatch:

@@ -74,7 +74,7 @@ def evaluate(trainer) -> dict[str, float]:
     prompts = [ex.prompt if hasattr(ex, "prompt") else ex.text for ex in examples]
     answers = [str(ex.answer) for ex in examples]
     texts, lengths, reasons = generate_samples(
-        trainer.policy.model, trainer.tokenizer, prompts, k=1, temperature=ev.temperature,
+        trainer.generator.model if trainer.generator.model is not None else trainer.policy.model, trainer.tokenizer, prompts, k=1, temperature=ev.temperature,
         max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens, engine=trainer.generator.engine,
         seed=cfg.run.seed, chat_template=d.chat_template, enable_thinking=d.enable_thinking,
     )  # fmt: skip

@@ -9,16 +9,19 @@ are checkpointed as that learner's (`checkpoint_parts`, guard state in state.jso
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from posttrain.engines import distributed as dist
 from posttrain.train.common.alerts import append_alerts
 from posttrain.train.common.checkpoint import atomic_write_text
-from posttrain.train.common.metrics import MetricsLogger, format_postfix, progress
+from posttrain.train.common.metrics import MetricsLogger, NullLogger, format_postfix, progress
 from posttrain.train.common.rundir import begin_run, resume_point, run_lock
 from posttrain.train.config.loader import config_to_dict
+from posttrain.train.rl import dp as rl_dp
 
 
 def _f(x: torch.Tensor | float) -> float:
@@ -54,16 +57,49 @@ class RLRunMixin:
             parts["models"]["reference"] = self.reference.model
         return parts
 
-    def save_checkpoint(self) -> Path:
+    def _learners(self) -> list[tuple[str, Any]]:
+        return [("policy", self.policy)] + ([("critic", self.critic)] if self.critic is not None else [])
+
+    def save_checkpoint(self) -> Path | None:
         """Write run_dir/checkpoints/step-N (each learner's model, optimizer and scheduler,
-        the reference when it is refreshed, RNGs, loop state)."""
-        return self.ckpt.save(
-            self.step_count, tokenizer=self.tokenizer, state=self.state(), **self._checkpoint_parts()
-        )
+        the reference when it is refreshed, RNGs, loop state). Under torch.distributed the
+        sharded learners are gathered to rank 0, which writes the one-process format
+        (train/rl/dp.py); other ranks return None."""
+        if self.policy.dp is None:
+            return self.ckpt.save(
+                self.step_count, tokenizer=self.tokenizer, state=self.state(), **self._checkpoint_parts()
+            )
+        dist.set_phase(f"checkpoint at step {self.step_count}")
+        parts: dict[str, dict] = {"models": {}, "optimizers": {}, "schedulers": {}}
+        for name, learner in self._learners():
+            got = rl_dp.gathered_parts(learner, name)
+            for key, objs in zip(parts, got or ({}, {}, {})):
+                parts[key].update(objs)
+        path = None
+        if dist.is_main():
+            if self.cfg.algo.ref_refresh_every and self.reference is not None:
+                parts["models"]["reference"] = self.reference.model
+            path = self.ckpt.save(self.step_count, tokenizer=self.tokenizer, state=self.state(), **parts)
+        dist.barrier()
+        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizers, schedulers, RNGs, data position and controllers."""
-        state = self.ckpt.load(path, **self._checkpoint_parts())
+        if self.policy.dp is None:
+            state = self.ckpt.load(path, **self._checkpoint_parts())
+        else:  # every rank reads the one-process files; sharded learners load through plain twins
+            parts: dict[str, dict] = {"models": {}, "optimizers": {}, "schedulers": {}}
+            plains = []
+            for name, learner in self._learners():
+                *got, plain = rl_dp.loading_parts(learner, name)
+                plains.append((learner, plain))
+                for key, objs in zip(parts, got):
+                    parts[key].update(objs)
+            if self.cfg.algo.ref_refresh_every and self.reference is not None:
+                parts["models"]["reference"] = self.reference.model
+            state = self.ckpt.load(path, **parts)
+            for learner, plain in plains:
+                rl_dp.finish_load(learner, plain)
         self.step_count = int(state["step"])
         self.policy.guard.load_state_dict(
             {"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]}
@@ -85,28 +121,34 @@ class RLRunMixin:
         return evaluate(self)
 
     def train(self) -> dict[str, Any]:
-        """Run until cfg.steps with logging, samples, eval, checkpoints; return a summary."""
-        with run_lock(self.run_dir):
-            return self._train()
+        """Run until cfg.steps with logging, samples, eval, checkpoints; return a summary.
+        Under torch.distributed rank 0 alone locks the run directory and writes to it."""
+        main = dist.is_main()
+        with run_lock(self.run_dir) if main else contextlib.nullcontext(self.run_dir):
+            return self._train(main)
 
-    def _train(self) -> dict[str, Any]:
+    def _train(self, main: bool = True) -> dict[str, Any]:
         cfg = self.cfg
         resume_step = None
-        latest = resume_point(self.ckpt, cfg.run.resume)
+        latest = resume_point(self.ckpt, cfg.run.resume) if main else None
+        latest = dist.broadcast_object(latest)
         if latest is not None:
             self.load_checkpoint(latest)
             resume_step = self.step_count - 1
-        begin_run(self.run_dir, cfg, resumed=latest is not None)
-        if self._filter_record is not None:
-            atomic_write_text(self.run_dir / "difficulty_filter.json", self._filter_record)
-        logger = MetricsLogger(
-            self.run_dir,
-            tensorboard=cfg.run.tensorboard,
-            wandb=cfg.run.wandb,
-            resume_step=resume_step,
-            wandb_project=cfg.run.wandb_project,
-            config=config_to_dict(cfg),
-        )
+        if main:
+            begin_run(self.run_dir, cfg, resumed=latest is not None)
+            if self._filter_record is not None:
+                atomic_write_text(self.run_dir / "difficulty_filter.json", self._filter_record)
+            logger = MetricsLogger(
+                self.run_dir,
+                tensorboard=cfg.run.tensorboard,
+                wandb=cfg.run.wandb,
+                resume_step=resume_step,
+                wandb_project=cfg.run.wandb_project,
+                config=config_to_dict(cfg),
+            )
+        else:
+            logger = NullLogger()
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "resumed_from": resume_step}
         can_eval = bool(
             self.eval_examples
@@ -115,10 +157,11 @@ class RLRunMixin:
             if cfg.eval.before_after and can_eval and self.step_count == 0:
                 summary["eval_before"] = self.evaluate()
                 logger.log(0, summary["eval_before"])
-            bar = progress(cfg.steps, "rl", initial=self.step_count)
+            bar = progress(cfg.steps, "rl", initial=self.step_count, disable=None if main else True)
             metrics: dict[str, float] = {}
             while self.step_count < cfg.steps:
                 step = self.step_count
+                dist.set_phase(f"step {step + 1}")
                 metrics = self.step()
                 if cfg.eval.every and can_eval and (step + 1) % cfg.eval.every == 0:
                     metrics.update(self.evaluate())
@@ -142,6 +185,7 @@ class RLRunMixin:
             self.policy.save_pretrained(self.run_dir / "final", self.tokenizer)
             if self.critic is not None:
                 self.critic.save_pretrained(self.run_dir / "final_critic", self.tokenizer)
+            dist.barrier()
         finally:
             logger.close()
             self.rewards.close()
@@ -158,7 +202,8 @@ class RLRunMixin:
             return []
         b = self._last_batch
         fired = self.monitor.observe(step, metrics, list(b.texts), b.group_id.tolist())
-        append_alerts(self.run_dir, fired)
+        if dist.is_main():
+            append_alerts(self.run_dir, fired)
         return fired
 
     def _sample_rows(self, step: int) -> list[dict]:

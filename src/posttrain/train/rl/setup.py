@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.algos.spec import RLSpec
+from posttrain.engines import distributed as dist
 from posttrain.errors import ConfigError, ModelError
 from posttrain.roles import (
     CriticLearner,
@@ -25,6 +26,7 @@ from posttrain.roles import (
 from posttrain.train.common.alerts import describe
 from posttrain.train.common.input_checks import check_context, check_fills_a_batch, check_reward_columns
 from posttrain.train.config.rl import RLConfig, check_dense_reward, validate
+from posttrain.train.rl import dp as rl_dp
 
 # The collection phase; re-exported: callers and tests import these from here.
 from posttrain.train.rl.collect import collect, filter_by_difficulty  # noqa: F401
@@ -231,20 +233,24 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
     check_context(cfg.model.path or cfg.model.preset, lengths, key)  # before the model when it can
     model = _load_policy(cfg, tokenizer)
     check_context(model, lengths, key)
-    policy = PolicyLearner(model, cfg, spec)
-    generator = build_generator(cfg, model, tokenizer)
     needs_ref = spec.uses_reference
     reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
-    critic = None
+    critic_model = None
     if spec.critic:
         source = cfg.critic.path or cfg.critic.preset or model
         # A zero head makes the critic start at V = 0: returns are learned from a neutral
         # baseline instead of a random one that would inject noise into the first advantages.
-        critic = CriticLearner(
-            build_value_model(source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device),
-            cfg,
-            spec,
+        critic_model = build_value_model(
+            source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device
         )
+    sampler, policy_dp, critic_dp = model, None, None
+    if dist.world_size() > 1:  # FSDP2 for the trained models; the generator samples from a plain copy
+        sampler = rl_dp.sampling_copy(model)
+        policy_dp = rl_dp.shard(model, "policy")
+        critic_dp = rl_dp.shard(critic_model, "critic") if critic_model is not None else None
+    policy = PolicyLearner(model, cfg, spec, dp=policy_dp)
+    generator = build_generator(cfg, sampler, tokenizer)
+    critic = CriticLearner(critic_model, cfg, spec, dp=critic_dp) if critic_model is not None else None
     teacher = None
     if spec.teacher_mode != "none":
         tsrc = cfg.teacher.path or cfg.teacher.preset

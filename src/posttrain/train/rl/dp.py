@@ -1,0 +1,113 @@
+"""`posttrain rl` on N processes (torch.distributed + FSDP2): what changes, and why N
+processes reproduce one process on the same global batch.
+
+- Rollouts (train/rl/shards.py): each round's prompt list is the same on every rank (a
+  pure function of seed, step and round; PromptSource advances in lockstep because every
+  rank feeds it the same gathered batch). Rank r generates and rewards its contiguous
+  shards of that list (whole GRPO groups) from a plain full copy of the policy (the
+  generator's model, refreshed from the gathered weights after each update), then the
+  shards are all-gathered: every rank holds the step's whole batch, exactly what one
+  process with `rollout.shards = N` samples. Dynamic-sampling refill decisions are then
+  made on the global batch, identically everywhere.
+- Scoring passes (old / reference / critic / teacher) run on the whole batch on every
+  rank, so advantages, KL-in-reward, whitening, filters and the adaptive KL controller see
+  the global batch with no further communication. This is N-fold redundant no-grad work
+  (cheap next to generation and the update) bought for exactness and simplicity.
+- Update (roles/updates.py): for each minibatch of the global permutation every rank
+  takes its 1/N share of rows, divides the loss by the minibatch's GLOBAL token / sequence
+  counts and back-propagates world · loss (FSDP2 averages gradients), so the summed
+  gradient is the one-process gradient; the clip norm is the global one.
+- Models: the policy and critic are sharded with FSDP2 (offline DataParallel: one unit per
+  decoder layer + the other weight holders). The reference, the teacher and the
+  generator's sampling copy are full plain copies on every rank (frozen, no optimizer
+  state): N extra full models in all, a cost documented in docs/distributed.md.
+- Checkpoints are gathered to rank 0 in the one-process format, so they resume at any
+  world size; `final/` and `final_critic/` are written by rank 0 from gathered weights.
+
+Refused with one-line ConfigErrors before any model is built: prompts_per_step not a
+multiple of N, rollout.shards not a multiple of N, LoRA, the vLLM engine, TRPO's
+natural-gradient step.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import torch
+
+from posttrain.engines import distributed as dist
+from posttrain.errors import ConfigError
+
+
+def check_world(cfg, world: int) -> None:
+    """What `world` processes need from an RLConfig; ConfigErrors, checked by the CLI before
+    any process starts or any model is built."""
+    ro = cfg.rollout
+    if ro.prompts_per_step % world:
+        raise ConfigError(
+            f"rollout.prompts_per_step={ro.prompts_per_step} must be a multiple of the number of processes "
+            f"({world}) so every rank samples whole groups of an equal share of prompts"
+        )
+    if ro.shards and ro.shards % world:
+        raise ConfigError(
+            f"rollout.shards={ro.shards} must be 0 or a multiple of the number of processes ({world})"
+        )
+    if cfg.model.lora_r > 0:
+        raise ConfigError("LoRA (model.lora_r > 0) does not run under torch.distributed yet; use one process")
+    if ro.engine == "vllm":
+        raise ConfigError("rollout.engine=vllm does not run under torch.distributed yet; use native or hf")
+    if cfg.algo.trust_region is not None:
+        raise ConfigError(
+            "algo.trust_region (TRPO) does not run under torch.distributed yet; use one process"
+        )
+
+
+def shard(model: torch.nn.Module, name: str):
+    """Shard `model` in place with FSDP2; returns the offline loop's DataParallel around it
+    (a storage-less twin for full copies, name-keyed optimizer state, gathering)."""
+    from posttrain.train.offline.dp import DataParallel
+
+    return DataParallel(SimpleNamespace(models={name: model}), None, None)
+
+
+def sampling_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain full copy of the (not yet sharded) policy for the generator: the engines'
+    fused generation reads weights directly, and generation then needs no collectives."""
+    return copy.deepcopy(model)
+
+
+def gathered_parts(learner, name: str) -> tuple[dict, dict, dict] | None:
+    """checkpoint_parts of a sharded learner, gathered to rank 0 (None on other ranks); a
+    collective. The optimizer state is renumbered as a one-process optimizer numbers it."""
+    models, optimizers = learner.dp.gather(learner.optimizer)
+    if models is None:
+        return None
+    prefix = "" if name == "policy" else f"{name}_"
+    return models, {f"{prefix}optimizer": optimizers["main"]}, {f"{prefix}scheduler": learner.scheduler}
+
+
+def loading_parts(learner, name: str) -> tuple[dict, dict, dict, torch.nn.Module]:
+    """checkpoint_parts for CheckpointManager.load into a sharded learner: the weights go to
+    an empty plain twin (then `finish_load`), the optimizer state is sharded on load."""
+    from posttrain.train.offline.dp import _ShardedOptimizer
+
+    plain = copy.deepcopy(learner.dp.skeleton).to_empty(device="cpu")
+    prefix = "" if name == "policy" else f"{name}_"
+    return (
+        {name: plain},
+        {f"{prefix}optimizer": _ShardedOptimizer(learner.dp, learner.optimizer)},
+        {f"{prefix}scheduler": learner.scheduler},
+        plain,
+    )
+
+
+def finish_load(learner, plain: torch.nn.Module) -> None:
+    """Shard the weights loaded into `plain` (every rank read the same files) into the learner."""
+    dist.load_full_model_state(learner.model, plain.state_dict())
+
+
+def full_module(learner) -> torch.nn.Module | None:
+    """A plain CPU copy of a sharded learner's model on rank 0 (None elsewhere); a collective."""
+    weights = dist.full_model_state(learner.model)
+    return learner.dp.full_copy(weights, "cpu") if dist.rank() == 0 else None
