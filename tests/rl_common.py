@@ -7,6 +7,7 @@ response's characters that are digits. A random tiny model emits digits ~10% of 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -26,6 +27,18 @@ TEACHER_METHODS = {m for m in ALL_METHODS if METHODS[m]().get("teacher_mode", "n
 def digit_fraction(prompts, completions, **columns):
     """Fraction of digit characters per completion (0 for an empty one)."""
     return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
+
+
+_calls = {"n": 0}
+
+
+def digit_fraction_failing_on_rank_one(prompts, completions, **columns):
+    """digit_fraction, except that rank 1 of a torch.distributed run raises on its second
+    call (step 2 of a run): a rank that fails mid-step."""
+    _calls["n"] += 1
+    if os.environ.get("RANK") == "1" and _calls["n"] >= 2:
+        raise RuntimeError("the reward failed on purpose")
+    return digit_fraction(prompts, completions, **columns)
 
 
 def register_digit_reward() -> None:

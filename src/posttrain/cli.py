@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(rest)
         return run_command(name, rest)
     except PosttrainError as e:
-        return _fail(_one_line(e), EXIT_USAGE)
+        return _fail(_one_line(e), EXIT_USAGE, with_phase=True)
     except Exception as e:
         from posttrain.engines import distributed as dist
 
@@ -422,13 +422,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _fail(message: str, status: int) -> int:
-    """Report a failure: `error: ...` on stderr, naming the rank under torch.distributed; a
-    rank started by `--nproc` hands it to the launcher, which prints the job's one line."""
+def _fail(message: str, status: int, *, with_phase: bool = False) -> int:
+    """Report a failure: `error: ...` on stderr, naming the rank under torch.distributed (and,
+    with_phase, what it was doing past start-up: "rank 1 (step 2): ..."); a rank started by
+    `--nproc` hands it to the launcher, which prints the job's one line."""
     from posttrain.engines import distributed as dist
 
     if dist.env_world_size() > 1:
-        message = f"rank {dist.env_rank()}: {message}"
+        during = f" ({dist.phase()})" if with_phase and dist.phase() != "startup" else ""
+        message = f"rank {dist.env_rank()}{during}: {message}"
         from posttrain.train.common.launch import report_to_launcher
 
         if report_to_launcher(message, dist.phase()):

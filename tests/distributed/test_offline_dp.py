@@ -155,7 +155,7 @@ def test_reward_models_two_processes_match_one(tmp_path, command):
 
 
 def test_other_commands_refuse_several_processes():
-    proc = subprocess.run([sys.executable, "-m", "posttrain", "rl", "--nproc", "2"], env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "posttrain", "eval", "--nproc", "2"], env=_env(),
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "runs in one process" in proc.stderr
 
