@@ -37,13 +37,32 @@ TINY = ["--model.preset", "tiny", "--run.seed", "0", "--data.task", "arithmetic"
 GRPO = [*TINY, "--algo.method", "grpo"]
 PPO = [*TINY, "--algo.method", "ppo", "--algo.num_minibatches", "2", "--steps", "3", "--run.save_every", "0"]
 
+# Dynamic sampling with refill rounds (3-4 rounds a step here, whose prompt counts do not
+# divide by 2) and success-rate prompt selection, which must stay in lockstep across ranks.
+DAPO = [*TINY, "--algo.method", "dapo", "--rollout.group_size", "2", "--rollout.max_new_tokens", "2",
+        "--data.selection", "success_rate", "--steps", "3", "--run.save_every", "0"]  # fmt: skip
 
-def rl(*args: str, nproc: int = 1, reward: str = REWARD, ok: bool = True, timeout: float = 180):
-    """`posttrain rl` with the test rewards importable (rl_common); nproc 1 samples in 2 shards."""
+
+def rl(*args: str, nproc: int = 1, torchrun: bool = False, reward: str = REWARD, ok: bool = True,
+       timeout: float = 180):  # fmt: skip
+    """`posttrain rl` with the test rewards importable (rl_common); nproc 1 samples in 2
+    shards; torchrun=True starts the ranks through torch.distributed.run instead of --nproc."""
     env = _env()
     env["PYTHONPATH"] = TESTS + os.pathsep + env["PYTHONPATH"]
     cmd = [sys.executable, "-m", "posttrain", "rl", *args, "--rewards", reward]
-    cmd += ["--nproc", str(nproc)] if nproc > 1 else ["--rollout.shards", "2"]
+    if torchrun:
+        cmd[1:3] = [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "posttrain",
+        ]
+    elif nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    if nproc == 1:
+        cmd += ["--rollout.shards", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,7 +121,8 @@ def _from_step2(run: Path, dest: Path) -> Path:
 def test_checkpoint_resumes_at_the_other_world_size(grpo_runs, tmp_path, source, nproc):
     one, two = grpo_runs
     run = _from_step2(two if source == "two" else one, tmp_path / "resumed")
-    rl(*GRPO, "--run.output_dir", str(run), "--run.resume", "true", nproc=nproc)
+    # 1 -> 2 goes through torchrun, 2 -> 1 through --nproc's launcher
+    rl(*GRPO, "--run.output_dir", str(run), "--run.resume", "true", nproc=nproc, torchrun=nproc > 1)
     assert json.loads((run / "summary.json").read_text())["resumed_from"] == 1
     assert relative_gap(weights(one), weights(run)) < WEIGHT_RTOL
     assert_same_rows(rows(one), rows(run))
@@ -116,6 +136,16 @@ def test_ppo_with_critic_two_processes_match_one(tmp_path):
     assert_same_rows(rows(one), rows(two))
     assert relative_gap(weights(one), weights(two)) < WEIGHT_RTOL
     assert relative_gap(weights(one, "final_critic"), weights(two, "final_critic")) < WEIGHT_RTOL
+
+
+@pytest.mark.slow
+def test_dapo_refills_and_success_rate_selection_two_processes_match_one(tmp_path):
+    rl(*DAPO, "--run.output_dir", str(tmp_path / "one"))
+    rl(*DAPO, "--run.output_dir", str(tmp_path / "two"), nproc=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert max(r["rollout/gen_rounds"] for r in rows(two)) > 1  # refills happened
+    assert_same_rows(rows(one), rows(two))
+    assert relative_gap(weights(one), weights(two)) < WEIGHT_RTOL
 
 
 def test_rank_that_raises_mid_step_ends_the_job_with_one_line(tmp_path):
