@@ -170,6 +170,8 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         raise ConfigError(
             f"rollout.prompts_per_step and rollout.group_size must be >= 1, got {ro.prompts_per_step}, {ro.group_size}"
         )
+    if ro.shards < 0:
+        raise ConfigError(f"rollout.shards must be >= 0 (0 = the number of processes), got {ro.shards}")
     _check_rollout(ro)
     ev, ex = cfg.eval, cfg.reward_exec
     check_sampling("eval", temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, greedy_ok=True,
