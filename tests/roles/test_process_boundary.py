@@ -154,3 +154,27 @@ def test_learner_state_dicts_cross_a_boundary_and_continue_exactly(tmp_path):
     ):
         assert torch.equal(x, y)
     assert a.policy.scheduler.get_last_lr() == b.policy.scheduler.get_last_lr()
+
+
+def test_evaluation_samples_through_the_generator_role(tmp_path):
+    """Held-out evaluation asks the Generator (no live module): behind the pickling proxy,
+    whose generator samples from its own synced copy, it gives the in-process numbers."""
+    extra = ["data.n_test=6", "eval.n=6", "eval.every=1"]
+    results = []
+    for proxied in (False, True):
+        built: dict = {}
+
+        def build(cfg, spec, proxied=proxied, built=built):
+            c = build_components(cfg, spec)
+            built.update(c)
+            if proxied:
+                c["generator"] = CrossProcess(
+                    build_generator(cfg, copy.deepcopy(c["policy"].model), c["tokenizer"])
+                )
+            return c
+
+        trainer = RLTrainer(tiny_config(tmp_path / str(proxied), "grpo", *extra), build=build)
+        trainer.step()
+        results.append(trainer.evaluate())
+    assert results[0] and results[0] == results[1]
+    assert any(k.startswith("eval/") for k in results[0])

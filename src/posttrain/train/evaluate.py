@@ -171,7 +171,7 @@ def _clean(text: str, tokenizer) -> str:
 
 
 def generate_samples(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     tokenizer,
     prompts: Sequence[str],
     *,
@@ -191,6 +191,9 @@ def generate_samples(
         `chat_template` and the tokenizer has one, then tokenized with the tokenizer's BOS
         convention (`posttrain.engines.encoding.encode_prompt`).
     engine: a rollout engine name for `make_engine`, or an engine instance to reuse.
+    model: the policy module; None when `engine` is an instance that already samples from
+        the current weights and puts its model in eval mode itself (the RL loop's Generator
+        role), so evaluation never needs the live module.
     seed: generate call b uses seed * 1_000_003 + b, so results do not depend on what ran
         before (same seed + same weights -> same samples).
     Texts have a trailing EOS string removed. The model is put in eval mode (no dropout)
@@ -203,13 +206,17 @@ def generate_samples(
 
     # An engine instance (e.g. the RL loop's vLLM engine) is reused instead of building a
     # second one; sync_weights makes it sample from `model`'s current weights.
+    if model is None and isinstance(engine, str):
+        raise ValueError("generate_samples: model=None needs an engine instance, not an engine name")
     eng = make_engine(engine, model, tokenizer) if isinstance(engine, str) else engine
-    eng.sync_weights(model)
+    if model is not None:
+        eng.sync_weights(model)
     texts: list[list[str]] = []
     lengths: list[list[int]] = []
     reasons: list[list[str]] = []
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     try:
         for b, start in enumerate(range(0, len(prompts), batch_size)):
             chunk = prompts[start : start + batch_size]
@@ -233,7 +240,8 @@ def generate_samples(
                 lengths.append([int(lens[j]) for j in rows])
                 reasons.append([ro.finish_reason[j] for j in rows])
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
     return texts, lengths, reasons
 
 

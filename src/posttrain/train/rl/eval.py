@@ -73,9 +73,11 @@ def evaluate(trainer) -> dict[str, float]:
     examples = trainer.eval_examples[: ev.n]
     prompts = [ex.prompt if hasattr(ex, "prompt") else ex.text for ex in examples]
     answers = [str(ex.answer) for ex in examples]
+    # Through the Generator role, which samples from the weights it was last synced to (the
+    # controller syncs after every update), never from a module handed over here.
     texts, lengths, reasons = generate_samples(
-        trainer.generator.model if trainer.generator.model is not None else trainer.policy.model, trainer.tokenizer, prompts, k=1, temperature=ev.temperature,
-        max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens, engine=trainer.generator.engine,
+        None, trainer.tokenizer, prompts, k=1, temperature=ev.temperature,
+        max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens, engine=trainer.generator,
         seed=cfg.run.seed, chat_template=d.chat_template, enable_thinking=d.enable_thinking,
     )  # fmt: skip
     out: dict[str, float] = {}
