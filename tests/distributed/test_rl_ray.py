@@ -1,0 +1,97 @@
+"""`backend: ray`: the RL roles as Ray actors on a local Ray instance (2 CPUs).
+
+The controller is the in-process code over `RemoteRole` handles (train/rl/ray_backend.py),
+so a synchronous Ray run must train exactly like the in-process one: every actor seeds
+and builds its models in the in-process order, the rollout worker samples from its own
+copy of the policy that only `Generator.sync` updates, and only pickled data crosses.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.errors import ConfigError, TrainingError
+from posttrain.train.rl.controller import RLTrainer
+from rl_common import tiny_config
+
+ray = pytest.importorskip("ray")
+
+from posttrain.train.rl.ray_backend import RayBuild  # noqa: E402
+
+TESTS = Path(__file__).resolve().parents[1]
+# A "module:function" reward: the rewards actor imports it (a registry entry made in this
+# process would not exist there).
+REWARD = "rewards=[{name: 'rl_common:digit_fraction', weight: 1.0}]"
+# Small CPU shares so that every role's actor fits the 2-CPU local instance.
+ROLES = ("generator", "policy", "critic", "reference", "teacher", "rewards")
+SMALL = "ray.roles={" + ", ".join(f"{r}: {{num_cpus: 0.25}}" for r in ROLES) + "}"
+TIMING = ("time/", "rollout/tokens_per_s", "sync/bytes")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray instance for the module; the backend uses it and leaves it running."""
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})  # fmt: skip
+    yield
+    ray.shutdown()
+
+
+def _steps(trainer: RLTrainer, n: int) -> list[dict[str, float]]:
+    return [{k: v for k, v in trainer.step().items() if not k.startswith(TIMING)} for _ in range(n)]
+
+
+def _compare(tmp_path, method: str, *extra: str, steps: int = 3):
+    local = RLTrainer(tiny_config(tmp_path / "local", method, REWARD, *extra, steps=steps))
+    rows_local = _steps(local, steps)
+    build = RayBuild()
+    try:
+        remote = RLTrainer(
+            tiny_config(tmp_path / "ray", method, REWARD, "backend=ray", SMALL, *extra, steps=steps),
+            build=build,
+        )
+        rows_remote = _steps(remote, steps)
+        state = remote.policy.state_dict()
+        critic = remote.critic.state_dict() if remote.critic is not None else None
+        assert remote.generator.version == steps  # the rollout worker's weights: the last update's
+    finally:
+        build.shutdown()
+    for k, v in local.policy.model.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    if critic is not None:
+        for k, v in local.critic.model.state_dict().items():
+            assert torch.equal(v, critic["model"][k]), k
+    assert rows_local == rows_remote
+
+
+def test_synchronous_ray_grpo_trains_like_the_in_process_run(tmp_path):
+    _compare(tmp_path, "grpo", "algo.kl_coef=0.05")  # with a reference actor
+
+
+def test_synchronous_ray_ppo_with_a_critic_actor(tmp_path):
+    _compare(tmp_path, "ppo", steps=2)
+
+
+def test_a_killed_rollout_worker_stops_the_run_naming_the_role(tmp_path):
+    build = RayBuild()
+    try:
+        trainer = RLTrainer(tiny_config(tmp_path, "grpo", REWARD, "backend=ray", SMALL), build=build)
+        trainer.step()
+        ray.kill(build.actors["generator"])
+        with pytest.raises(TrainingError, match=r"the generator actor died during generator\.\w+") as e:
+            trainer.step()
+        assert "\n" not in str(e.value)
+    finally:
+        build.shutdown()
+
+
+def test_ray_settings_need_the_ray_backend(tmp_path):
+    with pytest.raises(ConfigError, match=r"ray\.timeout_s is set but backend is 'process'"):
+        RLTrainer(tiny_config(tmp_path, "grpo", "ray.timeout_s=5"))
+    with pytest.raises(ConfigError, match=r"ray\.roles\.learner: unknown role"):
+        RLTrainer(tiny_config(tmp_path, "grpo", "backend=ray", "ray.roles={learner: {num_cpus: 1}}"))
