@@ -160,6 +160,18 @@ def _needed_roles(cfg: RLConfig, spec: RLSpec) -> list[str]:
     return [r for r in RAY_ROLES if wanted[r]]
 
 
+def describe_placement(cfg: RLConfig, spec: RLSpec) -> str:
+    """The `plan` line for backend: ray: each role's actor and what it asks for."""
+    where = f"joins {cfg.ray.address}" if cfg.ray.address else "starts a local Ray instance"
+    asks = []
+    for role in _needed_roles(cfg, spec):
+        res = role_resources(cfg.ray, role, cfg.model.device)
+        asks.append(
+            f"{role} ({res['num_cpus']:g} CPU" + (f", {res['num_gpus']:g} GPU)" if res["num_gpus"] else ")")
+        )
+    return f"backend: ray ({where}, synchronous); actors: {', '.join(asks)}"
+
+
 def _start(ray, cfg: RLConfig, needs: dict[str, dict[str, float]]) -> bool:
     """Join ray.address, or start a local instance sized for the roles; True when this run
     started Ray (and so shuts it down). A process that already initialised Ray keeps it."""

@@ -376,4 +376,8 @@ def plan(cfg: RLConfig) -> str:
     logs_entropy = (cfg.log_entropy or spec.entropy_coef > 0) and spec.trust_region is None
     flags = dict(has_reference=spec.uses_reference, logs_entropy=logs_entropy, evaluates=cfg.eval.every > 0)
     lines.append("  " + describe(cfg.alerts, **flags))
+    if cfg.backend == "ray":
+        from posttrain.train.rl.ray_backend import describe_placement
+
+        lines.append("  " + describe_placement(cfg, spec))
     return "\n".join(lines)
