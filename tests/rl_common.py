@@ -28,6 +28,14 @@ def digit_fraction(prompts, completions, **columns):
     return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
 
 
+def stalled_reward(prompts, completions, **columns):
+    """A reward that never answers in time (sleeps 120 s): for deadline tests."""
+    import time
+
+    time.sleep(120)
+    return [0.0 for _ in completions]
+
+
 def register_digit_reward() -> None:
     from posttrain.data.rewards import REWARDS
 

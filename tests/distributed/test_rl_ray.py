@@ -42,20 +42,20 @@ def local_ray():
     ray.shutdown()
 
 
-def _steps(trainer: RLTrainer, n: int) -> list[dict[str, float]]:
-    return [{k: v for k, v in trainer.step().items() if not k.startswith(TIMING)} for _ in range(n)]
+def _untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(TIMING)}
 
 
 def _compare(tmp_path, method: str, *extra: str, steps: int = 3):
     local = RLTrainer(tiny_config(tmp_path / "local", method, REWARD, *extra, steps=steps))
-    rows_local = _steps(local, steps)
+    rows_local = [_untimed(local.step()) for _ in range(steps)]
     build = RayBuild()
     try:
         remote = RLTrainer(
             tiny_config(tmp_path / "ray", method, REWARD, "backend=ray", SMALL, *extra, steps=steps),
             build=build,
         )
-        rows_remote = _steps(remote, steps)
+        raw = [remote.step() for _ in range(steps)]
         state = remote.policy.state_dict()
         critic = remote.critic.state_dict() if remote.critic is not None else None
         assert remote.generator.version == steps  # the rollout worker's weights: the last update's
@@ -66,7 +66,11 @@ def _compare(tmp_path, method: str, *extra: str, steps: int = 3):
     if critic is not None:
         for k, v in local.critic.model.state_dict().items():
             assert torch.equal(v, critic["model"][k]), k
-    assert rows_local == rows_remote
+    assert rows_local == [_untimed(r) for r in raw]
+    # The rollout worker received the whole policy state dict at every step.
+    assert all(
+        r["sync/bytes"] == sum(v.numel() * v.element_size() for v in state["model"].values()) for r in raw
+    )
 
 
 def test_synchronous_ray_grpo_trains_like_the_in_process_run(tmp_path):
@@ -90,6 +94,28 @@ def test_a_killed_rollout_worker_stops_the_run_naming_the_role(tmp_path):
         build.shutdown()
 
 
+def test_a_stalled_call_stops_the_run_after_the_deadline_naming_role_and_method(tmp_path):
+    """The rewards actor's score call outlives ray.timeout_s (a reward that sleeps, switched
+    on at step 1, under a longer reward_exec.timeout_s): one line names rewards.score."""
+    rewards = (
+        "rewards=[{name: 'rl_common:digit_fraction'}, {name: 'rl_common:stalled_reward', start_step: 1}]"
+    )
+    cfg = tiny_config(
+        tmp_path, "grpo", rewards, "reward_exec.timeout_s=300", "backend=ray", SMALL, "ray.timeout_s=20"
+    )
+    build = RayBuild()
+    try:
+        trainer = RLTrainer(cfg, build=build)
+        trainer.step()
+        with pytest.raises(
+            TrainingError,
+            match=r"^ray backend: rewards\.score stalled: no result after 2\d s \(ray\.timeout_s=20\)$",
+        ):
+            trainer.step()
+    finally:
+        build.shutdown()
+
+
 def test_ray_settings_need_the_ray_backend(tmp_path):
     with pytest.raises(ConfigError, match=r"ray\.timeout_s is set but backend is 'process'"):
         RLTrainer(tiny_config(tmp_path, "grpo", "ray.timeout_s=5"))
@@ -100,11 +126,7 @@ def test_ray_settings_need_the_ray_backend(tmp_path):
 def _rows(run_dir: Path) -> list[dict]:
     import json
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [
-        {k: v for k, v in r.items() if not k.startswith(TIMING) and k not in ("time", "wall_time")}
-        for r in rows
-    ]
+    return [_untimed(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_ray_run_checkpoints_resumes_and_evaluates_like_in_process(tmp_path):

@@ -79,6 +79,26 @@ def _role(cfg: RLConfig, spec: RLSpec, name: str, tokenizer, lengths):
     raise ConfigError(f"ray backend: unknown role {name!r}")
 
 
+class RemoteWeights:
+    """A `WeightSource` whose snapshot stays in Ray's object store: `version` is here,
+    the tensors are fetched by whoever is synced with it (`RoleHost.call`), so a weight sync
+    moves them learner -> object store -> rollout worker without passing the driver."""
+
+    def __init__(self, version: int, ref):
+        self.version = version
+        self.ref = ref
+
+    def fetch(self):
+        """The StateDictWeights snapshot (ray.get in the receiving process)."""
+        import ray
+
+        return ray.get(self.ref)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The snapshot's tensors (fetched into the calling process)."""
+        return self.fetch().state_dict()
+
+
 class RoleHost:
     """The body of a role's actor: builds the role, then runs the methods asked of it."""
 
@@ -90,8 +110,19 @@ class RoleHost:
         return [n for n in dir(self.role) if not n.startswith("_") and callable(getattr(self.role, n))]
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
-        """role.method(*args, **kwargs); the result travels back pickled."""
+        """role.method(*args, **kwargs); the result travels back pickled. A `RemoteWeights`
+        argument is fetched here, from the object store, not through the driver."""
+        args = tuple(a.fetch() if isinstance(a, RemoteWeights) else a for a in args)
         return getattr(self.role, method)(*args, **kwargs)
+
+    def weights(self) -> tuple[int, list]:
+        """(policy version, [object ref of its StateDictWeights snapshot]): the learner's
+        weights put in the object store once, for the rollout worker and the reference to
+        fetch (the list keeps Ray from resolving the ref on the way to the driver)."""
+        import ray
+
+        w = self.role.weights()
+        return w.version, [ray.put(w)]  # pickling a SharedModule makes the snapshot
 
     def get(self, attribute: str) -> Any:
         """A copy of a plain attribute of the role (e.g. a learner's `guard`)."""
@@ -137,11 +168,17 @@ class RemoteRole:
             raise AttributeError(name)
         if name not in self._methods:
             return self._wait(self._actor.get.remote(name), name)
+        if name == "weights":  # the one result that should not travel through the driver
+            return lambda: RemoteWeights(*self._wait_weights())
 
         def remote(*args, **kwargs):
             return self._wait(self._actor.call.remote(name, args, kwargs), name)
 
         return remote
+
+    def _wait_weights(self):
+        version, (ref,) = self._wait(self._actor.weights.remote(), "weights")
+        return version, ref
 
     def __setattr__(self, name: str, value):
         raise AttributeError(f"ray backend: the controller set {name!r} on the remote {self._name} role")
