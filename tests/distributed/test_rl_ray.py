@@ -141,8 +141,15 @@ def test_ray_run_checkpoints_resumes_and_evaluates_like_in_process(tmp_path):
     run_rl(tiny_config(tmp_path / "local", "grpo", *extra, steps=3))
     ray_cfg = [*extra, "backend=ray", SMALL]
     run_rl(tiny_config(tmp_path / "ray", "grpo", *ray_cfg, steps=2))
-    summary = run_rl(tiny_config(tmp_path / "ray", "grpo", *ray_cfg, "run.resume=true", steps=3))
-    assert summary["resumed_from"] == 1 and summary["backend"] == "ray"
+    build = RayBuild()
+    try:
+        resumed = RLTrainer(
+            tiny_config(tmp_path / "ray", "grpo", *ray_cfg, "run.resume=true", steps=3), build=build
+        )
+        assert resumed.train()["resumed_from"] == 1
+        assert resumed.generator.version == 3  # the policy version survives the resume
+    finally:
+        build.shutdown()
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("local", "ray"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows_local, rows_ray = _rows(tmp_path / "local"), _rows(tmp_path / "ray")

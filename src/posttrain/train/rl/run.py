@@ -98,6 +98,8 @@ class RLRunMixin:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "guard": guards[name] or learner.guard.state_dict(),
+                    # The policy version counts updates: one per step.
+                    **({"version": self.step_count} if name == "policy" else {}),
                 }
             )
         if reference is not None:
