@@ -36,6 +36,11 @@ def stalled_reward(prompts, completions, **columns):
     return [0.0 for _ in completions]
 
 
+def failing_reward(prompts, completions, **columns):
+    """A reward that raises on every sample: for error-reporting tests."""
+    raise ValueError("this reward always fails")
+
+
 def register_digit_reward() -> None:
     from posttrain.data.rewards import REWARDS
 

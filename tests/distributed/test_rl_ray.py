@@ -116,6 +116,24 @@ def test_a_stalled_call_stops_the_run_after_the_deadline_naming_role_and_method(
         build.shutdown()
 
 
+def test_an_error_inside_a_role_reaches_the_driver_as_the_roles_own_error(tmp_path):
+    """A reward that always raises: the rewards actor's RewardError arrives as itself, with
+    the in-process message, not as Ray's traceback."""
+    from posttrain.errors import RewardError
+
+    rewards = "rewards=[{name: 'rl_common:failing_reward'}]"
+    with pytest.raises(RewardError) as local:
+        RLTrainer(tiny_config(tmp_path / "local", "grpo", rewards)).step()
+    build = RayBuild()
+    try:
+        trainer = RLTrainer(tiny_config(tmp_path / "ray", "grpo", rewards, "backend=ray", SMALL), build=build)
+        with pytest.raises(RewardError) as remote:
+            trainer.step()
+    finally:
+        build.shutdown()
+    assert str(remote.value) == str(local.value)
+
+
 def test_ray_settings_need_the_ray_backend(tmp_path):
     with pytest.raises(ConfigError, match=r"ray\.timeout_s is set but backend is 'process'"):
         RLTrainer(tiny_config(tmp_path, "grpo", "ray.timeout_s=5"))

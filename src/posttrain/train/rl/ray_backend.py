@@ -161,7 +161,10 @@ class RemoteRole:
                 f"{time.perf_counter() - t0:.1f} s ({type(e).__name__}: {first})"
             ) from None
         except ray.exceptions.RayTaskError as e:
-            raise e.as_instanceof_cause() from None
+            # The role's own error (a RewardError, the bad-step guard's TrainingError, ...),
+            # as in process; its message, not Ray's traceback, is what the user sees.
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e.as_instanceof_cause()) from None
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
@@ -216,14 +219,14 @@ def _start(ray, cfg: RLConfig, needs: dict[str, dict[str, float]]) -> bool:
     if ray.is_initialized():
         return False
     if r.address is not None:
-        ray.init(address=r.address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=r.address, include_dashboard=False)
         return False
     cpus = (
         r.num_cpus
         if r.num_cpus is not None
         else max(1, int(sum(n["num_cpus"] for n in needs.values()) + 0.999))
     )
-    ray.init(num_cpus=cpus, num_gpus=r.num_gpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cpus, num_gpus=r.num_gpus, include_dashboard=False)
     return True
 
 
