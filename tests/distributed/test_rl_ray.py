@@ -173,3 +173,23 @@ def test_ray_run_checkpoints_resumes_and_evaluates_like_in_process(tmp_path):
     rows_local, rows_ray = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
     assert any("eval/accuracy" in r for r in rows_ray)
     assert rows_local == rows_ray
+
+
+def test_cli_backend_ray_starts_and_stops_its_own_local_instance(tmp_path):
+    """`posttrain rl --backend ray` in a fresh process (Ray not initialised there): the run
+    starts a local instance sized for its roles, trains, evaluates, and shuts it down."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ["--model.preset=tiny", f"--run.output_dir={out}", "--data.task=arithmetic", "--data.n_train=8",
+            "--data.n_test=4", "--eval.before_after=true", "--eval.n=4", "--rollout.prompts_per_step=2",
+            "--rollout.max_new_tokens=8", "--steps=2"]  # fmt: skip
+    code = "import ray, sys; from posttrain.cli import main; rc = main(sys.argv[1:]); assert not ray.is_initialized(); sys.exit(rc)"
+    done = subprocess.run([sys.executable, "-c", code, "rl", "--backend", "ray", *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "ray" and summary["steps"] == 2 and "eval/accuracy" in summary["eval_after"]
+    assert (out / "final" / "model.safetensors").is_file()

@@ -1,7 +1,7 @@
 """`backend: ray`: the roles of the RL loop as Ray actors, driven by the unchanged controller.
 
 The controller (`RLTrainer`, train/rl/controller.py) takes a `build` function that returns
-its roles; `build_on_ray` returns `RemoteRole` handles instead of the objects. Each handle
+its roles; `RayBuild` returns `RemoteRole` handles instead of the objects. Each handle
 exposes the role's methods and turns a call into `ray.get(actor.call.remote(...))` under
 the `ray.timeout_s` deadline, so the controller's code is the in-process code: only plain
 data crosses (what tests/roles/test_process_boundary.py already proves with a pickling
@@ -11,7 +11,7 @@ proxy). What runs where:
       the held-out data, the checkpoint files;
   one actor per role: the rollout worker (`Generator`, with its OWN copy of the policy,
       synced through `Generator.sync(weights)` with a state-dict snapshot carrying the
-      policy version), the policy learner, the critic learner, the reference and teacher
+      policy version, fetched from Ray's object store: `RemoteWeights`), the policy learner, the critic learner, the reference and teacher
       scorers, the rewarder. Each asks Ray for `ray.roles.<role>` CPUs / GPUs.
 
 Every actor seeds python and torch with run.seed and builds its models in the order the
@@ -27,6 +27,7 @@ only `backend: ray` fails, with a one-line error.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from typing import Any
@@ -213,18 +214,19 @@ def describe_placement(cfg: RLConfig, spec: RLSpec) -> str:
 
 
 def _start(ray, cfg: RLConfig, needs: dict[str, dict[str, float]]) -> bool:
-    """Join ray.address, or start a local instance sized for the roles; True when this run
-    started Ray (and so shuts it down). A process that already initialised Ray keeps it."""
+    """Join ray.address, or start a local instance sized for the roles. True when this run
+    called ray.init, so that `shutdown` ends it (a local instance stops; a cluster is only
+    left). A process that had already initialised Ray keeps it as it was."""
     r = cfg.ray
     if ray.is_initialized():
         return False
     if r.address is not None:
         ray.init(address=r.address, include_dashboard=False)
-        return False
+        return True
     cpus = (
         r.num_cpus
         if r.num_cpus is not None
-        else max(1, int(sum(n["num_cpus"] for n in needs.values()) + 0.999))
+        else max(1, math.ceil(sum(n["num_cpus"] for n in needs.values())))
     )
     ray.init(num_cpus=cpus, num_gpus=r.num_gpus, include_dashboard=False)
     return True
@@ -276,7 +278,8 @@ class RayBuild:
         return setup.assemble(cfg, data, built)
 
     def shutdown(self) -> None:
-        """Kill the role actors; stop the local Ray instance when this run started it."""
+        """Kill the role actors; stop the local Ray instance this run started (or leave the
+        cluster it joined)."""
         if self.ray is None:
             return
         for actor in self.actors.values():
