@@ -139,6 +139,17 @@ def test_ray_settings_need_the_ray_backend(tmp_path):
         RLTrainer(tiny_config(tmp_path, "grpo", "ray.timeout_s=5"))
     with pytest.raises(ConfigError, match=r"ray\.roles\.learner: unknown role"):
         RLTrainer(tiny_config(tmp_path, "grpo", "backend=ray", "ray.roles={learner: {num_cpus: 1}}"))
+    with pytest.raises(ConfigError, match=r"ray\.num_cpus sizes the local instance; with ray\.address"):
+        RLTrainer(tiny_config(tmp_path, "grpo", "backend=ray", "ray.address=auto", "ray.num_cpus=2"))
+    # Placement is checked before any actor starts: actors that cannot fit would wait forever.
+    with pytest.raises(
+        ConfigError,
+        match=r"^ray: the roles ask for 11 CPUs \(generator 1, policy 8, reference 1, rewards 1\) but the Ray cluster has 2;",
+    ):
+        RLTrainer(
+            tiny_config(tmp_path, "grpo", "backend=ray", "ray.roles={policy: {num_cpus: 8}}"),
+            build=RayBuild(),
+        )
 
 
 def _rows(run_dir: Path) -> list[dict]:
