@@ -8,7 +8,10 @@ copy of the policy that only `Generator.sync` updates, and only pickled data cro
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,8 +156,6 @@ def test_ray_settings_need_the_ray_backend(tmp_path):
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    import json
-
     return [_untimed(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -186,17 +187,13 @@ def test_ray_run_checkpoints_resumes_and_evaluates_like_in_process(tmp_path):
     assert rows_local == rows_ray
 
 
-def test_cli_backend_ray_starts_and_stops_its_own_local_instance(tmp_path):
-    """`posttrain rl --backend ray` in a fresh process (Ray not initialised there): the run
-    starts a local instance sized for its roles, trains, evaluates, and shuts it down."""
-    import json
-    import subprocess
-    import sys
-
+def _cli(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`posttrain rl --backend ray` on the tiny task in a fresh process (Ray not initialised
+    there; the child asserts it is not left initialised): (the finished process, run dir)."""
     out = tmp_path / "run"
     args = ["--model.preset=tiny", f"--run.output_dir={out}", "--data.task=arithmetic", "--data.n_train=8",
             "--data.n_test=4", "--eval.before_after=true", "--eval.n=4", "--rollout.prompts_per_step=2",
-            "--rollout.max_new_tokens=8", "--steps=2"]  # fmt: skip
+            "--rollout.max_new_tokens=8", "--steps=2", *extra]  # fmt: skip
     code = "import ray, sys; from posttrain.cli import main; rc = main(sys.argv[1:]); assert not ray.is_initialized(); sys.exit(rc)"
     done = subprocess.run([sys.executable, "-c", code, "rl", "--backend", "ray", *args], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
@@ -204,3 +201,19 @@ def test_cli_backend_ray_starts_and_stops_its_own_local_instance(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "ray" and summary["steps"] == 2 and "eval/accuracy" in summary["eval_after"]
     assert (out / "final" / "model.safetensors").is_file()
+    return done, out
+
+
+def test_cli_backend_ray_starts_and_stops_its_own_local_instance(tmp_path):
+    """With no address the run starts a local instance sized for its roles and stops it."""
+    done, _ = _cli(tmp_path)
+    assert "Started a local Ray instance" in done.stderr
+
+
+def test_cli_backend_ray_joins_a_running_cluster_and_leaves_it_running(tmp_path):
+    """ray.address: the run places its actors on this module's Ray instance (small CPU
+    shares so that they fit its 2 CPUs), then disconnects; the cluster keeps running."""
+    address = ray.get_runtime_context().gcs_address
+    done, _ = _cli(tmp_path, f"--ray.address={address}", f"--{SMALL}")
+    assert "Started a local Ray instance" not in done.stderr
+    assert ray.get(ray.remote(lambda: 1).remote(), timeout=60) == 1
