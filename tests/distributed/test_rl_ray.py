@@ -19,7 +19,7 @@ import torch
 
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.rl.controller import RLTrainer
-from rl_common import tiny_config
+from rl_common import tiny_config, train_digit_teacher
 
 ray = pytest.importorskip("ray")
 
@@ -82,6 +82,11 @@ def test_synchronous_ray_grpo_trains_like_the_in_process_run(tmp_path):
 
 def test_synchronous_ray_ppo_with_a_critic_actor(tmp_path):
     _compare(tmp_path, "ppo", steps=2)
+
+
+def test_synchronous_ray_kdrl_with_a_teacher_actor(tmp_path):
+    teacher = train_digit_teacher(tmp_path / "teacher", steps=5)
+    _compare(tmp_path, "kdrl", f"teacher.path={teacher}", steps=2)
 
 
 def test_a_killed_rollout_worker_stops_the_run_naming_the_role(tmp_path):
