@@ -56,7 +56,7 @@ class RaySection:
     roles: dict[str, RayRoleResources] = setting(
         dict,
         f"Per-role resources, keyed by role ({', '.join(RAY_ROLES)}): {{num_cpus: float, num_gpus: "
-        "float | null}}, e.g. {generator: {num_cpus: 2}}; a role left out asks for 1 CPU (and 1 GPU for a "
+        "float | null}, e.g. {generator: {num_cpus: 2}}; a role left out asks for 1 CPU (and 1 GPU for a "
         "model role when model.device is cuda).",
         factory=True,
     )
