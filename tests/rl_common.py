@@ -41,6 +41,19 @@ def digit_fraction_failing_on_rank_one(prompts, completions, **columns):
     return digit_fraction(prompts, completions, **columns)
 
 
+def stalled_reward(prompts, completions, **columns):
+    """A reward that never answers in time (sleeps 120 s): for deadline tests."""
+    import time
+
+    time.sleep(120)
+    return [0.0 for _ in completions]
+
+
+def failing_reward(prompts, completions, **columns):
+    """A reward that raises on every sample: for error-reporting tests."""
+    raise ValueError("this reward always fails")
+
+
 def register_digit_reward() -> None:
     from posttrain.data.rewards import REWARDS
 

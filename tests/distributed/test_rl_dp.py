@@ -167,6 +167,7 @@ def test_rank_that_raises_mid_step_ends_the_job_with_one_line(tmp_path):
         (["--rollout.prompts_per_step", "3"], "rollout.prompts_per_step=3 must be a multiple of the number"),
         (["--model.lora_r", "4"], "LoRA (model.lora_r > 0) does not run under torch.distributed yet"),
         (["--rollout.shards", "3"], "rollout.shards=3 must be 0 or a multiple"),
+        (["--backend", "ray"], "backend: ray places the roles itself; run it without --nproc"),
     ],
 )
 def test_refusals_end_with_one_line_before_any_model(tmp_path, extra, words):

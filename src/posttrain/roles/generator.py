@@ -59,8 +59,9 @@ class Generator:
             "prm": dict(getattr(self.engine, "totals", {})),
         }
 
-    def sync(self, weights: WeightSource) -> None:
-        """Make the engine sample from `weights`.
+    def sync(self, weights: WeightSource) -> int:
+        """Make the engine sample from `weights`; returns the bytes of weights it received
+        (0 when its engine samples from the learner's own module: nothing is copied).
 
         A `SharedModule` goes to the engine's `sync_weights` (a no-op for the native / hf
         engines, which call that very module; vLLM copies its tensors). A snapshot (a
@@ -69,11 +70,21 @@ class Generator:
         weights (it reads `.state_dict()`).
         """
         module = getattr(weights, "module", None)
+        received = 0
         if module is not None:
             self.engine.sync_weights(module)
+            if module is not self.model:  # an engine with its own weights (vLLM) copies them
+                received = _nbytes(weights.state_dict())
         elif self.model is not None:
             with torch.no_grad():
                 self.model.load_state_dict(weights.state_dict())
+            received = _nbytes(weights.state_dict())
         else:
             self.engine.sync_weights(weights)
+            received = _nbytes(weights.state_dict())
         self.version = weights.version
+        return received
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -56,6 +56,15 @@ class PolicyLearner(ModelLearner):
             seq, with_grad=with_grad, return_entropy=return_entropy, keep_ids=keep_ids
         )
 
+    def state_dict(self) -> dict:
+        """ModelLearner's state (model, optimizer, scheduler, guard) and the policy version."""
+        return {**super().state_dict(), "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()` (a state without "version" keeps the current one)."""
+        super().load_state_dict(state)
+        self.version = int(state.get("version", self.version))
+
     def weights(self) -> WeightSource:
         """The current weights for the generator and the reference refresh (in process: the
         module itself, no copy; pickled: a state-dict snapshot). Sharded (torch.distributed):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
+from copy import deepcopy
 
 import torch
 
@@ -26,11 +26,15 @@ class ScoringRole:
         self.disable_adapter = disable_adapter
 
     @classmethod
-    def reference_for(cls, policy: torch.nn.Module, temperature: float) -> ScoringRole:
-        """π_ref = the initial policy: adapter-disabled under LoRA, else a frozen deep copy."""
+    def reference_for(cls, policy: torch.nn.Module, temperature: float, *, copy: bool = True) -> ScoringRole:
+        """π_ref = the initial policy: adapter-disabled under LoRA, else a frozen deep copy.
+
+        copy=False: `policy` is a module of the reference's own (built for it in another
+        process, train/rl/ray_backend.py), frozen in place instead of copied.
+        """
         if hasattr(policy, "disable_adapter"):  # a PEFT model: the base weights ARE π_ref
             return cls(policy, temperature=temperature, disable_adapter=True)
-        ref = copy.deepcopy(policy).eval()
+        ref = (deepcopy(policy) if copy else policy).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
         return cls(ref, temperature=temperature)

@@ -16,6 +16,7 @@ from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.train.common.alerts import AlertsSection
 from posttrain.train.config.checks import setting
 from posttrain.train.config.loader import ModelSection, OptimSection, RunSection
+from posttrain.train.config.ray import RaySection
 
 # Validation lives in rl_checks.py (which needs no section class at run time); re-exported.
 from posttrain.train.config.rl_checks import check_dense_reward, token_reward_advantages, validate  # noqa: F401
@@ -347,3 +348,9 @@ class RLConfig:
         1, "Write rollouts with rewards to samples.jsonl every N steps; 0 disables."
     )
     samples_per_log: int = setting(4, "Rollouts written per samples.jsonl entry.")
+    backend: str = setting(
+        "process",
+        "Where the roles run: process (all in this process) | ray (each role a Ray actor, "
+        "synchronous; needs pip install posttrain[ray]; docs/distributed.md).",
+    )
+    ray: RaySection = setting(RaySection, "Ray placement of the roles (backend: ray).", factory=True)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain.errors import ConfigError
 from posttrain.train.common.alerts import check_alerts
 from posttrain.train.config.checks import MAX_LR, check_preset, check_range, check_sampling
+from posttrain.train.config.ray import check_ray
 from posttrain.train.rl.prm_guide import check_prm_guide
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
     if ro.shards < 0:
         raise ConfigError(f"rollout.shards must be >= 0 (0 = the number of processes), got {ro.shards}")
     _check_rollout(ro)
+    check_ray(cfg)
     ev, ex = cfg.eval, cfg.reward_exec
     check_sampling("eval", temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, greedy_ok=True,
                    zero_tokens_ok=True)  # fmt: skip

@@ -222,8 +222,11 @@ class RLTrainer(RLRunMixin):
             # The adaptive controller wants a per-sequence KL; the KL loss is a per-token mean
             # estimate, so scale it by the mean response length (a no-op for a fixed β).
             self.kl_ctl.update(metrics["kl/loss"] * metrics["rollout/length_mean"], len(batch))
+        t_sync = time.perf_counter()
         weights = self.policy.weights()
-        self.generator.sync(weights)
+        # sync/bytes: weights the rollout worker received (0 when it shares the module).
+        metrics["sync/bytes"] = self.generator.sync(weights)
+        metrics["time/weight_sync_s"] = time.perf_counter() - t_sync
         metrics.update(self._refresh_reference(step, weights))
         t4 = time.perf_counter()
         metrics.update(
@@ -260,4 +263,8 @@ class RLTrainer(RLRunMixin):
 
 def run_rl(cfg: RLConfig) -> dict[str, Any]:
     """`posttrain rl`: build the trainer from cfg, train, return the summary."""
+    if cfg.backend == "ray":  # the same trainer over roles placed as Ray actors
+        from posttrain.train.rl.ray_backend import run_rl_on_ray
+
+        return run_rl_on_ray(cfg)
     return RLTrainer(cfg).train()

@@ -55,6 +55,11 @@ def check_world(cfg, world: int) -> None:
         )
     if cfg.model.lora_r > 0:
         raise ConfigError("LoRA (model.lora_r > 0) does not run under torch.distributed yet; use one process")
+    if cfg.backend != "process":
+        raise ConfigError(
+            f"backend: {cfg.backend} places the roles itself; run it without --nproc / torchrun "
+            "(a data-parallel learner group inside Ray is not built yet)"
+        )
     if ro.engine == "vllm":
         raise ConfigError("rollout.engine=vllm does not run under torch.distributed yet; use native or hf")
     if cfg.algo.trust_region is not None:

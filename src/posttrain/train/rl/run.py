@@ -45,12 +45,12 @@ class RLRunMixin:
             "alerts": self.monitor.state_dict() if self.monitor is not None else None,
         }
 
-    def _checkpoint_parts(self) -> dict[str, dict]:
-        """models / optimizers / schedulers for CheckpointManager, from each learner."""
+    def _checkpoint_parts(self, learner_parts: dict[str, tuple] | None = None) -> dict[str, dict]:
+        """models / optimizers / schedulers for CheckpointManager, from each learner
+        (`learner_parts`: what `_learner_parts()` returned, when the caller holds it)."""
         parts: dict[str, dict] = {"models": {}, "optimizers": {}, "schedulers": {}}
-        learners = [("policy", self.policy)] + ([("critic", self.critic)] if self.critic is not None else [])
-        for name, learner in learners:
-            for key, objs in zip(parts, learner.checkpoint_parts(name)):
+        for objs_of_learner in (learner_parts or self._learner_parts()).values():
+            for key, objs in zip(parts, objs_of_learner):
                 parts[key].update(objs)
         if self.cfg.algo.ref_refresh_every and self.reference is not None:
             # A refreshed π_ref is no longer the initial policy: exact resume needs its weights.
@@ -59,6 +59,10 @@ class RLRunMixin:
 
     def _learners(self) -> list[tuple[str, Any]]:
         return [("policy", self.policy)] + ([("critic", self.critic)] if self.critic is not None else [])
+
+    def _learner_parts(self) -> dict[str, tuple[dict, dict, dict]]:
+        """{learner name: its checkpoint_parts}: the policy, and the critic when there is one."""
+        return {name: learner.checkpoint_parts(name) for name, learner in self._learners()}
 
     def save_checkpoint(self) -> Path | None:
         """Write run_dir/checkpoints/step-N (each learner's model, optimizer and scheduler,
@@ -85,10 +89,13 @@ class RLRunMixin:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizers, schedulers, RNGs, data position and controllers."""
-        if self.policy.dp is None:
-            state = self.ckpt.load(path, **self._checkpoint_parts())
+        sharded = self.policy.dp is not None
+        if not sharded:
+            per_learner = self._learner_parts()
+            parts = self._checkpoint_parts(per_learner)
+            state = self.ckpt.load(path, **parts)
         else:  # every rank reads the one-process files; sharded learners load through plain twins
-            parts: dict[str, dict] = {"models": {}, "optimizers": {}, "schedulers": {}}
+            parts = {"models": {}, "optimizers": {}, "schedulers": {}}
             plains = []
             for name, learner in self._learners():
                 *got, plain = rl_dp.loading_parts(learner, name)
@@ -101,11 +108,19 @@ class RLRunMixin:
             for learner, plain in plains:
                 rl_dp.finish_load(learner, plain)
         self.step_count = int(state["step"])
-        self.policy.guard.load_state_dict(
-            {"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]}
-        )
-        if self.critic is not None and state.get("critic_guard"):
-            self.critic.guard.load_state_dict(state["critic_guard"])
+        guards = {"policy": {"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]},
+                  "critic": state.get("critic_guard")}  # fmt: skip
+        if not sharded:
+            self._restore_roles(per_learner, guards, parts["models"].get("reference"))
+        else:  # the sharded learners live in this process: their state was loaded in place
+            for name, learner in self._learners():
+                if guards[name]:
+                    learner.guard.load_state_dict(guards[name])
+            self.policy.version = self.step_count
+        self.step_count = int(state["step"])
+        guards = {"policy": {"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]},
+                  "critic": state.get("critic_guard")}  # fmt: skip
+        self._restore_roles(per_learner, guards, parts["models"].get("reference"))
         self.prompts.load_state_dict(state["prompts"])
         if state.get("kl_ctl") and hasattr(self.kl_ctl, "load_state_dict"):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -113,6 +128,30 @@ class RLRunMixin:
         if self.monitor is not None and state.get("alerts"):
             self.monitor.load_state_dict(state["alerts"])
         self.generator.sync(self.policy.weights())
+
+    def _restore_roles(self, per_learner: dict[str, tuple], guards: dict, reference) -> None:
+        """Hand each learner (and a refreshed reference) what the checkpoint loaded, through
+        its own load_state_dict / refresh_from: a role in another process (a Ray actor,
+        train/rl/ray_backend.py) handed out copies as its checkpoint parts, so loading into
+        those alone would not reach it. In process the parts are the learner's own objects
+        and this reloads them onto themselves."""
+        for name, (models, optimizers, schedulers) in per_learner.items():
+            learner = self.policy if name == "policy" else self.critic
+            (model,), (optimizer,), (scheduler,) = models.values(), optimizers.values(), schedulers.values()
+            learner.load_state_dict(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "guard": guards[name] or learner.guard.state_dict(),
+                    # The policy version counts updates: one per step.
+                    **({"version": self.step_count} if name == "policy" else {}),
+                }
+            )
+        if reference is not None:
+            from posttrain.roles import StateDictWeights
+
+            self.reference.refresh_from(StateDictWeights(0, reference.state_dict()))
 
     def evaluate(self) -> dict[str, float]:
         """Held-out `eval/*` metrics: task accuracy, or rewards on dataset rows (train/rl/eval.py)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from posttrain.algos.spec import RLSpec
 from posttrain.engines import distributed as dist
 from posttrain.errors import ConfigError, ModelError
@@ -216,76 +218,118 @@ def build_generator(cfg: RLConfig, model, tokenizer) -> Generator:
     return Generator(engine, None if ro.engine == "vllm" else model, multi_turn=env_factory is not None)
 
 
-def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
-    """Every role of the loop for `cfg` with resolved method `spec` (see RLTrainer)."""
-    from posttrain.engines.models import build_value_model, load_model, load_tokenizer
+def load_data(cfg: RLConfig) -> dict[str, Any]:
+    """The tokenizer and the prompts, read and checked before any model is built: {"tokenizer",
+    "train_items", "eval_examples", "task", "lengths"} (lengths: what `check_context` checks)."""
+    from posttrain.engines.models import load_tokenizer
 
     check_prm_guide_path(cfg)
     ro = cfg.rollout
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path or cfg.model.preset)
-    # The data is read and checked before any model is built.
     train_items, eval_examples, task = load_prompts(cfg, tokenizer)
     source = cfg.data.path or f"task {cfg.data.task!r}"
     check_fills_a_batch(len(train_items), ro.prompts_per_step, "rollout.prompts_per_step", source)
     check_reward_columns(cfg.rewards, train_items, source)
     lengths = [(f"prompt {it.id!r}", len(it.prompt_ids) + ro.max_new_tokens) for it in train_items]
-    key = "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)"
-    check_context(cfg.model.path or cfg.model.preset, lengths, key)  # before the model when it can
+    check_context(cfg.model.path or cfg.model.preset, lengths, _CONTEXT_KEY)  # before the model when it can
+    return {"tokenizer": tokenizer, "train_items": train_items, "eval_examples": eval_examples, "task": task,
+            "lengths": lengths}  # fmt: skip
+
+
+_CONTEXT_KEY = "data.max_prompt_tokens (prompt) or rollout.max_new_tokens (response)"
+
+
+def load_checked_policy(cfg: RLConfig, tokenizer, lengths) -> torch.nn.Module:
+    """The policy module of cfg.model, checked to hold the longest prompt + response."""
     model = _load_policy(cfg, tokenizer)
-    check_context(model, lengths, key)
-    needs_ref = spec.uses_reference
-    reference = ScoringRole.reference_for(model, ro.temperature) if needs_ref else None
-    critic_model = None
-    if spec.critic:
-        source = cfg.critic.path or cfg.critic.preset or model
-        # A zero head makes the critic start at V = 0: returns are learned from a neutral
-        # baseline instead of a random one that would inject noise into the first advantages.
-        critic_model = build_value_model(
-            source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device
+    check_context(model, lengths, _CONTEXT_KEY)
+    return model
+
+
+def critic_model(cfg: RLConfig, policy_model, tokenizer) -> torch.nn.Module:
+    """The critic's value model: from critic.path / critic.preset, else from the policy's
+    weights (so it must be built before the policy is sharded)."""
+    from posttrain.engines.models import build_value_model
+
+    source = cfg.critic.path or cfg.critic.preset or policy_model
+    # A zero head makes the critic start at V = 0: returns are learned from a neutral
+    # baseline instead of a random one that would inject noise into the first advantages.
+    return build_value_model(source, head_init_std=0.0, tokenizer=tokenizer, device=cfg.model.device)
+
+
+def build_critic(cfg: RLConfig, spec: RLSpec, policy_model, tokenizer) -> CriticLearner:
+    """The critic learner of one process (no torch.distributed sharding)."""
+    return CriticLearner(critic_model(cfg, policy_model, tokenizer), cfg, spec)
+
+
+def build_teacher(cfg: RLConfig, policy_model, tokenizer) -> ScoringRole:
+    """The frozen teacher scorer (teacher.path / teacher.preset), same vocabulary as the policy."""
+    from posttrain.engines.models import load_model
+
+    tsrc = cfg.teacher.path or cfg.teacher.preset
+    tmodel = load_model(tsrc, device=cfg.model.device, tokenizer=tokenizer).eval()
+    if tmodel.get_output_embeddings().weight.shape[0] != policy_model.get_output_embeddings().weight.shape[0]:
+        raise ModelError(
+            f"teacher {tsrc!r} has a different vocabulary from the policy; distillation needs one tokenizer"
         )
-    sampler, policy_dp, critic_dp = model, None, None
-    if dist.world_size() > 1:  # FSDP2 for the trained models; the generator samples from a plain copy
-        sampler = rl_dp.sampling_copy(model)
-        policy_dp = rl_dp.shard(model, "policy")
-        critic_dp = rl_dp.shard(critic_model, "critic") if critic_model is not None else None
-    policy = PolicyLearner(model, cfg, spec, dp=policy_dp)
-    generator = build_generator(cfg, sampler, tokenizer)
-    critic = CriticLearner(critic_model, cfg, spec, dp=critic_dp) if critic_model is not None else None
-    teacher = None
-    if spec.teacher_mode != "none":
-        tsrc = cfg.teacher.path or cfg.teacher.preset
-        tmodel = load_model(tsrc, device=cfg.model.device, tokenizer=tokenizer).eval()
-        if tmodel.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
-            raise ModelError(
-                f"teacher {tsrc!r} has a different vocabulary from the policy; distillation needs one tokenizer"
-            )
-        for q in tmodel.parameters():
-            q.requires_grad_(False)
-        teacher = ScoringRole(tmodel, temperature=ro.temperature)
-    rewards = (
-        build_rewards(cfg) if cfg.rewards else RewardRole([], timeout_s=1, max_workers=1, max_error_rate=1)
-    )
-    filter_record = None
+    for q in tmodel.parameters():
+        q.requires_grad_(False)
+    return ScoringRole(tmodel, temperature=cfg.rollout.temperature)
+
+
+def build_rewarder(cfg: RLConfig) -> RewardRole:
+    """The run's RewardRole (an empty one for pure distillation runs without rewards)."""
+    return build_rewards(cfg) if cfg.rewards else RewardRole([], timeout_s=1, max_workers=1, max_error_rate=1)
+
+
+def assemble(cfg: RLConfig, data: dict[str, Any], roles: dict[str, Any]) -> dict[str, Any]:
+    """What `build_components` returns, from the loaded data and the built roles (policy,
+    generator, reference, critic, teacher, rewards): runs the difficulty filter through the
+    generator and rewards roles and makes the PromptSource."""
+    train_items, filter_record = data["train_items"], None
     if cfg.data.difficulty_filter_k > 0:
-        train_items, filter_record = filter_by_difficulty(cfg, train_items, generator, rewards, tokenizer)
+        train_items, filter_record = filter_by_difficulty(
+            cfg, train_items, roles["generator"], roles["rewards"], data["tokenizer"]
+        )
     prompts = PromptSource(
         train_items, selection=cfg.data.selection, seed=cfg.run.seed, total_steps=cfg.steps
     )
     return {
-        "tokenizer": tokenizer,
-        "policy": policy,
-        "generator": generator,
-        "reference": reference,
-        "critic": critic,
-        "teacher": teacher,
-        "rewards": rewards,
+        "tokenizer": data["tokenizer"],
+        **roles,
         "prompts": prompts,
-        "eval_examples": eval_examples,
-        "task": task,
+        "eval_examples": data["eval_examples"],
+        "task": data["task"],
         "difficulty_filter_record": filter_record,
         # Held-out samples are scored with eval.rewards when given, else with the run's rewards.
         "eval_rewards": build_rewards(cfg, "eval.rewards") if cfg.eval.rewards else None,
     }
+
+
+def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
+    """Every role of the loop for `cfg` with resolved method `spec` (see RLTrainer), in
+    this process (train/rl/ray_backend.py builds the same roles in Ray actors)."""
+    data = load_data(cfg)
+    tokenizer = data["tokenizer"]
+    model = load_checked_policy(cfg, tokenizer, data["lengths"])
+    # The reference copies and the critic may start from the policy's weights: both are
+    # built before the policy is sharded.
+    reference = ScoringRole.reference_for(model, cfg.rollout.temperature) if spec.uses_reference else None
+    value_model = critic_model(cfg, model, tokenizer) if spec.critic else None
+    sampler, policy_dp, critic_dp = model, None, None
+    if dist.world_size() > 1:  # FSDP2 for the trained models; the generator samples from a plain copy
+        sampler = rl_dp.sampling_copy(model)
+        policy_dp = rl_dp.shard(model, "policy")
+        critic_dp = rl_dp.shard(value_model, "critic") if value_model is not None else None
+    roles = {
+        "policy": PolicyLearner(model, cfg, spec, dp=policy_dp),
+        "generator": build_generator(cfg, sampler, tokenizer),
+        "reference": reference,
+        "critic": CriticLearner(value_model, cfg, spec, dp=critic_dp) if value_model is not None else None,
+        "teacher": build_teacher(cfg, model, tokenizer) if spec.teacher_mode != "none" else None,
+        "rewards": build_rewarder(cfg),
+    }
+    return assemble(cfg, data, roles)
 
 
 def model_summary(cfg: RLConfig, spec: RLSpec) -> list[str]:
@@ -346,4 +390,8 @@ def plan(cfg: RLConfig) -> str:
     logs_entropy = (cfg.log_entropy or spec.entropy_coef > 0) and spec.trust_region is None
     flags = dict(has_reference=spec.uses_reference, logs_entropy=logs_entropy, evaluates=cfg.eval.every > 0)
     lines.append("  " + describe(cfg.alerts, **flags))
+    if cfg.backend == "ray":
+        from posttrain.train.rl.ray_backend import describe_placement
+
+        lines.append("  " + describe_placement(cfg, spec))
     return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""The `backend` / `ray:` settings of `posttrain rl`: where the roles run.
+
+`backend: process` (the default) keeps every role in the calling process. `backend: ray`
+places the roles as Ray actors (train/rl/ray_backend.py); the controller is the same
+code. Ray is an optional dependency (`pip install posttrain[ray]`), imported only when
+`backend: ray` runs, so nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from posttrain.errors import ConfigError
+from posttrain.train.config.checks import setting
+
+# The roles placed as actors; each may be given its own resources under ray.roles.<name>.
+RAY_ROLES = ("generator", "policy", "critic", "reference", "teacher", "rewards")
+
+
+@dataclass
+class RayRoleResources:
+    """Resources one role's actor asks Ray for."""
+
+    num_cpus: float = setting(1.0, "Logical CPUs reserved for the actor (fractions allowed).")
+    num_gpus: float | None = setting(
+        None,
+        "GPUs reserved for the actor; null = 1 for the model roles when model.device is cuda, "
+        "else 0 (the rewards actor never gets one by default).",
+    )
+
+
+@dataclass
+class RaySection:
+    """Ray placement of the RL roles (used only with `backend: ray`)."""
+
+    address: str | None = setting(
+        None,
+        "Address of a running Ray cluster to join (e.g. ray://host:10001 or auto); null = start a "
+        "local Ray instance for this run and shut it down at the end.",
+    )
+    num_cpus: int | None = setting(
+        None,
+        "Logical CPUs of the local instance this run starts; null = the sum of the roles' "
+        "num_cpus (so the roles always fit). Not allowed with an address.",
+    )
+    num_gpus: int | None = setting(
+        None,
+        "GPUs of the local instance this run starts; null = what Ray detects. Not allowed with an address.",
+    )
+    timeout_s: float = setting(
+        1800.0,
+        "Deadline of every call to a role's actor: a call that has not returned by then stops "
+        "the run with an error naming the role, the method and the seconds waited.",
+    )
+    roles: dict[str, RayRoleResources] = setting(
+        dict,
+        f"Per-role resources, keyed by role ({', '.join(RAY_ROLES)}): {{num_cpus: float, num_gpus: "
+        "float | null}, e.g. {generator: {num_cpus: 2}}; a role left out asks for 1 CPU (and 1 GPU for a "
+        "model role when model.device is cuda).",
+        factory=True,
+    )
+
+
+def role_resources(section: RaySection, role: str, device: str) -> dict[str, float]:
+    """{"num_cpus": .., "num_gpus": ..} for `role`'s actor (defaults resolved)."""
+    res = section.roles.get(role) or RayRoleResources()
+    gpus = res.num_gpus
+    if gpus is None:
+        gpus = 1.0 if device.startswith("cuda") and role != "rewards" else 0.0
+    return {"num_cpus": float(res.num_cpus), "num_gpus": float(gpus)}
+
+
+def check_ray(cfg) -> None:
+    """One-line ConfigError for a bad `backend` / `ray:` setting, or `ray:` settings that
+    would do nothing (set while the backend is `process`)."""
+    r = cfg.ray
+    if cfg.backend not in ("process", "ray"):
+        raise ConfigError(f"backend must be process or ray, got {cfg.backend!r}")
+    if cfg.backend != "ray":
+        changed = [f.name for f in fields(RaySection) if getattr(r, f.name) != getattr(RaySection(), f.name)]
+        if changed:
+            raise ConfigError(
+                f"ray.{changed[0]} is set but backend is {cfg.backend!r}: set backend=ray (or --backend ray)"
+            )
+        return
+    if r.address is not None and (r.num_cpus is not None or r.num_gpus is not None):
+        key = "num_cpus" if r.num_cpus is not None else "num_gpus"
+        raise ConfigError(
+            f"ray.{key} sizes the local instance; with ray.address the cluster's own resources apply"
+        )
+    for key in ("num_cpus", "num_gpus"):
+        value = getattr(r, key)
+        if value is not None and value < (1 if key == "num_cpus" else 0):
+            raise ConfigError(f"ray.{key} must be >= {1 if key == 'num_cpus' else 0}, got {value}")
+    if not (math.isfinite(r.timeout_s) and r.timeout_s > 0):
+        raise ConfigError(f"ray.timeout_s must be a positive number of seconds, got {r.timeout_s}")
+    for name, res in r.roles.items():
+        if name not in RAY_ROLES:
+            raise ConfigError(f"ray.roles.{name}: unknown role; the roles are {', '.join(RAY_ROLES)}")
+        if not res.num_cpus >= 0 or (res.num_gpus is not None and not res.num_gpus >= 0):
+            raise ConfigError(f"ray.roles.{name}: num_cpus / num_gpus must be >= 0")
