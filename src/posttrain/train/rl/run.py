@@ -117,10 +117,6 @@ class RLRunMixin:
                 if guards[name]:
                     learner.guard.load_state_dict(guards[name])
             self.policy.version = self.step_count
-        self.step_count = int(state["step"])
-        guards = {"policy": {"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]},
-                  "critic": state.get("critic_guard")}  # fmt: skip
-        self._restore_roles(per_learner, guards, parts["models"].get("reference"))
         self.prompts.load_state_dict(state["prompts"])
         if state.get("kl_ctl") and hasattr(self.kl_ctl, "load_state_dict"):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
