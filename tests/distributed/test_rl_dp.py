@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,58 @@ def test_refusals_end_with_one_line_before_any_model(tmp_path, extra, words):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()  # refused before any process started
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
+def test_killed_rank_ends_the_rl_job_with_one_line_and_a_loadable_checkpoint(tmp_path):
+    """SIGKILL rank 1 of a long 2-process GRPO run once a checkpoint exists: the job ends
+    within 60 s with one line naming the rank, and the last checkpoint resumes in one process."""
+    from test_offline_dp import _rank_pid
+
+    from posttrain.train.common.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    env = dict(_env(), POSTTRAIN_DIST_TIMEOUT_S="30")
+    env["PYTHONPATH"] = TESTS + os.pathsep + env["PYTHONPATH"]
+    args = [
+        *GRPO,
+        "--steps",
+        "500",
+        "--run.save_every",
+        "1",
+        "--run.output_dir",
+        str(run),
+        "--rewards",
+        REWARD,
+    ]
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "rl", *args, "--nproc", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "latest").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        seconds = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and seconds < 60
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL during step"), err
+
+    step = CheckpointManager.step_of(CheckpointManager(run).latest())
+    rl(
+        *GRPO,
+        "--steps",
+        str(step + 1),
+        "--run.save_every",
+        "0",
+        "--run.output_dir",
+        str(run),
+        "--run.resume",
+        "true",
+    )
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == step - 1
