@@ -171,15 +171,12 @@ def _rank_pid(launcher: int, rank: int) -> int:
 LONG_DPO = [*DPO, "--train.steps", "500"]
 
 
-def _signal_rank_one(run: Path, cache: Path, sig: int, timeout_s: str) -> tuple[int, str, float]:
-    """Start a long 2-process DPO run, send `sig` to rank 1 once a checkpoint exists; (exit
-    status, stderr, seconds from the signal to the end of the job)."""
-    args = [*LONG_DPO, "--run.output_dir", str(run), "--ref.cache_dir", str(cache), "--nproc", "2"]
-    env = dict(_env(), POSTTRAIN_DIST_TIMEOUT_S=timeout_s)
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "dpo", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+def signal_rank_one(cmd: list[str], env: dict, run: Path, sig: int) -> tuple[int, str, float]:
+    """Start the 2-process job `cmd`, send `sig` to rank 1 once `run` holds a checkpoint;
+    (exit status, stderr, seconds from the signal to the end of the job)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "latest").is_file():
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.2)
@@ -190,6 +187,13 @@ def _signal_rank_one(run: Path, cache: Path, sig: int, timeout_s: str) -> tuple[
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _signal_rank_one(run: Path, cache: Path, sig: int, timeout_s: str) -> tuple[int, str, float]:
+    """signal_rank_one on a long 2-process DPO run."""
+    args = [*LONG_DPO, "--run.output_dir", str(run), "--ref.cache_dir", str(cache), "--nproc", "2"]
+    env = dict(_env(), POSTTRAIN_DIST_TIMEOUT_S=timeout_s)
+    return signal_rank_one([sys.executable, "-m", "posttrain", "dpo", *args], env, run, sig)
 
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")

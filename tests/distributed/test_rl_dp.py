@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -187,7 +186,7 @@ def test_refusals_end_with_one_line_before_any_model(tmp_path, extra, words):
 def test_killed_rank_ends_the_rl_job_with_one_line_and_a_loadable_checkpoint(tmp_path):
     """SIGKILL rank 1 of a long 2-process GRPO run once a checkpoint exists: the job ends
     within 60 s with one line naming the rank, and the last checkpoint resumes in one process."""
-    from test_offline_dp import _rank_pid
+    from test_offline_dp import signal_rank_one
 
     from posttrain.train.common.checkpoint import CheckpointManager
 
@@ -205,21 +204,9 @@ def test_killed_rank_ends_the_rl_job_with_one_line_and_a_loadable_checkpoint(tmp
         "--rewards",
         REWARD,
     ]
-    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "rl", *args, "--nproc", "2"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoints" / "latest").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.2)
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
-        sent = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        seconds = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0 and seconds < 60
+    cmd = [sys.executable, "-m", "posttrain", "rl", *args, "--nproc", "2"]
+    status, err, seconds = signal_rank_one(cmd, env, run, signal.SIGKILL)
+    assert status != 0 and seconds < 60
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL during step"), err
 
