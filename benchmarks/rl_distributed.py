@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,12 @@ import tempfile
 from pathlib import Path
 
 KEYS = ("time/step_s", "time/generate_s", "time/update_s")
+_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(code)\n"
+)
 
 
 def run(preset: str, nproc: int, shards: int, steps: int, prompts: int, group: int, tokens: int) -> dict:
@@ -38,18 +43,19 @@ def run(preset: str, nproc: int, shards: int, steps: int, prompts: int, group: i
                "--run.save_every", "0", "--run.output_dir", str(out)]  # fmt: skip
         if nproc > 1:
             cmd += ["--nproc", str(nproc)]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # A fresh wrapper per run, so its children's peak is this run's alone: ru_maxrss of
+        # RUSAGE_CHILDREN is the largest single descendant's peak (KiB on Linux), i.e. the
+        # one process at N = 1 and the largest rank at N > 1 (the launcher is small).
+        wrapper = [sys.executable, "-c", _WRAPPER, *cmd]
+        proc = subprocess.run(wrapper, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"posttrain rl --nproc {nproc} failed:\n{proc.stderr[-3000:]}")
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        peak_kib = int(proc.stdout.strip().splitlines()[-1])
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "time/step_s" in r][2:]
     return {
         **{k: statistics.median(r[k] for r in timed) for k in KEYS},
-        # ru_maxrss of children is the largest single child's peak (KiB on Linux); a smaller
-        # later run cannot show below an earlier one's peak, so N runs in ascending order.
-        "peak_rss_MiB": peak_kib / 1024 if peak_kib > before else float("nan"),
+        "peak_rss_MiB": peak_kib / 1024,
     }
 
 
