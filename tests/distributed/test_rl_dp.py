@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -208,7 +209,10 @@ def test_killed_rank_ends_the_rl_job_with_one_line_and_a_loadable_checkpoint(tmp
     status, err, seconds = signal_rank_one(cmd, env, run, signal.SIGKILL)
     assert status != 0 and seconds < 60
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL during step"), err
+    # The kill lands mid-step or while rank 1 writes the next checkpoint (one every step here):
+    # either way one line names the rank and the phase, and the last complete checkpoint loads.
+    pattern = r"error: rank 1 was killed by SIGKILL during (step|checkpoint at step) \d+; the job was stopped"
+    assert len(lines) == 1 and re.match(pattern, lines[0]), err
 
     step = CheckpointManager.step_of(CheckpointManager(run).latest())
     rl(
