@@ -209,10 +209,15 @@ def test_killed_rank_ends_the_rl_job_with_one_line_and_a_loadable_checkpoint(tmp
     status, err, seconds = signal_rank_one(cmd, env, run, signal.SIGKILL)
     assert status != 0 and seconds < 60
     lines = err.strip().splitlines()
-    # The kill lands mid-step or while rank 1 writes the next checkpoint (one every step here):
-    # either way one line names the rank and the phase, and the last complete checkpoint loads.
-    pattern = r"error: rank 1 was killed by SIGKILL during (step|checkpoint at step) \d+; the job was stopped"
-    assert len(lines) == 1 and re.match(pattern, lines[0]), err
+    # The kill lands mid-step (the phase may carry what the step was doing) or while rank 1
+    # writes the next checkpoint (one every step here): either way the job's verdict is one
+    # line, last, naming the rank and the phase. A surviving rank's C++ runtime may print a
+    # line of its own first when the collective it was in breaks (seen: "terminate called
+    # without an active exception"), so the check is on the error lines, as for a rank that
+    # raises (test_rank_that_raises_mid_step_ends_the_job_with_one_line above).
+    pattern = r"error: rank 1 was killed by SIGKILL during (step|checkpoint at step) \d+( \([^)]*\))?; the job was stopped"
+    errors = [x for x in lines if x.startswith("error:")]
+    assert errors == [lines[-1]] and re.match(pattern, errors[0]), err
 
     step = CheckpointManager.step_of(CheckpointManager(run).latest())
     rl(
