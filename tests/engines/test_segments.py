@@ -118,17 +118,29 @@ def _greedy(**kw):
     return SamplingParams(temperature=0.0, **kw)
 
 
-def test_greedy_segments_equal_a_whole_greedy_generation(tiny_model, char_tok):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"n": 2, "stop_strings": ["=S", "OF", "XX"], "top_k": 5, "return_keep_mask": True},
+        {"repetition_ngram": 3, "repetition_max_repeats": 2, "stop_token_ids": [5]},
+    ],
+)
+def test_greedy_segments_equal_a_whole_greedy_generation(tiny_model, char_tok, options):
     """Unchanged weights at temperature 0: the segments must pick the same tokens as one
-    generation, stop on the same EOS, and report the same finish reasons."""
+    generation, stop where it stops, and report the same finish reasons and texts."""
     gen = _generator(tiny_model, char_tok)
-    params = _greedy(max_new_tokens=20, n=1)
+    params = _greedy(max_new_tokens=20, **options)
     whole = gen.generate(_prompts(char_tok), params)
+    assert whole.finish_reason != ["length"] * len(whole) or not options  # the options do stop samples
     for seg in (1, 3, 7):
         r = generate_in_segments(gen, _prompts(char_tok), params, segment_tokens=seg, before_segment=_no_sync)
         assert torch.equal(r.response_ids, whole.response_ids) and torch.equal(r.mask, whole.mask)
         assert r.finish_reason == whole.finish_reason and r.texts == whole.texts
         torch.testing.assert_close(r.sampling_logprobs, whole.sampling_logprobs, atol=1e-4, rtol=0)
+        assert (r.keep_ids is None) == (whole.keep_ids is None)
+        if whole.keep_ids is not None:
+            assert torch.equal(r.keep_ids, whole.keep_ids)
 
 
 def test_stop_string_spanning_a_boundary_stops_where_a_whole_generation_does(tiny_model, char_tok):

@@ -42,7 +42,7 @@ the same samples; with temperature 0 (greedy) and unchanged weights they are the
 tokens up to floating-point differences between a prefill and a decode step. Engine
 wrappers that themselves continue samples (the thinking budget, the PRM guide) see each
 segment as a fresh generation, so their per-sample budgets restart per segment; the
-caller's config validation refuses them together with partial rollouts.
+caller's config validation must refuse them together with partial rollouts.
 
 Shapes: B = prompts x n samples, T = longest response, K = largest kept support.
 """
