@@ -182,3 +182,18 @@ class MultiTurnEngine:
                 ro.turn_rewards[i, t] += r
         ro.turn_stats = stats
         return ro
+
+
+def turn_metrics(turn_stats: dict[str, list]) -> dict[str, float]:
+    """Tool metrics over the samples of `Rollout.turn_stats` lists: mean model turns, the
+    share of samples with a tool call, calls per sample, tool errors per call, and the
+    environment's mean summed reward."""
+    samples = max(1, len(turn_stats["turns"]))
+    calls = sum(turn_stats["tool_calls"])
+    return {
+        "tools/turns_mean": sum(turn_stats["turns"]) / samples,
+        "tools/call_rate": sum(1 for c in turn_stats["tool_calls"] if c) / samples,
+        "tools/calls_per_sample": calls / samples,
+        "tools/error_rate": sum(turn_stats["tool_errors"]) / max(1, calls),
+        "env/return_mean": sum(turn_stats["return"]) / samples,
+    }
