@@ -135,3 +135,22 @@ def test_a_batch_that_cannot_continue_is_reencoded_warned_once_and_counted(tok, 
     later_turns = max(again.turn_stats["turns"]) - 1
     assert fallback_metrics()["perf/fallback_kv_continuation"] == float(later_turns) >= 2
     assert sum("kv_continuation" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_no_unwritten_cache_slot_is_ever_read(tok, model, monkeypatch):
+    """Caches allocated full of NaN instead of uninitialised memory: a slot read before it
+    is written (e.g. the left padding of a shorter cached prefix) would turn a whole
+    attention row into NaN even under a -inf mask (NaN - inf = NaN)."""
+    from posttrain.engines.rollout.native import NativeEngine
+
+    allocate = NativeEngine._empty_cache
+
+    def poisoned(self, B, S, dtype, device):
+        return tuple([c.fill_(float("nan")) for c in caches] for caches in allocate(self, B, S, dtype, device))
+
+    monkeypatch.setattr(NativeEngine, "_empty_cache", poisoned)
+    stops = tok.convert_tokens_to_ids(list("0123456789aeiou"))  # short turns of varied lengths
+    params = SamplingParams(n=4, max_new_tokens=20, stop_token_ids=stops, seed=7)
+    again, continued = _rollouts(lambda: make_engine("native", model, tok), tok, params, turns=6, total=300)
+    assert bool(torch.isfinite(continued.sampling_logprobs).all()) and max(continued.turn_stats["turns"]) >= 4
+    assert torch.equal(continued.response_ids, again.response_ids)

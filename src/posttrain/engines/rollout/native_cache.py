@@ -90,6 +90,8 @@ def prefill_continue(
     limit, T = engine._limits(lens, params)
     S = P + T
     k_cache, v_cache = engine._empty_cache(B, S, dtype, device)
+    for cache in (*k_cache, *v_cache):  # the left padding of shorter prefixes is never written:
+        cache[:, :, :C].zero_()  # finite, so that -inf masks it (garbage NaN would survive the mask)
     valid = torch.zeros((B, P), dtype=torch.bool, device=device)  # [B, P] real slots before decoding
     input_ids = torch.full((B, Q), engine.pad_id, dtype=torch.long, device=device)
     for r, rc in enumerate(caches):  # once per call, not per token
