@@ -71,7 +71,9 @@ def measure(model, tok, prompts, params, env_factory, turns, total, rounds) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a tool-using model (recipes/tools/1_sft.yaml); none: random tiny")
+    ap.add_argument(
+        "--model", default=None, help="a tool-using model (recipes/tools/1_sft.yaml); none: random tiny"
+    )
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
@@ -97,7 +99,9 @@ def main() -> None:
     params = SamplingParams(n=args.group, max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), "
           f"{args.prompts} prompts x {args.group} samples, {args.rounds} rounds")  # fmt: skip
-    print("| case | turns (mean) | tokens/sample | re-encode s | continue s | speed-up | same ids | max abs dlogp |")
+    print(
+        "| case | turns (mean) | tokens/sample | re-encode s | continue s | speed-up | same ids | max abs dlogp |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     cases = [(f"tool task, calculator, max_turns {args.turns}", lambda: make_env("tools"), args.turns,
               args.total, params)]  # fmt: skip

@@ -146,7 +146,9 @@ def test_no_unwritten_cache_slot_is_ever_read(tok, model, monkeypatch):
     allocate = NativeEngine._empty_cache
 
     def poisoned(self, B, S, dtype, device):
-        return tuple([c.fill_(float("nan")) for c in caches] for caches in allocate(self, B, S, dtype, device))
+        return tuple(
+            [c.fill_(float("nan")) for c in caches] for caches in allocate(self, B, S, dtype, device)
+        )
 
     monkeypatch.setattr(NativeEngine, "_empty_cache", poisoned)
     stops = tok.convert_tokens_to_ids(list("0123456789aeiou"))  # short turns of varied lengths
