@@ -57,7 +57,7 @@ def _rollouts(engine_factory, tok, params, **kw):
     for continued in (False, True):
         eng = MultiTurnEngine(engine_factory(), tok, kw.get("env", Echo), max_turns=kw.get("turns", 4),
                               max_total_tokens=kw.get("total", 200), continue_kv=continued)  # fmt: skip
-        assert eng.continue_kv is continued
+        assert eng.continues_from_cache is continued
         out[continued] = eng.generate(_prompts(tok), params)
     return out[False], out[True]
 
@@ -107,7 +107,7 @@ def test_tool_task_trajectories_match_with_and_without_continuation(tok, model):
 def test_engines_without_a_cache_reencode_by_construction(tok, model):
     reset_fallbacks()
     eng = MultiTurnEngine(make_engine("hf", model, tok), tok, Echo, max_turns=2, max_total_tokens=80)
-    assert eng.continue_kv is False
+    assert eng.continue_kv and not eng.continues_from_cache
     eng.generate(_prompts(tok)[:1], SamplingParams(n=2, max_new_tokens=8, seed=0))
     assert fallback_metrics()["perf/fallback_kv_continuation"] == 0.0
 

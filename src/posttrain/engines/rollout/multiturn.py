@@ -71,11 +71,18 @@ class MultiTurnEngine:
         self.env_factory = env_factory
         self.max_turns = max_turns
         self.max_total_tokens = max_total_tokens
-        self.continue_kv = bool(continue_kv) and callable(getattr(engine, "generate_cached", None))
+        self.continue_kv = bool(continue_kv)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def sync_weights(self, model: nn.Module) -> None:
         self.engine.sync_weights(model)
+
+    @property
+    def continues_from_cache(self) -> bool:
+        """Whether turns after the first continue from the inner engine's KV cache (asked
+        for, and the engine has `generate_cached`; decided per call, so swapping
+        `self.engine` is honoured)."""
+        return self.continue_kv and callable(getattr(self.engine, "generate_cached", None))
 
     def tool_schemas(self) -> list[dict]:
         return list(self.env_factory().tool_schemas())
@@ -105,6 +112,7 @@ class MultiTurnEngine:
         finish = ["length"] * B
         stops = list(dict.fromkeys([*params.stop_strings, TOOL_CALL_END]))
         caches: list[Any] = [None] * B  # per sample: the inner engine's KV cache (continue_kv)
+        cached = self.continues_from_cache
         active = list(range(B))
         for turn in range(self.max_turns):
             room = [self.max_total_tokens - len(ids[i]) for i in active]
@@ -116,11 +124,11 @@ class MultiTurnEngine:
                                   seed=None if params.seed is None else params.seed + 7919 * turn)  # fmt: skip
             if turn == 0:
                 order = list(range(B))
-                ro = self._turn(list(prompts), replace(turn_params, n=n), None, order, caches)
+                ro = self._turn(list(prompts), replace(turn_params, n=n), None, order, caches, cached)
             else:
                 order = active
                 seqs = [prompts[i // n] + ids[i] for i in active]
-                ro = self._turn(seqs, turn_params, [caches[i] for i in active], order, caches)
+                ro = self._turn(seqs, turn_params, [caches[i] for i in active], order, caches, cached)
             next_active = []
             for j, i in enumerate(order):
                 length = int(ro.mask[j].sum())
@@ -157,10 +165,10 @@ class MultiTurnEngine:
                 caches[i] = None
         return self._assemble(prompts, n, ids, counts, logps, rewards, finish, stats)
 
-    def _turn(self, seqs, params: SamplingParams, row_caches, order, caches) -> Rollout:
+    def _turn(self, seqs, params: SamplingParams, row_caches, order, caches, cached: bool) -> Rollout:
         """One batched turn: continued from the rows' caches where possible (turn 0:
         row_caches None), else re-encoded; stores the returned caches by sample."""
-        if not self.continue_kv:
+        if not cached:
             return self.engine.generate(seqs, params)
         if row_caches is not None:
             stale = [j for j, (s, c) in enumerate(zip(seqs, row_caches))
