@@ -67,7 +67,11 @@ def test_shared_prompt_path_is_taken_on_the_installed_transformers(kind):
         handle.remove()
     assert rows == [(2, 6), (8, 4)]  # 2 distinct prompts once, then the response columns
     assert fallback_counts() == {}
-    assert fallback_metrics() == {"perf/fallback_shared_prompts": 0.0, "perf/fallback_sdpa": 0.0}
+    assert fallback_metrics() == {
+        "perf/fallback_shared_prompts": 0.0,
+        "perf/fallback_sdpa": 0.0,
+        "perf/fallback_kv_continuation": 0.0,
+    }
 
 
 class _OldSpelling(nn.Module):

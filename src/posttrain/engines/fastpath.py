@@ -1,6 +1,7 @@
 """Fast paths that are not taken are said once and counted, never silent.
 
-A fast path (shared-prompt scoring, SDPA attention, ...) that a model should support but
+A fast path (shared-prompt scoring, SDPA attention, KV-cache continuation between the
+turns of a multi-turn rollout, ...) that a model should support but
 does not get costs speed without changing any number, so nothing else would notice: an
 upstream rename once made shared-prompt scoring fall back on every step of every run
 (issue #15). Each place that gives up a fast path calls `record_fallback(path, reason)`:
@@ -21,7 +22,7 @@ from collections import Counter
 log = logging.getLogger("posttrain.fastpath")
 
 # Every fast path that reports misses; metrics rows carry all of them (0 when taken).
-FAST_PATHS = ("shared_prompts", "sdpa")
+FAST_PATHS = ("shared_prompts", "sdpa", "kv_continuation")
 
 _lock = threading.Lock()
 _counts: Counter[str] = Counter()

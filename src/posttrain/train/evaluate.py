@@ -32,6 +32,8 @@ from posttrain.engines.thinking import DEFAULT_PHRASE
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.config.checks import setting
 from posttrain.train.config.loader import InferenceModelSection
+from posttrain.train.config.rl import EnvSection
+from posttrain.train.eval_env import check_eval_env, env_engine, env_metrics
 from posttrain.train.eval_scorers import orm_scores, prm_scores  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # torch is imported inside functions so `posttrain eval --help` stays fast
@@ -118,12 +120,16 @@ class EvalConfig:
     output_dir: str = setting("runs/eval", "Where eval.json and samples.jsonl go.")
     seed: int = setting(0, "Seed for example selection and sampling.")
     save_samples: bool = setting(True, "Write every completion to samples.jsonl.")
+    env: EnvSection = setting(
+        EnvSection, "Multi-turn evaluation with tools: the `env:` section of `posttrain rl`.", factory=True
+    )
 
     def __post_init__(self):
         if self.sampling.k < 1:
             raise ValueError(f"sampling.k must be >= 1, got {self.sampling.k}")
         if self.data.task is None and self.data.path is None:
             raise ValueError("set data.task or data.path")
+        check_eval_env(self)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -184,6 +190,9 @@ def generate_samples(
     batch_size: int = 32,
     chat_template: bool = True,
     enable_thinking: bool = True,
+    tools: list[dict] | None = None,
+    rows: Sequence[dict] | None = None,
+    turn_stats: dict[str, list] | None = None,
 ) -> tuple[list[list[str]], list[list[int]], list[list[str]]]:
     """k completions per prompt: (texts[P][k], token lengths[P][k], finish reasons[P][k]).
 
@@ -196,6 +205,9 @@ def generate_samples(
         role), so evaluation never needs the live module.
     seed: generate call b uses seed * 1_000_003 + b, so results do not depend on what ran
         before (same seed + same weights -> same samples).
+    Multi-turn engines (train/eval_env.py): `tools` are declared in the rendered prompts,
+    `rows` (one per prompt) go to the environments' reset, and each sample's turn counts
+    are appended to the lists of `turn_stats` (prompt-major).
     Texts have a trailing EOS string removed. The model is put in eval mode (no dropout)
     and restored afterwards.
     """
@@ -221,7 +233,9 @@ def generate_samples(
         for b, start in enumerate(range(0, len(prompts), batch_size)):
             chunk = prompts[start : start + batch_size]
             ids = [
-                encode_prompt(tokenizer, p, chat_template=chat_template, enable_thinking=enable_thinking)
+                encode_prompt(
+                    tokenizer, p, chat_template=chat_template, enable_thinking=enable_thinking, tools=tools
+                )  # fmt: skip
                 for p in chunk
             ]
             params = SamplingParams(
@@ -231,14 +245,17 @@ def generate_samples(
                 n=k,
                 seed=seed * 1_000_003 + b,
             )
+            env_rows = {} if rows is None else {"rows": list(rows[start : start + batch_size])}
             with torch.no_grad():
-                ro = eng.generate(ids, params)
+                ro = eng.generate(ids, params, **env_rows)
+            for key, values in (ro.turn_stats or {}).items() if turn_stats is not None else ():
+                turn_stats.setdefault(key, []).extend(values)
             lens = ro.mask.sum(dim=1).long().tolist()  # [B]
             for i in range(len(chunk)):
-                rows = range(i * k, (i + 1) * k)  # Rollout contract: sample j is prompt j // n
-                texts.append([_clean(ro.texts[j], tokenizer) for j in rows])
-                lengths.append([int(lens[j]) for j in rows])
-                reasons.append([ro.finish_reason[j] for j in rows])
+                mine = range(i * k, (i + 1) * k)  # Rollout contract: sample j is prompt j // n
+                texts.append([_clean(ro.texts[j], tokenizer) for j in mine])
+                lengths.append([int(lens[j]) for j in mine])
+                reasons.append([ro.finish_reason[j] for j in mine])
     finally:
         if model is not None:
             model.train(was_training)
@@ -441,11 +458,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     s, d = cfg.sampling, cfg.data
     t0 = time.perf_counter()
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
-    engine = _engine(s, model, tokenizer)
+    engine, env_kw = env_engine(cfg, _engine(s, model, tokenizer), tokenizer, rows)
     texts, lengths, reasons = generate_samples(
         model, tokenizer, prompts, k=s.k, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
         engine=engine, seed=cfg.seed, top_p=s.top_p, batch_size=s.batch_size,
-        chat_template=d.chat_template, enable_thinking=d.enable_thinking,
+        chat_template=d.chat_template, enable_thinking=d.enable_thinking, **env_kw,
     )  # fmt: skip
     gen_s = time.perf_counter() - t0
     check = _Verifier(task)
@@ -466,6 +483,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                        return_samples=cfg.save_samples)  # fmt: skip
     samples = result.pop("samples", None)
     result["time/generate_s"] = gen_s
+    result.update(env_metrics(env_kw))
     if s.thinking_budget:
         result["thinking_cut_frac"] = engine.cut_total / max(1, engine.samples_total)
     result.update({"model": source, "task": d.task, "dataset": d.path, "split": d.split,

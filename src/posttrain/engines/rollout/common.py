@@ -69,8 +69,8 @@ def encode_prompts(prompts, tokenizer, context_length: int | None) -> list[list[
     return out
 
 
-def generate_in_eval_mode(engine, prompts, params: SamplingParams) -> Rollout:
-    """`engine._generate(prompt ids, params)` for an engine that samples from its own
+def generate_in_eval_mode(engine, prompts, params: SamplingParams, **kw):
+    """`engine._generate(prompt ids, params, **kw)` for an engine that samples from its own
     `engine.model` in process: checked params, encoded prompts (`encode_prompts`), no
     autograd, and dropout off while sampling (the model's train/eval mode is restored)."""
     check_params(params)
@@ -79,7 +79,7 @@ def generate_in_eval_mode(engine, prompts, params: SamplingParams) -> Rollout:
     engine.model.eval()
     try:
         with torch.inference_mode():
-            return engine._generate(prompt_ids, params)
+            return engine._generate(prompt_ids, params, **kw)
     finally:
         engine.model.train(was_training)
 

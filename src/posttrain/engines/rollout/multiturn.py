@@ -22,6 +22,15 @@ dropped (nothing follows it to train).
 Samples of a step run their turns in lockstep: turn k of every unfinished sample is one
 batched generate call of the inner engine, so trajectories of different lengths and
 turn counts batch together.
+
+KV-cache continuation: an inner engine with `generate_cached` (the native engine) hands
+back each row's keys/values, and turn k+1 pre-fills only the row's last sampled token and
+its observation instead of the whole conversation (engines/rollout/native_cache.py: same
+tokens, log-probs equal to float rounding). Engines without it (hf, vllm, or the native
+engine behind a wrapper such as the thinking budget) re-encode by construction. A batch
+that should continue but cannot (a row's cached ids are not a prefix of its sequence)
+is re-encoded, warned once and counted as ``perf/fallback_kv_continuation``
+(engines/fastpath.py). `continue_kv=False` always re-encodes (the benchmark's baseline).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import torch
 from torch import nn
 
 from posttrain.engines.encoding import observation_text  # noqa: F401  (re-exported: tests, tasks)
+from posttrain.engines.fastpath import record_fallback
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.engines.rollout.common import rollout_from_rows
 
@@ -48,10 +58,12 @@ class MultiTurnEngine:
     max_turns: model turns per trajectory. max_total_tokens: response tokens (model +
         observation) per trajectory; each turn may sample at most what is left, and at
         most `SamplingParams.max_new_tokens`.
+    continue_kv: continue from the inner engine's KV cache between turns where it has
+        `generate_cached` (module docstring); False re-encodes every turn.
     """
 
     def __init__(self, engine, tokenizer, env_factory: Callable[[], Any], *, max_turns: int = 4,
-                 max_total_tokens: int = 256):  # fmt: skip
+                 max_total_tokens: int = 256, continue_kv: bool = True):  # fmt: skip
         if max_turns < 1 or max_total_tokens < 1:
             raise ValueError("max_turns and max_total_tokens must be >= 1")
         self.engine = engine
@@ -59,10 +71,18 @@ class MultiTurnEngine:
         self.env_factory = env_factory
         self.max_turns = max_turns
         self.max_total_tokens = max_total_tokens
+        self.continue_kv = bool(continue_kv)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def sync_weights(self, model: nn.Module) -> None:
         self.engine.sync_weights(model)
+
+    @property
+    def continues_from_cache(self) -> bool:
+        """Whether turns after the first continue from the inner engine's KV cache (asked
+        for, and the engine has `generate_cached`; decided per call, so swapping
+        `self.engine` is honoured)."""
+        return self.continue_kv and callable(getattr(self.engine, "generate_cached", None))
 
     def tool_schemas(self) -> list[dict]:
         return list(self.env_factory().tool_schemas())
@@ -91,6 +111,8 @@ class MultiTurnEngine:
         stats = {"turns": [0] * B, "tool_calls": [0] * B, "tool_errors": [0] * B, "return": [0.0] * B}
         finish = ["length"] * B
         stops = list(dict.fromkeys([*params.stop_strings, TOOL_CALL_END]))
+        caches: list[Any] = [None] * B  # per sample: the inner engine's KV cache (continue_kv)
+        cached = self.continues_from_cache
         active = list(range(B))
         for turn in range(self.max_turns):
             room = [self.max_total_tokens - len(ids[i]) for i in active]
@@ -101,11 +123,12 @@ class MultiTurnEngine:
             turn_params = replace(params, n=1, max_new_tokens=budget, stop_strings=stops,
                                   seed=None if params.seed is None else params.seed + 7919 * turn)  # fmt: skip
             if turn == 0:
-                ro = self.engine.generate(list(prompts), replace(turn_params, n=n))
                 order = list(range(B))
+                ro = self._turn(list(prompts), replace(turn_params, n=n), None, order, caches, cached)
             else:
-                ro = self.engine.generate([prompts[i // n] + ids[i] for i in active], turn_params)
                 order = active
+                seqs = [prompts[i // n] + ids[i] for i in active]
+                ro = self._turn(seqs, turn_params, [caches[i] for i in active], order, caches, cached)
             next_active = []
             for j, i in enumerate(order):
                 length = int(ro.mask[j].sum())
@@ -138,7 +161,26 @@ class MultiTurnEngine:
                     next_active.append(i)
                 # else: no room for the observation and another turn: cut here ("length")
             active = next_active
+            for i in set(order) - set(active):  # finished: its cache is not needed any more
+                caches[i] = None
         return self._assemble(prompts, n, ids, counts, logps, rewards, finish, stats)
+
+    def _turn(self, seqs, params: SamplingParams, row_caches, order, caches, cached: bool) -> Rollout:
+        """One batched turn: continued from the rows' caches where possible (turn 0:
+        row_caches None), else re-encoded; stores the returned caches by sample."""
+        if not cached:
+            return self.engine.generate(seqs, params)
+        if row_caches is not None:
+            stale = [j for j, (s, c) in enumerate(zip(seqs, row_caches))
+                     if c is None or len(s) <= len(c.ids) or s[: len(c.ids)] != c.ids]  # fmt: skip
+            if stale:
+                record_fallback("kv_continuation", "a sample's cached ids are not a prefix of its next turn's "
+                                "sequence; the batch is re-encoded")  # fmt: skip
+                return self.engine.generate(seqs, params)
+        ro, got = self.engine.generate_cached(seqs, params, row_caches)
+        for j, i in enumerate(order):
+            caches[i] = got[j]
+        return ro
 
     def _assemble(self, prompts, n, ids, counts, logps, rewards, finish, stats) -> Rollout:
         ro = rollout_from_rows(prompts, n, ids, counts, logps, finish, self.tokenizer)
@@ -148,3 +190,18 @@ class MultiTurnEngine:
                 ro.turn_rewards[i, t] += r
         ro.turn_stats = stats
         return ro
+
+
+def turn_metrics(turn_stats: dict[str, list]) -> dict[str, float]:
+    """Tool metrics over the samples of `Rollout.turn_stats` lists: mean model turns, the
+    share of samples with a tool call, calls per sample, tool errors per call, and the
+    environment's mean summed reward."""
+    samples = max(1, len(turn_stats["turns"]))
+    calls = sum(turn_stats["tool_calls"])
+    return {
+        "tools/turns_mean": sum(turn_stats["turns"]) / samples,
+        "tools/call_rate": sum(1 for c in turn_stats["tool_calls"] if c) / samples,
+        "tools/calls_per_sample": calls / samples,
+        "tools/error_rate": sum(turn_stats["tool_errors"]) / max(1, calls),
+        "env/return_mean": sum(turn_stats["return"]) / samples,
+    }

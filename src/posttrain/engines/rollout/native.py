@@ -43,6 +43,7 @@ from posttrain.engines.rollout.common import (
     make_generator,
     sample_tokens,
 )
+from posttrain.engines.rollout.native_cache import Prefilled, RowCache, prefill_continue, save_row_caches
 from posttrain.errors import ModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -103,11 +104,57 @@ class NativeEngine:
         """
         return generate_in_eval_mode(self, prompts, params)
 
+    def generate_cached(
+        self, prompts: list[list[int]], params: SamplingParams, caches: list[RowCache] | None = None
+    ) -> tuple[Rollout, list[RowCache | None]]:
+        """`generate`, also returning each row's keys/values so that a later call continues
+        from them instead of re-encoding (multi-turn rollouts, engines/rollout/native_cache.py).
+
+        caches None: as `generate`. Otherwise one RowCache per prompt (params.n must be 1)
+        whose ids are a prefix of that prompt: only the rest of the prompt is pre-filled.
+        Returns the Rollout and, per row, a RowCache covering its prompt and all but the
+        last sampled token (None for a row not finished by "stop": nothing continues it).
+        """
+        return generate_in_eval_mode(self, prompts, params, caches=caches, keep_cache=True)
+
     # -- the sampler -----------------------------------------------------------------
 
-    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, caches=None, keep_cache=False):
+        plans, final_norm = self._prepare_layers(), _norm_fn(self.inner.norm)
+        if caches is None:
+            state = self._prefill_prompts(prompt_ids, params, plans, final_norm)
+        else:
+            if params.n != 1:
+                raise ModelError("generate_cached: continuing from caches needs SamplingParams.n == 1")
+            state = prefill_continue(self, prompt_ids, caches, params, plans, final_norm)
+        ro, kept = self._decode(state, prompt_ids, params, plans, final_norm, keep_cache)
+        return (ro, kept) if keep_cache else ro
+
+    def _limits(self, lens: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, int]:
+        """New tokens allowed per row [B] (max_new_tokens, cut by the model's context) and their max."""
+        limit = torch.full_like(lens, params.max_new_tokens)
+        if self.context_length:
+            limit = torch.minimum(limit, self.context_length - lens)
+        return limit, int(limit.max())
+
+    def _rotary(self, embeds: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables [S, D] for every position a call can reach, computed once; the sine
+        carries rotate_half's sign so that the rotation is one roll (see _rope)."""
+        cos_t, sin_t = self.inner.rotary_emb(embeds, torch.arange(S, device=embeds.device)[None])  # [1, S, D]
+        half = cos_t.shape[-1] // 2
+        return cos_t[0], torch.cat((-sin_t[0, :, :half], sin_t[0, :, half:]), dim=-1)
+
+    def _empty_cache(self, B: int, S: int, dtype, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        layers, n_kv = self.inner.layers, self.config.num_key_value_heads
+        shape = (B, n_kv, S, layers[0].self_attn.head_dim)
+        return (
+            [torch.empty(shape, dtype=dtype, device=device) for _ in layers],
+            [torch.empty(shape, dtype=dtype, device=device) for _ in layers],
+        )
+
+    def _prefill_prompts(self, prompt_ids, params, plans, final_norm) -> Prefilled:
         inner, lm_head = self.inner, self.model.get_output_embeddings()
-        device = lm_head.weight.device
+        device, dtype = lm_head.weight.device, lm_head.weight.dtype
         n = params.n
         B = len(prompt_ids) * n
         # Each distinct prompt is pre-filled once (RL asks for G samples of every prompt);
@@ -119,23 +166,14 @@ class NativeEngine:
         lens_u = torch.tensor([len(p) for p in distinct], device=device)  # [U]
         lens = lens_u[src]  # [B]
         P = int(lens_u.max())
-        limit = torch.full((B,), params.max_new_tokens, device=device)  # [B] new tokens allowed
-        if self.context_length:
-            limit = torch.minimum(limit, self.context_length - lens)
-        T = int(limit.max())
+        limit, T = self._limits(lens, params)
         S = P + T
 
         input_ids = torch.full((U, P), self.pad_id, dtype=torch.long, device=device)
         for i, p in enumerate(distinct):  # once per call, not per token
             input_ids[i, P - len(p) :] = torch.tensor(p, device=device)
         valid = torch.arange(P, device=device)[None, :] >= (P - lens_u)[:, None]  # [U, P] real token
-
-        layers = inner.layers
-        n_kv = self.config.num_key_value_heads
-        head_dim = layers[0].self_attn.head_dim
-        dtype = lm_head.weight.dtype
-        k_cache = [torch.empty((B, n_kv, S, head_dim), dtype=dtype, device=device) for _ in layers]
-        v_cache = [torch.empty((B, n_kv, S, head_dim), dtype=dtype, device=device) for _ in layers]
+        k_cache, v_cache = self._empty_cache(B, S, dtype, device)
 
         # Prefill: the distinct prompts at once, left-padded; positions count real tokens only.
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [U, P]
@@ -143,14 +181,8 @@ class NativeEngine:
         # Padding queries may attend to themselves so no softmax row is empty (an empty
         # row gives NaN, and NaN times a zero attention weight would leak into real rows).
         mask = (causal[None] & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)[None]
-        plans = self._prepare_layers()
-        final_norm = _norm_fn(inner.norm)
         embeds = inner.embed_tokens(input_ids)  # [U, P, H]
-        # Rotary tables for every position this call can reach, computed once; the sine
-        # carries rotate_half's sign so that the rotation is one roll (see _rope).
-        cos_t, sin_t = inner.rotary_emb(embeds, torch.arange(S, device=device)[None])  # [1, S, D]
-        half = head_dim // 2
-        cos_t, sin_t = cos_t[0], torch.cat((-sin_t[0, :, :half], sin_t[0, :, half:]), dim=-1)  # [S, D]
+        cos_t, sin_t = self._rotary(embeds, S)
         rows_of = src if U < B else None
         hidden = self._forward(
             plans,
@@ -171,9 +203,18 @@ class NativeEngine:
         # (every generated slot of a row in the batch is real). One copy per KV head so that
         # a [b * Hkv, 1, L] view feeds the batched attention matmul directly.
         pad = torch.arange(P, device=device)[None, :] < (P - lens)[:, None]  # [B, P]
-        step_mask = torch.zeros((B, n_kv, 1, S), dtype=dtype, device=device)
+        step_mask = torch.zeros((B, self.config.num_key_value_heads, 1, S), dtype=dtype, device=device)
         step_mask[..., :P].masked_fill_(pad[:, None, None, :], float("-inf"))
+        return Prefilled(logits, k_cache, v_cache, step_mask, lens, limit, P, T, cos_t, sin_t)
 
+    def _decode(self, state: Prefilled, prompt_ids, params, plans, final_norm, keep_cache: bool):
+        """Sample from a pre-filled state; (Rollout, per-row RowCache list or None)."""
+        inner, lm_head = self.inner, self.model.get_output_embeddings()
+        device = lm_head.weight.device
+        n, n_kv = params.n, self.config.num_key_value_heads
+        logits, k_cache, v_cache, step_mask = state.logits, state.k_cache, state.v_cache, state.step_mask
+        P, T, cos_t, sin_t = state.P, state.T, state.cos_t, state.sin_t
+        B = logits.shape[0]
         generator = make_generator(params.seed, device)
         stop_ids = eos_ids(self.tokenizer, self.config, params)
         V = logits.shape[-1]
@@ -190,18 +231,22 @@ class NativeEngine:
         rows = torch.arange(B, device=device)
         live = torch.ones(B, dtype=torch.bool, device=device)  # [b] slot's sequence still running
         dest = rows  # [b] output row of each slot: its row while live, scratch row B after
-        slot_lens, slot_limit = lens, limit
+        slot_lens, slot_limit = state.lens, state.limit
+        kept = [None] * B if keep_cache else None
+
+        def keep(slots: torch.Tensor) -> None:  # save finished rows' caches before their slots go
+            save_row_caches(kept, slots, rows, codes, lengths, state, out_ids, prompt_ids, n)
 
         for t in range(T):
             uniforms = None
             if params.temperature > 0:  # one draw per original row, whatever the batch holds now
                 uniforms = torch.rand(B, generator=generator, dtype=cdf_dtype(device), device=device)  # [B]
                 uniforms = uniforms if b == B else uniforms[rows]
-            tokens, lp, keep = sample_tokens(logits, params, generator, uniforms)  # [b], [b], [b, V]|None
+            tokens, lp, keep_t = sample_tokens(logits, params, generator, uniforms)  # [b], [b], [b, V]|None
             out_ids[dest, t] = tokens
             out_lp[dest, t] = lp
             if out_keep is not None:
-                out_keep[dest, t] = keep if keep is not None else True
+                out_keep[dest, t] = keep_t if keep_t is not None else True
             history = out_ids[dest, : t + 1] if tracker.needs_history else None  # [b, t+1]
             code = tracker.step(history, tokens, slot_limit <= t + 1)  # [b]
             done = (code != RUNNING) & live
@@ -213,6 +258,8 @@ class NativeEngine:
                 if n_live == 0:
                     break
                 if (b - n_live) * EVICT_FRACTION >= b:
+                    if kept is not None:
+                        keep((~live).nonzero().squeeze(-1))
                     keep_slots = live.nonzero().squeeze(-1)
                     written = P + t  # cache slots filled so far
                     for cache in (*k_cache, *v_cache):  # in place: buffers keep capacity B
@@ -238,9 +285,11 @@ class NativeEngine:
         else:
             lengths[rows[live]] = T
             codes[rows[live]] = LENGTH  # unreachable in practice: every row finishes by its limit
+        if kept is not None:
+            keep(torch.arange(b, device=device))
 
         steps = int(lengths.max())
-        return assemble_rollout(
+        ro = assemble_rollout(
             self,
             prompt_ids,
             n,
@@ -252,6 +301,7 @@ class NativeEngine:
             stop_ids,
             out_keep[:B, :steps] if out_keep is not None else None,
         )
+        return ro, kept
 
     def _prepare_layers(self) -> list[dict]:
         """Per-layer callables for this generate call, with fused projections where possible.
@@ -302,14 +352,26 @@ class NativeEngine:
         return plans
 
     def _forward(
-        self, plans, x, cos, sin, mask, k_cache, v_cache, start: int, rows_of: torch.Tensor | None = None
+        self,
+        plans,
+        x,
+        cos,
+        sin,
+        mask,
+        k_cache,
+        v_cache,
+        start: int,
+        rows_of: torch.Tensor | None = None,
+        chunk: bool = False,
     ) -> torch.Tensor:
         """Run the decoder layers on x [b, q, H] whose tokens go to cache slots start..start+q-1.
 
         start == 0 is the prefill: attention over the q tokens themselves, mask [b, 1, q, q]
         additive; the cache receives row rows_of[r] of the keys/values as its row r
         (rows_of [B] long, None: row r itself). start > 0 is a decode step (q == 1) over
-        the cache, mask [b * Hkv, 1, start + 1] additive. cos/sin: [b, q, D] rotary
+        the cache, mask [b * Hkv, 1, start + 1] additive, unless `chunk`: then the q tokens
+        attend over the cache slots 0..start+q-1 (theirs included), mask [b, 1, q, start + q]
+        additive (a continuation's pre-fill, native_cache.py). cos/sin: [b, q, D] rotary
         tables at the tokens' positions (sin sign-folded, see _rope). Returns the last
         layer's hidden states [b, q, H] (before the final norm).
         """
@@ -336,7 +398,15 @@ class NativeEngine:
                 qs = _rope(qs.transpose(1, 2), cos, sin)  # [b, H, q, D]
                 ks = _rope(ks.transpose(1, 2), cos, sin)  # [b, Hkv, q, D]
             n_heads, n_kv = qs.shape[1], ks.shape[1]
-            if start == 0:
+            if chunk:
+                k_cache[i][:, :, start:end] = ks
+                v_cache[i][:, :, start:end] = vs
+                o = F.scaled_dot_product_attention(
+                    qs, k_cache[i][:, :, :end], v_cache[i][:, :, :end], attn_mask=mask,
+                    scale=attn.scaling, enable_gqa=n_heads != n_kv,
+                )  # fmt: skip
+                o = o.transpose(1, 2).reshape(b, q, n_heads * hd)
+            elif start == 0:
                 o = F.scaled_dot_product_attention(
                     qs, ks, vs, attn_mask=mask, scale=attn.scaling, enable_gqa=n_heads != n_kv
                 )

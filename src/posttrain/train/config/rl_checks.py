@@ -315,8 +315,26 @@ def _env_provides_prompts(cfg: RLConfig) -> bool:
 def _validate_env(cfg: RLConfig, spec: RLSpec) -> None:
     """The env section, checked before any model is built."""
     env = cfg.env
-    if env.name is None:
+    instance = check_env_section(env)
+    if instance is None:
         return
+    if spec.keep_sampling_mask:
+        raise ConfigError("algo.keep_sampling_mask is not supported with env (multi-turn rollouts)")
+    if env.dense_rewards:  # per-turn rewards reach only token-reward estimators
+        check_dense_reward("env.dense_rewards", spec.advantage, cfg.algo.method)
+    elif getattr(instance, "gives_rewards", False) and "env_return" not in [r.name for r in cfg.rewards]:
+        raise ConfigError(
+            f"environment {env.name!r} gives rewards that this run would ignore: add the reward "
+            "{name: env_return} (the summed rewards as the score) or set env.dense_rewards true"
+        )
+
+
+def check_env_section(env):
+    """An `env:` section's name, limits, tools and options (shared by `posttrain rl` and
+    `posttrain eval`): one-line ConfigError naming the key; returns an environment built
+    from it (an invalid option value fails here, before any model), None without env.name."""
+    if env.name is None:
+        return None
     from posttrain.data.envs import ENVIRONMENTS, TOOLS
 
     if env.name not in ENVIRONMENTS:
@@ -337,14 +355,5 @@ def _validate_env(cfg: RLConfig, spec: RLSpec) -> None:
             f"env.options: unknown option(s) {', '.join(unknown)} for environment {env.name!r}; "
             f"valid: {', '.join(sorted(accepted)) or 'none'}"
         )
-    if spec.keep_sampling_mask:
-        raise ConfigError("algo.keep_sampling_mask is not supported with env (multi-turn rollouts)")
     options = {**env.options, **({"tools": list(env.tools)} if env.name == "tools" else {})}
-    instance = ENVIRONMENTS[env.name](**options)  # an invalid option value fails here, before any model
-    if env.dense_rewards:  # per-turn rewards reach only token-reward estimators
-        check_dense_reward("env.dense_rewards", spec.advantage, cfg.algo.method)
-    elif getattr(instance, "gives_rewards", False) and "env_return" not in [r.name for r in cfg.rewards]:
-        raise ConfigError(
-            f"environment {env.name!r} gives rewards that this run would ignore: add the reward "
-            "{name: env_return} (the summed rewards as the score) or set env.dense_rewards true"
-        )
+    return ENVIRONMENTS[env.name](**options)
