@@ -29,6 +29,7 @@ from posttrain.train.common.alerts import describe
 from posttrain.train.common.input_checks import check_context, check_fills_a_batch, check_reward_columns
 from posttrain.train.config.rl import RLConfig, check_dense_reward, validate
 from posttrain.train.rl import dp as rl_dp
+from posttrain.train.rl.async_rollouts import describe_async
 
 # The collection phase; re-exported: callers and tests import these from here.
 from posttrain.train.rl.collect import collect, filter_by_difficulty  # noqa: F401
@@ -321,6 +322,10 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         sampler = rl_dp.sampling_copy(model)
         policy_dp = rl_dp.shard(model, "policy")
         critic_dp = rl_dp.shard(value_model, "critic") if value_model is not None else None
+    elif cfg.rollout.max_staleness:  # asynchronous RL: it samples an older version while the learner trains
+        import copy
+
+        sampler = copy.deepcopy(model)
     roles = {
         "policy": PolicyLearner(model, cfg, spec, dp=policy_dp),
         "generator": build_generator(cfg, sampler, tokenizer),
@@ -394,4 +399,5 @@ def plan(cfg: RLConfig) -> str:
         from posttrain.train.rl.ray_backend import describe_placement
 
         lines.append("  " + describe_placement(cfg, spec))
+    lines.append("  " + describe_async(cfg))
     return "\n".join(lines)
