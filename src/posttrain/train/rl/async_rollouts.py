@@ -234,9 +234,9 @@ class AsyncRollouts:
             while True:
                 with self._cond:
                     step = self._next
+                    self._prompt_before = copy.deepcopy(self.prompts.state_dict())
                     if step >= self.steps:
                         break
-                    self._prompt_before = copy.deepcopy(self.prompts.state_dict())
                 version = max(0, step - self.k)
                 weights = self._wait_version(
                     version, f"waiting for policy version {version} to collect step {step + 1}"
