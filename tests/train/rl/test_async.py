@@ -197,6 +197,17 @@ RLTrainer(cfg).train()
 """
 
 
+def _sigkill_once_logged(proc: subprocess.Popen, metrics: Path, n_rows: int) -> None:
+    """SIGKILL `proc` as soon as `metrics` holds n_rows rows."""
+    give_up = time.time() + 240
+    while len(_rows(metrics)) < n_rows:
+        if proc.poll() is not None or time.time() > give_up:
+            pytest.fail(f"the run ended or hung before {n_rows} metrics rows (exit code {proc.poll()})")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_9_mid_async_step_then_cli_resume_is_exact(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", POSTTRAIN_TEST_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
@@ -211,14 +222,7 @@ def test_kill_9_mid_async_step_then_cli_resume_is_exact(tmp_path):
     assert ref.returncode == 0, err.decode()[-2000:]
 
     run = tmp_path / "run"
-    proc = launch(run)
-    deadline = time.time() + 240
-    while len(_rows(run / "metrics.jsonl")) < 2:  # step 2 logged: step 3 (of 5) is running
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _sigkill_once_logged(launch(run), run / "metrics.jsonl", 2)  # step 2 logged: step 3 of 5 runs
     latest = CheckpointManager(run).latest()
     assert latest is not None and CheckpointManager.step_of(latest) < 5
 
