@@ -48,7 +48,9 @@ def test_async_ray_trains_like_async_in_process(tmp_path):
     local.train()
     build = RayBuild()
     try:
-        remote = RLTrainer(tiny_config(tmp_path / "ray", "grpo", *extra, "backend=ray", SMALL, steps=3), build=build)
+        remote = RLTrainer(
+            tiny_config(tmp_path / "ray", "grpo", *extra, "backend=ray", SMALL, steps=3), build=build
+        )
         remote.train()
         state = remote.policy.state_dict()
     finally:

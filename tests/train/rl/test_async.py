@@ -65,13 +65,8 @@ def _audit(run: Path, steps: int) -> Counter:
     return Counter({pid: n / G for pid, n in counts.items()})
 
 
-# ------------------------------------------------------------------ the bound
-
-
-@pytest.mark.parametrize("k", [1, 2])
-def test_every_token_is_exactly_min_step_k_versions_old(k, tmp_path):
-    steps = 4
-    trainer = RLTrainer(_cfg(tmp_path, f"rollout.max_staleness={k}", steps=steps))
+def _train_recording(trainer: RLTrainer) -> list[tuple]:
+    """Train; return (step, versions [B, T], response mask [B, T], metrics) of every step."""
     seen = []
     step = trainer.step
 
@@ -83,6 +78,31 @@ def test_every_token_is_exactly_min_step_k_versions_old(k, tmp_path):
 
     trainer.step = recording_step
     trainer.train()
+    return seen
+
+
+def _crash_in_step_three(trainer: RLTrainer) -> None:
+    """Train until step 3 starts, then raise (a crash after the checkpoint of step 2)."""
+    step = trainer.step
+
+    def crash_in_step_three():
+        if trainer.step_count == 2:
+            raise KeyboardInterrupt("simulated crash in step 3")
+        return step()
+
+    trainer.step = crash_in_step_three
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+
+
+# ------------------------------------------------------------------ the bound
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_every_token_is_exactly_min_step_k_versions_old(k, tmp_path):
+    steps = 4
+    trainer = RLTrainer(_cfg(tmp_path, f"rollout.max_staleness={k}", steps=steps))
+    seen = _train_recording(trainer)
     assert [s for s, *_ in seen] == list(range(steps))
     for s, versions, mask, metrics in seen:
         on = mask > 0
@@ -147,17 +167,7 @@ def test_crash_then_resume_equals_uninterrupted(k, tmp_path):
     ref = RLTrainer(_cfg(tmp_path / "ref", *extra, steps=steps))
     ref.train()
 
-    crashed = RLTrainer(_cfg(tmp_path / "run", *extra, steps=steps))
-    step = crashed.step
-
-    def crash_in_step_three():
-        if crashed.step_count == 2:
-            raise KeyboardInterrupt("simulated crash in step 3")
-        return step()
-
-    crashed.step = crash_in_step_three
-    with pytest.raises(KeyboardInterrupt):
-        crashed.train()
+    _crash_in_step_three(RLTrainer(_cfg(tmp_path / "run", *extra, steps=steps)))
     assert CheckpointManager.step_of(CheckpointManager(tmp_path / "run").latest()) == 2
     resumed = RLTrainer(_cfg(tmp_path / "run", *extra, steps=steps))
     assert resumed.train()["resumed_from"] == 1
@@ -311,3 +321,45 @@ def test_cli_runs_async(tmp_path):
     rows = _trained(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1]
     assert all(t["versions"] == [0, 0] for r in rows for t in r["trained"])  # steps 0 and 1 both sample v0
+
+
+# ------------------------------------------------------------------ partial rollouts
+
+
+def _needs_segments():
+    pytest.importorskip("posttrain.engines.rollout.segments", reason="generate_in_segments (branch partial)")
+
+
+def test_partial_rollouts_follow_the_segment_schedule(tmp_path):
+    """Token t of a step-s sample is in segment t // n, sampled with version max(0, min(s - k + j, s))."""
+    _needs_segments()
+    k, n, steps = 2, 3, 4
+    trainer = RLTrainer(
+        _cfg(tmp_path, f"rollout.max_staleness={k}", f"rollout.partial_tokens={n}", steps=steps)
+    )
+    seen = _train_recording(trainer)
+    mixed = 0.0
+    for s, versions, mask, metrics in seen:
+        segment = torch.arange(versions.shape[1]) // n  # [T]
+        expected = (s - k + segment).clamp(min=0, max=s).expand_as(versions)
+        on = mask > 0
+        assert torch.equal(versions[on], expected[on])
+        assert 0 <= metrics["async/staleness_max"] <= k
+        mixed += metrics["async/partial_frac"]
+    assert mixed > 0  # samples longer than one segment continued under a newer version
+
+
+def test_partial_rollouts_crash_then_resume_equals_uninterrupted(tmp_path):
+    """A checkpoint may cut a collect between segments: it is redone from its recorded
+    prompt position with the stored older weights."""
+    _needs_segments()
+    extra = ("rollout.max_staleness=2", "rollout.partial_tokens=3", "run.save_every=1", "run.resume=true")
+    ref = RLTrainer(_cfg(tmp_path / "ref", *extra))
+    ref.train()
+    _crash_in_step_three(RLTrainer(_cfg(tmp_path / "run", *extra)))
+    resumed = RLTrainer(_cfg(tmp_path / "run", *extra))
+    resumed.train()
+    a, b = _weights(ref), _weights(resumed)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _trained(tmp_path / "ref") == _trained(tmp_path / "run")

@@ -42,7 +42,9 @@ def _gain(rl, k: int) -> float:
 def test_async_grpo_gains_comparable_to_sync(stages):
     sync = _gain(stages, 0)
     gains = {k: _gain(stages, k) for k in (1, 2)}
-    print(f"held-out accuracy gain: sync {sync:+.3f}, " + ", ".join(f"k={k} {g:+.3f}" for k, g in gains.items()))
+    print(
+        f"held-out accuracy gain: sync {sync:+.3f}, " + ", ".join(f"k={k} {g:+.3f}" for k, g in gains.items())
+    )
     assert sync > 0, f"the synchronous run did not learn ({sync:+.3f})"
     for k, gain in gains.items():
         assert gain > 0 and gain >= MIN_SHARE * sync, f"max_staleness {k}: {gain:+.3f} vs sync {sync:+.3f}"
