@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.common.checkpoint import CheckpointManager
 from posttrain.train.config.rl import validate
 from posttrain.train.rl.async_rollouts import behaviour_metrics, staleness_metrics
@@ -267,11 +268,35 @@ def test_evaluation_during_an_async_run_uses_the_current_policy(tmp_path):
     assert all("eval/accuracy" in r for r in _rows(tmp_path / "eval" / "metrics.jsonl") if r["step"] < 3)
 
 
-def test_an_error_in_the_rollout_thread_reaches_the_trainer(tmp_path):
-    cfg = _cfg(tmp_path, "rollout.max_staleness=1", "rewards=[{name: 'rl_common:failing_reward', weight: 1.0}]",
-               "reward_exec.max_error_rate=0.0")  # fmt: skip
-    with pytest.raises(Exception, match="this reward always fails|reward"):
+def test_an_error_in_the_rollout_thread_reaches_the_trainer_as_itself(tmp_path):
+    """A reward that always raises: the asynchronous run stops with the same error, type and
+    message, as the synchronous one."""
+    from posttrain.errors import RewardError
+
+    rewards = "rewards=[{name: 'rl_common:failing_reward', weight: 1.0}]"
+    with pytest.raises(RewardError) as sync:
+        RLTrainer(_cfg(tmp_path / "sync", rewards)).train()
+    with pytest.raises(RewardError) as asyn:
+        RLTrainer(_cfg(tmp_path / "async", rewards, "rollout.max_staleness=1")).train()
+    assert str(asyn.value) == str(sync.value) and "this reward always fails" in str(sync.value)
+
+
+def test_a_stalled_collect_stops_the_run_naming_the_phase(tmp_path):
+    """A reward that sleeps from step 2 on (under a longer reward deadline): the learner's
+    wait for that batch ends after rollout.async_timeout_s with one line."""
+    rewards = (
+        "rewards=[{name: 'rl_common:digit_fraction'}, {name: 'rl_common:stalled_reward', start_step: 1}]"
+    )
+    cfg = _cfg(
+        tmp_path, "rollout.max_staleness=1", rewards, "reward_exec.timeout_s=4", "rollout.async_timeout_s=1"
+    )
+    with pytest.raises(TrainingError) as e:
         RLTrainer(cfg).train()
+    assert re.fullmatch(
+        r"async rollouts: the rollout thread stalled: waited 1 s for the batch of step 2 while it was "
+        r"collecting step 2 \(version 0\) \(rollout\.async_timeout_s=1\)",
+        str(e.value),
+    ), str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,7 @@ class AsyncRollouts:
         with self._cond:
             while step not in self._ready:
                 self._raise_error()
-                self._wait_or_stall(t0, f"the batch of step {step + 1}")
+                self._wait_or_stall(t0, f"the batch of step {step + 1}", done_is_final=True)
             batch, metrics = self._ready.pop(step)
         return batch, metrics, time.perf_counter() - t0
 
@@ -180,7 +180,7 @@ class AsyncRollouts:
             try:
                 while not (self._parked or self._done):
                     self._raise_error()
-                    self._wait_or_stall(t0, "a pause (evaluation or checkpoint)")
+                    self._wait_or_stall(t0, "a safe point to pause at (evaluation or checkpoint)")
             except BaseException:
                 self._pause = False
                 self._cond.notify_all()
@@ -316,12 +316,14 @@ class AsyncRollouts:
         if self._error is not None:
             raise self._error
 
-    def _wait_or_stall(self, t0: float, what: str) -> None:
+    def _wait_or_stall(self, t0: float, what: str, done_is_final: bool = False) -> None:
+        """Wait for a notification, at most until t0 + timeout_s; past it (or, with
+        done_is_final, once the thread has ended without it) a one-line TrainingError."""
         left = self.timeout_s - (time.perf_counter() - t0)
-        if left <= 0 or (self._done and self._error is None and "pause" not in what):
+        if left <= 0 or (done_is_final and self._done and self._error is None):
             raise TrainingError(
-                f"async rollouts: the rollout thread stalled: no {what} after {time.perf_counter() - t0:.0f} s "
-                f"while {self._phase} ({self.timeout_key}={self.timeout_s:g})"
+                f"async rollouts: the rollout thread stalled: waited {time.perf_counter() - t0:.0f} s for {what} "
+                f"while it was {self._phase} ({self.timeout_key}={self.timeout_s:g})"
             )
         self._cond.wait(timeout=left)
 
