@@ -322,7 +322,8 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         sampler = rl_dp.sampling_copy(model)
         policy_dp = rl_dp.shard(model, "policy")
         critic_dp = rl_dp.shard(value_model, "critic") if value_model is not None else None
-    elif cfg.rollout.max_staleness:  # asynchronous RL: it samples an older version while the learner trains
+    elif cfg.rollout.max_staleness and cfg.rollout.engine != "vllm":  # vLLM keeps its own weights anyway
+        # Asynchronous RL: the generator samples an older version while the learner trains.
         import copy
 
         sampler = copy.deepcopy(model)
@@ -360,6 +361,10 @@ def model_summary(cfg: RLConfig, spec: RLSpec) -> list[str]:
         copies += 1
     if spec.teacher_mode != "none":
         models.append(f"teacher (frozen: {cfg.teacher.path or cfg.teacher.preset})")
+    if cfg.rollout.max_staleness and cfg.rollout.engine != "vllm" and cfg.backend == "process":
+        # The generator's own copy, and up to max_staleness + 1 published weight snapshots.
+        models.append("rollout copy of the policy (asynchronous)")
+        copies += 2 + cfg.rollout.max_staleness
     if cfg.rollout.prm_guide.model_path is not None:
         g = cfg.rollout.prm_guide
         models.append(f"PRM (frozen: {g.model_path}; rollout guide, mode {g.mode})")
