@@ -66,6 +66,10 @@ class Rollout:
         at the last token of the model turn it answered (None: single turn).
     turn_stats: multi-turn rollouts only: per-sample lists "turns", "tool_calls",
         "tool_errors" and "return" (the environment's summed rewards) (None: single turn).
+    versions: [B, T] long, the policy version that sampled each response token; padding
+        positions hold the version of the sample's last token. Set by partial rollouts
+        (engines/rollout/segments.py); None from a whole generation (every token is at the
+        generator's one version).
     """
 
     prompt_ids: list[list[int]]
@@ -79,6 +83,7 @@ class Rollout:
     keep_ids: torch.Tensor | None = None
     turn_rewards: torch.Tensor | None = None
     turn_stats: dict[str, list[float]] | None = None
+    versions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
