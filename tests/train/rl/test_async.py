@@ -351,13 +351,8 @@ def test_cli_runs_async(tmp_path):
 # ------------------------------------------------------------------ partial rollouts
 
 
-def _needs_segments():
-    pytest.importorskip("posttrain.engines.rollout.segments", reason="generate_in_segments (branch partial)")
-
-
 def test_partial_rollouts_follow_the_segment_schedule(tmp_path):
     """Token t of a step-s sample is in segment t // n, sampled with version max(0, min(s - k + j, s))."""
-    _needs_segments()
     k, n, steps = 2, 3, 4
     trainer = RLTrainer(
         _cfg(tmp_path, f"rollout.max_staleness={k}", f"rollout.partial_tokens={n}", steps=steps)
@@ -377,7 +372,6 @@ def test_partial_rollouts_follow_the_segment_schedule(tmp_path):
 def test_partial_rollouts_crash_then_resume_equals_uninterrupted(tmp_path):
     """A checkpoint may cut a collect between segments: it is redone from its recorded
     prompt position with the stored older weights."""
-    _needs_segments()
     extra = ("rollout.max_staleness=2", "rollout.partial_tokens=3", "run.save_every=1", "run.resume=true")
     ref = RLTrainer(_cfg(tmp_path / "ref", *extra))
     ref.train()

@@ -71,7 +71,6 @@ def check_async(cfg, spec) -> None:
         ("rollout.prm_guide", cfg.rollout.prm_guide.model_path is not None),
         ("rollout.thinking_budget", ro.thinking_budget > 0),
         ("rollout.engine=vllm", ro.engine == "vllm"),
-        ("algo.keep_sampling_mask", spec.keep_sampling_mask),
     ):
         if on:
             raise ConfigError(f"rollout.partial_tokens is not supported with {key}")
