@@ -42,15 +42,15 @@ def _trained(run: Path) -> list[dict]:
     return [r for r in rows if "trained" in r]
 
 
-def test_async_ray_trains_like_async_in_process(tmp_path):
-    extra = (REWARD, "rollout.max_staleness=1", "algo.kl_coef=0.05")  # with a reference actor
-    local = RLTrainer(tiny_config(tmp_path / "local", "grpo", *extra, steps=3))
+def _same_in_process_and_on_ray(tmp_path, *extra: str, steps: int = 3) -> list[dict]:
+    """Train `steps` steps in process and on Ray; assert identical weights and trained rows;
+    return the Ray run's trained rows."""
+    local = RLTrainer(tiny_config(tmp_path / "local", "grpo", REWARD, *extra, steps=steps))
     local.train()
     build = RayBuild()
     try:
-        remote = RLTrainer(
-            tiny_config(tmp_path / "ray", "grpo", *extra, "backend=ray", SMALL, steps=3), build=build
-        )
+        cfg = tiny_config(tmp_path / "ray", "grpo", REWARD, *extra, "backend=ray", SMALL, steps=steps)
+        remote = RLTrainer(cfg, build=build)
         remote.train()
         state = remote.policy.state_dict()
     finally:
@@ -58,8 +58,15 @@ def test_async_ray_trains_like_async_in_process(tmp_path):
     for k, v in local.policy.model.state_dict().items():
         assert torch.equal(v, state["model"][k]), k
     assert _trained(tmp_path / "local") == _trained(tmp_path / "ray")
-    versions = [t["versions"] for r in _trained(tmp_path / "ray") for t in r["trained"]]
-    assert {tuple(v) for v in versions} == {(0, 0), (1, 1)}  # steps 0, 1 sample v0; step 2 v1
+    return _trained(tmp_path / "ray")
+
+
+def test_async_ray_trains_like_async_in_process(tmp_path):
+    rows = _same_in_process_and_on_ray(
+        tmp_path, "rollout.max_staleness=1", "algo.kl_coef=0.05"
+    )  # a reference actor
+    versions = {tuple(t["versions"]) for r in rows for t in r["trained"]}
+    assert versions == {(0, 0), (1, 1)}  # steps 0, 1 sample v0; step 2 v1
 
 
 def test_a_killed_rollout_worker_stops_an_async_run_naming_the_role(tmp_path):
@@ -76,3 +83,9 @@ def test_a_killed_rollout_worker_stops_an_async_run_naming_the_role(tmp_path):
         assert "\n" not in str(e.value)
     finally:
         build.shutdown()
+
+
+def test_partial_rollouts_on_ray_train_like_in_process(tmp_path):
+    """Segments through the rollout-worker actor: same versions per token, same weights."""
+    rows = _same_in_process_and_on_ray(tmp_path, "rollout.max_staleness=1", "rollout.partial_tokens=3")
+    assert any(t["versions"][0] < t["versions"][1] for r in rows for t in r["trained"])
