@@ -149,6 +149,19 @@ def test_two_async_runs_train_identical_weights(tmp_path):
         assert torch.equal(got[0][key], got[1][key]), key
 
 
+def test_step_without_train_is_asynchronous_too(tmp_path):
+    """The Python API's step() starts the rollout thread itself: same batches as train()."""
+    by_train = RLTrainer(_cfg(tmp_path / "train", "rollout.max_staleness=1", steps=3))
+    by_train.train()
+    by_step = RLTrainer(_cfg(tmp_path / "step", "rollout.max_staleness=1", steps=3))
+    rows = [by_step.step() for _ in range(3)]
+    by_step.stop_rollouts()
+    assert [r["async/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]
+    a, b = _weights(by_train), _weights(by_step)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_async_differs_from_sync_after_the_first_update(tmp_path):
     """The async run trains on samples of the previous version: not the synchronous run."""
     sync = RLTrainer(_cfg(tmp_path / "sync", steps=2))

@@ -220,6 +220,8 @@ class RLTrainer(RLRunMixin):
     def step(self) -> dict[str, float]:
         """One RL step: generate, reward, score, advantages, update. Returns metrics."""
         step = self.step_count
+        if self._queue_part is not None and self.rollouts is None:  # step() called without train()
+            self.start_rollouts()
         t0, missed = time.perf_counter(), fallback_counts()
         if self.rollouts is None:
             batch, metrics = collect(
