@@ -4,10 +4,14 @@ One SFT warm start (the `posttrain demo` stage, DemoConfig defaults), then GRPO 
 prompts, seed and sample budget three times: synchronous, rollout.max_staleness 1 and 2.
 Held-out accuracy (greedy, the task's test split) is measured before and after each run in
 this test, and each asynchronous run must gain at least MIN_SHARE of the synchronous run's
-gain, and more than 0. Numbers measured on this machine: docs/rl.md "Asynchronous RL".
+gain, and more than 0. Measured (seed 0, 2-core CPU, ~15 min for the test): sync +0.148,
+k=1 +0.141, k=2 +0.164 from 0.305, so the floor (half of sync) leaves a 2x margin; docs/rl.md
+"Asynchronous RL".
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 
@@ -31,7 +35,7 @@ def stages(tmp_path_factory):
 
 
 def _gain(rl, k: int) -> float:
-    rl = __import__("copy").deepcopy(rl)
+    rl = copy.deepcopy(rl)
     rl.rollout.max_staleness = k
     rl.run.output_dir = f"{rl.run.output_dir}-k{k}"
     summary = RLTrainer(rl).train()
