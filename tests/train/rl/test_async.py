@@ -246,7 +246,8 @@ def test_kill_9_mid_async_step_then_cli_resume_is_exact(tmp_path):
     assert ref.returncode == 0, err.decode()[-2000:]
 
     run = tmp_path / "run"
-    _sigkill_once_logged(launch(run), run / "metrics.jsonl", 2)  # step 2 logged: step 3 of 5 runs
+    # Killed while step 3 or step 4 (of 5) runs, varying between runs.
+    _sigkill_once_logged(launch(run), run / "metrics.jsonl", 2 + int(time.time()) % 2)
     latest = CheckpointManager(run).latest()
     assert latest is not None and CheckpointManager.step_of(latest) < 5
 
