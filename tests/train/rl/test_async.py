@@ -332,6 +332,12 @@ def test_settings_are_validated(extra, message, tmp_path):
         validate(_cfg(tmp_path, *extra))
 
 
+def test_resuming_a_synchronous_checkpoint_asynchronously_is_refused(tmp_path):
+    RLTrainer(_cfg(tmp_path, "run.save_every=1", steps=1)).train()
+    with pytest.raises(ConfigError, match="written by a synchronous run"):
+        RLTrainer(_cfg(tmp_path, "run.resume=true", "rollout.max_staleness=1", steps=2)).train()
+
+
 def test_data_parallel_refuses_async(tmp_path):
     from posttrain.train.rl.dp import check_world
 

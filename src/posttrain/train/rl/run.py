@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from posttrain.engines import distributed as dist
+from posttrain.errors import ConfigError
 from posttrain.train.common.alerts import append_alerts
 from posttrain.train.common.checkpoint import atomic_write_text
 from posttrain.train.common.metrics import MetricsLogger, NullLogger, format_postfix, progress
@@ -98,6 +99,11 @@ class RLRunMixin:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizers, schedulers, RNGs, data position and controllers."""
+        if self._queue_part is not None and not (Path(path) / "schedulers" / "async_rollouts.pt").is_file():
+            raise ConfigError(
+                f"rollout.max_staleness={self.cfg.rollout.max_staleness}: checkpoint {path} was written by a "
+                "synchronous run (no rollout queue); resume it with rollout.max_staleness=0"
+            )
         sharded = self.policy.dp is not None
         if not sharded:
             per_learner = self._learner_parts()
