@@ -29,6 +29,10 @@ class RLBatch:
         (`keep_mask_from_ids`). None without keep sampling masks.
     dense_rewards: [B, T] weighted dense rewards of dense reward specs (PRM step
         marginals at each step's last token), not in `scores`; None without such specs.
+    versions: [B, T] long, the policy version (number of updates applied) that sampled
+        each response token: the generator's version for whole generations, per segment
+        with partial rollouts (train/rl/async_rollouts.py). None only for batches built
+        outside `collect`.
     Filled by the scoring passes when needed: old_logprobs, ref_logprobs, values,
     teacher_logprobs ([B, T]); then advantages, returns ([B, T]).
     """
@@ -44,6 +48,7 @@ class RLBatch:
     texts: list[str]
     keep_ids: torch.Tensor | None = None
     dense_rewards: torch.Tensor | None = None
+    versions: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None

@@ -118,6 +118,21 @@ class RolloutSection:
         "A PRM stops, or truncates and resamples, samples whose step scores fall.",
         factory=True,
     )
+    max_staleness: int = setting(
+        0,
+        "Asynchronous RL: generation runs ahead of training by at most this many policy versions (the "
+        "batch of step s is sampled with version max(0, s - max_staleness)); 0 = synchronous.",
+    )
+    partial_tokens: int = setting(
+        0,
+        "Partial rollouts (needs max_staleness >= 1): generate in segments of this many new tokens; segment j "
+        "of step s uses version max(0, min(s - max_staleness + j, s)), recorded per token; 0 = whole generations.",
+    )
+    async_timeout_s: float = setting(
+        600.0,
+        "max_staleness >= 1 in process: longest wait (seconds) for the rollout thread's next batch or for it "
+        "to pause, before a TrainingError says it stalled (backend: ray uses ray.timeout_s).",
+    )
 
 
 @dataclass

@@ -18,6 +18,7 @@ from posttrain.errors import ConfigError
 from posttrain.train.common.alerts import check_alerts
 from posttrain.train.config.checks import MAX_LR, check_preset, check_range, check_sampling
 from posttrain.train.config.ray import check_ray
+from posttrain.train.rl.async_rollouts import check_async
 from posttrain.train.rl.prm_guide import check_prm_guide
 
 if TYPE_CHECKING:
@@ -288,6 +289,7 @@ def validate(cfg: RLConfig) -> dict[str, Any]:
         )
     check_thinking_budget(cfg, spec)
     check_prm_guide(cfg, spec)
+    check_async(cfg, spec)
     if spec.keep_sampling_mask and ro.engine != "native":
         raise ConfigError("algo.keep_sampling_mask needs rollout.engine=native (the keep mask is [B, T, V])")
     _validate_env(cfg, spec)

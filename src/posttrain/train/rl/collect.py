@@ -10,6 +10,7 @@ train/rl/setup.py's.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -135,16 +136,25 @@ def collect(
     rewards: RewardRole,
     prompts: PromptSource,
     tokenizer,
+    version: int | None = None,
+    before_segment: Callable[[int], None] | None = None,
 ) -> tuple[RLBatch, dict[str, float]]:
     """Generate and reward one step's batch; returns (RLBatch, metrics).
 
     Talks only to the roles it is given: `prompts` (which prompts, success feedback),
     `generator` (rollouts, its counters), `rewards` (scores, dense rewards); `tokenizer`
     decodes prompts for rewards and pads the batch.
+    version: the policy version the generator is synced to (None = `step`, the synchronous
+    loop's); it fills RLBatch.versions unless the rollout records its own per token
+    (partial rollouts). before_segment: with rollout.partial_tokens, called before each
+    segment to sync the generator (train/rl/async_rollouts.py).
     """
+    version = step if version is None else version
     P = cfg.rollout.prompts_per_step
     source = prompts
-    parts: list[tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    parts: list[
+        tuple[list[int], Rollout, Any, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
+    ] = []
     all_scores, all_valid, per_reward, errors, dense_stats = [], [], {}, {}, {}
     turn_stats: dict[str, list[float]] = {}
     gen_s = reward_s = 0.0
@@ -160,9 +170,13 @@ def collect(
             cfg, seed=cfg.run.seed * 1_000_003 + step * 101 + rounds, keep_mask=spec.keep_sampling_mask
         )
         r = sample_round(
-            cfg, step, items, params, seen_groups, generator=generator, rewards=rewards, tokenizer=tokenizer
-        )
+            cfg, step, items, params, seen_groups, generator=generator, rewards=rewards, tokenizer=tokenizer,
+            before_segment=before_segment,
+        )  # fmt: skip
         ro, scores, valid, success, dense = r.ro, r.scores, r.valid, r.success, r.dense
+        versions = getattr(ro, "versions", None)  # [B, T] per token (partial rollouts)
+        if versions is None:  # whole generations: every token from the generator's version
+            versions = torch.full(ro.mask.shape, version, dtype=torch.long)
         gen_s += r.gen_s
         reward_s += r.reward_s
         n_tokens += int(ro.mask.sum())
@@ -189,7 +203,9 @@ def collect(
         if spec.dynamic_sampling:
             dropped += int((~keep).sum())
         if rows.any():
-            parts.append((idx, ro, rows, torch.where(valid, scores, torch.zeros_like(scores)), valid, dense))
+            parts.append(
+                (idx, ro, rows, torch.where(valid, scores, torch.zeros_like(scores)), valid, dense, versions)
+            )
             successes.append(success[rows])
             kept_groups += int(keep.sum())
         rounds += 1
@@ -205,6 +221,7 @@ def collect(
                 torch.where(valid, scores, torch.zeros_like(scores)),
                 valid,
                 dense,
+                versions,
             )
         )
     batch = _merge(parts, tokenizer.pad_token_id)
@@ -260,11 +277,11 @@ def collect(
 
 def _merge(parts, pad_id: int) -> RLBatch:
     """Concatenate the kept rows of every generation round into one RLBatch."""
-    prompt_ids, resp, masks, slp, finish, texts, gids, items, scores, valids, keeps, dense = (
-        [] for _ in range(12)
+    prompt_ids, resp, masks, slp, finish, texts, gids, items, scores, valids, keeps, dense, vers = (
+        [] for _ in range(13)
     )
     offset = 0
-    for idx, ro, rows, sc, ok, dr in parts:
+    for idx, ro, rows, sc, ok, dr, ver in parts:
         r = rows.nonzero().squeeze(1)
         prompt_ids += [ro.prompt_ids[i] for i in r.tolist()]
         resp.append(ro.response_ids[r])
@@ -280,6 +297,7 @@ def _merge(parts, pad_id: int) -> RLBatch:
             keeps.append(ro.keep_ids[r])
         if dr is not None:
             dense.append(dr[r])
+        vers.append(ver[r])
         offset += len(idx)
     response_ids = _pad_cat(resp, pad_id).long()
     mask = _pad_cat(masks, 0.0)
@@ -307,4 +325,5 @@ def _merge(parts, pad_id: int) -> RLBatch:
         texts=texts,
         keep_ids=keep_ids,
         dense_rewards=_pad_cat(dense, 0.0) if dense else None,
+        versions=_pad_cat(vers, 0).long(),
     )

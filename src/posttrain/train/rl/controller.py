@@ -48,6 +48,13 @@ from posttrain.roles import CriticLearner, Generator, PolicyLearner, RunningMean
 from posttrain.train.common.alerts import HackingMonitor
 from posttrain.train.common.checkpoint import CheckpointManager
 from posttrain.train.config.rl import RLConfig, validate
+from posttrain.train.rl.async_rollouts import (
+    AsyncRollouts,
+    QueueCheckpoint,
+    behaviour_metrics,
+    snapshot,
+    staleness_metrics,
+)
 from posttrain.train.rl.run import RLRunMixin, _f
 from posttrain.train.rl.setup import build_components, collect, plan
 
@@ -96,6 +103,10 @@ class RLTrainer(RLRunMixin):
         self.step_count = 0
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.run.keep_checkpoints)
         self.monitor = HackingMonitor(cfg.alerts) if cfg.alerts.enabled else None
+        # rollout.max_staleness >= 1: the rollout thread (train/rl/async_rollouts.py), started by
+        # train(); its checkpoint part is saved with the schedulers.
+        self.rollouts: AsyncRollouts | None = None
+        self._queue_part = QueueCheckpoint(self) if cfg.rollout.max_staleness else None
 
     # ------------------------------------------------------------------ one step
 
@@ -109,6 +120,8 @@ class RLTrainer(RLRunMixin):
         beta = self.kl_ctl.value
         needs_old = (
             self.updates_per_step > 1
+            # asynchronous: π_old must be the proximal policy (this step's version), not the sampler
+            or self.cfg.rollout.max_staleness > 0
             or (spec.kl_placement == "reward" and beta > 0)
             or spec.teacher_mode == "reward"
             or spec.trust_region is not None  # TRPO's surrogate ratio
@@ -207,13 +220,23 @@ class RLTrainer(RLRunMixin):
     def step(self) -> dict[str, float]:
         """One RL step: generate, reward, score, advantages, update. Returns metrics."""
         step = self.step_count
+        if self._queue_part is not None and self.rollouts is None:  # step() called without train()
+            self.start_rollouts()
         t0, missed = time.perf_counter(), fallback_counts()
-        batch, metrics = collect(
-            self.cfg, self.spec, step, generator=self.generator, rewards=self.rewards, prompts=self.prompts,
-            tokenizer=self.tokenizer,
-        )  # fmt: skip
+        if self.rollouts is None:
+            batch, metrics = collect(
+                self.cfg, self.spec, step, generator=self.generator, rewards=self.rewards, prompts=self.prompts,
+                tokenizer=self.tokenizer,
+            )  # fmt: skip
+        else:  # asynchronous: collected ahead by the rollout thread
+            batch, metrics, wait_s = self.rollouts.take(step)
+            metrics["async/wait_s"] = wait_s
         t1 = time.perf_counter()
         self._score(batch)
+        if self.rollouts is not None:
+            metrics.update(staleness_metrics(step, batch.versions, batch.mask))
+            metrics.update(behaviour_metrics(step, batch.versions, batch.mask, batch.old_logprobs,
+                                             batch.sampling_logprobs))  # fmt: skip
         t2 = time.perf_counter()
         metrics.update(self._advantages(batch, step))
         t3 = time.perf_counter()
@@ -224,9 +247,13 @@ class RLTrainer(RLRunMixin):
             self.kl_ctl.update(metrics["kl/loss"] * metrics["rollout/length_mean"], len(batch))
         t_sync = time.perf_counter()
         weights = self.policy.weights()
-        # sync/bytes: weights the rollout worker received (0 when it shares the module).
-        metrics["sync/bytes"] = self.generator.sync(weights)
-        metrics["time/weight_sync_s"] = time.perf_counter() - t_sync
+        if self.rollouts is None:
+            # sync/bytes: weights the rollout worker received (0 when it shares the module).
+            metrics["sync/bytes"] = self.generator.sync(weights)
+            metrics["time/weight_sync_s"] = time.perf_counter() - t_sync
+        else:  # the rollout thread syncs when a collect needs this version (its metrics say so)
+            self.rollouts.publish(snapshot(weights))
+            metrics["time/publish_s"] = time.perf_counter() - t_sync
         metrics.update(self._refresh_reference(step, weights))
         t4 = time.perf_counter()
         metrics.update(
@@ -242,6 +269,34 @@ class RLTrainer(RLRunMixin):
         self._last_batch = batch
         self.step_count += 1
         return metrics
+
+    def start_rollouts(self) -> None:
+        """With rollout.max_staleness >= 1, start the rollout thread at the current step
+        (after a resume: with the checkpoint's queue). A no-op when synchronous."""
+        cfg = self.cfg
+        if not cfg.rollout.max_staleness:
+            return
+        timeout, key = (cfg.ray.timeout_s, "ray.timeout_s") if cfg.backend == "ray" else (
+            cfg.rollout.async_timeout_s, "rollout.async_timeout_s")  # fmt: skip
+
+        def collect_step(step: int, version: int, before_segment):
+            return collect(cfg, self.spec, step, generator=self.generator, rewards=self.rewards,
+                           prompts=self.prompts, tokenizer=self.tokenizer, version=version,
+                           before_segment=before_segment)  # fmt: skip
+
+        self.rollouts = AsyncRollouts(
+            collect_step, self.generator.sync, self.prompts, max_staleness=cfg.rollout.max_staleness,
+            partial_tokens=cfg.rollout.partial_tokens, start=self.step_count, steps=cfg.steps,
+            timeout_s=timeout, timeout_key=key,
+        )  # fmt: skip
+        if self._queue_part.loaded is not None:
+            self.rollouts.load_state_dict(self._queue_part.loaded)
+        self.rollouts.publish(snapshot(self.policy.weights()))
+        self.rollouts.start()
+
+    def stop_rollouts(self) -> None:
+        if self.rollouts is not None:
+            self.rollouts.stop()
 
     def _refresh_reference(self, step: int, weights: WeightSource) -> dict[str, float]:
         """π_ref <- π_θ after every algo.ref_refresh_every-th step (0 = never).

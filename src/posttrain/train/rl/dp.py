@@ -60,6 +60,8 @@ def check_world(cfg, world: int) -> None:
             f"backend: {cfg.backend} places the roles itself; run it without --nproc / torchrun "
             "(a data-parallel learner group inside Ray is not built yet)"
         )
+    if ro.max_staleness:
+        raise ConfigError("rollout.max_staleness >= 1 (asynchronous RL) does not run under torch.distributed yet; use one process or backend: ray")
     if ro.engine == "vllm":
         raise ConfigError("rollout.engine=vllm does not run under torch.distributed yet; use native or hf")
     if cfg.algo.trust_region is not None:

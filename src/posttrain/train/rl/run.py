@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from posttrain.engines import distributed as dist
+from posttrain.errors import ConfigError
 from posttrain.train.common.alerts import append_alerts
 from posttrain.train.common.checkpoint import atomic_write_text
 from posttrain.train.common.metrics import MetricsLogger, NullLogger, format_postfix, progress
@@ -39,7 +40,9 @@ class RLRunMixin:
             "bad_in_a_row": self.policy.guard.consecutive,
             "skipped_updates": self.policy.guard.total,
             "critic_guard": self.critic.guard.state_dict() if self.critic is not None else None,
-            "prompts": self.prompts.state_dict(),
+            # Asynchronous: the rollout thread draws ahead; a resumed run restarts collecting
+            # from the first collect not finished (train/rl/async_rollouts.py).
+            "prompts": self.prompts.state_dict() if self.rollouts is None else self.rollouts.prompt_state(),
             "kl_ctl": kl_state,
             "baseline": self.baseline.state_dict(),
             "alerts": self.monitor.state_dict() if self.monitor is not None else None,
@@ -55,6 +58,8 @@ class RLRunMixin:
         if self.cfg.algo.ref_refresh_every and self.reference is not None:
             # A refreshed π_ref is no longer the initial policy: exact resume needs its weights.
             parts["models"]["reference"] = self.reference.model
+        if self._queue_part is not None:  # the rollouts collected ahead, with the schedulers
+            parts["schedulers"]["async_rollouts"] = self._queue_part
         return parts
 
     def _learners(self) -> list[tuple[str, Any]]:
@@ -69,6 +74,11 @@ class RLRunMixin:
         the reference when it is refreshed, RNGs, loop state). Under torch.distributed the
         sharded learners are gathered to rank 0, which writes the one-process format
         (train/rl/dp.py); other ranks return None."""
+        if self.rollouts is not None:  # hold the rollout thread at a safe point while saving
+            with self.rollouts.paused():
+                return self.ckpt.save(
+                    self.step_count, tokenizer=self.tokenizer, state=self.state(), **self._checkpoint_parts()
+                )
         if self.policy.dp is None:
             return self.ckpt.save(
                 self.step_count, tokenizer=self.tokenizer, state=self.state(), **self._checkpoint_parts()
@@ -89,6 +99,11 @@ class RLRunMixin:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizers, schedulers, RNGs, data position and controllers."""
+        if self._queue_part is not None and not (Path(path) / "schedulers" / "async_rollouts.pt").is_file():
+            raise ConfigError(
+                f"rollout.max_staleness={self.cfg.rollout.max_staleness}: checkpoint {path} was written by a "
+                "synchronous run (no rollout queue); resume it with rollout.max_staleness=0"
+            )
         sharded = self.policy.dp is not None
         if not sharded:
             per_learner = self._learner_parts()
@@ -153,7 +168,15 @@ class RLRunMixin:
         """Held-out `eval/*` metrics: task accuracy, or rewards on dataset rows (train/rl/eval.py)."""
         from posttrain.train.rl.eval import evaluate
 
-        return evaluate(self)
+        if self.rollouts is None:
+            return evaluate(self)
+        # Asynchronous: the generator is the rollout thread's (at an older version); hold the
+        # thread, evaluate the current policy, and let the thread sync back when it resumes.
+        from posttrain.train.rl.async_rollouts import snapshot
+
+        with self.rollouts.paused():
+            self.generator.sync(snapshot(self.policy.weights()))
+            return evaluate(self)
 
     def train(self) -> dict[str, Any]:
         """Run until cfg.steps with logging, samples, eval, checkpoints; return a summary.
@@ -189,6 +212,7 @@ class RLRunMixin:
             self.eval_examples
         )  # validate (rl_eval.check_eval) refused eval without held-out prompts
         try:
+            self.start_rollouts()  # rollout.max_staleness >= 1: the rollout thread
             if cfg.eval.before_after and can_eval and self.step_count == 0:
                 summary["eval_before"] = self.evaluate()
                 logger.log(0, summary["eval_before"])
@@ -205,6 +229,8 @@ class RLRunMixin:
                     logger.log(step, metrics)
                 if cfg.sample_log_every and step % cfg.sample_log_every == 0:
                     logger.log_samples(step, self._sample_rows(step))
+                if self.rollouts is not None:  # every step: the audit of what was trained
+                    logger.log_samples(step, [self._trained_row()])
                 bar.update(1)
                 bar.set_postfix_str(format_postfix(metrics))
                 if cfg.run.save_every and self.step_count % cfg.run.save_every == 0:
@@ -222,6 +248,7 @@ class RLRunMixin:
                 self.critic.save_pretrained(self.run_dir / "final_critic", self.tokenizer)
             dist.barrier()
         finally:
+            self.stop_rollouts()
             logger.close()
             self.rewards.close()
             if self.eval_rewards is not None:
@@ -240,6 +267,20 @@ class RLRunMixin:
         if dist.is_main():
             append_alerts(self.run_dir, fired)
         return fired
+
+    def _trained_row(self) -> dict:
+        """{"trained": [{"prompt_id", "versions": [min, max]}, ...]}: every sample of the
+        step's batch with the policy versions of its response tokens (samples.jsonl, one row
+        per step under asynchronous RL, so an audit can count how often each prompt was trained)."""
+        b = self._last_batch
+        on = b.seq.response_mask > 0  # [B, T]
+        vmin = b.versions.masked_fill(~on, torch.iinfo(torch.long).max).amin(-1).tolist()
+        vmax = b.versions.masked_fill(~on, -1).amax(-1).tolist()
+        trained = []
+        for i in range(len(b)):
+            lo, hi = (vmin[i], vmax[i]) if vmax[i] >= 0 else (None, None)  # an empty response
+            trained.append({"prompt_id": self.prompts.items[int(b.item_index[i])].id, "versions": [lo, hi]})
+        return {"trained": trained}
 
     def _sample_rows(self, step: int) -> list[dict]:
         b = self._last_batch

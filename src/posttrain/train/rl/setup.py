@@ -29,6 +29,7 @@ from posttrain.train.common.alerts import describe
 from posttrain.train.common.input_checks import check_context, check_fills_a_batch, check_reward_columns
 from posttrain.train.config.rl import RLConfig, check_dense_reward, validate
 from posttrain.train.rl import dp as rl_dp
+from posttrain.train.rl.async_rollouts import describe_async
 
 # The collection phase; re-exported: callers and tests import these from here.
 from posttrain.train.rl.collect import collect, filter_by_difficulty  # noqa: F401
@@ -321,6 +322,11 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         sampler = rl_dp.sampling_copy(model)
         policy_dp = rl_dp.shard(model, "policy")
         critic_dp = rl_dp.shard(value_model, "critic") if value_model is not None else None
+    elif cfg.rollout.max_staleness and cfg.rollout.engine != "vllm":  # vLLM keeps its own weights anyway
+        # Asynchronous RL: the generator samples an older version while the learner trains.
+        import copy
+
+        sampler = copy.deepcopy(model)
     roles = {
         "policy": PolicyLearner(model, cfg, spec, dp=policy_dp),
         "generator": build_generator(cfg, sampler, tokenizer),
@@ -355,6 +361,10 @@ def model_summary(cfg: RLConfig, spec: RLSpec) -> list[str]:
         copies += 1
     if spec.teacher_mode != "none":
         models.append(f"teacher (frozen: {cfg.teacher.path or cfg.teacher.preset})")
+    if cfg.rollout.max_staleness and cfg.rollout.engine != "vllm" and cfg.backend == "process":
+        # The generator's own copy, and up to max_staleness + 1 published weight snapshots.
+        models.append("rollout copy of the policy (asynchronous)")
+        copies += 2 + cfg.rollout.max_staleness
     if cfg.rollout.prm_guide.model_path is not None:
         g = cfg.rollout.prm_guide
         models.append(f"PRM (frozen: {g.model_path}; rollout guide, mode {g.mode})")
@@ -394,4 +404,5 @@ def plan(cfg: RLConfig) -> str:
         from posttrain.train.rl.ray_backend import describe_placement
 
         lines.append("  " + describe_placement(cfg, spec))
+    lines.append("  " + describe_async(cfg))
     return "\n".join(lines)

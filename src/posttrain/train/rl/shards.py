@@ -88,13 +88,23 @@ def shard_bounds(n_items: int, shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _one_shard(cfg, step, items, params, group_offset, *, generator, rewards, tokenizer) -> RoundResult:
-    """Generate `items` (G samples each) in one call and reward them."""
+def _one_shard(
+    cfg, step, items, params, group_offset, *, generator, rewards, tokenizer, before_segment=None
+) -> RoundResult:
+    """Generate `items` (G samples each) in one call and reward them. With
+    rollout.partial_tokens the call is `generate_in_segments` (segments of that many new
+    tokens, `before_segment(j)` syncing the generator before segment j)."""
     t = time.perf_counter()
     env_rows = None
     if cfg.env.name is not None:  # the environment sees each prompt's row (answer, columns)
         env_rows = [{"prompt": it.text, "answer": it.answer, **it.columns} for it in items]
-    ro = generator.generate([it.prompt_ids for it in items], params, rows=env_rows)
+    if cfg.rollout.partial_tokens:  # validate refused environments with partial rollouts
+        from posttrain.engines.rollout.segments import generate_in_segments
+
+        ro = generate_in_segments(generator, [it.prompt_ids for it in items], params,
+                                  segment_tokens=cfg.rollout.partial_tokens, before_segment=before_segment)  # fmt: skip
+    else:
+        ro = generator.generate([it.prompt_ids for it in items], params, rows=env_rows)
     gen_s = time.perf_counter() - t
     t = time.perf_counter()
     sample_items = [items[int(g)] for g in ro.group_id]
@@ -140,7 +150,7 @@ def _cat_rollouts(parts: list[tuple[int, Rollout]], pad_id: int) -> Rollout:
     turn_stats = None
     if ros[0].turn_stats is not None:
         turn_stats = {k: [v for ro in ros for v in ro.turn_stats[k]] for k in ros[0].turn_stats}
-    return Rollout(
+    out = Rollout(
         prompt_ids=[p for ro in ros for p in ro.prompt_ids],
         response_ids=_pad_cat([ro.response_ids for ro in ros], pad_id),
         mask=_pad_cat([ro.mask for ro in ros], 0.0),
@@ -154,6 +164,9 @@ def _cat_rollouts(parts: list[tuple[int, Rollout]], pad_id: int) -> Rollout:
         else None,
         turn_stats=turn_stats,
     )
+    if getattr(ros[0], "versions", None) is not None:  # partial rollouts: [B, T] version per token
+        out = replace(out, versions=_pad_cat([ro.versions for ro in ros], 0))
+    return out
 
 
 def _cat_results(parts: list[tuple[int, RoundResult]], pad_id: int) -> RoundResult:
@@ -184,7 +197,16 @@ def _cat_results(parts: list[tuple[int, RoundResult]], pad_id: int) -> RoundResu
 
 
 def sample_round(
-    cfg, step: int, items, params: SamplingParams, seen_groups: int, *, generator, rewards, tokenizer
+    cfg,
+    step: int,
+    items,
+    params: SamplingParams,
+    seen_groups: int,
+    *,
+    generator,
+    rewards,
+    tokenizer,
+    before_segment=None,
 ) -> RoundResult:
     """Generate and reward one round's `items` (the same list on every rank) in shards;
     every rank returns the whole round's result (see the module docstring)."""
@@ -208,6 +230,7 @@ def sample_round(
                     generator=generator,
                     rewards=rewards,
                     tokenizer=tokenizer,
+                    before_segment=before_segment,
                 ),
             )  # fmt: skip
         )
