@@ -8,6 +8,7 @@ guide and a multi-turn environment driver) is built by train/rl/setup.py
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
@@ -50,6 +51,19 @@ class Generator:
         if ro.keep_mask is not None:
             ro = replace(ro, keep_ids=keep_ids_from_mask(ro.keep_mask), keep_mask=None)
         return ro
+
+    def engine_view(self) -> SimpleNamespace:
+        """What partial rollouts (engines/rollout/segments.py) read from the engine, as a small
+        plain object: `tokenizer`, `config` (the model config, or None), `context_length`
+        (or None) and `pad_id` — not the engine itself, which would carry the model's weights
+        across a process boundary (a Ray rollout worker)."""
+        e = self.engine
+        return SimpleNamespace(
+            tokenizer=e.tokenizer,
+            config=getattr(e, "config", None),
+            context_length=getattr(e, "context_length", None),
+            pad_id=e.pad_id,
+        )
 
     def counters(self) -> dict[str, dict[str, int] | int]:
         """Running totals of the engine wrappers (plain ints): "thinking_cut" (samples whose

@@ -102,8 +102,8 @@ def generate_in_segments(
     """`params.n` samples per prompt, generated `segment_tokens` new tokens at a time (see the
     module docstring); returns the Rollout of a whole generation plus `versions` [B, T].
 
-    generator: the Generator role (`generate(prompts, params)`, `version`, `engine` with
-        `tokenizer` / `pad_id` / `config`, `multi_turn`). prompts: token-id lists.
+    generator: the Generator role (`generate(prompts, params)`, `version`, `multi_turn`,
+        `engine_view()` with `tokenizer` / `pad_id` / `config` / `context_length`). prompts: token-id lists.
     before_segment(j): called before segment j is sampled (only when there is one to
         sample); it may `generator.sync(...)` to a newer policy version.
     Raises ValueError for a multi-turn generator or segment_tokens < 1.
@@ -112,7 +112,7 @@ def generate_in_segments(
         raise ValueError("generate_in_segments: multi-turn rollouts cannot be generated in segments")
     if segment_tokens < 1:
         raise ValueError(f"generate_in_segments: segment_tokens must be >= 1, got {segment_tokens}")
-    engine = generator.engine
+    engine = generator.engine_view()  # tokenizer, config, context length, pad id: no weights
     context = getattr(engine, "context_length", None)
     checker = _BoundaryChecker(engine, params)
     samples = [_Sample(list(p)) for p in prompts for _ in range(params.n)]
