@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 import time
 from typing import Any
 
@@ -210,7 +211,10 @@ def describe_placement(cfg: RLConfig, spec: RLSpec) -> str:
         asks.append(
             f"{role} ({res['num_cpus']:g} CPU" + (f", {res['num_gpus']:g} GPU)" if res["num_gpus"] else ")")
         )
-    return f"backend: ray ({where}, synchronous); actors: {', '.join(asks)}"
+    from posttrain.train.rl.ray_group import describe_groups
+
+    groups = describe_groups(cfg, _needed_roles(cfg, spec))
+    return f"backend: ray ({where}, synchronous); actors: {', '.join(asks)}{groups}"
 
 
 def _start(ray, cfg: RLConfig, needs: dict[str, dict[str, float]]) -> bool:
@@ -253,22 +257,29 @@ class RayBuild:
         self.ray = None
         self.started = False
         self.actors: dict[str, Any] = {}
+        self.groups: dict[str, Any] = {}  # learner groups (ray.learners > 1), train/rl/ray_group.py
 
     def __call__(self, cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         from posttrain.train.rl import setup
+        from posttrain.train.rl.ray_group import LearnerGroup, grouped, total_needs
 
         ray = self.ray = import_ray()
         roles = _needed_roles(cfg, spec)
         needs = {r: role_resources(cfg.ray, r, cfg.model.device) for r in roles}
         data = setup.load_data(cfg)  # the data is read and checked before any actor starts
-        self.started = _start(ray, cfg, needs)
-        _check_fits(ray, needs)
+        self.started = _start(ray, cfg, total_needs(cfg, needs))
+        _check_fits(ray, total_needs(cfg, needs))
         host = ray.remote(RoleHost)
         for name in roles:
-            self.actors[name] = host.options(**needs[name]).remote(
-                cfg, spec, name, data["tokenizer"], data["lengths"]
-            )
+            if not grouped(cfg, name):
+                self.actors[name] = host.options(**needs[name]).remote(
+                    cfg, spec, name, data["tokenizer"], data["lengths"]
+                )
         handles = {name: RemoteRole(ray, a, name, cfg.ray.timeout_s) for name, a in self.actors.items()}
+        for name in filter(partial(grouped, cfg), roles):
+            handles[name] = self.groups[name] = LearnerGroup(
+                ray, cfg, spec, name, data["tokenizer"], data["lengths"], needs[name]
+            )
         built = {
             name: handles.get(name) for name in ("policy", "generator", "reference", "critic", "teacher")
         }
@@ -282,6 +293,9 @@ class RayBuild:
         cluster it joined)."""
         if self.ray is None:
             return
+        for group in self.groups.values():
+            group.close()
+        self.groups.clear()
         for actor in self.actors.values():
             self.ray.kill(actor)
         self.actors.clear()
