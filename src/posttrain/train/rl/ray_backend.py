@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import random
-from functools import partial
 import time
+from functools import partial
 from typing import Any
 
 import torch

@@ -309,18 +309,23 @@ class LearnerGroup:
 
     def _weights(self) -> RemoteWeights:
         """The policy's weights, gathered by all members and put in the object store by rank 0."""
-        version, (ref,) = self._wait({r: m.weights.remote() for r, m in enumerate(self.members)}, "weights")[0]
+        refs = {r: m.weights.remote() for r, m in enumerate(self.members)}
+        version, (ref,) = self._wait(refs, "weights")[0]
         return RemoteWeights(version, ref)
 
     def __setattr__(self, name: str, value):
-        raise AttributeError(f"ray backend: the controller set {name!r} on the remote {self._name} learner group")
+        raise AttributeError(
+            f"ray backend: the controller set {name!r} on the remote {self._name} learner group"
+        )
 
     def close(self) -> None:
         """Destroy the process group on every member (unless a call failed: a member may be
         stuck in a collective), then end the actors."""
         ray = self._ray
         if not self._broken:
-            ray.wait([m.leave.remote() for m in self.members], num_returns=len(self.members), timeout=TEARDOWN_S)
+            ray.wait(
+                [m.leave.remote() for m in self.members], num_returns=len(self.members), timeout=TEARDOWN_S
+            )
         for member in self.members:
             ray.kill(member)
 
