@@ -19,6 +19,10 @@ in-process `build_components` does, so each model starts from the same weights a
 process (the reference and critic replay the policy's initialisation), and a synchronous
 Ray run trains bit-identically to the in-process one (tests/distributed/test_rl_ray.py).
 
+With `ray.learners: N > 1` the policy and critic learners are each a group of N actors on
+one torch.distributed process group, FSDP2-sharded as `--nproc N` ranks are; `RayBuild`
+builds a `LearnerGroup` handle for them instead (train/rl/ray_group.py).
+
 Synchronous only: each step waits for generation, scoring and the update in turn.
 Asynchronous generation with bounded staleness, restarting dead actors and re-queueing
 their work are later work (issue #19). Ray is imported lazily: without it installed,
