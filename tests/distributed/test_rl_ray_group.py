@@ -167,13 +167,17 @@ def test_a_killed_learner_member_stops_the_run_with_one_line_naming_role_rank_an
 
 
 def test_a_stalled_learner_member_stops_the_run_after_the_deadline_naming_the_ranks(tmp_path):
-    """Member 1 is kept busy (a long task queued on its actor) when step 2 begins: member 0
+    """(First, a role's own error through the group.) Member 1 is kept busy (a long task
+    queued on its actor) when step 2 begins: member 0
     waits for it inside the update's first collective, so neither answers; after
     ray.timeout_s one line names the role, the method and both silent ranks."""
     build = RayBuild()
     try:
         trainer = RLTrainer(tiny_config(tmp_path, "grpo", *GROUP, "ray.timeout_s=40"), build=build)
         trainer.step()
+        # A role's own error (every member raises it alike) arrives as itself, as in process.
+        with pytest.raises(TypeError, match="has no len"):
+            trainer.policy.update(None, 1, kl_coef=0.0, kd_coef=0.0)
         busy = build.groups["policy"].members[1].__ray_call__.remote(lambda host: time.sleep(120))
         with pytest.raises(TrainingError) as e:
             trainer.step()
@@ -202,6 +206,25 @@ def test_learner_group_refusals_are_one_line_before_any_actor(tmp_path, extra, w
     with pytest.raises(ConfigError, match=words):
         RLTrainer(tiny_config(tmp_path, "grpo", REWARD, "backend=ray", *extra), build=build)
     assert build.ray is None  # refused by validation: no actor was asked for
+
+
+def test_placement_counts_every_member_of_a_group(tmp_path):
+    """The fit check before any actor starts asks for N members' resources: 2 x 1.5 CPUs."""
+    with pytest.raises(
+        ConfigError,
+        match=r"^ray: the roles ask for 6 CPUs \(generator 1, policy 3, reference 1, rewards 1\) but the Ray cluster has 2;",
+    ):
+        RLTrainer(
+            tiny_config(
+                tmp_path,
+                "grpo",
+                REWARD,
+                "backend=ray",
+                "ray.learners=2",
+                "ray.roles={policy: {num_cpus: 1.5}}",
+            ),
+            build=RayBuild(),
+        )
 
 
 def test_on_cuda_each_member_needs_whole_gpus(tmp_path):

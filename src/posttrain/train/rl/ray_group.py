@@ -30,9 +30,9 @@ initialisation, backend choice and collective timeout as a torchrun rank. LOCAL_
 Ray shows each actor only its own GPUs.
 
 Failures: each call waits at most ray.timeout_s. A member that dies stops the run with one
-line naming the role, the rank and the method; a member whose collective breaks (a peer
-lost) is held back for at most PEER_GRACE_S while the handle looks for the member that
-died, so the line names the cause rather than the symptom. A stall names the ranks that did
+line naming the role, the rank and the method; another member's error (e.g. its collective
+broke: a peer was lost) is held back for at most PEER_GRACE_S while the handle looks for a
+member that died, so the line names the cause rather than the symptom. A stall names the ranks that did
 not answer. `close()` destroys the process group on every member, then ends the actors
 (after a failure it only ends them: a member may be stuck in a collective).
 """
@@ -52,8 +52,8 @@ from posttrain.train.rl.ray_backend import RemoteWeights, RoleHost, _seeded
 
 # The learners that become groups with ray.learners > 1.
 GROUP_ROLES = ("policy", "critic")
-# After one member's collective broke: how long to wait for the others (one of them died or
-# hung; Ray notices a dead actor within about a second).
+# After one member's error (e.g. its collective broke): how long to wait for the others (one
+# of them may have died, which Ray notices within about a second, or hung).
 PEER_GRACE_S = 30.0
 # How long `close()` waits for the members to destroy their process group.
 TEARDOWN_S = 30.0
@@ -251,16 +251,21 @@ class LearnerGroup:
 
     def _wait(self, refs: dict[int, Any], method: str) -> dict[int, Any]:
         """{rank: result} of each member's call, or a one-line TrainingError (a role's own
-        error is raised as itself, as in process)."""
+        error is raised as itself, as in process).
+
+        A member's error is held back for at most PEER_GRACE_S while the others answer: a
+        member that died is then named (the survivors' errors are only its symptoms), and
+        an error every member raises alike (the bad-step guard's) arrives from all of them.
+        """
         ray, t0 = self._ray, time.perf_counter()
         pending = {ref: rank for rank, ref in refs.items()}
         results: dict[int, Any] = {}
-        broke: tuple[int, str, float] | None = None  # (rank, first line, when) of a broken collective
+        failed: tuple[int, Exception, float] | None = None  # (rank, error, when) of the first error
         while pending:
             now = time.perf_counter()
             left = t0 + self._timeout_s - now
-            if broke is not None:
-                left = min(left, broke[2] + PEER_GRACE_S - now)
+            if failed is not None:
+                left = min(left, failed[2] + PEER_GRACE_S - now)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, left))
             if not ready:
                 break
@@ -272,19 +277,19 @@ class LearnerGroup:
                            f"{self._name}.{method} after {time.perf_counter() - t0:.1f} s ({_first(e)})")  # fmt: skip
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
-                if isinstance(cause, Exception) and dist.is_comm_error(cause):
-                    broke = broke or (rank, _first(cause), time.perf_counter())
-                    continue
-                object.__setattr__(self, "_broken", True)
-                raise (cause if isinstance(cause, Exception) else e.as_instanceof_cause()) from None
-        if not pending and broke is None:
+                cause = cause if isinstance(cause, Exception) else e.as_instanceof_cause()
+                failed = failed or (rank, cause, time.perf_counter())
+        if not pending and failed is None:
             return results
         for ref in pending:
             ray.cancel(ref, force=False)
         silent = ", ".join(str(r) for r in sorted(pending.values())) or "none"
-        if broke is not None:
-            self._fail(f"{self._name} learner rank {broke[0]} of {len(self.members)} lost its peers during "
-                       f"{self._name}.{method} ({broke[1]}); ranks that did not answer: {silent}")  # fmt: skip
+        if failed is not None and dist.is_comm_error(failed[1]):
+            self._fail(f"{self._name} learner rank {failed[0]} of {len(self.members)} lost its peers during "
+                       f"{self._name}.{method} ({_first(failed[1])}); ranks that did not answer: {silent}")  # fmt: skip
+        if failed is not None:
+            object.__setattr__(self, "_broken", True)
+            raise failed[1] from None
         self._fail(f"{self._name}.{method} stalled on learner rank(s) {silent} of {len(self.members)}: no result "
                    f"after {time.perf_counter() - t0:.0f} s (ray.timeout_s={self._timeout_s:g})")  # fmt: skip
 
