@@ -59,6 +59,10 @@ def _compare(tmp_path: Path, method: str, *extra: str, steps: int = 3):
             # Really sharded: each member holds half of the parameters (FSDP2 pads by <= 1 row).
             shards = [_local_shard_numel(m) for m in build.groups[name].members]
             assert sum(shards) >= total and all(abs(n - total / 2) < 0.01 * total for n in shards), shards
+        # Teardown: each member destroys its process group (RayBuild.shutdown then ends them).
+        left = [m.__ray_call__.remote(lambda host: (host.leave(), torch.distributed.is_initialized())[1])
+                for group in build.groups.values() for m in group.members]  # fmt: skip
+        assert ray.get(left, timeout=60) == [False] * len(left)
     finally:
         build.shutdown()
     rows = (

@@ -39,6 +39,7 @@ not answer. `close()` destroys the process group on every member, then ends the 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -49,6 +50,8 @@ from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.config.ray import role_resources
 from posttrain.train.rl import dp as rl_dp
 from posttrain.train.rl.ray_backend import RemoteWeights, RoleHost, _seeded
+
+log = logging.getLogger(__name__)
 
 # The learners that become groups with ray.learners > 1.
 GROUP_ROLES = ("policy", "critic")
@@ -328,9 +331,11 @@ class LearnerGroup:
         stuck in a collective), then end the actors."""
         ray = self._ray
         if not self._broken:
-            ray.wait(
-                [m.leave.remote() for m in self.members], num_returns=len(self.members), timeout=TEARDOWN_S
-            )
+            refs = [m.leave.remote() for m in self.members]
+            _, late = ray.wait(refs, num_returns=len(refs), timeout=TEARDOWN_S)
+            if late:
+                log.warning("ray backend: %d of %d %s learner actors did not destroy their process group "
+                            "within %g s; ending them anyway", len(late), len(refs), self._name, TEARDOWN_S)  # fmt: skip
         for member in self.members:
             ray.kill(member)
 
