@@ -53,6 +53,13 @@ class RaySection:
         "Deadline of every call to a role's actor: a call that has not returned by then stops "
         "the run with an error naming the role, the method and the seconds waited.",
     )
+    learners: int = setting(
+        1,
+        "Data-parallel width of the learners: N > 1 makes the policy learner (and the critic "
+        "learner) a group of N actors, one torch.distributed process group each, FSDP2-sharded "
+        "as `--nproc N` ranks are (train/rl/ray_group.py); ray.roles.policy / critic give each "
+        "member's resources.",
+    )
     roles: dict[str, RayRoleResources] = setting(
         dict,
         f"Per-role resources, keyed by role ({', '.join(RAY_ROLES)}): {{num_cpus: float, num_gpus: "
@@ -95,8 +102,14 @@ def check_ray(cfg) -> None:
             raise ConfigError(f"ray.{key} must be >= {1 if key == 'num_cpus' else 0}, got {value}")
     if not (math.isfinite(r.timeout_s) and r.timeout_s > 0):
         raise ConfigError(f"ray.timeout_s must be a positive number of seconds, got {r.timeout_s}")
+    if r.learners < 1:
+        raise ConfigError(f"ray.learners must be >= 1 (1 = one actor per learner), got {r.learners}")
     for name, res in r.roles.items():
         if name not in RAY_ROLES:
             raise ConfigError(f"ray.roles.{name}: unknown role; the roles are {', '.join(RAY_ROLES)}")
         if not res.num_cpus >= 0 or (res.num_gpus is not None and not res.num_gpus >= 0):
             raise ConfigError(f"ray.roles.{name}: num_cpus / num_gpus must be >= 0")
+    if r.learners > 1:
+        from posttrain.train.rl.ray_group import check_learner_group
+
+        check_learner_group(cfg)

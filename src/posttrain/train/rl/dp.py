@@ -53,21 +53,28 @@ def check_world(cfg, world: int) -> None:
         raise ConfigError(
             f"rollout.shards={ro.shards} must be 0 or a multiple of the number of processes ({world})"
         )
-    if cfg.model.lora_r > 0:
-        raise ConfigError("LoRA (model.lora_r > 0) does not run under torch.distributed yet; use one process")
     if cfg.backend != "process":
         raise ConfigError(
             f"backend: {cfg.backend} places the roles itself; run it without --nproc / torchrun "
-            "(a data-parallel learner group inside Ray is not built yet)"
+            "(ray.learners N makes the learners a data-parallel group of N actors)"
         )
     if ro.max_staleness:
-        raise ConfigError("rollout.max_staleness >= 1 (asynchronous RL) does not run under torch.distributed yet; use one process or backend: ray")
-    if ro.engine == "vllm":
-        raise ConfigError("rollout.engine=vllm does not run under torch.distributed yet; use native or hf")
-    if cfg.algo.trust_region is not None:
         raise ConfigError(
-            "algo.trust_region (TRPO) does not run under torch.distributed yet; use one process"
+            "rollout.max_staleness >= 1 (asynchronous RL) does not run under torch.distributed yet; "
+            "use one process or backend: ray (with ray.learners for a data-parallel learner group)"
         )
+    check_sharded_learners(cfg, "use one process")
+
+
+def check_sharded_learners(cfg, instead: str) -> None:
+    """What FSDP2-sharded RL learners refuse (here and in a Ray learner group,
+    train/rl/ray_group.py); `instead` ends each message with what to do."""
+    if cfg.model.lora_r > 0:
+        raise ConfigError(f"LoRA (model.lora_r > 0) does not run under torch.distributed yet; {instead}")
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError(f"rollout.engine=vllm does not run under torch.distributed yet; {instead}")
+    if cfg.algo.trust_region is not None:
+        raise ConfigError(f"algo.trust_region (TRPO) does not run under torch.distributed yet; {instead}")
 
 
 def shard(model: torch.nn.Module, name: str):

@@ -19,6 +19,10 @@ in-process `build_components` does, so each model starts from the same weights a
 process (the reference and critic replay the policy's initialisation), and a synchronous
 Ray run trains bit-identically to the in-process one (tests/distributed/test_rl_ray.py).
 
+With `ray.learners: N > 1` the policy and critic learners are each a group of N actors on
+one torch.distributed process group, FSDP2-sharded as `--nproc N` ranks are; `RayBuild`
+builds a `LearnerGroup` handle for them instead (train/rl/ray_group.py).
+
 Synchronous only: each step waits for generation, scoring and the update in turn.
 Asynchronous generation with bounded staleness, restarting dead actors and re-queueing
 their work are later work (issue #19). Ray is imported lazily: without it installed,
@@ -30,6 +34,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -210,7 +215,10 @@ def describe_placement(cfg: RLConfig, spec: RLSpec) -> str:
         asks.append(
             f"{role} ({res['num_cpus']:g} CPU" + (f", {res['num_gpus']:g} GPU)" if res["num_gpus"] else ")")
         )
-    return f"backend: ray ({where}, synchronous); actors: {', '.join(asks)}"
+    from posttrain.train.rl.ray_group import describe_groups
+
+    groups = describe_groups(cfg, _needed_roles(cfg, spec))
+    return f"backend: ray ({where}, synchronous); actors: {', '.join(asks)}{groups}"
 
 
 def _start(ray, cfg: RLConfig, needs: dict[str, dict[str, float]]) -> bool:
@@ -253,22 +261,29 @@ class RayBuild:
         self.ray = None
         self.started = False
         self.actors: dict[str, Any] = {}
+        self.groups: dict[str, Any] = {}  # learner groups (ray.learners > 1), train/rl/ray_group.py
 
     def __call__(self, cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         from posttrain.train.rl import setup
+        from posttrain.train.rl.ray_group import LearnerGroup, grouped, total_needs
 
         ray = self.ray = import_ray()
         roles = _needed_roles(cfg, spec)
         needs = {r: role_resources(cfg.ray, r, cfg.model.device) for r in roles}
         data = setup.load_data(cfg)  # the data is read and checked before any actor starts
-        self.started = _start(ray, cfg, needs)
-        _check_fits(ray, needs)
+        self.started = _start(ray, cfg, total_needs(cfg, needs))
+        _check_fits(ray, total_needs(cfg, needs))
         host = ray.remote(RoleHost)
         for name in roles:
-            self.actors[name] = host.options(**needs[name]).remote(
-                cfg, spec, name, data["tokenizer"], data["lengths"]
-            )
+            if not grouped(cfg, name):
+                self.actors[name] = host.options(**needs[name]).remote(
+                    cfg, spec, name, data["tokenizer"], data["lengths"]
+                )
         handles = {name: RemoteRole(ray, a, name, cfg.ray.timeout_s) for name, a in self.actors.items()}
+        for name in filter(partial(grouped, cfg), roles):
+            handles[name] = self.groups[name] = LearnerGroup(
+                ray, cfg, spec, name, data["tokenizer"], data["lengths"], needs[name]
+            )
         built = {
             name: handles.get(name) for name in ("policy", "generator", "reference", "critic", "teacher")
         }
@@ -282,6 +297,9 @@ class RayBuild:
         cluster it joined)."""
         if self.ray is None:
             return
+        for group in self.groups.values():
+            group.close()
+        self.groups.clear()
         for actor in self.actors.values():
             self.ray.kill(actor)
         self.actors.clear()
