@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
+from posttrain.engines import distributed as dist
 from posttrain.errors import ConfigError, PosttrainError, TrainingError
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -302,6 +303,13 @@ class CheckpointManager:
             state_text = json.dumps(state, indent=1, allow_nan=True)
         except (TypeError, ValueError) as e:
             raise TrainingError(f"checkpoint state for step {step} is not JSON-serialisable: {e}") from None
+        if dist.world_size() > 1:  # every rank writes its own shards (train/common/sharded_checkpoint.py)
+            from posttrain.train.common.sharded_checkpoint import save_sharded
+
+            return save_sharded(
+                self, step, models=models, tokenizer=tokenizer, optimizers=dict(optimizers or {}),
+                schedulers=dict(schedulers or {}), state_text=state_text,
+            )  # fmt: skip
         self.dir.mkdir(parents=True, exist_ok=True)
         self.recover()
         name = f"step-{step:06d}"
@@ -332,22 +340,30 @@ class CheckpointManager:
                 "schedulers": sorted(schedulers or {}),
             }
             atomic_write_text(tmp / "meta.json", json.dumps(meta))
-            if final.exists():
-                # Re-saving a step (e.g. after resuming from it): move the old copy aside so
-                # the rename below is a plain atomic replace of a non-existent name.
-                old = self.dir / f".old-{name}-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            self._rename_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(self.dir / "latest", name + "\n")
-        self._prune(keep_also=final)
+        self._publish(final)
         return final
+
+    def _rename_into_place(self, tmp: Path, final: Path) -> None:
+        """Rename the complete temp directory `tmp` to `final` (atomic)."""
+        if final.exists():
+            # Re-saving a step (e.g. after resuming from it): move the old copy aside so
+            # the rename below is a plain atomic replace of a non-existent name.
+            old = self.dir / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.dir)
+
+    def _publish(self, final: Path) -> None:
+        """Point `latest` at the renamed checkpoint `final`, then prune the oldest."""
+        atomic_write_text(self.dir / "latest", final.name + "\n")
+        self._prune(keep_also=final)
 
     def recover(self) -> None:
         """Finish or undo what a process killed inside `save` left behind.
@@ -413,18 +429,26 @@ class CheckpointManager:
             meta["models"], meta["step"]  # noqa: B018 - the keys every checkpoint has
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TrainingError(f"checkpoint {path} is damaged: meta.json unreadable ({e!r:.80})") from None
+        sharded = meta.get("sharded", {"models": [], "optimizers": {}})
         for mname, module in models.items():
             if mname not in meta["models"]:
                 raise TrainingError(f"checkpoint {path} has no model {mname!r} (has {meta['models']})")
-            _load_module(module, path / mname, mname, meta.get("model_formats", {}).get(mname, {}))
+            if mname not in sharded["models"]:
+                _load_module(module, path / mname, mname, meta.get("model_formats", {}).get(mname, {}))
+        if "sharded" in meta:  # written by N processes: DCP shards, read at this world size
+            from posttrain.train.common.sharded_checkpoint import load_sharded
+
+            load_sharded(path, meta, models, optimizers or {})
         for sub, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
             for oname, obj in objs.items():
+                if sub == "optimizers" and oname in sharded["optimizers"]:
+                    continue
                 f = path / sub / f"{oname}.pt"
                 if not f.is_file():
                     raise TrainingError(f"checkpoint {path} has no {sub[:-1]} {oname!r}")
                 obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
         if restore_rng:
-            set_rng_state(
-                json.loads((path / "rng.json").read_text()), load_file(str(path / "rng.safetensors"))
-            )
+            from posttrain.train.common.sharded_checkpoint import load_rng
+
+            set_rng_state(*load_rng(path))  # this rank's states, else rank 0's
         return json.loads((path / "state.json").read_text())
