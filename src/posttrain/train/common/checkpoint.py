@@ -121,6 +121,28 @@ def set_rng_state(py: dict, tensors: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state(s, device=i)
 
 
+def write_rng(folder: Path, json_name: str, tensors_name: str) -> None:
+    """This process's RNG states (`rng_state`) into `folder`/json_name and /tensors_name."""
+    py, tensors = rng_state()
+    (folder / json_name).write_text(json.dumps(py))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / tensors_name))
+
+
+def write_meta(folder: Path, step: int, models: dict, written: dict, optimizers: dict, schedulers: dict,
+               **extra) -> None:  # fmt: skip
+    """meta.json, written last (atomically): marks the checkpoint in `folder` complete."""
+    meta = {
+        "step": step,
+        "format": FORMAT_VERSION,
+        "models": sorted(models),
+        "model_formats": written,
+        "optimizers": sorted(optimizers),
+        "schedulers": sorted(schedulers),
+        **extra,
+    }
+    atomic_write_text(folder / "meta.json", json.dumps(meta))
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -324,22 +346,12 @@ class CheckpointManager:
                 (tmp / sub).mkdir()
                 for oname, obj in objs.items():
                     torch.save(obj.state_dict(), tmp / sub / f"{oname}.pt")
-            py, tensors = rng_state()
-            (tmp / "rng.json").write_text(json.dumps(py))
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rng.safetensors"))
+            write_rng(tmp, "rng.json", "rng.safetensors")
             (tmp / "state.json").write_text(state_text)
             for f in tmp.rglob("*"):
                 if f.is_file():
                     _fsync_file(f)
-            meta = {
-                "step": step,
-                "format": FORMAT_VERSION,
-                "models": sorted(models),
-                "model_formats": written,
-                "optimizers": sorted(optimizers or {}),
-                "schedulers": sorted(schedulers or {}),
-            }
-            atomic_write_text(tmp / "meta.json", json.dumps(meta))
+            write_meta(tmp, step, models, written, optimizers or {}, schedulers or {})
             self._rename_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from posttrain.engines import distributed as dist
 from posttrain.errors import TrainingError
@@ -98,7 +98,7 @@ def save_sharded(
     """Write checkpoint `step` from every rank (see the module docstring); returns its path."""
     import torch.distributed.checkpoint as dcp
 
-    from posttrain.train.common.checkpoint import FORMAT_VERSION, _fsync_file, _save_module, atomic_write_text
+    from posttrain.train.common.checkpoint import _fsync_file, _save_module, write_meta, write_rng
 
     rank = dist.rank()
     name = f"step-{step:06d}"
@@ -112,12 +112,8 @@ def save_sharded(
     sharded = sorted(n for n, m in models.items() if _is_fsdp(m))
     owners = {o: _owner(o, opt, models) for o, opt in optimizers.items()}
     try:
-        from posttrain.train.common.checkpoint import rng_state
-
-        py, tensors = rng_state()
         jname, tname = rng_files(rank)
-        (tmp / jname).write_text(json.dumps(py))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / tname))
+        write_rng(tmp, jname, tname)
         for f in (tmp / jname, tmp / tname):
             _fsync_file(f)
         parts = {f"model/{n}": _model_state(models[n]) for n in sharded}
@@ -139,16 +135,8 @@ def save_sharded(
             for f in tmp.rglob("*"):
                 if f.is_file() and DCP_DIR not in f.relative_to(tmp).parts:
                     _fsync_file(f)
-            meta = {
-                "step": step,
-                "format": FORMAT_VERSION,
-                "models": sorted(models),
-                "model_formats": written,
-                "optimizers": sorted(optimizers),
-                "schedulers": sorted(schedulers),
-                "sharded": {"world_size": dist.world_size(), "models": sharded, "optimizers": owners},
-            }
-            atomic_write_text(tmp / "meta.json", json.dumps(meta))
+            write_meta(tmp, step, models, written, optimizers, schedulers, sharded={
+                "world_size": dist.world_size(), "models": sharded, "optimizers": owners})  # fmt: skip
             manager._rename_into_place(tmp, final)
     except BaseException:
         if rank == 0:
