@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,8 @@ def save_sharded(
 
     from posttrain.train.common.checkpoint import _fsync_file, _save_module, write_meta, write_rng
 
+    sharded = sorted(n for n, m in models.items() if _is_fsdp(m))
+    owners = {o: _owner(o, opt, models) for o, opt in optimizers.items()}
     rank = dist.rank()
     name = f"step-{step:06d}"
     tmp = None
@@ -109,8 +112,6 @@ def save_sharded(
         tmp = manager.dir / f".tmp-{name}-{os.getpid()}"
         (tmp / DCP_DIR).mkdir(parents=True)
     tmp = Path(dist.broadcast_object(str(tmp) if tmp is not None else None))
-    sharded = sorted(n for n, m in models.items() if _is_fsdp(m))
-    owners = {o: _owner(o, opt, models) for o, opt in optimizers.items()}
     try:
         jname, tname = rng_files(rank)
         write_rng(tmp, jname, tname)
@@ -167,7 +168,9 @@ def load_sharded(path: Path, meta: dict, models: dict, optimizers: dict) -> None
         parts[f"optimizer/{oname}"] = _optimizer_state(models[owner], opt)
     if not parts:
         return
-    dcp.load(parts, checkpoint_id=path / DCP_DIR, no_dist=dist.world_size() == 1)
+    with warnings.catch_warnings():  # DCP warns that a no-process-group load is one process: asked for
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(parts, checkpoint_id=path / DCP_DIR, no_dist=dist.world_size() == 1)
     for key, state in parts.items():
         kind, name = key.split("/", 1)
         if kind == "model":
