@@ -26,9 +26,8 @@ TESTS, SRC = HERE.parents[1], HERE.parents[2] / "src"
 
 
 def _build(shard: bool = False):
-    from tiny_models import small_family_model
-
     from posttrain.engines import distributed as dist
+    from tiny_models import small_family_model
 
     model = small_family_model("llama", 40).train()
     if shard:
@@ -74,7 +73,9 @@ def _worker(run_dir: Path, kill_at: str) -> None:
         scheduler.step()
         full = dist.full_model_state(model)
         if dist.rank() == 0:
-            save_file({k: v.contiguous() for k, v in full.items()}, str(run_dir / f"expected-{step}.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in full.items()}, str(run_dir / f"expected-{step}.safetensors")
+            )
         if step == 2:
             _arm(kill_at, dist.rank(), manager)
         parts = dict(models={"policy": model}, optimizers={"main": optimizer}, schedulers={"main": scheduler})
@@ -97,9 +98,12 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_
                MASTER_PORT=str(_free_port()), POSTTRAIN_DIST_TIMEOUT_S="20")  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(TESTS), env.get("PYTHONPATH", "")])
     procs = [
-        subprocess.Popen([sys.executable, str(HERE), str(tmp_path), kill_at],
-                         env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(HERE), str(tmp_path), kill_at],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
         for r in range(2)
     ]
     try:
