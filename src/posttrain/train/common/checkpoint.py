@@ -22,8 +22,16 @@ Crash safety: a checkpoint is assembled in ``.tmp-step-...`` and renamed into pl
 that; older checkpoints are pruned only after ``latest`` points at the new one. A process
 killed at any instant therefore leaves the previous checkpoint loadable.
 
-Loading never unpickles arbitrary objects: weights come from safetensors, state and
-python/numpy RNG from JSON, optimizer state through ``torch.load(weights_only=True)``.
+Under torch.distributed with N > 1 processes every rank calls `save` and the checkpoint is
+written with torch.distributed.checkpoint, each rank writing its own shards of the sharded
+models and optimizers (layout and atomicity: train/common/sharded_checkpoint.py); `load`
+reads either format at any world size. One process writes and reads the layout above.
+
+Loading a one-process checkpoint never unpickles arbitrary objects: weights come from
+safetensors, state and python/numpy RNG from JSON, optimizer state through
+``torch.load(weights_only=True)``. A sharded checkpoint's ``dcp/.metadata`` is read by
+torch.distributed.checkpoint's own reader, which unpickles it: resume only from sharded
+checkpoints you trust (ones your own runs wrote).
 """
 
 from __future__ import annotations
@@ -311,6 +319,7 @@ class CheckpointManager:
         optimizers: dict[str, torch.optim.Optimizer] | None = None,
         schedulers: dict[str, Any] | None = None,
         state: dict | None = None,
+        sharded: bool | None = None,
     ) -> Path:
         """Write checkpoint `step` atomically and return its directory.
 
@@ -319,13 +328,17 @@ class CheckpointManager:
         tokenizer: saved inside every HF model directory so each loads standalone.
         optimizers / schedulers: name -> object with state_dict().
         state: JSON-serialisable dict (counters, data position, controller states).
+        sharded: None (default) = the sharded format (train/common/sharded_checkpoint.py,
+            called on every rank) when the process group has more than one rank, else the
+            one-process format; False = the one-process format from this process alone,
+            with full models (benchmarks/checkpoint_save.py measures that gathered way).
         """
         state = dict(state or {})
         try:
             state_text = json.dumps(state, indent=1, allow_nan=True)
         except (TypeError, ValueError) as e:
             raise TrainingError(f"checkpoint state for step {step} is not JSON-serialisable: {e}") from None
-        if dist.world_size() > 1:  # every rank writes its own shards (train/common/sharded_checkpoint.py)
+        if dist.world_size() > 1 if sharded is None else sharded:
             from posttrain.train.common.sharded_checkpoint import save_sharded
 
             return save_sharded(
