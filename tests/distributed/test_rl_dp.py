@@ -152,6 +152,38 @@ def test_ppo_with_critic_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_ppo_sharded_checkpoint_with_critic_and_refreshed_reference_resumes_in_one_process(tmp_path):
+    """The critic and its optimizer are sharded like the policy; the refreshed reference (a
+    full copy on every rank) is written once, by rank 0, in Hugging Face format. Resuming
+    the step-2 checkpoint in one process reaches the uninterrupted 2-process run's weights."""
+    args = [
+        *PPO,
+        "--steps",
+        "3",
+        "--run.save_every",
+        "2",
+        "--algo.kl_coef",
+        "0.05",
+        "--algo.ref_refresh_every",
+        "1",
+    ]
+    two = tmp_path / "two"
+    rl(*args, "--run.output_dir", str(two), nproc=2)
+    step2 = two / "checkpoints" / "step-000002"
+    assert_sharded_layout(step2, ["critic", "policy"])
+    assert (step2 / "reference" / "model.safetensors").is_file()
+    run = tmp_path / "resumed"
+    shutil.copytree(two, run)
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    for final in ("final", "final_critic"):
+        shutil.rmtree(run / final)
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+    rl(*args, "--run.output_dir", str(run), "--run.resume", "true")
+    for final in ("final", "final_critic"):
+        assert relative_gap(weights(two, final), weights(run, final)) < WEIGHT_RTOL
+
+
+@pytest.mark.slow
 def test_dapo_refills_and_success_rate_selection_two_processes_match_one(tmp_path):
     rl(*DAPO, "--run.output_dir", str(tmp_path / "one"))
     rl(*DAPO, "--run.output_dir", str(tmp_path / "two"), nproc=2)
