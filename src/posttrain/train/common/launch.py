@@ -18,8 +18,9 @@ free local port). It exists so that a failure ends the job with ONE line:
   torn down inside a broken collective), which says nothing the verdict does not. The
   verdict is printed after every rank's stderr has been forwarded, so it is the last line.
 
-Checkpoints are written atomically by rank 0 (train/common/checkpoint.py), so stopping the job at
-any instant leaves the last complete checkpoint loadable.
+Checkpoints are written atomically (every rank into a temp directory that rank 0 renames into
+place, train/common/sharded_checkpoint.py), so stopping the job at any instant leaves the last
+complete checkpoint loadable.
 """
 
 from __future__ import annotations
