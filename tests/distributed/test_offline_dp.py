@@ -87,6 +87,18 @@ def sft_runs(tmp_path_factory):
     return base / "one", base / "two"
 
 
+def assert_sharded_layout(checkpoint: Path, models: list[str], world: int = 2) -> None:
+    """`checkpoint` was written by `world` ranks with torch.distributed.checkpoint: one shard
+    file per rank, no Hugging Face copy of the sharded models, every rank's RNG states."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["sharded"]["world_size"] == world and meta["sharded"]["models"] == models
+    files = sorted(p.name for p in (checkpoint / "dcp").iterdir())
+    assert files == [".metadata"] + [f"__{r}_0.distcp" for r in range(world)]
+    assert not any((checkpoint / m).exists() for m in models)
+    assert (checkpoint / "rng.json").is_file() and (checkpoint / "rng-rank1.json").is_file()
+    assert (checkpoint / "tokenizer" / "tokenizer_config.json").is_file()
+
+
 def test_sft_two_processes_match_one(sft_runs):
     one, two = sft_runs
     assert_same_rows(rows(one), rows(two))
@@ -96,6 +108,10 @@ def test_sft_two_processes_match_one(sft_runs):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(two / "final")  # final/ is a plain HF directory
+    assert_sharded_layout(two / "checkpoints" / "step-000004", ["policy"])
+    # one process keeps its format: the model in Hugging Face form, no DCP files
+    assert (one / "checkpoints" / "step-000004" / "policy" / "model.safetensors").is_file()
+    assert not (one / "checkpoints" / "step-000004" / "dcp").exists()
 
 
 def _from_step4(run: Path, dest: Path) -> Path:
@@ -107,8 +123,10 @@ def _from_step4(run: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("source, nproc", [("two", 1), ("one", 2)])
-def test_checkpoint_resumes_at_the_other_world_size(sft_runs, tmp_path, source, nproc):
+@pytest.mark.parametrize("source, nproc", [("two", 1), ("two", 2), ("one", 2)])
+def test_checkpoint_resumes_at_any_world_size(sft_runs, tmp_path, source, nproc):
+    """A sharded (2-process) checkpoint resumes in 1 and 2 processes, a one-process one in 2:
+    each continues to the uninterrupted run's weights and metrics."""
     one, two = sft_runs
     run = _from_step4(two if source == "two" else one, tmp_path / "resumed")
     posttrain("sft", *SFT, "--run.output_dir", str(run), "--resume", nproc=nproc)

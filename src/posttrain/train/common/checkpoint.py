@@ -22,8 +22,16 @@ Crash safety: a checkpoint is assembled in ``.tmp-step-...`` and renamed into pl
 that; older checkpoints are pruned only after ``latest`` points at the new one. A process
 killed at any instant therefore leaves the previous checkpoint loadable.
 
-Loading never unpickles arbitrary objects: weights come from safetensors, state and
-python/numpy RNG from JSON, optimizer state through ``torch.load(weights_only=True)``.
+Under torch.distributed with N > 1 processes every rank calls `save` and the checkpoint is
+written with torch.distributed.checkpoint, each rank writing its own shards of the sharded
+models and optimizers (layout and atomicity: train/common/sharded_checkpoint.py); `load`
+reads either format at any world size. One process writes and reads the layout above.
+
+Loading a one-process checkpoint never unpickles arbitrary objects: weights come from
+safetensors, state and python/numpy RNG from JSON, optimizer state through
+``torch.load(weights_only=True)``. A sharded checkpoint's ``dcp/.metadata`` is read by
+torch.distributed.checkpoint's own reader, which unpickles it: resume only from sharded
+checkpoints you trust (ones your own runs wrote).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
+from posttrain.engines import distributed as dist
 from posttrain.errors import ConfigError, PosttrainError, TrainingError
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -118,6 +127,28 @@ def set_rng_state(py: dict, tensors: dict[str, torch.Tensor]) -> None:
         ]
         for i, s in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, device=i)
+
+
+def write_rng(folder: Path, json_name: str, tensors_name: str) -> None:
+    """This process's RNG states (`rng_state`) into `folder`/json_name and /tensors_name."""
+    py, tensors = rng_state()
+    (folder / json_name).write_text(json.dumps(py))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / tensors_name))
+
+
+def write_meta(folder: Path, step: int, models: dict, written: dict, optimizers: dict, schedulers: dict,
+               **extra) -> None:  # fmt: skip
+    """meta.json, written last (atomically): marks the checkpoint in `folder` complete."""
+    meta = {
+        "step": step,
+        "format": FORMAT_VERSION,
+        "models": sorted(models),
+        "model_formats": written,
+        "optimizers": sorted(optimizers),
+        "schedulers": sorted(schedulers),
+        **extra,
+    }
+    atomic_write_text(folder / "meta.json", json.dumps(meta))
 
 
 # --------------------------------------------------------------------------- models
@@ -288,6 +319,7 @@ class CheckpointManager:
         optimizers: dict[str, torch.optim.Optimizer] | None = None,
         schedulers: dict[str, Any] | None = None,
         state: dict | None = None,
+        sharded: bool | None = None,
     ) -> Path:
         """Write checkpoint `step` atomically and return its directory.
 
@@ -296,12 +328,23 @@ class CheckpointManager:
         tokenizer: saved inside every HF model directory so each loads standalone.
         optimizers / schedulers: name -> object with state_dict().
         state: JSON-serialisable dict (counters, data position, controller states).
+        sharded: None (default) = the sharded format (train/common/sharded_checkpoint.py,
+            called on every rank) when the process group has more than one rank, else the
+            one-process format; False = the one-process format from this process alone,
+            with full models (benchmarks/checkpoint_save.py measures that gathered way).
         """
         state = dict(state or {})
         try:
             state_text = json.dumps(state, indent=1, allow_nan=True)
         except (TypeError, ValueError) as e:
             raise TrainingError(f"checkpoint state for step {step} is not JSON-serialisable: {e}") from None
+        if dist.world_size() > 1 if sharded is None else sharded:
+            from posttrain.train.common.sharded_checkpoint import save_sharded
+
+            return save_sharded(
+                self, step, models=models, tokenizer=tokenizer, optimizers=dict(optimizers or {}),
+                schedulers=dict(schedulers or {}), state_text=state_text,
+            )  # fmt: skip
         self.dir.mkdir(parents=True, exist_ok=True)
         self.recover()
         name = f"step-{step:06d}"
@@ -316,38 +359,36 @@ class CheckpointManager:
                 (tmp / sub).mkdir()
                 for oname, obj in objs.items():
                     torch.save(obj.state_dict(), tmp / sub / f"{oname}.pt")
-            py, tensors = rng_state()
-            (tmp / "rng.json").write_text(json.dumps(py))
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rng.safetensors"))
+            write_rng(tmp, "rng.json", "rng.safetensors")
             (tmp / "state.json").write_text(state_text)
             for f in tmp.rglob("*"):
                 if f.is_file():
                     _fsync_file(f)
-            meta = {
-                "step": step,
-                "format": FORMAT_VERSION,
-                "models": sorted(models),
-                "model_formats": written,
-                "optimizers": sorted(optimizers or {}),
-                "schedulers": sorted(schedulers or {}),
-            }
-            atomic_write_text(tmp / "meta.json", json.dumps(meta))
-            if final.exists():
-                # Re-saving a step (e.g. after resuming from it): move the old copy aside so
-                # the rename below is a plain atomic replace of a non-existent name.
-                old = self.dir / f".old-{name}-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            write_meta(tmp, step, models, written, optimizers or {}, schedulers or {})
+            self._rename_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(self.dir / "latest", name + "\n")
-        self._prune(keep_also=final)
+        self._publish(final)
         return final
+
+    def _rename_into_place(self, tmp: Path, final: Path) -> None:
+        """Rename the complete temp directory `tmp` to `final` (atomic)."""
+        if final.exists():
+            # Re-saving a step (e.g. after resuming from it): move the old copy aside so
+            # the rename below is a plain atomic replace of a non-existent name.
+            old = self.dir / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.dir)
+
+    def _publish(self, final: Path) -> None:
+        """Point `latest` at the renamed checkpoint `final`, then prune the oldest."""
+        atomic_write_text(self.dir / "latest", final.name + "\n")
+        self._prune(keep_also=final)
 
     def recover(self) -> None:
         """Finish or undo what a process killed inside `save` left behind.
@@ -413,18 +454,26 @@ class CheckpointManager:
             meta["models"], meta["step"]  # noqa: B018 - the keys every checkpoint has
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TrainingError(f"checkpoint {path} is damaged: meta.json unreadable ({e!r:.80})") from None
+        sharded = meta.get("sharded", {"models": [], "optimizers": {}})
         for mname, module in models.items():
             if mname not in meta["models"]:
                 raise TrainingError(f"checkpoint {path} has no model {mname!r} (has {meta['models']})")
-            _load_module(module, path / mname, mname, meta.get("model_formats", {}).get(mname, {}))
+            if mname not in sharded["models"]:
+                _load_module(module, path / mname, mname, meta.get("model_formats", {}).get(mname, {}))
+        if "sharded" in meta:  # written by N processes: DCP shards, read at this world size
+            from posttrain.train.common.sharded_checkpoint import load_sharded
+
+            load_sharded(path, meta, models, optimizers or {})
         for sub, objs in (("optimizers", optimizers or {}), ("schedulers", schedulers or {})):
             for oname, obj in objs.items():
+                if sub == "optimizers" and oname in sharded["optimizers"]:
+                    continue
                 f = path / sub / f"{oname}.pt"
                 if not f.is_file():
                     raise TrainingError(f"checkpoint {path} has no {sub[:-1]} {oname!r}")
                 obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
         if restore_rng:
-            set_rng_state(
-                json.loads((path / "rng.json").read_text()), load_file(str(path / "rng.safetensors"))
-            )
+            from posttrain.train.common.sharded_checkpoint import load_rng
+
+            set_rng_state(*load_rng(path))  # this rank's states, else rank 0's
         return json.loads((path / "state.json").read_text())

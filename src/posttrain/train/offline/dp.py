@@ -19,12 +19,13 @@ batch (weights, metrics rows):
   so they need plain tensors) and freed after it; every rank computes the same numbers and
   rank 0 logs them. Nothing is divided across ranks: evaluation costs what it costs on one
   rank, plus one full copy of the weights per rank while it runs.
-- Checkpoints are gathered to rank 0 and written in exactly the one-process format (HF model
-  directory + name-ordered optimizer state), not as torch.distributed.checkpoint shards: a
-  run can then resume at any world size (2 -> 1, 1 -> 2) with the same loader, and the files
-  stay readable by `from_pretrained`. The cost is a full CPU copy of the weights and optimizer
-  state on rank 0 at each save — right for the models this loop trains on one node; sharded
-  DCP checkpoints are the step past it. `final/` is written the same way.
+- Checkpoints are sharded: every rank writes its own shards of the model and of the AdamW
+  state with torch.distributed.checkpoint, rank 0 the small files (train/common/
+  sharded_checkpoint.py); nobody gathers full weights for a checkpoint. They resume at any
+  world size: N processes read the shards their layout needs (DCP reshards), one process
+  reads them into the plain model. A one-process checkpoint (HF files) resumes here too:
+  its weights go into the plain model before sharding, its optimizer state is sharded on
+  load. `final/` is consolidated by rank 0 from gathered weights, in Hugging Face format.
 
 Only one model per method is sharded (all four offline methods train one model), and LoRA is
 refused under torch.distributed (FSDP2 over PEFT's frozen base is not wired yet).
@@ -38,6 +39,7 @@ import torch
 
 from posttrain.engines import distributed as dist
 from posttrain.errors import ConfigError
+from posttrain.train.common.sharded_checkpoint import is_sharded
 
 
 def check_world(cfg, world: int) -> None:
@@ -63,16 +65,6 @@ def check_data_parallel(cfg, method, world: int) -> None:
         raise ConfigError("LoRA does not run under torch.distributed yet; use one process")
 
 
-class _Fixed:
-    """A state_dict() holder for CheckpointManager.save (the gathered optimizer state)."""
-
-    def __init__(self, state: dict):
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
-
-
 class _ShardedOptimizer:
     """A load_state_dict() for CheckpointManager.load: a one-process optimizer file into the
     sharded optimizer."""
@@ -87,15 +79,17 @@ class _ShardedOptimizer:
 class DataParallel:
     """The sharded model of `method` and what the loop does differently with it.
 
-    latest: the checkpoint the run resumes from (or None); its weights are loaded into the
-    plain model on every rank before sharding, so every rank starts from the same weights.
+    latest: the checkpoint the run resumes from (or None). A one-process checkpoint's weights
+    are loaded into the plain model on every rank before sharding; a sharded one is loaded
+    after sharding, in `load_rest`.
     """
 
     def __init__(self, method, ckpt, latest):
         self.method, self.ckpt = method, ckpt
         self.world, self.rank = dist.world_size(), dist.rank()
         ((self.name, self.model),) = method.models.items()
-        if latest is not None:
+        self.sharded_latest = latest is not None and is_sharded(latest)
+        if latest is not None and not self.sharded_latest:
             ckpt.load(latest, models=method.models, restore_rng=False)
         # An unsharded twin without storage: filled with gathered weights when a full model is
         # needed (generation in evaluation, HF files on rank 0), freed afterwards.
@@ -150,25 +144,14 @@ class DataParallel:
             ],
         }
 
-    def _by_index(self, state: dict) -> dict:
-        index = {n: i for i, n in enumerate(self.names)}
-        return {
-            "state": {index[n]: v for n, v in state["state"].items()},
-            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]],
-        }
-
-    def gather(self, optimizer) -> tuple[dict | None, dict | None]:
-        """Full weights and optimizer state on rank 0 (models, optimizers for ckpt.save);
-        (None, None) on other ranks. A collective."""
-        weights = dist.full_model_state(self.model)
-        optim = dist.full_optimizer_state(self.model, optimizer)
-        if self.rank != 0:
-            return None, None
-        plain = self.full_copy(weights, "cpu")
-        return {self.name: plain}, {"main": _Fixed(self._by_index(optim))}
-
     def load_rest(self, latest, optimizer, scheduler) -> dict:
-        """Optimizer, scheduler and RNG state of checkpoint `latest`; returns its state.json."""
+        """Optimizer, scheduler and RNG state of checkpoint `latest` (and the weights, for a
+        sharded one); returns its state.json."""
+        if self.sharded_latest:
+            return self.ckpt.load(
+                latest, models={self.name: self.model}, optimizers={"main": optimizer},
+                schedulers={"main": scheduler},
+            )  # fmt: skip
         return self.ckpt.load(
             latest,
             models={},

@@ -17,7 +17,8 @@ optimizer and scheduler come back through train/common/checkpoint.py.
 
 Several processes (torchrun, or `--nproc N`): train/offline/dp.py shards the model with
 FSDP2 and gives each rank its share of every step; everything above still holds for the
-global batch, and rank 0 alone writes logs, checkpoints and final/. One process never
+global batch. Rank 0 alone writes logs and final/; checkpoints are sharded (each rank writes
+its shards, train/common/sharded_checkpoint.py). One process never
 touches torch.distributed (`dp` is None below).
 """
 
@@ -274,18 +275,15 @@ def _log_samples(logger: MetricsLogger, step: int, method) -> None:
 
 
 def _save(ckpt, step, method, optimizer, scheduler, guard, tokenizer, dp=None) -> None:
-    models, optimizers = method.models, {"main": optimizer}
-    if dp is not None:  # gathered to rank 0: the same files as a one-process run writes
-        dist.set_phase(f"checkpoint at step {step}")
-        models, optimizers = dp.gather(optimizer)
-    if models is not None:
-        ckpt.save(
-            step,
-            models=models,
-            tokenizer=tokenizer,
-            optimizers=optimizers,
-            schedulers={"main": scheduler},
-            state={"step": step, "guard": guard.state_dict()},
-        )
+    """Checkpoint `step`. Under torch.distributed every rank calls this: each writes its own
+    shards of the sharded model and optimizer (train/common/sharded_checkpoint.py)."""
     if dp is not None:
-        dist.barrier()
+        dist.set_phase(f"checkpoint at step {step}")
+    ckpt.save(
+        step,
+        models=method.models,
+        tokenizer=tokenizer,
+        optimizers={"main": optimizer},
+        schedulers={"main": scheduler},
+        state={"step": step, "guard": guard.state_dict()},
+    )

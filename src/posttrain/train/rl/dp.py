@@ -21,8 +21,12 @@ processes reproduce one process on the same global batch.
   decoder layer + the other weight holders). The reference, the teacher and the
   generator's sampling copy are full plain copies on every rank (frozen, no optimizer
   state): N extra full models in all, a cost documented in docs/distributed.md.
-- Checkpoints are gathered to rank 0 in the one-process format, so they resume at any
-  world size; `final/` and `final_critic/` are written by rank 0 from gathered weights.
+- Checkpoints are sharded: every rank writes its shards of the policy / critic and their
+  AdamW state (torch.distributed.checkpoint; train/common/sharded_checkpoint.py), rank 0
+  the rest (a refreshed reference in HF format, schedulers, state). They resume at any
+  world size, one process included; a one-process checkpoint resumes here through plain
+  twins (`loading_parts`). `final/` and `final_critic/` are consolidated by rank 0 from
+  gathered weights, in Hugging Face format.
 
 Refused with one-line ConfigErrors before any model is built: prompts_per_step not a
 multiple of N, rollout.shards not a multiple of N, LoRA, the vLLM engine, TRPO's
@@ -92,18 +96,31 @@ def sampling_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def gathered_parts(learner, name: str) -> tuple[dict, dict, dict] | None:
-    """checkpoint_parts of a sharded learner, gathered to rank 0 (None on other ranks); a
-    collective. The optimizer state is renumbered as a one-process optimizer numbers it."""
-    models, optimizers = learner.dp.gather(learner.optimizer)
-    if models is None:
+    """checkpoint_parts of a sharded learner in the ONE-PROCESS format, gathered to rank 0
+    (None on other ranks); a collective. What a Ray learner group (train/rl/ray_group.py)
+    hands its driver; `--nproc` runs write sharded checkpoints instead. The optimizer state is
+    renumbered as a one-process optimizer numbers it."""
+    weights = dist.full_model_state(learner.model)
+    optim = dist.full_optimizer_state(learner.model, learner.optimizer)
+    if dist.rank() != 0:
         return None
+    index = {n: i for i, n in enumerate(learner.dp.names)}
+    numbered = {
+        "state": {index[n]: v for n, v in optim["state"].items()},
+        "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in optim["param_groups"]],
+    }
     prefix = "" if name == "policy" else f"{name}_"
-    return models, {f"{prefix}optimizer": optimizers["main"]}, {f"{prefix}scheduler": learner.scheduler}
+    return (
+        {name: learner.dp.full_copy(weights, "cpu")},
+        {f"{prefix}optimizer": SimpleNamespace(state_dict=lambda: numbered)},
+        {f"{prefix}scheduler": learner.scheduler},
+    )
 
 
 def loading_parts(learner, name: str) -> tuple[dict, dict, dict, torch.nn.Module]:
-    """checkpoint_parts for CheckpointManager.load into a sharded learner: the weights go to
-    an empty plain twin (then `finish_load`), the optimizer state is sharded on load."""
+    """checkpoint_parts for CheckpointManager.load of a ONE-PROCESS checkpoint into a sharded
+    learner: the weights go to an empty plain twin (then `finish_load`), the optimizer state
+    is sharded on load. (A sharded checkpoint loads into the learner's own parts.)"""
     from posttrain.train.offline.dp import _ShardedOptimizer
 
     plain = copy.deepcopy(learner.dp.skeleton).to_empty(device="cpu")

@@ -21,6 +21,7 @@ from posttrain.train.common.alerts import append_alerts
 from posttrain.train.common.checkpoint import atomic_write_text
 from posttrain.train.common.metrics import MetricsLogger, NullLogger, format_postfix, progress
 from posttrain.train.common.rundir import begin_run, resume_point, run_lock
+from posttrain.train.common.sharded_checkpoint import is_sharded
 from posttrain.train.config.loader import config_to_dict
 from posttrain.train.rl import dp as rl_dp
 
@@ -69,33 +70,21 @@ class RLRunMixin:
         """{learner name: its checkpoint_parts}: the policy, and the critic when there is one."""
         return {name: learner.checkpoint_parts(name) for name, learner in self._learners()}
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self) -> Path:
         """Write run_dir/checkpoints/step-N (each learner's model, optimizer and scheduler,
-        the reference when it is refreshed, RNGs, loop state). Under torch.distributed the
-        sharded learners are gathered to rank 0, which writes the one-process format
-        (train/rl/dp.py); other ranks return None."""
+        the reference when it is refreshed, RNGs, loop state; with max_staleness the rollout
+        queue). Under torch.distributed every rank calls this and writes its own shards of the
+        sharded learners (train/common/sharded_checkpoint.py)."""
         if self.rollouts is not None:  # hold the rollout thread at a safe point while saving
             with self.rollouts.paused():
                 return self.ckpt.save(
                     self.step_count, tokenizer=self.tokenizer, state=self.state(), **self._checkpoint_parts()
                 )
-        if self.policy.dp is None:
-            return self.ckpt.save(
-                self.step_count, tokenizer=self.tokenizer, state=self.state(), **self._checkpoint_parts()
-            )
-        dist.set_phase(f"checkpoint at step {self.step_count}")
-        parts: dict[str, dict] = {"models": {}, "optimizers": {}, "schedulers": {}}
-        for name, learner in self._learners():
-            got = rl_dp.gathered_parts(learner, name)
-            for key, objs in zip(parts, got or ({}, {}, {})):
-                parts[key].update(objs)
-        path = None
-        if dist.is_main():
-            if self.cfg.algo.ref_refresh_every and self.reference is not None:
-                parts["models"]["reference"] = self.reference.model
-            path = self.ckpt.save(self.step_count, tokenizer=self.tokenizer, state=self.state(), **parts)
-        dist.barrier()
-        return path
+        if self.policy.dp is not None:
+            dist.set_phase(f"checkpoint at step {self.step_count}")
+        return self.ckpt.save(
+            self.step_count, tokenizer=self.tokenizer, state=self.state(), **self._checkpoint_parts()
+        )
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizers, schedulers, RNGs, data position and controllers."""
@@ -105,11 +94,11 @@ class RLRunMixin:
                 "synchronous run (no rollout queue); resume it with rollout.max_staleness=0"
             )
         sharded = self.policy.dp is not None
-        if not sharded:
+        if not sharded or is_sharded(path):  # a sharded checkpoint loads into sharded learners as they are
             per_learner = self._learner_parts()
             parts = self._checkpoint_parts(per_learner)
             state = self.ckpt.load(path, **parts)
-        else:  # every rank reads the one-process files; sharded learners load through plain twins
+        else:  # a one-process checkpoint: sharded learners load through plain twins
             parts = {"models": {}, "optimizers": {}, "schedulers": {}}
             plains = []
             for name, learner in self._learners():
