@@ -32,7 +32,7 @@ REWARD = "rewards=[{name: 'rl_common:digit_fraction', weight: 1.0}]"
 # Small CPU shares so that every role's actor fits the 2-CPU local instance.
 ROLES = ("generator", "policy", "critic", "reference", "teacher", "rewards")
 SMALL = "ray.roles={" + ", ".join(f"{r}: {{num_cpus: 0.25}}" for r in ROLES) + "}"
-TIMING = ("time/", "rollout/tokens_per_s", "sync/bytes")
+TIMING = ("time/", "rollout/tokens_per_s", "sync/bytes", "sync/buckets", "ray/")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,7 +92,8 @@ def test_synchronous_ray_kdrl_with_a_teacher_actor(tmp_path):
 def test_a_killed_rollout_worker_stops_the_run_naming_the_role(tmp_path):
     build = RayBuild()
     try:
-        trainer = RLTrainer(tiny_config(tmp_path, "grpo", REWARD, "backend=ray", SMALL), build=build)
+        cfg = tiny_config(tmp_path, "grpo", REWARD, "backend=ray", SMALL, "ray.max_restarts=0")
+        trainer = RLTrainer(cfg, build=build)
         trainer.step()
         ray.kill(build.actors["generator"])
         with pytest.raises(TrainingError, match=r"the generator actor died during generator\.\w+") as e:
