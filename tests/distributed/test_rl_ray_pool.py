@@ -21,6 +21,7 @@ import torch
 
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.rl.controller import RLTrainer
+from ray_common import local_ray_instance
 from rl_common import tiny_config
 
 ray = pytest.importorskip("ray")
@@ -28,7 +29,6 @@ ray = pytest.importorskip("ray")
 from posttrain.train.rl.ray_backend import RayBuild, describe_placement  # noqa: E402
 from posttrain.train.rl.ray_pool import MB, cut_buckets  # noqa: E402
 
-TESTS = Path(__file__).resolve().parents[1]
 REWARD = "rewards=[{name: 'rl_common:digit_fraction', weight: 1.0}]"
 ROLES = ("generator", "policy", "reference", "rewards")
 SMALL = "ray.roles={" + ", ".join(f"{r}: {{num_cpus: 0.25}}" for r in ROLES) + "}"
@@ -39,11 +39,7 @@ STEPS, G = 3, 4  # tiny_config: 4 prompts per step, rollout.group_size 4
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray instance for the module; the backend uses it and leaves it running."""
-    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})  # fmt: skip
-    yield
-    ray.shutdown()
+    yield from local_ray_instance(ray)
 
 
 def _untimed(row: dict) -> dict:
@@ -133,19 +129,20 @@ def test_a_rollout_worker_killed_mid_run_is_restarted_and_training_is_unchanged(
     assert line.endswith("restarting it (restart 1 of ray.max_restarts=3)")
 
 
-def _killing_reward(tmp_path: Path, on_call: int) -> str:
-    marker = tmp_path / "rewards-killed"
+def _killing_reward(marker: Path, on_call: int) -> str:
     return (
-        f"rewards=[{{name: 'ray_faults:killed_once', options: {{marker: '{marker}', on_call: {on_call}}}}}]"
+        f"rewards=[{{name: 'ray_common:killed_once', options: {{marker: '{marker}', on_call: {on_call}}}}}]"
     )
 
 
 def test_the_rewards_actor_killed_mid_call_is_restarted_and_training_is_unchanged(tmp_path):
     """The reward SIGKILLs the rewards actor inside its 3rd score call (step 2, one call per
-    shard): the restarted actor scores the same samples the same way."""
-    local = _in_process(tmp_path)
-    remote = _ray_run(tmp_path, _killing_reward(tmp_path, on_call=3))
-    assert (tmp_path / "rewards-killed").exists()
+    shard): the restarted actor scores the same samples the same way. (In process the same
+    reward runs with its marker already made: it never kills.)"""
+    (tmp_path / "made").touch()
+    local = _in_process(tmp_path, _killing_reward(tmp_path / "made", on_call=3))
+    remote = _ray_run(tmp_path, _killing_reward(tmp_path / "killed", on_call=3))
+    assert (tmp_path / "killed").exists()
     _assert_same_training(local, remote)
     assert sum(r["ray/restarts"] for r in remote[1]) == 1
 
@@ -154,7 +151,7 @@ def test_max_restarts_0_keeps_the_one_line_error(tmp_path):
     with pytest.raises(
         TrainingError, match=r"^ray backend: the rewards actor died during rewards\.score after [\d.]+ s \("
     ) as e:
-        _ray_run(tmp_path, _killing_reward(tmp_path, on_call=1), "ray.max_restarts=0")
+        _ray_run(tmp_path, _killing_reward(tmp_path / "killed", on_call=1), "ray.max_restarts=0")
     assert "\n" not in str(e.value)
 
 

@@ -1,5 +1,6 @@
-"""Rewards for the Ray backend's fault tests (imported by the rewards actor as
-"ray_faults:<factory>"; no tests here)."""
+"""Shared helpers of the Ray backend tests (no tests here): the module-wide local Ray
+instance, and a reward that kills the rewards actor (imported there as
+"ray_common:killed_once")."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ import signal
 from pathlib import Path
 
 from rl_common import digit_fraction
+
+TESTS = Path(__file__).resolve().parent
+
+
+def local_ray_instance(ray):
+    """Start a local Ray instance of 2 CPUs whose workers import from tests/ (for
+    "module:function" rewards), yield, shut it down: the body of a module-scoped fixture."""
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})  # fmt: skip
+    yield
+    ray.shutdown()
 
 
 def killed_once(marker: str, on_call: int):
