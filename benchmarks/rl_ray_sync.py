@@ -54,10 +54,8 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[0.0, 1.0])
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=16)
+    for flag, default in (("steps", 6), ("prompts", 4), ("group", 4), ("tokens", 16)):
+        ap.add_argument(f"--{flag}", type=int, default=default)
     args = ap.parse_args()
     shards = max(args.workers)
     print(
