@@ -27,7 +27,7 @@ from rl_common import tiny_config
 ray = pytest.importorskip("ray")
 
 from posttrain.train.rl.ray_backend import RayBuild, describe_placement  # noqa: E402
-from posttrain.train.rl.ray_pool import MB, cut_buckets  # noqa: E402
+from posttrain.train.rl.ray_pool import MB, _sum_counters, cut_buckets  # noqa: E402
 
 REWARD = "rewards=[{name: 'rl_common:digit_fraction', weight: 1.0}]"
 ROLES = ("generator", "policy", "reference", "rewards")
@@ -173,6 +173,11 @@ def test_cut_buckets_by_hand():
     assert [list(b) for b in cut_buckets(t, 12)] == [["a", "b"], ["c"], ["d"]]
     assert [list(b) for b in cut_buckets(t, 16)] == [["a", "b"], ["c", "d"]]
     assert [list(b) for b in cut_buckets(t, 0)] == [["a", "b", "c", "d"]]
+
+
+def test_the_pools_counters_add_up_the_workers():
+    parts = [{"thinking_cut": 2, "prm": {"steps": 3}}, {"thinking_cut": 5, "prm": {"steps": 1, "cut": 4}}]
+    assert _sum_counters(parts) == {"thinking_cut": 7, "prm": {"steps": 4, "cut": 4}}
 
 
 def test_bucketed_weight_sync_trains_like_one_object(tmp_path):

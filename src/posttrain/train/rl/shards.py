@@ -10,7 +10,9 @@ with seed `base + s · SHARD_SEED_STRIDE` (shard 0 keeps the base seed, so one p
 with one shard samples as before). Rank r of N generates and rewards shards
 [r·S/N, (r+1)·S/N) — whole GRPO groups, since a shard is a set of prompts — and the
 shards' results are all-gathered in shard order, so every rank then holds the round's
-full result, identical to what one process with `rollout.shards = N` computes.
+full result, identical to what one process with `rollout.shards = N` computes. A generator
+that is a pool of rollout workers (`run_shards`, the Ray backend's, train/rl/ray_pool.py)
+runs one process's shards concurrently, one shard per worker call, results in shard order.
 
 Generation makes no collective calls (the generator samples from a plain, full copy of the
 policy, train/rl/dp.py), so shards may differ in size (a dynamic-sampling refill round
