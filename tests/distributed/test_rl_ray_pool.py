@@ -148,8 +148,10 @@ def test_the_rewards_actor_killed_mid_call_is_restarted_and_training_is_unchange
 
 
 def test_max_restarts_0_keeps_the_one_line_error(tmp_path):
+    """The first score call kills the rewards actor; the other shard's thread may be the one
+    that finds it dead first (in `configured` or `score`): either way one line names it."""
     with pytest.raises(
-        TrainingError, match=r"^ray backend: the rewards actor died during rewards\.score after [\d.]+ s \("
+        TrainingError, match=r"^ray backend: the rewards actor died during rewards\.\w+ after [\d.]+ s \("
     ) as e:
         _ray_run(tmp_path, _killing_reward(tmp_path / "killed", on_call=1), "ray.max_restarts=0")
     assert "\n" not in str(e.value)

@@ -122,6 +122,7 @@ class RoleHost:
         worker with an in-process model loads it bucket by bucket."""
         if (
             method == "sync"
+            and args
             and isinstance(args[0], RemoteWeights)
             and getattr(self.role, "model", None) is not None
         ):
