@@ -9,7 +9,6 @@ copy of the policy that only `Generator.sync` updates, and only pickled data cro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,30 +18,26 @@ import torch
 
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.rl.controller import RLTrainer
+from ray_common import local_ray_instance
 from rl_common import tiny_config, train_digit_teacher
 
 ray = pytest.importorskip("ray")
 
 from posttrain.train.rl.ray_backend import RayBuild  # noqa: E402
 
-TESTS = Path(__file__).resolve().parents[1]
 # A "module:function" reward: the rewards actor imports it (a registry entry made in this
 # process would not exist there).
 REWARD = "rewards=[{name: 'rl_common:digit_fraction', weight: 1.0}]"
 # Small CPU shares so that every role's actor fits the 2-CPU local instance.
 ROLES = ("generator", "policy", "critic", "reference", "teacher", "rewards")
 SMALL = "ray.roles={" + ", ".join(f"{r}: {{num_cpus: 0.25}}" for r in ROLES) + "}"
-TIMING = ("time/", "rollout/tokens_per_s", "sync/bytes")
+TIMING = ("time/", "rollout/tokens_per_s", "sync/bytes", "sync/buckets", "ray/")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray instance for the module; the backend uses it and leaves it running."""
-    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})  # fmt: skip
-    yield
-    ray.shutdown()
+    yield from local_ray_instance(ray)
 
 
 def _untimed(row: dict) -> dict:
@@ -92,7 +87,8 @@ def test_synchronous_ray_kdrl_with_a_teacher_actor(tmp_path):
 def test_a_killed_rollout_worker_stops_the_run_naming_the_role(tmp_path):
     build = RayBuild()
     try:
-        trainer = RLTrainer(tiny_config(tmp_path, "grpo", REWARD, "backend=ray", SMALL), build=build)
+        cfg = tiny_config(tmp_path, "grpo", REWARD, "backend=ray", SMALL, "ray.max_restarts=0")
+        trainer = RLTrainer(cfg, build=build)
         trainer.step()
         ray.kill(build.actors["generator"])
         with pytest.raises(TrainingError, match=r"the generator actor died during generator\.\w+") as e:

@@ -70,11 +70,13 @@ def test_async_ray_trains_like_async_in_process(tmp_path):
 
 
 def test_a_killed_rollout_worker_stops_an_async_run_naming_the_role(tmp_path):
-    """The rollout thread's error (the generator actor died) reaches the trainer as itself."""
+    """With no restarts allowed, the rollout thread's error (the generator actor died) reaches
+    the trainer as itself."""
     build = RayBuild()
     try:
         trainer = RLTrainer(
-            tiny_config(tmp_path, "grpo", REWARD, "backend=ray", SMALL, "rollout.max_staleness=1", steps=3),
+            tiny_config(tmp_path, "grpo", REWARD, "backend=ray", SMALL, "rollout.max_staleness=1",
+                        "ray.max_restarts=0", steps=3),  # fmt: skip
             build=build,
         )
         ray.kill(build.actors["generator"])

@@ -60,6 +60,25 @@ class RaySection:
         "as `--nproc N` ranks are (train/rl/ray_group.py); ray.roles.policy / critic give each "
         "member's resources.",
     )
+    rollout_workers: int = setting(
+        1,
+        "Rollout worker actors, each with its own copy of the policy synced to the same weights; a "
+        "round's shards are generated on them concurrently (rollout.shards = 0 means one shard per "
+        "worker; a set rollout.shards must be a multiple of this). Each asks for ray.roles.generator.",
+    )
+    max_restarts: int = setting(
+        3,
+        "Restarts allowed per role (each rollout worker, the rewards actor, the reference and teacher "
+        "scorers) after its actor dies: a new actor is built the same way, brought back to the weights "
+        "it had, and the failed call is retried. 0 = a dead actor stops the run. Learners are never "
+        "restarted (resume from the checkpoint).",
+    )
+    sync_bucket_mb: float = setting(
+        512.0,
+        "Weight sync puts the learner's tensors in the object store as buckets of at most this many MB "
+        "(state-dict order; a larger tensor gets its own bucket) and each rollout worker loads them one "
+        "at a time; 0 = the whole state dict as one object.",
+    )
     roles: dict[str, RayRoleResources] = setting(
         dict,
         f"Per-role resources, keyed by role ({', '.join(RAY_ROLES)}): {{num_cpus: float, num_gpus: "
@@ -104,6 +123,16 @@ def check_ray(cfg) -> None:
         raise ConfigError(f"ray.timeout_s must be a positive number of seconds, got {r.timeout_s}")
     if r.learners < 1:
         raise ConfigError(f"ray.learners must be >= 1 (1 = one actor per learner), got {r.learners}")
+    if not (isinstance(r.rollout_workers, int) and r.rollout_workers >= 1):
+        raise ConfigError(f"ray.rollout_workers must be an integer >= 1, got {r.rollout_workers!r}")
+    if cfg.rollout.shards % r.rollout_workers:
+        raise ConfigError(
+            f"rollout.shards={cfg.rollout.shards} must be 0 or a multiple of ray.rollout_workers ({r.rollout_workers})"
+        )
+    if not (isinstance(r.max_restarts, int) and r.max_restarts >= 0):
+        raise ConfigError(f"ray.max_restarts must be an integer >= 0, got {r.max_restarts!r}")
+    if not (math.isfinite(r.sync_bucket_mb) and r.sync_bucket_mb >= 0):
+        raise ConfigError(f"ray.sync_bucket_mb must be >= 0 (0 = one object), got {r.sync_bucket_mb}")
     for name, res in r.roles.items():
         if name not in RAY_ROLES:
             raise ConfigError(f"ray.roles.{name}: unknown role; the roles are {', '.join(RAY_ROLES)}")

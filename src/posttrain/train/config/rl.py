@@ -91,7 +91,8 @@ class RolloutSection:
     shards: int = setting(
         0,
         "Contiguous shards the step's prompts are sampled in, each with its own seed (0 = the "
-        "number of processes): a run with shards=N in one process samples what N processes sample.",
+        "number of processes, or of ray.rollout_workers with backend: ray): a run with shards=N in "
+        "one process samples what N processes sample.",
     )
     temperature: float = setting(1.0, "Sampling temperature (also used by the training log-prob forward).")
     top_p: float = setting(1.0, "Nucleus sampling; 1.0 disables.")

@@ -71,6 +71,9 @@ def check_async(cfg, spec) -> None:
         ("rollout.prm_guide", cfg.rollout.prm_guide.model_path is not None),
         ("rollout.thinking_budget", ro.thinking_budget > 0),
         ("rollout.engine=vllm", ro.engine == "vllm"),
+        # Segments sync the rollout workers between shards' calls; with several workers the
+        # shards run concurrently and one shard's sync would reach another mid-schedule.
+        ("ray.rollout_workers > 1", cfg.backend == "ray" and cfg.ray.rollout_workers > 1),
     ):
         if on:
             raise ConfigError(f"rollout.partial_tokens is not supported with {key}")

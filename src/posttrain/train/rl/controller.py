@@ -94,6 +94,7 @@ class RLTrainer(RLRunMixin):
         self.task = c["task"]
         self._filter_record = c["difficulty_filter_record"]
         self.eval_rewards = c["eval_rewards"]
+        self.backend_metrics = c.get("backend_metrics")  # a backend's own per-step metrics (ray/*)
         self.updates_per_step = self.spec.update_epochs * self.spec.num_minibatches
         if self.spec.kl_target is not None:
             self.kl_ctl = AdaptiveKLController(self.spec.kl_coef, self.spec.kl_target, self.spec.kl_horizon)
@@ -254,6 +255,8 @@ class RLTrainer(RLRunMixin):
         else:  # the rollout thread syncs when a collect needs this version (its metrics say so)
             self.rollouts.publish(snapshot(weights))
             metrics["time/publish_s"] = time.perf_counter() - t_sync
+        if self.backend_metrics is not None:
+            metrics.update(self.backend_metrics())
         metrics.update(self._refresh_reference(step, weights))
         t4 = time.perf_counter()
         metrics.update(

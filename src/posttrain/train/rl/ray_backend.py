@@ -9,32 +9,46 @@ proxy). What runs where:
 
   driver (this process): the controller, the tokenizer, the prompts (`PromptSource`),
       the held-out data, the checkpoint files;
-  one actor per role: the rollout worker (`Generator`, with its OWN copy of the policy,
-      synced through `Generator.sync(weights)` with a state-dict snapshot carrying the
-      policy version, fetched from Ray's object store: `RemoteWeights`), the policy learner, the critic learner, the reference and teacher
-      scorers, the rewarder. Each asks Ray for `ray.roles.<role>` CPUs / GPUs.
+  one actor per role: `ray.rollout_workers` rollout workers (each a `Generator` with its
+      OWN copy of the policy, synced through `Generator.sync` with the learner's weights
+      fetched bucket by bucket from Ray's object store: `RemoteWeights`, train/rl/ray_pool.py;
+      together a `GeneratorPool` that generates a round's shards concurrently), the policy
+      learner, the critic learner, the reference and teacher scorers, the rewarder. Each
+      asks Ray for `ray.roles.<role>` CPUs / GPUs (every rollout worker for the generator's).
 
 Every actor seeds python and torch with run.seed and builds its models in the order the
 in-process `build_components` does, so each model starts from the same weights as in
 process (the reference and critic replay the policy's initialisation), and a synchronous
-Ray run trains bit-identically to the in-process one (tests/distributed/test_rl_ray.py).
+Ray run trains bit-identically to the in-process one with `rollout.shards` = the number of
+rollout workers (tests/distributed/test_rl_ray.py, test_rl_ray_pool.py).
+
+Faults: a rollout worker, the rewards actor, or the reference / teacher scorer that dies
+(RayActorError) is restarted up to `ray.max_restarts` times: a new actor is built the same
+way, replays the last weight sync / reference refresh it had received, and the failed call
+is retried. Generation and rewards are deterministic for a given seed, so the restarted run
+trains bit-identically to an uninterrupted one; each restart logs one warning line and counts
+in `ray/restarts`. The learners are never restarted (their state is the training state: a
+dead learner stops the run with a one-line error; resume from the checkpoint), and a stalled
+call stops the run after `ray.timeout_s` with a one-line error.
 
 With `ray.learners: N > 1` the policy and critic learners are each a group of N actors on
 one torch.distributed process group, FSDP2-sharded as `--nproc N` ranks are; `RayBuild`
 builds a `LearnerGroup` handle for them instead (train/rl/ray_group.py).
 
-Synchronous only: each step waits for generation, scoring and the update in turn.
-Asynchronous generation with bounded staleness, restarting dead actors and re-queueing
-their work are later work (issue #19). Ray is imported lazily: without it installed,
-only `backend: ray` fails, with a one-line error.
+With `rollout.max_staleness` the controller's rollout thread (train/rl/async_rollouts.py)
+calls the rollout workers and the rewards actor while the policy actor trains. Ray is
+imported lazily: without it installed, only `backend: ray` fails, with a one-line error.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
+import threading
 import time
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +57,16 @@ from posttrain.algos.spec import RLSpec
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.config.ray import RAY_ROLES, role_resources
 from posttrain.train.config.rl import RLConfig
+from posttrain.train.rl.ray_pool import (
+    MB,
+    GeneratorPool,
+    RemoteWeights,
+    RestartCounter,
+    cut_buckets,
+    sync_by_bucket,
+)
+
+log = logging.getLogger(__name__)
 
 
 def import_ray():
@@ -85,31 +109,12 @@ def _role(cfg: RLConfig, spec: RLSpec, name: str, tokenizer, lengths):
     raise ConfigError(f"ray backend: unknown role {name!r}")
 
 
-class RemoteWeights:
-    """A `WeightSource` whose snapshot stays in Ray's object store: `version` is here,
-    the tensors are fetched by whoever is synced with it (`RoleHost.call`), so a weight sync
-    moves them learner -> object store -> rollout worker without passing the driver."""
-
-    def __init__(self, version: int, ref):
-        self.version = version
-        self.ref = ref
-
-    def fetch(self):
-        """The StateDictWeights snapshot (ray.get in the receiving process)."""
-        import ray
-
-        return ray.get(self.ref)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The snapshot's tensors (fetched into the calling process)."""
-        return self.fetch().state_dict()
-
-
 class RoleHost:
     """The body of a role's actor: builds the role, then runs the methods asked of it."""
 
     def __init__(self, cfg: RLConfig, spec: RLSpec, name: str, tokenizer, lengths):
         self.role = _role(cfg, spec, name, tokenizer, lengths)
+        self.bucket_bytes = int(cfg.ray.sync_bucket_mb * MB)
 
     def methods(self) -> list[str]:
         """The role's public methods (what the handle forwards as calls)."""
@@ -117,38 +122,60 @@ class RoleHost:
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         """role.method(*args, **kwargs); the result travels back pickled. A `RemoteWeights`
-        argument is fetched here, from the object store, not through the driver."""
+        argument is fetched here, from the object store, not through the driver: a rollout
+        worker with an in-process model loads it bucket by bucket."""
+        if (
+            method == "sync"
+            and args
+            and isinstance(args[0], RemoteWeights)
+            and getattr(self.role, "model", None) is not None
+        ):
+            return sync_by_bucket(self.role, args[0])
         args = tuple(a.fetch() if isinstance(a, RemoteWeights) else a for a in args)
         return getattr(self.role, method)(*args, **kwargs)
 
     def weights(self) -> tuple[int, list]:
-        """(policy version, [object ref of its StateDictWeights snapshot]): the learner's
-        weights put in the object store once, for the rollout worker and the reference to
-        fetch (the list keeps Ray from resolving the ref on the way to the driver)."""
+        """(policy version, [object refs of its buckets]): the learner's weights put in the
+        object store once, in buckets of ray.sync_bucket_mb, for the rollout workers and the
+        reference to fetch (the list keeps Ray from resolving the refs on the way to the driver)."""
         import ray
 
         w = self.role.weights()
-        return w.version, [ray.put(w)]  # pickling a SharedModule makes the snapshot
+        # ray.put serialises at once: each bucket is a snapshot of the tensors as they are now.
+        return w.version, [ray.put(b) for b in cut_buckets(w.state_dict(), self.bucket_bytes)]
 
     def get(self, attribute: str) -> Any:
         """A copy of a plain attribute of the role (e.g. a learner's `guard`)."""
         return getattr(self.role, attribute)
+
+    def pid(self) -> int:
+        """The actor's process id (tests kill it)."""
+        return os.getpid()
+
+
+class _ActorDied(TrainingError):
+    """The actor behind a call died (its one-line message names role, method and seconds)."""
 
 
 class RemoteRole:
     """A role in a Ray actor, called like the object itself (synchronously).
 
     Methods are forwarded as `actor.call`; a plain attribute read returns a copy. Every
-    call waits at most `timeout_s`: a stalled call, or an actor that died, raises a
-    one-line TrainingError naming the role, the method and the seconds waited.
+    call waits at most `timeout_s`: a stalled call raises a one-line TrainingError naming the
+    role, the method and the seconds waited. An actor that died is restarted up to
+    `max_restarts` times (`spawn` builds a new one the same way, then the last call of each
+    method in `replayed`, e.g. the generator's `sync`, is replayed on it) and the failed
+    call is retried; past that, or with max_restarts 0, a one-line TrainingError says it died.
     """
 
-    def __init__(self, ray, actor, name: str, timeout_s: float):
-        object.__setattr__(self, "_ray", ray)
-        object.__setattr__(self, "_actor", actor)
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_timeout_s", timeout_s)
-        object.__setattr__(self, "_methods", set(self._wait(actor.methods.remote(), "build")))
+    def __init__(self, ray, spawn: Callable[[], Any], name: str, timeout_s: float, *,
+                 max_restarts: int = 0, restarts: RestartCounter | None = None, replayed: tuple[str, ...] = ()):  # fmt: skip
+        for key, value in (("_ray", ray), ("_spawn", spawn), ("_name", name), ("_timeout_s", timeout_s),
+                           ("_max_restarts", max_restarts), ("_restarts", restarts or RestartCounter()),
+                           ("_replayed", replayed), ("_last", {}), ("_lock", threading.Lock()),
+                           ("_restarted", 0), ("_actor", spawn())):  # fmt: skip
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_methods", set(self._call("build", lambda actor: actor.methods.remote())))
 
     def _wait(self, ref, method: str):
         ray, t0 = self._ray, time.perf_counter()
@@ -162,7 +189,7 @@ class RemoteRole:
             ) from None
         except ray.exceptions.RayActorError as e:
             first = (str(e).strip().splitlines() or [""])[0][:160]
-            raise TrainingError(
+            raise _ActorDied(
                 f"ray backend: the {self._name} actor died during {self._name}.{method} after "
                 f"{time.perf_counter() - t0:.1f} s ({type(e).__name__}: {first})"
             ) from None
@@ -172,22 +199,66 @@ class RemoteRole:
             cause = getattr(e, "cause", None)
             raise (cause if isinstance(cause, Exception) else e.as_instanceof_cause()) from None
 
+    def _call(self, method: str, submit: Callable[[Any], Any]):
+        """ray.get(submit(actor)) under the deadline, restarting a dead actor and retrying."""
+        while True:
+            actor = self._actor
+            try:
+                return self._wait(submit(actor), method)
+            except _ActorDied as died:
+                self._restart(actor, method, died)
+
+    def _restart(self, dead, method: str, died: _ActorDied) -> None:
+        """Replace the dead actor (unless another thread already did), or raise `died`."""
+        with self._lock:
+            if self._actor is not dead:
+                return
+            while True:
+                if self._restarted >= self._max_restarts:
+                    if self._max_restarts:
+                        raise TrainingError(
+                            f"{died}; no restarts left (ray.max_restarts={self._max_restarts})"
+                        ) from None
+                    raise died from None
+                object.__setattr__(self, "_restarted", self._restarted + 1)
+                self._restarts.add()
+                log.warning("ray backend: the %s actor died during %s.%s; restarting it (restart %d of "
+                            "ray.max_restarts=%d)", self._name, self._name, method, self._restarted,
+                            self._max_restarts)  # fmt: skip
+                try:
+                    self._ray.kill(dead, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone: nothing left to kill
+                    pass
+                new = self._spawn()
+                try:
+                    self._wait(new.methods.remote(), "build")
+                    for name, (args, kwargs) in self._last.items():  # back to the state it had
+                        self._wait(new.call.remote(name, args, kwargs), name)
+                except _ActorDied as again:
+                    dead, died, method = new, again, "build"
+                    continue
+                object.__setattr__(self, "_actor", new)
+                return
+
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._methods:
-            return self._wait(self._actor.get.remote(name), name)
+            return self._call(name, lambda actor: actor.get.remote(name))
         if name == "weights":  # the one result that should not travel through the driver
-            return lambda: RemoteWeights(*self._wait_weights())
+            return lambda: RemoteWeights(*self._call("weights", lambda actor: actor.weights.remote()))
 
         def remote(*args, **kwargs):
-            return self._wait(self._actor.call.remote(name, args, kwargs), name)
+            out = self._call(name, lambda actor: actor.call.remote(name, args, kwargs))
+            if name in self._replayed:
+                self._last[name] = (args, kwargs)  # what a restarted actor replays
+            return out
 
         return remote
 
-    def _wait_weights(self):
-        version, (ref,) = self._wait(self._actor.weights.remote(), "weights")
-        return version, ref
+    def pid(self) -> int:
+        """The process id of the role's current actor."""
+        return self._call("pid", lambda actor: actor.pid.remote())
 
     def __setattr__(self, name: str, value):
         raise AttributeError(f"ray backend: the controller set {name!r} on the remote {self._name} role")
@@ -206,19 +277,45 @@ def _needed_roles(cfg: RLConfig, spec: RLSpec) -> list[str]:
     return [r for r in RAY_ROLES if wanted[r]]
 
 
+# What a restarted actor replays to get back to the state it had: the rollout workers their
+# last weight sync, the reference its last refresh. The learners are never restarted.
+_REPLAYED = {"generator": ("sync",), "reference": ("refresh_from",)}
+_NEVER_RESTARTED = ("policy", "critic")
+
+
+def _actor_names(cfg: RLConfig, spec: RLSpec) -> dict[str, str]:
+    """actor key -> role: one key per role, the rollout workers as generator[i] when several."""
+    n = cfg.ray.rollout_workers
+    out = {}
+    for role in _needed_roles(cfg, spec):
+        keys = [f"generator[{i}]" for i in range(n)] if role == "generator" and n > 1 else [role]
+        out.update({key: role for key in keys})
+    return out
+
+
 def describe_placement(cfg: RLConfig, spec: RLSpec) -> str:
-    """The `plan` line for backend: ray: each role's actor and what it asks for."""
-    where = f"joins {cfg.ray.address}" if cfg.ray.address else "starts a local Ray instance"
+    """The `plan` line for backend: ray: each role's actor(s) and what each asks for."""
+    r = cfg.ray
+    where = f"joins {r.address}" if r.address else "starts a local Ray instance"
     asks = []
     for role in _needed_roles(cfg, spec):
-        res = role_resources(cfg.ray, role, cfg.model.device)
+        res = role_resources(r, role, cfg.model.device)
+        count = f"{r.rollout_workers} × " if role == "generator" and r.rollout_workers > 1 else ""
         asks.append(
-            f"{role} ({res['num_cpus']:g} CPU" + (f", {res['num_gpus']:g} GPU)" if res["num_gpus"] else ")")
+            f"{count}{role} ({res['num_cpus']:g} CPU"
+            + (f", {res['num_gpus']:g} GPU)" if res["num_gpus"] else ")")
         )
     from posttrain.train.rl.ray_group import describe_groups
 
-    groups = describe_groups(cfg, _needed_roles(cfg, spec))
-    return f"backend: ray ({where}, synchronous); actors: {', '.join(asks)}{groups}"
+    bucket = f"{r.sync_bucket_mb:g} MB buckets" if r.sync_bucket_mb else "one object"
+    mode = (
+        f"asynchronous, max_staleness {cfg.rollout.max_staleness}"
+        if cfg.rollout.max_staleness
+        else "synchronous"
+    )
+    return (f"backend: ray ({where}, {mode}); actors: {', '.join(asks)}; weight sync in {bucket}; "
+            f"up to {r.max_restarts} restarts per rollout / reward / scorer actor"
+            f"{describe_groups(cfg, _needed_roles(cfg, spec))}")  # fmt: skip
 
 
 def _start(ray, cfg: RLConfig, needs: dict[str, dict[str, float]]) -> bool:
@@ -255,42 +352,61 @@ def _check_fits(ray, needs: dict[str, dict[str, float]]) -> None:
 
 
 class RayBuild:
-    """`build` for RLTrainer: the roles as actors; `shutdown()` ends what it started."""
+    """`build` for RLTrainer: the roles as actors; `shutdown()` ends what it started.
+
+    handles: actor key (see `_actor_names`) -> its RemoteRole; `actors` the current actors
+    (a restart replaces one); `metrics()` what the controller adds to each step's row."""
 
     def __init__(self):
         self.ray = None
         self.started = False
-        self.actors: dict[str, Any] = {}
+        self.handles: dict[str, RemoteRole] = {}
+        self.pool: GeneratorPool | None = None
+        self.restarts = RestartCounter()
         self.groups: dict[str, Any] = {}  # learner groups (ray.learners > 1), train/rl/ray_group.py
+
+    @property
+    def actors(self) -> dict[str, Any]:
+        return {key: handle._actor for key, handle in self.handles.items()}
 
     def __call__(self, cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         from posttrain.train.rl import setup
         from posttrain.train.rl.ray_group import LearnerGroup, grouped, total_needs
 
         ray = self.ray = import_ray()
-        roles = _needed_roles(cfg, spec)
-        needs = {r: role_resources(cfg.ray, r, cfg.model.device) for r in roles}
+        names = _actor_names(cfg, spec)
+        needs = {key: role_resources(cfg.ray, role, cfg.model.device) for key, role in names.items()}
         data = setup.load_data(cfg)  # the data is read and checked before any actor starts
         self.started = _start(ray, cfg, total_needs(cfg, needs))
         _check_fits(ray, total_needs(cfg, needs))
         host = ray.remote(RoleHost)
-        for name in roles:
-            if not grouped(cfg, name):
-                self.actors[name] = host.options(**needs[name]).remote(
-                    cfg, spec, name, data["tokenizer"], data["lengths"]
+        for key, role in names.items():
+            if grouped(cfg, role):  # a learner group: N actors on one torch.distributed group
+                self.groups[key] = LearnerGroup(
+                    ray, cfg, spec, role, data["tokenizer"], data["lengths"], needs[key]
                 )
-        handles = {name: RemoteRole(ray, a, name, cfg.ray.timeout_s) for name, a in self.actors.items()}
-        for name in filter(partial(grouped, cfg), roles):
-            handles[name] = self.groups[name] = LearnerGroup(
-                ray, cfg, spec, name, data["tokenizer"], data["lengths"], needs[name]
-            )
-        built = {
-            name: handles.get(name) for name in ("policy", "generator", "reference", "critic", "teacher")
-        }
-        built["rewards"] = handles["rewards"]
-        # The rollout worker starts from the learner's version-0 weights, as a sync would leave it.
-        handles["generator"].sync(handles["policy"].weights())
-        return setup.assemble(cfg, data, built)
+                continue
+
+            def spawn(key=key, role=role):
+                return host.options(**needs[key]).remote(cfg, spec, role, data["tokenizer"], data["lengths"])
+
+            self.handles[key] = RemoteRole(
+                ray, spawn, key, cfg.ray.timeout_s, restarts=self.restarts, replayed=_REPLAYED.get(role, ()),
+                max_restarts=0 if role in _NEVER_RESTARTED else cfg.ray.max_restarts,
+            )  # fmt: skip
+        self.pool = GeneratorPool([h for key, h in self.handles.items() if names[key] == "generator"])
+        roles = {**self.handles, **self.groups}
+        built = {name: roles.get(name) for name in ("policy", "reference", "critic", "teacher")}
+        built["generator"] = self.pool
+        built["rewards"] = self.handles["rewards"]
+        # The rollout workers start from the learner's version-0 weights, as a sync would leave them.
+        self.pool.sync(roles["policy"].weights())
+        return {**setup.assemble(cfg, data, built), "backend_metrics": self.metrics}
+
+    def metrics(self) -> dict[str, float]:
+        """`ray/restarts` (actor restarts since the previous row) and `sync/buckets` (object
+        store buckets of the last weight sync)."""
+        return {"ray/restarts": float(self.restarts.take()), "sync/buckets": float(self.pool.last_buckets)}
 
     def shutdown(self) -> None:
         """Kill the role actors; stop the local Ray instance this run started (or leave the
@@ -300,9 +416,11 @@ class RayBuild:
         for group in self.groups.values():
             group.close()
         self.groups.clear()
+        if self.pool is not None:
+            self.pool.close()
         for actor in self.actors.values():
             self.ray.kill(actor)
-        self.actors.clear()
+        self.handles.clear()
         if self.started:
             self.ray.shutdown()
             self.started = False

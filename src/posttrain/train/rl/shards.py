@@ -10,7 +10,9 @@ with seed `base + s · SHARD_SEED_STRIDE` (shard 0 keeps the base seed, so one p
 with one shard samples as before). Rank r of N generates and rewards shards
 [r·S/N, (r+1)·S/N) — whole GRPO groups, since a shard is a set of prompts — and the
 shards' results are all-gathered in shard order, so every rank then holds the round's
-full result, identical to what one process with `rollout.shards = N` computes.
+full result, identical to what one process with `rollout.shards = N` computes. A generator
+that is a pool of rollout workers (`run_shards`, the Ray backend's, train/rl/ray_pool.py)
+runs one process's shards concurrently, one shard per worker call, results in shard order.
 
 Generation makes no collective calls (the generator samples from a plain, full copy of the
 policy, train/rl/dp.py), so shards may differ in size (a dynamic-sampling refill round
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -73,8 +76,11 @@ def _success(res, scores: torch.Tensor, reward_name: str | None) -> torch.Tensor
 
 
 def num_shards(cfg) -> int:
-    """rollout.shards, or the number of processes when it is 0."""
-    return cfg.rollout.shards or dist.world_size()
+    """rollout.shards, or when it is 0 the number of processes (of rollout workers with
+    backend: ray)."""
+    if cfg.rollout.shards:
+        return cfg.rollout.shards
+    return cfg.ray.rollout_workers if cfg.backend == "ray" else dist.world_size()
 
 
 def shard_bounds(n_items: int, shards: int) -> list[tuple[int, int]]:
@@ -196,6 +202,12 @@ def _cat_results(parts: list[tuple[int, RoundResult]], pad_id: int) -> RoundResu
     )
 
 
+def _shard_job(cfg, step, items, params, seen_groups, start, rewards, tokenizer, before_segment, generator):
+    """(start, the shard's RoundResult): `_one_shard` on the given generator."""
+    return start, _one_shard(cfg, step, items, params, seen_groups + start, generator=generator,
+                             rewards=rewards, tokenizer=tokenizer, before_segment=before_segment)  # fmt: skip
+
+
 def sample_round(
     cfg,
     step: int,
@@ -213,27 +225,29 @@ def sample_round(
     shards = num_shards(cfg)
     world, rank = dist.world_size(), dist.rank()
     per_rank = shards // world  # check_world (train/rl/dp.py) made shards a multiple of world
-    mine = []
+    jobs = []  # one per shard of this rank: generator -> (first prompt's index, its result)
     for s, (start, end) in enumerate(shard_bounds(len(items), shards)):
         if not rank * per_rank <= s < (rank + 1) * per_rank or end == start:
             continue
         seeded = replace(params, seed=None if params.seed is None else params.seed + s * SHARD_SEED_STRIDE)
-        mine.append(
-            (
+        jobs.append(
+            partial(
+                _shard_job,
+                cfg,
+                step,
+                items[start:end],
+                seeded,
+                seen_groups,
                 start,
-                _one_shard(
-                    cfg,
-                    step,
-                    items[start:end],
-                    seeded,
-                    seen_groups + start,
-                    generator=generator,
-                    rewards=rewards,
-                    tokenizer=tokenizer,
-                    before_segment=before_segment,
-                ),
+                rewards,
+                tokenizer,
+                before_segment,
             )  # fmt: skip
         )
+    # A pool of rollout workers (the Ray backend's) runs the shards concurrently, each on one
+    # of its workers; its results come back in shard order.
+    run_shards = getattr(generator, "run_shards", None)
+    mine = run_shards(jobs) if run_shards is not None else [job(generator) for job in jobs]
     if world > 1:
         dist.set_phase(f"step {step + 1} (gathering rollouts)")
         mine = [part for rank_parts in dist.all_gather_object(mine) for part in rank_parts]
