@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from posttrain.errors import TrainingError
+from posttrain.train.common.checkpoint import CheckpointManager
 from posttrain.train.rl.controller import RLTrainer
 from rl_common import tiny_config
 
@@ -75,8 +80,16 @@ def test_a_killed_rollout_worker_stops_an_async_run_naming_the_role(tmp_path):
     build = RayBuild()
     try:
         trainer = RLTrainer(
-            tiny_config(tmp_path, "grpo", REWARD, "backend=ray", SMALL, "rollout.max_staleness=1",
-                        "ray.max_restarts=0", steps=3),  # fmt: skip
+            tiny_config(
+                tmp_path,
+                "grpo",
+                REWARD,
+                "backend=ray",
+                SMALL,
+                "rollout.max_staleness=1",
+                "ray.max_restarts=0",
+                steps=3,
+            ),  # fmt: skip
             build=build,
         )
         ray.kill(build.actors["generator"])
@@ -91,3 +104,99 @@ def test_partial_rollouts_on_ray_train_like_in_process(tmp_path):
     """Segments through the rollout-worker actor: same versions per token, same weights."""
     rows = _same_in_process_and_on_ray(tmp_path, "rollout.max_staleness=1", "rollout.partial_tokens=3")
     assert any(t["versions"][0] < t["versions"][1] for r in rows for t in r["trained"])
+
+
+def _rows(path: Path) -> list[dict]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(next((run / "final").glob("*.safetensors"))))
+
+
+def _audit(run: Path, steps: int, group: int) -> dict[str, float]:
+    """prompt id -> times trained (samples / G), from the trained rows of samples.jsonl."""
+    rows = _trained(run)
+    assert [r["step"] for r in rows] == list(range(steps))
+    counts: dict[str, float] = {}
+    for r in rows:
+        for t in r["trained"]:
+            counts[t["prompt_id"]] = counts.get(t["prompt_id"], 0) + 1 / group
+    return counts
+
+
+def test_a_rollout_worker_killed_in_an_async_run_is_restarted_and_training_is_unchanged(tmp_path):
+    """SIGKILL to the rollout worker's process before the first step: the rollout thread's
+    first call to it fails, the worker is rebuilt, replays its last weight sync, and the call
+    is retried — the asynchronous Ray run trains exactly as the asynchronous in-process one."""
+    extra = ("rollout.max_staleness=1", "algo.kl_coef=0.05")
+    local = RLTrainer(tiny_config(tmp_path / "local", "grpo", REWARD, *extra, steps=3))
+    local.train()
+    build = RayBuild()
+    try:
+        cfg = tiny_config(tmp_path / "ray", "grpo", REWARD, *extra, "backend=ray", SMALL, steps=3)
+        remote = RLTrainer(cfg, build=build)
+        os.kill(build.handles["generator"].pid(), signal.SIGKILL)
+        remote.train()
+        state = remote.policy.state_dict()
+    finally:
+        build.shutdown()
+    for k, v in local.policy.model.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    assert _trained(tmp_path / "local") == _trained(tmp_path / "ray")
+    assert sum(r.get("ray/restarts", 0) for r in _rows(tmp_path / "ray" / "metrics.jsonl")) == 1
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from rl_common import tiny_config
+from posttrain.train.rl.controller import run_rl
+run_rl(tiny_config(Path({run!r}), "grpo", *{extra!r}, "backend=ray", "run.save_every=1", "run.resume=true", steps=5))
+"""
+
+
+def test_kill_9_of_an_async_ray_run_then_cli_resume_is_exact(tmp_path):
+    """The whole asynchronous Ray run (driver and, with it, its local Ray instance) is killed
+    with SIGKILL while step 3 or 4 of 5 runs; `posttrain rl --run.resume true` on the config it
+    wrote completes it: the same final weights and trained rows as an uninterrupted
+    asynchronous run (in process: the schedule is the same), and each prompt trained exactly
+    as often as 5 steps x 4 prompts over 8 prompts give (2 or 3 times)."""
+    extra = ["data.n_train=8", "rollout.max_staleness=2", REWARD, SMALL, "ray.num_cpus=2"]
+    ref = RLTrainer(tiny_config(tmp_path / "ref", "grpo", *extra[:3], "run.save_every=1", steps=5))
+    ref.train()
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", POSTTRAIN_TEST_THREADS="1", RAY_ADDRESS="")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    run = tmp_path / "run"
+    code = KILL_SCRIPT.format(tests=str(TESTS), run=str(run), extra=extra)
+    # Its own process group: the driver and the local Ray instance it starts (raylet, GCS,
+    # agents, actors) are killed together, as `kill -9 -<pgid>` kills a whole run.
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    n_rows, give_up = 2 + int(time.time()) % 2, time.time() + 300
+    while len([r for r in _rows(run / "metrics.jsonl") if "time/step_s" in r]) < n_rows:
+        if proc.poll() is not None or time.time() > give_up:
+            pytest.fail(f"the run ended or hung before {n_rows} steps: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = CheckpointManager(run).latest()
+    assert latest is not None and CheckpointManager.step_of(latest) < 5
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "posttrain", "rl", "--config", str(run / "config.yaml"), "--run.resume", "true"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(run)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _trained(tmp_path / "ref") == _trained(run)
+    counts = _audit(run, 5, group=4)
+    assert sum(counts.values()) == 20 and sorted(set(counts.values())) == [2.0, 3.0]

@@ -147,13 +147,18 @@ class GeneratorPool:
 
     def __init__(self, workers: list):
         self.workers = workers
+        # Two executors: a shard job running on a lane may itself sync the workers (partial
+        # rollouts sync between segments), which must not wait for a free lane thread.
+        self._lanes = ThreadPoolExecutor(len(workers), thread_name_prefix="rollout-lane")
         self._threads = ThreadPoolExecutor(len(workers), thread_name_prefix="rollout-worker")
         self.last_buckets = 0  # buckets of the last sync (`sync/buckets`)
 
-    def _concurrently(self, calls: list[Callable[[], Any]]) -> list:
+    def _concurrently(
+        self, calls: list[Callable[[], Any]], executor: ThreadPoolExecutor | None = None
+    ) -> list:
         """Run `calls` on the pool's threads; wait for all; results in order (the first
         error, in order, is raised once every call has ended)."""
-        futures = [self._threads.submit(call) for call in calls]
+        futures = [(executor or self._threads).submit(call) for call in calls]
         wait(futures)
         return [f.result() for f in futures]
 
@@ -165,7 +170,7 @@ class GeneratorPool:
         def lane(w: int) -> list:
             return [(i, jobs[i](self.workers[w])) for i in range(w, len(jobs), n)]
 
-        lanes = self._concurrently([lambda w=w: lane(w) for w in range(min(n, len(jobs)))])
+        lanes = self._concurrently([lambda w=w: lane(w) for w in range(min(n, len(jobs)))], self._lanes)
         return [result for _, result in sorted((pair for done in lanes for pair in done), key=lambda p: p[0])]
 
     def generate(self, prompts: list[list[int]], params, rows: list[dict] | None = None):
@@ -187,4 +192,5 @@ class GeneratorPool:
         return self.workers[0].version
 
     def close(self) -> None:
+        self._lanes.shutdown(wait=True)
         self._threads.shutdown(wait=True)
