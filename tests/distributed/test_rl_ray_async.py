@@ -47,15 +47,17 @@ def _trained(run: Path) -> list[dict]:
     return [r for r in rows if "trained" in r]
 
 
-def _same_in_process_and_on_ray(tmp_path, *extra: str, steps: int = 3) -> list[dict]:
+def _same_in_process_and_on_ray(tmp_path, *extra: str, steps: int = 3, before_train=None) -> list[dict]:
     """Train `steps` steps in process and on Ray; assert identical weights and trained rows;
-    return the Ray run's trained rows."""
+    return the Ray run's trained rows. before_train(build) runs once the Ray roles exist."""
     local = RLTrainer(tiny_config(tmp_path / "local", "grpo", REWARD, *extra, steps=steps))
     local.train()
     build = RayBuild()
     try:
         cfg = tiny_config(tmp_path / "ray", "grpo", REWARD, *extra, "backend=ray", SMALL, steps=steps)
         remote = RLTrainer(cfg, build=build)
+        if before_train is not None:
+            before_train(build)
         remote.train()
         state = remote.policy.state_dict()
     finally:
@@ -133,21 +135,13 @@ def test_a_rollout_worker_killed_in_an_async_run_is_restarted_and_training_is_un
     """SIGKILL to the rollout worker's process before the first step: the rollout thread's
     first call to it fails, the worker is rebuilt, replays its last weight sync, and the call
     is retried — the asynchronous Ray run trains exactly as the asynchronous in-process one."""
-    extra = ("rollout.max_staleness=1", "algo.kl_coef=0.05")
-    local = RLTrainer(tiny_config(tmp_path / "local", "grpo", REWARD, *extra, steps=3))
-    local.train()
-    build = RayBuild()
-    try:
-        cfg = tiny_config(tmp_path / "ray", "grpo", REWARD, *extra, "backend=ray", SMALL, steps=3)
-        remote = RLTrainer(cfg, build=build)
+
+    def kill_the_rollout_worker(build):
         os.kill(build.handles["generator"].pid(), signal.SIGKILL)
-        remote.train()
-        state = remote.policy.state_dict()
-    finally:
-        build.shutdown()
-    for k, v in local.policy.model.state_dict().items():
-        assert torch.equal(v, state["model"][k]), k
-    assert _trained(tmp_path / "local") == _trained(tmp_path / "ray")
+
+    _same_in_process_and_on_ray(
+        tmp_path, "rollout.max_staleness=1", "algo.kl_coef=0.05", before_train=kill_the_rollout_worker
+    )
     assert sum(r.get("ray/restarts", 0) for r in _rows(tmp_path / "ray" / "metrics.jsonl")) == 1
 
 
