@@ -127,7 +127,9 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+def load_full_model_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True
+) -> None:
     """Load a full (unsharded) state dict, present on every rank, into a sharded model;
     strict=False loads a subset (a LoRA model's adapters) and keeps the other weights."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

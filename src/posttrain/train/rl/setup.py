@@ -339,7 +339,9 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         "generator": build_generator(cfg, sampler, tokenizer),
         "reference": reference,
         "critic": CriticLearner(value_model, cfg, spec, dp=critic_dp) if value_model is not None else None,
-        "teacher": build_teacher(cfg, model, tokenizer, shard=sharded) if spec.teacher_mode != "none" else None,
+        "teacher": (
+            build_teacher(cfg, model, tokenizer, shard=sharded) if spec.teacher_mode != "none" else None
+        ),
         "rewards": build_rewarder(cfg),
     }
     return assemble(cfg, data, roles)
