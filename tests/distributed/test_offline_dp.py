@@ -149,7 +149,6 @@ def test_dpo_two_processes_under_torchrun_match_one(tmp_path):
     "extra, words",
     [
         (["--train.batch_size", "7"], "must be a multiple of the number of processes (2)"),
-        (["--model.lora_r", "4"], "LoRA (model.lora_r > 0) does not run under torch.distributed yet"),
     ],
 )
 def test_refusals_end_with_one_line(tmp_path, extra, words):

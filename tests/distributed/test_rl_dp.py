@@ -37,10 +37,10 @@ REWARD = '[{name: "rl_common:digit_fraction", weight: 1.0}]'
 TINY = ["--model.preset", "tiny", "--run.seed", "0", "--data.task", "arithmetic", "--data.n_train", "64",
         "--data.n_test", "0", "--data.difficulty", "1", "--rollout.prompts_per_step", "4",
         "--rollout.group_size", "4", "--rollout.max_new_tokens", "8", "--optim.lr", "3e-3",
-        "--optim.max_grad_norm", "1.0", "--sample_log_every", "0", "--steps", "4",
+        "--optim.max_grad_norm", "1.0", "--sample_log_every", "0", "--steps", "5",
         "--run.save_every", "2", "--run.keep_checkpoints", "3"]  # fmt: skip
 GRPO = [*TINY, "--algo.method", "grpo"]
-PPO = [*TINY, "--algo.method", "ppo", "--algo.num_minibatches", "2", "--steps", "3", "--run.save_every", "0"]
+PPO = [*TINY, "--algo.method", "ppo", "--algo.num_minibatches", "2", "--run.save_every", "0"]
 
 # Dynamic sampling with refill rounds (3-4 rounds a step here, whose prompt counts do not
 # divide by 2) and success-rate prompt selection, which must stay in lockstep across ranks.
@@ -120,7 +120,9 @@ def test_grpo_two_processes_match_one(grpo_runs):
 def _from_step2(run: Path, dest: Path) -> Path:
     """A copy of `run` as if it had stopped right after its step-2 checkpoint."""
     shutil.copytree(run, dest)
-    shutil.rmtree(dest / "checkpoints" / "step-000004")
+    for later in (dest / "checkpoints").glob("step-*"):
+        if int(later.name.removeprefix("step-")) > 2:
+            shutil.rmtree(later)
     shutil.rmtree(dest / "final")
     (dest / "checkpoints" / "latest").write_text("step-000002\n")
     lines = (dest / "metrics.jsonl").read_text().splitlines()
@@ -153,9 +155,9 @@ def test_ppo_with_critic_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_sharded_checkpoint_with_critic_and_refreshed_reference_resumes_in_one_process(tmp_path):
-    """The critic and its optimizer are sharded like the policy; the refreshed reference (a
-    full copy on every rank) is written once, by rank 0, in Hugging Face format. Resuming
-    the step-2 checkpoint in one process reaches the uninterrupted 2-process run's weights."""
+    """The critic and its optimizer are sharded like the policy, and so is the refreshed
+    reference (without optimizer state): each rank writes its shards of it. Resuming the
+    step-2 checkpoint in one process reaches the uninterrupted 2-process run's weights."""
     args = [
         *PPO,
         "--steps",
@@ -170,8 +172,7 @@ def test_ppo_sharded_checkpoint_with_critic_and_refreshed_reference_resumes_in_o
     two = tmp_path / "two"
     rl(*args, "--run.output_dir", str(two), nproc=2)
     step2 = two / "checkpoints" / "step-000002"
-    assert_sharded_layout(step2, ["critic", "policy"])
-    assert (step2 / "reference" / "model.safetensors").is_file()
+    assert_sharded_layout(step2, ["critic", "policy", "reference"])  # the reference's shards too
     run = tmp_path / "resumed"
     shutil.copytree(two, run)
     shutil.rmtree(run / "checkpoints" / "step-000003")
@@ -181,6 +182,42 @@ def test_ppo_sharded_checkpoint_with_critic_and_refreshed_reference_resumes_in_o
     rl(*args, "--run.output_dir", str(run), "--run.resume", "true")
     for final in ("final", "final_critic"):
         assert relative_gap(weights(two, final), weights(run, final)) < WEIGHT_RTOL
+
+
+# GRPO's preset has a KL loss to the reference (kl_coef 0.01): the runs above already score
+# with an FSDP2-sharded reference on 2 ranks. Here it is refreshed from the policy every 2
+# steps (into the shards), checkpointed (sharded) and resumed across world sizes.
+REFRESH = [*GRPO, "--algo.kl_coef", "0.05", "--algo.ref_refresh_every", "2"]
+
+
+@pytest.mark.slow
+def test_refreshed_sharded_reference_two_processes_match_one_and_resume_across_world_sizes(tmp_path):
+    rl(*REFRESH, "--run.output_dir", str(tmp_path / "one"))
+    rl(*REFRESH, "--run.output_dir", str(tmp_path / "two"), nproc=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sum(r["kl/ref_refreshed"] for r in rows(two)) == 2  # after steps 2 and 4
+    assert_same_rows(rows(one), rows(two))
+    assert relative_gap(weights(one), weights(two)) < WEIGHT_RTOL
+    assert_sharded_layout(two / "checkpoints" / "step-000004", ["policy", "reference"])
+    # 1 -> 2: a one-process checkpoint's reference (HF files) loads into the shards; 2 -> 1.
+    for source, nproc in ((one, 2), (two, 1)):
+        run = _from_step2(source, tmp_path / f"resumed-{nproc}")
+        rl(*REFRESH, "--run.output_dir", str(run), "--run.resume", "true", nproc=nproc, torchrun=nproc > 1)
+        assert relative_gap(weights(one), weights(run)) < WEIGHT_RTOL
+        assert_same_rows(rows(one), rows(run))
+
+
+@pytest.mark.slow
+def test_kdrl_with_a_sharded_teacher_two_processes_match_one(tmp_path):
+    from rl_common import train_digit_teacher
+
+    teacher = train_digit_teacher(tmp_path / "teacher", steps=5)
+    args = [*TINY, "--algo.method", "kdrl", "--teacher.path", str(teacher), "--run.save_every", "0"]
+    rl(*args, "--run.output_dir", str(tmp_path / "one"))
+    rl(*args, "--run.output_dir", str(tmp_path / "two"), nproc=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_same_rows(rows(one), rows(two))
+    assert relative_gap(weights(one), weights(two)) < WEIGHT_RTOL
 
 
 @pytest.mark.slow
@@ -210,7 +247,6 @@ def test_rank_that_raises_mid_step_ends_the_job_with_one_line(tmp_path):
     "extra, words",
     [
         (["--rollout.prompts_per_step", "3"], "rollout.prompts_per_step=3 must be a multiple of the number"),
-        (["--model.lora_r", "4"], "LoRA (model.lora_r > 0) does not run under torch.distributed yet"),
         (["--rollout.shards", "3"], "rollout.shards=3 must be 0 or a multiple"),
         (["--backend", "ray"], "backend: ray places the roles itself; run it without --nproc"),
     ],

@@ -127,11 +127,14 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full (unsharded) state dict, present on every rank, into a sharded model."""
+def load_full_model_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True
+) -> None:
+    """Load a full (unsharded) state dict, present on every rank, into a sharded model;
+    strict=False loads a subset (a LoRA model's adapters) and keeps the other weights."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def _comm_device() -> torch.device:

@@ -1,4 +1,10 @@
-"""Scorers: frozen models that score tokens (reference policy, teacher)."""
+"""Scorers: frozen models that score tokens (reference policy, teacher).
+
+Under torch.distributed (N > 1 processes) a scorer's own module is sharded with FSDP2
+(`ScoringRole.shard`: no optimizer, no gradients): every rank holds 1/N of its weights and
+every rank runs the same scoring forward on the same global batch, the layers gathering
+their weights as they run. One process never shards anything.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,18 @@ class ScoringRole:
         self.model = model
         self.temperature = temperature
         self.disable_adapter = disable_adapter
+        self.sharded = False
+
+    def shard(self) -> None:
+        """Shard the frozen module with FSDP2 across the process group (a collective, on every
+        rank alike). From then on `logprobs` and `refresh_from` are collectives too: every
+        rank calls them with the same batch / weights."""
+        from posttrain.engines import distributed as dist
+
+        if self.disable_adapter:
+            raise TrainingError("a LoRA reference is the policy with adapters off: shard the policy instead")
+        dist.shard_model(self.model)
+        self.sharded = True
 
     @classmethod
     def reference_for(cls, policy: torch.nn.Module, temperature: float, *, copy: bool = True) -> ScoringRole:
@@ -42,10 +60,16 @@ class ScoringRole:
     @torch.no_grad()
     def refresh_from(self, weights: WeightSource) -> None:
         """Copy the policy's weights (`PolicyLearner.weights()`) into this frozen model
-        (the periodic π_ref reset)."""
+        (the periodic π_ref reset). Sharded: `weights` holds the full state on every rank and
+        each rank keeps its own shards of it."""
         if self.disable_adapter:
             raise TrainingError("a LoRA reference (adapters off) cannot be refreshed from the policy")
-        self.model.load_state_dict(weights.state_dict())
+        if self.sharded:
+            from posttrain.engines import distributed as dist
+
+            dist.load_full_model_state(self.model, weights.state_dict())
+        else:
+            self.model.load_state_dict(weights.state_dict())
 
     @torch.no_grad()
     def logprobs(self, seq: SequenceBatch, micro_batch_size: int | None = None) -> torch.Tensor:

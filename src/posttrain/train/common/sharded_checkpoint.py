@@ -82,9 +82,17 @@ def rng_files(rank: int) -> tuple[str, str]:
 
 
 def _model_state(module, **kw) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    """The module's state for DCP; a LoRA (PEFT) model's adapters alone, as one process's
+    LoRA checkpoints hold (its frozen base comes from model.path)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    if _is_peft(module):
+        kw["options"] = StateDictOptions(ignore_frozen_params=True)
     return get_model_state_dict(module, **kw)
+
+
+def _is_peft(module) -> bool:
+    return hasattr(module, "peft_config")
 
 
 def _optimizer_state(module, optimizer) -> dict:
@@ -153,7 +161,11 @@ def load_sharded(path: Path, meta: dict, models: dict, optimizers: dict) -> None
     """Load the DCP-stored models and optimizers of `path` that were asked for, in place, at
     this world size (sharded FSDP2 modules, or plain ones in one process)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     info = meta["sharded"]
     parts: dict[str, dict] = {}
@@ -174,7 +186,8 @@ def load_sharded(path: Path, meta: dict, models: dict, optimizers: dict) -> None
     for key, state in parts.items():
         kind, name = key.split("/", 1)
         if kind == "model":
-            set_model_state_dict(models[name], state)
+            peft = _is_peft(models[name])  # adapters alone: the frozen base stays as built
+            set_model_state_dict(models[name], state, options=StateDictOptions(strict=not peft))
         else:
             set_optimizer_state_dict(models[info["optimizers"][name]], optimizers[name], state)
 

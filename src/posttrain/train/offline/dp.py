@@ -27,8 +27,13 @@ batch (weights, metrics rows):
   its weights go into the plain model before sharding, its optimizer state is sharded on
   load. `final/` is consolidated by rank 0 from gathered weights, in Hugging Face format.
 
-Only one model per method is sharded (all four offline methods train one model), and LoRA is
-refused under torch.distributed (FSDP2 over PEFT's frozen base is not wired yet).
+Only one model per method is sharded (all four offline methods train one model).
+
+LoRA: the PEFT-wrapped model is sharded like a plain one (FSDP2 shards the frozen base
+weights too); the optimizer holds only the adapters (requires_grad), so the adapters'
+gradients and AdamW state are sharded and nothing is kept for the base. Checkpoints hold
+the adapters alone, as one process's LoRA checkpoints do (the base comes from model.path);
+`final/` is written by rank 0 through the method's own save_final, merged as in one process.
 """
 
 from __future__ import annotations
@@ -50,8 +55,6 @@ def check_world(cfg, world: int) -> None:
             f"train.batch_size={cfg.train.batch_size} must be a multiple of the number of processes ({world}) "
             "so every rank gets an equal share of each step"
         )
-    if getattr(cfg.model, "lora_r", 0) > 0:
-        raise ConfigError("LoRA (model.lora_r > 0) does not run under torch.distributed yet; use one process")
 
 
 def check_data_parallel(cfg, method, world: int) -> None:
@@ -61,8 +64,6 @@ def check_data_parallel(cfg, method, world: int) -> None:
         raise ConfigError(
             f"posttrain {method.name} trains {len(method.models)} models; data parallel needs one"
         )
-    if hasattr(next(iter(method.models.values())), "peft_config"):
-        raise ConfigError("LoRA does not run under torch.distributed yet; use one process")
 
 
 class _ShardedOptimizer:

@@ -18,19 +18,27 @@ processes reproduce one process on the same global batch.
   counts and back-propagates world · loss (FSDP2 averages gradients), so the summed
   gradient is the one-process gradient; the clip norm is the global one.
 - Models: the policy and critic are sharded with FSDP2 (offline DataParallel: one unit per
-  decoder layer + the other weight holders). The reference, the teacher and the
-  generator's sampling copy are full plain copies on every rank (frozen, no optimizer
-  state): N extra full models in all, a cost documented in docs/distributed.md.
+  decoder layer + the other weight holders). The reference and the teacher are sharded the
+  same way without optimizer state or gradients (roles/scorer.py `ScoringRole.shard`):
+  their scoring passes are SPMD forwards on the same global batch on every rank; a
+  reference refresh loads the policy's gathered weights into the reference's shards. Only
+  the generator's sampling copy is a full plain copy on every rank (one extra full model
+  per rank, documented in docs/distributed.md).
 - Checkpoints are sharded: every rank writes its shards of the policy / critic and their
-  AdamW state (torch.distributed.checkpoint; train/common/sharded_checkpoint.py), rank 0
-  the rest (a refreshed reference in HF format, schedulers, state). They resume at any
+  AdamW state, and of a refreshed reference (torch.distributed.checkpoint;
+  train/common/sharded_checkpoint.py), rank 0 the rest (schedulers, state). They resume at any
   world size, one process included; a one-process checkpoint resumes here through plain
   twins (`loading_parts`). `final/` and `final_critic/` are consolidated by rank 0 from
   gathered weights, in Hugging Face format.
 
 Refused with one-line ConfigErrors before any model is built: prompts_per_step not a
-multiple of N, rollout.shards not a multiple of N, LoRA, the vLLM engine, TRPO's
+multiple of N, rollout.shards not a multiple of N, the vLLM engine, TRPO's
 natural-gradient step.
+
+LoRA: the PEFT-wrapped policy is sharded like a plain one (frozen base weights sharded too,
+only the adapters in the optimizer, so their gradients and AdamW state are sharded); the
+reference is that sharded policy with its adapters off, as in one process. Checkpoints hold
+the adapters alone, as one process's do; `final/` is merged, as one process writes it.
 """
 
 from __future__ import annotations
@@ -67,13 +75,15 @@ def check_world(cfg, world: int) -> None:
             "rollout.max_staleness >= 1 (asynchronous RL) does not run under torch.distributed yet; "
             "use one process or backend: ray (with ray.learners for a data-parallel learner group)"
         )
-    check_sharded_learners(cfg, "use one process")
+    check_sharded_learners(cfg, "use one process", lora=True)
 
 
-def check_sharded_learners(cfg, instead: str) -> None:
+def check_sharded_learners(cfg, instead: str, *, lora: bool = False) -> None:
     """What FSDP2-sharded RL learners refuse (here and in a Ray learner group,
-    train/rl/ray_group.py); `instead` ends each message with what to do."""
-    if cfg.model.lora_r > 0:
+    train/rl/ray_group.py); `instead` ends each message with what to do. `lora`: LoRA is
+    supported (`--nproc` / torchrun); a Ray learner group, which hands its driver
+    one-process checkpoint parts, still refuses it."""
+    if cfg.model.lora_r > 0 and not lora:
         raise ConfigError(f"LoRA (model.lora_r > 0) does not run under torch.distributed yet; {instead}")
     if cfg.rollout.engine == "vllm":
         raise ConfigError(f"rollout.engine=vllm does not run under torch.distributed yet; {instead}")
@@ -133,9 +143,26 @@ def loading_parts(learner, name: str) -> tuple[dict, dict, dict, torch.nn.Module
     )
 
 
+def reference_twin(policy, reference) -> torch.nn.Module:
+    """Where a ONE-PROCESS checkpoint's refreshed reference (HF files) loads: an empty plain
+    twin of the policy's architecture when the reference is sharded (the caller then shards
+    it in with `reference.refresh_from`), else the reference's own module."""
+    if not reference.sharded:
+        return reference.model
+    return copy.deepcopy(policy.dp.skeleton).to_empty(device="cpu")
+
+
 def finish_load(learner, plain: torch.nn.Module) -> None:
-    """Shard the weights loaded into `plain` (every rank read the same files) into the learner."""
-    dist.load_full_model_state(learner.model, plain.state_dict())
+    """Shard the weights loaded into `plain` (every rank read the same files) into the learner.
+    LoRA: a checkpoint holds the adapters alone (the frozen base came from model.path and is
+    already in the learner), so only the trainable tensors are loaded."""
+    state = plain.state_dict()
+    if hasattr(plain, "peft_config"):
+        trainable = set(learner.dp.names)
+        state = {k: v for k, v in state.items() if k in trainable}
+        dist.load_full_model_state(learner.model, state, strict=False)
+        return
+    dist.load_full_model_state(learner.model, state)
 
 
 def full_module(learner) -> torch.nn.Module | None:

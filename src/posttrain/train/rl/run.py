@@ -106,11 +106,17 @@ class RLRunMixin:
                 plains.append((learner, plain))
                 for key, objs in zip(parts, got):
                     parts[key].update(objs)
+            ref_plain = None
             if self.cfg.algo.ref_refresh_every and self.reference is not None:
-                parts["models"]["reference"] = self.reference.model
+                ref_plain = rl_dp.reference_twin(self.policy, self.reference)
+                parts["models"]["reference"] = ref_plain
             state = self.ckpt.load(path, **parts)
             for learner, plain in plains:
                 rl_dp.finish_load(learner, plain)
+            if ref_plain is not None and ref_plain is not self.reference.model:
+                from posttrain.roles import StateDictWeights
+
+                self.reference.refresh_from(StateDictWeights(0, ref_plain.state_dict()))
         self.step_count = int(state["step"])
         guards = {"policy": {"consecutive": state["bad_in_a_row"], "total": state["skipped_updates"]},
                   "critic": state.get("critic_guard")}  # fmt: skip

@@ -263,8 +263,9 @@ def build_critic(cfg: RLConfig, spec: RLSpec, policy_model, tokenizer) -> Critic
     return CriticLearner(critic_model(cfg, policy_model, tokenizer), cfg, spec)
 
 
-def build_teacher(cfg: RLConfig, policy_model, tokenizer) -> ScoringRole:
-    """The frozen teacher scorer (teacher.path / teacher.preset), same vocabulary as the policy."""
+def build_teacher(cfg: RLConfig, policy_model, tokenizer, *, shard: bool = False) -> ScoringRole:
+    """The frozen teacher scorer (teacher.path / teacher.preset), same vocabulary as the policy;
+    `shard`: FSDP2-sharded across the process group (torch.distributed)."""
     from posttrain.engines.models import load_model
 
     tsrc = cfg.teacher.path or cfg.teacher.preset
@@ -275,7 +276,10 @@ def build_teacher(cfg: RLConfig, policy_model, tokenizer) -> ScoringRole:
         )
     for q in tmodel.parameters():
         q.requires_grad_(False)
-    return ScoringRole(tmodel, temperature=cfg.rollout.temperature)
+    teacher = ScoringRole(tmodel, temperature=cfg.rollout.temperature)
+    if shard:
+        teacher.shard()
+    return teacher
 
 
 def build_rewarder(cfg: RLConfig) -> RewardRole:
@@ -316,9 +320,12 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
     # The reference copies and the critic may start from the policy's weights: both are
     # built before the policy is sharded.
     reference = ScoringRole.reference_for(model, cfg.rollout.temperature) if spec.uses_reference else None
+    sharded = dist.world_size() > 1
+    if sharded and reference is not None and not reference.disable_adapter:
+        reference.shard()  # before the next full copy is made: a lower peak
     value_model = critic_model(cfg, model, tokenizer) if spec.critic else None
     sampler, policy_dp, critic_dp = model, None, None
-    if dist.world_size() > 1:  # FSDP2 for the trained models; the generator samples from a plain copy
+    if sharded:  # FSDP2 for the trained models; the generator samples from a plain copy
         sampler = rl_dp.sampling_copy(model)
         policy_dp = rl_dp.shard(model, "policy")
         critic_dp = rl_dp.shard(value_model, "critic") if value_model is not None else None
@@ -332,7 +339,9 @@ def build_components(cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         "generator": build_generator(cfg, sampler, tokenizer),
         "reference": reference,
         "critic": CriticLearner(value_model, cfg, spec, dp=critic_dp) if value_model is not None else None,
-        "teacher": build_teacher(cfg, model, tokenizer) if spec.teacher_mode != "none" else None,
+        "teacher": (
+            build_teacher(cfg, model, tokenizer, shard=sharded) if spec.teacher_mode != "none" else None
+        ),
         "rewards": build_rewarder(cfg),
     }
     return assemble(cfg, data, roles)
