@@ -50,6 +50,7 @@ from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.config.ray import role_resources
 from posttrain.train.rl import dp as rl_dp
 from posttrain.train.rl.ray_backend import RemoteWeights, RoleHost, _seeded
+from posttrain.train.rl.ray_pool import MB
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ class GroupMember(RoleHost):
                           WORLD_SIZE=str(world), LOCAL_RANK="0")  # fmt: skip
         dist.init_from_env()
         self.rank = dist.rank()
+        self.bucket_bytes = int(cfg.ray.sync_bucket_mb * MB)  # rank 0 puts the weights in buckets
         self.role = GatheredLearner(_sharded_learner(cfg, spec, name, tokenizer, lengths), name)
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
@@ -318,8 +320,8 @@ class LearnerGroup:
     def _weights(self) -> RemoteWeights:
         """The policy's weights, gathered by all members and put in the object store by rank 0."""
         refs = {r: m.weights.remote() for r, m in enumerate(self.members)}
-        version, (ref,) = self._wait(refs, "weights")[0]
-        return RemoteWeights(version, ref)
+        version, buckets = self._wait(refs, "weights")[0]
+        return RemoteWeights(version, buckets)
 
     def __setattr__(self, name: str, value):
         raise AttributeError(
