@@ -4,8 +4,8 @@ calculator and GRPO-trained with it answers held-out problems far better than th
 model and budget without tools, and keeps calling the tool.
 
 Still open, and marked so: GRPO raising held-out accuracy above its tool-using SFT start.
-The recipe's lr 1e-4 with 16 prompts a step is stable but flat (0.50 -> 0.53-0.55 sampled
-over 60 steps); higher rates dip or collapse; the SFT model's answers do follow the tool's
+The recipe's lr 1e-4 with 16 prompts a step is stable but nearly flat (0.50 -> 0.53-0.56
+sampled over 80 steps); higher rates dip or collapse; the SFT model's answers do follow the tool's
 result, and what fails is the precision of its digit copies (docs/benchmarks.md, "Tool
 use"). The strict xfail turns into a failure the day it starts passing.
 """
@@ -87,7 +87,7 @@ def test_tool_use_beats_the_same_budget_without_tools(runs):
 @pytest.mark.xfail(
     strict=True,
     reason="open (issue #20): GRPO keeps held-out accuracy at the tool-using SFT start (lr 1e-4, 16 "
-    "prompts x 8: 0.50 -> 0.53-0.55 sampled over 60 steps); lr 3e-4-5e-4 dip or collapse; failures "
+    "prompts x 8: 0.50 -> 0.53-0.56 sampled over 80 steps); lr 3e-4-5e-4 dip or collapse; failures "
     "are digit mis-copies into the call or from the tool result into the answer",
 )
 def test_grpo_raises_accuracy_above_the_tool_using_sft_start(runs):
