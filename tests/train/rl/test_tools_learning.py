@@ -3,12 +3,15 @@ three-digit addition and subtraction, a tiny model that learned (SFT) to call a
 calculator and GRPO-trained with it answers held-out problems far better than the same
 model and budget without tools, and keeps calling the tool.
 
-Still open, and marked so: GRPO raising held-out accuracy above its tool-using SFT start
-(measured flat at lr 5e-5, collapsing at 3e-4; docs/benchmarks.md, "Tool use"). The
-strict xfail turns into a failure the day it starts passing.
+Still open, and marked so: GRPO raising held-out accuracy above its tool-using SFT start.
+The recipe's lr 1e-4 with 16 prompts a step is stable but nearly flat (0.50 -> 0.53-0.56
+sampled over 80 steps); higher rates dip or collapse; the SFT model's answers do follow the tool's
+result, and what fails is the precision of its digit copies (docs/benchmarks.md, "Tool
+use"). The strict xfail turns into a failure the day it starts passing.
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,24 +60,25 @@ def _accuracy(model_dir: Path, tools: bool) -> dict[str, float]:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("tools")
     _run("sft", "--config", RECIPES / "1_sft.yaml", "--run.output_dir", out / "sft")
-    _run("rl", "--config", RECIPES / "2_grpo.yaml", "--model.path", out / "sft" / "final", "--steps", 30,
-         "--optim.lr", "5e-5", *NO_EVAL, "--run.output_dir", out / "grpo")  # fmt: skip
+    _run("rl", "--config", RECIPES / "2_grpo.yaml", "--model.path", out / "sft" / "final", "--steps", 40,
+         *NO_EVAL, "--run.output_dir", out / "grpo")  # fmt: skip
     _run("sft", "--config", RECIPES / "3_sft_no_tools.yaml", "--train.steps", 200,
          "--run.output_dir", out / "sft_plain")  # fmt: skip
     _run("rl", "--config", RECIPES / "4_grpo_no_tools.yaml", "--model.path", out / "sft_plain" / "final",
-         "--steps", 10, "--optim.lr", "5e-5", *NO_EVAL, "--run.output_dir", out / "grpo_plain")  # fmt: skip
+         "--steps", 10, *NO_EVAL, "--run.output_dir", out / "grpo_plain")  # fmt: skip
     rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     return {
         "sft": _accuracy(out / "sft" / "final", tools=True),
         "grpo": _accuracy(out / "grpo" / "final", tools=True),
         "plain": _accuracy(out / "grpo_plain" / "final", tools=False),
         "rows": rows,
+        "grpo_dir": out / "grpo" / "final",
     }
 
 
 def test_tool_use_beats_the_same_budget_without_tools(runs):
     steps = [r for r in runs["rows"] if "reward/mean" in r]
-    assert len(steps) == 30 and all("tools/call_rate" in r and "tools/error_rate" in r for r in steps)
+    assert len(steps) == 40 and all("tools/call_rate" in r and "tools/error_rate" in r for r in steps)
     assert runs["grpo"]["calls"] > 0.8, runs["grpo"]
     assert runs["grpo"]["greedy"] > runs["plain"]["greedy"] + 0.4, (runs["grpo"], runs["plain"])
     assert runs["grpo"]["sampled"] > runs["plain"]["sampled"] + 0.2, (runs["grpo"], runs["plain"])
@@ -82,8 +86,41 @@ def test_tool_use_beats_the_same_budget_without_tools(runs):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open (issue #20): 30 GRPO steps at lr 5e-5 keep held-out accuracy at the tool-using SFT "
-    "start (measured 0.78 -> 0.75 greedy, 0.50 -> 0.48 sampled); lr 3e-4 collapsed it (0.78 -> 0.11 by step 10)",
+    reason="open (issue #20): GRPO keeps held-out accuracy at the tool-using SFT start (lr 1e-4, 16 "
+    "prompts x 8: 0.50 -> 0.53-0.56 sampled over 80 steps); lr 3e-4-5e-4 dip or collapse; failures "
+    "are digit mis-copies into the call or from the tool result into the answer",
 )
 def test_grpo_raises_accuracy_above_the_tool_using_sft_start(runs):
     assert runs["grpo"]["sampled"] > runs["sft"]["sampled"] + 0.10, (runs["sft"], runs["grpo"])
+
+
+def test_the_tool_using_policy_answers_with_what_the_tool_returned(runs, monkeypatch):
+    """The held-out wins come from the tool, not from arithmetic in the model's head: with a
+    calculator that lies (every result + 37), the GRPO policy's greedy answers repeat the
+    false result, and almost never the true sum. (Measured on the SFT start with a direct
+    probe: 61% repeat a random false result, 0% give the true sum.)"""
+    from posttrain.data.envs import make_env
+    from posttrain.data.envs import tools as tools_module
+    from posttrain.data.tasks import get_task
+    from posttrain.engines.models import load_model, load_tokenizer
+    from posttrain.engines.rollout import make_engine
+    from posttrain.engines.rollout.multiturn import MultiTurnEngine
+    from posttrain.train.evaluate import evaluate_policy
+
+    honest = tools_module.calculate
+    monkeypatch.setattr(tools_module, "calculate", lambda expression: str(int(honest(expression)) + 37))
+    tok = load_tokenizer(str(runs["grpo_dir"]))
+    model = load_model(str(runs["grpo_dir"]), tokenizer=tok)
+    task = get_task("tool_arithmetic")
+    examples = task.examples("test", 64, seed=0, difficulty=1)
+    engine = MultiTurnEngine(make_engine("native", model, tok), tok, lambda: make_env("tools"), max_turns=2,
+                             max_total_tokens=160)  # fmt: skip
+    out = evaluate_policy(model, tok, examples, task, k=1, temperature=0.0, max_new_tokens=100, engine=engine,
+                          return_samples=True)  # fmt: skip
+    follows = true_sum = 0
+    for sample, example in zip(out["samples"], examples, strict=True):
+        said = re.search(r"tool\n(-?\d+)<\|im_end\|>", sample["completion"])
+        answer = re.search(r"<answer>(.*?)</answer>", sample["completion"])
+        follows += bool(said and answer and answer.group(1) == said.group(1))
+        true_sum += bool(answer and answer.group(1) == example.answer)
+    assert follows / len(examples) > 0.4 and true_sum / len(examples) < 0.1, (follows, true_sum)
