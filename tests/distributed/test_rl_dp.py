@@ -32,7 +32,9 @@ METRIC_RTOL = 1e-4  # float drift of a few steps of AdamW on summation-order noi
 # Timings; the explained variance is a ratio per micro-batch (2 ranks make smaller ones); the
 # weight-sync bytes are 0 in one process (the generator shares the policy module) and the
 # state dict's size on N ranks (the generator samples from its own full copy).
-BY_NATURE = ("time/", "rollout/tokens_per_s", "value/explained_variance", "sync/bytes")
+# Keys that differ by nature between the runs compared (timings; what a weight sync moved,
+# which depends on where the roles live; the Ray backend's own counters).
+BY_NATURE = ("time/", "rollout/tokens_per_s", "value/explained_variance", "sync/", "ray/")
 REWARD = '[{name: "rl_common:digit_fraction", weight: 1.0}]'
 TINY = ["--model.preset", "tiny", "--run.seed", "0", "--data.task", "arithmetic", "--data.n_train", "64",
         "--data.n_test", "0", "--data.difficulty", "1", "--rollout.prompts_per_step", "4",
