@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from test_offline_dp import DPO, SFT, WEIGHT_RTOL, _from_step4, posttrain, relative_gap, rows, weights
 from test_offline_dp import assert_same_rows as assert_same_offline_rows
 from test_rl_dp import GRPO, _from_step2, assert_same_rows, rl
@@ -32,6 +33,7 @@ def assert_adapters_only(checkpoint: Path, name: str = "policy") -> None:
     assert model_keys and all("lora_" in k for k in model_keys), model_keys[:5]
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_sft_lora_two_processes_match_one_and_resume_at_the_other_world_size(tmp_path):
     args = [*SFT, *LORA]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -54,6 +56,7 @@ def test_sft_lora_two_processes_match_one_and_resume_at_the_other_world_size(tmp
         assert_same_offline_rows(rows(one), rows(run))
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_dpo_lora_two_processes_match_one(tmp_path):
     """DPO + LoRA: the reference is the policy with its adapters off (sharded with it)."""
     args = [*DPO, *LORA, "--ref.cache_dir", str(tmp_path / "ref")]
@@ -63,6 +66,7 @@ def test_dpo_lora_two_processes_match_one(tmp_path):
     assert relative_gap(weights(tmp_path / "one"), weights(tmp_path / "two")) < WEIGHT_RTOL
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_grpo_lora_two_processes_match_one_and_resume_in_one_process(tmp_path):
     """GRPO + LoRA (KL to the adapters-off reference): the generator's plain copy receives
     the policy's weights after each update; checkpoints resume at the other world size."""

@@ -102,6 +102,7 @@ def test_a_killed_rollout_worker_stops_an_async_run_naming_the_role(tmp_path):
         build.shutdown()
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_partial_rollouts_on_ray_train_like_in_process(tmp_path):
     """Segments through the rollout-worker actor: same versions per token, same weights."""
     rows = _same_in_process_and_on_ray(tmp_path, "rollout.max_staleness=1", "rollout.partial_tokens=3")
@@ -155,6 +156,7 @@ run_rl(tiny_config(Path({run!r}), "grpo", *{extra!r}, "backend=ray", "run.save_e
 """
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_kill_9_of_an_async_ray_run_then_cli_resume_is_exact(tmp_path):
     """The whole asynchronous Ray run (driver and, with it, its local Ray instance) is killed
     with SIGKILL while step 3 or 4 of 5 runs; `posttrain rl --run.resume true` on the config it

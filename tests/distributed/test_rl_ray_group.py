@@ -83,6 +83,7 @@ def test_grpo_with_a_policy_learner_group_of_two_matches_the_in_process_run(tmp_
     _compare(tmp_path, "grpo", "algo.kl_coef=0.05")  # with a reference actor beside the group
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_ppo_with_policy_and_critic_learner_groups_matches_the_in_process_run(tmp_path):
     # Two minibatches: old log-probs and values are scoring passes through the sharded models.
     _compare(tmp_path, "ppo", "algo.num_minibatches=2")
@@ -92,6 +93,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_a_group_checkpoint_resumes_in_process_and_final_loads_with_from_pretrained(tmp_path):
     """A 2-learner Ray run stops after step 2 (checkpoints gathered to the driver in the
     one-process format; final/ written by rank 0); one process resumes it to step 3 and
@@ -114,6 +116,7 @@ def test_a_group_checkpoint_resumes_in_process_and_final_loads_with_from_pretrai
     assert_same_rows(_rows(tmp_path / "local"), _rows(tmp_path / "ray"))
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_an_in_process_checkpoint_resumes_in_a_learner_group(tmp_path):
     """The other way: one process writes step 2; a 2-learner group loads it (sharded through
     load_state_dict on both members) and continues to the uninterrupted run's weights."""
@@ -136,6 +139,7 @@ def test_an_in_process_checkpoint_resumes_in_a_learner_group(tmp_path):
     assert_same_rows(_rows(tmp_path / "local"), _rows(tmp_path / "ray"))
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 @pytest.mark.parametrize("when", ["between steps", "during a step"])
 def test_a_killed_learner_member_stops_the_run_with_one_line_naming_role_rank_and_method(tmp_path, when):
     """Member 1 is killed before step 2, or 0.5 s after it begins (wherever that lands: in the

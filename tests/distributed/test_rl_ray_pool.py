@@ -106,6 +106,7 @@ def test_two_rollout_workers_train_like_the_in_process_run_with_two_shards(tmp_p
     assert sum(r["ray/restarts"] for r in rows) == 0
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_a_rollout_worker_killed_mid_run_is_restarted_and_training_is_unchanged(tmp_path, caplog):
     """SIGKILL to rollout worker 1's process from another thread as step 2 starts: the
     worker is rebuilt, brought to the weights of its last sync, the failed call retried."""
@@ -135,6 +136,7 @@ def _killing_reward(marker: Path, on_call: int) -> str:
     )
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_the_rewards_actor_killed_mid_call_is_restarted_and_training_is_unchanged(tmp_path):
     """The reward SIGKILLs the rewards actor inside its 3rd score call (step 2, one call per
     shard): the restarted actor scores the same samples the same way. (In process the same
@@ -182,6 +184,7 @@ def test_the_pools_counters_add_up_the_workers():
     assert _sum_counters(parts) == {"thinking_cut": 7, "prm": {"steps": 4, "cut": 4}}
 
 
+@pytest.mark.slow  # minutes on 2 cores: runs in CI's slow (blocking) suite
 def test_bucketed_weight_sync_trains_like_one_object(tmp_path):
     """A 2 KB bucket cuts the tiny policy into many buckets; the workers load the same weights."""
     local = _in_process(tmp_path)
