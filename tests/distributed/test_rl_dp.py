@@ -232,6 +232,20 @@ def test_dapo_refills_and_success_rate_selection_two_processes_match_one(tmp_pat
     assert relative_gap(weights(one), weights(two)) < WEIGHT_RTOL
 
 
+@pytest.mark.slow
+def test_trpo_two_processes_match_one(tmp_path):
+    """TRPO's natural-gradient step (train/rl/trpo.py) under 2 processes: each rank's share of
+    g, of the Fisher-vector products and of the line search's values, summed over ranks,
+    gives the one-process step on the same global batch (in micro-batches of 4 rows)."""
+    trpo = [*TINY, "--algo.method", "trpo", "--algo.micro_batch_size", "4", "--run.save_every", "0"]
+    rl(*trpo, "--run.output_dir", str(tmp_path / "one"))
+    rl(*trpo, "--run.output_dir", str(tmp_path / "two"), nproc=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sum(r["trpo/accepted"] for r in rows(two)) >= 1  # steps were taken, not all rejected
+    assert_same_rows(rows(one), rows(two))
+    assert relative_gap(weights(one), weights(two)) < WEIGHT_RTOL
+
+
 def test_rank_that_raises_mid_step_ends_the_job_with_one_line(tmp_path):
     reward = '[{name: "rl_common:digit_fraction_failing_on_rank_one", weight: 1.0}]'
     proc = rl(*GRPO, "--run.output_dir", str(tmp_path / "run"), "--reward_exec.max_error_rate", "0",

@@ -32,8 +32,8 @@ processes reproduce one process on the same global batch.
   gathered weights, in Hugging Face format.
 
 Refused with one-line ConfigErrors before any model is built: prompts_per_step not a
-multiple of N, rollout.shards not a multiple of N, the vLLM engine, TRPO's
-natural-gradient step.
+multiple of N, rollout.shards not a multiple of N, the vLLM engine. TRPO's natural-gradient
+step runs (train/rl/trpo.py: full vectors all-reduced over ranks).
 
 LoRA: the PEFT-wrapped policy is sharded like a plain one (frozen base weights sharded too,
 only the adapters in the optimizer, so their gradients and AdamW state are sharded); the
@@ -75,19 +75,20 @@ def check_world(cfg, world: int) -> None:
             "rollout.max_staleness >= 1 (asynchronous RL) does not run under torch.distributed yet; "
             "use one process or backend: ray (with ray.learners for a data-parallel learner group)"
         )
-    check_sharded_learners(cfg, "use one process", lora=True)
+    check_sharded_learners(cfg, "use one process", lora=True, trpo=True)
 
 
-def check_sharded_learners(cfg, instead: str, *, lora: bool = False) -> None:
+def check_sharded_learners(cfg, instead: str, *, lora: bool = False, trpo: bool = False) -> None:
     """What FSDP2-sharded RL learners refuse (here and in a Ray learner group,
     train/rl/ray_group.py); `instead` ends each message with what to do. `lora`: LoRA is
     supported (`--nproc` / torchrun); a Ray learner group, which hands its driver
-    one-process checkpoint parts, still refuses it."""
+    one-process checkpoint parts, still refuses it. `trpo`: TRPO is supported (`--nproc` /
+    torchrun, tested 2 == 1 process); a Ray learner group, untested with it, refuses it."""
     if cfg.model.lora_r > 0 and not lora:
         raise ConfigError(f"LoRA (model.lora_r > 0) does not run under torch.distributed yet; {instead}")
     if cfg.rollout.engine == "vllm":
         raise ConfigError(f"rollout.engine=vllm does not run under torch.distributed yet; {instead}")
-    if cfg.algo.trust_region is not None:
+    if cfg.algo.trust_region is not None and not trpo:
         raise ConfigError(f"algo.trust_region (TRPO) does not run under torch.distributed yet; {instead}")
 
 
