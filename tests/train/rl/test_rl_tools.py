@@ -5,6 +5,7 @@ logged, and bad env settings fail before any model is built."""
 import json
 
 import pytest
+import torch
 
 from posttrain.errors import ConfigError
 from posttrain.train.rl.controller import RLTrainer
@@ -91,3 +92,34 @@ def test_textarena_game_trains_from_its_own_prompts_with_the_env_return_reward(t
     metrics = trainer.step()
     assert "env/return_mean" in metrics and metrics["tools/turns_mean"] >= 1
     assert metrics["reward/mean"] == pytest.approx(metrics["env/return_mean"])  # the score is the game's
+
+
+def test_multi_turn_tool_rollouts_run_asynchronously_within_the_staleness_bound(tmp_path):
+    """Asynchronous RL (rollout.max_staleness, docs/rl.md) with the tools environment: the
+    rollout thread drives the multi-turn generator on its own policy copy; every trained
+    token of step s was sampled by version s - min(s, 1), tools/* metrics are logged, and a
+    second run trains the same weights (the schedule is deterministic)."""
+    extra = ("env.name=tools", "env.max_turns=2", "env.max_total_tokens=120", "rollout.max_new_tokens=40",
+             "rewards=[{name: task}]", "rollout.max_staleness=1")  # fmt: skip
+    weights = []
+    for run in ("a", "b"):
+        trainer = RLTrainer(tiny_config(tmp_path / run, "grpo", *extra, steps=3))
+        seen = []
+        step = trainer.step
+
+        def recording_step(trainer=trainer, step=step, seen=seen):
+            metrics = step()
+            b = trainer._last_batch
+            s = trainer.step_count - 1
+            ages = (s - b.versions)[b.mask > 0]
+            seen.append((s, ages, metrics))
+            return metrics
+
+        trainer.step = recording_step
+        trainer.train()
+        for s, ages, metrics in seen:
+            assert ages.numel() == 0 or bool((ages == min(s, 1)).all()), (s, ages.unique())
+            assert "tools/call_rate" in metrics and "tools/turns_mean" in metrics
+        weights.append({k: v.clone() for k, v in trainer.policy.model.state_dict().items()})
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
