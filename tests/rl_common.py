@@ -138,3 +138,44 @@ def collect_batch(trainer, step: int):
         prompts=trainer.prompts,
         tokenizer=trainer.tokenizer,
     )
+
+
+def cli_resume_matches_uninterrupted(
+    ref: Path, run: Path, env: dict, *, steps: int = 5, group: int = 4
+) -> None:
+    """For the async kill -9 tests: `run` was killed before its last step; resume it with
+    `posttrain rl --config run/config.yaml --run.resume true` and assert it ends exactly as the
+    uninterrupted `ref` (final weights, samples.jsonl trained rows), every step trained once,
+    and each prompt trained 2 or 3 times (steps x 4 prompts drawn over 8 prompts)."""
+    import json
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    from posttrain.train.common.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(run).latest()
+    assert latest is not None and CheckpointManager.step_of(latest) < steps
+    cli = subprocess.run(
+        [sys.executable, "-m", "posttrain", "rl", "--config", str(run / "config.yaml"), "--run.resume", "true"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+
+    def final(d: Path) -> dict:
+        return load_file(str(next((d / "final").glob("*.safetensors"))))
+
+    def trained(d: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines() if x.strip()]
+        return [r for r in rows if "trained" in r]
+
+    a, b = final(ref), final(run)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert trained(ref) == trained(run)
+    assert [r["step"] for r in trained(run)] == list(range(steps))
+    counts = Counter(t["prompt_id"] for r in trained(run) for t in r["trained"])
+    times = {pid: n / group for pid, n in counts.items()}
+    assert sum(times.values()) == steps * 4 and sorted(set(times.values())) == [2.0, 3.0]
