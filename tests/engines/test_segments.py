@@ -248,12 +248,8 @@ def test_same_seed_same_samples_and_segment_seeds(tiny_model, char_tok):
     assert not torch.equal(a.response_ids[:, 4:], whole.response_ids[:, 4:])
 
 
-def test_refuses_multi_turn_and_bad_segment_size(tiny_model, char_tok):
-    gen = Generator(make_engine("native", tiny_model, char_tok), tiny_model, multi_turn=True)
-    with pytest.raises(ValueError, match="multi-turn rollouts cannot be generated in segments"):
-        generate_in_segments(
-            gen, _prompts(char_tok), SamplingParams(), segment_tokens=4, before_segment=_no_sync
-        )
+def test_refuses_a_bad_segment_size(tiny_model, char_tok):
+    """(Multi-turn generators are segmented by their own engine: tests/engines/test_multiturn_segments.py.)"""
     gen = _generator(tiny_model, char_tok)
     with pytest.raises(ValueError, match="segment_tokens must be >= 1, got 0"):
         generate_in_segments(

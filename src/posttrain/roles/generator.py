@@ -34,7 +34,7 @@ class Generator:
         self.version = 0
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, rows: list[dict] | None = None
+        self, prompts: list[list[int]], params: SamplingParams, rows: list[dict] | None = None, segments=None
     ) -> Rollout:
         """`params.n` samples per prompt (token-id prompts, chat template applied).
 
@@ -42,12 +42,18 @@ class Generator:
         engine when there is no environment, so pass None then). A [B, T, V] keep mask
         from the engine is handed on as `Rollout.keep_ids` [B, T, K] (keep_mask None), so
         what crosses this role's boundary is K/V the size.
+        segments: a multi-turn engine's segment schedule (partial rollouts,
+        engines/rollout/segments.py `SegmentSchedule`); None: whole turns.
         """
-        ro = (
-            self.engine.generate(prompts, params, rows=rows)
-            if self.multi_turn
-            else self.engine.generate(prompts, params)
-        )
+        if segments is not None and not self.multi_turn:
+            raise ValueError(
+                "Generator.generate: segments= is for multi-turn engines (see generate_in_segments)"
+            )
+        if self.multi_turn:
+            extra = {} if segments is None else {"segments": segments}
+            ro = self.engine.generate(prompts, params, rows=rows, **extra)
+        else:
+            ro = self.engine.generate(prompts, params)
         if ro.keep_mask is not None:
             ro = replace(ro, keep_ids=keep_ids_from_mask(ro.keep_mask), keep_mask=None)
         return ro

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ from posttrain.engines.encoding import observation_text  # noqa: F401  (re-expor
 from posttrain.engines.fastpath import record_fallback
 from posttrain.engines.rollout.base import Rollout, SamplingParams
 from posttrain.engines.rollout.common import rollout_from_rows
+from posttrain.engines.rollout.segments import SegmentSchedule, run_segments
 
 # The call format of data/envs/tools.py ends a tool-calling turn.
 TOOL_CALL_END = "</tool_call>"
@@ -88,12 +90,19 @@ class MultiTurnEngine:
         return list(self.env_factory().tool_schemas())
 
     def generate(
-        self, prompts: Sequence[list[int]], params: SamplingParams, rows: Sequence[dict] | None = None
+        self,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        rows: Sequence[dict] | None = None,
+        segments: SegmentSchedule | None = None,
     ) -> Rollout:
         """`params.n` trajectories per prompt (token-id prompts, chat template applied).
 
         rows: one dict per prompt for `Environment.reset` (e.g. {"prompt", "answer", ...});
         default: the decoded prompt only.
+        segments: partial rollouts (module docstring, "Segments"): every model turn generated
+        in segments of at most `segments.tokens` new tokens, `segments.before(j)` giving the
+        version of segment j; the Rollout then carries `versions` [B, T].
         """
         if params.return_keep_mask:
             raise ValueError("keep sampling masks are not supported for multi-turn rollouts")
@@ -113,6 +122,8 @@ class MultiTurnEngine:
         stops = list(dict.fromkeys([*params.stop_strings, TOOL_CALL_END]))
         caches: list[Any] = [None] * B  # per sample: the inner engine's KV cache (continue_kv)
         cached = self.continues_from_cache
+        seg = None if segments is None else _SegmentedTurns(self, segments, caches, cached)
+        versions = [[] for _ in range(B)]  # per token: the policy version (segments only)
         active = list(range(B))
         for turn in range(self.max_turns):
             room = [self.max_total_tokens - len(ids[i]) for i in active]
@@ -123,12 +134,15 @@ class MultiTurnEngine:
             turn_params = replace(params, n=1, max_new_tokens=budget, stop_strings=stops,
                                   seed=None if params.seed is None else params.seed + 7919 * turn)  # fmt: skip
             if turn == 0:
-                order = list(range(B))
-                ro = self._turn(list(prompts), replace(turn_params, n=n), None, order, caches, cached)
+                order, seqs, row_caches = list(range(B)), list(prompts), None
+                turn_params = replace(turn_params, n=n)
             else:
-                order = active
-                seqs = [prompts[i // n] + ids[i] for i in active]
-                ro = self._turn(seqs, turn_params, [caches[i] for i in active], order, caches, cached)
+                order, seqs = active, [prompts[i // n] + ids[i] for i in active]
+                row_caches = [caches[i] for i in active]
+            if seg is None:
+                ro = self._turn(seqs, turn_params, row_caches, order, caches, cached)
+            else:
+                ro = seg.turn(seqs, turn_params, order, continuing=turn > 0)
             next_active = []
             for j, i in enumerate(order):
                 length = int(ro.mask[j].sum())
@@ -137,6 +151,9 @@ class MultiTurnEngine:
                 ids[i] += new
                 counts[i] += [1] * len(new)
                 logps[i] += ro.sampling_logprobs[j, :length].tolist()
+                if seg is not None:  # padding of a turn's row holds its last version
+                    versions[i] += ro.versions[j, :length].tolist()
+                    seg.last[i] = int(ro.versions[j, length - 1] if length else ro.versions[j, -1])
                 stats["turns"][i] += 1
                 if ro.finish_reason[j] != "stop" or len(ids[i]) >= self.max_total_tokens:
                     finish[i] = "length" if ro.finish_reason[j] == "stop" else ro.finish_reason[j]
@@ -158,12 +175,17 @@ class MultiTurnEngine:
                     ids[i] += obs["input_ids"]
                     counts[i] += [0] * len(obs["input_ids"])
                     logps[i] += [0.0] * len(obs["input_ids"])
+                    if seg is not None:  # an observation carries the version of the token before it
+                        versions[i] += [seg.last[i]] * len(obs["input_ids"])
                     next_active.append(i)
                 # else: no room for the observation and another turn: cut here ("length")
             active = next_active
             for i in set(order) - set(active):  # finished: its cache is not needed any more
                 caches[i] = None
-        return self._assemble(prompts, n, ids, counts, logps, rewards, finish, stats)
+        ro = self._assemble(prompts, n, ids, counts, logps, rewards, finish, stats)
+        if seg is not None:
+            ro.versions = seg.versions_tensor(versions, ro.mask.shape)
+        return ro
 
     def _turn(self, seqs, params: SamplingParams, row_caches, order, caches, cached: bool) -> Rollout:
         """One batched turn: continued from the rows' caches where possible (turn 0:
@@ -190,6 +212,64 @@ class MultiTurnEngine:
                 ro.turn_rewards[i, t] += r
         ro.turn_stats = stats
         return ro
+
+
+class _SegmentedTurns:
+    """The model turns of one multi-turn `generate` call, each generated in segments by
+    segments.py's `run_segments` over the inner engine (module docstring, "Segments").
+
+    Holds the segment counter (running on across turns), the version of the segment being
+    sampled, and per sample the version whose weights computed its KV cache (`stamps`): a
+    turn continues from the caches only when every one of them was computed under the
+    current version; after a sync the batch is re-encoded under the new weights.
+    """
+
+    def __init__(self, engine: MultiTurnEngine, schedule: SegmentSchedule, caches: list, cached: bool):
+        self.engine, self.schedule, self.caches, self.cached = engine, schedule, caches, cached
+        self.stamps: list[int | None] = [None] * len(caches)
+        self.last: list[int] = [0] * len(caches)  # per sample: the version of its last token
+        self.segment = 0  # the next segment's index j
+        self.version = 0  # the version of the segment being sampled
+        inner = engine.engine
+        self.view = SimpleNamespace(tokenizer=engine.tokenizer, pad_id=engine.pad_id,
+                                    config=getattr(inner, "config", None),
+                                    context_length=getattr(inner, "context_length", None))  # fmt: skip
+
+    def turn(
+        self, seqs: list[list[int]], params: SamplingParams, order: list[int], *, continuing: bool
+    ) -> Rollout:
+        """One model turn of the samples `order` (turn 0: every sample, seqs = the prompts,
+        params.n per prompt), generated in segments; the Rollout carries `versions`."""
+        first = self.segment
+        opening = [True]  # the turn's first segment may continue from the previous turn's caches
+
+        def before(m: int) -> int:
+            self.segment = first + m + 1
+            self.version = int(self.schedule.before(first + m))
+            return self.version
+
+        def sample(call_seqs, seg_params, rows):
+            samples = [order[r] for r in rows]
+            row_caches = None
+            if opening[0] and continuing:
+                row_caches = [self.caches[i] for i in samples]
+                if any(self.stamps[i] != self.version for i in samples if self.caches[i] is not None):
+                    row_caches = None  # computed under older weights: re-encode (required, not a fallback)
+            opening[0] = False
+            ro = self.engine._turn(call_seqs, seg_params, row_caches, samples, self.caches, self.cached)
+            for i in samples:
+                self.stamps[i] = self.version
+            return ro
+
+        return run_segments(self.view, seqs, params, replace(self.schedule, before=before), sample)
+
+    def versions_tensor(self, versions: list[list[int]], shape: torch.Size) -> torch.Tensor:
+        """[B, T] long: each sample's per-token versions, padding = its last version."""
+        out = torch.zeros(shape, dtype=torch.long)
+        for i, v in enumerate(versions):
+            out[i, : len(v)] = torch.tensor(v, dtype=torch.long)
+            out[i, len(v) :] = self.last[i]
+        return out
 
 
 def turn_metrics(turn_stats: dict[str, list]) -> dict[str, float]:

@@ -65,7 +65,7 @@ from posttrain.engines.rollout.common import (
     repetition_hit,
 )
 
-__all__ = ["generate_in_segments", "segment_seed"]
+__all__ = ["SegmentSchedule", "generate_in_segments", "run_segments", "segment_seed"]
 
 _CODES = {reason: code for code, reason in REASONS.items()}  # "stop" -> STOP, ...
 
@@ -87,8 +87,20 @@ class _Sample:
     logprobs: list[torch.Tensor] = field(default_factory=list)  # per segment: [L] float32
     keep: list[torch.Tensor] = field(default_factory=list)  # per segment: keep ids [L, K]
     versions: list[int] = field(default_factory=list)  # per token
+    version: int = 0  # of the last segment the sample was in (pads a sample of no tokens)
     reason: str = "length"
     done: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentSchedule:
+    """How a generation is cut into segments: at most `tokens` new tokens per segment, and
+    `before(j)`, called before segment j is sampled, returning the policy version that
+    samples it (it may sync newer weights first). What a multi-turn engine receives
+    (engines/rollout/multiturn.py): its segment counter j runs on across turns."""
+
+    tokens: int
+    before: Callable[[int], int]
 
 
 def generate_in_segments(
@@ -98,6 +110,7 @@ def generate_in_segments(
     *,
     segment_tokens: int,
     before_segment: Callable[[int], None],
+    rows: list[dict] | None = None,
 ) -> Rollout:
     """`params.n` samples per prompt, generated `segment_tokens` new tokens at a time (see the
     module docstring); returns the Rollout of a whole generation plus `versions` [B, T].
@@ -106,51 +119,84 @@ def generate_in_segments(
         `engine_view()` with `tokenizer` / `pad_id` / `config` / `context_length`). prompts: token-id lists.
     before_segment(j): called before segment j is sampled (only when there is one to
         sample); it may `generator.sync(...)` to a newer policy version.
-    Raises ValueError for a multi-turn generator or segment_tokens < 1.
+    rows: a multi-turn generator's per-prompt environment rows. A multi-turn generator
+        generates each model turn in segments itself (`generate(..., segments=...)`,
+        engines/rollout/multiturn.py), the counter j running on across turns.
+    Raises ValueError for segment_tokens < 1.
     """
-    if generator.multi_turn:
-        raise ValueError("generate_in_segments: multi-turn rollouts cannot be generated in segments")
     if segment_tokens < 1:
         raise ValueError(f"generate_in_segments: segment_tokens must be >= 1, got {segment_tokens}")
-    engine = generator.engine_view()  # tokenizer, config, context length, pad id: no weights
+
+    def before(j: int) -> int:
+        before_segment(j)
+        return int(generator.version)
+
+    if generator.multi_turn:
+        return generator.generate(
+            prompts, params, rows=rows, segments=SegmentSchedule(segment_tokens, before)
+        )
+    return run_segments(
+        generator.engine_view(),  # tokenizer, config, context length, pad id: no weights
+        prompts,
+        params,
+        SegmentSchedule(segment_tokens, before),
+        lambda seqs, seg_params, samples: generator.generate(seqs, seg_params),
+    )
+
+
+def run_segments(
+    engine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    schedule: SegmentSchedule,
+    sample: Callable[[list[list[int]], SamplingParams, list[int]], Rollout],
+) -> Rollout:
+    """The segment loop of `generate_in_segments` over any single-turn sampler.
+
+    engine: `tokenizer`, `pad_id`, `config` (or None), `context_length` (or None).
+    sample(seqs, seg_params, samples): samples one segment; `samples` is the index of each
+        sequence's sample (prompt-major, `params.n` per prompt): every sample in segment 0
+        (seqs = the prompts, seg_params.n = params.n), the unfinished ones, in increasing
+        order, after (seqs = prompt + response so far, n = 1).
+    """
     context = getattr(engine, "context_length", None)
     checker = _BoundaryChecker(engine, params)
     samples = [_Sample(list(p)) for p in prompts for _ in range(params.n)]
     live = list(range(len(samples)))
     segment = 0
     while live:
-        used = segment * segment_tokens  # every live sample used every earlier segment's budget
-        budget = min(segment_tokens, params.max_new_tokens - used)
-        before_segment(segment)
-        version = int(generator.version)
+        used = segment * schedule.tokens  # every live sample used every earlier segment's budget
+        budget = min(schedule.tokens, params.max_new_tokens - used)
+        version = int(schedule.before(segment))
         if segment == 0:
             seg_params = replace(params, max_new_tokens=budget)
-            rollout = generator.generate([list(p) for p in prompts], seg_params)
+            rollout = sample([list(p) for p in prompts], seg_params, list(live))
         else:
             seg_params = replace(params, n=1, max_new_tokens=budget, seed=segment_seed(params.seed, segment))
-            rollout = generator.generate([samples[i].prompt + samples[i].ids for i in live], seg_params)
+            rollout = sample([samples[i].prompt + samples[i].ids for i in live], seg_params, list(live))
         keep = rollout.keep_ids  # [b, T, K] or None (the Generator role's form of a keep mask)
         lengths = rollout.mask.sum(-1).long().tolist()
         for row, i in enumerate(live):
-            sample, length = samples[i], lengths[row]
+            sample_i, length = samples[i], lengths[row]
             new_ids = rollout.response_ids[row, :length].tolist()
             reason = rollout.finish_reason[row]
             if segment > 0:
-                length, reason = checker.cut(sample.ids, new_ids, reason)
+                length, reason = checker.cut(sample_i.ids, new_ids, reason)
                 new_ids = new_ids[:length]
-            base = len(sample.ids)
-            sample.ids += new_ids
-            sample.logprobs.append(rollout.sampling_logprobs[row, :length])
+            base = len(sample_i.ids)
+            sample_i.ids += new_ids
+            sample_i.logprobs.append(rollout.sampling_logprobs[row, :length])
             if keep is not None:
-                sample.keep.append(keep[row, :length])
-            sample.versions += [version] * length
-            sample.reason = reason
-            total = len(sample.ids)
-            sample.done = not (
+                sample_i.keep.append(keep[row, :length])
+            sample_i.versions += [version] * length
+            sample_i.version = version
+            sample_i.reason = reason
+            total = len(sample_i.ids)
+            sample_i.done = not (
                 reason == "length"
                 and total - base == budget
                 and total < params.max_new_tokens
-                and (context is None or len(sample.prompt) + total < context)
+                and (context is None or len(sample_i.prompt) + total < context)
             )
         live = [i for i in live if not samples[i].done]
         segment += 1
@@ -210,7 +256,7 @@ def _assemble(samples: list[_Sample], prompts, params: SamplingParams, engine, s
         response_ids[i, :length] = torch.tensor(s.ids, dtype=torch.long)
         sampling_logprobs[i, :length] = torch.cat(s.logprobs)
         versions[i, :length] = torch.tensor(s.versions, dtype=torch.long)
-        versions[i, length:] = s.versions[-1]
+        versions[i, length:] = s.version
         at = 0
         for piece in s.keep:
             keep_ids[i, at : at + piece.shape[0], : piece.shape[-1]] = piece

@@ -12,6 +12,9 @@ bit for bit):
   - partial rollouts (`rollout.partial_tokens = n`): collect(s) generates in segments of n
     new tokens; segment j uses version max(0, min(s - k + j, s)) (waiting for it to be
     published), so a long generation continues under fresher weights; staleness <= k still.
+    With a multi-turn environment every model turn is generated in segments and j runs on
+    across turns (a new turn starts a new segment), so newer weights may also arrive between
+    two turns (engines/rollout/multiturn.py, "Segments").
 
 The controller publishes each new version after its update (`publish`: a snapshot of the
 weights, since an in-process learner keeps training its module) and takes batch s from the
@@ -67,7 +70,9 @@ def check_async(cfg, spec) -> None:
     if not n:
         return
     for key, on in (
-        ("env.name (multi-turn environments)", cfg.env.name is not None),
+        # The turn loop of a multi-turn rollout runs inside the rollout worker; the segment
+        # schedule (waiting for and syncing versions) runs in the driver's rollout thread.
+        ("env.name on backend: ray", cfg.env.name is not None and cfg.backend == "ray"),
         ("rollout.prm_guide", cfg.rollout.prm_guide.model_path is not None),
         ("rollout.thinking_budget", ro.thinking_budget > 0),
         ("rollout.engine=vllm", ro.engine == "vllm"),

@@ -99,15 +99,16 @@ def _one_shard(
 ) -> RoundResult:
     """Generate `items` (G samples each) in one call and reward them. With
     rollout.partial_tokens the call is `generate_in_segments` (segments of that many new
-    tokens, `before_segment(j)` syncing the generator before segment j)."""
+    tokens, `before_segment(j)` syncing the generator before segment j; with an environment,
+    every model turn in segments, j running on across turns)."""
     t = time.perf_counter()
     env_rows = None
     if cfg.env.name is not None:  # the environment sees each prompt's row (answer, columns)
         env_rows = [{"prompt": it.text, "answer": it.answer, **it.columns} for it in items]
-    if cfg.rollout.partial_tokens:  # validate refused environments with partial rollouts
+    if cfg.rollout.partial_tokens:  # a multi-turn generator segments each turn (multiturn.py)
         from posttrain.engines.rollout.segments import generate_in_segments
 
-        ro = generate_in_segments(generator, [it.prompt_ids for it in items], params,
+        ro = generate_in_segments(generator, [it.prompt_ids for it in items], params, rows=env_rows,
                                   segment_tokens=cfg.rollout.partial_tokens, before_segment=before_segment)  # fmt: skip
     else:
         ro = generator.generate([it.prompt_ids for it in items], params, rows=env_rows)
