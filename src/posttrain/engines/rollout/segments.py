@@ -44,6 +44,12 @@ wrappers that themselves continue samples (the thinking budget, the PRM guide) s
 segment as a fresh generation, so their per-sample budgets restart per segment; the
 caller's config validation must refuse them together with partial rollouts.
 
+Multi-turn generators (an environment): `generate_in_segments` hands the schedule
+(`SegmentSchedule`: the segment size and `before(j)` returning segment j's version) to the
+multi-turn engine, which generates every model turn with `run_segments` — the loop above —
+over its inner engine; the segment counter runs on across turns and a new turn starts a new
+segment (engines/rollout/multiturn.py, "Segments").
+
 Shapes: B = prompts x n samples, T = longest response, K = largest kept support.
 """
 

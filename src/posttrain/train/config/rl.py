@@ -127,7 +127,8 @@ class RolloutSection:
     partial_tokens: int = setting(
         0,
         "Partial rollouts (needs max_staleness >= 1): generate in segments of this many new tokens; segment j "
-        "of step s uses version max(0, min(s - max_staleness + j, s)), recorded per token; 0 = whole generations.",
+        "of step s uses version max(0, min(s - max_staleness + j, s)), recorded per token (with env.name every "
+        "model turn is segmented and j runs on across turns); 0 = whole generations.",
     )
     async_timeout_s: float = setting(
         600.0,
