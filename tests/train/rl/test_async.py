@@ -428,7 +428,7 @@ def _multi_turn(env: str) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("env", ["tools", "answer_every_turn"])
-def test_partial_multi_turn_rollouts_keep_the_bound_and_resume_exactly(env, tmp_path):
+def test_partial_multi_turn_rollouts_keep_the_bound_and_resume_exactly(env, tmp_path, monkeypatch):
     """Multi-turn trajectories generated in segments (engines/rollout/multiturn.py): every
     token's version is one of step s's segment versions, versions never decrease along a
     trajectory (observations carry the version before them), and a checkpoint that cuts a
@@ -452,4 +452,17 @@ def test_partial_multi_turn_rollouts_keep_the_bound_and_resume_exactly(env, tmp_
     if env == "answer_every_turn":
         assert max(turns) > 1.5  # trajectories of several turns: segments ran on across turns
 
+    from posttrain.train.rl.async_rollouts import AsyncRollouts
+
+    phases = []  # what the rollout thread was doing when each checkpoint paused it
+    state_dict = AsyncRollouts.state_dict
+
+    def recording_state_dict(self, current_version):
+        phases.append(self._phase)
+        return state_dict(self, current_version)
+
+    monkeypatch.setattr(AsyncRollouts, "state_dict", recording_state_dict)
     _crash_resume_matches(ref, tmp_path, extra, steps)
+    # a checkpoint paused a collect between two of its segments (the schedule makes the thread
+    # wait there for a version not yet published), so the resume redid a cut collect
+    assert any(re.search(r"segment [1-9]", phase) for phase in phases), phases
