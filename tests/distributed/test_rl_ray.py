@@ -69,6 +69,7 @@ def _compare(tmp_path, method: str, *extra: str, steps: int = 3):
     assert all(
         r["sync/bytes"] == sum(v.numel() * v.element_size() for v in state["model"].values()) for r in raw
     )
+    return rows_local
 
 
 def test_synchronous_ray_grpo_trains_like_the_in_process_run(tmp_path):
@@ -83,6 +84,14 @@ def test_synchronous_ray_ppo_with_a_critic_actor(tmp_path):
 def test_synchronous_ray_kdrl_with_a_teacher_actor(tmp_path):
     teacher = train_digit_teacher(tmp_path / "teacher", steps=5)
     _compare(tmp_path, "kdrl", f"teacher.path={teacher}", steps=2)
+
+
+def test_synchronous_ray_grpo_with_multi_turn_tool_rollouts(tmp_path):
+    """The rollout worker drives the multi-turn generator (tools environment, calculator)
+    inside its actor: same samples, tools/* metrics and weights as in process."""
+    rows = _compare(tmp_path, "grpo", "env.name=tools", "env.max_turns=2", "env.max_total_tokens=120",
+                    "rollout.max_new_tokens=40", steps=2)  # fmt: skip
+    assert all(r["tools/turns_mean"] >= 1 and "tools/call_rate" in r for r in rows)
 
 
 def test_a_killed_rollout_worker_stops_the_run_naming_the_role(tmp_path):

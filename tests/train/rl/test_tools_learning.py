@@ -1,13 +1,14 @@
 """Learning with tools (issue #20), through the CLI as a user runs recipes/tools/: on
 three-digit addition and subtraction, a tiny model that learned (SFT) to call a
-calculator and GRPO-trained with it answers held-out problems far better than the same
-model and budget without tools, and keeps calling the tool.
+calculator and was then GRPO-trained with it answers held-out problems far better than
+its SFT start and than the same model and budget without tools, and keeps calling the tool.
 
-Still open, and marked so: GRPO raising held-out accuracy above its tool-using SFT start.
-The recipe's lr 1e-4 with 16 prompts a step is stable but nearly flat (0.50 -> 0.53-0.56
-sampled over 80 steps); higher rates dip or collapse; the SFT model's answers do follow the tool's
-result, and what fails is the precision of its digit copies (docs/benchmarks.md, "Tool
-use"). The strict xfail turns into a failure the day it starts passing.
+The SFT start is the recipe's stage 1 stopped part-way (300 of its 400 steps: ~63% greedy,
+~20% sampled held-out), as `posttrain demo` does for its own task: a start that is right on
+some samples and wrong on others, so GRPO's groups carry a signal and there is room to
+show. Measured with CI's 2 threads (docs/benchmarks.md, "Tool use"): 200 GRPO steps at the
+recipe's settings take held-out accuracy 63% -> 77% greedy and 20% -> ~55% sampled; from the
+full 400-step start 300 steps go 88% -> 91% greedy, 72% -> 87% sampled.
 """
 
 import json
@@ -22,6 +23,8 @@ from posttrain import cli
 pytestmark = pytest.mark.slow
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "tools"
+SFT_STEPS = 300  # of the recipe's 400: a start with room (module docstring)
+GRPO_STEPS = 200
 NO_EVAL = ["--eval.every", "0", "--eval.before_after", "false"]
 
 
@@ -30,7 +33,7 @@ def _run(*args) -> None:
 
 
 def _accuracy(model_dir: Path, tools: bool) -> dict[str, float]:
-    """Held-out accuracy on 64 test problems: greedy, and sampled (T=1, 2 per problem);
+    """Held-out accuracy on 128 test problems: greedy, and sampled (T=1, 4 per problem);
     the tool-call rate of the sampled answers."""
     from posttrain.data.envs import make_env
     from posttrain.data.tasks import get_task
@@ -42,7 +45,7 @@ def _accuracy(model_dir: Path, tools: bool) -> dict[str, float]:
     tok = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), tokenizer=tok)
     task = get_task("tool_arithmetic")
-    examples = task.examples("test", 64, seed=0, difficulty=1)
+    examples = task.examples("test", 128, seed=0, difficulty=1)
     engine = make_engine("native", model, tok)
     if tools:
         engine = MultiTurnEngine(engine, tok, lambda: make_env("tools"), max_turns=2, max_total_tokens=160)
@@ -50,7 +53,7 @@ def _accuracy(model_dir: Path, tools: bool) -> dict[str, float]:
     greedy = evaluate_policy(
         model, tok, examples, task, k=1, temperature=0.0, max_new_tokens=100, engine=engine
     )
-    sampled = evaluate_policy(model, tok, examples, task, k=2, temperature=1.0, max_new_tokens=100, engine=engine,
+    sampled = evaluate_policy(model, tok, examples, task, k=4, temperature=1.0, max_new_tokens=100, engine=engine,
                               seed=1, return_samples=True)  # fmt: skip
     calls = sum("<tool_call>" in s["completion"] for s in sampled["samples"]) / len(sampled["samples"])
     return {"greedy": greedy["accuracy"], "sampled": sampled["accuracy"], "calls": calls}
@@ -59,8 +62,10 @@ def _accuracy(model_dir: Path, tools: bool) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("tools")
-    _run("sft", "--config", RECIPES / "1_sft.yaml", "--run.output_dir", out / "sft")
-    _run("rl", "--config", RECIPES / "2_grpo.yaml", "--model.path", out / "sft" / "final", "--steps", 40,
+    _run(
+        "sft", "--config", RECIPES / "1_sft.yaml", "--train.steps", SFT_STEPS, "--run.output_dir", out / "sft"
+    )
+    _run("rl", "--config", RECIPES / "2_grpo.yaml", "--model.path", out / "sft" / "final", "--steps", GRPO_STEPS,
          *NO_EVAL, "--run.output_dir", out / "grpo")  # fmt: skip
     _run("sft", "--config", RECIPES / "3_sft_no_tools.yaml", "--train.steps", 200,
          "--run.output_dir", out / "sft_plain")  # fmt: skip
@@ -78,20 +83,18 @@ def runs(tmp_path_factory):
 
 def test_tool_use_beats_the_same_budget_without_tools(runs):
     steps = [r for r in runs["rows"] if "reward/mean" in r]
-    assert len(steps) == 40 and all("tools/call_rate" in r and "tools/error_rate" in r for r in steps)
+    assert len(steps) == GRPO_STEPS and all("tools/call_rate" in r and "tools/error_rate" in r for r in steps)
     assert runs["grpo"]["calls"] > 0.8, runs["grpo"]
     assert runs["grpo"]["greedy"] > runs["plain"]["greedy"] + 0.4, (runs["grpo"], runs["plain"])
     assert runs["grpo"]["sampled"] > runs["plain"]["sampled"] + 0.2, (runs["grpo"], runs["plain"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue #20): GRPO keeps held-out accuracy at the tool-using SFT start (lr 1e-4, 16 "
-    "prompts x 8: 0.50 -> 0.53-0.56 sampled over 80 steps); lr 3e-4-5e-4 dip or collapse; failures "
-    "are digit mis-copies into the call or from the tool result into the answer",
-)
 def test_grpo_raises_accuracy_above_the_tool_using_sft_start(runs):
-    assert runs["grpo"]["sampled"] > runs["sft"]["sampled"] + 0.10, (runs["sft"], runs["grpo"])
+    """Measured: greedy 0.63 -> 0.77, sampled 0.20 -> ~0.55 (module docstring); the floors
+    leave a 2x margin on the sampled gain and ask the greedy answer to improve too."""
+    sft, grpo = runs["sft"], runs["grpo"]
+    assert grpo["sampled"] > sft["sampled"] + 0.15, (sft, grpo)
+    assert grpo["greedy"] > sft["greedy"] + 0.05, (sft, grpo)
 
 
 def test_the_tool_using_policy_answers_with_what_the_tool_returned(runs, monkeypatch):
