@@ -140,3 +140,19 @@ def test_lora_wraps_and_saves_merged(char_tok, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_loaded_models_never_fetch_hub_kernels(tiny_model, char_tok, tmp_path):
+    """transformers >= 5.25 turns use_kernels on by default and then, on CUDA, swaps layers
+    for kernels downloaded from the Hub at .train() (a GPU run failed offline on it): every
+    posttrain load keeps the plain torch layers, the policy and the value model alike."""
+    M.save_model(tiny_model, char_tok, str(tmp_path / "m"))
+    policy = M.load_model(str(tmp_path / "m"), tokenizer=char_tok)
+    assert getattr(policy, "use_kernels", False) is False
+    value = M.build_value_model(str(tmp_path / "m"), tokenizer=char_tok)
+    M.save_value_model(value, char_tok, str(tmp_path / "v"))
+    reloaded = M.build_value_model(
+        str(tmp_path / "v"), tokenizer=char_tok
+    )  # the sequence-classification load
+    for model in (value, reloaded):
+        assert all(getattr(m, "use_kernels", False) is False for m in model.modules())

@@ -261,3 +261,20 @@ def test_cuda_rng_restored(tmp_path):
     torch.cuda.manual_seed_all(99)
     mgr.load(mgr.latest(), models={})
     assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
+def test_cuda_rng_states_are_restored_by_device_index(monkeypatch):
+    """The CUDA RNG states are matched to devices by the index in their names; "torch_cpu"
+    has none and must not be parsed as one (a first GPU run failed every restore that way).
+    CUDA is faked here so the CPU suite covers it; test_cuda_rng_restored is the real thing."""
+    from posttrain.train.common import checkpoint as ckpt
+
+    py, tensors = ckpt.rng_state()  # this process's states, before CUDA is faked
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(device, s))
+    states = {f"torch_cuda_{i}": torch.full((4,), i + 10, dtype=torch.uint8) for i in (1, 0, 2)}
+    ckpt.set_rng_state(py, {**tensors, **states})
+    assert sorted(restored) == [0, 1]  # device 2 does not exist here
+    assert all(torch.equal(restored[i], states[f"torch_cuda_{i}"]) for i in (0, 1))

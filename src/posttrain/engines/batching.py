@@ -80,6 +80,24 @@ class SequenceBatch:
         )
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of `model`'s first parameter (or buffer); cpu for a module with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_model_device(model: torch.nn.Module, batch: SequenceBatch) -> tuple[SequenceBatch, torch.device]:
+    """(`batch` on `model`'s device, the device `batch` came on). The scoring functions
+    (engines/logprobs.py, roles/policy.py, train/rl/trpo.py) run the model on its device and
+    return their results on the batch's, so the loop's CPU tensors (advantages, masks,
+    rewards) combine with them wherever the model lives."""
+    home, dev = batch.input_ids.device, model_device(model)
+    return (batch if dev == home else batch.to(dev)), home
+
+
 def build_sequences(
     prompt_ids: list[list[int]],
     response_ids: torch.Tensor,

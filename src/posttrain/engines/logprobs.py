@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from posttrain.core.logprobs import entropy_from_logits, logprobs_from_logits
-from posttrain.engines.batching import SequenceBatch, group_micro_batches
+from posttrain.engines.batching import SequenceBatch, group_micro_batches, to_model_device
 from posttrain.engines.fastpath import record_fallback
 from posttrain.engines.hf_compat import cache_argument, forward_with_cache, new_cache, reorder_cache
 from posttrain.errors import ModelError
@@ -250,6 +250,7 @@ def sequence_logprobs(
     """
     if temperature <= 0:
         raise ModelError(f"sequence_logprobs: temperature must be > 0 (got {temperature}); greedy uses 1.0")
+    batch, home = to_model_device(model, batch)  # results come back on the batch's device
     B = len(batch)
     T = batch.response_mask.shape[1]
     vocab = model.get_output_embeddings().out_features if hasattr(model, "get_output_embeddings") else 0
@@ -258,7 +259,7 @@ def sequence_logprobs(
     lp_parts, ent_parts = [], []
     with ctx:
         if B == 0 or T == 0:
-            empty = batch.response_mask.new_zeros((B, T))
+            empty = batch.response_mask.new_zeros((B, T), device=home)
             return empty, (empty.clone() if return_entropy else None)
         selections, restore = _plan_micro_batches(batch, size, share_prompts)
         for sel in selections:
@@ -273,8 +274,8 @@ def sequence_logprobs(
             if return_entropy:
                 ent_parts.append(entropy_from_logits(logits, temperature, chunk_size=rows).float())
             del logits
-        logprobs = _in_row_order(lp_parts, restore)  # [B, T]
-        entropy = _in_row_order(ent_parts, restore) if return_entropy else None
+        logprobs = _in_row_order(lp_parts, restore).to(home)  # [B, T]
+        entropy = _in_row_order(ent_parts, restore).to(home) if return_entropy else None
     return logprobs, entropy
 
 
@@ -300,6 +301,7 @@ def sequence_values(
     s_t = prompt + y_<t). share_prompts: run each distinct prompt once per micro-batch
     (ScalarHeadModel backbones only; see `response_hidden`).
     """
+    batch, home = to_model_device(value_model, batch)  # results come back on the batch's device
     B, T, P = len(batch), batch.response_mask.shape[1], batch.response_start
     if P < 1:
         raise ModelError("sequence_values: the batch has no prompt column")
@@ -308,7 +310,7 @@ def sequence_values(
     parts = []
     with ctx:
         if B == 0:
-            return batch.response_mask.new_zeros((B, T))
+            return batch.response_mask.new_zeros((B, T), device=home)
         selections, restore = _plan_micro_batches(batch, size, share_prompts)
         for sel in selections:
             mb = batch.select(sel)
@@ -318,4 +320,4 @@ def sequence_values(
             else:
                 values = value_model(mb.input_ids, mb.attention_mask, mb.position_ids)  # [b, L]
                 parts.append(values[:, P - 1 : P - 1 + T].float())
-        return _in_row_order(parts, restore)
+        return _in_row_order(parts, restore).to(home)

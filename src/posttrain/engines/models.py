@@ -57,6 +57,11 @@ PRESETS: dict[str, Preset] = {
     "base": Preset(512, 8, 8, 8, 1792, 2048, "~30M params; upper end of CPU experiments"),
 }
 
+# transformers >= 5.25 loads with use_kernels on by default and, on CUDA, replaces layers by
+# kernels downloaded from the Hub when the model goes to .train() (found on a GPU machine:
+# an offline run failed there, and even online the download is code from outside the run).
+# posttrain fetches no code at run time: every load asks for the plain torch layers.
+NO_HUB_KERNELS = {"use_kernels": False}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -185,7 +190,7 @@ def load_model(
             model = model.to(torch_dtype)
     else:
         _check_name(name, "model")
-        kwargs = {"dtype": torch_dtype}
+        kwargs = {"dtype": torch_dtype, **NO_HUB_KERNELS}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         try:
@@ -434,7 +439,7 @@ def build_value_model(
             if any("SequenceClassification" in a for a in (config.architectures or [])):
                 try:
                     seq_cls = AutoModelForSequenceClassification.from_pretrained(
-                        name, dtype=torch_dtype, **attn
+                        name, dtype=torch_dtype, **attn, **NO_HUB_KERNELS
                     )
                 except (OSError, ValueError, KeyError) as exc:
                     raise ModelError(f"cannot load value model {name!r}: {_first_line(exc)}") from None

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import torch
 
 from posttrain.core.logprobs import entropy_from_logits, logprobs_from_logits
-from posttrain.engines.batching import SequenceBatch
+from posttrain.engines.batching import SequenceBatch, to_model_device
 from posttrain.engines.logprobs import response_logits, sequence_logprobs
 from posttrain.roles.batch import keep_mask_from_ids
 
@@ -24,13 +24,14 @@ def _support_logprobs(
     the support get −inf logits, so the trainer's distribution is the same truncated one
     the sampler drew from. Materialises [B, T, V] logits: keep micro-batches small.
     """
+    seq, home = to_model_device(model, seq)  # results come back on the batch's device
     logits = response_logits(model, seq).float() / temperature  # [B, T, V]
     keep_mask = keep_mask_from_ids(keep_ids.to(logits.device), logits.shape[-1])
     logits = logits.masked_fill(~keep_mask, float("-inf"))
     tokens = seq.response_ids
     logprobs = logprobs_from_logits(logits, tokens)
     ent = entropy_from_logits(logits.masked_fill(~keep_mask, -1e30)) if entropy else None
-    return logprobs, ent
+    return logprobs.to(home), (ent.to(home) if ent is not None else None)
 
 
 class PolicyRole:

@@ -74,8 +74,12 @@ def reward_model_reward(
             raise ConfigError("reward_model needs model= (+ tokenizer=) or model_path=")
         from transformers import AutoModelForSequenceClassification
 
+        from posttrain.engines.models import NO_HUB_KERNELS
+
         model, saved_tokenizer = _load_with_tokenizer(
-            "reward model", model_path, lambda: AutoModelForSequenceClassification.from_pretrained(model_path)
+            "reward model",
+            model_path,
+            lambda: AutoModelForSequenceClassification.from_pretrained(model_path, **NO_HUB_KERNELS),
         )
         tokenizer = tokenizer or saved_tokenizer
     if tokenizer is None:

@@ -120,11 +120,8 @@ def set_rng_state(py: dict, tensors: dict[str, torch.Tensor]) -> None:
     )
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
-        cuda = [
-            tensors[k]
-            for k in sorted(tensors, key=lambda k: int(k.rsplit("_", 1)[-1]))
-            if k.startswith("torch_cuda_")
-        ]
+        names = [k for k in tensors if k.startswith("torch_cuda_")]  # filter first: "torch_cpu" has no index
+        cuda = [tensors[k] for k in sorted(names, key=lambda k: int(k.rsplit("_", 1)[-1]))]
         for i, s in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, device=i)
 

@@ -41,6 +41,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from posttrain.algos.trpo import trpo_kl, trpo_surrogate
 from posttrain.core.trpo import conjugate_gradient, fisher_vector_product, flat, trust_region_step
 from posttrain.engines import distributed as dist
+from posttrain.engines.batching import to_model_device
 from posttrain.engines.logprobs import response_logits
 from posttrain.roles.updates import _my_micro_batches
 
@@ -56,7 +57,9 @@ def _summed(t: torch.Tensor) -> torch.Tensor:
 
 
 def _logits(learner, model, seq) -> torch.Tensor:
-    return response_logits(model, seq).float() / learner.temperature  # [b, T, V]
+    """[b, T, V] logits / τ, on the batch's device (the model runs on its own)."""
+    on_model, home = to_model_device(model, seq)
+    return (response_logits(model, on_model).float() / learner.temperature).to(home)
 
 
 def _pieces(learner, model, batch, chunks, counts: dict, old_logits: list[torch.Tensor], with_grad: bool):
