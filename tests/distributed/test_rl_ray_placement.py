@@ -56,22 +56,6 @@ def local_ray():
     yield from local_ray_instance(ray)
 
 
-@pytest.mark.parametrize(
-    "extra, words",
-    [
-        (["ray.placement=pack"], r"^ray\.placement must be one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD, got 'pack'$"),
-        (["ray.rollout_placement=FAR"], r"^ray\.rollout_placement must be one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD, got 'FAR'$"),
-        (["ray.learners=2", "ray.roles={policy: {num_cpus: 0}}"], r"^ray\.roles\.policy asks for no CPU and no GPU, but its 2 actors are each reserved a bundle of a placement group \(ray\.placement\), which must hold some resource: give it num_cpus > 0$"),
-        (["ray.rollout_workers=2", "ray.roles={generator: {num_cpus: 0}}"], r"^ray\.roles\.generator asks for no CPU and no GPU, but its 2 actors .* \(ray\.rollout_placement\)"),
-    ],
-)  # fmt: skip
-def test_placement_settings_are_refused_in_one_line_before_ray_starts(tmp_path, extra, words):
-    build = RayBuild()
-    with pytest.raises(ConfigError, match=words):
-        RLTrainer(tiny_config(tmp_path, "grpo", REWARD, "backend=ray", *extra), build=build)
-    assert build.ray is None  # refused by validation: Ray was not even imported by the build
-
-
 def test_placement_needs_the_ray_backend_and_a_single_learner_with_no_resources_is_fine(tmp_path):
     from posttrain.train.config.rl import validate
 
