@@ -217,6 +217,9 @@ def test_a_stalled_learner_member_stops_the_run_after_the_deadline_naming_the_ra
         (["ray.learners=2", "rollout.engine=vllm"], r"^rollout\.engine=vllm does not run under torch\.distributed yet; set ray\.learners=1$"),
         # placement groups (train/rl/ray_placement.py)
         (["ray.placement=pack"], r"^ray\.placement must be one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD, got 'pack'$"),
+        (["ray.placement=SPREAD"], r"^ray\.placement is set but no role it places runs as several actors: set ray\.learners > 1 \(or ray\.rollout_workers > 1 with ray\.rollout_placement null\)$"),
+        (["ray.rollout_workers=2", "ray.rollout_placement=PACK", "ray.placement=SPREAD"], r"^ray\.placement is set but no role it places"),
+        (["ray.rollout_placement=SPREAD"], r"^ray\.rollout_placement is set but there is one rollout worker: set ray\.rollout_workers > 1$"),
         (["ray.rollout_placement=FAR"], r"^ray\.rollout_placement must be one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD, got 'FAR'$"),
         (["ray.learners=2", "ray.roles={policy: {num_cpus: 0}}"], r"^ray\.roles\.policy asks for no CPU and no GPU, but its 2 actors are each reserved a bundle of a placement group \(ray\.placement\), which must hold some resource: give it num_cpus > 0$"),
         (["ray.rollout_workers=2", "ray.roles={generator: {num_cpus: 0}}"], r"^ray\.roles\.generator asks for no CPU and no GPU, but its 2 actors .* \(ray\.rollout_placement\)"),

@@ -158,9 +158,9 @@ def check_ray(cfg) -> None:
             raise ConfigError(f"ray.roles.{name}: unknown role; the roles are {', '.join(RAY_ROLES)}")
         if not res.num_cpus >= 0 or (res.num_gpus is not None and not res.num_gpus >= 0):
             raise ConfigError(f"ray.roles.{name}: num_cpus / num_gpus must be >= 0")
-    from posttrain.train.rl.ray_placement import check_bundles
+    from posttrain.train.rl.ray_placement import check_placement
 
-    check_bundles(cfg)
+    check_placement(cfg)
     if r.learners > 1:
         from posttrain.train.rl.ray_group import check_learner_group
 

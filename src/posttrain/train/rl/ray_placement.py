@@ -43,11 +43,24 @@ def gangs(cfg, roles: list[str]) -> dict[str, int]:
     return {role: width[role] for role in roles if width.get(role, 1) > 1}
 
 
-def check_bundles(cfg) -> None:
-    """One-line ConfigError, before anything is built, for a role whose actors would be
-    reserved bundles of nothing (Ray refuses a bundle without resources)."""
+def check_placement(cfg) -> None:
+    """One-line ConfigErrors, before anything is built: a strategy set for no placement group
+    (it would do nothing), a role whose actors would be reserved bundles of nothing (Ray
+    refuses a bundle without resources)."""
+    r = cfg.ray
     roles = ["policy", "generator"] + (["critic"] if cfg.algo.pieces().critic else [])
-    for role, n in gangs(cfg, roles).items():
+    placed = gangs(cfg, roles)
+    if r.rollout_placement is not None and "generator" not in placed:
+        raise ConfigError(
+            "ray.rollout_placement is set but there is one rollout worker: set ray.rollout_workers > 1"
+        )
+    uses_placement = "policy" in placed or ("generator" in placed and r.rollout_placement is None)
+    if r.placement != type(r)().placement and not uses_placement:
+        raise ConfigError(
+            "ray.placement is set but no role it places runs as several actors: set ray.learners > 1 "
+            "(or ray.rollout_workers > 1 with ray.rollout_placement null)"
+        )
+    for role, n in placed.items():
         if not any(role_resources(cfg.ray, role, cfg.model.device).values()):
             key = "rollout_placement" if role == "generator" else "placement"
             raise ConfigError(
