@@ -111,3 +111,11 @@ def test_a_group_that_cannot_be_placed_stops_the_run_in_one_line_and_is_removed(
     ), e.value
     made = set(ray.util.placement_group_table()) - before
     assert len(made) == 1 and all_removed(made)
+
+
+def test_a_bundle_is_one_actors_resources_without_the_zero_entries():
+    from posttrain.train.rl.ray_placement import bundle
+
+    assert bundle({"num_cpus": 1.0, "num_gpus": 0.0}) == {"CPU": 1.0}
+    assert bundle({"num_cpus": 0.0, "num_gpus": 1.0}) == {"GPU": 1.0}
+    assert bundle({"num_cpus": 2.0, "num_gpus": 0.5}) == {"CPU": 2.0, "GPU": 0.5}
