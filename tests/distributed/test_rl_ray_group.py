@@ -5,7 +5,8 @@ The rollout worker is still one actor sampling the whole batch, so the in-proces
 default settings draws the same samples; the group then reproduces the one-process update
 on that batch as two torch.distributed ranks do: weights within test_rl_dp.py's 1e-5
 relative tolerance, metrics rows within its float tolerance (except what differs by
-nature: timings, `sync/bytes`, the per-micro-batch explained variance).
+nature: timings, `sync/bytes`, the per-micro-batch explained variance). Each group runs in
+its own placement group, member i in bundle i, removed at shutdown (train/rl/ray_placement.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rl_common import tiny_config
 ray = pytest.importorskip("ray")
 
 from test_rl_ray import REWARD, SMALL, local_ray  # noqa: E402, F401  (the module's Ray instance)
+from test_rl_ray_placement import all_removed, bundle_of  # noqa: E402
 
 from posttrain.train.rl.ray_backend import RayBuild  # noqa: E402
 
@@ -52,6 +54,11 @@ def _compare(tmp_path: Path, method: str, *extra: str, steps: int = 3):
         policy = remote.policy.state_dict()
         critic = remote.critic.state_dict() if remote.critic is not None else None
         assert remote.generator.version == steps  # synced from the group after every update
+        # Gang-scheduled: one placement group per learner group (PACK), member i in bundle i.
+        groups = {role: pg.id.hex() for role, pg in build.placement.groups.items()}
+        assert groups.keys() == build.groups.keys()
+        for role, group in build.groups.items():
+            assert [bundle_of(m) for m in group.members] == [(groups[role], [0]), (groups[role], [1])]
         for name, learner in (("policy", local.policy), ("critic", local.critic)):
             if learner is None:
                 continue
@@ -65,6 +72,7 @@ def _compare(tmp_path: Path, method: str, *extra: str, steps: int = 3):
         assert ray.get(left, timeout=60) == [False] * len(left)
     finally:
         build.shutdown()
+    assert all_removed(groups.values())
     rows = (
         [dict(r, step=i) for i, r in enumerate(rows_local)],
         [dict(r, step=i) for i, r in enumerate(rows_ray)],
@@ -207,9 +215,17 @@ def test_a_stalled_learner_member_stops_the_run_after_the_deadline_naming_the_ra
         (["ray.learners=2", "model.lora_r=4"], r"^LoRA \(model\.lora_r > 0\) does not run under torch\.distributed yet; set ray\.learners=1$"),
         (["ray.learners=2", "algo.trust_region=0.01"], r"^algo\.trust_region \(TRPO\) does not run under torch\.distributed yet; set ray\.learners=1$"),
         (["ray.learners=2", "rollout.engine=vllm"], r"^rollout\.engine=vllm does not run under torch\.distributed yet; set ray\.learners=1$"),
+        # placement groups (train/rl/ray_placement.py)
+        (["ray.placement=pack"], r"^ray\.placement must be one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD, got 'pack'$"),
+        (["ray.placement=SPREAD"], r"^ray\.placement is set but no role it places runs as several actors: set ray\.learners > 1 \(or ray\.rollout_workers > 1 with ray\.rollout_placement null\)$"),
+        (["ray.rollout_workers=2", "ray.rollout_placement=PACK", "ray.placement=SPREAD"], r"^ray\.placement is set but no role it places"),
+        (["ray.rollout_placement=SPREAD"], r"^ray\.rollout_placement is set but there is one rollout worker: set ray\.rollout_workers > 1$"),
+        (["ray.rollout_placement=FAR"], r"^ray\.rollout_placement must be one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD, got 'FAR'$"),
+        (["ray.learners=2", "ray.roles={policy: {num_cpus: 0}}"], r"^ray\.roles\.policy asks for no CPU and no GPU, but its 2 actors are each reserved a bundle of a placement group \(ray\.placement\), which must hold some resource: give it num_cpus > 0$"),
+        (["ray.rollout_workers=2", "ray.roles={generator: {num_cpus: 0}}"], r"^ray\.roles\.generator asks for no CPU and no GPU, but its 2 actors .* \(ray\.rollout_placement\)"),
     ],
 )  # fmt: skip
-def test_learner_group_refusals_are_one_line_before_any_actor(tmp_path, extra, words):
+def test_learner_group_and_placement_refusals_are_one_line_before_any_actor(tmp_path, extra, words):
     build = RayBuild()
     with pytest.raises(ConfigError, match=words):
         RLTrainer(tiny_config(tmp_path, "grpo", REWARD, "backend=ray", *extra), build=build)
@@ -260,5 +276,6 @@ def test_learners_need_the_ray_backend_and_the_plan_shows_the_group(tmp_path):
     assert "policy (0.25 CPU), critic (0.25 CPU)" in line
     assert line.endswith(
         "; learner group: policy and critic as 2 actors each (torch.distributed gloo, FSDP2; "
-        "the resources shown are per actor)"
+        "the resources shown are per actor); placement groups: policy learners 2 × {CPU: 0.25} PACK, "
+        "critic learners 2 × {CPU: 0.25} PACK"
     ), line

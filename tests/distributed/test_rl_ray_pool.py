@@ -26,6 +26,8 @@ from rl_common import tiny_config
 
 ray = pytest.importorskip("ray")
 
+from test_rl_ray_placement import all_removed, bundle_of  # noqa: E402
+
 from posttrain.train.rl.ray_backend import RayBuild, describe_placement  # noqa: E402
 from posttrain.train.rl.ray_pool import MB, _sum_counters, cut_buckets  # noqa: E402
 
@@ -59,9 +61,11 @@ def _in_process(tmp_path: Path, *extra: str):
     return trainer.policy.model.state_dict(), rows, prompts
 
 
-def _ray_run(tmp_path: Path, *extra: str, before_step=None):
+def _ray_run(tmp_path: Path, *extra: str, before_step=None, after_steps=None):
     """The same run with backend: ray, 2 rollout workers: (final policy state dict, raw rows,
-    trained prompt indices per step). before_step(step, build) runs before each step."""
+    trained prompt indices per step). before_step(step, build) runs before each step,
+    after_steps(build) after the last. Checked on the way: the workers run in one placement
+    group, worker i (restarted or not) in bundle i, and the group is removed at shutdown."""
     build = RayBuild()
     try:
         cfg = tiny_config(tmp_path / "ray", "grpo", REWARD, "backend=ray", SMALL, "ray.rollout_workers=2", *extra,
@@ -75,8 +79,13 @@ def _ray_run(tmp_path: Path, *extra: str, before_step=None):
             prompts.append(trainer._last_batch.item_index.tolist())
         state = trainer.policy.state_dict()["model"]
         assert trainer.generator.version == STEPS
+        if after_steps is not None:
+            after_steps(build)
+        (group,) = [pg.id.hex() for role, pg in build.placement.groups.items() if role == "generator"]
+        assert [bundle_of(build.actors[f"generator[{i}]"]) for i in range(2)] == [(group, [0]), (group, [1])]
     finally:
         build.shutdown()
+    assert all_removed([group])
     return state, rows, prompts
 
 
@@ -96,9 +105,27 @@ def _model_bytes(state: dict) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
+def _dead(actor) -> bool:
+    try:
+        ray.get(actor.pid.remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
+def _restart_worker_one(build) -> None:
+    """Kill rollout worker 1's actor, then call it: the handle re-creates it (in its bundle)."""
+    old = build.actors["generator[1]"]
+    ray.kill(old)
+    assert any(_dead(old) for _ in range(100))  # Ray has seen it die (the kill is asynchronous)
+    build.handles["generator[1]"].pid()
+    assert build.actors["generator[1]"] is not old
+
+
 def test_two_rollout_workers_train_like_the_in_process_run_with_two_shards(tmp_path):
     local = _in_process(tmp_path, "algo.kl_coef=0.05")
-    remote = _ray_run(tmp_path, "algo.kl_coef=0.05")  # with a reference actor
+    # With a reference actor; worker 1 restarted at the end goes back into bundle 1.
+    remote = _ray_run(tmp_path, "algo.kl_coef=0.05", after_steps=_restart_worker_one)
     _assert_same_training(local, remote)
     rows = remote[1]
     # Both workers received the whole state dict at every sync, in one bucket; nothing restarted.

@@ -16,6 +16,8 @@ from posttrain.train.config.checks import setting
 
 # The roles placed as actors; each may be given its own resources under ray.roles.<name>.
 RAY_ROLES = ("generator", "policy", "critic", "reference", "teacher", "rewards")
+# Ray's placement group strategies (ray.util.placement_group), for ray.placement / rollout_placement.
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -65,6 +67,20 @@ class RaySection:
         "Rollout worker actors, each with its own copy of the policy synced to the same weights; a "
         "round's shards are generated on them concurrently (rollout.shards = 0 means one shard per "
         "worker; a set rollout.shards must be a multiple of this). Each asks for ray.roles.generator.",
+    )
+    placement: str = setting(
+        "PACK",
+        "Placement group strategy of a learner group (ray.learners > 1): its N members are reserved "
+        "together in one Ray placement group of N bundles (each bundle = ray.roles.policy / critic), so "
+        "the group starts whole or not at all (no member waits for the last GPU). PACK = as few nodes as "
+        "possible, SPREAD = as many as possible, STRICT_PACK = one node, STRICT_SPREAD = one node each. "
+        "A group not placed within ray.timeout_s stops the run.",
+    )
+    rollout_placement: str | None = setting(
+        None,
+        "Placement group strategy of the rollout workers (ray.rollout_workers > 1), one bundle each "
+        "(ray.roles.generator); null = ray.placement. Separate so that a STRICT_PACK learner group "
+        "does not force every rollout worker onto one node too.",
     )
     max_restarts: int = setting(
         3,
@@ -129,6 +145,10 @@ def check_ray(cfg) -> None:
         raise ConfigError(
             f"rollout.shards={cfg.rollout.shards} must be 0 or a multiple of ray.rollout_workers ({r.rollout_workers})"
         )
+    for key in ("placement", "rollout_placement"):
+        value = getattr(r, key)
+        if not (value is None and key == "rollout_placement") and value not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"ray.{key} must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {value!r}")
     if not (isinstance(r.max_restarts, int) and r.max_restarts >= 0):
         raise ConfigError(f"ray.max_restarts must be an integer >= 0, got {r.max_restarts!r}")
     if not (math.isfinite(r.sync_bucket_mb) and r.sync_bucket_mb >= 0):
@@ -138,6 +158,9 @@ def check_ray(cfg) -> None:
             raise ConfigError(f"ray.roles.{name}: unknown role; the roles are {', '.join(RAY_ROLES)}")
         if not res.num_cpus >= 0 or (res.num_gpus is not None and not res.num_gpus >= 0):
             raise ConfigError(f"ray.roles.{name}: num_cpus / num_gpus must be >= 0")
+    from posttrain.train.rl.ray_placement import check_placement
+
+    check_placement(cfg)
     if r.learners > 1:
         from posttrain.train.rl.ray_group import check_learner_group
 

@@ -34,6 +34,9 @@ call stops the run after `ray.timeout_s` with a one-line error.
 With `ray.learners: N > 1` the policy and critic learners are each a group of N actors on
 one torch.distributed process group, FSDP2-sharded as `--nproc N` ranks are; `RayBuild`
 builds a `LearnerGroup` handle for them instead (train/rl/ray_group.py).
+The roles of several actors (a learner group, N rollout workers) are each reserved as one
+Ray placement group before any actor starts, each actor in its own bundle
+(`ray.placement`, train/rl/ray_placement.py).
 
 With `rollout.max_staleness` the controller's rollout thread (train/rl/async_rollouts.py)
 calls the rollout workers and the rewards actor while the policy actor trains. Ray is
@@ -57,6 +60,8 @@ from posttrain.algos.spec import RLSpec
 from posttrain.errors import ConfigError, TrainingError
 from posttrain.train.config.ray import RAY_ROLES, role_resources
 from posttrain.train.config.rl import RLConfig
+from posttrain.train.rl.ray_placement import Placement
+from posttrain.train.rl.ray_placement import describe as describe_placement_groups
 from posttrain.train.rl.ray_pool import (
     MB,
     GeneratorPool,
@@ -297,9 +302,9 @@ def describe_placement(cfg: RLConfig, spec: RLSpec) -> str:
     """The `plan` line for backend: ray: each role's actor(s) and what each asks for."""
     r = cfg.ray
     where = f"joins {r.address}" if r.address else "starts a local Ray instance"
+    per_actor = {role: role_resources(r, role, cfg.model.device) for role in _needed_roles(cfg, spec)}
     asks = []
-    for role in _needed_roles(cfg, spec):
-        res = role_resources(r, role, cfg.model.device)
+    for role, res in per_actor.items():
         count = f"{r.rollout_workers} × " if role == "generator" and r.rollout_workers > 1 else ""
         asks.append(
             f"{count}{role} ({res['num_cpus']:g} CPU"
@@ -315,7 +320,7 @@ def describe_placement(cfg: RLConfig, spec: RLSpec) -> str:
     )
     return (f"backend: ray ({where}, {mode}); actors: {', '.join(asks)}; weight sync in {bucket}; "
             f"up to {r.max_restarts} restarts per rollout / reward / scorer actor"
-            f"{describe_groups(cfg, _needed_roles(cfg, spec))}")  # fmt: skip
+            f"{describe_groups(cfg, _needed_roles(cfg, spec))}{describe_placement_groups(cfg, per_actor)}")  # fmt: skip
 
 
 def _start(ray, cfg: RLConfig, needs: dict[str, dict[str, float]]) -> bool:
@@ -364,6 +369,7 @@ class RayBuild:
         self.pool: GeneratorPool | None = None
         self.restarts = RestartCounter()
         self.groups: dict[str, Any] = {}  # learner groups (ray.learners > 1), train/rl/ray_group.py
+        self.placement: Placement | None = None  # placement groups, train/rl/ray_placement.py
 
     @property
     def actors(self) -> dict[str, Any]:
@@ -371,24 +377,45 @@ class RayBuild:
 
     def __call__(self, cfg: RLConfig, spec: RLSpec) -> dict[str, Any]:
         from posttrain.train.rl import setup
-        from posttrain.train.rl.ray_group import LearnerGroup, grouped, total_needs
+        from posttrain.train.rl.ray_group import total_needs
 
         ray = self.ray = import_ray()
+        self.placement = Placement(ray)
         names = _actor_names(cfg, spec)
         needs = {key: role_resources(cfg.ray, role, cfg.model.device) for key, role in names.items()}
         data = setup.load_data(cfg)  # the data is read and checked before any actor starts
         self.started = _start(ray, cfg, total_needs(cfg, needs))
+        try:
+            return self._build(cfg, spec, names, needs, data)
+        except BaseException:
+            self.shutdown()  # actors and placement groups built so far; the local instance
+            raise
+
+    def _build(
+        self, cfg: RLConfig, spec: RLSpec, names: dict[str, str], needs: dict, data: dict
+    ) -> dict[str, Any]:
+        from posttrain.train.rl import setup
+        from posttrain.train.rl.ray_group import LearnerGroup, grouped, total_needs
+
+        ray = self.ray
         _check_fits(ray, total_needs(cfg, needs))
+        # Every multi-actor role reserved whole (one placement group each) before any actor starts.
+        self.placement.reserve(cfg, {role: needs[key] for key, role in names.items()})
         host = ray.remote(RoleHost)
+        index = {key: i for i, key in enumerate(k for k in names if names[k] == "generator")}
         for key, role in names.items():
             if grouped(cfg, role):  # a learner group: N actors on one torch.distributed group
+                members = [{**needs[key], **self.placement.options(role, i)} for i in range(cfg.ray.learners)]
                 self.groups[key] = LearnerGroup(
-                    ray, cfg, spec, role, data["tokenizer"], data["lengths"], needs[key]
+                    ray, cfg, spec, role, data["tokenizer"], data["lengths"], members
                 )
                 continue
 
-            def spawn(key=key, role=role):
-                return host.options(**needs[key]).remote(cfg, spec, role, data["tokenizer"], data["lengths"])
+            def spawn(key=key, role=role):  # a restarted rollout worker goes back into its bundle
+                where = self.placement.options(role, index.get(key, 0))
+                return host.options(**needs[key], **where).remote(
+                    cfg, spec, role, data["tokenizer"], data["lengths"]
+                )
 
             self.handles[key] = RemoteRole(
                 ray, spawn, key, cfg.ray.timeout_s, restarts=self.restarts, replayed=_REPLAYED.get(role, ()),
@@ -421,6 +448,7 @@ class RayBuild:
         for actor in self.actors.values():
             self.ray.kill(actor)
         self.handles.clear()
+        self.placement.remove()
         if self.started:
             self.ray.shutdown()
             self.started = False

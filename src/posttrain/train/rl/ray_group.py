@@ -23,6 +23,10 @@ one-process state into the members, so a checkpoint moves between a Ray learner 
 one process and `--nproc` runs at any width. `weights()` gathers the full weights to rank 0
 only, on CPU, which puts them in the object store for the rollout worker.
 
+Placement: the N members are reserved together as one Ray placement group of N bundles
+(`ray.placement`, train/rl/ray_placement.py), member i in bundle i, so the group starts whole
+or not at all.
+
 Rendezvous: rank 0 picks a free port on its node and reports its address; every member then
 joins with torch.distributed's environment variables (MASTER_ADDR / MASTER_PORT / RANK /
 WORLD_SIZE / LOCAL_RANK) through `engines.distributed.init_from_env`, the same
@@ -235,14 +239,15 @@ class LearnerGroup:
     """The driver's handle on a learner group, called like the learner (see the module
     docstring): every call goes to all members; rank 0's result is returned."""
 
-    def __init__(self, ray, cfg, spec, name: str, tokenizer, lengths, resources: dict[str, float]):
+    def __init__(self, ray, cfg, spec, name: str, tokenizer, lengths, members: list[dict[str, Any]]):
+        """members: each member's actor options (its resources and its placement group bundle)."""
         object.__setattr__(self, "_ray", ray)
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_timeout_s", cfg.ray.timeout_s)
         object.__setattr__(self, "_broken", False)
-        world = cfg.ray.learners
-        host = ray.remote(GroupMember).options(**resources)
-        object.__setattr__(self, "members", [host.remote() for _ in range(world)])
+        world = len(members)
+        host = ray.remote(GroupMember)
+        object.__setattr__(self, "members", [host.options(**options).remote() for options in members])
         try:
             (master,) = self._wait({0: self.members[0].address.remote()}, "rendezvous").values()
             joins = {r: m.join.remote(master, r, world, cfg, spec, name, tokenizer, lengths)

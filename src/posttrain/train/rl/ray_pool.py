@@ -15,6 +15,8 @@ each shard has its own derived seed, N workers sample exactly what one process w
 `rollout.shards = N` samples. `sync` sends the same weights to every worker concurrently
 (returns the bytes all of them received). `generate` (held-out evaluation, the difficulty
 filter) runs on worker 0, which is synced like the others.
+With N > 1 the workers are reserved together as one placement group, worker i in bundle i,
+and a restarted worker goes back into its bundle (`ray.rollout_placement`, train/rl/ray_placement.py).
 """
 
 from __future__ import annotations
